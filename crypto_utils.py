@@ -1,0 +1,410 @@
+"""Cryptography behind one small surface: cipher suites, HKDF, HMAC, identities.
+
+Nothing here is a hand-written primitive: ciphers, MACs, HKDF and signatures all
+come from ``cryptography`` (OpenSSL).  The only exception is the optional pyDes
+Triple-DES backend, kept because design 000 names it and selectable explicitly;
+it never runs unless asked for or unless the OpenSSL Triple-DES is missing.
+
+Every suite has the same interface: ``suite.cipher(key)`` returns an object with
+``seal(plaintext, aad) -> bytes`` and ``open(ciphertext, aad) -> bytes``.  Open
+fails closed with :class:`errors.DecryptionFailed`: a bad tag never returns data.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac as _stdlib_hmac
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives import hmac as _hmac
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from errors import ConfigError, CryptoError, DecryptionFailed, InvalidKey
+
+try:  # cryptography >= 43 keeps Triple-DES in the "decrepit" namespace.
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _OpenSSLTripleDES
+except ImportError:  # pragma: no cover - depends on the installed cryptography
+    _OpenSSLTripleDES = None
+
+LABEL_PREFIX = b"secureim/v1 "
+TDES_KEY_BYTES = 24
+TDES_BLOCK_BYTES = 8
+HMAC_KEY_BYTES = 32
+HMAC_TAG_BYTES = 32
+AES_KEY_BYTES = 32
+GCM_NONCE_BYTES = 12
+GCM_TAG_BYTES = 16
+ED25519_PUBLIC_BYTES = 32
+ED25519_SIGNATURE_BYTES = 64
+
+
+# --- small helpers ------------------------------------------------------------
+def random_bytes(n: int) -> bytes:
+    """Cryptographically secure random bytes (the OS CSPRNG)."""
+    return secrets.token_bytes(n)
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    """Compare two secrets without leaking where they differ."""
+    return _stdlib_hmac.compare_digest(a, b)
+
+
+def b64encode(data: bytes) -> str:
+    """Standard base64 text (design 000 sends base64 over the socket)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str | bytes) -> bytes:
+    """Strict base64 decoding: anything but canonical base64 is refused."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CryptoError("Invalid base64 data.") from exc
+    if base64.b64encode(raw) != (text.encode("ascii") if isinstance(text, str) else text):
+        raise CryptoError("Invalid base64 data.")
+    return raw
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def label(purpose: str) -> bytes:
+    """The HKDF ``info`` label for one purpose (and direction)."""
+    return LABEL_PREFIX + purpose.encode("ascii")
+
+
+def hkdf(ikm: bytes, *, salt: bytes | None, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869): extract with ``salt``, expand with ``info``."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    h = _hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    return h.finalize()
+
+
+def hmac_sha512(key: bytes, data: bytes) -> bytes:
+    h = _hmac.HMAC(key, hashes.SHA512())
+    h.update(data)
+    return h.finalize()
+
+
+# --- DES key hygiene (SP 800-67r2 section 3.3) --------------------------------
+def set_des_parity(key: bytes) -> bytes:
+    """Set the low bit of every byte so that each byte has odd parity."""
+    out = bytearray(key)
+    for i, b in enumerate(out):
+        high = b & 0xFE
+        out[i] = high | (1 - (bin(high).count("1") & 1))
+    return bytes(out)
+
+
+# The 4 weak and 12 semi-weak DES keys (SP 800-67r2 section 3.3.2), parity set.
+DES_WEAK_KEYS = frozenset(bytes.fromhex(k) for k in (
+    "0101010101010101", "FEFEFEFEFEFEFEFE", "E0E0E0E0F1F1F1F1", "1F1F1F1F0E0E0E0E",
+    "011F011F010E010E", "1F011F010E010E01", "01E001E001F101F1", "E001E001F101F101",
+    "01FE01FE01FE01FE", "FE01FE01FE01FE01", "1FE01FE00EF10EF1", "E01FE01FF10EF10E",
+    "1FFE1FFE0EFE0EFE", "FE1FFE1FFE0EFE0E", "E0FEE0FEF1FEF1FE", "FEE0FEE0FEF1FEF1",
+))
+
+
+def check_tdes_key(key: bytes) -> None:
+    """Refuse a Triple-DES key that is not three independent, strong DES keys."""
+    if len(key) != TDES_KEY_BYTES:
+        raise InvalidKey(f"A Triple-DES key is {TDES_KEY_BYTES} bytes, not {len(key)}.")
+    if set_des_parity(key) != key:
+        raise InvalidKey("Triple-DES key bytes do not have odd parity.")
+    k1, k2, k3 = key[0:8], key[8:16], key[16:24]
+    if any(k in DES_WEAK_KEYS for k in (k1, k2, k3)):
+        raise InvalidKey("Triple-DES key contains a weak or semi-weak DES key.")
+    if k1 == k2 or k2 == k3 or k1 == k3:
+        raise InvalidKey("Triple-DES needs three independent DES keys (keying option 1).")
+
+
+def generate_tdes_key() -> bytes:
+    """A fresh random three-key Triple-DES key with parity set, weak keys refused."""
+    while True:
+        key = set_des_parity(random_bytes(TDES_KEY_BYTES))
+        try:
+            check_tdes_key(key)
+        except InvalidKey:  # probability about 2^-52: draw again
+            continue
+        return key
+
+
+# --- Triple-DES block backends -------------------------------------------------
+class _OpenSSLTripleDesCbc:
+    name = "openssl"
+
+    def __init__(self, key: bytes) -> None:
+        if _OpenSSLTripleDES is None:  # pragma: no cover
+            raise ConfigError("The OpenSSL Triple-DES backend is not available.")
+        self._algorithm = _OpenSSLTripleDES(key)
+
+    def encrypt(self, iv: bytes, data: bytes) -> bytes:
+        enc = Cipher(self._algorithm, modes.CBC(iv)).encryptor()
+        return enc.update(data) + enc.finalize()
+
+    def decrypt(self, iv: bytes, data: bytes) -> bytes:
+        dec = Cipher(self._algorithm, modes.CBC(iv)).decryptor()
+        return dec.update(data) + dec.finalize()
+
+
+class _PyDesTripleDesCbc:
+    """Todd Whitman's pure-Python pyDes (design 000): about 2,000 times slower."""
+
+    name = "pydes"
+
+    def __init__(self, key: bytes) -> None:
+        import pyDes  # imported lazily: only this fallback needs it
+
+        self._pydes = pyDes
+        self._key = key
+
+    def _cipher(self, iv: bytes):
+        return self._pydes.triple_des(self._key, self._pydes.CBC, iv, pad=None,
+                                      padmode=self._pydes.PAD_NORMAL)
+
+    def encrypt(self, iv: bytes, data: bytes) -> bytes:
+        return self._cipher(iv).encrypt(data)
+
+    def decrypt(self, iv: bytes, data: bytes) -> bytes:
+        return self._cipher(iv).decrypt(data)
+
+
+TDES_BACKENDS = {"openssl": _OpenSSLTripleDesCbc, "pydes": _PyDesTripleDesCbc}
+
+
+def default_tdes_backend() -> str:
+    return "openssl" if _OpenSSLTripleDES is not None else "pydes"
+
+
+# --- cipher suites -------------------------------------------------------------
+def _aad_block(aad: bytes) -> bytes:
+    # The AAD length goes first so that (aad, iv||ct) can never be re-split.
+    return len(aad).to_bytes(8, "big") + aad
+
+
+class TripleDesCbcHmacCipher:
+    """Triple-DES-CBC, random IV, PKCS#7, then HMAC-SHA256 (encrypt-then-MAC).
+
+    Layout: ``IV (8) || CBC ciphertext || HMAC-SHA256(aadlen || aad || IV || ct)``.
+    """
+
+    def __init__(self, key: bytes, backend: str) -> None:
+        if len(key) != TripleDesCbcHmac.key_bytes:
+            raise InvalidKey(f"A 3des suite key is {TripleDesCbcHmac.key_bytes} bytes.")
+        tdes_key, self._mac_key = key[:TDES_KEY_BYTES], key[TDES_KEY_BYTES:]
+        check_tdes_key(tdes_key)
+        try:
+            self._blocks = TDES_BACKENDS[backend](tdes_key)
+        except KeyError:
+            raise ConfigError(f"Unknown Triple-DES backend {backend!r}.") from None
+        self._mac = _hmac.HMAC(self._mac_key, hashes.SHA256())
+
+    def _tag(self, aad: bytes, iv_ct: bytes) -> _hmac.HMAC:
+        h = self._mac.copy()
+        h.update(_aad_block(aad))
+        h.update(iv_ct)
+        return h
+
+    def seal(self, plaintext: bytes, aad: bytes = b"", *, iv: bytes | None = None) -> bytes:
+        iv = random_bytes(TDES_BLOCK_BYTES) if iv is None else iv
+        padder = padding.PKCS7(64).padder()
+        padded = padder.update(plaintext) + padder.finalize()
+        iv_ct = iv + self._blocks.encrypt(iv, padded)
+        return iv_ct + self._tag(aad, iv_ct).finalize()
+
+    def open(self, ciphertext: bytes, aad: bytes = b"") -> bytes:
+        body_len = len(ciphertext) - TDES_BLOCK_BYTES - HMAC_TAG_BYTES
+        if body_len < TDES_BLOCK_BYTES or body_len % TDES_BLOCK_BYTES:
+            raise DecryptionFailed()
+        iv_ct, tag = ciphertext[:-HMAC_TAG_BYTES], ciphertext[-HMAC_TAG_BYTES:]
+        try:
+            self._tag(aad, iv_ct).verify(tag)  # constant-time comparison
+        except InvalidSignature:
+            raise DecryptionFailed() from None
+        padded = self._blocks.decrypt(iv_ct[:TDES_BLOCK_BYTES], iv_ct[TDES_BLOCK_BYTES:])
+        unpadder = padding.PKCS7(64).unpadder()
+        try:
+            return unpadder.update(padded) + unpadder.finalize()
+        except ValueError:  # impossible after a valid MAC unless the key is misused
+            raise DecryptionFailed() from None
+
+
+class Aes256GcmCipher:
+    """AES-256-GCM with a random 96-bit nonce: ``nonce (12) || ciphertext || tag (16)``."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != AES_KEY_BYTES:
+            raise InvalidKey(f"An aes256 suite key is {AES_KEY_BYTES} bytes.")
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: bytes, aad: bytes = b"", *, nonce: bytes | None = None) -> bytes:
+        nonce = random_bytes(GCM_NONCE_BYTES) if nonce is None else nonce
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, ciphertext: bytes, aad: bytes = b"") -> bytes:
+        if len(ciphertext) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
+            raise DecryptionFailed()
+        try:
+            return self._aead.decrypt(ciphertext[:GCM_NONCE_BYTES], ciphertext[GCM_NONCE_BYTES:], aad)
+        except InvalidTag:
+            raise DecryptionFailed() from None
+
+
+@dataclass(frozen=True)
+class TripleDesCbcHmac:
+    """The default suite (design 000): 24-byte three-key Triple-DES + 32-byte HMAC key."""
+
+    backend: str = "openssl"
+    name = "3des"
+    suite_id = 1
+    key_bytes = TDES_KEY_BYTES + HMAC_KEY_BYTES
+    # SP 800-67r2: at most 2^20 blocks under one Triple-DES key (Sweet32).
+    max_bytes_per_key = (1 << 20) * TDES_BLOCK_BYTES
+
+    def generate_key(self) -> bytes:
+        return generate_tdes_key() + random_bytes(HMAC_KEY_BYTES)
+
+    def key_from_material(self, material: bytes) -> bytes:
+        """Turn HKDF output into a valid suite key (parity set; weak keys refused)."""
+        if len(material) != self.key_bytes:
+            raise InvalidKey("Wrong amount of key material.")
+        key = set_des_parity(material[:TDES_KEY_BYTES]) + material[TDES_KEY_BYTES:]
+        check_tdes_key(key[:TDES_KEY_BYTES])
+        return key
+
+    def cipher(self, key: bytes) -> TripleDesCbcHmacCipher:
+        return TripleDesCbcHmacCipher(key, self.backend)
+
+    def overhead(self, plaintext_len: int) -> int:
+        return TDES_BLOCK_BYTES + (TDES_BLOCK_BYTES - plaintext_len % TDES_BLOCK_BYTES) + HMAC_TAG_BYTES
+
+
+@dataclass(frozen=True)
+class Aes256Gcm:
+    """AES-256-GCM (design 002 asked for AES-256)."""
+
+    name = "aes256"
+    suite_id = 2
+    key_bytes = AES_KEY_BYTES
+    # Random 96-bit nonces: stay far below the 2^32-message birthday bound.
+    max_bytes_per_key = 1 << 36
+
+    def generate_key(self) -> bytes:
+        return random_bytes(AES_KEY_BYTES)
+
+    def key_from_material(self, material: bytes) -> bytes:
+        if len(material) != self.key_bytes:
+            raise InvalidKey("Wrong amount of key material.")
+        return material
+
+    def cipher(self, key: bytes) -> Aes256GcmCipher:
+        return Aes256GcmCipher(key)
+
+    def overhead(self, plaintext_len: int) -> int:
+        return GCM_NONCE_BYTES + GCM_TAG_BYTES
+
+
+Suite = TripleDesCbcHmac | Aes256Gcm
+SUITE_NAMES = ("3des", "aes256")
+DEFAULT_SUITE = "3des"
+
+
+def get_suite(name: str, *, tdes_backend: str | None = None) -> Suite:
+    """The suite called ``name`` ("3des" or "aes256")."""
+    if name == "3des":
+        backend = tdes_backend or default_tdes_backend()
+        if backend not in TDES_BACKENDS:
+            raise ConfigError(f"Unknown Triple-DES backend {backend!r}.")
+        return TripleDesCbcHmac(backend)
+    if name == "aes256":
+        return Aes256Gcm()
+    raise ConfigError(f"Unknown cipher suite {name!r}; choose one of {', '.join(SUITE_NAMES)}.")
+
+
+def suite_by_id(suite_id: int) -> Suite:
+    for name in SUITE_NAMES:
+        suite = get_suite(name)
+        if suite.suite_id == suite_id:
+            return suite
+    raise CryptoError(f"Unknown cipher suite id {suite_id}.")
+
+
+# --- identities (Ed25519) -------------------------------------------------------
+def fingerprint(public_key: bytes | Ed25519PublicKey) -> str:
+    """OpenSSH-style fingerprint: ``SHA256:`` + unpadded base64 of SHA-256(raw key)."""
+    if isinstance(public_key, Ed25519PublicKey):
+        public_key = public_bytes(public_key)
+    return "SHA256:" + base64.b64encode(sha256(public_key)).decode("ascii").rstrip("=")
+
+
+def public_bytes(key: Ed25519PublicKey | Ed25519PrivateKey) -> bytes:
+    if isinstance(key, Ed25519PrivateKey):
+        key = key.public_key()
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_public_key(raw: bytes) -> Ed25519PublicKey:
+    if len(raw) != ED25519_PUBLIC_BYTES:
+        raise InvalidKey("An Ed25519 public key is 32 bytes.")
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise InvalidKey("Invalid Ed25519 public key.") from exc
+
+
+def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
+    """True only for a valid Ed25519 signature; never raises on bad input."""
+    if len(signature) != ED25519_SIGNATURE_BYTES:
+        return False
+    try:
+        load_public_key(public_key).verify(signature, data)
+    except (InvalidKey, InvalidSignature):
+        return False
+    return True
+
+
+def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
+    """Load the Ed25519 key at ``path``, creating it (mode 0600) if it is missing.
+
+    A key file that others can read is refused, as OpenSSH refuses such files.
+    """
+    path = Path(path)
+    if path.exists():
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"Identity key {path} is accessible by others "
+                              f"(mode {oct(mode & 0o777)}); run: chmod 600 {path}")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"Identity key {path} is not a valid private key.") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"Identity key {path} is not an Ed25519 key.")
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    return key

@@ -1,0 +1,809 @@
+"""The secureim wire protocol, sans-IO: frames, typed messages, handshake and records.
+
+This module never touches a socket, a thread, a database or the terminal.  Both
+``server.py`` and ``clientlib.py`` drive it the same way::
+
+    events = proto.receive_data(bytes_from_socket)   # typed events out
+    sock.sendall(proto.data_to_send())               # handshake replies
+    sock.sendall(proto.send(SomeMessage(...)))       # sealed application messages
+
+Every byte layout, state and key below is described in docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import crypto_utils as cu
+from diffiehellman import MAX_GROUP_NAME_BYTES, DiffieHellman, get_group
+from errors import (
+    DecryptionFailed,
+    DHError,
+    FrameTooLarge,
+    HandshakeFailed,
+    LocalProtocolError,
+    MalformedMessage,
+    ProtocolError,
+    RecordAuthenticationFailed,
+    RemoteProtocolError,
+    SequenceExhausted,
+    ServerKeyMismatch,
+    UnexpectedMessage,
+    UnsupportedGroup,
+)
+
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct(">I")
+# Largest frame body accepted, checked from the 4-byte header before buffering.
+MAX_FRAME_BYTES = 64 * 1024
+NONCE_BYTES = 32
+MAX_USERNAME_BYTES = 32
+MAX_PASSWORD_BYTES = 1024
+# Largest relayed end-to-end payload; with the record overhead it fits a frame.
+MAX_PAYLOAD_BYTES = 60 * 1024
+MAX_REASON_BYTES = 512
+MAX_WHO_USERS = 1000
+MAX_PUBLIC_VALUE_BYTES = 512  # 4096-bit groups
+SEQUENCE_LIMIT = (1 << 64) - 1  # a sequence number never wraps (TLS 1.3 section 5.3)
+
+
+# =============================================================================
+# Field codec: one encode/decode pair, driven by each message's field metadata.
+# =============================================================================
+class Kind(enum.Enum):
+    U8 = "u8"
+    U32 = "u32"
+    U64 = "u64"
+    BOOL = "bool"
+    BYTES = "bytes"      # u16 length + bytes
+    TEXT = "text"        # u16 length + strict UTF-8
+    TEXT_LIST = "list"   # u16 count + TEXT items
+
+
+_INT_STRUCTS = {Kind.U8: struct.Struct(">B"), Kind.U32: struct.Struct(">I"), Kind.U64: struct.Struct(">Q")}
+_U16 = struct.Struct(">H")
+
+
+def wire(kind: Kind, *, max_len: int = 0, exact: int | None = None, max_items: int = 0) -> Any:
+    """Declare a message field's wire encoding (and its bounds)."""
+    return field(metadata={"kind": kind, "max_len": max_len, "exact": exact, "max_items": max_items})
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise MalformedMessage("Message truncated.")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+
+def _encode_field(out: bytearray, name: str, meta: dict, value: Any) -> None:
+    kind = meta["kind"]
+    if kind in _INT_STRUCTS:
+        try:
+            out += _INT_STRUCTS[kind].pack(value)
+        except (struct.error, TypeError):
+            raise LocalProtocolError(f"Field {name} out of range.") from None
+    elif kind is Kind.BOOL:
+        out.append(1 if value else 0)
+    elif kind is Kind.BYTES:
+        _encode_bytes(out, name, meta, bytes(value))
+    elif kind is Kind.TEXT:
+        _encode_bytes(out, name, meta, value.encode("utf-8"))
+    elif kind is Kind.TEXT_LIST:
+        if len(value) > meta["max_items"]:
+            raise LocalProtocolError(f"Field {name} has too many items.")
+        out += _U16.pack(len(value))
+        for item in value:
+            _encode_bytes(out, name, meta, item.encode("utf-8"))
+
+
+def _encode_bytes(out: bytearray, name: str, meta: dict, raw: bytes) -> None:
+    if meta["exact"] is not None and len(raw) != meta["exact"]:
+        raise LocalProtocolError(f"Field {name} must be {meta['exact']} bytes.")
+    if len(raw) > meta["max_len"]:
+        raise LocalProtocolError(f"Field {name} is longer than {meta['max_len']} bytes.")
+    out += _U16.pack(len(raw))
+    out += raw
+
+
+def _decode_bytes(r: _Reader, name: str, meta: dict) -> bytes:
+    (n,) = _U16.unpack(r.take(2))
+    if n > meta["max_len"] or (meta["exact"] is not None and n != meta["exact"]):
+        raise MalformedMessage(f"Field {name} has a bad length.")
+    return r.take(n)
+
+
+def _decode_text(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise MalformedMessage(f"Field {name} is not valid UTF-8.") from None
+
+
+def _decode_field(r: _Reader, name: str, meta: dict) -> Any:
+    kind = meta["kind"]
+    if kind in _INT_STRUCTS:
+        st = _INT_STRUCTS[kind]
+        return st.unpack(r.take(st.size))[0]
+    if kind is Kind.BOOL:
+        b = r.take(1)[0]
+        if b > 1:
+            raise MalformedMessage(f"Field {name} is not a boolean.")
+        return b == 1
+    if kind is Kind.BYTES:
+        return _decode_bytes(r, name, meta)
+    if kind is Kind.TEXT:
+        return _decode_text(_decode_bytes(r, name, meta), name)
+    (count,) = _U16.unpack(r.take(2))
+    if count > meta["max_items"]:
+        raise MalformedMessage(f"Field {name} has too many items.")
+    return tuple(_decode_text(_decode_bytes(r, name, meta), name) for _ in range(count))
+
+
+# =============================================================================
+# Messages
+# =============================================================================
+MESSAGE_TYPES: dict[int, type] = {}
+
+
+class Message:
+    """Base of every typed message; ``TYPE`` is its one-byte wire tag."""
+
+    TYPE: ClassVar[int]
+
+    def encode(self) -> bytes:
+        out = bytearray((self.TYPE,))
+        for f in dataclasses.fields(self):
+            _encode_field(out, f.name, f.metadata, getattr(self, f.name))
+        return bytes(out)
+
+    def __repr__(self) -> str:  # never print secrets (passwords, keys) in logs
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("kind") is Kind.BYTES:
+                value = f"<{len(value)} bytes>"
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def message(type_id: int) -> Callable[[type], type]:
+    def register(cls: type) -> type:
+        if type_id in MESSAGE_TYPES:
+            raise RuntimeError(f"duplicate message type {type_id:#x}")
+        cls.TYPE = type_id
+        cls = dataclass(frozen=True, repr=False)(cls)
+        MESSAGE_TYPES[type_id] = cls
+        return cls
+    return register
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode one message; anything malformed raises :class:`MalformedMessage` only."""
+    if not data:
+        raise MalformedMessage("Empty message.")
+    cls = MESSAGE_TYPES.get(data[0])
+    if cls is None:
+        raise MalformedMessage(f"Unknown message type {data[0]:#04x}.")
+    r = _Reader(data)
+    r.pos = 1
+    values = {f.name: _decode_field(r, f.name, f.metadata) for f in dataclasses.fields(cls)}
+    if r.pos != len(data):
+        raise MalformedMessage("Trailing bytes after message.")
+    return cls(**values)
+
+
+# --- handshake (plaintext frames) ---------------------------------------------
+@message(0x01)
+class ClientHello(Message):
+    version: int = wire(Kind.U8)
+    group: str = wire(Kind.TEXT, max_len=MAX_GROUP_NAME_BYTES)
+    public: bytes = wire(Kind.BYTES, max_len=MAX_PUBLIC_VALUE_BYTES)
+    nonce: bytes = wire(Kind.BYTES, exact=NONCE_BYTES, max_len=NONCE_BYTES)
+    suites: bytes = wire(Kind.BYTES, max_len=8)  # suite ids the client accepts
+
+
+@message(0x02)
+class ServerHello(Message):
+    version: int = wire(Kind.U8)
+    suite: int = wire(Kind.U8)
+    public: bytes = wire(Kind.BYTES, max_len=MAX_PUBLIC_VALUE_BYTES)
+    nonce: bytes = wire(Kind.BYTES, exact=NONCE_BYTES, max_len=NONCE_BYTES)
+    server_key: bytes = wire(Kind.BYTES, exact=32, max_len=32)
+
+
+@message(0x03)
+class ServerAuth(Message):
+    signature: bytes = wire(Kind.BYTES, exact=64, max_len=64)
+    confirm: bytes = wire(Kind.BYTES, exact=64, max_len=64)
+
+
+@message(0x04)
+class ClientFinished(Message):
+    confirm: bytes = wire(Kind.BYTES, exact=64, max_len=64)
+
+
+class HandshakeErrorCode(enum.IntEnum):
+    PROTOCOL = 1
+    UNSUPPORTED_VERSION = 2
+    UNSUPPORTED_GROUP = 3
+    UNSUPPORTED_SUITE = 4
+    BAD_PUBLIC_VALUE = 5
+    BUSY = 6
+
+
+@message(0x05)
+class HandshakeError(Message):
+    """Sent in the clear before keys exist; the client shows only its own text for the code."""
+
+    code: int = wire(Kind.U8)
+
+
+# --- session (sealed records) --------------------------------------------------
+@message(0x10)
+class Register(Message):
+    username: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    password: bytes = wire(Kind.BYTES, max_len=MAX_PASSWORD_BYTES)
+
+
+@message(0x11)
+class Login(Message):
+    username: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    password: bytes = wire(Kind.BYTES, max_len=MAX_PASSWORD_BYTES)
+
+
+@message(0x12)
+class AuthOk(Message):
+    username: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    created: bool = wire(Kind.BOOL)
+
+
+class AuthCode(enum.IntEnum):
+    INVALID_CREDENTIALS = 1
+    LOCKED = 2
+    USERNAME_TAKEN = 3
+    INVALID_USERNAME = 4
+    INVALID_PASSWORD = 5
+    UNAVAILABLE = 6
+    TOO_MANY_ATTEMPTS = 7
+
+
+@message(0x13)
+class AuthFailed(Message):
+    code: int = wire(Kind.U8)
+    retry_after_s: int = wire(Kind.U32)
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
+
+
+@message(0x20)
+class OpenConversation(Message):
+    """Destination request: "I want to talk to ``peer``"."""
+
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+
+
+@message(0x21)
+class PeerStatus(Message):
+    """``peer`` is online or offline (answer, and later automatic notice)."""
+
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    online: bool = wire(Kind.BOOL)
+    known: bool = wire(Kind.BOOL)
+
+
+@message(0x22)
+class ConversationKey(Message):
+    """KDC key delivery: a fresh per-conversation key, sealed in the session."""
+
+    conversation_id: int = wire(Kind.U64)
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    suite: int = wire(Kind.U8)
+    generation: int = wire(Kind.U32)
+    key: bytes = wire(Kind.BYTES, max_len=64)
+
+
+@message(0x23)
+class Relay(Message):
+    """Client to server: forward ``payload`` (end-to-end sealed) to the conversation's peer."""
+
+    conversation_id: int = wire(Kind.U64)
+    payload: bytes = wire(Kind.BYTES, max_len=MAX_PAYLOAD_BYTES)
+
+
+@message(0x24)
+class Deliver(Message):
+    """Server to client: ``sender`` sent ``payload`` in ``conversation_id``."""
+
+    conversation_id: int = wire(Kind.U64)
+    sender: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    payload: bytes = wire(Kind.BYTES, max_len=MAX_PAYLOAD_BYTES)
+
+
+@message(0x30)
+class WhoRequest(Message):
+    pass
+
+
+@message(0x31)
+class WhoResponse(Message):
+    users: tuple = wire(Kind.TEXT_LIST, max_len=MAX_USERNAME_BYTES, max_items=MAX_WHO_USERS)
+    total: int = wire(Kind.U32)
+
+
+class ErrorCode(enum.IntEnum):
+    PROTOCOL = 1
+    NOT_AUTHENTICATED = 2
+    UNKNOWN_USER = 3
+    PEER_OFFLINE = 4
+    NOT_A_MEMBER = 5
+    UNAVAILABLE = 6
+    BAD_REQUEST = 7
+    RATE_LIMITED = 8
+
+
+@message(0x40)
+class Error(Message):
+    code: int = wire(Kind.U8)
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
+
+
+@message(0x41)
+class Goodbye(Message):
+    """The sender is closing the session, for the reason given."""
+
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
+
+
+@message(0x42)
+class KeyUpdate(Message):
+    """Record layer: the sender's following records use the next traffic key."""
+
+
+HANDSHAKE_MESSAGES = (ClientHello, ServerHello, ServerAuth, ClientFinished, HandshakeError)
+
+
+# =============================================================================
+# Framing
+# =============================================================================
+def encode_frame(body: bytes) -> bytes:
+    if len(body) > MAX_FRAME_BYTES:
+        raise LocalProtocolError(f"Frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}.")
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames; one recv() is never assumed to be one frame."""
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max = max_frame_bytes
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        self._check_header()
+
+    def _check_header(self) -> None:
+        if len(self._buffer) >= FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(self._buffer)
+            if length > self._max:  # refused from the header, before the body is buffered
+                raise FrameTooLarge(f"Frame of {length} bytes exceeds the {self._max}-byte limit.")
+
+    def next_frame(self) -> bytes | None:
+        """The next complete frame body, or None when more data is needed."""
+        if len(self._buffer) < FRAME_HEADER.size:
+            return None
+        (length,) = FRAME_HEADER.unpack_from(self._buffer)
+        end = FRAME_HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[FRAME_HEADER.size:end])
+        del self._buffer[:end]
+        self._check_header()
+        return body
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+# =============================================================================
+# Record layer: sealed frames with implicit per-direction sequence numbers
+# =============================================================================
+RECORD_AAD_PREFIX = b"secureim/v1 record"
+
+
+class TrafficKeys:
+    """One direction's keys: a traffic secret, its cipher, and the next sequence number.
+
+    The sequence number is never sent: it is authenticated as associated data, so
+    a replayed, reordered, dropped or truncated record fails to open.  It resets
+    only when the traffic secret is updated (KeyUpdate), and never wraps.
+    """
+
+    def __init__(self, suite: cu.Suite, secret: bytes, update_after_bytes: int) -> None:
+        self.suite = suite
+        self.update_after_bytes = update_after_bytes
+        self._install(secret)
+
+    def _install(self, secret: bytes) -> None:
+        self._secret = secret
+        material = cu.hkdf(secret, salt=None, info=cu.label("record key"), length=self.suite.key_bytes)
+        self._cipher = self.suite.cipher(self.suite.key_from_material(material))
+        self.seq = 0
+        self.bytes_protected = 0
+
+    def update(self) -> None:
+        self._install(cu.hkdf(self._secret, salt=None, info=cu.label("traffic update"), length=32))
+
+    def _aad(self) -> bytes:
+        if self.seq >= SEQUENCE_LIMIT:
+            raise SequenceExhausted()
+        return RECORD_AAD_PREFIX + self.seq.to_bytes(8, "big")
+
+    def seal(self, plaintext: bytes) -> bytes:
+        record = self._cipher.seal(plaintext, self._aad())
+        self.seq += 1
+        self.bytes_protected += len(plaintext)
+        return record
+
+    def open(self, record: bytes) -> bytes:
+        try:
+            plaintext = self._cipher.open(record, self._aad())
+        except DecryptionFailed:
+            raise RecordAuthenticationFailed() from None
+        self.seq += 1
+        self.bytes_protected += len(plaintext)
+        return plaintext
+
+    @property
+    def needs_update(self) -> bool:
+        return self.bytes_protected >= self.update_after_bytes
+
+
+# =============================================================================
+# Handshake and session state machines
+# =============================================================================
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    START = "start"
+    AWAITING_SERVER_HELLO = "awaiting server hello"
+    AWAITING_SERVER_AUTH = "awaiting server auth"
+    AWAITING_CLIENT_HELLO = "awaiting client hello"
+    AWAITING_CLIENT_FINISHED = "awaiting client finished"
+    ESTABLISHED = "established (not logged in)"
+    AUTHENTICATED = "authenticated"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    """Event: keys are established and the server proved its identity key."""
+
+    server_key: bytes
+    fingerprint: str
+    suite: str
+    group: str
+
+
+SIGNATURE_CONTEXT = b"secureim/v1 server handshake signature\x00"
+
+# Messages the *peer* may send us, per state.  A pair missing here closes the connection.
+_SESSION_FROM_CLIENT_UNAUTH = {Register, Login, Goodbye}
+_SESSION_FROM_CLIENT_AUTH = {OpenConversation, Relay, WhoRequest, Goodbye}
+_SESSION_FROM_SERVER_UNAUTH = {AuthOk, AuthFailed, Error, Goodbye}
+_SESSION_FROM_SERVER_AUTH = {PeerStatus, ConversationKey, Deliver, WhoResponse, Error, Goodbye}
+
+RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {
+    (Role.SERVER, State.AWAITING_CLIENT_HELLO): frozenset({ClientHello}),
+    (Role.SERVER, State.AWAITING_CLIENT_FINISHED): frozenset({ClientFinished}),
+    (Role.SERVER, State.ESTABLISHED): frozenset(_SESSION_FROM_CLIENT_UNAUTH),
+    (Role.SERVER, State.AUTHENTICATED): frozenset(_SESSION_FROM_CLIENT_AUTH),
+    (Role.CLIENT, State.AWAITING_SERVER_HELLO): frozenset({ServerHello, HandshakeError}),
+    (Role.CLIENT, State.AWAITING_SERVER_AUTH): frozenset({ServerAuth}),
+    (Role.CLIENT, State.ESTABLISHED): frozenset(_SESSION_FROM_SERVER_UNAUTH),
+    (Role.CLIENT, State.AUTHENTICATED): frozenset(_SESSION_FROM_SERVER_AUTH),
+}
+# What we may send, per state (after the handshake; handshake messages are internal).
+SEND_TABLE: dict[tuple[Role, State], frozenset] = {
+    (Role.CLIENT, State.ESTABLISHED): frozenset(_SESSION_FROM_CLIENT_UNAUTH),
+    (Role.CLIENT, State.AUTHENTICATED): frozenset(_SESSION_FROM_CLIENT_AUTH),
+    (Role.SERVER, State.ESTABLISHED): frozenset(_SESSION_FROM_SERVER_UNAUTH),
+    (Role.SERVER, State.AUTHENTICATED): frozenset(_SESSION_FROM_SERVER_AUTH),
+}
+
+
+@dataclass
+class _KeySchedule:
+    c2s: bytes
+    s2c: bytes
+    server_confirm: bytes
+    client_confirm: bytes
+
+
+def derive_handshake_keys(shared_secret: bytes, transcript_hash: bytes) -> _KeySchedule:
+    """HKDF over the DH secret, salted with the transcript hash (docs/PROTOCOL.md, key schedule)."""
+    hs = cu.hkdf(shared_secret, salt=transcript_hash, info=cu.label("handshake secret"), length=32)
+
+    def expand(purpose: str) -> bytes:
+        return cu.hkdf(hs, salt=None, info=cu.label(purpose), length=32)
+
+    return _KeySchedule(c2s=expand("c2s traffic"), s2c=expand("s2c traffic"),
+                        server_confirm=expand("server finished"),
+                        client_confirm=expand("client finished"))
+
+
+class Connection:
+    """Common machinery: frame decoding, the state table, the record layer."""
+
+    role: Role
+
+    def __init__(self, *, update_after_bytes: int | None = None) -> None:
+        self._frames = FrameDecoder()
+        self._outgoing = bytearray()
+        self._send_keys: TrafficKeys | None = None
+        self._recv_keys: TrafficKeys | None = None
+        self._update_after_bytes = update_after_bytes
+        self.suite: cu.Suite | None = None
+        self.close_reason: str | None = None
+        self._transcript = bytearray()
+
+    state: State
+
+    # -- public API --------------------------------------------------------
+    def receive_data(self, data: bytes) -> list:
+        """Feed bytes from the peer; return the events they complete.
+
+        Raises :class:`ProtocolError` (and moves to CLOSED) on anything the
+        protocol does not allow; nothing else escapes for any input.
+        """
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("The connection is closed.")
+        events: list = []
+        try:
+            self._frames.feed(data)
+            while self.state is not State.CLOSED:
+                body = self._frames.next_frame()
+                if body is None:
+                    break
+                event = self._receive_frame(body)
+                if event is not None:
+                    events.append(event)
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+        except DHError as exc:
+            self._fail(exc)
+            raise RemoteProtocolError(str(exc)) from exc
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Handshake bytes produced by the state machine, to write to the peer."""
+        out = bytes(self._outgoing)
+        self._outgoing.clear()
+        return out
+
+    def send(self, msg: Message) -> bytes:
+        """Seal one application message into a frame; returns the bytes to write."""
+        allowed = SEND_TABLE.get((self.role, self.state), frozenset())
+        if type(msg) not in allowed:
+            raise LocalProtocolError(f"Cannot send {type(msg).__name__} in state {self.state.value}.")
+        assert self._send_keys is not None
+        out = bytearray()
+        if self._send_keys.needs_update:
+            out += encode_frame(self._send_keys.seal(KeyUpdate().encode()))
+            self._send_keys.update()
+        out += encode_frame(self._send_keys.seal(msg.encode()))
+        self._after_send(msg)
+        return bytes(out)
+
+    def close(self, reason: str = "closed") -> None:
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self.close_reason = reason
+
+    @property
+    def established(self) -> bool:
+        return self.state in (State.ESTABLISHED, State.AUTHENTICATED)
+
+    # -- internals -------------------------------------------------------------
+    def _fail(self, exc: Exception) -> None:
+        self.close(str(exc))
+
+    def _after_send(self, msg: Message) -> None:
+        if isinstance(msg, Goodbye):
+            self.close("closed by us")
+
+    def _after_receive(self, msg: Message) -> None:
+        if isinstance(msg, Goodbye):
+            self.close(f"closed by peer: {msg.reason}")
+
+    def _receive_frame(self, body: bytes):
+        if self.established:
+            assert self._recv_keys is not None
+            plaintext = self._recv_keys.open(body)
+            msg = decode_message(plaintext)
+            if isinstance(msg, KeyUpdate):
+                self._recv_keys.update()
+                return None
+        else:
+            msg = decode_message(body)
+        allowed = RECEIVE_TABLE.get((self.role, self.state), frozenset())
+        if type(msg) not in allowed:
+            raise UnexpectedMessage(f"Unexpected {type(msg).__name__} in state {self.state.value}.")
+        if not self.established:
+            return self._handshake(msg, body)
+        self._after_receive(msg)
+        return msg
+
+    def _emit_plain(self, msg: Message) -> bytes:
+        body = msg.encode()
+        self._outgoing += encode_frame(body)
+        return body
+
+    def _install_keys(self, suite: cu.Suite, send_secret: bytes, recv_secret: bytes) -> None:
+        limit = self._update_after_bytes or suite.max_bytes_per_key // 2
+        self._send_keys = TrafficKeys(suite, send_secret, limit)
+        self._recv_keys = TrafficKeys(suite, recv_secret, limit)
+
+    def _handshake(self, msg: Message, body: bytes):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class ClientProtocol(Connection):
+    """The client's side: propose a group, check the server's signature and confirmation."""
+
+    role = Role.CLIENT
+
+    def __init__(self, *, group: str = "x25519", suites: tuple[str, ...] = cu.SUITE_NAMES,
+                 expected_server_key: bytes | None = None, tdes_backend: str | None = None,
+                 update_after_bytes: int | None = None) -> None:
+        super().__init__(update_after_bytes=update_after_bytes)
+        self.state = State.START
+        self._dh = DiffieHellman(group)
+        self._suites = tuple(cu.get_suite(s, tdes_backend=tdes_backend) for s in suites)
+        self._expected_server_key = expected_server_key
+        self._server_hello: ServerHello | None = None
+        self._keys: _KeySchedule | None = None
+
+    def initiate(self) -> bytes:
+        """Start the handshake: returns the ClientHello frame."""
+        if self.state is not State.START:
+            raise LocalProtocolError("The handshake has already started.")
+        hello = ClientHello(version=PROTOCOL_VERSION, group=self._dh.group.name,
+                            public=self._dh.public_bytes, nonce=cu.random_bytes(NONCE_BYTES),
+                            suites=bytes(s.suite_id for s in self._suites))
+        self._transcript += self._emit_plain(hello)
+        self.state = State.AWAITING_SERVER_HELLO
+        return self.data_to_send()
+
+    def _handshake(self, msg: Message, body: bytes):
+        if isinstance(msg, HandshakeError):
+            try:
+                code = HandshakeErrorCode(msg.code).name.lower().replace("_", " ")
+            except ValueError:
+                code = "unknown reason"
+            raise HandshakeFailed(f"The server refused the handshake ({code}).")
+        if isinstance(msg, ServerHello):
+            if msg.version != PROTOCOL_VERSION:
+                raise HandshakeFailed("The server speaks another protocol version.")
+            suite = next((s for s in self._suites if s.suite_id == msg.suite), None)
+            if suite is None:
+                raise HandshakeFailed("The server chose a cipher suite this client did not offer.")
+            self.suite = suite
+            self._server_hello = msg
+            self._transcript += body
+            shared = self._dh.generate_shared_secret(msg.public)
+            self._keys = derive_handshake_keys(shared, cu.sha256(bytes(self._transcript)))
+            self.state = State.AWAITING_SERVER_AUTH
+            return None
+        assert isinstance(msg, ServerAuth) and self._server_hello and self._keys and self.suite
+        th1 = cu.sha256(bytes(self._transcript))
+        server_key = self._server_hello.server_key
+        if not cu.verify_signature(server_key, msg.signature, SIGNATURE_CONTEXT + th1):
+            raise HandshakeFailed("The server's handshake signature is invalid.")
+        if not DiffieHellman.verify_hashed_key(self._keys.server_confirm, msg.confirm, th1):
+            raise HandshakeFailed("The server's key confirmation is invalid.")
+        if self._expected_server_key is not None and not cu.constant_time_equal(
+                server_key, self._expected_server_key):
+            raise ServerKeyMismatch(
+                f"The server's identity key {cu.fingerprint(server_key)} is not the expected "
+                f"{cu.fingerprint(self._expected_server_key)}.")
+        self._transcript += body
+        th2 = cu.sha256(bytes(self._transcript))
+        self._emit_plain(ClientFinished(confirm=DiffieHellman.hash_key(self._keys.client_confirm, th2)))
+        self._install_keys(self.suite, self._keys.c2s, self._keys.s2c)
+        self._keys = None
+        self.state = State.ESTABLISHED
+        return HandshakeComplete(server_key=server_key, fingerprint=cu.fingerprint(server_key),
+                                 suite=self.suite.name, group=self._dh.group.name)
+
+    def _after_receive(self, msg: Message) -> None:
+        super()._after_receive(msg)
+        if isinstance(msg, AuthOk):
+            self.state = State.AUTHENTICATED
+
+
+class ServerProtocol(Connection):
+    """The server's side: answer the group, sign the transcript, check the client's confirmation."""
+
+    role = Role.SERVER
+
+    def __init__(self, identity: Ed25519PrivateKey, *, suite: str = cu.DEFAULT_SUITE,
+                 allowed_groups: frozenset[str] | None = None, tdes_backend: str | None = None,
+                 update_after_bytes: int | None = None) -> None:
+        super().__init__(update_after_bytes=update_after_bytes)
+        self.state = State.AWAITING_CLIENT_HELLO
+        self._identity = identity
+        self._suite = cu.get_suite(suite, tdes_backend=tdes_backend)
+        self._allowed_groups = allowed_groups
+        self._keys: _KeySchedule | None = None
+        self.group: str | None = None
+
+    def _refuse(self, code: HandshakeErrorCode, why: str) -> None:
+        self._emit_plain(HandshakeError(code=code))
+        raise RemoteProtocolError(why)
+
+    def _handshake(self, msg: Message, body: bytes):
+        if isinstance(msg, ClientHello):
+            if msg.version != PROTOCOL_VERSION:
+                self._refuse(HandshakeErrorCode.UNSUPPORTED_VERSION, "Unsupported protocol version.")
+            if self._suite.suite_id not in msg.suites:
+                self._refuse(HandshakeErrorCode.UNSUPPORTED_SUITE,
+                             f"The client does not offer the {self._suite.name} suite.")
+            try:
+                group = get_group(msg.group)
+                if self._allowed_groups is not None and group.name not in self._allowed_groups:
+                    raise UnsupportedGroup(f"Diffie-Hellman group {group.name!r} is disabled on this server.")
+            except DHError as exc:
+                self._refuse(HandshakeErrorCode.UNSUPPORTED_GROUP, str(exc))
+            dh = DiffieHellman(group)
+            try:
+                shared = dh.generate_shared_secret(msg.public)
+            except DHError as exc:
+                self._refuse(HandshakeErrorCode.BAD_PUBLIC_VALUE, str(exc))
+            self.group = group.name
+            self.suite = self._suite
+            self._transcript += body
+            hello = ServerHello(version=PROTOCOL_VERSION, suite=self._suite.suite_id, public=dh.public_bytes,
+                                nonce=cu.random_bytes(NONCE_BYTES), server_key=cu.public_bytes(self._identity))
+            self._transcript += self._emit_plain(hello)
+            th1 = cu.sha256(bytes(self._transcript))
+            self._keys = derive_handshake_keys(shared, th1)
+            auth = ServerAuth(signature=self._identity.sign(SIGNATURE_CONTEXT + th1),
+                              confirm=DiffieHellman.hash_key(self._keys.server_confirm, th1))
+            self._transcript += self._emit_plain(auth)
+            self.state = State.AWAITING_CLIENT_FINISHED
+            return None
+        assert isinstance(msg, ClientFinished) and self._keys
+        th2 = cu.sha256(bytes(self._transcript))
+        if not DiffieHellman.verify_hashed_key(self._keys.client_confirm, msg.confirm, th2):
+            raise RemoteProtocolError("The client's key confirmation is invalid.")
+        self._install_keys(self._suite, self._keys.s2c, self._keys.c2s)
+        self._keys = None
+        self.state = State.ESTABLISHED
+        key = cu.public_bytes(self._identity)
+        return HandshakeComplete(server_key=key, fingerprint=cu.fingerprint(key),
+                                 suite=self._suite.name, group=self.group or "")
+
+    def _after_send(self, msg: Message) -> None:
+        super()._after_send(msg)
+        if isinstance(msg, AuthOk):
+            self.state = State.AUTHENTICATED

@@ -1,0 +1,52 @@
+"""Shared test setup: the project root on sys.path, vector loading, fast bcrypt."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = Path(__file__).resolve().parent / "vectors"
+sys.path.insert(0, str(ROOT))
+
+
+def load_wycheproof(name: str) -> list[tuple[dict, dict]]:
+    """(group, test) pairs of one Wycheproof file."""
+    data = json.loads((VECTORS / "wycheproof" / name).read_text())
+    return [(g, t) for g in data["testGroups"] for t in g["tests"]]
+
+
+def load_nist_records(path: Path) -> list[dict]:
+    """Records of a NIST CAVP / RFC-style ``KEY = value`` file, with their [SECTION].
+
+    A record ends where one of its keys appears again or a new section starts;
+    blank lines and comments are ignored (the RFC files put them mid-record).
+    """
+    records, current, section = [], {}, None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            if current:
+                records.append(current)
+            current, section = {}, line[1:-1]
+            continue
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = (part.strip() for part in line.split("=", 1))
+        if key in current:
+            records.append(current)
+            current = {}
+        current[key] = value
+        current["_section"] = section
+    if current:
+        records.append(current)
+    return records
+
+
+def wycheproof_id(case) -> str:
+    return f"tc{case[1]['tcId']}"
+
+
+os.environ.setdefault("SECUREIM_TEST", "1")
