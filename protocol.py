@@ -614,6 +614,15 @@ class Connection:
         self._after_send(msg)
         return bytes(out)
 
+    def farewell(self, reason: str) -> bytes:
+        """After a failure: a sealed Goodbye telling the peer why, if keys exist (else b"")."""
+        if self._send_keys is None:
+            return b""
+        try:
+            return encode_frame(self._send_keys.seal(Goodbye(reason=reason[:MAX_REASON_BYTES // 4]).encode()))
+        except ProtocolError:
+            return b""
+
     def close(self, reason: str = "closed") -> None:
         if self.state is not State.CLOSED:
             self.state = State.CLOSED

@@ -1,0 +1,448 @@
+"""Storage: one interface, two backends (embedded SQLite, MySQL/MariaDB via pymysql).
+
+The server stores users (name, bcrypt hash), conversations (id, members, when
+the key was last generated and how many times) and failed-login bookkeeping.
+It never stores a conversation key (design 000).
+
+Every statement takes parameters; no SQL is built from strings.  On MySQL every
+query is a stored procedure from schema.sql.  Connections come from a small pool
+(pymysql connections are not thread-safe); a dropped connection is replaced and
+the call retried once; a database that stays down raises
+:class:`errors.DatabaseUnavailable`, which the server turns into "try again later".
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+import urllib.parse
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from errors import ConfigError, DatabaseError, DatabaseUnavailable
+
+log = logging.getLogger("secureim.database")
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"
+POOL_SIZE = 4
+POOL_WAIT_S = 10.0
+CONNECT_TIMEOUT_S = 5
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    members: tuple[str, str]
+    key_generation: int
+    key_generated_at: float | None
+
+
+@dataclass(frozen=True)
+class LoginFailures:
+    failures: int
+    locked_until: float
+
+
+class _Pool:
+    """A fixed-size pool of connections made by ``factory``; broken ones are replaced."""
+
+    def __init__(self, factory, size: int = POOL_SIZE) -> None:
+        self._factory = factory
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        if self._closed:
+            raise DatabaseUnavailable("The database is closed.")
+        if not self._slots.acquire(timeout=POOL_WAIT_S):
+            raise DatabaseUnavailable("The database is busy; try again later.")
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._factory()
+            yield conn
+        except BaseException:
+            if conn is not None:
+                _close_quietly(conn)
+                conn = None
+            raise
+        finally:
+            if conn is not None:
+                self._idle.put(conn)
+            self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                _close_quietly(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+        pass
+
+
+class Storage:
+    """The storage contract.  Both backends implement exactly these methods."""
+
+    backend = "abstract"
+
+    def create_user(self, username: str, password_hash: str) -> bool:
+        """Create the user; False if the name is taken."""
+        raise NotImplementedError
+
+    def get_password_hash(self, username: str) -> str | None:
+        raise NotImplementedError
+
+    def count_users(self) -> int:
+        raise NotImplementedError
+
+    def open_conversation(self, user_a: str, user_b: str) -> int:
+        """The id of the conversation between the two users, created if new."""
+        raise NotImplementedError
+
+    def record_key_generation(self, conversation_id: int) -> int:
+        """Note that a new key was generated now; returns the new generation number."""
+        raise NotImplementedError
+
+    def get_conversation(self, conversation_id: int) -> Conversation | None:
+        raise NotImplementedError
+
+    def get_login_failures(self, username: str, source: str) -> LoginFailures:
+        raise NotImplementedError
+
+    def record_login_failure(self, username: str, source: str, now: float,
+                             max_failures: int, lock_s: float) -> LoginFailures:
+        raise NotImplementedError
+
+    def clear_login_failures(self, username: str, source: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _pair(user_a: str, user_b: str) -> tuple[str, str]:
+    if user_a == user_b:
+        raise DatabaseError("A conversation needs two different users.")
+    return (user_a, user_b) if user_a < user_b else (user_b, user_a)
+
+
+# =============================================================================
+# SQLite (embedded default)
+# =============================================================================
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    username      TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    identity_key  BLOB
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_low         TEXT NOT NULL,
+    user_high        TEXT NOT NULL,
+    created_at       REAL NOT NULL,
+    key_generated_at REAL,
+    key_generation   INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (user_low, user_high)
+);
+CREATE TABLE IF NOT EXISTS conversation_members (
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    username        TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, username)
+);
+CREATE TABLE IF NOT EXISTS login_failures (
+    username     TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    failures     INTEGER NOT NULL DEFAULT 0,
+    locked_until REAL NOT NULL DEFAULT 0,
+    updated_at   REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (username, source)
+);
+"""
+
+
+class SQLiteStorage(Storage):
+    backend = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._pool = _Pool(self._connect)
+        with self._pool.connection() as conn:  # executescript manages its own transaction
+            conn.executescript(_SQLITE_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailable(f"Cannot open the SQLite database {self.path}: {exc}") from exc
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._pool.connection() as conn:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise DatabaseUnavailable(f"SQLite error: {exc}") from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def create_user(self, username: str, password_hash: str) -> bool:
+        with self._tx() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
+                (username, password_hash, time.time()))
+            return cur.rowcount == 1
+
+    def get_password_hash(self, username: str) -> str | None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT password_hash FROM users WHERE username = ?", (username,)).fetchone()
+        return row[0] if row else None
+
+    def count_users(self) -> int:
+        with self._tx() as conn:
+            return conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+    def open_conversation(self, user_a: str, user_b: str) -> int:
+        low, high = _pair(user_a, user_b)
+        with self._tx() as conn:
+            conn.execute("INSERT OR IGNORE INTO conversations (user_low, user_high, created_at) VALUES (?, ?, ?)",
+                         (low, high, time.time()))
+            (cid,) = conn.execute("SELECT id FROM conversations WHERE user_low = ? AND user_high = ?",
+                                  (low, high)).fetchone()
+            conn.executemany("INSERT OR IGNORE INTO conversation_members (conversation_id, username) VALUES (?, ?)",
+                             [(cid, low), (cid, high)])
+            return cid
+
+    def record_key_generation(self, conversation_id: int) -> int:
+        with self._tx() as conn:
+            conn.execute("UPDATE conversations SET key_generation = key_generation + 1, key_generated_at = ? "
+                         "WHERE id = ?", (time.time(), conversation_id))
+            row = conn.execute("SELECT key_generation FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            raise DatabaseError(f"No conversation {conversation_id}.")
+        return row[0]
+
+    def get_conversation(self, conversation_id: int) -> Conversation | None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT id, user_low, user_high, key_generation, key_generated_at "
+                               "FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            return None
+        return Conversation(row[0], (row[1], row[2]), row[3], row[4])
+
+    def get_login_failures(self, username: str, source: str) -> LoginFailures:
+        with self._tx() as conn:
+            row = conn.execute("SELECT failures, locked_until FROM login_failures WHERE username = ? AND source = ?",
+                               (username, source)).fetchone()
+        return LoginFailures(*row) if row else LoginFailures(0, 0.0)
+
+    def record_login_failure(self, username: str, source: str, now: float,
+                             max_failures: int, lock_s: float) -> LoginFailures:
+        with self._tx() as conn:
+            row = conn.execute("SELECT failures, locked_until FROM login_failures WHERE username = ? AND source = ?",
+                               (username, source)).fetchone()
+            failures, locked_until = row if row else (0, 0.0)
+            if 0 < locked_until <= now:  # a failure after an expired lock starts a fresh count
+                failures, locked_until = 0, 0.0
+            failures += 1
+            if failures >= max_failures and locked_until <= now:
+                locked_until = now + lock_s
+            conn.execute("INSERT INTO login_failures (username, source, failures, locked_until, updated_at) "
+                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT (username, source) DO UPDATE SET "
+                         "failures = excluded.failures, locked_until = excluded.locked_until, "
+                         "updated_at = excluded.updated_at",
+                         (username, source, failures, locked_until, now))
+        return LoginFailures(failures, locked_until)
+
+    def clear_login_failures(self, username: str, source: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM login_failures WHERE username = ? AND source = ?", (username, source))
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# =============================================================================
+# MySQL / MariaDB (stored procedures)
+# =============================================================================
+def split_sql_script(text: str) -> list[str]:
+    """Split a script into statements, honouring ``DELIMITER`` lines like the mysql client."""
+    statements, current, delimiter = [], [], ";"
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.upper().startswith("DELIMITER "):
+            delimiter = stripped.split(None, 1)[1]
+            continue
+        if not current and (not stripped or stripped.startswith("--")):
+            continue
+        current.append(line)
+        if stripped.endswith(delimiter):
+            stmt = "\n".join(current).rstrip()
+            statements.append(stmt[: -len(delimiter)].strip())
+            current = []
+    if "".join(current).strip():
+        statements.append("\n".join(current).strip())
+    return [s for s in statements if s]
+
+
+class MySQLStorage(Storage):
+    backend = "mysql"
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 3306, user: str = "root",
+                 password: str = "", database: str, create_database: bool = False) -> None:
+        import pymysql  # imported here: only the MySQL backend needs it
+
+        self._pymysql = pymysql
+        self._params = dict(host=host, port=port, user=user, password=password, database=database,
+                            connect_timeout=CONNECT_TIMEOUT_S, read_timeout=30, write_timeout=30,
+                            charset="utf8mb4", autocommit=True)
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", database):
+            raise ConfigError("MySQL database names may use letters, digits and _ only.")
+        if create_database:
+            self._create_database()
+        self._pool = _Pool(self._connect)
+        self.apply_schema()
+
+    def _create_database(self) -> None:
+        params = dict(self._params)
+        name = params.pop("database")
+        try:
+            conn = self._pymysql.connect(**params)
+        except self._pymysql.MySQLError as exc:
+            raise DatabaseUnavailable(f"Cannot reach MySQL at {params['host']}:{params['port']}: {exc}") from exc
+        try:
+            with conn.cursor() as cur:
+                # A name cannot be a parameter; it was checked against [A-Za-z0-9_] above.
+                cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+        finally:
+            conn.close()
+
+    def _connect(self):
+        try:
+            return self._pymysql.connect(**self._params)
+        except self._pymysql.MySQLError as exc:
+            raise DatabaseUnavailable(
+                f"Cannot reach MySQL at {self._params['host']}:{self._params['port']}: {exc}") from exc
+
+    def apply_schema(self) -> None:
+        """Create the tables and procedures from schema.sql (harmless to repeat)."""
+        statements = split_sql_script(SCHEMA_PATH.read_text())
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            for stmt in statements:
+                cur.execute(stmt)
+
+    def _call(self, proc: str, *args: Any) -> list[tuple]:
+        """Call one stored procedure with parameters; retry once on a dropped connection."""
+        for attempt in (1, 2):
+            try:
+                with self._pool.connection() as conn, conn.cursor() as cur:
+                    cur.callproc(proc, args)
+                    rows = list(cur.fetchall())
+                    while cur.nextset():
+                        pass
+                    return rows
+            except (self._pymysql.err.OperationalError, self._pymysql.err.InterfaceError) as exc:
+                if attempt == 2:
+                    raise DatabaseUnavailable(f"MySQL is unavailable: {exc}") from exc
+                log.warning("MySQL connection lost (%s); reconnecting", exc.__class__.__name__)
+            except self._pymysql.MySQLError as exc:
+                raise DatabaseError(f"MySQL error in {proc}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def create_user(self, username: str, password_hash: str) -> bool:
+        return self._call("sp_create_user", username, password_hash)[0][0] == 1
+
+    def get_password_hash(self, username: str) -> str | None:
+        rows = self._call("sp_get_password_hash", username)
+        return rows[0][0] if rows else None
+
+    def count_users(self) -> int:
+        return int(self._call("sp_count_users")[0][0])
+
+    def open_conversation(self, user_a: str, user_b: str) -> int:
+        low, high = _pair(user_a, user_b)
+        return int(self._call("sp_open_conversation", low, high)[0][0])
+
+    def record_key_generation(self, conversation_id: int) -> int:
+        rows = self._call("sp_record_key_generation", conversation_id)
+        if not rows:
+            raise DatabaseError(f"No conversation {conversation_id}.")
+        return int(rows[0][0])
+
+    def get_conversation(self, conversation_id: int) -> Conversation | None:
+        rows = self._call("sp_get_conversation", conversation_id)
+        if not rows:
+            return None
+        cid, low, high, gen, at = rows[0]
+        return Conversation(int(cid), (low, high), int(gen), float(at) if at is not None else None)
+
+    def get_login_failures(self, username: str, source: str) -> LoginFailures:
+        rows = self._call("sp_get_login_failures", username, source)
+        return LoginFailures(int(rows[0][0]), float(rows[0][1])) if rows else LoginFailures(0, 0.0)
+
+    def record_login_failure(self, username: str, source: str, now: float,
+                             max_failures: int, lock_s: float) -> LoginFailures:
+        rows = self._call("sp_record_login_failure", username, source, now, max_failures, lock_s)
+        return LoginFailures(int(rows[0][0]), float(rows[0][1]))
+
+    def clear_login_failures(self, username: str, source: str) -> None:
+        self._call("sp_clear_login_failures", username, source)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# =============================================================================
+# URLs
+# =============================================================================
+def open_storage(url: str, *, create_database: bool = False) -> Storage:
+    """``sqlite:///relative/path.db``, ``sqlite:////abs/path.db`` or
+    ``mysql://USER[:PASS]@HOST[:PORT]/DB`` (the password may come from the
+    SECUREIM_DB_PASSWORD environment variable instead, to keep it out of ``ps``)."""
+    import os
+
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "sqlite":
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigError("A SQLite URL looks like sqlite:///path/to/file.db")
+        return SQLiteStorage(path)
+    if parsed.scheme in ("mysql", "mariadb"):
+        database = parsed.path.lstrip("/")
+        if not parsed.hostname or not database:
+            raise ConfigError("A MySQL URL looks like mysql://USER[:PASS]@HOST[:PORT]/DB")
+        password = urllib.parse.unquote(parsed.password or "") or os.environ.get("SECUREIM_DB_PASSWORD", "")
+        return MySQLStorage(host=parsed.hostname, port=parsed.port or 3306,
+                            user=urllib.parse.unquote(parsed.username or "root"),
+                            password=password, database=database, create_database=create_database)
+    raise ConfigError(f"Unknown database URL scheme {parsed.scheme!r}; use sqlite:/// or mysql://")

@@ -1,0 +1,723 @@
+"""The secureim server: handshake, database-backed login, Key Distribution Center, relay.
+
+Layers, top to bottom:
+- ``ChatService``: what the server does with each typed message (login, presence,
+  KDC, relay).  It never touches a socket.
+- ``Registry``: the shared state (who is online, who waits for whom, live
+  conversations), one object with one lock.
+- ``Server`` / ``Session``: thin socket glue.  One reader thread per connection
+  feeds bytes to the sans-IO ``protocol.ServerProtocol``; writes never block a
+  thread on a slow reader (``Outbox`` + one flusher thread); a client that stops
+  reading is dropped when its queue is full.
+
+The relay opens only the outer (session) layer: the payload inside a Relay is
+sealed end to end by the clients, and is forwarded as opaque bytes.
+
+Run ``python server.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import crypto_utils as cu
+import protocol as P
+from auth import DEFAULT_BCRYPT_COST, AuthService, normalize_username
+from database import Storage, open_storage
+from errors import (
+    AccountLocked,
+    AuthError,
+    ConfigError,
+    ConnectionClosed,
+    DatabaseError,
+    InvalidCredentials,
+    InvalidPassword,
+    InvalidUsername,
+    ProtocolError,
+    SecureIMError,
+    ServiceUnavailable,
+    UsernameTaken,
+)
+
+log = logging.getLogger("secureim.server")
+
+DEFAULT_PORT = 5151
+DEFAULT_DATA_DIR = "secureim-data"
+IDENTITY_FILE = "server_identity.key"
+RECV_BYTES = 64 * 1024
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    db_url: str | None = None            # default: sqlite under data_dir
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    cipher: str = cu.DEFAULT_SUITE
+    bcrypt_cost: int = DEFAULT_BCRYPT_COST
+    login_grace_s: float = 30.0          # OpenSSH LoginGraceTime is 120 s; a chat login is quicker
+    max_auth_tries: int = 6              # OpenSSH MaxAuthTries
+    rekey_after_messages: int = 1000     # conversation key lifetime, in relayed messages
+    rekey_after_s: float = 3600.0        # ... and in time
+    outbox_limit_bytes: int = 1 << 20    # a client that stops reading is dropped past this
+    max_connections: int = 20000
+    max_unauthenticated: int = 256       # OpenSSH MaxStartups-style cap on half-open sessions
+    max_unauthenticated_per_source: int = 32
+    allowed_groups: frozenset[str] | None = None
+    tdes_backend: str | None = None
+    max_failures: int = 5
+    lock_s: float = 60.0
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{Path(self.data_dir) / 'secureim.db'}"
+
+
+# =============================================================================
+# Outgoing bytes: never block a thread on a slow reader
+# =============================================================================
+class Flusher:
+    """One thread that finishes writes the kernel could not take at once."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+        self._thread.start()
+
+    def watch(self, outbox: "Outbox") -> None:
+        with self._lock:
+            try:
+                self._selector.register(outbox.sock, selectors.EVENT_WRITE, outbox)
+            except (KeyError, ValueError, OSError):
+                return
+        self._wake()
+
+    def unwatch(self, outbox: "Outbox") -> None:
+        with self._lock:
+            try:
+                self._selector.unregister(outbox.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0", socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stopped:
+            events = self._selector.select(timeout=1.0)
+            for key, _mask in events:
+                if key.data is None:
+                    try:
+                        self._wake_r.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                key.data.flush_pending()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake()
+        self._thread.join(timeout=5)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class Outbox:
+    """A connection's outgoing bytes: sent at once when possible, else queued (bounded)."""
+
+    def __init__(self, sock: socket.socket, flusher: Flusher, limit: int) -> None:
+        self.sock = sock
+        self._flusher = flusher
+        self._limit = limit
+        self._pending = bytearray()
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.closed:
+                raise ConnectionClosed()
+            if self._pending:
+                if len(self._pending) + len(data) > self._limit:
+                    self._close_locked()
+                    raise ConnectionClosed("The client stopped reading; its queue is full.")
+                self._pending += data
+                return
+            sent = self._send_locked(data)
+            if sent < len(data):
+                self._pending += data[sent:]
+                self._flusher.watch(self)
+
+    def _send_locked(self, data: bytes) -> int:
+        try:
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self._close_locked()
+            raise ConnectionClosed() from None
+
+    def flush_pending(self) -> None:
+        with self._lock:
+            if self.closed or not self._pending:
+                self._flusher.unwatch(self)
+                return
+            try:
+                sent = self._send_locked(bytes(self._pending))
+            except ConnectionClosed:
+                return
+            del self._pending[:sent]
+            if not self._pending:
+                self._flusher.unwatch(self)
+
+    def _close_locked(self) -> None:
+        self.closed = True
+        self._flusher.unwatch(self)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+
+# =============================================================================
+# Sessions and the registry
+# =============================================================================
+class Session:
+    """One client connection: its protocol state machine and its outbox."""
+
+    def __init__(self, proto: P.ServerProtocol, outbox: Outbox | None, source: str) -> None:
+        self.proto = proto
+        self.outbox = outbox
+        self.source = source
+        self.username: str | None = None
+        self.auth_attempts = 0
+        self.lock = threading.Lock()     # one lock: seal + enqueue keep the sequence order
+        self.closed = threading.Event()
+
+    def send(self, msg: P.Message) -> bool:
+        """Seal and queue ``msg``; False if this session is gone."""
+        with self.lock:
+            if self.closed.is_set() or not self.proto.established:
+                return False
+            try:
+                data = self.proto.send(msg)
+                if self.outbox is not None:
+                    self.outbox.write(data)
+            except (ConnectionClosed, ProtocolError):
+                self.closed.set()
+                return False
+        return True
+
+    def receive(self, data: bytes) -> tuple[list, bytes]:
+        with self.lock:
+            events = self.proto.receive_data(data)
+            return events, self.proto.data_to_send()
+
+    def write_raw(self, data: bytes) -> None:
+        if data and self.outbox is not None:
+            self.outbox.write(data)
+
+    def close(self, reason: str | None = None) -> None:
+        if reason and self.proto.established:
+            self.send(P.Goodbye(reason=reason))
+        self.closed.set()
+        if self.outbox is not None:
+            self.outbox.close()
+
+
+@dataclass
+class LiveConversation:
+    id: int
+    members: tuple[str, str]
+    generation: int
+    keyed_at: float
+    messages: int = 0
+    bytes_relayed: int = 0
+
+
+@dataclass
+class Registry:
+    """Shared server state, one lock.  Methods copy before the caller iterates."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    online: dict[str, Session] = field(default_factory=dict)
+    watchers: dict[str, set[str]] = field(default_factory=dict)   # offline user -> who waits
+    conversations: dict[int, LiveConversation] = field(default_factory=dict)
+    sessions: set[Session] = field(default_factory=set)
+    unauthenticated: dict[str, int] = field(default_factory=dict)  # source -> count
+
+    def add_connection(self, session: Session, max_total: int, max_unauth: int, max_unauth_per_source: int) -> str | None:
+        """Admit a new connection, or return why not."""
+        with self.lock:
+            if len(self.sessions) >= max_total:
+                return "too many connections"
+            if sum(self.unauthenticated.values()) >= max_unauth:
+                return "too many unauthenticated connections"
+            if self.unauthenticated.get(session.source, 0) >= max_unauth_per_source:
+                return "too many unauthenticated connections from this address"
+            self.sessions.add(session)
+            self.unauthenticated[session.source] = self.unauthenticated.get(session.source, 0) + 1
+            return None
+
+    def _unauth_done(self, source: str) -> None:
+        n = self.unauthenticated.get(source, 0) - 1
+        if n > 0:
+            self.unauthenticated[source] = n
+        else:
+            self.unauthenticated.pop(source, None)
+
+    def login(self, session: Session, username: str) -> tuple[Session | None, set[str]]:
+        """Mark ``username`` online; returns the replaced session and who should be told."""
+        with self.lock:
+            old = self.online.get(username)
+            self.online[username] = session
+            if session.username is None:
+                self._unauth_done(session.source)
+            session.username = username
+            waiting = self.watchers.pop(username, set())
+            if old is not None and old is not session:
+                # The new session has no conversation keys: its peers re-open (and re-key).
+                waiting |= set(self._drop_conversations_locked(username, watch=False))
+        return old, waiting
+
+    def _drop_conversations_locked(self, username: str, *, watch: bool) -> list[str]:
+        peers = []
+        for cid, conv in list(self.conversations.items()):
+            if username in conv.members:
+                peer = conv.members[0] if conv.members[1] == username else conv.members[1]
+                peers.append(peer)
+                del self.conversations[cid]
+                if watch:  # the peer is told when this user is back
+                    self.watchers.setdefault(username, set()).add(peer)
+        return peers
+
+    def remove(self, session: Session) -> tuple[bool, list[str]]:
+        """Forget a closed session; returns (was online, peers of its live conversations)."""
+        with self.lock:
+            self.sessions.discard(session)
+            if session.username is None:
+                self._unauth_done(session.source)
+                return False, []
+            if self.online.get(session.username) is not session:
+                return False, []  # replaced by a newer login
+            del self.online[session.username]
+            return True, self._drop_conversations_locked(session.username, watch=True)
+
+    def session_of(self, username: str) -> Session | None:
+        with self.lock:
+            return self.online.get(username)
+
+    def watch(self, watcher: str, target: str) -> None:
+        with self.lock:
+            self.watchers.setdefault(target, set()).add(watcher)
+
+    def online_users(self) -> list[str]:
+        with self.lock:
+            return sorted(self.online)
+
+    def all_sessions(self) -> list[Session]:
+        with self.lock:
+            return list(self.sessions)
+
+
+# =============================================================================
+# The service: what each message means
+# =============================================================================
+class ChatService:
+    """Login, presence, KDC and relay.  No sockets; tests drive it directly."""
+
+    def __init__(self, storage: Storage, config: ServerConfig,
+                 announce: Callable[[str], None] = lambda line: None) -> None:
+        self.storage = storage
+        self.config = config
+        self.suite = cu.get_suite(config.cipher, tdes_backend=config.tdes_backend)
+        self.auth = AuthService(storage, bcrypt_cost=config.bcrypt_cost,
+                                max_failures=config.max_failures, lock_s=config.lock_s)
+        self.registry = Registry()
+        self.announce = announce
+        self._kdc_lock = threading.Lock()
+
+    # -- dispatch ----------------------------------------------------------------
+    def handle(self, session: Session, msg: P.Message) -> None:
+        handler = self._HANDLERS.get(type(msg))
+        if handler is None:
+            return  # Goodbye: the protocol already closed the session
+        try:
+            handler(self, session, msg)
+        except ServiceUnavailable as exc:
+            log.warning("service unavailable: %s", exc)
+            if session.username is None:
+                session.send(P.AuthFailed(code=P.AuthCode.UNAVAILABLE, retry_after_s=5,
+                                          reason="The server cannot check logins right now; try again later."))
+            else:
+                session.send(P.Error(code=P.ErrorCode.UNAVAILABLE,
+                                     reason="The server's database is unavailable; try again later."))
+        except DatabaseError:
+            log.exception("database error")
+            session.send(P.Error(code=P.ErrorCode.UNAVAILABLE, reason="Internal database error; try again later."))
+
+    # -- accounts ------------------------------------------------------------------
+    def _auth(self, session: Session, msg: P.Login | P.Register) -> None:
+        session.auth_attempts += 1
+        register = isinstance(msg, P.Register)
+        try:
+            if register:
+                username = self.auth.register(msg.username, msg.password)
+            else:
+                username = self.auth.login(msg.username, msg.password, session.source)
+        except AccountLocked as exc:
+            self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s)
+            return
+        except InvalidCredentials as exc:
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc))
+            return
+        except (InvalidUsername, InvalidPassword, UsernameTaken) as exc:
+            code = {InvalidUsername: P.AuthCode.INVALID_USERNAME, InvalidPassword: P.AuthCode.INVALID_PASSWORD,
+                    UsernameTaken: P.AuthCode.USERNAME_TAKEN}[type(exc)]
+            self._auth_failed(session, code, str(exc))
+            return
+        self._logged_in(session, username, created=register)
+
+    def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0) -> None:
+        log.info("login failed from %s: %s", session.source, code.name)
+        if session.auth_attempts >= self.config.max_auth_tries:
+            session.send(P.AuthFailed(code=P.AuthCode.TOO_MANY_ATTEMPTS, retry_after_s=retry_after_s,
+                                      reason=f"{reason} Too many attempts on this connection."))
+            session.close()
+            return
+        session.send(P.AuthFailed(code=code, retry_after_s=retry_after_s, reason=reason))
+
+    def _logged_in(self, session: Session, username: str, created: bool) -> None:
+        old, waiting = self.registry.login(session, username)
+        if old is not None and old is not session:
+            # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
+            old.close("You signed in from another place; this session was closed.")
+        session.send(P.AuthOk(username=username, created=created))
+        self.announce(f"[SERVER]: {username} connected from {session.source}."
+                      f" ({len(self.registry.online)} online)")
+        for watcher in waiting:
+            peer_session = self.registry.session_of(watcher)
+            if peer_session is not None:
+                peer_session.send(P.PeerStatus(peer=username, online=True, known=True))
+
+    def disconnected(self, session: Session) -> None:
+        was_online, peers = self.registry.remove(session)
+        if not was_online or session.username is None:
+            return
+        self.announce(f"[SERVER]: {session.username} disconnected. ({len(self.registry.online)} online)")
+        for peer in peers:
+            peer_session = self.registry.session_of(peer)
+            if peer_session is not None:
+                peer_session.send(P.PeerStatus(peer=session.username, online=False, known=True))
+
+    # -- presence and the KDC ------------------------------------------------------
+    def _open(self, session: Session, msg: P.OpenConversation) -> None:
+        me = session.username
+        assert me is not None
+        try:
+            peer = normalize_username(msg.peer)
+        except AuthError:
+            session.send(P.PeerStatus(peer=msg.peer, online=False, known=False))
+            return
+        if peer == me:
+            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST,
+                                 reason="You cannot open a conversation with yourself."))
+            return
+        peer_session = self.registry.session_of(peer)
+        if peer_session is None:
+            known = self.storage.get_password_hash(peer) is not None
+            if known:
+                self.registry.watch(me, peer)
+            session.send(P.PeerStatus(peer=peer, online=False, known=known))
+            return
+        session.send(P.PeerStatus(peer=peer, online=True, known=True))
+        cid = self.storage.open_conversation(me, peer)
+        self._distribute_key(cid, (me, peer) if me < peer else (peer, me))
+
+    def _distribute_key(self, cid: int, members: tuple[str, str]) -> None:
+        """KDC: a fresh key for the conversation, sent to both members, then forgotten."""
+        with self._kdc_lock:
+            generation = self.storage.record_key_generation(cid)
+            key = self.suite.generate_key()
+            with self.registry.lock:
+                self.registry.conversations[cid] = LiveConversation(cid, members, generation, time.monotonic())
+            for user in members:
+                other = members[1] if user == members[0] else members[0]
+                s = self.registry.session_of(user)
+                if s is not None:
+                    s.send(P.ConversationKey(conversation_id=cid, peer=other, suite=self.suite.suite_id,
+                                             generation=generation, key=key))
+            del key  # never stored (design 000)
+
+    # -- relay -------------------------------------------------------------------------
+    def _relay(self, session: Session, msg: P.Relay) -> None:
+        me = session.username
+        with self.registry.lock:
+            conv = self.registry.conversations.get(msg.conversation_id)
+            if conv is not None and me in conv.members:
+                conv.messages += 1
+                conv.bytes_relayed += len(msg.payload)
+                due = (conv.messages >= self.config.rekey_after_messages
+                       or conv.bytes_relayed >= self.suite.max_bytes_per_key // 2
+                       or time.monotonic() - conv.keyed_at >= self.config.rekey_after_s)
+                peer = conv.members[0] if conv.members[1] == me else conv.members[1]
+                peer_session = self.registry.online.get(peer)
+            else:
+                conv = None
+        if conv is None:
+            session.send(P.Error(code=P.ErrorCode.NOT_A_MEMBER,
+                                 reason="No such conversation; open it again."))
+            return
+        if peer_session is None or not peer_session.send(
+                P.Deliver(conversation_id=msg.conversation_id, sender=me, payload=msg.payload)):
+            session.send(P.Error(code=P.ErrorCode.PEER_OFFLINE, reason=f"{peer} is offline; message not delivered."))
+            return
+        if due:
+            self._distribute_key(conv.id, conv.members)
+
+    def _who(self, session: Session, msg: P.WhoRequest) -> None:
+        users = self.registry.online_users()
+        session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
+
+    _HANDLERS = {P.Login: _auth, P.Register: _auth, P.OpenConversation: _open,
+                 P.Relay: _relay, P.WhoRequest: _who}
+
+
+# =============================================================================
+# The socket server
+# =============================================================================
+class Server:
+    """Binds, accepts, and runs one reader thread per connection.
+
+    The constructor loads keys and opens the database but does not listen;
+    ``start()`` binds (port 0 picks a free port), ``serve_forever()`` accepts,
+    ``shutdown()`` stops everything and closes the database.
+    """
+
+    def __init__(self, config: ServerConfig, announce: Callable[[str], None] = lambda line: None,
+                 storage: Storage | None = None) -> None:
+        self.config = config
+        self.announce = announce
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.identity = cu.load_or_create_identity(data_dir / IDENTITY_FILE)
+        self.fingerprint = cu.fingerprint(self.identity.public_key())
+        self.storage = storage or open_storage(config.database_url)
+        self.service = ChatService(self.storage, config, announce)
+        self._listener: socket.socket | None = None
+        self._flusher: Flusher | None = None
+        self._stopping = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._threads_lock = threading.Lock()
+
+    def start(self) -> tuple[str, int]:
+        listener = socket.create_server((self.config.host, self.config.port), backlog=1024, reuse_port=False)
+        self._listener = listener
+        self._flusher = Flusher()
+        return self.server_address
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        assert self._listener is not None, "call start() first"
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def serve_forever(self) -> None:
+        assert self._listener is not None, "call start() first"
+        self._listener.settimeout(0.5)
+        while not self._stopping.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    break
+                log.exception("accept failed")
+                continue
+            t = threading.Thread(target=self._serve_connection, args=(sock, addr[0]),
+                                 name=f"conn-{addr[0]}:{addr[1]}", daemon=True)
+            with self._threads_lock:
+                self._threads.add(t)
+            t.start()
+
+    def _serve_connection(self, sock: socket.socket, source: str) -> None:
+        assert self._flusher is not None
+        proto = P.ServerProtocol(self.identity, suite=self.config.cipher,
+                                 allowed_groups=self.config.allowed_groups, tdes_backend=self.config.tdes_backend)
+        session = Session(proto, Outbox(sock, self._flusher, self.config.outbox_limit_bytes), source)
+        refusal = self.service.registry.add_connection(
+            session, self.config.max_connections, self.config.max_unauthenticated,
+            self.config.max_unauthenticated_per_source)
+        try:
+            if refusal is not None:
+                log.warning("refused a connection from %s: %s", source, refusal)
+                sock.sendall(P.encode_frame(P.HandshakeError(code=P.HandshakeErrorCode.BUSY).encode()))
+                return
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self._read_loop(sock, session)
+        except TimeoutError:
+            log.info("closed %s: no login within %.0f s", source, self.config.login_grace_s)
+        except ProtocolError as exc:
+            log.info("closed %s: %s", source, exc)
+            try:  # a sealed Goodbye with the reason, or the plaintext HandshakeError
+                with session.lock:
+                    farewell = session.proto.farewell(str(exc)) or session.proto.data_to_send()
+                session.write_raw(farewell)
+            except ConnectionClosed:
+                pass
+        except (ConnectionClosed, OSError) as exc:
+            log.debug("connection from %s ended: %s", source, exc)
+        except Exception:  # noqa: BLE001 - one broken connection must never take the server down
+            log.exception("unexpected error on a connection from %s", source)
+        finally:
+            session.closed.set()
+            if session.outbox is not None:
+                session.outbox.close()
+            self.service.disconnected(session)
+            try:
+                sock.close()
+            except OSError:
+                pass
+            with self._threads_lock:
+                self._threads.discard(threading.current_thread())
+
+    def _read_loop(self, sock: socket.socket, session: Session) -> None:
+        deadline = time.monotonic() + self.config.login_grace_s
+        while not session.closed.is_set():
+            if session.username is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError()
+                sock.settimeout(remaining)
+            else:
+                sock.settimeout(None)
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                return
+            events, handshake_bytes = session.receive(data)
+            session.write_raw(handshake_bytes)
+            for event in events:
+                if isinstance(event, P.Message):
+                    self.service.handle(session, event)
+
+    def shutdown(self, reason: str = "The server is shutting down.") -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+        for session in self.service.registry.all_sessions():
+            session.close(reason)
+        with self._threads_lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(timeout=5)
+        if self._flusher is not None:
+            self._flusher.stop()
+        self.storage.close()
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="secureim server: login, key distribution and relay.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 = any free)")
+    p.add_argument("--db", dest="db_url", default=None,
+                   help="sqlite:///PATH or mysql://USER[:PASS]@HOST[:PORT]/DB (default: SQLite in the data dir)")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SECUREIM_DATA_DIR", DEFAULT_DATA_DIR)),
+                   help=f"where the identity key and SQLite database live (default ./{DEFAULT_DATA_DIR})")
+    p.add_argument("--cipher", choices=cu.SUITE_NAMES, default=cu.DEFAULT_SUITE,
+                   help="cipher suite for sessions and conversations (default 3des)")
+    p.add_argument("--bcrypt-cost", type=int, default=DEFAULT_BCRYPT_COST,
+                   help=f"bcrypt cost for new passwords (default {DEFAULT_BCRYPT_COST}; 4-31)")
+    p.add_argument("--rekey-messages", type=int, default=1000, help="new conversation key after N messages")
+    p.add_argument("--rekey-minutes", type=float, default=60.0, help="new conversation key after N minutes")
+    p.add_argument("--login-grace", type=float, default=30.0, help="seconds from connect to logged in")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if not 4 <= args.bcrypt_cost <= 31:
+        raise ConfigError("--bcrypt-cost must be between 4 and 31.")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("--port must be between 0 and 65535.")
+    if args.rekey_messages < 1 or args.rekey_minutes <= 0 or args.login_grace <= 0:
+        raise ConfigError("--rekey-messages, --rekey-minutes and --login-grace must be positive.")
+    return ServerConfig(host=args.host, port=args.port, db_url=args.db_url, data_dir=args.data_dir,
+                        cipher=args.cipher, bcrypt_cost=args.bcrypt_cost, rekey_after_messages=args.rekey_messages,
+                        rekey_after_s=args.rekey_minutes * 60, login_grace_s=args.login_grace)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    say("[SERVER]: Initializing...")
+    try:
+        config = config_from_args(args)
+        server = Server(config, announce=say)
+        host, port = server.start()
+    except (SecureIMError, OSError) as exc:
+        print(f"[SERVER]: Cannot start: {exc}", file=sys.stderr, flush=True)
+        return 1
+    say("[SERVER]: Initialization complete.")
+    say(f"[SERVER]: Listening on {host}:{port} ({config.cipher}, database: {server.storage.backend}).")
+    say(f"[SERVER]: Server identity fingerprint: {server.fingerprint}")
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    say("[SERVER]: Ready to accept connections.")
+    try:
+        server.serve_forever()
+    except _Stop:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        say("[SERVER]: Shutting down...")
+        server.shutdown()
+        say("[SERVER]: Stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""A real server on a loopback port (0 = any free one), in-process, for integration tests."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import clientlib
+from server import Server, ServerConfig
+
+TEST_BCRYPT_COST = 4
+PASSWORD = "correct horse battery"
+
+
+@contextmanager
+def running_server(data_dir: Path, **overrides):
+    config = ServerConfig(host="127.0.0.1", port=0, data_dir=data_dir, bcrypt_cost=TEST_BCRYPT_COST, **overrides)
+    server = Server(config)
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def make_client(server, home: Path, **kw) -> clientlib.ChatClient:
+    host, port = server.server_address
+    client = clientlib.ChatClient(host, port, home=home, **kw)
+    client.connect()
+    return client
+
+
+def logged_in_client(server, home: Path, username: str, *, register: bool = True,
+                     password: str = PASSWORD, **kw) -> clientlib.ChatClient:
+    client = make_client(server, home, **kw)
+    (client.register if register else client.login)(username, password)
+    client.start()
+    return client
+
+
+def wait_for(client: clientlib.ChatClient, kind, timeout: float = 10.0, **fields):
+    """Take events until one of type ``kind`` with ``fields`` arrives; fail on timeout."""
+    seen = []
+    while True:
+        event = client.next_event(timeout=timeout)
+        if event is None:
+            raise AssertionError(f"no {kind.__name__} {fields} within {timeout}s; saw {seen}")
+        if isinstance(event, kind) and all(getattr(event, k) == v for k, v in fields.items()):
+            return event
+        seen.append(event)

@@ -1,0 +1,392 @@
+"""The real server on loopback with real clients: login, KDC, relay, presence, bad input."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from db_fixtures import mysql_database, mysql_url  # noqa: F401 - fixture
+from server_fixtures import PASSWORD, logged_in_client, make_client, running_server, wait_for
+
+import clientlib as C
+import protocol as P
+from errors import AccountLocked, ConnectionClosed, InvalidCredentials, InvalidPassword, InvalidUsername, UsernameTaken
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return None  # the default: SQLite in the data dir
+    return mysql_url(request.getfixturevalue("mysql_database"))
+
+
+@pytest.fixture(params=["3des", "aes256"])
+def cipher(request):
+    return request.param
+
+
+def _chat_pair(server, tmp_path):
+    alice = logged_in_client(server, tmp_path / "alice", "alice")
+    bob = logged_in_client(server, tmp_path / "bob", "bob")
+    alice.open_conversation("bob")
+    wait_for(alice, C.PeerOnline, peer="bob")
+    wait_for(alice, C.ConversationReady, peer="bob")
+    ready = wait_for(bob, C.ConversationReady, peer="alice")
+    assert ready.opened_by_peer
+    return alice, bob
+
+
+def test_register_login_chat_both_ways(tmp_path, db_url, cipher):
+    with running_server(tmp_path / "srv", db_url=db_url, cipher=cipher) as server:
+        alice, bob = _chat_pair(server, tmp_path)
+        alice.send_message("bob", "hello bob")
+        assert wait_for(bob, C.MessageReceived).text == "hello bob"
+        bob.send_message("alice", "hi alice ✓")
+        got = wait_for(alice, C.MessageReceived)
+        assert (got.peer, got.text) == ("bob", "hi alice ✓")
+        for i in range(20):
+            alice.send_message("bob", f"m{i}")
+        assert [wait_for(bob, C.MessageReceived).text for _ in range(20)] == [f"m{i}" for i in range(20)]
+        # The database holds users, hashes and the conversation, never a key or a message.
+        storage = server.storage
+        assert storage.count_users() == 2
+        stored_hash = storage.get_password_hash("alice")
+        assert stored_hash.startswith("$2b$04$") and PASSWORD not in stored_hash
+        cid = alice.conversations["bob"].id
+        conv = storage.get_conversation(cid)
+        assert conv.members == ("alice", "bob") and conv.key_generation == 1
+        alice.close()
+        bob.close()
+
+
+def test_database_holds_no_key_or_message(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = _chat_pair(server, tmp_path)
+        alice.send_message("bob", "TOP-SECRET-PLAINTEXT")
+        wait_for(bob, C.MessageReceived)
+        key_fragments = [k for conv in alice.conversations.values() for k in conv._keys]
+        assert key_fragments
+        alice.close()
+        bob.close()
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "srv").glob("secureim.db*"))
+    assert b"TOP-SECRET-PLAINTEXT" not in raw and PASSWORD.encode() not in raw
+
+
+def test_wrong_password_and_unknown_user_get_the_same_answer(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        logged_in_client(server, tmp_path / "a", "alice").close()
+        answers = []
+        for user, pw in (("alice", "wrong password"), ("nobody", "wrong password")):
+            c = make_client(server, tmp_path / "x")
+            t0 = time.perf_counter()
+            with pytest.raises(InvalidCredentials) as info:
+                c.login(user, pw)
+            answers.append((str(info.value), time.perf_counter() - t0))
+            c.close()
+        assert answers[0][0] == answers[1][0]
+        # Both paths run one bcrypt check: neither is an order of magnitude faster.
+        fast, slow = sorted(a[1] for a in answers)
+        assert slow < 10 * fast + 0.05
+
+
+def test_lockout_after_five_failures_for_that_source_only(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        logged_in_client(server, tmp_path / "a", "alice").close()
+        c = make_client(server, tmp_path / "x")
+        for _ in range(4):
+            with pytest.raises(InvalidCredentials):
+                c.login("alice", "wrong password")
+        with pytest.raises(AccountLocked) as info:
+            c.login("alice", "wrong password")
+        assert 55 <= info.value.retry_after_s <= 60
+        assert "locked" in str(info.value) and f"{info.value.retry_after_s} seconds" in str(info.value)
+        c.close()
+        # Even the right password is refused while locked, from this source...
+        c = make_client(server, tmp_path / "x")
+        with pytest.raises(AccountLocked):
+            c.login("alice", PASSWORD)
+        c.close()
+        # ...but another source is not locked out (the victim can still log in).
+        other = server.service.auth.login("alice", PASSWORD.encode(), "192.0.2.7")
+        assert other == "alice"
+
+
+def test_too_many_attempts_close_the_connection(tmp_path):
+    with running_server(tmp_path / "srv", max_failures=100) as server:
+        c = make_client(server, tmp_path / "x")
+        for _ in range(5):
+            with pytest.raises(InvalidCredentials):
+                c.login("ghost", "wrong password")
+        with pytest.raises(ConnectionClosed, match="Too many attempts"):
+            c.login("ghost", "wrong password")
+        c.close()
+
+
+def test_registration_rules(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        logged_in_client(server, tmp_path / "a", "alice").close()
+        c = make_client(server, tmp_path / "x")
+        with pytest.raises(UsernameTaken):
+            c.register("ALICE", PASSWORD)  # names are case-insensitive
+        with pytest.raises(InvalidUsername, match="1 to 32"):
+            c.register("bad name", PASSWORD)
+        with pytest.raises(InvalidPassword, match="at least 8"):
+            c.register("carol", "short")
+        c.close()
+
+
+def test_restart_persistence(tmp_path, db_url):
+    with running_server(tmp_path / "srv", db_url=db_url) as server:
+        fp = server.fingerprint
+        logged_in_client(server, tmp_path / "a", "alice").close()
+    with running_server(tmp_path / "srv", db_url=db_url) as server:
+        assert server.fingerprint == fp  # identity key reused
+        c = logged_in_client(server, tmp_path / "a2", "alice", register=False)
+        assert c.username == "alice"
+        c.close()
+
+
+def test_offline_then_online_is_told_automatically(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        logged_in_client(server, tmp_path / "b", "bob").close()
+        alice.open_conversation("bob")
+        wait_for(alice, C.PeerOffline, peer="bob")
+        bob = logged_in_client(server, tmp_path / "b", "bob", register=False)
+        wait_for(alice, C.PeerOnline, peer="bob")
+        wait_for(alice, C.ConversationReady, peer="bob")
+        wait_for(bob, C.ConversationReady, peer="alice")
+        alice.send_message("bob", "you're back")
+        assert wait_for(bob, C.MessageReceived).text == "you're back"
+        alice.close()
+        bob.close()
+
+
+def test_unknown_destination_and_self(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        alice.open_conversation("nobody")
+        wait_for(alice, C.PeerUnknown, peer="nobody")
+        alice.open_conversation("alice")
+        assert "yourself" in wait_for(alice, C.ServerNotice).text
+        alice.close()
+
+
+def test_who_lists_online_users(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        bob = logged_in_client(server, tmp_path / "b", "bob")
+        alice.who()
+        assert wait_for(alice, C.WhoList).users == ("alice", "bob")
+        bob.close()
+        alice.close()
+
+
+def test_peer_leaving_is_reported(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = _chat_pair(server, tmp_path)
+        bob.close()
+        wait_for(alice, C.PeerOffline, peer="bob")
+        with pytest.raises(ConnectionClosed):
+            alice.send_message("bob", "anyone?")
+        alice.close()
+
+
+def test_second_login_replaces_the_first(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = _chat_pair(server, tmp_path)
+        bob2 = logged_in_client(server, tmp_path / "b2", "bob", register=False)
+        gone = wait_for(bob, C.Disconnected)
+        assert "another place" in gone.reason
+        # alice is told bob is (still) online and the conversation is re-keyed with the new session
+        wait_for(bob2, C.ConversationReady, peer="alice")
+        wait_for(alice, C.ConversationReady, peer="bob")
+        alice.send_message("bob", "which bob?")
+        assert wait_for(bob2, C.MessageReceived).text == "which bob?"
+        for c in (alice, bob, bob2):
+            c.close()
+
+
+def test_rekey_after_n_messages_is_invisible(tmp_path):
+    with running_server(tmp_path / "srv", rekey_after_messages=5) as server:
+        alice, bob = _chat_pair(server, tmp_path)
+        for i in range(23):
+            (alice if i % 2 else bob).send_message("bob" if i % 2 else "alice", f"n{i}")
+        texts = []
+        while len(texts) < 23:
+            for c in (alice, bob):
+                e = c.next_event(timeout=0.2)
+                if isinstance(e, C.MessageReceived):
+                    texts.append(e.text)
+                assert not isinstance(e, C.MessageRejected), e
+        assert sorted(texts) == sorted(f"n{i}" for i in range(23))
+        assert alice.conversations["bob"].generation >= 4
+        bob.send_message("alice", "last")  # alice sees bob use the newest generation...
+        assert wait_for(alice, C.MessageReceived).text == "last"
+        assert list(alice.conversations["bob"]._keys) == [alice.conversations["bob"].generation]  # ...old keys gone
+        assert server.storage.get_conversation(alice.conversations["bob"].id).key_generation >= 4
+        alice.close()
+        bob.close()
+
+
+def test_relay_never_sees_plaintext(tmp_path, caplog):
+    """The relay path gets only the inner ciphertext; the plaintext is nowhere in the server."""
+    seen_payloads = []
+    with running_server(tmp_path / "srv") as server:
+        original = server.service._relay
+
+        def spy(service, session, msg):
+            seen_payloads.append(msg.payload)
+            return original(session, msg)
+
+        server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: spy}
+        caplog.set_level("DEBUG")
+        alice, bob = _chat_pair(server, tmp_path)
+        secret = "the eagle lands at midnight"
+        alice.send_message("bob", secret)
+        assert wait_for(bob, C.MessageReceived).text == secret
+        alice.close()
+        bob.close()
+        registry_dump = repr(server.service.registry.__dict__)
+    assert seen_payloads and all(secret.encode() not in p for p in seen_payloads)
+    assert secret not in caplog.text and secret not in registry_dump
+
+
+# --- bad input: never crashes the server, never delays others ------------------------
+def _raw(server) -> socket.socket:
+    s = socket.create_connection(server.server_address, timeout=10)
+    return s
+
+
+def _assert_server_still_serves(server, tmp_path, name):
+    c = logged_in_client(server, tmp_path / name, name)
+    c.who()
+    assert name in wait_for(c, C.WhoList).users
+    c.close()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff\xff\xff\xff",                       # oversized frame header
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",      # wrong protocol
+    P.encode_frame(b"\x01garbage"),            # malformed ClientHello
+    P.encode_frame(P.Login(username="a", password=b"b").encode()),  # login before handshake
+    b"\x00\x00\x00\x05ab",                     # truncated frame, then hang up
+])
+def test_garbage_never_crashes_the_server(tmp_path, garbage):
+    with running_server(tmp_path / "srv") as server:
+        s = _raw(server)
+        s.sendall(garbage)
+        s.shutdown(socket.SHUT_WR)
+        data = s.recv(100)  # the server closes (after a HandshakeError at most)
+        assert data == b"" or P.decode_message(data[4:]).__class__ is P.HandshakeError
+        s.close()
+        _assert_server_still_serves(server, tmp_path, "alice")
+
+
+def test_silent_client_is_closed_at_the_login_deadline(tmp_path):
+    with running_server(tmp_path / "srv", login_grace_s=1.0) as server:
+        s = _raw(server)
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # closed by the server, not by us
+        assert 0.9 <= time.monotonic() - t0 < 8
+        s.close()
+
+
+def test_handshaken_but_never_logged_in_is_closed_at_the_deadline(tmp_path):
+    with running_server(tmp_path / "srv", login_grace_s=1.0) as server:
+        c = make_client(server, tmp_path / "x")
+        with pytest.raises(ConnectionClosed):
+            c._recv_events()
+        c.close()
+
+
+def test_silent_and_broken_clients_do_not_delay_others(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        hangers = [_raw(server) for _ in range(10)]  # connected, saying nothing
+        half = _raw(server)
+        half.sendall(P.ClientProtocol().initiate()[:10])  # half a hello
+        t0 = time.monotonic()
+        _assert_server_still_serves(server, tmp_path, "alice")
+        assert time.monotonic() - t0 < 5
+        for s in hangers + [half]:
+            s.close()
+
+
+def test_disconnect_mid_handshake_and_mid_chat(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        s = _raw(server)
+        s.sendall(P.ClientProtocol().initiate())
+        s.recv(10)
+        s.close()  # gone before ClientFinished
+        alice, bob = _chat_pair(server, tmp_path)
+        bob.sock.shutdown(socket.SHUT_RDWR)  # vanishes without Goodbye
+        wait_for(alice, C.PeerOffline, peer="bob")
+        _assert_server_still_serves(server, tmp_path, "carol")
+        alice.close()
+
+
+def test_client_that_stops_reading_is_dropped_not_waited_for(tmp_path):
+    with running_server(tmp_path / "srv", outbox_limit_bytes=64 * 1024) as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        bob = make_client(server, tmp_path / "b")  # logs in, then never reads again
+        bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        bob.register("bob", PASSWORD)
+        carol = logged_in_client(server, tmp_path / "c", "carol")
+        alice.open_conversation("bob")
+        wait_for(alice, C.ConversationReady, peer="bob")
+        big = "x" * 8000
+        t0 = time.monotonic()
+        dropped = None
+        for _ in range(3000):  # bounded: 24 MB at most
+            try:
+                alice.send_message("bob", big)
+            except ConnectionClosed:
+                pass
+            event = alice.next_event(timeout=0)
+            if isinstance(event, C.PeerOffline):
+                dropped = event
+                break
+        assert dropped is not None and dropped.peer == "bob"
+        # alice was never blocked by bob, and carol is served meanwhile.
+        assert time.monotonic() - t0 < 60
+        carol.who()
+        assert wait_for(carol, C.WhoList).users == ("alice", "carol")
+        for c in (alice, carol):
+            c.close()
+        bob.sock.close()
+
+
+def test_database_down_gives_try_again_later(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        logged_in_client(server, tmp_path / "a", "alice").close()
+        server.storage.close()  # the database goes away under the running server
+        c = make_client(server, tmp_path / "x")
+        from errors import ServiceUnavailable
+        with pytest.raises(ServiceUnavailable, match="try again later"):
+            c.login("alice", PASSWORD)
+        c.close()
+        # the server itself keeps running and accepting connections
+        c2 = make_client(server, tmp_path / "y")
+        c2.close()
+
+
+def test_many_clients_in_parallel(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        errors = []
+
+        def one(i):
+            try:
+                c = logged_in_client(server, tmp_path / f"u{i}", f"user{i}")
+                c.close()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors
+        assert server.storage.count_users() == 20
