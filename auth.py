@@ -90,7 +90,7 @@ class AuthService:
         with self._bcrypt_slots:
             return check_password(password, stored_hash)
 
-    def register(self, raw_username: str, password: bytes) -> str:
+    def register(self, raw_username: str, password: bytes, source: str = "") -> str:
         username = normalize_username(raw_username)
         if len(password) < MIN_PASSWORD_BYTES:
             raise InvalidPassword(f"Passwords must be at least {MIN_PASSWORD_BYTES} characters.")
@@ -100,6 +100,8 @@ class AuthService:
             stored = hash_password(password, self.bcrypt_cost)
         if not self.storage.create_user(username, stored):
             raise UsernameTaken(f"The username {username!r} is already taken.")
+        # Failed logins for this name from this source came before the account existed.
+        self.storage.clear_login_failures(username, source)
         log.info("registered a new user")
         return username
 

@@ -39,6 +39,7 @@ from errors import (
 )
 
 PROTOCOL_VERSION = 1
+DEFAULT_PORT = 5151
 FRAME_HEADER = struct.Struct(">I")
 # Largest frame body accepted, checked from the 4-byte header before buffering.
 MAX_FRAME_BYTES = 64 * 1024

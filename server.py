@@ -52,7 +52,7 @@ from errors import (
 
 log = logging.getLogger("secureim.server")
 
-DEFAULT_PORT = 5151
+DEFAULT_PORT = P.DEFAULT_PORT
 DEFAULT_DATA_DIR = "secureim-data"
 IDENTITY_FILE = "server_identity.key"
 RECV_BYTES = 64 * 1024
@@ -386,7 +386,7 @@ class ChatService:
         register = isinstance(msg, P.Register)
         try:
             if register:
-                username = self.auth.register(msg.username, msg.password)
+                username = self.auth.register(msg.username, msg.password, session.source)
             else:
                 username = self.auth.login(msg.username, msg.password, session.source)
         except AccountLocked as exc:
