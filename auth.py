@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import re
 import threading
 import time
 from typing import Callable
@@ -29,12 +28,10 @@ import bcrypt
 from crypto_utils import hmac_sha256
 from database import Storage
 from errors import AccountLocked, InvalidCredentials, InvalidPassword, InvalidUsername, UsernameTaken
+from protocol import normalize_username
 
 log = logging.getLogger("secureim.auth")
 
-USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
-USERNAME_RULES = ("Usernames are 1 to 32 characters: letters a-z, digits, '_', '.' or '-', "
-                  "starting with a letter or digit (case does not matter).")
 MIN_PASSWORD_BYTES = 8
 MAX_PASSWORD_BYTES = 1024
 DEFAULT_BCRYPT_COST = 12
@@ -43,16 +40,6 @@ LOCK_S = 60
 PREHASH_KEY = b"secureim/v1 bcrypt prehash"
 # bcrypt releases the GIL; bound how many run at once so logins cannot starve the relay.
 MAX_CONCURRENT_BCRYPT = 2
-
-
-def normalize_username(raw: str) -> str:
-    """Lower-case and check a username; raises :class:`InvalidUsername` with the rules."""
-    if not isinstance(raw, str):
-        raise InvalidUsername(USERNAME_RULES)
-    name = raw.lower() if raw.isascii() else raw
-    if not USERNAME_RE.fullmatch(name):
-        raise InvalidUsername(USERNAME_RULES)
-    return name
 
 
 def _prehash(password: bytes) -> bytes:
@@ -90,7 +77,8 @@ class AuthService:
         with self._bcrypt_slots:
             return check_password(password, stored_hash)
 
-    def register(self, raw_username: str, password: bytes, source: str = "") -> str:
+    def register(self, raw_username: str, password: bytes, source: str = "",
+                 identity_key: bytes | None = None) -> str:
         username = normalize_username(raw_username)
         if len(password) < MIN_PASSWORD_BYTES:
             raise InvalidPassword(f"Passwords must be at least {MIN_PASSWORD_BYTES} characters.")
@@ -98,7 +86,7 @@ class AuthService:
             raise InvalidPassword(f"Passwords must be at most {MAX_PASSWORD_BYTES} bytes.")
         with self._bcrypt_slots:
             stored = hash_password(password, self.bcrypt_cost)
-        if not self.storage.create_user(username, stored):
+        if not self.storage.create_user(username, stored, identity_key):
             raise UsernameTaken(f"The username {username!r} is already taken.")
         # Failed logins for this name from this source came before the account existed.
         self.storage.clear_login_failures(username, source)

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import clientlib as C
+import protocol as P
 from diffiehellman import DEFAULT_GROUP, GROUPS
 from errors import (
     AccountLocked,
@@ -42,7 +43,10 @@ MAX_LOGIN_ROUNDS = 6
 HELP = """[CLIENT]: Commands:
   /to USER        talk to USER (several conversations can be open at once)
   /who            list who is online
-  /fingerprint    show the server's identity fingerprint
+  /fingerprint    show the server's and your own identity fingerprints
+  /verify USER    show the safety number to compare with USER (in person or by phone)
+  /verified USER  mark USER as verified, after the safety numbers matched
+  /accept USER    accept USER's changed identity key (after checking /verify USER)
   /help           this help
   /quit           leave (Ctrl-D and Ctrl-C leave too)
 Anything else is sent to the current destination."""
@@ -124,9 +128,13 @@ class ChatUI:
         if isinstance(event, C.PeerUnknown):
             return f"[CLIENT]: Destination user {peer} does not exist; type /to USER to choose another."
         if isinstance(event, C.ConversationReady):
+            trust = "verified" if event.verified else f"not verified yet: /verify {peer}"
             if event.opened_by_peer and not is_dest:
-                return f"[CLIENT]: {peer} opened a conversation with you; type /to {peer} to reply."
-            return f"[CLIENT]: Conversation with {peer} is ready (encrypted end to end)."
+                return f"[CLIENT]: {peer} opened a conversation with you ({trust}); type /to {peer} to reply."
+            return f"[CLIENT]: Conversation with {peer} is ready (encrypted end to end; {trust})."
+        if isinstance(event, C.SecurityWarning):
+            return (f"[CLIENT]: @@@ SECURITY WARNING about {peer} @@@\n"
+                    f"[CLIENT]: {C.sanitize(event.text)}")
         if isinstance(event, C.MessageRejected):
             return f"[CLIENT]: {C.sanitize(event.reason)}"
         if isinstance(event, C.WhoList):
@@ -163,8 +171,36 @@ class ChatUI:
                 self.term.say(f"[CLIENT]: Connection to the server lost: {exc}")
                 return EXIT_ERROR
 
+    def _identity_command(self, cmd: str, peer: str) -> None:
+        if not peer:
+            self.term.say(f"[CLIENT]: Usage: {cmd} USER")
+            return
+        shown = C.sanitize(peer, 64)
+        if cmd == "/verify":
+            number = self.client.safety_number(peer)
+            if number is None:
+                self.term.say(f"[CLIENT]: You have no key for {shown} yet; open a conversation first.")
+                return
+            state = "verified" if self.client.is_verified(peer) else "not verified"
+            self.term.say(f"[CLIENT]: Safety number with {shown} ({state}):")
+            self.term.say(f"[CLIENT]:     {number}")
+            self.term.say(f"[CLIENT]: Compare it with {shown} in person or by phone; if it matches, type "
+                          f"/verified {shown}.")
+        elif cmd == "/verified":
+            ok = self.client.mark_verified(peer)
+            self.term.say(f"[CLIENT]: {shown} is now marked as verified." if ok
+                          else f"[CLIENT]: You have no key for {shown} to verify.")
+        else:
+            ok = self.client.accept_identity(peer)
+            self.term.say(f"[CLIENT]: Accepted {shown}'s new identity key; reopening the conversation." if ok
+                          else f"[CLIENT]: {shown}'s identity key has not changed; nothing to accept.")
+
     def _switch_to(self, name: str) -> None:
-        name = name.strip().lower()
+        try:
+            name = P.normalize_username(name)
+        except InvalidUsername as exc:
+            self.term.say(f"[CLIENT]: {exc}")
+            return
         if name == self.client.username:
             self.term.say("[CLIENT]: That is you; choose someone else.")
             return
@@ -202,6 +238,9 @@ class ChatUI:
                 self.term.say("[CLIENT]: Usage: /to USER")
         elif cmd == "/fingerprint":
             self.term.say(f"[CLIENT]: Server {self.client.server_id}: {self.client.server_fingerprint}")
+            self.term.say(f"[CLIENT]: Your identity ({self.client.username}): {self.client.identity_fingerprint}")
+        elif cmd in ("/verify", "/verified", "/accept"):
+            self._identity_command(cmd, arg.strip().lower())
         else:
             self.term.say(f"[CLIENT]: Unknown command {C.sanitize(cmd, 32)}; type /help.")
         return None

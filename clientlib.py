@@ -4,9 +4,9 @@ No terminal code here: ``client.py`` (the terminal UI), the tests and the
 benchmarks all drive :class:`ChatClient`.  Two layers of encryption:
 
 - the *session* layer (``protocol.ClientProtocol``) to the server;
-- the *conversation* layer (:class:`Conversation`) end to end with the peer,
-  keyed by the KDC key the server hands out.  The server relays its output as
-  opaque bytes.
+- the *conversation* layer (``e2e.E2ESession``) end to end with the peer: keyed
+  by the KDC key *and* an identity-signed DH between the two clients, then a
+  fresh key per message.  The server relays its output as opaque bytes.
 
 Incoming things arrive as typed events on a queue (``next_event()``).
 """
@@ -17,14 +17,16 @@ import logging
 import os
 import queue
 import socket
-import struct
 import threading
 import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 import crypto_utils as cu
+import e2e
 import protocol as P
 from errors import (
     AccountLocked,
@@ -47,8 +49,6 @@ log = logging.getLogger("secureim.client")
 CONNECT_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 30.0
 KNOWN_SERVERS_FILE = "known_servers"
-INNER_VERSION = 1
-MAX_TEXT_BYTES = 16 * 1024
 EVENT_QUEUE_MAX = 10000
 
 
@@ -119,95 +119,6 @@ def parse_fingerprint(text: str) -> str:
 
 
 # =============================================================================
-# The conversation layer (end to end between two clients)
-# =============================================================================
-_INNER_HEADER = struct.Struct(">BIQ")  # version, generation, counter
-_TEXT_HEADER = struct.Struct(">BQ")    # kind, sent_at (ms since the epoch)
-KIND_TEXT = 1
-
-
-class Conversation:
-    """One peer's conversation: keys per generation, counters, seal and open.
-
-    Each KDC key yields one key per direction (HKDF, labelled with both names),
-    so the two senders never share a key.  Messages from the peer arrive in
-    order (TCP through the server), so once one arrives under generation g the
-    peer will never use an older one: every generation below g is discarded.
-    Newer generations the peer has not used yet are kept (messages may be in
-    flight across several rekeys), at most ``MAX_KEPT_GENERATIONS`` of them.
-    """
-
-    MAX_KEPT_GENERATIONS = 8
-
-    def __init__(self, me: str, peer: str, conversation_id: int, suite: cu.Suite) -> None:
-        self.me, self.peer, self.id, self.suite = me, peer, conversation_id, suite
-        self._keys: dict[int, tuple] = {}
-        self.generation = 0
-        self._send_counter = 0
-        self._recv_counter: dict[int, int] = {}
-
-    def install_key(self, generation: int, kdc_key: bytes) -> None:
-        if generation <= self.generation:
-            return  # stale or repeated delivery
-        send = self.suite.cipher(self._direction_key(kdc_key, self.me, self.peer))
-        recv = self.suite.cipher(self._direction_key(kdc_key, self.peer, self.me))
-        self._keys[generation] = (send, recv)
-        while len(self._keys) > self.MAX_KEPT_GENERATIONS:
-            del self._keys[min(self._keys)]
-        self.generation = generation
-        self._send_counter = 0
-
-    def _direction_key(self, kdc_key: bytes, sender: str, recipient: str) -> bytes:
-        material = cu.hkdf(kdc_key, salt=self.id.to_bytes(8, "big"),
-                           info=cu.label(f"conversation {sender}>{recipient}"), length=self.suite.key_bytes)
-        return self.suite.key_from_material(material)
-
-    def _aad(self, sender: str, recipient: str, generation: int, counter: int) -> bytes:
-        return (b"secureim/v1 message" + self.id.to_bytes(8, "big") + bytes([len(sender)]) + sender.encode()
-                + bytes([len(recipient)]) + recipient.encode() + _INNER_HEADER.pack(INNER_VERSION, generation, counter))
-
-    @property
-    def ready(self) -> bool:
-        return self.generation in self._keys
-
-    def seal(self, text: str) -> bytes:
-        raw = text.encode("utf-8")
-        if len(raw) > MAX_TEXT_BYTES:
-            raise ValueError(f"Messages are limited to {MAX_TEXT_BYTES} bytes.")
-        send, _recv = self._keys[self.generation]
-        self._send_counter += 1
-        header = _INNER_HEADER.pack(INNER_VERSION, self.generation, self._send_counter)
-        body = _TEXT_HEADER.pack(KIND_TEXT, int(time.time() * 1000)) + raw
-        return header + send.seal(body, self._aad(self.me, self.peer, self.generation, self._send_counter))
-
-    def open(self, payload: bytes) -> tuple[str, float]:
-        """(text, sent_at) of a payload from the peer; DecryptionFailed on anything wrong."""
-        if len(payload) < _INNER_HEADER.size:
-            raise DecryptionFailed()
-        version, generation, counter = _INNER_HEADER.unpack_from(payload)
-        keys = self._keys.get(generation)
-        if version != INNER_VERSION or keys is None:
-            raise DecryptionFailed()
-        if counter <= self._recv_counter.get(generation, 0):
-            raise DecryptionFailed("A replayed message was discarded.")
-        body = keys[1].open(payload[_INNER_HEADER.size:], self._aad(self.peer, self.me, generation, counter))
-        if len(body) < _TEXT_HEADER.size:
-            raise DecryptionFailed()
-        kind, sent_ms = _TEXT_HEADER.unpack_from(body)
-        if kind != KIND_TEXT:
-            raise DecryptionFailed()
-        try:
-            text = body[_TEXT_HEADER.size:].decode("utf-8")
-        except UnicodeDecodeError:
-            raise DecryptionFailed() from None
-        self._recv_counter[generation] = counter
-        for old in [g for g in self._keys if g < generation]:  # the peer has moved past them
-            del self._keys[old]
-            self._recv_counter.pop(old, None)
-        return text, sent_ms / 1000.0
-
-
-# =============================================================================
 # Events
 # =============================================================================
 @dataclass(frozen=True)
@@ -230,6 +141,15 @@ class ConversationReady:
     peer: str
     generation: int
     opened_by_peer: bool
+    verified: bool = False
+
+
+@dataclass(frozen=True)
+class SecurityWarning:
+    """A conversation was refused: a changed identity key or a forged key share."""
+
+    peer: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -288,7 +208,12 @@ class ChatClient:
         self.first_contact = False
         self.username: str | None = None
         self.events: queue.Queue = queue.Queue(maxsize=EVENT_QUEUE_MAX)
-        self.conversations: dict[str, Conversation] = {}
+        self.conversations: dict[str, e2e.E2ESession] = {}
+        self.identities = e2e.IdentityStore(self.home, self.server_id)
+        self.identity: Ed25519PrivateKey | None = None
+        self.peer_trust: e2e.PeerTrust | None = None
+        self._changed_identity: dict[str, bytes] = {}   # peer -> new key awaiting /accept
+        self._opened_by_peer: dict[str, bool] = {}
         self._wanted: set[str] = set()
         self._pending_open: set[str] = set()
         self._send_lock = threading.Lock()
@@ -368,10 +293,38 @@ class ChatClient:
 
     # -- accounts --------------------------------------------------------------------
     def login(self, username: str, password: str) -> P.AuthOk:
-        return self._authenticate(P.Login(username=username, password=password.encode("utf-8")))
+        """Log in; the identity key stored for this user opens with the same password.
+
+        A user with no identity on this machine (or whose file the password
+        does not open) gets a new one; their peers will see the key change.
+        """
+        name = P.normalize_username(username)
+        identity = self.identities.load(name, password)
+        created = identity is None
+        identity = identity or Ed25519PrivateKey.generate()
+        ok = self._authenticate(P.Login(username=name, password=password.encode("utf-8"),
+                                        identity_key=cu.public_bytes(identity)))
+        self._logged_in(ok, password, identity, save=created)
+        return ok
 
     def register(self, username: str, password: str) -> P.AuthOk:
-        return self._authenticate(P.Register(username=username, password=password.encode("utf-8")))
+        """Create the account with a new identity key made here; it never leaves this machine."""
+        name = P.normalize_username(username)
+        identity = Ed25519PrivateKey.generate()
+        ok = self._authenticate(P.Register(username=name, password=password.encode("utf-8"),
+                                           identity_key=cu.public_bytes(identity)))
+        self._logged_in(ok, password, identity, save=True)
+        return ok
+
+    def _logged_in(self, ok: P.AuthOk, password: str, identity: Ed25519PrivateKey, *, save: bool) -> None:
+        if save:
+            self.identities.save(ok.username, password, identity)
+        self.identity = identity
+        self.peer_trust = e2e.PeerTrust(self.home, ok.username, self.server_id)
+
+    @property
+    def identity_fingerprint(self) -> str | None:
+        return cu.fingerprint(cu.public_bytes(self.identity)) if self.identity is not None else None
 
     def _authenticate(self, msg: P.Login | P.Register) -> P.AuthOk:
         if len(msg.password) > P.MAX_PASSWORD_BYTES:
@@ -471,50 +424,112 @@ class ChatClient:
             self._send(P.OpenConversation(peer=peer))
 
     def _on_key(self, msg: P.ConversationKey) -> None:
+        """KDC key: check the peer's identity key, then send our signed DH share."""
+        peer = msg.peer
         try:
             suite = cu.suite_by_id(msg.suite)
-            if len(msg.key) != suite.key_bytes or msg.peer == self.username:
+            P.normalize_username(peer)
+            if len(msg.key) != suite.key_bytes or peer == self.username:
                 raise DecryptionFailed()
         except SecureIMError:
             self._emit(ServerNotice("The server sent an unusable conversation key; it was ignored."))
             return
+        assert self.peer_trust is not None and self.identity is not None and self.username is not None
+        try:
+            self.peer_trust.check(peer, msg.peer_identity)
+        except e2e.IdentityChanged as exc:
+            with self._state_lock:
+                self._changed_identity[peer] = msg.peer_identity
+                self.conversations.pop(peer, None)
+                self._pending_open.discard(peer)
+            self._emit(SecurityWarning(peer, str(exc)))
+            return
         with self._state_lock:
-            conv = self.conversations.get(msg.peer)
-            opened_by_peer = msg.peer not in self._wanted
-            if conv is None or conv.id != msg.conversation_id:
-                conv = Conversation(self.username or "", msg.peer, msg.conversation_id, suite)
-                self.conversations[msg.peer] = conv
-                new = True
-            else:
-                new = False
-            conv.install_key(msg.generation, msg.key)
-            self._wanted.add(msg.peer)
-            self._pending_open.discard(msg.peer)
-        if new:
-            self._emit(ConversationReady(msg.peer, msg.generation, opened_by_peer))
+            conv = self.conversations.get(peer)
+            if conv is None or conv.id != msg.conversation_id or conv.peer_identity != msg.peer_identity:
+                conv = e2e.E2ESession(self.username, self.identity, peer, msg.peer_identity,
+                                      msg.conversation_id, suite)
+                self.conversations[peer] = conv
+                self._opened_by_peer[peer] = peer not in self._wanted
+            try:
+                share = conv.new_generation(msg.generation, msg.key)
+            except DecryptionFailed:
+                return  # a stale generation
+            self._wanted.add(peer)
+            self._pending_open.discard(peer)
+        self._send(P.Relay(conversation_id=msg.conversation_id, payload=share))
 
     def _on_deliver(self, msg: P.Deliver) -> None:
+        sender = msg.sender
         with self._state_lock:
-            conv = self.conversations.get(msg.sender)
-            if conv is None or conv.id != msg.conversation_id:
+            conv = self.conversations.get(sender)
+            if conv is not None and conv.id != msg.conversation_id:
                 conv = None
-            else:
-                try:
-                    text, sent_at = conv.open(msg.payload)
-                except DecryptionFailed as exc:
-                    text, sent_at = None, str(exc)
-        if conv is None:
-            self._emit(MessageRejected(sanitize(msg.sender, 64), "A message for an unknown conversation was discarded."))
-        elif text is None:
-            self._emit(MessageRejected(msg.sender, f"A message from {msg.sender} failed its integrity check and was "
-                                                   f"discarded."))
+        if conv is None or not msg.payload:
+            self._emit(MessageRejected(sanitize(sender, 64), "A message for an unknown conversation was discarded."))
+            return
+        if msg.payload[0] == e2e.KIND_SHARE:
+            self._on_share(conv, msg.payload)
+            return
+        with self._state_lock:
+            try:
+                text, sent_at = conv.open(msg.payload)
+            except DecryptionFailed as exc:
+                text, sent_at = None, str(exc)
+        if text is None:
+            self._emit(MessageRejected(sender, sent_at))
         else:
-            self._emit(MessageReceived(msg.sender, text, sent_at))
+            self._emit(MessageReceived(sender, text, sent_at))
+
+    def _on_share(self, conv: e2e.E2ESession, payload: bytes) -> None:
+        peer = conv.peer
+        with self._state_lock:
+            was_ready = conv.ready
+            try:
+                generation = conv.receive_share(payload)
+                warning = None
+            except e2e.ShareRejected as exc:
+                warning = str(exc)
+                if self.conversations.get(peer) is conv:
+                    del self.conversations[peer]
+        if warning is not None:
+            self._emit(SecurityWarning(peer, warning))
+        elif not was_ready:
+            assert self.peer_trust is not None
+            self._emit(ConversationReady(peer, generation, self._opened_by_peer.get(peer, False),
+                                         self.peer_trust.is_verified(peer)))
+
+    # -- identities of peers --------------------------------------------------------
+    def safety_number(self, peer: str) -> str | None:
+        """The safety number with ``peer``'s pinned (or newly presented) identity key."""
+        assert self.peer_trust is not None and self.identity is not None and self.username is not None
+        key = self._changed_identity.get(peer) or self.peer_trust.pinned(peer)
+        if key is None:
+            return None
+        return e2e.safety_number(self.username, cu.public_bytes(self.identity), peer, key)
+
+    def accept_identity(self, peer: str) -> bool:
+        """Accept ``peer``'s changed identity key, then open the conversation again."""
+        assert self.peer_trust is not None
+        with self._state_lock:
+            key = self._changed_identity.pop(peer, None)
+        if key is None:
+            return False
+        self.peer_trust.accept(peer, key)
+        self.open_conversation(peer)
+        return True
+
+    def mark_verified(self, peer: str) -> bool:
+        assert self.peer_trust is not None
+        return self.peer_trust.mark_verified(peer)
+
+    def is_verified(self, peer: str) -> bool:
+        return self.peer_trust is not None and self.peer_trust.is_verified(peer)
 
     # -- user actions ------------------------------------------------------------------
     def open_conversation(self, peer: str) -> None:
         """Ask for ``peer``: answered by PeerOnline/PeerOffline/PeerUnknown, then ConversationReady."""
-        peer = peer.strip().lower()
+        peer = P.normalize_username(peer)
         with self._state_lock:
             self._wanted.add(peer)
             self._pending_open.add(peer)

@@ -102,8 +102,15 @@ class Storage:
 
     backend = "abstract"
 
-    def create_user(self, username: str, password_hash: str) -> bool:
+    def create_user(self, username: str, password_hash: str, identity_key: bytes | None = None) -> bool:
         """Create the user; False if the name is taken."""
+        raise NotImplementedError
+
+    def get_identity_key(self, username: str) -> bytes | None:
+        """The user's registered Ed25519 identity public key (public; the private key never leaves the client)."""
+        raise NotImplementedError
+
+    def set_identity_key(self, username: str, identity_key: bytes) -> None:
         raise NotImplementedError
 
     def get_password_hash(self, username: str) -> str | None:
@@ -216,12 +223,21 @@ class SQLiteStorage(Storage):
                     conn.execute("ROLLBACK")
                 raise
 
-    def create_user(self, username: str, password_hash: str) -> bool:
+    def create_user(self, username: str, password_hash: str, identity_key: bytes | None = None) -> bool:
         with self._tx() as conn:
             cur = conn.execute(
-                "INSERT OR IGNORE INTO users (username, password_hash, created_at) VALUES (?, ?, ?)",
-                (username, password_hash, time.time()))
+                "INSERT OR IGNORE INTO users (username, password_hash, created_at, identity_key) VALUES (?, ?, ?, ?)",
+                (username, password_hash, time.time(), identity_key))
             return cur.rowcount == 1
+
+    def get_identity_key(self, username: str) -> bytes | None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT identity_key FROM users WHERE username = ?", (username,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    def set_identity_key(self, username: str, identity_key: bytes) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE users SET identity_key = ? WHERE username = ?", (identity_key, username))
 
     def get_password_hash(self, username: str) -> str | None:
         with self._tx() as conn:
@@ -379,8 +395,15 @@ class MySQLStorage(Storage):
                 raise DatabaseError(f"MySQL error in {proc}: {exc}") from exc
         raise AssertionError("unreachable")
 
-    def create_user(self, username: str, password_hash: str) -> bool:
-        return self._call("sp_create_user", username, password_hash)[0][0] == 1
+    def create_user(self, username: str, password_hash: str, identity_key: bytes | None = None) -> bool:
+        return self._call("sp_create_user", username, password_hash, identity_key)[0][0] == 1
+
+    def get_identity_key(self, username: str) -> bytes | None:
+        rows = self._call("sp_get_identity_key", username)
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def set_identity_key(self, username: str, identity_key: bytes) -> None:
+        self._call("sp_set_identity_key", username, identity_key)
 
     def get_password_hash(self, username: str) -> str | None:
         rows = self._call("sp_get_password_hash", username)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -26,6 +27,7 @@ from errors import (
     DecryptionFailed,
     DHError,
     FrameTooLarge,
+    InvalidUsername,
     HandshakeFailed,
     LocalProtocolError,
     MalformedMessage,
@@ -52,6 +54,21 @@ MAX_REASON_BYTES = 512
 MAX_WHO_USERS = 1000
 MAX_PUBLIC_VALUE_BYTES = 512  # 4096-bit groups
 SEQUENCE_LIMIT = (1 << 64) - 1  # a sequence number never wraps (TLS 1.3 section 5.3)
+
+# Usernames: ASCII only (no Unicode look-alikes), case-insensitive, safe as file names.
+USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+USERNAME_RULES = ("Usernames are 1 to 32 characters: letters a-z, digits, '_', '.' or '-', "
+                  "starting with a letter or digit (case does not matter).")
+
+
+def normalize_username(raw: str) -> str:
+    """Lower-case and check a username; raises :class:`InvalidUsername` with the rules."""
+    if not isinstance(raw, str):
+        raise InvalidUsername(USERNAME_RULES)
+    name = raw.strip().lower() if raw.isascii() else raw
+    if not USERNAME_RE.fullmatch(name):
+        raise InvalidUsername(USERNAME_RULES)
+    return name
 
 
 # =============================================================================
@@ -259,12 +276,14 @@ class HandshakeError(Message):
 class Register(Message):
     username: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
     password: bytes = wire(Kind.BYTES, max_len=MAX_PASSWORD_BYTES)
+    identity_key: bytes = wire(Kind.BYTES, exact=32, max_len=32)  # the user's Ed25519 public key
 
 
 @message(0x11)
 class Login(Message):
     username: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
     password: bytes = wire(Kind.BYTES, max_len=MAX_PASSWORD_BYTES)
+    identity_key: bytes = wire(Kind.BYTES, exact=32, max_len=32)
 
 
 @message(0x12)
@@ -281,6 +300,7 @@ class AuthCode(enum.IntEnum):
     INVALID_PASSWORD = 5
     UNAVAILABLE = 6
     TOO_MANY_ATTEMPTS = 7
+    INVALID_IDENTITY = 8
 
 
 @message(0x13)
@@ -315,6 +335,7 @@ class ConversationKey(Message):
     suite: int = wire(Kind.U8)
     generation: int = wire(Kind.U32)
     key: bytes = wire(Kind.BYTES, max_len=64)
+    peer_identity: bytes = wire(Kind.BYTES, exact=32, max_len=32)  # the peer's Ed25519 public key
 
 
 @message(0x23)

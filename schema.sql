@@ -48,11 +48,24 @@ CREATE TABLE IF NOT EXISTS login_failures (
 DELIMITER //
 
 DROP PROCEDURE IF EXISTS sp_create_user //
-CREATE PROCEDURE sp_create_user(IN p_username VARCHAR(32), IN p_hash VARCHAR(100))
+CREATE PROCEDURE sp_create_user(IN p_username VARCHAR(32), IN p_hash VARCHAR(100),
+                                IN p_identity VARBINARY(64))
 BEGIN
     -- Inserts only if the name is free; returns 1 if created, 0 if taken.
-    INSERT IGNORE INTO users (username, password_hash) VALUES (p_username, p_hash);
+    INSERT IGNORE INTO users (username, password_hash, identity_key) VALUES (p_username, p_hash, p_identity);
     SELECT ROW_COUNT() AS created;
+END //
+
+DROP PROCEDURE IF EXISTS sp_get_identity_key //
+CREATE PROCEDURE sp_get_identity_key(IN p_username VARCHAR(32))
+BEGIN
+    SELECT identity_key FROM users WHERE username = p_username;
+END //
+
+DROP PROCEDURE IF EXISTS sp_set_identity_key //
+CREATE PROCEDURE sp_set_identity_key(IN p_username VARCHAR(32), IN p_identity VARBINARY(64))
+BEGIN
+    UPDATE users SET identity_key = p_identity WHERE username = p_username;
 END //
 
 DROP PROCEDURE IF EXISTS sp_get_password_hash //

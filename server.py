@@ -33,7 +33,8 @@ from typing import Callable
 
 import crypto_utils as cu
 import protocol as P
-from auth import DEFAULT_BCRYPT_COST, AuthService, normalize_username
+from auth import DEFAULT_BCRYPT_COST, AuthService
+from protocol import normalize_username
 from database import Storage, open_storage
 from errors import (
     AccountLocked,
@@ -215,6 +216,7 @@ class Session:
         self.source = source
         self.username: str | None = None
         self.auth_attempts = 0
+        self.identity_key: bytes | None = None  # the user's Ed25519 public key, handed to peers
         self.lock = threading.Lock()     # one lock: seal + enqueue keep the sequence order
         self.closed = threading.Event()
 
@@ -385,10 +387,19 @@ class ChatService:
         session.auth_attempts += 1
         register = isinstance(msg, P.Register)
         try:
+            cu.load_public_key(msg.identity_key)
+        except SecureIMError:
+            self._auth_failed(session, P.AuthCode.INVALID_IDENTITY, "The identity key is not a valid Ed25519 key.")
+            return
+        try:
             if register:
-                username = self.auth.register(msg.username, msg.password, session.source)
+                username = self.auth.register(msg.username, msg.password, session.source, msg.identity_key)
             else:
                 username = self.auth.login(msg.username, msg.password, session.source)
+                if self.storage.get_identity_key(username) != msg.identity_key:
+                    # A new device or reinstall: peers will see the change and must accept it.
+                    self.storage.set_identity_key(username, msg.identity_key)
+                    log.info("a user registered a new identity key")
         except AccountLocked as exc:
             self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s)
             return
@@ -400,6 +411,7 @@ class ChatService:
                     UsernameTaken: P.AuthCode.USERNAME_TAKEN}[type(exc)]
             self._auth_failed(session, code, str(exc))
             return
+        session.identity_key = msg.identity_key
         self._logged_in(session, username, created=register)
 
     def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0) -> None:
@@ -465,12 +477,13 @@ class ChatService:
             key = self.suite.generate_key()
             with self.registry.lock:
                 self.registry.conversations[cid] = LiveConversation(cid, members, generation, time.monotonic())
+            sessions = {user: self.registry.session_of(user) for user in members}
             for user in members:
                 other = members[1] if user == members[0] else members[0]
-                s = self.registry.session_of(user)
-                if s is not None:
-                    s.send(P.ConversationKey(conversation_id=cid, peer=other, suite=self.suite.suite_id,
-                                             generation=generation, key=key))
+                mine, theirs = sessions[user], sessions[other]
+                if mine is not None and theirs is not None and theirs.identity_key is not None:
+                    mine.send(P.ConversationKey(conversation_id=cid, peer=other, suite=self.suite.suite_id,
+                                                generation=generation, key=key, peer_identity=theirs.identity_key))
             del key  # never stored (design 000)
 
     # -- relay -------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import protocol as P
 
+IK = bytes(32)  # a placeholder identity key for protocol-level tests
+
 
 def handshake(suite: str = "3des", group: str = "x25519", identity=None, **kw):
     identity = identity or Ed25519PrivateKey.generate()
@@ -21,7 +23,7 @@ def handshake(suite: str = "3des", group: str = "x25519", identity=None, **kw):
 
 def logged_in(**kw):
     client, server = handshake(**kw)
-    server.receive_data(client.send(P.Login(username="alice", password=b"pw")))
+    server.receive_data(client.send(P.Login(username="alice", password=b"pw", identity_key=IK)))
     client.receive_data(server.send(P.AuthOk(username="alice", created=False)))
     return client, server
 

@@ -60,6 +60,15 @@ def test_two_users_chat_both_ways(server, tmp_path):
     alice.expect_exact("[CLIENT]: Online now (2): alice, bob")
     alice.sendline("/fingerprint")
     alice.expect_exact(server.fingerprint)
+    alice.expect_exact("Your identity (alice): SHA256:")
+    alice.sendline("/verify bob")
+    alice.expect(r"Safety number with bob \(not verified\):\s+\[CLIENT\]:\s+((\d{5} ){5}\d{5})")
+    number = alice.match.group(1)
+    bob.sendline("/verify alice")
+    bob.expect(r"Safety number with alice \(not verified\):\s+\[CLIENT\]:\s+((\d{5} ){5}\d{5})")
+    assert bob.match.group(1) == number
+    alice.sendline("/verified bob")
+    alice.expect_exact("bob is now marked as verified.")
     alice.sendline("/help")
     alice.expect_exact("/quit")
     assert quit_client(alice) == 0

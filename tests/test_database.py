@@ -30,6 +30,15 @@ def test_users(storage):
     assert storage.count_users() == 1
 
 
+def test_identity_keys(storage):
+    key = bytes(range(32))
+    assert storage.create_user("bob", "h", key)
+    assert storage.get_identity_key("bob") == key
+    storage.set_identity_key("bob", b"\xff" * 32)
+    assert storage.get_identity_key("bob") == b"\xff" * 32
+    assert storage.get_identity_key("nobody") is None
+
+
 def test_sql_metacharacters_are_data(storage):
     evil = "a'; DROP TABLE users; --"
     assert storage.create_user(evil, "h")
@@ -114,7 +123,7 @@ def test_mysql_uses_stored_procedures_and_schema_is_rerunnable(mysql_database):
         assert cur.fetchone()[0] == 1
     admin.close()
     store.close()
-    assert {"sp_create_user", "sp_get_password_hash", "sp_open_conversation", "sp_record_key_generation",
+    assert {"sp_create_user", "sp_get_password_hash", "sp_get_identity_key", "sp_set_identity_key", "sp_open_conversation", "sp_record_key_generation",
             "sp_record_login_failure", "sp_clear_login_failures", "sp_get_login_failures"} <= procs
     assert {"users", "conversations", "conversation_members", "login_failures"} <= tables
     # Every method of the MySQL backend goes through _call (a stored procedure).

@@ -10,6 +10,8 @@ from protocol_helpers import handshake, logged_in, split_frames
 
 import crypto_utils as cu
 import protocol as P
+
+IK = bytes(32)  # a placeholder identity key for protocol-level tests
 from diffiehellman import DiffieHellman
 from errors import (
     FrameTooLarge,
@@ -26,8 +28,8 @@ from errors import (
 
 # --- codec: literal bytes -----------------------------------------------------
 @pytest.mark.parametrize("msg,hexbytes", [
-    (P.Login(username="al", password=b"pw"), "11 0002 616c 0002 7077"),
-    (P.Register(username="bob", password=b""), "10 0003 626f62 0000"),
+    (P.Login(username="al", password=b"pw", identity_key=IK), "11 0002 616c 0002 7077 0020 0000000000000000000000000000000000000000000000000000000000000000"),
+    (P.Register(username="bob", password=b"", identity_key=IK), "10 0003 626f62 0000 0020 0000000000000000000000000000000000000000000000000000000000000000"),
     (P.PeerStatus(peer="bob", online=True, known=True), "21 0003 626f62 01 01"),
     (P.Relay(conversation_id=7, payload=b"\xff"), "23 0000000000000007 0001 ff"),
     (P.WhoRequest(), "30"),
@@ -46,7 +48,8 @@ def test_messages_encode_to_literal_bytes(msg, hexbytes):
     (b"", "Empty"),
     (b"\xee", "Unknown message type"),
     (bytes.fromhex("11 0002 61"), "truncated"),
-    (bytes.fromhex("11 0002 616c 0002 7077 00"), "Trailing"),
+    (bytes.fromhex("30 00"), "Trailing"),
+    (bytes.fromhex("11 0002 616c 0002 7077 0003 616263"), "length"),  # identity_key must be 32 bytes
     (bytes.fromhex("21 0003 626f62 02 01"), "boolean"),
     (bytes.fromhex("11 0002 ff fe 0000"), "UTF-8"),
     (bytes.fromhex("11 0021") + b"a" * 33 + bytes.fromhex("0000"), "length"),
@@ -58,14 +61,14 @@ def test_malformed_messages_raise_malformed(raw, why):
 
 
 def test_repr_hides_passwords_and_keys():
-    text = repr(P.Login(username="alice", password=b"hunter2"))
+    text = repr(P.Login(username="alice", password=b"hunter2", identity_key=IK))
     assert "hunter2" not in text and "alice" in text
-    assert "sekrit" not in repr(P.ConversationKey(conversation_id=1, peer="b", suite=1, generation=0, key=b"sekrit"))
+    assert "sekrit" not in repr(P.ConversationKey(conversation_id=1, peer="b", suite=1, generation=0, key=b"sekrit", peer_identity=IK))
 
 
 def test_encoding_out_of_bounds_is_a_local_error():
     with pytest.raises(LocalProtocolError):
-        P.Login(username="a" * 33, password=b"").encode()
+        P.Login(username="a" * 33, password=b"", identity_key=IK).encode()
     with pytest.raises(LocalProtocolError):
         P.Relay(conversation_id=-1, payload=b"").encode()
     with pytest.raises(LocalProtocolError):
@@ -113,8 +116,8 @@ def test_oversized_frame_closes_the_connection():
 def test_handshake_and_messages_both_ways(suite, group):
     client, server = handshake(suite=suite, group=group)
     assert client.suite.name == server.suite.name == suite
-    assert server.receive_data(client.send(P.Login(username="alice", password=b"pw"))) == [
-        P.Login(username="alice", password=b"pw")]
+    assert server.receive_data(client.send(P.Login(username="alice", password=b"pw", identity_key=IK))) == [
+        P.Login(username="alice", password=b"pw", identity_key=IK)]
     assert client.receive_data(server.send(P.AuthOk(username="alice", created=True))) == [
         P.AuthOk(username="alice", created=True)]
     assert client.state is server.state is P.State.AUTHENTICATED
@@ -246,16 +249,16 @@ def test_server_refuses_groups_disabled_by_configuration():
 def test_login_before_handshake_is_refused():
     server = P.ServerProtocol(Ed25519PrivateKey.generate())
     with pytest.raises(UnexpectedMessage):
-        server.receive_data(P.encode_frame(P.Login(username="a", password=b"b").encode()))
+        server.receive_data(P.encode_frame(P.Login(username="a", password=b"b", identity_key=IK).encode()))
     client = P.ClientProtocol()
     with pytest.raises(LocalProtocolError):
-        client.send(P.Login(username="a", password=b"b"))
+        client.send(P.Login(username="a", password=b"b", identity_key=IK))
 
 
 # --- records: tamper, replay, reorder, drop, truncate ---------------------------
 def _three_records():
     client, server = handshake()
-    frames = [client.send(P.Login(username=f"user{i}", password=b"pw")) for i in range(3)]
+    frames = [client.send(P.Login(username=f"user{i}", password=b"pw", identity_key=IK)) for i in range(3)]
     return server, frames
 
 
@@ -292,7 +295,7 @@ def test_record_attacks_end_the_session_with_a_reason(attack):
 def test_plaintext_message_after_handshake_is_refused():
     client, server = handshake()
     with pytest.raises(RecordAuthenticationFailed):
-        server.receive_data(P.encode_frame(P.Login(username="a", password=b"b").encode()))
+        server.receive_data(P.encode_frame(P.Login(username="a", password=b"b", identity_key=IK).encode()))
 
 
 def test_key_update_rekeys_and_resets_sequence_numbers():
@@ -390,4 +393,4 @@ def test_client_may_not_send_chat_messages_before_login():
             client.send(msg)
     client2, _ = logged_in()
     with pytest.raises(LocalProtocolError):
-        client2.send(P.Login(username="x", password=b"y"))
+        client2.send(P.Login(username="x", password=b"y", identity_key=IK))

@@ -12,6 +12,8 @@ from server_fixtures import PASSWORD, logged_in_client, make_client, running_ser
 
 import clientlib as C
 import protocol as P
+
+IK = bytes(32)  # a placeholder identity key for protocol-level tests
 from errors import AccountLocked, ConnectionClosed, InvalidCredentials, InvalidPassword, InvalidUsername, UsernameTaken
 
 
@@ -61,17 +63,35 @@ def test_register_login_chat_both_ways(tmp_path, db_url, cipher):
         bob.close()
 
 
+class RecordingSuite:
+    """Wraps the server's suite and records every conversation key the KDC generates."""
+
+    def __init__(self, suite):
+        self._suite = suite
+        self.keys = []
+
+    def generate_key(self):
+        key = self._suite.generate_key()
+        self.keys.append(key)
+        return key
+
+    def __getattr__(self, name):
+        return getattr(self._suite, name)
+
+
 def test_database_holds_no_key_or_message(tmp_path):
     with running_server(tmp_path / "srv") as server:
+        recorder = server.service.suite = RecordingSuite(server.service.suite)
         alice, bob = _chat_pair(server, tmp_path)
         alice.send_message("bob", "TOP-SECRET-PLAINTEXT")
         wait_for(bob, C.MessageReceived)
-        key_fragments = [k for conv in alice.conversations.values() for k in conv._keys]
-        assert key_fragments
         alice.close()
         bob.close()
     raw = b"".join(p.read_bytes() for p in (tmp_path / "srv").glob("secureim.db*"))
+    assert recorder.keys and raw
     assert b"TOP-SECRET-PLAINTEXT" not in raw and PASSWORD.encode() not in raw
+    for key in recorder.keys:
+        assert key not in raw and key[:24] not in raw and key[24:] not in raw
 
 
 def test_wrong_password_and_unknown_user_get_the_same_answer(tmp_path):
@@ -197,7 +217,7 @@ def test_peer_leaving_is_reported(tmp_path):
 def test_second_login_replaces_the_first(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice, bob = _chat_pair(server, tmp_path)
-        bob2 = logged_in_client(server, tmp_path / "b2", "bob", register=False)
+        bob2 = logged_in_client(server, tmp_path / "bob", "bob", register=False)  # same device, same identity
         gone = wait_for(bob, C.Disconnected)
         assert "another place" in gone.reason
         # alice is told bob is (still) online and the conversation is re-keyed with the new session
@@ -222,10 +242,11 @@ def test_rekey_after_n_messages_is_invisible(tmp_path):
                     texts.append(e.text)
                 assert not isinstance(e, C.MessageRejected), e
         assert sorted(texts) == sorted(f"n{i}" for i in range(23))
-        assert alice.conversations["bob"].generation >= 4
+        assert alice.conversations["bob"].current >= 4
         bob.send_message("alice", "last")  # alice sees bob use the newest generation...
         assert wait_for(alice, C.MessageReceived).text == "last"
-        assert list(alice.conversations["bob"]._keys) == [alice.conversations["bob"].generation]  # ...old keys gone
+        conv = alice.conversations["bob"]
+        assert list(conv._generations) == [conv.current]  # ...so the older generations' keys are gone
         assert server.storage.get_conversation(alice.conversations["bob"].id).key_generation >= 4
         alice.close()
         bob.close()
@@ -271,7 +292,7 @@ def _assert_server_still_serves(server, tmp_path, name):
     b"\xff\xff\xff\xff",                       # oversized frame header
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",      # wrong protocol
     P.encode_frame(b"\x01garbage"),            # malformed ClientHello
-    P.encode_frame(P.Login(username="a", password=b"b").encode()),  # login before handshake
+    P.encode_frame(P.Login(username="a", password=b"b", identity_key=IK).encode()),  # login before handshake
     b"\x00\x00\x00\x05ab",                     # truncated frame, then hang up
 ])
 def test_garbage_never_crashes_the_server(tmp_path, garbage):
@@ -330,12 +351,15 @@ def test_disconnect_mid_handshake_and_mid_chat(tmp_path):
 def test_client_that_stops_reading_is_dropped_not_waited_for(tmp_path):
     with running_server(tmp_path / "srv", outbox_limit_bytes=64 * 1024) as server:
         alice = logged_in_client(server, tmp_path / "a", "alice")
-        bob = make_client(server, tmp_path / "b")  # logs in, then never reads again
+        bob = make_client(server, tmp_path / "b")
         bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         bob.register("bob", PASSWORD)
+        bob.start()
         carol = logged_in_client(server, tmp_path / "c", "carol")
         alice.open_conversation("bob")
         wait_for(alice, C.ConversationReady, peer="bob")
+        wait_for(bob, C.ConversationReady, peer="alice")
+        bob._send_lock.acquire()  # bob's receiver stalls: from now on nobody reads his socket
         big = "x" * 8000
         t0 = time.monotonic()
         dropped = None
@@ -355,7 +379,7 @@ def test_client_that_stops_reading_is_dropped_not_waited_for(tmp_path):
         assert wait_for(carol, C.WhoList).users == ("alice", "carol")
         for c in (alice, carol):
             c.close()
-        bob.sock.close()
+        bob.sock.shutdown(socket.SHUT_RDWR)
 
 
 def test_database_down_gives_try_again_later(tmp_path):

@@ -1,0 +1,379 @@
+"""End-to-end secrecy between two clients, even against the server (sans-IO).
+
+- :class:`IdentityStore`: each user's long-term Ed25519 identity key, made on
+  their own machine and stored encrypted under a key derived from their
+  password (scrypt, then AES-256-GCM).  Copying the file is not enough.
+- :class:`PeerTrust`: trust on first use for peers' identity keys, loud refusal
+  of a changed key until the user accepts it, and "verified" marks.
+- :func:`safety_number`: 30 digits from both identity keys, equal on both screens.
+- :class:`E2ESession`: one conversation.  For every KDC key generation both
+  clients send a fresh X25519 share signed by their identity key over a
+  transcript binding both names, the conversation id and the generation.  The
+  root key is HKDF over the KDC key *and* the DH secret, so a server that only
+  knows the KDC key learns nothing.  Each direction then runs a hash ratchet: a
+  fresh key per message, the chain key overwritten as it advances.
+
+Docs: docs/PROTOCOL.md section 10; threat model in section 11.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+import crypto_utils as cu
+from errors import CryptoError, DecryptionFailed, SecureIMError
+
+# --- wire kinds inside a Relay payload -------------------------------------------
+KIND_SHARE = 1
+KIND_MESSAGE = 2
+SHARE = struct.Struct(">BI32s64s")             # kind, generation, X25519 share, Ed25519 signature
+MESSAGE_HEADER = struct.Struct(">BIQ")         # kind, generation, counter
+BODY_HEADER = struct.Struct(">Q")              # sent_at, milliseconds since the epoch
+
+# --- bounds (docs/PROTOCOL.md section 10) ------------------------------------------
+MAX_SKIP = 1000                 # messages one chain may jump ahead (libsignal: 25,000)
+MAX_SKIPPED_KEYS = 2000         # stored keys for skipped messages, per conversation (libsignal: 2,000)
+MAX_KEPT_GENERATIONS = 8        # generations kept for messages in flight across rekeys
+FRESHNESS_WINDOW_S = 600        # design 002's timestamp window: older (or that far ahead) is refused
+MAX_TEXT_BYTES = 16 * 1024
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # about 100 ms, 32 MiB
+IDENTITY_FORMAT = 1
+
+
+class IdentityChanged(SecureIMError):
+    """A peer's identity key changed: the conversation is refused until you accept the new key."""
+
+    def __init__(self, peer: str, old_fp: str, new_fp: str) -> None:
+        self.peer, self.old_fp, self.new_fp = peer, old_fp, new_fp
+        super().__init__(f"{peer}'s identity key changed from {old_fp} to {new_fp}. Someone may be "
+                         f"intercepting this conversation (or {peer} reinstalled). Compare safety numbers "
+                         f"with /verify {peer}, then /accept {peer} to trust the new key.")
+
+
+class ShareRejected(SecureIMError):
+    """A peer's key share failed its signature check: the conversation was refused."""
+
+
+# =============================================================================
+# Identity keys at rest
+# =============================================================================
+class IdentityStore:
+    """``<home>/identities/<user>@<host>_<port>.json``: the Ed25519 seed, encrypted."""
+
+    def __init__(self, home: Path, server_id: str) -> None:
+        self.dir = Path(home) / "identities"
+        self.server_id = server_id.replace(":", "_")
+
+    def path(self, username: str) -> Path:
+        return self.dir / f"{username}@{self.server_id}.json"
+
+    @staticmethod
+    def _kek(password: str, salt: bytes) -> bytes:
+        return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(password.encode("utf-8"))
+
+    def load(self, username: str, password: str) -> Ed25519PrivateKey | None:
+        """The stored identity, or None if there is none or the password does not open it."""
+        path = self.path(username)
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            salt, nonce = cu.b64decode(doc["salt"]), cu.b64decode(doc["nonce"])
+            sealed, public = cu.b64decode(doc["sealed"]), cu.b64decode(doc["public"])
+            if doc.get("format") != IDENTITY_FORMAT or doc.get("kdf") != "scrypt":
+                return None
+            seed = AESGCM(self._kek(password, salt)).decrypt(nonce, sealed, username.encode() + public)
+            key = Ed25519PrivateKey.from_private_bytes(seed)
+        except (ValueError, KeyError, TypeError, InvalidTag, CryptoError):
+            return None
+        return key if cu.public_bytes(key) == public else None
+
+    def save(self, username: str, password: str, key: Ed25519PrivateKey) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+        salt, nonce, public = cu.random_bytes(16), cu.random_bytes(12), cu.public_bytes(key)
+        sealed = AESGCM(self._kek(password, salt)).encrypt(nonce, seed, username.encode() + public)
+        doc = {"format": IDENTITY_FORMAT, "kdf": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+               "cipher": "aes-256-gcm", "salt": cu.b64encode(salt), "nonce": cu.b64encode(nonce),
+               "sealed": cu.b64encode(sealed), "public": cu.b64encode(public)}
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path(username).with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh)
+        os.replace(tmp, self.path(username))
+
+
+# =============================================================================
+# Trust in peers
+# =============================================================================
+class PeerTrust:
+    """``<home>/known_peers/<me>@<server>``: ``peer base64(key) verified|unverified`` per line."""
+
+    def __init__(self, home: Path, me: str, server_id: str) -> None:
+        self.path = Path(home) / "known_peers" / f"{me}@{server_id.replace(':', '_')}"
+
+    def _load(self) -> dict[str, tuple[bytes, bool]]:
+        out: dict[str, tuple[bytes, bool]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3:
+                    try:
+                        out[parts[0]] = (cu.b64decode(parts[1]), parts[2] == "verified")
+                    except SecureIMError:
+                        continue
+        return out
+
+    def _save(self, entries: dict[str, tuple[bytes, bool]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            for peer, (key, verified) in sorted(entries.items()):
+                fh.write(f"{peer} {cu.b64encode(key)} {'verified' if verified else 'unverified'}\n")
+        os.replace(tmp, self.path)
+
+    def check(self, peer: str, key: bytes) -> bool:
+        """Pin on first use; raise IdentityChanged on a different key.  Returns 'verified'."""
+        entries = self._load()
+        known = entries.get(peer)
+        if known is None:
+            entries[peer] = (key, False)
+            self._save(entries)
+            return False
+        if not cu.constant_time_equal(known[0], key):
+            raise IdentityChanged(peer, cu.fingerprint(known[0]), cu.fingerprint(key))
+        return known[1]
+
+    def pinned(self, peer: str) -> bytes | None:
+        entry = self._load().get(peer)
+        return entry[0] if entry else None
+
+    def accept(self, peer: str, key: bytes) -> None:
+        """The user accepts ``key`` as ``peer``'s (after a change); it is not verified yet."""
+        entries = self._load()
+        entries[peer] = (key, False)
+        self._save(entries)
+
+    def mark_verified(self, peer: str) -> bool:
+        entries = self._load()
+        if peer not in entries:
+            return False
+        entries[peer] = (entries[peer][0], True)
+        self._save(entries)
+        return True
+
+    def is_verified(self, peer: str) -> bool:
+        entry = self._load().get(peer)
+        return bool(entry and entry[1])
+
+
+def safety_number(user_a: str, key_a: bytes, user_b: str, key_b: bytes) -> str:
+    """30 digits in 6 groups, the same on both sides (the pair is sorted by name).
+
+    SHA-512 iterated 5,200 times (as Signal's numeric fingerprints), so finding
+    a key pair that collides with a given number costs ~2^12 more per try.
+    """
+    (n1, k1), (n2, k2) = sorted([(user_a, key_a), (user_b, key_b)])
+    digest = b"secureim/v1 safety number"
+    for name, key in ((n1, k1), (n2, k2)):
+        digest += len(name).to_bytes(1, "big") + name.encode() + key
+    for _ in range(5200):
+        digest = hashlib.sha512(digest + k1 + k2).digest()
+    groups = [int.from_bytes(digest[i * 5:(i + 1) * 5], "big") % 100000 for i in range(6)]
+    return " ".join(f"{g:05d}" for g in groups)
+
+
+# =============================================================================
+# One conversation
+# =============================================================================
+def _share_transcript(cid: int, generation: int, sender: str, recipient: str, share: bytes) -> bytes:
+    return (b"secureim/v1 e2e share\x00" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
+            + bytes([len(sender)]) + sender.encode() + bytes([len(recipient)]) + recipient.encode() + share)
+
+
+class _Chain:
+    """A symmetric hash ratchet (Signal's KDF chain): each step yields a message key."""
+
+    __slots__ = ("key", "index")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.index = 0      # the counter of the next message on this chain
+
+    def step(self) -> tuple[int, bytes]:
+        message_key = cu.hmac_sha256(self.key, b"\x01")
+        self.key = cu.hmac_sha256(self.key, b"\x02")  # the old chain key is overwritten
+        counter = self.index
+        self.index += 1
+        return counter, message_key
+
+
+@dataclass
+class _Generation:
+    number: int
+    kdc_key: bytes | None
+    my_private: X25519PrivateKey | None
+    my_share: bytes
+    send: _Chain | None = None
+    recv: _Chain | None = None
+
+
+class E2ESession:
+    """The end-to-end state of one conversation with one peer."""
+
+    def __init__(self, me: str, my_identity: Ed25519PrivateKey, peer: str, peer_identity: bytes,
+                 conversation_id: int, suite: cu.Suite, *, clock=time.time) -> None:
+        self.me, self.peer, self.id, self.suite = me, peer, conversation_id, suite
+        self._identity = my_identity
+        self.peer_identity = peer_identity
+        self._clock = clock
+        self._generations: dict[int, _Generation] = {}
+        self._skipped: dict[tuple[int, int], bytes] = {}   # (generation, counter) -> message key
+        self.current: int | None = None                     # newest generation ready to send
+
+    # -- key agreement ----------------------------------------------------------------
+    def new_generation(self, generation: int, kdc_key: bytes) -> bytes:
+        """A KDC key arrived: returns the signed share payload to relay to the peer."""
+        if generation in self._generations or (self._generations and generation < max(self._generations)):
+            raise DecryptionFailed("A stale conversation key was ignored.")
+        private = X25519PrivateKey.generate()
+        share = private.public_key().public_bytes_raw()
+        self._generations[generation] = _Generation(generation, kdc_key, private, share)
+        while len(self._generations) > MAX_KEPT_GENERATIONS:
+            self._drop_generation(min(self._generations))
+        signature = self._identity.sign(_share_transcript(self.id, generation, self.me, self.peer, share))
+        return SHARE.pack(KIND_SHARE, generation, share, signature)
+
+    def receive_share(self, payload: bytes) -> int:
+        """The peer's signed share: verify it, derive the root and both chains."""
+        try:
+            kind, generation, share, signature = SHARE.unpack(payload)
+        except struct.error:
+            raise ShareRejected("A malformed key share was refused.") from None
+        gen = self._generations.get(generation)
+        if kind != KIND_SHARE or gen is None or gen.my_private is None or gen.kdc_key is None:
+            raise ShareRejected("An unexpected key share was refused.")
+        if not cu.verify_signature(self.peer_identity, signature,
+                                   _share_transcript(self.id, generation, self.peer, self.me, share)):
+            raise ShareRejected(f"{self.peer}'s key share is not signed by {self.peer}'s identity key: "
+                                "someone (the server?) tampered with it. The conversation was refused.")
+        try:
+            dh = gen.my_private.exchange(X25519PublicKey.from_public_bytes(share))
+        except ValueError:
+            raise ShareRejected("A key share with a low-order point was refused.") from None
+        names = sorted([(self.me, gen.my_share), (self.peer, share)])
+        transcript = cu.sha256(b"secureim/v1 e2e root" + self.id.to_bytes(8, "big") + generation.to_bytes(4, "big")
+                               + b"".join(bytes([len(n)]) + n.encode() + s for n, s in names)
+                               + b"".join(sorted([cu.public_bytes(self._identity), self.peer_identity])))
+        root = cu.hkdf(gen.kdc_key + dh, salt=transcript, info=cu.label("e2e root"), length=32)
+        gen.send = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.me}>{self.peer}"), length=32))
+        gen.recv = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.peer}>{self.me}"), length=32))
+        gen.kdc_key = None        # forgotten once used
+        gen.my_private = None
+        if self.current is None or generation > self.current:
+            self.current = generation
+        return generation
+
+    @property
+    def ready(self) -> bool:
+        return self.current is not None
+
+    # -- messages --------------------------------------------------------------------------
+    def _message_cipher(self, message_key: bytes):
+        material = cu.hkdf(message_key, salt=None, info=cu.label("message key"), length=self.suite.key_bytes)
+        return self.suite.cipher(self.suite.key_from_material(material))
+
+    def _aad(self, sender: str, recipient: str, generation: int, counter: int) -> bytes:
+        return (b"secureim/v1 e2e message" + self.id.to_bytes(8, "big") + bytes([len(sender)]) + sender.encode()
+                + bytes([len(recipient)]) + recipient.encode() + MESSAGE_HEADER.pack(KIND_MESSAGE, generation, counter))
+
+    def seal(self, text: str) -> bytes:
+        raw = text.encode("utf-8")
+        if len(raw) > MAX_TEXT_BYTES:
+            raise ValueError(f"Messages are limited to {MAX_TEXT_BYTES} bytes.")
+        if self.current is None:
+            raise CryptoError("The conversation is not secured yet.")
+        gen = self._generations[self.current]
+        assert gen.send is not None
+        counter, message_key = gen.send.step()
+        body = BODY_HEADER.pack(int(self._clock() * 1000)) + raw
+        sealed = self._message_cipher(message_key).seal(body, self._aad(self.me, self.peer, gen.number, counter))
+        return MESSAGE_HEADER.pack(KIND_MESSAGE, gen.number, counter) + sealed
+
+    def open(self, payload: bytes) -> tuple[str, float]:
+        """(text, sent_at) from the peer.  DecryptionFailed, with a reason, on anything wrong."""
+        if len(payload) < MESSAGE_HEADER.size:
+            raise DecryptionFailed()
+        kind, generation, counter = MESSAGE_HEADER.unpack_from(payload)
+        gen = self._generations.get(generation)
+        if kind != KIND_MESSAGE or gen is None or gen.recv is None:
+            raise DecryptionFailed("A message under an unknown or discarded key was refused.")
+        message_key, advance = self._receive_key(gen, counter)
+        try:
+            body = self._message_cipher(message_key).open(payload[MESSAGE_HEADER.size:],
+                                                          self._aad(self.peer, self.me, generation, counter))
+        except DecryptionFailed:
+            raise DecryptionFailed(f"A message from {self.peer} failed its integrity check and was discarded.") \
+                from None
+        sent_at = BODY_HEADER.unpack_from(body)[0] / 1000.0 if len(body) >= BODY_HEADER.size else 0.0
+        if abs(self._clock() - sent_at) > FRESHNESS_WINDOW_S:
+            raise DecryptionFailed(f"A message from {self.peer} was too old (or dated in the future) and was "
+                                   "refused.")
+        try:
+            text = body[BODY_HEADER.size:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecryptionFailed() from None
+        advance()  # commit: keys are consumed only by a message that opened
+        for old in [g for g in self._generations if g < generation]:
+            self._drop_generation(old)  # the peer has moved past them
+        return text, sent_at
+
+    def _receive_key(self, gen: _Generation, counter: int):
+        """The message key for ``counter`` and a commit function (nothing changes before it runs)."""
+        assert gen.recv is not None
+        key = (gen.number, counter)
+        if key in self._skipped:
+            return self._skipped[key], lambda: self._skipped.pop(key, None)
+        if counter < gen.recv.index:
+            raise DecryptionFailed(f"A replayed message from {self.peer} was refused.")
+        if counter - gen.recv.index > MAX_SKIP:
+            raise DecryptionFailed(f"A message from {self.peer} skipped more than {MAX_SKIP} messages and was "
+                                   "refused.")
+        trial = _Chain(gen.recv.key)
+        trial.index = gen.recv.index
+        skipped = {}
+        while trial.index < counter:
+            idx, mk = trial.step()
+            skipped[(gen.number, idx)] = mk
+        _idx, message_key = trial.step()
+
+        def commit() -> None:
+            assert gen.recv is not None
+            gen.recv.key, gen.recv.index = trial.key, trial.index
+            self._skipped.update(skipped)
+            while len(self._skipped) > MAX_SKIPPED_KEYS:
+                del self._skipped[next(iter(self._skipped))]  # the oldest go first
+
+        return message_key, commit
+
+    def _drop_generation(self, number: int) -> None:
+        self._generations.pop(number, None)
+        for k in [k for k in self._skipped if k[0] == number]:
+            del self._skipped[k]

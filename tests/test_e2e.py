@@ -1,0 +1,384 @@
+"""End-to-end layer: identities at rest, peer pinning, safety numbers, signed shares, the ratchet.
+
+The last tests run a real server that turns curious (records everything it relays,
+keeps every KDC key) or active (substitutes DH shares and identity keys).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import stat
+import time
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from server_fixtures import logged_in_client, running_server, wait_for
+
+import clientlib as C
+import crypto_utils as cu
+import e2e
+import protocol as P
+from errors import DecryptionFailed
+
+
+# --- sans-IO pairs -----------------------------------------------------------------------
+def _pair(suite="3des", clock=time.time, generation=1):
+    ida, idb = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    s = cu.get_suite(suite)
+    alice = e2e.E2ESession("alice", ida, "bob", cu.public_bytes(idb), 42, s, clock=clock)
+    bob = e2e.E2ESession("bob", idb, "alice", cu.public_bytes(ida), 42, s, clock=clock)
+    _rekey(alice, bob, generation, s.generate_key())
+    return alice, bob
+
+
+def _rekey(alice, bob, generation, kdc_key):
+    share_a = alice.new_generation(generation, kdc_key)
+    share_b = bob.new_generation(generation, kdc_key)
+    alice.receive_share(share_b)
+    bob.receive_share(share_a)
+
+
+@pytest.mark.parametrize("suite", cu.SUITE_NAMES)
+def test_messages_flow_both_ways(suite):
+    alice, bob = _pair(suite)
+    assert bob.open(alice.seal("hello"))[0] == "hello"
+    assert alice.open(bob.seal("hi ✓"))[0] == "hi ✓"
+
+
+def _recording_message_keys(session):
+    keys = []
+    original = session._message_cipher
+
+    def record(message_key):
+        keys.append(message_key)
+        return original(message_key)
+
+    session._message_cipher = record
+    return keys
+
+
+def test_every_message_has_a_fresh_key():
+    alice, bob = _pair()
+    keys = _recording_message_keys(alice)
+    for i in range(50):
+        bob.open(alice.seal(f"m{i}"))
+    assert len(set(keys)) == 50
+
+
+def test_an_old_message_key_does_not_open_new_messages():
+    alice, bob = _pair()
+    keys = _recording_message_keys(alice)
+    first = alice.seal("one")
+    second = alice.seal("two")
+    header = e2e.MESSAGE_HEADER.size
+    cipher = e2e.E2ESession._message_cipher(alice, keys[0])
+    with pytest.raises(DecryptionFailed):
+        cipher.open(second[header:], alice._aad("alice", "bob", 1, 1))
+    assert bob.open(first)[0] == "one" and bob.open(second)[0] == "two"
+
+
+def test_stolen_state_does_not_open_earlier_messages():
+    alice, bob = _pair()
+    sent = [alice.seal(f"m{i}") for i in range(5)]
+    for payload in sent:
+        bob.open(payload)
+    stolen = copy.deepcopy(bob)  # today's keys, stolen after the messages were read
+    for payload in sent:
+        with pytest.raises(DecryptionFailed, match="replayed"):
+            stolen.open(payload)
+
+
+def test_a_rekey_heals_a_stolen_state_even_with_the_kdc_key():
+    alice, bob = _pair()
+    stolen = copy.deepcopy(bob)
+    kdc_key = cu.get_suite("3des").generate_key()
+    share_a = alice.new_generation(2, kdc_key)
+    share_b = bob.new_generation(2, kdc_key)
+    alice.receive_share(share_b)
+    bob.receive_share(share_a)
+    later = alice.seal("after the rekey")
+    assert bob.open(later)[0] == "after the rekey"
+    # The thief has the old state *and* the new KDC key, but not a DH private key of the new step.
+    stolen.new_generation(2, kdc_key)
+    stolen.receive_share(share_a)
+    with pytest.raises(DecryptionFailed):
+        stolen.open(later)
+
+
+def test_replayed_messages_are_refused():
+    alice, bob = _pair()
+    payload = alice.seal("once")
+    bob.open(payload)
+    with pytest.raises(DecryptionFailed, match="replayed"):
+        bob.open(payload)
+
+
+def test_too_old_and_future_messages_are_refused():
+    now = time.time()
+    alice, bob = _pair(clock=lambda: now)
+    alice._clock = lambda: now - e2e.FRESHNESS_WINDOW_S - 5
+    with pytest.raises(DecryptionFailed, match="too old"):
+        bob.open(alice.seal("stale"))
+    alice._clock = lambda: now + e2e.FRESHNESS_WINDOW_S + 5
+    with pytest.raises(DecryptionFailed, match="too old"):
+        bob.open(alice.seal("from the future"))
+    alice._clock = lambda: now - 30  # within the window
+    assert bob.open(alice.seal("fine"))[0] == "fine"
+
+
+def test_out_of_order_within_the_bound_and_refused_beyond():
+    alice, bob = _pair()
+    msgs = [alice.seal(f"m{i}") for i in range(4)]
+    assert [bob.open(m)[0] for m in (msgs[2], msgs[0], msgs[3], msgs[1])] == ["m2", "m0", "m3", "m1"]
+    for _ in range(e2e.MAX_SKIP + 1):
+        alice._generations[1].send.step()  # messages that never arrive
+    with pytest.raises(DecryptionFailed, match="skipped more than"):
+        bob.open(alice.seal("too far"))
+
+
+def test_a_tampered_message_consumes_nothing():
+    alice, bob = _pair()
+    payload = alice.seal("intact")
+    bad = payload[:-1] + bytes([payload[-1] ^ 1])
+    with pytest.raises(DecryptionFailed, match="integrity"):
+        bob.open(bad)
+    assert bob.open(payload)[0] == "intact"
+
+
+def test_shares_must_be_signed_by_the_peer_for_this_conversation():
+    ida, idb, mallory = (Ed25519PrivateKey.generate() for _ in range(3))
+    s = cu.get_suite("aes256")
+    key = s.generate_key()
+    bob = e2e.E2ESession("bob", idb, "alice", cu.public_bytes(ida), 7, s)
+    bob.new_generation(1, key)
+    # signed by someone else
+    forged = e2e.E2ESession("alice", mallory, "bob", cu.public_bytes(idb), 7, s).new_generation(1, key)
+    with pytest.raises(e2e.ShareRejected, match="not signed"):
+        bob.receive_share(forged)
+    # signed by alice, but for another conversation
+    other_conv = e2e.E2ESession("alice", ida, "bob", cu.public_bytes(idb), 8, s).new_generation(1, key)
+    with pytest.raises(e2e.ShareRejected):
+        bob.receive_share(other_conv)
+    # alice's genuine share with the DH value swapped
+    genuine = e2e.E2ESession("alice", ida, "bob", cu.public_bytes(idb), 7, s).new_generation(1, key)
+    kind, gen, _share, sig = e2e.SHARE.unpack(genuine)
+    swapped = e2e.SHARE.pack(kind, gen, X25519PrivateKey.generate().public_key().public_bytes_raw(), sig)
+    with pytest.raises(e2e.ShareRejected):
+        bob.receive_share(swapped)
+    with pytest.raises(e2e.ShareRejected, match="malformed"):
+        bob.receive_share(genuine[:-1])
+
+
+def test_safety_numbers_equal_on_both_sides_and_differ_for_other_keys():
+    a, b, c = (cu.public_bytes(Ed25519PrivateKey.generate()) for _ in range(3))
+    n1 = e2e.safety_number("alice", a, "bob", b)
+    assert n1 == e2e.safety_number("bob", b, "alice", a)
+    assert len(n1.replace(" ", "")) == 30 and n1.replace(" ", "").isdigit()
+    assert n1 != e2e.safety_number("alice", a, "bob", c)
+    assert n1 != e2e.safety_number("alice", c, "bob", b)
+
+
+# --- identities at rest and trust ---------------------------------------------------------
+def test_identity_file_is_useless_without_the_password(tmp_path):
+    store = e2e.IdentityStore(tmp_path, "127.0.0.1:5151")
+    key = Ed25519PrivateKey.generate()
+    store.save("alice", "the password", key)
+    path = store.path("alice")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+    raw = path.read_bytes()
+    assert seed not in raw and cu.b64encode(seed).encode() not in raw
+    assert json.loads(raw)["kdf"] == "scrypt"
+    assert store.load("alice", "wrong password") is None
+    copied = tmp_path / "elsewhere"
+    copied.mkdir()
+    (copied / "identities").mkdir()
+    (copied / "identities" / path.name).write_bytes(raw)  # copying the directory is not enough
+    assert e2e.IdentityStore(copied, "127.0.0.1:5151").load("alice", "guess") is None
+    loaded = e2e.IdentityStore(copied, "127.0.0.1:5151").load("alice", "the password")
+    assert cu.public_bytes(loaded) == cu.public_bytes(key)
+
+
+def test_peer_trust_pins_refuses_changes_and_marks_verified(tmp_path):
+    trust = e2e.PeerTrust(tmp_path, "alice", "h:1")
+    k1, k2 = b"\x01" * 32, b"\x02" * 32
+    assert trust.check("bob", k1) is False
+    assert trust.check("bob", k1) is False
+    with pytest.raises(e2e.IdentityChanged) as info:
+        trust.check("bob", k2)
+    assert cu.fingerprint(k1) in str(info.value) and cu.fingerprint(k2) in str(info.value)
+    assert trust.mark_verified("bob") and trust.check("bob", k1) is True
+    trust.accept("bob", k2)
+    assert trust.check("bob", k2) is False  # an accepted new key starts unverified
+
+
+# --- a curious and an active server ----------------------------------------------------------
+class RecordingSuite:
+    def __init__(self, suite):
+        self._suite, self.keys = suite, []
+
+    def generate_key(self):
+        key = self._suite.generate_key()
+        self.keys.append(key)
+        return key
+
+    def __getattr__(self, name):
+        return getattr(self._suite, name)
+
+
+def _spy_relay(server, rewrite=None):
+    recorded = []
+    original = server.service._relay
+
+    def relay(service, session, msg):
+        recorded.append(msg.payload)
+        if rewrite is not None:
+            msg = rewrite(session, msg)
+        return original(session, msg)
+
+    server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: relay}
+    return recorded
+
+
+def _open_pair(server, tmp_path):
+    alice = logged_in_client(server, tmp_path / "alice", "alice")
+    bob = logged_in_client(server, tmp_path / "bob", "bob")
+    alice.open_conversation("bob")
+    return alice, bob
+
+
+def test_curious_server_cannot_read_messages(tmp_path):
+    secrets_sent = [f"secret number {i}" for i in range(10)]
+    with running_server(tmp_path / "srv", rekey_after_messages=4) as server:
+        kdc = server.service.suite = RecordingSuite(server.service.suite)
+        recorded = _spy_relay(server)
+        alice, bob = _open_pair(server, tmp_path)
+        wait_for(alice, C.ConversationReady, peer="bob")
+        wait_for(bob, C.ConversationReady, peer="alice")
+        for text in secrets_sent:
+            alice.send_message("bob", text)
+            assert wait_for(bob, C.MessageReceived).text == text
+        alice.close()
+        bob.close()
+        server_identity = server.identity
+    assert len(kdc.keys) >= 3  # several generations were keyed by the KDC
+    everything = b"".join(recorded)
+    for text in secrets_sent:
+        assert text.encode() not in everything
+    # The server tries every key it holds: each KDC key, used the way the KDC-only design
+    # would (no DH), and its own long-term key's bytes.  Nothing opens.
+    suite = cu.get_suite("3des")
+    server_material = kdc.keys + [cu.public_bytes(server_identity)]
+    messages = [p for p in recorded if p[0] == e2e.KIND_MESSAGE]
+    assert messages
+    opened = 0
+    for payload in messages:
+        _kind, generation, counter = e2e.MESSAGE_HEADER.unpack_from(payload)
+        for material in server_material:
+            for guess in (material, cu.hkdf(material, salt=None, info=cu.label("e2e root"), length=32)):
+                chain = e2e._Chain(cu.hkdf(guess[:32].ljust(32, b"\0"), salt=None,
+                                           info=cu.label("chain alice>bob"), length=32))
+                for _ in range(counter + 1):
+                    _i, mk = chain.step()
+                session = e2e.E2ESession("bob", Ed25519PrivateKey.generate(), "alice", bytes(32), 1, suite)
+                try:
+                    session._message_cipher(mk).open(payload[e2e.MESSAGE_HEADER.size:],
+                                                     session._aad("alice", "bob", generation, counter))
+                    opened += 1
+                except DecryptionFailed:
+                    pass
+    assert opened == 0
+
+
+def test_active_server_swapping_dh_shares_is_caught_by_both_clients(tmp_path):
+    mallory = Ed25519PrivateKey.generate()
+
+    def swap_shares(session, msg):
+        if msg.payload[:1] != bytes([e2e.KIND_SHARE]):
+            return msg
+        _kind, generation, _share, _sig = e2e.SHARE.unpack(msg.payload)
+        mine = X25519PrivateKey.generate().public_key().public_bytes_raw()
+        peer = "bob" if session.username == "alice" else "alice"
+        sig = mallory.sign(e2e._share_transcript(msg.conversation_id, generation, session.username, peer, mine))
+        return P.Relay(conversation_id=msg.conversation_id,
+                       payload=e2e.SHARE.pack(e2e.KIND_SHARE, generation, mine, sig))
+
+    with running_server(tmp_path / "srv") as server:
+        _spy_relay(server, rewrite=swap_shares)
+        alice, bob = _open_pair(server, tmp_path)
+        for client, peer in ((alice, "bob"), (bob, "alice")):
+            warning = wait_for(client, C.SecurityWarning, peer=peer)
+            assert "not signed" in warning.text and "refused" in warning.text
+            assert not client.has_conversation(peer)
+        with pytest.raises(Exception):
+            alice.send_message("bob", "should not be sent")
+        alice.close()
+        bob.close()
+
+
+class _IdentityProxy:
+    """A session whose identity key the (malicious) server misreports to peers."""
+
+    def __init__(self, session, fake_key):
+        self._session, self.identity_key = session, fake_key
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def test_active_server_substituting_identities_is_refused_after_pinning(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = _open_pair(server, tmp_path)  # first contact: honest, keys get pinned
+        wait_for(alice, C.ConversationReady, peer="bob")
+        wait_for(bob, C.ConversationReady, peer="alice")
+        assert alice.safety_number("bob") == bob.safety_number("alice")
+        alice.close()
+        bob.close()
+
+        # The server turns: it hands out its own identity key for both and re-signs shares.
+        mallory = Ed25519PrivateKey.generate()
+        fake = cu.public_bytes(mallory)
+        registry = server.service.registry
+        real_session_of = registry.session_of
+        registry.session_of = lambda user: (_IdentityProxy(s, fake) if (s := real_session_of(user)) else None)
+        alice = logged_in_client(server, tmp_path / "alice", "alice", register=False)
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        alice.open_conversation("bob")
+        for client, peer in ((alice, "bob"), (bob, "alice")):
+            warning = wait_for(client, C.SecurityWarning, peer=peer)
+            assert "identity key changed" in warning.text and cu.fingerprint(fake) in warning.text
+            assert not client.has_conversation(peer)
+        alice.close()
+        bob.close()
+
+
+def test_changed_identity_refused_until_accepted(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = _open_pair(server, tmp_path)
+        wait_for(alice, C.ConversationReady, peer="bob")
+        wait_for(bob, C.ConversationReady, peer="alice")
+        before = alice.safety_number("bob")
+        assert before == bob.safety_number("alice")
+        bob.close()
+        # bob logs in from a new machine: a new identity key
+        bob = logged_in_client(server, tmp_path / "bob-laptop", "bob", register=False)
+        warning = wait_for(alice, C.SecurityWarning, peer="bob")
+        assert "/accept bob" in warning.text
+        assert not alice.has_conversation("bob")
+        # /verify shows the number for the key being presented, to compare before accepting
+        presented = alice.safety_number("bob")
+        assert presented != before
+        assert alice.accept_identity("bob")
+        wait_for(alice, C.ConversationReady, peer="bob")
+        wait_for(bob, C.ConversationReady, peer="alice")
+        assert alice.safety_number("bob") == bob.safety_number("alice") == presented
+        alice.send_message("bob", "new laptop?")
+        assert wait_for(bob, C.MessageReceived).text == "new laptop?"
+        assert not alice.is_verified("bob")
+        assert alice.mark_verified("bob") and alice.is_verified("bob")
+        alice.close()
+        bob.close()
