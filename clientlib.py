@@ -241,7 +241,7 @@ class ChatClient:
             for event in self._recv_events():
                 if isinstance(event, P.HandshakeComplete):
                     done = event
-        self._sendall(self.proto.data_to_send())  # ClientFinished
+            self._sendall(self.proto.data_to_send())  # a puzzle's new ClientHello, or ClientFinished
         self._check_server_key(done.server_key)
         self.server_fingerprint = done.fingerprint
         return done

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import crypto_utils as cu
 from diffiehellman import MAX_GROUP_NAME_BYTES, DiffieHellman, get_group
+from puzzle import PuzzleGate
+from puzzle import solve as puzzle_solve
 from errors import (
     DecryptionFailed,
     DHError,
@@ -233,6 +235,8 @@ class ClientHello(Message):
     public: bytes = wire(Kind.BYTES, max_len=MAX_PUBLIC_VALUE_BYTES)
     nonce: bytes = wire(Kind.BYTES, exact=NONCE_BYTES, max_len=NONCE_BYTES)
     suites: bytes = wire(Kind.BYTES, max_len=8)  # suite ids the client accepts
+    puzzle_challenge: bytes = wire(Kind.BYTES, max_len=64)  # empty unless answering a Puzzle
+    puzzle_solution: bytes = wire(Kind.BYTES, max_len=16)
 
 
 @message(0x02)
@@ -262,6 +266,7 @@ class HandshakeErrorCode(enum.IntEnum):
     UNSUPPORTED_SUITE = 4
     BAD_PUBLIC_VALUE = 5
     BUSY = 6
+    PUZZLE_FAILED = 7
 
 
 @message(0x05)
@@ -269,6 +274,14 @@ class HandshakeError(Message):
     """Sent in the clear before keys exist; the client shows only its own text for the code."""
 
     code: int = wire(Kind.U8)
+
+
+@message(0x06)
+class Puzzle(Message):
+    """Server under load: solve this (puzzle.py) and send the ClientHello again."""
+
+    challenge: bytes = wire(Kind.BYTES, max_len=64)
+    difficulty: int = wire(Kind.U8)
 
 
 # --- session (sealed records) --------------------------------------------------
@@ -395,7 +408,7 @@ class KeyUpdate(Message):
     """Record layer: the sender's following records use the next traffic key."""
 
 
-HANDSHAKE_MESSAGES = (ClientHello, ServerHello, ServerAuth, ClientFinished, HandshakeError)
+HANDSHAKE_MESSAGES = (ClientHello, ServerHello, ServerAuth, ClientFinished, HandshakeError, Puzzle)
 
 
 # =============================================================================
@@ -404,6 +417,11 @@ HANDSHAKE_MESSAGES = (ClientHello, ServerHello, ServerAuth, ClientFinished, Hand
 def encode_frame(body: bytes) -> bytes:
     if len(body) > MAX_FRAME_BYTES:
         raise LocalProtocolError(f"Frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}.")
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def encode_frame_unchecked(body: bytes) -> bytes:
+    """A frame of any size (test tools that forward what they are given)."""
     return FRAME_HEADER.pack(len(body)) + body
 
 
@@ -538,7 +556,7 @@ RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {
     (Role.SERVER, State.AWAITING_CLIENT_FINISHED): frozenset({ClientFinished}),
     (Role.SERVER, State.ESTABLISHED): frozenset(_SESSION_FROM_CLIENT_UNAUTH),
     (Role.SERVER, State.AUTHENTICATED): frozenset(_SESSION_FROM_CLIENT_AUTH),
-    (Role.CLIENT, State.AWAITING_SERVER_HELLO): frozenset({ServerHello, HandshakeError}),
+    (Role.CLIENT, State.AWAITING_SERVER_HELLO): frozenset({ServerHello, HandshakeError, Puzzle}),
     (Role.CLIENT, State.AWAITING_SERVER_AUTH): frozenset({ServerAuth}),
     (Role.CLIENT, State.ESTABLISHED): frozenset(_SESSION_FROM_SERVER_UNAUTH),
     (Role.CLIENT, State.AUTHENTICATED): frozenset(_SESSION_FROM_SERVER_AUTH),
@@ -713,19 +731,34 @@ class ClientProtocol(Connection):
         self._expected_server_key = expected_server_key
         self._server_hello: ServerHello | None = None
         self._keys: _KeySchedule | None = None
+        self._puzzle_solved = False
 
     def initiate(self) -> bytes:
         """Start the handshake: returns the ClientHello frame."""
         if self.state is not State.START:
             raise LocalProtocolError("The handshake has already started.")
-        hello = ClientHello(version=PROTOCOL_VERSION, group=self._dh.group.name,
-                            public=self._dh.public_bytes, nonce=cu.random_bytes(NONCE_BYTES),
-                            suites=bytes(s.suite_id for s in self._suites))
-        self._transcript += self._emit_plain(hello)
+        self._send_hello()
         self.state = State.AWAITING_SERVER_HELLO
         return self.data_to_send()
 
+    def _send_hello(self, challenge: bytes = b"", solution: bytes = b"") -> None:
+        hello = ClientHello(version=PROTOCOL_VERSION, group=self._dh.group.name,
+                            public=self._dh.public_bytes, nonce=cu.random_bytes(NONCE_BYTES),
+                            suites=bytes(s.suite_id for s in self._suites),
+                            puzzle_challenge=challenge, puzzle_solution=solution)
+        self._transcript = bytearray(self._emit_plain(hello))  # only the final hello is in the transcript
+
     def _handshake(self, msg: Message, body: bytes):
+        if isinstance(msg, Puzzle):
+            if self._puzzle_solved:
+                raise HandshakeFailed("The server sent a second puzzle.")
+            try:
+                solution = puzzle_solve(msg.challenge, self._dh.public_bytes, msg.difficulty)
+            except ValueError as exc:
+                raise HandshakeFailed(str(exc)) from None
+            self._puzzle_solved = True
+            self._send_hello(msg.challenge, solution)
+            return None
         if isinstance(msg, HandshakeError):
             try:
                 code = HandshakeErrorCode(msg.code).name.lower().replace("_", " ")
@@ -779,9 +812,13 @@ class ServerProtocol(Connection):
 
     def __init__(self, identity: Ed25519PrivateKey, *, suite: str = cu.DEFAULT_SUITE,
                  allowed_groups: frozenset[str] | None = None, tdes_backend: str | None = None,
-                 update_after_bytes: int | None = None) -> None:
+                 update_after_bytes: int | None = None, puzzle: PuzzleGate | None = None,
+                 source: str = "") -> None:
         super().__init__(update_after_bytes=update_after_bytes)
         self.state = State.AWAITING_CLIENT_HELLO
+        self._puzzle = puzzle
+        self._source = source
+        self._puzzles_sent = 0
         self._identity = identity
         self._suite = cu.get_suite(suite, tdes_backend=tdes_backend)
         self._allowed_groups = allowed_groups
@@ -799,6 +836,8 @@ class ServerProtocol(Connection):
             if self._suite.suite_id not in msg.suites:
                 self._refuse(HandshakeErrorCode.UNSUPPORTED_SUITE,
                              f"The client does not offer the {self._suite.name} suite.")
+            if self._puzzle is not None and not self._puzzle_passed(msg):
+                return None  # a Puzzle was sent; the client answers with a new ClientHello
             try:
                 group = get_group(msg.group)
                 if self._allowed_groups is not None and group.name not in self._allowed_groups:
@@ -833,6 +872,23 @@ class ServerProtocol(Connection):
         key = cu.public_bytes(self._identity)
         return HandshakeComplete(server_key=key, fingerprint=cu.fingerprint(key),
                                  suite=self._suite.name, group=self.group or "")
+
+    def _puzzle_passed(self, msg: ClientHello) -> bool:
+        """Before any DH work: a puzzle solved, or none needed; else send one (at most once)."""
+        assert self._puzzle is not None
+        need = self._puzzle.difficulty()
+        if need == 0 and not msg.puzzle_challenge:
+            return True
+        if not msg.puzzle_challenge:
+            if self._puzzles_sent:
+                self._refuse(HandshakeErrorCode.PUZZLE_FAILED, "The client ignored the puzzle.")
+            self._puzzles_sent += 1
+            self._emit_plain(Puzzle(challenge=self._puzzle.issue(self._source, need), difficulty=need))
+            return False
+        why = self._puzzle.check(self._source, msg.puzzle_challenge, msg.public, msg.puzzle_solution, need)
+        if why is not None:
+            self._refuse(HandshakeErrorCode.PUZZLE_FAILED, why)
+        return True
 
     def _after_send(self, msg: Message) -> None:
         super()._after_send(msg)

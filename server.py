@@ -35,6 +35,7 @@ import crypto_utils as cu
 import protocol as P
 from auth import DEFAULT_BCRYPT_COST, AuthService
 from protocol import normalize_username
+from puzzle import PuzzleGate
 from database import Storage, open_storage
 from errors import (
     AccountLocked,
@@ -75,6 +76,11 @@ class ServerConfig:
     max_connections: int = 20000
     max_unauthenticated: int = 256       # OpenSSH MaxStartups-style cap on half-open sessions
     max_unauthenticated_per_source: int = 32
+    connections_per_source_per_s: float = 20.0   # token bucket per source address...
+    connection_burst_per_source: int = 60        # ...and its burst
+    puzzle_mode: str = "auto"            # off | auto (under load) | always
+    puzzle_bits: int = 16                # base difficulty; grows with load up to puzzle.MAX_DIFFICULTY
+    puzzle_load_threshold: int = 64      # half-open connections before "auto" asks for work
     allowed_groups: frozenset[str] | None = None
     tdes_backend: str | None = None
     max_failures: int = 5
@@ -251,6 +257,28 @@ class Session:
             self.outbox.close()
 
 
+class SourceRateLimiter:
+    """A token bucket per source address (bounded memory: the stalest entries go first)."""
+
+    MAX_SOURCES = 100_000
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate_per_s, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, source: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            tokens, last = self._buckets.pop(source, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            allowed = tokens >= 1.0
+            self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)  # re-insert: newest last
+            while len(self._buckets) > self.MAX_SOURCES:
+                del self._buckets[next(iter(self._buckets))]
+            return allowed
+
+
 @dataclass
 class LiveConversation:
     id: int
@@ -271,6 +299,10 @@ class Registry:
     conversations: dict[int, LiveConversation] = field(default_factory=dict)
     sessions: set[Session] = field(default_factory=set)
     unauthenticated: dict[str, int] = field(default_factory=dict)  # source -> count
+
+    def unauthenticated_total(self) -> int:
+        with self.lock:
+            return sum(self.unauthenticated.values())
 
     def add_connection(self, session: Session, max_total: int, max_unauth: int, max_unauth_per_source: int) -> str | None:
         """Admit a new connection, or return why not."""
@@ -541,6 +573,10 @@ class Server:
         self.fingerprint = cu.fingerprint(self.identity.public_key())
         self.storage = storage or open_storage(config.database_url)
         self.service = ChatService(self.storage, config, announce)
+        self.rate_limiter = SourceRateLimiter(config.connections_per_source_per_s, config.connection_burst_per_source)
+        self.puzzle = PuzzleGate(config.puzzle_mode, base_difficulty=config.puzzle_bits,
+                                 load_threshold=config.puzzle_load_threshold,
+                                 load=self.service.registry.unauthenticated_total)
         self._listener: socket.socket | None = None
         self._flusher: Flusher | None = None
         self._stopping = threading.Event()
@@ -572,25 +608,39 @@ class Server:
                     break
                 log.exception("accept failed")
                 continue
-            t = threading.Thread(target=self._serve_connection, args=(sock, addr[0]),
+            session = self._admit(sock, addr[0])
+            if session is None:
+                continue
+            t = threading.Thread(target=self._serve_connection, args=(sock, session),
                                  name=f"conn-{addr[0]}:{addr[1]}", daemon=True)
             with self._threads_lock:
                 self._threads.add(t)
             t.start()
 
-    def _serve_connection(self, sock: socket.socket, source: str) -> None:
+    def _admit(self, sock: socket.socket, source: str) -> Session | None:
+        """Rate and connection limits, checked in the accept loop: refused junk costs no thread."""
         assert self._flusher is not None
-        proto = P.ServerProtocol(self.identity, suite=self.config.cipher,
-                                 allowed_groups=self.config.allowed_groups, tdes_backend=self.config.tdes_backend)
+        refusal = None if self.rate_limiter.allow(source) else "too many new connections from this address"
+        proto = P.ServerProtocol(self.identity, suite=self.config.cipher, allowed_groups=self.config.allowed_groups,
+                                 tdes_backend=self.config.tdes_backend, puzzle=self.puzzle, source=source)
         session = Session(proto, Outbox(sock, self._flusher, self.config.outbox_limit_bytes), source)
-        refusal = self.service.registry.add_connection(
-            session, self.config.max_connections, self.config.max_unauthenticated,
-            self.config.max_unauthenticated_per_source)
+        if refusal is None:
+            refusal = self.service.registry.add_connection(
+                session, self.config.max_connections, self.config.max_unauthenticated,
+                self.config.max_unauthenticated_per_source)
+        if refusal is None:
+            return session
+        log.warning("refused a connection from %s: %s", source, refusal)
         try:
-            if refusal is not None:
-                log.warning("refused a connection from %s: %s", source, refusal)
-                sock.sendall(P.encode_frame(P.HandshakeError(code=P.HandshakeErrorCode.BUSY).encode()))
-                return
+            sock.send(P.encode_frame(P.HandshakeError(code=P.HandshakeErrorCode.BUSY).encode()), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        sock.close()
+        return None
+
+    def _serve_connection(self, sock: socket.socket, session: Session) -> None:
+        source = session.source
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self._read_loop(sock, session)
         except TimeoutError:
@@ -674,6 +724,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--rekey-messages", type=int, default=1000, help="new conversation key after N messages")
     p.add_argument("--rekey-minutes", type=float, default=60.0, help="new conversation key after N minutes")
     p.add_argument("--login-grace", type=float, default=30.0, help="seconds from connect to logged in")
+    p.add_argument("--puzzle", choices=["off", "auto", "always"], default="auto",
+                   help="client puzzle before any DH work: auto = only under load (default)")
+    p.add_argument("--puzzle-bits", type=int, default=16, help="base puzzle difficulty in bits (default 16)")
+    p.add_argument("--max-unauthenticated", type=int, default=256,
+                   help="half-open connections allowed at once (default 256)")
+    p.add_argument("--max-unauthenticated-per-source", type=int, default=32,
+                   help="half-open connections allowed per address (default 32)")
+    p.add_argument("--connections-per-second", type=float, default=20.0,
+                   help="new connections per second per address (default 20, burst 60)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -685,9 +744,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--port must be between 0 and 65535.")
     if args.rekey_messages < 1 or args.rekey_minutes <= 0 or args.login_grace <= 0:
         raise ConfigError("--rekey-messages, --rekey-minutes and --login-grace must be positive.")
+    if not 0 <= args.puzzle_bits <= 22:
+        raise ConfigError("--puzzle-bits must be between 0 and 22.")
     return ServerConfig(host=args.host, port=args.port, db_url=args.db_url, data_dir=args.data_dir,
                         cipher=args.cipher, bcrypt_cost=args.bcrypt_cost, rekey_after_messages=args.rekey_messages,
-                        rekey_after_s=args.rekey_minutes * 60, login_grace_s=args.login_grace)
+                        rekey_after_s=args.rekey_minutes * 60, login_grace_s=args.login_grace,
+                        puzzle_mode=args.puzzle, puzzle_bits=args.puzzle_bits,
+                        max_unauthenticated=args.max_unauthenticated,
+                        max_unauthenticated_per_source=args.max_unauthenticated_per_source,
+                        connections_per_source_per_s=args.connections_per_second,
+                        connection_burst_per_source=max(1, int(args.connections_per_second * 3)))
 
 
 class _Stop(Exception):
