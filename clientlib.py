@@ -196,13 +196,17 @@ _AUTH_ERRORS = {
 class ChatClient:
     def __init__(self, host: str, port: int, *, home: Path | None = None, group: str = "x25519",
                  suites: tuple[str, ...] = cu.SUITE_NAMES, server_fingerprint: str | None = None,
-                 timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+                 timeout_s: float = CONNECT_TIMEOUT_S, persist_identity: bool = True) -> None:
+        """``persist_identity=False`` keeps the identity key in memory only (benchmarks:
+        no scrypt per login, nothing on disk; peers see a new key every session)."""
         self.host, self.port = host, port
         self.home = Path(home) if home is not None else default_home()
         self.known_servers = KnownServers(self.home)
         self.pinned_fingerprint = parse_fingerprint(server_fingerprint) if server_fingerprint else None
         self.timeout_s = timeout_s
+        self._group, self._suites = group, suites
         self.proto = P.ClientProtocol(group=group, suites=suites)
+        self._ticket: bytes | None = None  # resumption ticket: memory only, never on disk
         self.sock: socket.socket | None = None
         self.server_fingerprint: str | None = None
         self.first_contact = False
@@ -210,6 +214,7 @@ class ChatClient:
         self.events: queue.Queue = queue.Queue(maxsize=EVENT_QUEUE_MAX)
         self.conversations: dict[str, e2e.E2ESession] = {}
         self.identities = e2e.IdentityStore(self.home, self.server_id)
+        self.persist_identity = persist_identity
         self.identity: Ed25519PrivateKey | None = None
         self.peer_trust: e2e.PeerTrust | None = None
         self._changed_identity: dict[str, bytes] = {}   # peer -> new key awaiting /accept
@@ -235,6 +240,7 @@ class ChatClient:
             reason = exc.strerror or str(exc) or exc.__class__.__name__
             raise ConnectionClosed(f"Cannot connect to {self.server_id}: {reason}.") from None
         self.sock.settimeout(REPLY_TIMEOUT_S)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
         self._sendall(self.proto.initiate())
         done = None
         while done is None:
@@ -299,7 +305,7 @@ class ChatClient:
         does not open) gets a new one; their peers will see the key change.
         """
         name = P.normalize_username(username)
-        identity = self.identities.load(name, password)
+        identity = self.identities.load(name, password) if self.persist_identity else None
         created = identity is None
         identity = identity or Ed25519PrivateKey.generate()
         ok = self._authenticate(P.Login(username=name, password=password.encode("utf-8"),
@@ -317,25 +323,56 @@ class ChatClient:
         return ok
 
     def _logged_in(self, ok: P.AuthOk, password: str, identity: Ed25519PrivateKey, *, save: bool) -> None:
-        if save:
+        if save and self.persist_identity:
             self.identities.save(ok.username, password, identity)
         self.identity = identity
         self.peer_trust = e2e.PeerTrust(self.home, ok.username, self.server_id)
+
+    def resume(self) -> bool:
+        """Reconnect after the connection dropped (a server restart, say), without the password.
+
+        A new handshake (the server's key is checked again), then the ticket from
+        the last login.  The conversations that were open are asked for again.
+        """
+        if self._ticket is None or self.identity is None:
+            raise AuthError("No session ticket; log in with the password.")
+        wanted = set(self._wanted)
+        old = self.sock
+        self.sock = None
+        if old is not None:
+            try:
+                old.close()
+            except OSError:
+                pass
+        if self._receiver is not None and self._receiver is not threading.current_thread():
+            self._receiver.join(timeout=5)
+        self.proto = P.ClientProtocol(group=self._group, suites=self._suites)
+        self.closed.clear()
+        with self._state_lock:
+            self.conversations.clear()
+            self._pending_open.clear()
+        self.connect()
+        self._authenticate(P.Resume(ticket=self._ticket, identity_key=cu.public_bytes(self.identity)))
+        self.start()
+        for peer in sorted(wanted):
+            self.open_conversation(peer)
+        return True
 
     @property
     def identity_fingerprint(self) -> str | None:
         return cu.fingerprint(cu.public_bytes(self.identity)) if self.identity is not None else None
 
-    def _authenticate(self, msg: P.Login | P.Register) -> P.AuthOk:
-        if len(msg.password) > P.MAX_PASSWORD_BYTES:
+    def _authenticate(self, msg: P.Login | P.Register | P.Resume) -> P.AuthOk:
+        if len(getattr(msg, "password", b"")) > P.MAX_PASSWORD_BYTES:
             raise InvalidPassword(f"Passwords must be at most {P.MAX_PASSWORD_BYTES} bytes.")
-        if len(msg.username.encode()) > P.MAX_USERNAME_BYTES:
+        if len(getattr(msg, "username", "").encode()) > P.MAX_USERNAME_BYTES:
             raise InvalidUsername("Usernames are at most 32 characters.")
         self._send(msg)
         while True:
             for event in self._recv_events():
                 if isinstance(event, P.AuthOk):
                     self.username = event.username
+                    self._ticket = event.ticket or None
                     return event
                 if isinstance(event, P.AuthFailed):
                     self._raise_auth_failed(event)
@@ -415,8 +452,10 @@ class ChatClient:
             self._emit(PeerOffline(peer))
             return
         with self._state_lock:
-            reopen = peer in self._wanted and peer not in self._pending_open
-            if reopen:  # a new session of the peer has none of our keys: start over
+            # Only an unasked notice means the peer (re)connected: a new session of the peer
+            # has none of our keys, so start over.  An answer to our own request does not.
+            reopen = msg.notice and peer in self._wanted and peer not in self._pending_open
+            if reopen:
                 self._pending_open.add(peer)
                 self.conversations.pop(peer, None)
         self._emit(PeerOnline(peer))

@@ -54,6 +54,7 @@ MAX_PASSWORD_BYTES = 1024
 MAX_PAYLOAD_BYTES = 60 * 1024
 MAX_REASON_BYTES = 512
 MAX_WHO_USERS = 1000
+MAX_TICKET_BYTES = 256
 MAX_PUBLIC_VALUE_BYTES = 512  # 4096-bit groups
 SEQUENCE_LIMIT = (1 << 64) - 1  # a sequence number never wraps (TLS 1.3 section 5.3)
 
@@ -90,9 +91,10 @@ _INT_STRUCTS = {Kind.U8: struct.Struct(">B"), Kind.U32: struct.Struct(">I"), Kin
 _U16 = struct.Struct(">H")
 
 
-def wire(kind: Kind, *, max_len: int = 0, exact: int | None = None, max_items: int = 0) -> Any:
+def wire(kind: Kind, *, max_len: int = 0, exact: int | None = None, max_items: int = 0,
+         default: Any = dataclasses.MISSING) -> Any:
     """Declare a message field's wire encoding (and its bounds)."""
-    return field(metadata={"kind": kind, "max_len": max_len, "exact": exact, "max_items": max_items})
+    return field(default=default, metadata={"kind": kind, "max_len": max_len, "exact": exact, "max_items": max_items})
 
 
 class _Reader:
@@ -184,11 +186,12 @@ class Message:
     """Base of every typed message; ``TYPE`` is its one-byte wire tag."""
 
     TYPE: ClassVar[int]
+    FIELDS: ClassVar[tuple] = ()  # (name, metadata) per field, computed once at registration
 
     def encode(self) -> bytes:
         out = bytearray((self.TYPE,))
-        for f in dataclasses.fields(self):
-            _encode_field(out, f.name, f.metadata, getattr(self, f.name))
+        for name, meta in self.FIELDS:
+            _encode_field(out, name, meta, getattr(self, name))
         return bytes(out)
 
     def __repr__(self) -> str:  # never print secrets (passwords, keys) in logs
@@ -207,6 +210,7 @@ def message(type_id: int) -> Callable[[type], type]:
             raise RuntimeError(f"duplicate message type {type_id:#x}")
         cls.TYPE = type_id
         cls = dataclass(frozen=True, repr=False)(cls)
+        cls.FIELDS = tuple((f.name, dict(f.metadata)) for f in dataclasses.fields(cls))
         MESSAGE_TYPES[type_id] = cls
         return cls
     return register
@@ -221,7 +225,7 @@ def decode_message(data: bytes) -> Message:
         raise MalformedMessage(f"Unknown message type {data[0]:#04x}.")
     r = _Reader(data)
     r.pos = 1
-    values = {f.name: _decode_field(r, f.name, f.metadata) for f in dataclasses.fields(cls)}
+    values = {name: _decode_field(r, name, meta) for name, meta in cls.FIELDS}
     if r.pos != len(data):
         raise MalformedMessage("Trailing bytes after message.")
     return cls(**values)
@@ -303,6 +307,15 @@ class Login(Message):
 class AuthOk(Message):
     username: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
     created: bool = wire(Kind.BOOL)
+    ticket: bytes = wire(Kind.BYTES, max_len=MAX_TICKET_BYTES, default=b"")  # resumption ticket (section 7.1)
+
+
+@message(0x14)
+class Resume(Message):
+    """Log in again with a resumption ticket instead of the password (no bcrypt)."""
+
+    ticket: bytes = wire(Kind.BYTES, max_len=MAX_TICKET_BYTES)
+    identity_key: bytes = wire(Kind.BYTES, exact=32, max_len=32)
 
 
 class AuthCode(enum.IntEnum):
@@ -332,11 +345,13 @@ class OpenConversation(Message):
 
 @message(0x21)
 class PeerStatus(Message):
-    """``peer`` is online or offline (answer, and later automatic notice)."""
+    """``peer`` is online or offline: an answer to OpenConversation, or (``notice``)
+    unasked, when the peer logs in or leaves."""
 
     peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
     online: bool = wire(Kind.BOOL)
     known: bool = wire(Kind.BOOL)
+    notice: bool = wire(Kind.BOOL, default=False)
 
 
 @message(0x22)
@@ -546,7 +561,7 @@ class HandshakeComplete:
 SIGNATURE_CONTEXT = b"secureim/v1 server handshake signature\x00"
 
 # Messages the *peer* may send us, per state.  A pair missing here closes the connection.
-_SESSION_FROM_CLIENT_UNAUTH = {Register, Login, Goodbye}
+_SESSION_FROM_CLIENT_UNAUTH = {Register, Login, Resume, Goodbye}
 _SESSION_FROM_CLIENT_AUTH = {OpenConversation, Relay, WhoRequest, Goodbye}
 _SESSION_FROM_SERVER_UNAUTH = {AuthOk, AuthFailed, Error, Goodbye}
 _SESSION_FROM_SERVER_AUTH = {PeerStatus, ConversationKey, Deliver, WhoResponse, Error, Goodbye}

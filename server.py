@@ -36,6 +36,7 @@ import protocol as P
 from auth import DEFAULT_BCRYPT_COST, AuthService
 from protocol import normalize_username
 from puzzle import PuzzleGate
+from tickets import TicketIssuer, load_or_create_ticket_key
 from database import Storage, open_storage
 from errors import (
     AccountLocked,
@@ -157,6 +158,7 @@ class Outbox:
         self._flusher = flusher
         self._limit = limit
         self._pending = bytearray()
+        self._watched = False
         self._lock = threading.Lock()
         self.closed = False
 
@@ -164,16 +166,26 @@ class Outbox:
         with self._lock:
             if self.closed:
                 raise ConnectionClosed()
-            if self._pending:
-                if len(self._pending) + len(data) > self._limit:
-                    self._close_locked()
-                    raise ConnectionClosed("The client stopped reading; its queue is full.")
-                self._pending += data
+            if len(self._pending) + len(data) > self._limit:
+                self._close_locked()
+                raise ConnectionClosed("The client stopped reading; its queue is full.")
+            self._pending += data
+            if not self._watched:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            try:
+                sent = self._send_locked(bytes(self._pending))
+            except ConnectionClosed:
                 return
-            sent = self._send_locked(data)
-            if sent < len(data):
-                self._pending += data[sent:]
-                self._flusher.watch(self)
+            del self._pending[:sent]
+        if self._pending and not self._watched:
+            self._watched = True
+            self._flusher.watch(self)
+        elif not self._pending and self._watched:
+            self._watched = False
+            self._flusher.unwatch(self)
 
     def _send_locked(self, data: bytes) -> int:
         try:
@@ -185,20 +197,16 @@ class Outbox:
             raise ConnectionClosed() from None
 
     def flush_pending(self) -> None:
+        """Called by the flusher when the socket is writable again."""
         with self._lock:
-            if self.closed or not self._pending:
+            if self.closed:
                 self._flusher.unwatch(self)
                 return
-            try:
-                sent = self._send_locked(bytes(self._pending))
-            except ConnectionClosed:
-                return
-            del self._pending[:sent]
-            if not self._pending:
-                self._flusher.unwatch(self)
+            self._flush_locked()
 
     def _close_locked(self) -> None:
         self.closed = True
+        self._watched = False
         self._flusher.unwatch(self)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
@@ -207,6 +215,11 @@ class Outbox:
 
     def close(self) -> None:
         with self._lock:
+            if not self.closed and self._pending and not self._watched:
+                try:  # a last try for what is queued (a Goodbye, say); never blocks
+                    self._send_locked(bytes(self._pending))
+                except ConnectionClosed:
+                    pass
             self._close_locked()
 
 
@@ -393,6 +406,7 @@ class ChatService:
                                 max_failures=config.max_failures, lock_s=config.lock_s)
         self.registry = Registry()
         self.announce = announce
+        self.tickets = TicketIssuer(load_or_create_ticket_key(Path(config.data_dir)))
         self._kdc_lock = threading.Lock()
 
     # -- dispatch ----------------------------------------------------------------
@@ -446,6 +460,17 @@ class ChatService:
         session.identity_key = msg.identity_key
         self._logged_in(session, username, created=register)
 
+    def _resume(self, session: Session, msg: P.Resume) -> None:
+        """A resumption ticket instead of the password: no bcrypt, no database."""
+        session.auth_attempts += 1
+        try:
+            username = self.tickets.redeem(msg.ticket, msg.identity_key)
+        except InvalidCredentials as exc:
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc))
+            return
+        session.identity_key = msg.identity_key
+        self._logged_in(session, username, created=False)
+
     def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0) -> None:
         log.info("login failed from %s: %s", session.source, code.name)
         if session.auth_attempts >= self.config.max_auth_tries:
@@ -460,13 +485,15 @@ class ChatService:
         if old is not None and old is not session:
             # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
             old.close("You signed in from another place; this session was closed.")
-        session.send(P.AuthOk(username=username, created=created))
+        assert session.identity_key is not None
+        session.send(P.AuthOk(username=username, created=created,
+                              ticket=self.tickets.issue(username, session.identity_key)))
         self.announce(f"[SERVER]: {username} connected from {session.source}."
                       f" ({len(self.registry.online)} online)")
         for watcher in waiting:
             peer_session = self.registry.session_of(watcher)
             if peer_session is not None:
-                peer_session.send(P.PeerStatus(peer=username, online=True, known=True))
+                peer_session.send(P.PeerStatus(peer=username, online=True, known=True, notice=True))
 
     def disconnected(self, session: Session) -> None:
         was_online, peers = self.registry.remove(session)
@@ -476,7 +503,7 @@ class ChatService:
         for peer in peers:
             peer_session = self.registry.session_of(peer)
             if peer_session is not None:
-                peer_session.send(P.PeerStatus(peer=session.username, online=False, known=True))
+                peer_session.send(P.PeerStatus(peer=session.username, online=False, known=True, notice=True))
 
     # -- presence and the KDC ------------------------------------------------------
     def _open(self, session: Session, msg: P.OpenConversation) -> None:
@@ -548,7 +575,7 @@ class ChatService:
         users = self.registry.online_users()
         session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
 
-    _HANDLERS = {P.Login: _auth, P.Register: _auth, P.OpenConversation: _open,
+    _HANDLERS = {P.Login: _auth, P.Register: _auth, P.Resume: _resume, P.OpenConversation: _open,
                  P.Relay: _relay, P.WhoRequest: _who}
 
 
@@ -642,6 +669,7 @@ class Server:
         source = session.source
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
             self._read_loop(sock, session)
         except TimeoutError:
             log.info("closed %s: no login within %.0f s", source, self.config.login_grace_s)

@@ -14,8 +14,8 @@ PASSWORD = "correct horse battery"
 
 
 @contextmanager
-def running_server(data_dir: Path, **overrides):
-    config = ServerConfig(host="127.0.0.1", port=0, data_dir=data_dir, bcrypt_cost=TEST_BCRYPT_COST, **overrides)
+def running_server(data_dir: Path, port: int = 0, **overrides):
+    config = ServerConfig(host="127.0.0.1", port=port, data_dir=data_dir, bcrypt_cost=TEST_BCRYPT_COST, **overrides)
     server = Server(config)
     server.start()
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -30,7 +30,7 @@ from errors import (
 @pytest.mark.parametrize("msg,hexbytes", [
     (P.Login(username="al", password=b"pw", identity_key=IK), "11 0002 616c 0002 7077 0020 0000000000000000000000000000000000000000000000000000000000000000"),
     (P.Register(username="bob", password=b"", identity_key=IK), "10 0003 626f62 0000 0020 0000000000000000000000000000000000000000000000000000000000000000"),
-    (P.PeerStatus(peer="bob", online=True, known=True), "21 0003 626f62 01 01"),
+    (P.PeerStatus(peer="bob", online=True, known=True), "21 0003 626f62 01 01 00"),
     (P.Relay(conversation_id=7, payload=b"\xff"), "23 0000000000000007 0001 ff"),
     (P.WhoRequest(), "30"),
     (P.WhoResponse(users=("a", "bc"), total=2), "31 0002 0001 61 0002 6263 00000002"),

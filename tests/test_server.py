@@ -414,3 +414,59 @@ def test_many_clients_in_parallel(tmp_path):
             t.join(timeout=60)
         assert not errors
         assert server.storage.count_users() == 20
+
+
+# --- resumption tickets --------------------------------------------------------------
+def test_resume_after_a_server_restart_without_password_or_bcrypt(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        bob = logged_in_client(server, tmp_path / "b", "bob")
+        alice.open_conversation("bob")
+        wait_for(bob, C.ConversationReady, peer="alice")
+        wait_for(alice, C.ConversationReady, peer="bob")
+        port = server.server_address[1]
+    wait_for(alice, C.Disconnected)  # the restart, as the user sees it
+    wait_for(bob, C.Disconnected)
+    with running_server(tmp_path / "srv", port=port) as server:  # same data dir: same ticket key
+        checks = []
+        original = server.service.auth._check
+        server.service.auth._check = lambda *a: checks.append(1) or original(*a)
+        assert alice.resume() and bob.resume()
+        assert checks == []  # no bcrypt for either
+        wait_for(alice, C.ConversationReady, peer="bob")
+        wait_for(bob, C.ConversationReady, peer="alice")
+        alice.send_message("bob", "back again")
+        assert wait_for(bob, C.MessageReceived).text == "back again"
+        alice.close()
+        bob.close()
+
+
+def test_tickets_are_bound_forged_and_expired_ones_refused(tmp_path):
+    import tickets
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    import crypto_utils as cu
+    key = tickets.load_or_create_ticket_key(tmp_path)
+    assert (tmp_path / "ticket.key").stat().st_mode & 0o777 == 0o600
+    now = [1_000_000.0]
+    issuer = tickets.TicketIssuer(key, clock=lambda: now[0])
+    ik = cu.public_bytes(Ed25519PrivateKey.generate())
+    t = issuer.issue("alice", ik)
+    assert issuer.redeem(t, ik) == "alice"
+    with pytest.raises(InvalidCredentials):
+        issuer.redeem(t, bytes(32))  # another identity key
+    with pytest.raises(InvalidCredentials):
+        issuer.redeem(t[:-1] + bytes([t[-1] ^ 1]), ik)  # tampered
+    with pytest.raises(InvalidCredentials):
+        tickets.TicketIssuer(cu.random_bytes(32)).redeem(t, ik)  # another server's key
+    now[0] += tickets.TICKET_LIFETIME_S + 1
+    with pytest.raises(InvalidCredentials, match="expired"):
+        issuer.redeem(t, ik)
+    assert b"alice" not in t  # the username is sealed too
+
+
+def test_resume_with_a_bad_ticket_is_refused(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        c = make_client(server, tmp_path / "x")
+        with pytest.raises(InvalidCredentials, match="ticket"):
+            c._authenticate(P.Resume(ticket=b"\0" * 60, identity_key=bytes(32)))
+        c.close()
