@@ -18,7 +18,6 @@ import os
 import queue
 import socket
 import threading
-import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path

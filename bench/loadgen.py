@@ -27,7 +27,6 @@ import resource
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,7 +82,6 @@ class ServerUnderTest:
     def restart(self) -> None:
         """Stop and start again on the same port and data (the reconnect storm)."""
         self.stop(keep_data=True)
-        self.args = [a if a != "0" else a for a in self.args]
         i = self.args.index("--port")
         self.args[i + 1] = str(self.port)
         self._start()
@@ -190,7 +188,7 @@ def relay_worker(host, port, pair_ids, messages, window, payload_bytes, barrier,
         pairs.append((a, b))
     state = [{"sent": 0, "recv": 0, "expected": 0, "disorder": 0, "lat": [], "cond": threading.Condition()}
              for _ in pairs]
-    for (a, b), st in zip(pairs, state):
+    for (_a, b), st in zip(pairs, state, strict=True):
         def on_message(event, st=st):
             seq, sent_at = event.text.split(" ", 2)[:2]
             with st["cond"]:
@@ -217,7 +215,7 @@ def relay_worker(host, port, pair_ids, messages, window, payload_bytes, barrier,
             with st["cond"]:
                 st["sent"] += 1
 
-    threads = [threading.Thread(target=send_all, args=(a, b, st)) for (a, b), st in zip(pairs, state)]
+    threads = [threading.Thread(target=send_all, args=(a, b, st)) for (a, b), st in zip(pairs, state, strict=True)]
     for t in threads:
         t.start()
     for t in threads:

@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(__file__).resolve().parent / "vectors"
 sys.path.insert(0, str(ROOT))
 
+pytest_plugins = ["db_fixtures"]  # the mysql_database fixture, for every test module
+
 
 def load_wycheproof(name: str) -> list[tuple[dict, dict]]:
     """(group, test) pairs of one Wycheproof file."""

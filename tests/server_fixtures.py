@@ -27,6 +27,22 @@ def running_server(data_dir: Path, port: int = 0, **overrides):
         thread.join(timeout=10)
 
 
+class RecordingSuite:
+    """Wraps the server's suite and records every conversation key the KDC generates."""
+
+    def __init__(self, suite):
+        self._suite = suite
+        self.keys = []
+
+    def generate_key(self):
+        key = self._suite.generate_key()
+        self.keys.append(key)
+        return key
+
+    def __getattr__(self, name):
+        return getattr(self._suite, name)
+
+
 def make_client(server, home: Path, **kw) -> clientlib.ChatClient:
     host, port = server.server_address
     client = clientlib.ChatClient(host, port, home=home, **kw)

@@ -38,6 +38,18 @@ def rewrite(frame: bytes, **changes) -> bytes:
     return P.encode_frame(dataclasses.replace(msg, **changes).encode())
 
 
+def _read_messages(s: socket.socket) -> list:
+    """Every plaintext message the server sends until it closes (the socket is closed after)."""
+    decoder = P.FrameDecoder()
+    out = []
+    while chunk := s.recv(65536):
+        decoder.feed(chunk)
+        while (body := decoder.next_frame()) is not None:
+            out.append(P.decode_message(body))
+    s.close()
+    return out
+
+
 def via_proxy(server, tmp_path, tamper, name="victim"):
     proxy = MitmProxy(server.server_address, tamper)
     host, port = proxy.address
@@ -149,17 +161,9 @@ def test_A14_replay_a_whole_recorded_session_later(tmp_path):
                 s.sendall(frame)
             except OSError:
                 break
-        received = b""
-        while chunk := s.recv(65536):
-            received += chunk
-        s.close()
-        frames = []
-        while len(received) >= 4:
-            n = int.from_bytes(received[:4], "big")
-            frames.append(received[4:4 + n])
-            received = received[4 + n:]
+        replies = _read_messages(s)
         # Only a new ServerHello and ServerAuth come back: the replayed ClientFinished fails.
-        assert [type(P.decode_message(f)) for f in frames] == [P.ServerHello, P.ServerAuth]
+        assert [type(m) for m in replies] == [P.ServerHello, P.ServerAuth]
         watcher = logged_in_client(server, tmp_path / "w", "watcher")
         watcher.who()
         assert wait_for(watcher, C.WhoList).users == ("watcher",)
@@ -270,16 +274,7 @@ def _raw_exchange(server, data: bytes) -> list:
     s = socket.create_connection(server.server_address, timeout=10)
     s.sendall(data)
     s.shutdown(socket.SHUT_WR)  # nothing more from us: the server answers, then closes
-    received = b""
-    while chunk := s.recv(65536):
-        received += chunk
-    s.close()
-    out = []
-    while len(received) >= 4:
-        n = int.from_bytes(received[:4], "big")
-        out.append(P.decode_message(received[4:4 + n]))
-        received = received[4 + n:]
-    return out
+    return _read_messages(s)
 
 
 @pytest.mark.parametrize("label", ["zero", "one", "p-1", "p"])

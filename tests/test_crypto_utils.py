@@ -75,7 +75,7 @@ def test_parity_is_odd_and_idempotent():
     fixed = cu.set_des_parity(raw)
     assert all(bin(b).count("1") % 2 == 1 for b in fixed)
     assert cu.set_des_parity(fixed) == fixed
-    assert all((a & 0xFE) == (b & 0xFE) for a, b in zip(raw, fixed))
+    assert all((a & 0xFE) == (b & 0xFE) for a, b in zip(raw, fixed, strict=True))
 
 
 @pytest.mark.parametrize("weak", sorted(cu.DES_WEAK_KEYS))

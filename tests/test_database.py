@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from db_fixtures import mysql_admin, mysql_database, mysql_url  # noqa: F401 - fixture
+from db_fixtures import mysql_admin, mysql_url
 
 import database
 from errors import ConfigError, DatabaseError, DatabaseUnavailable

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from server_fixtures import logged_in_client, running_server, wait_for
+from server_fixtures import RecordingSuite, logged_in_client, running_server, wait_for
 
 import clientlib as C
 import crypto_utils as cu
@@ -217,19 +217,6 @@ def test_peer_trust_pins_refuses_changes_and_marks_verified(tmp_path):
 
 
 # --- a curious and an active server ----------------------------------------------------------
-class RecordingSuite:
-    def __init__(self, suite):
-        self._suite, self.keys = suite, []
-
-    def generate_key(self):
-        key = self._suite.generate_key()
-        self.keys.append(key)
-        return key
-
-    def __getattr__(self, name):
-        return getattr(self._suite, name)
-
-
 def _spy_relay(server, rewrite=None):
     recorded = []
     original = server.service._relay

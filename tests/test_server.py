@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-from db_fixtures import mysql_database, mysql_url  # noqa: F401 - fixture
-from server_fixtures import PASSWORD, logged_in_client, make_client, running_server, wait_for
+from db_fixtures import mysql_url
+from server_fixtures import RecordingSuite, PASSWORD, logged_in_client, make_client, running_server, wait_for
 
 import clientlib as C
 import protocol as P
@@ -61,22 +61,6 @@ def test_register_login_chat_both_ways(tmp_path, db_url, cipher):
         assert conv.members == ("alice", "bob") and conv.key_generation == 1
         alice.close()
         bob.close()
-
-
-class RecordingSuite:
-    """Wraps the server's suite and records every conversation key the KDC generates."""
-
-    def __init__(self, suite):
-        self._suite = suite
-        self.keys = []
-
-    def generate_key(self):
-        key = self._suite.generate_key()
-        self.keys.append(key)
-        return key
-
-    def __getattr__(self, name):
-        return getattr(self._suite, name)
 
 
 def test_database_holds_no_key_or_message(tmp_path):
