@@ -233,6 +233,7 @@ class _Generation:
     my_share: bytes
     send: _Chain | None = None
     recv: _Chain | None = None
+    direct: tuple[bytes, bytes] | None = None   # (send, recv) keys for direct mode's datagram layer
 
 
 class E2ESession:
@@ -285,6 +286,9 @@ class E2ESession:
         root = cu.hkdf(gen.kdc_key + dh, salt=transcript, info=cu.label("e2e root"), length=32)
         gen.send = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.me}>{self.peer}"), length=32))
         gen.recv = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.peer}>{self.me}"), length=32))
+        length = self.suite.key_bytes
+        gen.direct = (cu.hkdf(root, salt=None, info=cu.label(f"direct {self.me}>{self.peer}"), length=length),
+                      cu.hkdf(root, salt=None, info=cu.label(f"direct {self.peer}>{self.me}"), length=length))
         gen.kdc_key = None        # forgotten once used
         gen.my_private = None
         if self.current is None or generation > self.current:
@@ -294,6 +298,14 @@ class E2ESession:
     @property
     def ready(self) -> bool:
         return self.current is not None
+
+    def direct_keys(self) -> tuple[bytes, bytes]:
+        """(send, recv) key material for direct mode's datagram channel, this generation."""
+        if self.current is None:
+            raise CryptoError("The conversation is not secured yet.")
+        keys = self._generations[self.current].direct
+        assert keys is not None
+        return keys
 
     # -- messages --------------------------------------------------------------------------
     def _message_cipher(self, message_key: bytes):

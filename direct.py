@@ -1,0 +1,255 @@
+"""Direct mode's datagram channel (sans-IO): reliable, ordered, authenticated messages over UDP.
+
+UDP loses, duplicates and reorders datagrams.  A :class:`DatagramChannel` is one
+direction pair between two clients, keyed from their end-to-end session (the
+payloads it carries are already sealed end to end; this layer adds what UDP
+lacks).  It never touches a socket: ``send()`` and ``poll()`` return datagrams
+to write, ``receive()`` returns events.
+
+- Every datagram carries a fresh sequence number and a timestamp, both under the
+  MAC (AEAD associated data).  A datagram from anyone without the key, a
+  tampered one, one older than the freshness window, or a sequence number seen
+  before (a bounded bitmap window, RFC 6479 style, as WireGuard) is dropped.
+- Messages are split into fragments of at most ``MAX_FRAGMENT_BYTES`` (well below
+  a path MTU), each acknowledged; unacknowledged fragments are sent again with
+  exponential backoff (retransmissions use new sequence numbers); after
+  ``MAX_RETRIES`` the message is reported as not delivered.
+- The receiver reassembles (bounded: messages in progress, bytes buffered) and
+  delivers messages once each, in order.
+
+Not yet wired to the server or the terminal client (see docs/PROTOCOL.md section 12).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import crypto_utils as cu
+from errors import DecryptionFailed
+
+VERSION = 1
+TYPE_DATA, TYPE_ACK = 1, 2
+HEADER = struct.Struct(">BBQQ")        # version, type, sequence number, timestamp (ms)
+DATA = struct.Struct(">IHH")            # message id, fragment index, fragment count
+ACK_ITEM = struct.Struct(">IH")         # message id, fragment index
+
+MAX_FRAGMENT_BYTES = 1024               # plus ~60 bytes of header and tag: under 1280 (IPv6 minimum MTU)
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_FRAGMENTS = -(-MAX_MESSAGE_BYTES // MAX_FRAGMENT_BYTES)
+MAX_ACK_ITEMS = 64
+REPLAY_WINDOW = 8192                    # WireGuard's window, in sequence numbers
+FRESHNESS_MS = 60_000                   # datagrams older (or further ahead) than this are dropped
+INITIAL_RTO_MS = 200
+MAX_RTO_MS = 2_000
+MAX_RETRIES = 8
+MAX_IN_FLIGHT_MESSAGES = 256            # sender: unacknowledged messages
+MAX_PENDING_MESSAGES = 256              # receiver: messages being reassembled or waiting for order
+MAX_PENDING_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Delivered:
+    message_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    message_id: int
+
+
+@dataclass(frozen=True)
+class DeliveryFailed:
+    message_id: int
+    reason: str
+
+
+class ReplayWindow:
+    """Accept each sequence number once, within ``size`` of the highest seen (RFC 6479)."""
+
+    def __init__(self, size: int = REPLAY_WINDOW) -> None:
+        self.size = size
+        self.highest = -1
+        self._bits = 0          # bit i set: sequence number (highest - i) was seen
+
+    def check(self, seq: int) -> bool:
+        """True if ``seq`` is new and inside the window (does not record it)."""
+        if seq > self.highest:
+            return True
+        offset = self.highest - seq
+        return offset < self.size and not (self._bits >> offset) & 1
+
+    def record(self, seq: int) -> None:
+        if seq > self.highest:
+            shift = seq - self.highest
+            self._bits = ((self._bits << shift) | 1) & ((1 << self.size) - 1)
+            self.highest = seq
+        else:
+            self._bits |= 1 << (self.highest - seq)
+
+
+@dataclass
+class _Outgoing:
+    fragments: list[bytes]
+    unacked: set[int]
+    retries: dict[int, int] = field(default_factory=dict)
+    due_ms: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Incoming:
+    count: int
+    parts: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts.values())
+
+
+class DatagramChannel:
+    """One end of a direct channel.  ``send_key`` and ``recv_key`` are the two directions' keys."""
+
+    def __init__(self, suite: cu.Suite, send_key: bytes, recv_key: bytes) -> None:
+        self._send = suite.cipher(suite.key_from_material(send_key))
+        self._recv = suite.cipher(suite.key_from_material(recv_key))
+        self._seq = 0
+        self._window = ReplayWindow()
+        self._next_message_id = 1
+        self._outgoing: dict[int, _Outgoing] = {}
+        self._incoming: dict[int, _Incoming] = {}
+        self._complete: dict[int, bytes] = {}
+        self._next_to_deliver = 1
+        self._acks: list[tuple[int, int]] = []
+        self.dropped = 0        # datagrams refused (stranger, tampered, replayed, stale, malformed)
+
+    # -- sealing ------------------------------------------------------------------------
+    def _seal(self, kind: int, body: bytes, now_ms: int) -> bytes:
+        if self._seq >= (1 << 64) - 1:
+            raise DecryptionFailed("The direct channel used up its sequence numbers.")
+        header = HEADER.pack(VERSION, kind, self._seq, now_ms)
+        self._seq += 1
+        return header + self._send.seal(body, header)
+
+    def _open(self, datagram: bytes, now_ms: int) -> tuple[int, bytes] | None:
+        if len(datagram) < HEADER.size:
+            return None
+        version, kind, seq, ts = HEADER.unpack_from(datagram)
+        if version != VERSION or kind not in (TYPE_DATA, TYPE_ACK) or abs(now_ms - ts) > FRESHNESS_MS:
+            return None
+        if not self._window.check(seq):
+            return None                       # replayed, or too far behind the window
+        try:
+            body = self._recv.open(datagram[HEADER.size:], datagram[:HEADER.size])
+        except DecryptionFailed:
+            return None                       # a stranger's or a tampered datagram
+        self._window.record(seq)              # only authentic datagrams move the window
+        return kind, body
+
+    # -- sending ------------------------------------------------------------------------
+    def send(self, payload: bytes, now_ms: int) -> tuple[int, list[bytes]]:
+        """Queue one message; returns its id and the datagrams to write now."""
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"Direct messages are limited to {MAX_MESSAGE_BYTES} bytes.")
+        if len(self._outgoing) >= MAX_IN_FLIGHT_MESSAGES:
+            raise ValueError("Too many direct messages waiting for acknowledgement.")
+        message_id = self._next_message_id
+        self._next_message_id += 1
+        chunks = [payload[i:i + MAX_FRAGMENT_BYTES] for i in range(0, len(payload), MAX_FRAGMENT_BYTES)] or [b""]
+        out = _Outgoing(chunks, set(range(len(chunks))))
+        self._outgoing[message_id] = out
+        datagrams = []
+        for index in range(len(chunks)):
+            out.retries[index] = 0
+            out.due_ms[index] = now_ms + INITIAL_RTO_MS
+            datagrams.append(self._data(message_id, index, out, now_ms))
+        return message_id, datagrams
+
+    def _data(self, message_id: int, index: int, out: _Outgoing, now_ms: int) -> bytes:
+        body = DATA.pack(message_id, index, len(out.fragments)) + out.fragments[index]
+        return self._seal(TYPE_DATA, body, now_ms)
+
+    def poll(self, now_ms: int) -> tuple[list[bytes], list]:
+        """Retransmissions and pending ACKs due now, and failure events."""
+        datagrams, events = [], []
+        for message_id, out in list(self._outgoing.items()):
+            for index in sorted(out.unacked):
+                if out.due_ms[index] > now_ms:
+                    continue
+                if out.retries[index] >= MAX_RETRIES:
+                    del self._outgoing[message_id]
+                    events.append(DeliveryFailed(message_id, "The peer did not acknowledge it."))
+                    break
+                out.retries[index] += 1
+                out.due_ms[index] = now_ms + min(MAX_RTO_MS, INITIAL_RTO_MS << out.retries[index])
+                datagrams.append(self._data(message_id, index, out, now_ms))
+        datagrams += self.flush_acks(now_ms)
+        return datagrams, events
+
+    def next_timeout_ms(self) -> int | None:
+        dues = [due for out in self._outgoing.values() for i, due in out.due_ms.items() if i in out.unacked]
+        return min(dues) if dues else None
+
+    def flush_acks(self, now_ms: int) -> list[bytes]:
+        out = []
+        while self._acks:
+            batch, self._acks = self._acks[:MAX_ACK_ITEMS], self._acks[MAX_ACK_ITEMS:]
+            out.append(self._seal(TYPE_ACK, b"".join(ACK_ITEM.pack(m, i) for m, i in batch), now_ms))
+        return out
+
+    # -- receiving ------------------------------------------------------------------------
+    def receive(self, datagram: bytes, now_ms: int) -> list:
+        """Events from one datagram (nothing, for anything refused)."""
+        opened = self._open(datagram, now_ms)
+        if opened is None:
+            self.dropped += 1
+            return []
+        kind, body = opened
+        return self._on_ack(body) if kind == TYPE_ACK else self._on_data(body)
+
+    def _on_ack(self, body: bytes) -> list:
+        events = []
+        if len(body) % ACK_ITEM.size:
+            return events
+        for pos in range(0, len(body), ACK_ITEM.size):
+            message_id, index = ACK_ITEM.unpack_from(body, pos)
+            out = self._outgoing.get(message_id)
+            if out is None:
+                continue
+            out.unacked.discard(index)
+            if not out.unacked:
+                del self._outgoing[message_id]
+                events.append(Acknowledged(message_id))
+        return events
+
+    def _on_data(self, body: bytes) -> list:
+        if len(body) < DATA.size:
+            return []
+        message_id, index, count = DATA.unpack_from(body)
+        chunk = body[DATA.size:]
+        if not 0 < count <= MAX_FRAGMENTS or index >= count or len(chunk) > MAX_FRAGMENT_BYTES:
+            return []
+        self._acks.append((message_id, index))  # acknowledge even duplicates: the first ACK may be lost
+        if message_id < self._next_to_deliver or message_id in self._complete:
+            return []                           # already delivered or complete: a duplicate
+        if message_id >= self._next_to_deliver + MAX_PENDING_MESSAGES:
+            self._acks.pop()                    # too far ahead: not accepted, so not acknowledged
+            return []
+        incoming = self._incoming.setdefault(message_id, _Incoming(count))
+        if incoming.count != count:
+            return []
+        if self._pending_bytes() + len(chunk) > MAX_PENDING_BYTES:
+            self._acks.pop()
+            return []
+        incoming.parts[index] = chunk
+        if len(incoming.parts) == count:
+            del self._incoming[message_id]
+            self._complete[message_id] = b"".join(incoming.parts[i] for i in range(count))
+        events = []
+        while self._next_to_deliver in self._complete:  # in order, once each
+            events.append(Delivered(self._next_to_deliver, self._complete.pop(self._next_to_deliver)))
+            self._next_to_deliver += 1
+        return events
+
+    def _pending_bytes(self) -> int:
+        return sum(i.size for i in self._incoming.values()) + sum(len(p) for p in self._complete.values())
