@@ -253,3 +253,200 @@ class DatagramChannel:
 
     def _pending_bytes(self) -> int:
         return sum(i.size for i in self._incoming.values()) + sum(len(p) for p in self._complete.values())
+
+
+# =============================================================================
+# Finding the peer: tickets and links (section 12.2)
+# =============================================================================
+TYPE_HELLO = 3
+HELLO = struct.Struct(">BBIH")          # version, type 3, e2e generation, ticket length
+HELLO_PAYLOAD = b"\x00secureim/v1 direct hello"
+KIND_CHAT = b"\x01"
+TICKET_LIFETIME_S = 30
+HELLO_TIMEOUT_MS = 3_000                # no answer by then: fall back to the relay
+_TICKET = struct.Struct(">16sQQQ")      # ticket id, issued_at, expires_at, conversation id
+_TICKET_AAD = b"secureim/v1 direct ticket"
+MAX_SEEN_TICKETS = 10_000
+
+
+@dataclass(frozen=True)
+class DirectTicket:
+    ticket_id: bytes
+    conversation_id: int
+    initiator: str
+    host: str
+    port: int
+    expires_at: int
+
+
+def seal_ticket(key: bytes, *, initiator: str, host: str, port: int, conversation_id: int, now_s: float) -> bytes:
+    """Made by the server for the *peer*, under the key only the peer and the server share."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    now = int(now_s)
+    plain = (_TICKET.pack(cu.random_bytes(16), now, now + TICKET_LIFETIME_S, conversation_id)
+             + bytes([len(initiator)]) + initiator.encode() + bytes([len(host)]) + host.encode()
+             + port.to_bytes(2, "big"))
+    nonce = cu.random_bytes(12)
+    return nonce + AESGCM(key).encrypt(nonce, plain, _TICKET_AAD)
+
+
+def open_ticket(key: bytes, ticket: bytes, now_s: float) -> DirectTicket:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        plain = AESGCM(key).decrypt(ticket[:12], ticket[12:], _TICKET_AAD)
+        tid, _issued, expires, cid = _TICKET.unpack_from(plain)
+        pos = _TICKET.size
+        n = plain[pos]
+        initiator = plain[pos + 1:pos + 1 + n].decode("ascii")
+        pos += 1 + n
+        m = plain[pos]
+        host = plain[pos + 1:pos + 1 + m].decode("ascii")
+        port = int.from_bytes(plain[pos + 1 + m:pos + 3 + m], "big")
+    except (InvalidTag, ValueError, IndexError, struct.error, UnicodeDecodeError):
+        raise DecryptionFailed("A direct-mode ticket was refused.") from None
+    if expires < now_s:
+        raise DecryptionFailed("An expired direct-mode ticket was refused.")
+    return DirectTicket(tid, cid, initiator, host, port, expires)
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    peer: str
+
+
+@dataclass(frozen=True)
+class LinkFailed:
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LinkMessage:
+    peer: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class LinkUndelivered:
+    peer: str
+    message_id: int
+
+
+@dataclass
+class _Link:
+    peer: str
+    addr: tuple
+    channel: DatagramChannel
+    up: bool
+    started_ms: int
+    hello_id: int = 0
+
+
+class DirectLinks:
+    """All of one client's direct links (sans-IO).  Datagrams out are (bytes, address) pairs."""
+
+    def __init__(self, ticket_key: bytes) -> None:
+        self._ticket_key = ticket_key
+        self._links: dict[str, _Link] = {}
+        self._by_addr: dict[tuple, str] = {}
+        self._seen_tickets: dict[bytes, int] = {}
+        self.refused = 0
+
+    def is_up(self, peer: str) -> bool:
+        link = self._links.get(peer)
+        return link is not None and link.up
+
+    def start(self, peer: str, addr: tuple, channel: DatagramChannel, generation: int, ticket: bytes,
+              now_ms: int) -> list[tuple[bytes, tuple]]:
+        """Initiator: the HELLO (the peer's ticket, then a first sealed datagram)."""
+        self._drop(peer)
+        hello_id, (first,) = channel.send(HELLO_PAYLOAD, now_ms)
+        link = _Link(peer, addr, channel, up=False, started_ms=now_ms, hello_id=hello_id)
+        self._links[peer] = link
+        self._by_addr[addr] = peer
+        return [(HELLO.pack(VERSION, TYPE_HELLO, generation, len(ticket)) + ticket + first, addr)]
+
+    def _drop(self, peer: str) -> None:
+        old = self._links.pop(peer, None)
+        if old is not None and self._by_addr.get(old.addr) == peer:
+            del self._by_addr[old.addr]
+
+    def receive(self, datagram: bytes, addr: tuple, now_ms: int, channel_for) -> tuple[list, list]:
+        """(datagrams to send, events).  ``channel_for(initiator, conversation_id, generation)``
+        returns a channel keyed from that end-to-end session, or None."""
+        if len(datagram) >= HELLO.size and datagram[1] == TYPE_HELLO:
+            return self._on_hello(datagram, addr, now_ms, channel_for)
+        peer = self._by_addr.get(addr)
+        link = self._links.get(peer) if peer else None
+        if link is None:
+            self.refused += 1           # a stranger: nobody we set up a link with
+            return [], []
+        events, out = [], []
+        for ev in link.channel.receive(datagram, now_ms):
+            if isinstance(ev, Acknowledged) and ev.message_id == link.hello_id and not link.up:
+                link.up = True
+                events.append(LinkUp(link.peer))
+            elif isinstance(ev, Delivered) and ev.payload[:1] == KIND_CHAT:
+                events.append(LinkMessage(link.peer, ev.payload[1:]))
+        out += [(d, link.addr) for d in link.channel.flush_acks(now_ms)]
+        return out, events
+
+    def _on_hello(self, datagram: bytes, addr: tuple, now_ms: int, channel_for) -> tuple[list, list]:
+        _v, _t, generation, n = HELLO.unpack_from(datagram)
+        ticket, first = datagram[HELLO.size:HELLO.size + n], datagram[HELLO.size + n:]
+        try:
+            t = open_ticket(self._ticket_key, ticket, now_ms / 1000)
+        except DecryptionFailed:
+            self.refused += 1
+            return [], []
+        if t.ticket_id in self._seen_tickets:
+            self.refused += 1            # a replayed ticket
+            return [], []
+        channel = channel_for(t.initiator, t.conversation_id, generation)
+        if channel is None:
+            self.refused += 1
+            return [], []
+        events = channel.receive(first, now_ms)
+        if events != [Delivered(1, HELLO_PAYLOAD)]:
+            self.refused += 1            # the sender does not hold the end-to-end keys
+            return [], []
+        self._seen_tickets[t.ticket_id] = t.expires_at
+        self._expire_tickets(now_ms / 1000)
+        # The caller is who the ticket says, proven by the sealed datagram; replies go where it came from.
+        self._drop(t.initiator)
+        link = _Link(t.initiator, addr, channel, up=True, started_ms=now_ms)
+        self._links[t.initiator] = link
+        self._by_addr[addr] = t.initiator
+        return [(d, addr) for d in channel.flush_acks(now_ms)], [LinkUp(t.initiator)]
+
+    def _expire_tickets(self, now_s: float) -> None:
+        for tid in [tid for tid, exp in self._seen_tickets.items() if exp < now_s]:
+            del self._seen_tickets[tid]
+        while len(self._seen_tickets) > MAX_SEEN_TICKETS:
+            del self._seen_tickets[next(iter(self._seen_tickets))]
+
+    def send(self, peer: str, payload: bytes, now_ms: int) -> tuple[int, list[tuple[bytes, tuple]]]:
+        link = self._links[peer]
+        message_id, datagrams = link.channel.send(KIND_CHAT + payload, now_ms)
+        return message_id, [(d, link.addr) for d in datagrams]
+
+    def poll(self, now_ms: int) -> tuple[list, list]:
+        out, events = [], []
+        for peer, link in list(self._links.items()):
+            if not link.up and now_ms - link.started_ms > HELLO_TIMEOUT_MS:
+                self._drop(peer)
+                events.append(LinkFailed(peer, "no direct path (a firewall or NAT in the way?)"))
+                continue
+            datagrams, failures = link.channel.poll(now_ms)
+            out += [(d, link.addr) for d in datagrams]
+            for f in failures:
+                if f.message_id == link.hello_id and not link.up:
+                    continue
+                events.append(LinkUndelivered(peer, f.message_id))
+        return out, events
+
+    def close(self, peer: str) -> None:
+        self._drop(peer)

@@ -299,13 +299,13 @@ class E2ESession:
     def ready(self) -> bool:
         return self.current is not None
 
-    def direct_keys(self) -> tuple[bytes, bytes]:
-        """(send, recv) key material for direct mode's datagram channel, this generation."""
-        if self.current is None:
-            raise CryptoError("The conversation is not secured yet.")
-        keys = self._generations[self.current].direct
-        assert keys is not None
-        return keys
+    def direct_keys(self, generation: int | None = None) -> tuple[bytes, bytes]:
+        """(send, recv) key material for direct mode's datagram channel (default: current generation)."""
+        number = self.current if generation is None else generation
+        gen = self._generations.get(number) if number is not None else None
+        if gen is None or gen.direct is None:
+            raise CryptoError("The conversation is not secured for that generation.")
+        return gen.direct
 
     # -- messages --------------------------------------------------------------------------
     def _message_cipher(self, message_key: bytes):

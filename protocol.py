@@ -394,6 +394,34 @@ class WhoResponse(Message):
     total: int = wire(Kind.U32)
 
 
+@message(0x50)
+class RegisterEndpoint(Message):
+    """Direct mode: the UDP port this client listens on (its address is the TCP source)."""
+
+    port: int = wire(Kind.U32)
+
+
+@message(0x51)
+class DirectRequest(Message):
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+
+
+@message(0x52)
+class DirectOffer(Message):
+    """The peer's UDP endpoint and a ticket sealed for the peer (section 12.2)."""
+
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    host: str = wire(Kind.TEXT, max_len=64)
+    port: int = wire(Kind.U32)
+    ticket: bytes = wire(Kind.BYTES, max_len=MAX_TICKET_BYTES)
+
+
+@message(0x53)
+class DirectUnavailable(Message):
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
+
+
 class ErrorCode(enum.IntEnum):
     PROTOCOL = 1
     NOT_AUTHENTICATED = 2
@@ -562,9 +590,10 @@ SIGNATURE_CONTEXT = b"secureim/v1 server handshake signature\x00"
 
 # Messages the *peer* may send us, per state.  A pair missing here closes the connection.
 _SESSION_FROM_CLIENT_UNAUTH = {Register, Login, Resume, Goodbye}
-_SESSION_FROM_CLIENT_AUTH = {OpenConversation, Relay, WhoRequest, Goodbye}
+_SESSION_FROM_CLIENT_AUTH = {OpenConversation, Relay, WhoRequest, RegisterEndpoint, DirectRequest, Goodbye}
 _SESSION_FROM_SERVER_UNAUTH = {AuthOk, AuthFailed, Error, Goodbye}
-_SESSION_FROM_SERVER_AUTH = {PeerStatus, ConversationKey, Deliver, WhoResponse, Error, Goodbye}
+_SESSION_FROM_SERVER_AUTH = {PeerStatus, ConversationKey, Deliver, WhoResponse, DirectOffer, DirectUnavailable,
+                             Error, Goodbye}
 
 RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {
     (Role.SERVER, State.AWAITING_CLIENT_HELLO): frozenset({ClientHello}),
@@ -591,6 +620,7 @@ class _KeySchedule:
     s2c: bytes
     server_confirm: bytes
     client_confirm: bytes
+    direct_ticket: bytes
 
 
 def derive_handshake_keys(shared_secret: bytes, transcript_hash: bytes) -> _KeySchedule:
@@ -602,7 +632,8 @@ def derive_handshake_keys(shared_secret: bytes, transcript_hash: bytes) -> _KeyS
 
     return _KeySchedule(c2s=expand("c2s traffic"), s2c=expand("s2c traffic"),
                         server_confirm=expand("server finished"),
-                        client_confirm=expand("client finished"))
+                        client_confirm=expand("client finished"),
+                        direct_ticket=expand("direct ticket"))
 
 
 class Connection:
@@ -619,6 +650,8 @@ class Connection:
         self.suite: cu.Suite | None = None
         self.close_reason: str | None = None
         self._transcript = bytearray()
+        # Shared by this client and the server only: seals direct-mode tickets for this client.
+        self.direct_ticket_key: bytes | None = None
 
     state: State
 
@@ -809,6 +842,7 @@ class ClientProtocol(Connection):
         th2 = cu.sha256(bytes(self._transcript))
         self._emit_plain(ClientFinished(confirm=DiffieHellman.hash_key(self._keys.client_confirm, th2)))
         self._install_keys(self.suite, self._keys.c2s, self._keys.s2c)
+        self.direct_ticket_key = self._keys.direct_ticket
         self._keys = None
         self.state = State.ESTABLISHED
         return HandshakeComplete(server_key=server_key, fingerprint=cu.fingerprint(server_key),
@@ -882,6 +916,7 @@ class ServerProtocol(Connection):
         if not DiffieHellman.verify_hashed_key(self._keys.client_confirm, msg.confirm, th2):
             raise RemoteProtocolError("The client's key confirmation is invalid.")
         self._install_keys(self._suite, self._keys.s2c, self._keys.c2s)
+        self.direct_ticket_key = self._keys.direct_ticket
         self._keys = None
         self.state = State.ESTABLISHED
         key = cu.public_bytes(self._identity)

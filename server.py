@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import crypto_utils as cu
+import direct
 import protocol as P
 from auth import DEFAULT_BCRYPT_COST, AuthService
 from protocol import normalize_username
@@ -73,6 +74,7 @@ class ServerConfig:
     max_auth_tries: int = 6              # OpenSSH MaxAuthTries
     rekey_after_messages: int = 1000     # conversation key lifetime, in relayed messages
     rekey_after_s: float = 3600.0        # ... and in time
+    min_rekey_interval_s: float = 1.0    # never faster: key shares count as relays too, so rekeys could cascade
     outbox_limit_bytes: int = 1 << 20    # a client that stops reading is dropped past this
     max_connections: int = 20000
     max_unauthenticated: int = 256       # OpenSSH MaxStartups-style cap on half-open sessions
@@ -236,6 +238,7 @@ class Session:
         self.username: str | None = None
         self.auth_attempts = 0
         self.identity_key: bytes | None = None  # the user's Ed25519 public key, handed to peers
+        self.udp_port: int | None = None          # direct mode: where this client listens
         self.lock = threading.Lock()     # one lock: seal + enqueue keep the sequence order
         self.closed = threading.Event()
 
@@ -553,9 +556,11 @@ class ChatService:
             if conv is not None and me in conv.members:
                 conv.messages += 1
                 conv.bytes_relayed += len(msg.payload)
-                due = (conv.messages >= self.config.rekey_after_messages
-                       or conv.bytes_relayed >= self.suite.max_bytes_per_key // 2
-                       or time.monotonic() - conv.keyed_at >= self.config.rekey_after_s)
+                age = time.monotonic() - conv.keyed_at
+                due = age >= self.config.min_rekey_interval_s and (
+                    conv.messages >= self.config.rekey_after_messages
+                    or conv.bytes_relayed >= self.suite.max_bytes_per_key // 2
+                    or age >= self.config.rekey_after_s)
                 peer = conv.members[0] if conv.members[1] == me else conv.members[1]
                 peer_session = self.registry.online.get(peer)
             else:
@@ -571,12 +576,42 @@ class ChatService:
         if due:
             self._distribute_key(conv.id, conv.members)
 
+    # -- direct mode: endpoints and tickets (docs/PROTOCOL.md section 12.2) ----------
+    def _register_endpoint(self, session: Session, msg: P.RegisterEndpoint) -> None:
+        if not 1 <= msg.port <= 65535:
+            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="A UDP port is between 1 and 65535."))
+            return
+        session.udp_port = msg.port
+
+    def _direct_request(self, session: Session, msg: P.DirectRequest) -> None:
+        """Hand the initiator the peer's endpoint and a ticket only the peer can open."""
+        me, peer = session.username, msg.peer
+        peer_session = self.registry.session_of(peer)
+        with self.registry.lock:
+            conv = next((c for c in self.registry.conversations.values() if set(c.members) == {me, peer}), None)
+        why = None
+        if peer_session is None:
+            why = f"{peer} is offline."
+        elif conv is None:
+            why = f"Open a conversation with {peer} first."
+        elif peer_session.udp_port is None or session.udp_port is None:
+            why = f"{peer} does not accept direct connections." if session.udp_port else "Register a UDP port first."
+        if why is not None:
+            session.send(P.DirectUnavailable(peer=peer, reason=why))
+            return
+        key = peer_session.proto.direct_ticket_key
+        assert key is not None and conv is not None and me is not None
+        ticket = direct.seal_ticket(key, initiator=me, host=session.source, port=session.udp_port,
+                                    conversation_id=conv.id, now_s=time.time())
+        session.send(P.DirectOffer(peer=peer, host=peer_session.source, port=peer_session.udp_port, ticket=ticket))
+
     def _who(self, session: Session, msg: P.WhoRequest) -> None:
         users = self.registry.online_users()
         session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
 
     _HANDLERS = {P.Login: _auth, P.Register: _auth, P.Resume: _resume, P.OpenConversation: _open,
-                 P.Relay: _relay, P.WhoRequest: _who}
+                 P.Relay: _relay, P.WhoRequest: _who, P.RegisterEndpoint: _register_endpoint,
+                 P.DirectRequest: _direct_request}
 
 
 # =============================================================================
