@@ -42,6 +42,8 @@ MAX_LOGIN_ROUNDS = 6
 
 HELP = """[CLIENT]: Commands:
   /to USER        talk to USER (several conversations can be open at once)
+  /direct USER    talk to USER peer to peer over UDP (the server no longer carries the messages)
+  /mode USER      show whether the conversation with USER is direct or relayed
   /who            list who is online
   /fingerprint    show the server's and your own identity fingerprints
   /verify USER    show the safety number to compare with USER (in person or by phone)
@@ -96,9 +98,10 @@ class Terminal:
 
 
 class ChatUI:
-    def __init__(self, client: C.ChatClient, term: Terminal) -> None:
+    def __init__(self, client: C.ChatClient, term: Terminal, prefer_direct: bool = False) -> None:
         self.client = client
         self.term = term
+        self.prefer_direct = prefer_direct
         self.destination: str | None = None
         self.lost: str | None = None
         self._printer = threading.Thread(target=self._print_events, name="events", daemon=True)
@@ -121,6 +124,12 @@ class ChatUI:
         is_dest = peer == self.destination
         if isinstance(event, C.MessageReceived):
             return f"[{peer}]: {C.sanitize(event.text)}"
+        if isinstance(event, C.DirectReady):
+            return f"[CLIENT]: Conversation with {peer} is now direct (peer to peer; the server no longer sees it)."
+        if isinstance(event, C.DirectFallback):
+            return f"[CLIENT]: No direct connection to {peer} ({C.sanitize(event.reason)}); using the relay."
+        if isinstance(event, C.MessageUndelivered):
+            return f"[CLIENT]: Not delivered to {peer} (no acknowledgement): {C.sanitize(event.text, 200)}"
         if isinstance(event, C.PeerOnline):
             return "[CLIENT]: Destination user is online." if is_dest else f"[CLIENT]: {peer} is online."
         if isinstance(event, C.PeerOffline):
@@ -128,6 +137,8 @@ class ChatUI:
         if isinstance(event, C.PeerUnknown):
             return f"[CLIENT]: Destination user {peer} does not exist; type /to USER to choose another."
         if isinstance(event, C.ConversationReady):
+            if self.prefer_direct:
+                self.client.open_direct(event.peer)
             trust = "verified" if event.verified else f"not verified yet: /verify {peer}"
             if event.opened_by_peer and not is_dest:
                 return f"[CLIENT]: {peer} opened a conversation with you ({trust}); type /to {peer} to reply."
@@ -239,6 +250,12 @@ class ChatUI:
         elif cmd == "/fingerprint":
             self.term.say(f"[CLIENT]: Server {self.client.server_id}: {self.client.server_fingerprint}")
             self.term.say(f"[CLIENT]: Your identity ({self.client.username}): {self.client.identity_fingerprint}")
+        elif cmd == "/direct" and arg.strip():
+            self.client.open_direct(arg.strip().lower())
+        elif cmd == "/mode" and arg.strip():
+            peer = arg.strip().lower()
+            mode = "direct (peer to peer)" if self.client.is_direct(peer) else "relayed by the server"
+            self.term.say(f"[CLIENT]: Conversation with {C.sanitize(peer, 64)}: {mode}.")
         elif cmd in ("/verify", "/verified", "/accept"):
             self._identity_command(cmd, arg.strip().lower())
         else:
@@ -291,6 +308,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="where this client keeps its files (default $SECUREIM_HOME or ~/.secureim)")
     p.add_argument("--server-fingerprint", default=None, metavar="SHA256:...",
                    help="the server's identity fingerprint; refuse any other key")
+    p.add_argument("--direct", action="store_true",
+                   help="prefer direct (peer-to-peer UDP) conversations; falls back to the relay")
     p.add_argument("--group", default=DEFAULT_GROUP, choices=list(GROUPS),
                    help=f"Diffie-Hellman group to propose (default {DEFAULT_GROUP})")
     return p
@@ -339,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     term.say("[CLIENT]: User logged in successfully.")
     client.start()
+    if args.direct:
+        client.enable_direct()
     try:
-        code = ChatUI(client, term).run()
+        code = ChatUI(client, term, prefer_direct=args.direct).run()
     finally:
         client.close()
     if code == EXIT_OK:

@@ -18,6 +18,7 @@ import os
 import queue
 import socket
 import threading
+import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import crypto_utils as cu
+import direct
 import e2e
 import protocol as P
 from errors import (
@@ -49,6 +51,10 @@ CONNECT_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 30.0
 KNOWN_SERVERS_FILE = "known_servers"
 EVENT_QUEUE_MAX = 10000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def default_home() -> Path:
@@ -156,6 +162,28 @@ class MessageReceived:
     peer: str
     text: str
     sent_at: float
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class DirectReady:
+    """The conversation with ``peer`` now runs peer to peer (UDP); the server no longer sees it."""
+
+    peer: str
+
+
+@dataclass(frozen=True)
+class DirectFallback:
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MessageUndelivered:
+    """A direct message the peer never acknowledged."""
+
+    peer: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -223,8 +251,13 @@ class ChatClient:
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._receiver: threading.Thread | None = None
-        self._backlog: list = []
         self.closed = threading.Event()
+        # Direct mode (docs/PROTOCOL.md section 12): off until enable_direct().
+        self._udp: socket.socket | None = None
+        self._links: direct.DirectLinks | None = None
+        self._direct_lock = threading.Lock()
+        self._direct_sent: dict[tuple[str, int], str] = {}
+        self._udp_thread: threading.Thread | None = None
 
     @property
     def server_id(self) -> str:
@@ -353,6 +386,8 @@ class ChatClient:
         self.connect()
         self._authenticate(P.Resume(ticket=self._ticket, identity_key=cu.public_bytes(self.identity)))
         self.start()
+        if self._udp is not None:
+            self.enable_direct()  # a new session has a new ticket key
         for peer in sorted(wanted):
             self.open_conversation(peer)
         return True
@@ -430,6 +465,10 @@ class ChatClient:
             self._on_deliver(msg)
         elif isinstance(msg, P.WhoResponse):
             self._emit(WhoList(tuple(sanitize(u, 64) for u in msg.users), msg.total))
+        elif isinstance(msg, P.DirectOffer):
+            self._on_direct_offer(msg)
+        elif isinstance(msg, P.DirectUnavailable):
+            self._emit(DirectFallback(msg.peer, sanitize(msg.reason, 512)))
         elif isinstance(msg, P.Error):
             self._emit(ServerNotice(sanitize(msg.reason, 512)))
         elif isinstance(msg, P.Goodbye):
@@ -448,6 +487,9 @@ class ChatClient:
             with self._state_lock:
                 self.conversations.pop(peer, None)  # keys discarded
                 self._pending_open.discard(peer)
+            with self._direct_lock:
+                if self._links is not None:
+                    self._links.close(peer)
             self._emit(PeerOffline(peer))
             return
         with self._state_lock:
@@ -579,14 +621,122 @@ class ChatClient:
             return conv is not None and conv.ready
 
     def send_message(self, peer: str, text: str) -> None:
-        """Seal ``text`` end to end for ``peer`` and hand it to the server to relay."""
+        """Seal ``text`` end to end for ``peer``: directly over UDP if that link is up, else via the relay."""
         with self._state_lock:
             conv = self.conversations.get(peer)
             if conv is None or not conv.ready:
                 raise ConnectionClosed(f"No open conversation with {peer}; they may be offline.")
             payload = conv.seal(text)
             cid = conv.id
+        if self.is_direct(peer):
+            with self._direct_lock:
+                assert self._links is not None
+                message_id, datagrams = self._links.send(peer, payload, _now_ms())
+                self._direct_sent[(peer, message_id)] = text
+            self._sendto(datagrams)
+            return
         self._send(P.Relay(conversation_id=cid, payload=payload))
+
+    # -- direct mode -------------------------------------------------------------------------
+    def enable_direct(self) -> int:
+        """Listen on UDP (on the address the server sees) and tell the server; returns the port."""
+        assert self.sock is not None and self.proto.direct_ticket_key is not None
+        if self._udp is None:
+            self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._udp.bind((self.sock.getsockname()[0], 0))
+            self._udp.settimeout(0.05)
+            self._udp_thread = threading.Thread(target=self._udp_loop, name="direct", daemon=True)
+            self._udp_thread.start()
+        with self._direct_lock:
+            self._links = direct.DirectLinks(self.proto.direct_ticket_key, self.username or "")
+        port = self._udp.getsockname()[1]
+        self._send(P.RegisterEndpoint(port=port))
+        return port
+
+    def open_direct(self, peer: str) -> None:
+        """Ask the server for ``peer``'s endpoint and a ticket; DirectReady or DirectFallback follows."""
+        if self._links is None:
+            self.enable_direct()
+        self._send(P.DirectRequest(peer=P.normalize_username(peer)))
+
+    def is_direct(self, peer: str) -> bool:
+        with self._direct_lock:
+            return self._links is not None and self._links.is_up(peer)
+
+    def _on_direct_offer(self, msg: P.DirectOffer) -> None:
+        with self._state_lock:
+            conv = self.conversations.get(msg.peer)
+            keys = conv.direct_keys() if conv is not None and conv.ready else None
+            generation = conv.current if conv is not None else None
+        if keys is None or self._links is None or not 1 <= msg.port <= 65535:
+            self._emit(DirectFallback(msg.peer, "the conversation is not secured yet"))
+            return
+        channel = direct.DatagramChannel(conv.suite, *keys)
+        with self._direct_lock:
+            datagrams = self._links.start(msg.peer, (msg.host, msg.port), channel, generation or 0, msg.ticket,
+                                          _now_ms())
+        self._sendto(datagrams)
+
+    def _channel_for(self, initiator: str, conversation_id: int, generation: int):
+        with self._state_lock:
+            conv = self.conversations.get(initiator)
+            if conv is None or conv.id != conversation_id:
+                return None
+            try:
+                keys = conv.direct_keys(generation)
+            except SecureIMError:
+                return None
+            return direct.DatagramChannel(conv.suite, *keys)
+
+    def _sendto(self, datagrams) -> None:
+        for data, addr in datagrams:
+            try:
+                if self._udp is not None:
+                    self._udp.sendto(data, addr)
+            except OSError:
+                pass  # UDP is lossy anyway: retransmission or the hello timeout handles it
+
+    def _udp_loop(self) -> None:
+        while not (self.closed.is_set() and self.sock is None):
+            udp = self._udp
+            if udp is None:
+                return
+            try:
+                data, addr = udp.recvfrom(2048)
+            except TimeoutError:
+                data, addr = None, None
+            except OSError:
+                return
+            now = _now_ms()
+            with self._direct_lock:
+                if self._links is None:
+                    continue
+                out, events = self._links.receive(data, addr, now, self._channel_for) if data else ([], [])
+                more, later = self._links.poll(now)
+            self._sendto(out + more)
+            for event in events + later:
+                self._on_link_event(event)
+
+    def _on_link_event(self, event) -> None:
+        if isinstance(event, direct.LinkUp):
+            self._emit(DirectReady(event.peer))
+        elif isinstance(event, direct.LinkFailed):
+            self._emit(DirectFallback(event.peer, event.reason))
+        elif isinstance(event, direct.LinkUndelivered):
+            with self._direct_lock:
+                text = self._direct_sent.pop((event.peer, event.message_id), "")
+            self._emit(MessageUndelivered(event.peer, text))
+        elif isinstance(event, direct.LinkMessage):
+            with self._state_lock:
+                conv = self.conversations.get(event.peer)
+                try:
+                    text, sent_at = conv.open(event.payload) if conv else (None, "no conversation")
+                except DecryptionFailed as exc:
+                    text, sent_at = None, str(exc)
+            if text is None:
+                self._emit(MessageRejected(event.peer, f"A direct message from {event.peer} was discarded."))
+            else:
+                self._emit(MessageReceived(event.peer, text, sent_at, direct=True))
 
     def who(self) -> None:
         self._send(P.WhoRequest())
@@ -621,3 +771,8 @@ class ChatClient:
             pass
         sock.close()
         self.sock = None
+        if self._udp is not None:
+            if self._udp_thread is not None and self._udp_thread is not threading.current_thread():
+                self._udp_thread.join(timeout=2)
+            self._udp.close()
+            self._udp = None

@@ -17,7 +17,8 @@ to write, ``receive()`` returns events.
 - The receiver reassembles (bounded: messages in progress, bytes buffered) and
   delivers messages once each, in order.
 
-Not yet wired to the server or the terminal client (see docs/PROTOCOL.md section 12).
+:class:`DirectLinks` adds the rest of direct mode (tickets, the HELLO, one link
+per peer); clientlib owns the UDP socket.  docs/PROTOCOL.md section 12.
 """
 
 from __future__ import annotations
@@ -348,8 +349,9 @@ class _Link:
 class DirectLinks:
     """All of one client's direct links (sans-IO).  Datagrams out are (bytes, address) pairs."""
 
-    def __init__(self, ticket_key: bytes) -> None:
+    def __init__(self, ticket_key: bytes, me: str = "") -> None:
         self._ticket_key = ticket_key
+        self.me = me
         self._links: dict[str, _Link] = {}
         self._by_addr: dict[tuple, str] = {}
         self._seen_tickets: dict[bytes, int] = {}
@@ -405,6 +407,9 @@ class DirectLinks:
         if t.ticket_id in self._seen_tickets:
             self.refused += 1            # a replayed ticket
             return [], []
+        pending = self._links.get(t.initiator)
+        if pending is not None and not pending.up and self.me < t.initiator:
+            return [], []                # both dialled at once: the smaller name's hello wins, so ours
         channel = channel_for(t.initiator, t.conversation_id, generation)
         if channel is None:
             self.refused += 1

@@ -236,3 +236,18 @@ def test_ctrl_c_and_ctrl_d_leave_cleanly(server, tmp_path):
     again.expect(pexpect.EOF)
     again.close()
     assert again.exitstatus == 0
+
+
+def test_direct_mode_from_the_terminal(server, tmp_path):
+    alice = spawn_client(server, tmp_path / "alice", "--direct")
+    login_flow(alice, "alice", PW_A, new=True)
+    bob = spawn_client(server, tmp_path / "bob", "--direct")
+    login_flow(bob, "bob", PW_B, new=True)
+    _open(alice, "bob")
+    alice.expect_exact("Conversation with bob is now direct")
+    alice.sendline("/mode bob")
+    alice.expect_exact("[CLIENT]: Conversation with bob: direct (peer to peer).")
+    alice.sendline("over udp")
+    bob.expect_exact("[alice]: over udp")
+    quit_client(alice)
+    quit_client(bob)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import os
 import random
 import socket
 import threading
@@ -213,3 +214,135 @@ def test_over_real_udp_sockets_with_an_impairing_shim():
     sa.close()
     sb.close()
     assert delivered == msgs and len(acked) == len(msgs)
+
+
+# --- with the real server: peer discovery, tickets, fallback --------------------------------
+from server_fixtures import logged_in_client, running_server, wait_for  # noqa: E402
+
+import clientlib as C  # noqa: E402
+import protocol as P  # noqa: E402
+
+
+def _pair_with_conversation(server, tmp_path):
+    alice = logged_in_client(server, tmp_path / "a", "alice")
+    bob = logged_in_client(server, tmp_path / "b", "bob")
+    alice.open_conversation("bob")
+    wait_for(alice, C.ConversationReady, peer="bob")
+    wait_for(bob, C.ConversationReady, peer="alice")
+    return alice, bob
+
+
+def _record_sent(client):
+    sent = []
+    original = client._sendto
+
+    def record(datagrams):
+        datagrams = list(datagrams)
+        sent.extend(datagrams)
+        original(datagrams)
+
+    client._sendto = record
+    return sent
+
+
+def test_direct_mode_keeps_message_data_off_the_server(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        relayed = []
+        original = server.service._relay
+        server.service._HANDLERS = {**server.service._HANDLERS,
+                                    P.Relay: lambda svc, s, m: (relayed.append(m.payload), original(s, m))}
+        alice, bob = _pair_with_conversation(server, tmp_path)
+        bob.enable_direct()
+        alice.open_direct("bob")
+        wait_for(alice, C.DirectReady, peer="bob")
+        wait_for(bob, C.DirectReady, peer="alice")
+        before = len(relayed)
+        alice.send_message("bob", "peer to peer")
+        got = wait_for(bob, C.MessageReceived)
+        assert (got.text, got.direct) == ("peer to peer", True)
+        bob.send_message("alice", "and back")
+        got = wait_for(alice, C.MessageReceived)
+        assert (got.text, got.direct) == ("and back", True)
+        assert len(relayed) == before  # the server relayed nothing once the link was up
+        alice.close()
+        bob.close()
+
+
+def test_replayed_ticket_stranger_and_tampered_datagrams_are_refused(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = _pair_with_conversation(server, tmp_path)
+        bob.enable_direct()
+        sent = _record_sent(alice)
+        alice.open_direct("bob")
+        wait_for(alice, C.DirectReady, peer="bob")
+        wait_for(bob, C.DirectReady, peer="alice")
+        hello, bob_addr = sent[0]
+        assert hello[1] == D.TYPE_HELLO
+        mallory = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        mallory.bind(("127.0.0.1", 0))
+        refused = bob._links.refused
+        mallory.sendto(hello, bob_addr)                      # the ticket, replayed later
+        mallory.sendto(os.urandom(80), bob_addr)             # a stranger
+        alice.send_message("bob", "genuine")
+        # bob's UDP socket is one FIFO queue: once "genuine" shows, both were handled before it.
+        assert wait_for(bob, C.MessageReceived).text == "genuine"
+        assert bob._links.refused == refused + 2
+        data, _addr = sent[-1]
+        tampered = bytearray(data)
+        tampered[-1] ^= 1
+        channel = bob._links._links["alice"].channel
+        dropped = channel.dropped
+        alice._udp.sendto(bytes(tampered), bob_addr)         # tampered, from alice's own address
+        alice.send_message("bob", "second")
+        assert wait_for(bob, C.MessageReceived).text == "second"
+        assert channel.dropped == dropped + 1
+        assert bob.next_event(timeout=0.3) is None           # nothing was shown for any of them
+        mallory.close()
+        alice.close()
+        bob.close()
+
+
+def test_no_direct_path_falls_back_to_the_relay(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = _pair_with_conversation(server, tmp_path)
+        bob.enable_direct()
+        bob._udp.close()  # a firewall: nothing reaches bob over UDP
+        bob._udp = None
+        alice.open_direct("bob")
+        fallback = wait_for(alice, C.DirectFallback, peer="bob", timeout=15)
+        assert "no direct path" in fallback.reason
+        assert not alice.is_direct("bob")
+        alice.send_message("bob", "via the relay")
+        got = wait_for(bob, C.MessageReceived)
+        assert (got.text, got.direct) == ("via the relay", False)
+        alice.close()
+        bob.close()
+
+
+def test_direct_request_without_a_conversation_is_refused(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        bob = logged_in_client(server, tmp_path / "b", "bob")
+        bob.enable_direct()
+        alice.open_direct("bob")
+        assert "Open a conversation" in wait_for(alice, C.DirectFallback, peer="bob").reason
+        alice.close()
+        bob.close()
+
+
+def test_both_sides_dialling_at_once_end_with_one_working_link(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = _pair_with_conversation(server, tmp_path)
+        alice.enable_direct()
+        bob.enable_direct()
+        alice.open_direct("bob")
+        bob.open_direct("alice")
+        wait_for(alice, C.DirectReady, peer="bob")
+        wait_for(bob, C.DirectReady, peer="alice")
+        for i in range(5):
+            alice.send_message("bob", f"a{i}")
+            bob.send_message("alice", f"b{i}")
+        assert [wait_for(bob, C.MessageReceived).text for _ in range(5)] == [f"a{i}" for i in range(5)]
+        assert [wait_for(alice, C.MessageReceived).text for _ in range(5)] == [f"b{i}" for i in range(5)]
+        alice.close()
+        bob.close()

@@ -240,7 +240,7 @@ def _open_pair(server, tmp_path):
 
 def test_curious_server_cannot_read_messages(tmp_path):
     secrets_sent = [f"secret number {i}" for i in range(10)]
-    with running_server(tmp_path / "srv", rekey_after_messages=4) as server:
+    with running_server(tmp_path / "srv", rekey_after_messages=4, min_rekey_interval_s=0) as server:
         kdc = server.service.suite = RecordingSuite(server.service.suite)
         recorded = _spy_relay(server)
         alice, bob = _open_pair(server, tmp_path)
