@@ -346,3 +346,15 @@ def test_both_sides_dialling_at_once_end_with_one_working_link(tmp_path):
         assert [wait_for(alice, C.MessageReceived).text for _ in range(5)] == [f"b{i}" for i in range(5)]
         alice.close()
         bob.close()
+
+
+def test_tickets_expire_and_only_the_peer_can_open_them():
+    key = cu.random_bytes(32)
+    t = D.seal_ticket(key, initiator="alice", host="10.0.0.2", port=4000, conversation_id=7, now_s=1000)
+    opened = D.open_ticket(key, t, now_s=1010)
+    assert (opened.initiator, opened.host, opened.port, opened.conversation_id) == ("alice", "10.0.0.2", 4000, 7)
+    with pytest.raises(Exception, match="expired"):
+        D.open_ticket(key, t, now_s=1000 + D.TICKET_LIFETIME_S + 1)   # replayed later
+    with pytest.raises(Exception, match="refused"):
+        D.open_ticket(cu.random_bytes(32), t, now_s=1010)              # someone else's key
+    assert b"alice" not in t
