@@ -58,6 +58,17 @@ def logged_in_client(server, home: Path, username: str, *, register: bool = True
     return client
 
 
+def chat_pair(server, home_root: Path, names=("alice", "bob")):
+    """Two registered users with an open, end-to-end secured conversation."""
+    a = logged_in_client(server, home_root / names[0], names[0])
+    b = logged_in_client(server, home_root / names[1], names[1])
+    a.open_conversation(names[1])
+    wait_for(a, clientlib.ConversationReady, peer=names[1])
+    ready = wait_for(b, clientlib.ConversationReady, peer=names[0])
+    assert ready.opened_by_peer
+    return a, b
+
+
 def wait_for(client: clientlib.ChatClient, kind, timeout: float = 10.0, **fields):
     """Take events until one of type ``kind`` with ``fields`` arrives; fail on timeout."""
     seen = []

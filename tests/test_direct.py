@@ -217,19 +217,10 @@ def test_over_real_udp_sockets_with_an_impairing_shim():
 
 
 # --- with the real server: peer discovery, tickets, fallback --------------------------------
-from server_fixtures import logged_in_client, running_server, wait_for  # noqa: E402
+from server_fixtures import chat_pair, logged_in_client, running_server, wait_for  # noqa: E402
 
 import clientlib as C  # noqa: E402
 import protocol as P  # noqa: E402
-
-
-def _pair_with_conversation(server, tmp_path):
-    alice = logged_in_client(server, tmp_path / "a", "alice")
-    bob = logged_in_client(server, tmp_path / "b", "bob")
-    alice.open_conversation("bob")
-    wait_for(alice, C.ConversationReady, peer="bob")
-    wait_for(bob, C.ConversationReady, peer="alice")
-    return alice, bob
 
 
 def _record_sent(client):
@@ -251,7 +242,7 @@ def test_direct_mode_keeps_message_data_off_the_server(tmp_path):
         original = server.service._relay
         server.service._HANDLERS = {**server.service._HANDLERS,
                                     P.Relay: lambda svc, s, m: (relayed.append(m.payload), original(s, m))}
-        alice, bob = _pair_with_conversation(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         bob.enable_direct()
         alice.open_direct("bob")
         wait_for(alice, C.DirectReady, peer="bob")
@@ -270,7 +261,7 @@ def test_direct_mode_keeps_message_data_off_the_server(tmp_path):
 
 def test_replayed_ticket_stranger_and_tampered_datagrams_are_refused(tmp_path):
     with running_server(tmp_path / "srv") as server:
-        alice, bob = _pair_with_conversation(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         bob.enable_direct()
         sent = _record_sent(alice)
         alice.open_direct("bob")
@@ -304,7 +295,7 @@ def test_replayed_ticket_stranger_and_tampered_datagrams_are_refused(tmp_path):
 
 def test_no_direct_path_falls_back_to_the_relay(tmp_path):
     with running_server(tmp_path / "srv") as server:
-        alice, bob = _pair_with_conversation(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         bob.enable_direct()
         bob._udp.close()  # a firewall: nothing reaches bob over UDP
         bob._udp = None
@@ -332,7 +323,7 @@ def test_direct_request_without_a_conversation_is_refused(tmp_path):
 
 def test_both_sides_dialling_at_once_end_with_one_working_link(tmp_path):
     with running_server(tmp_path / "srv") as server:
-        alice, bob = _pair_with_conversation(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         alice.enable_direct()
         bob.enable_direct()
         alice.open_direct("bob")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from db_fixtures import mysql_url
-from server_fixtures import RecordingSuite, PASSWORD, logged_in_client, make_client, running_server, wait_for
+from server_fixtures import RecordingSuite, chat_pair, PASSWORD, logged_in_client, make_client, running_server, wait_for
 
 import clientlib as C
 import protocol as P
@@ -29,20 +29,9 @@ def cipher(request):
     return request.param
 
 
-def _chat_pair(server, tmp_path):
-    alice = logged_in_client(server, tmp_path / "alice", "alice")
-    bob = logged_in_client(server, tmp_path / "bob", "bob")
-    alice.open_conversation("bob")
-    wait_for(alice, C.PeerOnline, peer="bob")
-    wait_for(alice, C.ConversationReady, peer="bob")
-    ready = wait_for(bob, C.ConversationReady, peer="alice")
-    assert ready.opened_by_peer
-    return alice, bob
-
-
 def test_register_login_chat_both_ways(tmp_path, db_url, cipher):
     with running_server(tmp_path / "srv", db_url=db_url, cipher=cipher) as server:
-        alice, bob = _chat_pair(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         alice.send_message("bob", "hello bob")
         assert wait_for(bob, C.MessageReceived).text == "hello bob"
         bob.send_message("alice", "hi alice ✓")
@@ -66,7 +55,7 @@ def test_register_login_chat_both_ways(tmp_path, db_url, cipher):
 def test_database_holds_no_key_or_message(tmp_path):
     with running_server(tmp_path / "srv") as server:
         recorder = server.service.suite = RecordingSuite(server.service.suite)
-        alice, bob = _chat_pair(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         alice.send_message("bob", "TOP-SECRET-PLAINTEXT")
         wait_for(bob, C.MessageReceived)
         alice.close()
@@ -190,7 +179,7 @@ def test_who_lists_online_users(tmp_path):
 
 def test_peer_leaving_is_reported(tmp_path):
     with running_server(tmp_path / "srv") as server:
-        alice, bob = _chat_pair(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         bob.close()
         wait_for(alice, C.PeerOffline, peer="bob")
         with pytest.raises(ConnectionClosed):
@@ -200,7 +189,7 @@ def test_peer_leaving_is_reported(tmp_path):
 
 def test_second_login_replaces_the_first(tmp_path):
     with running_server(tmp_path / "srv") as server:
-        alice, bob = _chat_pair(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         bob2 = logged_in_client(server, tmp_path / "bob", "bob", register=False)  # same device, same identity
         gone = wait_for(bob, C.Disconnected)
         assert "another place" in gone.reason
@@ -215,7 +204,7 @@ def test_second_login_replaces_the_first(tmp_path):
 
 def test_rekey_after_n_messages_is_invisible(tmp_path):
     with running_server(tmp_path / "srv", rekey_after_messages=5, min_rekey_interval_s=0) as server:
-        alice, bob = _chat_pair(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         for i in range(23):
             sender, receiver = (alice, bob) if i % 2 else (bob, alice)
             sender.send_message(receiver.username, f"n{i}")
@@ -233,7 +222,7 @@ def test_rekey_after_n_messages_is_invisible(tmp_path):
 
 def test_rekeys_are_never_faster_than_the_minimum_interval(tmp_path):
     with running_server(tmp_path / "srv", rekey_after_messages=2, min_rekey_interval_s=3600) as server:
-        alice, bob = _chat_pair(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         for i in range(10):
             alice.send_message("bob", f"m{i}")
             assert wait_for(bob, C.MessageReceived).text == f"m{i}"
@@ -254,7 +243,7 @@ def test_relay_never_sees_plaintext(tmp_path, caplog):
 
         server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: spy}
         caplog.set_level("DEBUG")
-        alice, bob = _chat_pair(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         secret = "the eagle lands at midnight"
         alice.send_message("bob", secret)
         assert wait_for(bob, C.MessageReceived).text == secret
@@ -331,7 +320,7 @@ def test_disconnect_mid_handshake_and_mid_chat(tmp_path):
         s.sendall(P.ClientProtocol().initiate())
         s.recv(10)
         s.close()  # gone before ClientFinished
-        alice, bob = _chat_pair(server, tmp_path)
+        alice, bob = chat_pair(server, tmp_path)
         bob.sock.shutdown(socket.SHUT_RDWR)  # vanishes without Goodbye
         wait_for(alice, C.PeerOffline, peer="bob")
         _assert_server_still_serves(server, tmp_path, "carol")
