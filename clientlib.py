@@ -326,6 +326,9 @@ class ChatClient:
 
     def _send(self, msg: P.Message) -> None:
         with self._send_lock:
+            if self.proto.state is P.State.CLOSED:  # the server ended the session (or we did)
+                raise ConnectionClosed(f"The session with {self.server_id} is closed"
+                                       + (f": {self.proto.close_reason}." if self.proto.close_reason else "."))
             data = self.proto.send(msg)
             self._sendall(data)
 
@@ -657,13 +660,19 @@ class ChatClient:
         """Ask the server for ``peer``'s endpoint and a ticket; DirectReady or DirectFallback follows."""
         if self._links is None:
             self.enable_direct()
-        self._send(P.DirectRequest(peer=P.normalize_username(peer)))
+        peer = P.normalize_username(peer)
+        if self.is_direct(peer):
+            self._emit(DirectReady(peer))
+            return
+        self._send(P.DirectRequest(peer=peer))
 
     def is_direct(self, peer: str) -> bool:
         with self._direct_lock:
             return self._links is not None and self._links.is_up(peer)
 
     def _on_direct_offer(self, msg: P.DirectOffer) -> None:
+        if self.is_direct(msg.peer):
+            return  # the peer dialled us meanwhile and that link is up: never replace a working link
         with self._state_lock:
             conv = self.conversations.get(msg.peer)
             keys = conv.direct_keys() if conv is not None and conv.ready else None

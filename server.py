@@ -97,6 +97,26 @@ class ServerConfig:
 # =============================================================================
 # Outgoing bytes: never block a thread on a slow reader
 # =============================================================================
+LINGER_S = 1.0
+LINGER_MAX_BYTES = 1 << 20
+
+
+def _linger_close(sock: socket.socket) -> None:
+    """Half-close after a farewell and read what is still arriving (bounded), so the close
+    sends FIN, not RST: an RST can destroy the farewell before the peer reads it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_S)
+        deadline, drained = time.monotonic() + LINGER_S, 0
+        while drained < LINGER_MAX_BYTES and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass
+
+
 class Flusher:
     """One thread that finishes writes the kernel could not take at once."""
 
@@ -702,6 +722,7 @@ class Server:
 
     def _serve_connection(self, sock: socket.socket, session: Session) -> None:
         source = session.source
+        linger = False
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
@@ -714,6 +735,7 @@ class Server:
                 with session.lock:
                     farewell = session.proto.farewell(str(exc)) or session.proto.data_to_send()
                 session.write_raw(farewell)
+                linger = True
             except ConnectionClosed:
                 pass
         except (ConnectionClosed, OSError) as exc:
@@ -722,9 +744,11 @@ class Server:
             log.exception("unexpected error on a connection from %s", source)
         finally:
             session.closed.set()
+            self.service.disconnected(session)  # others see the user gone at once
+            if linger:
+                _linger_close(sock)  # then let the farewell reach the peer
             if session.outbox is not None:
                 session.outbox.close()
-            self.service.disconnected(session)
             try:
                 sock.close()
             except OSError:

@@ -223,6 +223,13 @@ import clientlib as C  # noqa: E402
 import protocol as P  # noqa: E402
 
 
+def _enable_direct(client):
+    """enable_direct(), then a round trip on the same session: the server has the endpoint."""
+    client.enable_direct()
+    client.who()
+    wait_for(client, C.WhoList)
+
+
 def _record_sent(client):
     sent = []
     original = client._sendto
@@ -243,7 +250,7 @@ def test_direct_mode_keeps_message_data_off_the_server(tmp_path):
         server.service._HANDLERS = {**server.service._HANDLERS,
                                     P.Relay: lambda svc, s, m: (relayed.append(m.payload), original(s, m))}
         alice, bob = chat_pair(server, tmp_path)
-        bob.enable_direct()
+        _enable_direct(bob)
         alice.open_direct("bob")
         wait_for(alice, C.DirectReady, peer="bob")
         wait_for(bob, C.DirectReady, peer="alice")
@@ -262,7 +269,7 @@ def test_direct_mode_keeps_message_data_off_the_server(tmp_path):
 def test_replayed_ticket_stranger_and_tampered_datagrams_are_refused(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice, bob = chat_pair(server, tmp_path)
-        bob.enable_direct()
+        _enable_direct(bob)
         sent = _record_sent(alice)
         alice.open_direct("bob")
         wait_for(alice, C.DirectReady, peer="bob")
@@ -296,7 +303,7 @@ def test_replayed_ticket_stranger_and_tampered_datagrams_are_refused(tmp_path):
 def test_no_direct_path_falls_back_to_the_relay(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice, bob = chat_pair(server, tmp_path)
-        bob.enable_direct()
+        _enable_direct(bob)
         bob._udp.close()  # a firewall: nothing reaches bob over UDP
         bob._udp = None
         alice.open_direct("bob")
@@ -314,7 +321,7 @@ def test_direct_request_without_a_conversation_is_refused(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice = logged_in_client(server, tmp_path / "a", "alice")
         bob = logged_in_client(server, tmp_path / "b", "bob")
-        bob.enable_direct()
+        _enable_direct(bob)
         alice.open_direct("bob")
         assert "Open a conversation" in wait_for(alice, C.DirectFallback, peer="bob").reason
         alice.close()
@@ -324,8 +331,8 @@ def test_direct_request_without_a_conversation_is_refused(tmp_path):
 def test_both_sides_dialling_at_once_end_with_one_working_link(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice, bob = chat_pair(server, tmp_path)
-        alice.enable_direct()
-        bob.enable_direct()
+        _enable_direct(alice)
+        _enable_direct(bob)
         alice.open_direct("bob")
         bob.open_direct("alice")
         wait_for(alice, C.DirectReady, peer="bob")

@@ -449,3 +449,14 @@ def test_resume_with_a_bad_ticket_is_refused(tmp_path):
         with pytest.raises(InvalidCredentials, match="ticket"):
             c._authenticate(P.Resume(ticket=b"\0" * 60, identity_key=bytes(32)))
         c.close()
+
+
+def test_sending_after_the_server_closed_the_session_raises_connection_closed(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = chat_pair(server, tmp_path)
+        server.service.registry.session_of("alice").close("closed for the test")
+        wait_for(alice, C.Disconnected)
+        with pytest.raises(ConnectionClosed, match="closed for the test"):
+            alice.send_message("bob", "too late")
+        alice.close()
+        bob.close()
