@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # about 100 ms, 32 MiB
 IDENTITY_FORMAT = 1
 
 
+def file_component(text: str) -> str:
+    """A safe single path component: anything but [A-Za-z0-9._-] becomes '_' (no '/', no '..')."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)
+    return safe if safe.strip(".") else "_"
+
+
 class IdentityChanged(SecureIMError):
     """A peer's identity key changed: the conversation is refused until you accept the new key."""
 
@@ -75,10 +82,10 @@ class IdentityStore:
 
     def __init__(self, home: Path, server_id: str) -> None:
         self.dir = Path(home) / "identities"
-        self.server_id = server_id.replace(":", "_")
+        self.server_id = file_component(server_id)
 
     def path(self, username: str) -> Path:
-        return self.dir / f"{username}@{self.server_id}.json"
+        return self.dir / file_component(f"{username}@{self.server_id}.json")
 
     @staticmethod
     def _kek(password: str, salt: bytes) -> bytes:
@@ -126,7 +133,7 @@ class PeerTrust:
     """``<home>/known_peers/<me>@<server>``: ``peer base64(key) verified|unverified`` per line."""
 
     def __init__(self, home: Path, me: str, server_id: str) -> None:
-        self.path = Path(home) / "known_peers" / f"{me}@{server_id.replace(':', '_')}"
+        self.path = Path(home) / "known_peers" / file_component(f"{me}@{server_id}")
 
     def _load(self) -> dict[str, tuple[bytes, bool]]:
         out: dict[str, tuple[bytes, bool]] = {}

@@ -369,3 +369,12 @@ def test_changed_identity_refused_until_accepted(tmp_path):
         assert alice.mark_verified("bob") and alice.is_verified("bob")
         alice.close()
         bob.close()
+
+
+def test_files_stay_inside_the_home_whatever_the_server_address(tmp_path):
+    for server_id in ("../../etc:22", "/abs/path:1", "..:..", "a/b\\c:5"):
+        store = e2e.IdentityStore(tmp_path, server_id)
+        assert store.path("alice").parent == tmp_path / "identities"
+        trust = e2e.PeerTrust(tmp_path, "alice", server_id)
+        assert trust.path.parent == tmp_path / "known_peers"
+        assert "/" not in trust.path.name and "/" not in store.path("alice").name
