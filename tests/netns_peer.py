@@ -3,7 +3,8 @@
     python netns_peer.py HOST PORT USER PEER send|receive COUNT HOME
 
 "send" waits for a line "go" on stdin, opens a conversation and a direct link to
-PEER, sends COUNT messages and reports; "receive" reports each message it gets.
+PEER, sends COUNT messages and reports; "receive" reports each message it gets,
+then keeps acknowledging until a line on stdin.
 Every wait is bounded.
 """
 
@@ -67,6 +68,7 @@ def main() -> int:
                 got += 1
                 say(event="message", text=e.text, direct=e.direct)
         say(event="done", received=got)
+        sys.stdin.readline()  # keep acknowledging until the test says the sender is finished
     client.close()
     return 0
 
