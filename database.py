@@ -14,6 +14,7 @@ the call retried once; a database that stays down raises
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import sqlite3
@@ -198,6 +199,9 @@ class SQLiteStorage(Storage):
             conn.executescript(_SQLITE_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:" and not Path(self.path).exists():
+            # It holds password hashes: owner-only from the first byte.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")

@@ -97,6 +97,13 @@ def test_concurrent_use_from_threads(storage):
     assert storage.count_users() == 80
 
 
+def test_sqlite_file_is_owner_only(tmp_path):
+    s = database.open_storage(f"sqlite:///{tmp_path}/db/secureim.db")
+    s.create_user("alice", "h")
+    assert (tmp_path / "db" / "secureim.db").stat().st_mode & 0o777 == 0o600
+    s.close()
+
+
 def test_sqlite_persists_across_reopen(tmp_path):
     url = f"sqlite:///{tmp_path}/persist.db"
     s = database.open_storage(url)

@@ -356,3 +356,23 @@ def test_tickets_expire_and_only_the_peer_can_open_them():
     with pytest.raises(Exception, match="refused"):
         D.open_ticket(cu.random_bytes(32), t, now_s=1010)              # someone else's key
     assert b"alice" not in t
+
+
+@pytest.mark.parametrize("port", [0, 65536, 2**32 - 1])
+def test_bad_endpoint_ports_are_refused(tmp_path, port):
+    with running_server(tmp_path / "srv") as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        alice._send(P.RegisterEndpoint(port=port))
+        assert "between 1 and 65535" in wait_for(alice, C.ServerNotice).text
+        assert server.service.registry.session_of("alice").udp_port is None
+        alice.close()
+
+
+def test_direct_request_for_offline_or_unknown_peer(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        _enable_direct(alice)
+        for peer in ("nobody", "x" * 32):
+            alice.open_direct(peer)
+            assert "offline" in wait_for(alice, C.DirectFallback, peer=peer).reason
+        alice.close()
