@@ -451,20 +451,12 @@ class KeyUpdate(Message):
     """Record layer: the sender's following records use the next traffic key."""
 
 
-HANDSHAKE_MESSAGES = (ClientHello, ServerHello, ServerAuth, ClientFinished, HandshakeError, Puzzle)
-
-
 # =============================================================================
 # Framing
 # =============================================================================
 def encode_frame(body: bytes) -> bytes:
     if len(body) > MAX_FRAME_BYTES:
         raise LocalProtocolError(f"Frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}.")
-    return FRAME_HEADER.pack(len(body)) + body
-
-
-def encode_frame_unchecked(body: bytes) -> bytes:
-    """A frame of any size (test tools that forward what they are given)."""
     return FRAME_HEADER.pack(len(body)) + body
 
 

@@ -64,7 +64,7 @@ class MitmProxy:
                     break
                 decoder.feed(data)
                 while (body := decoder.next_frame()) is not None:
-                    frame = P.encode_frame_unchecked(body)
+                    frame = P.FRAME_HEADER.pack(len(body)) + body  # any size: forward what came
                     with self._lock:
                         self.recorded.append((direction, frame))
                     for out in self.tamper(direction, index, frame):
