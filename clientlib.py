@@ -223,7 +223,8 @@ _AUTH_ERRORS = {
 class ChatClient:
     def __init__(self, host: str, port: int, *, home: Path | None = None, group: str = "x25519",
                  suites: tuple[str, ...] = cu.SUITE_NAMES, server_fingerprint: str | None = None,
-                 timeout_s: float = CONNECT_TIMEOUT_S, persist_identity: bool = True) -> None:
+                 timeout_s: float = CONNECT_TIMEOUT_S, persist_identity: bool = True,
+                 reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
         """``persist_identity=False`` keeps the identity key in memory only (benchmarks:
         no scrypt per login, nothing on disk; peers see a new key every session)."""
         self.host, self.port = host, port
@@ -231,6 +232,7 @@ class ChatClient:
         self.known_servers = KnownServers(self.home)
         self.pinned_fingerprint = parse_fingerprint(server_fingerprint) if server_fingerprint else None
         self.timeout_s = timeout_s
+        self.reply_timeout_s = reply_timeout_s  # the longest wait for the server during the handshake
         self._group, self._suites = group, suites
         self.proto = P.ClientProtocol(group=group, suites=suites)
         self._ticket: bytes | None = None  # resumption ticket: memory only, never on disk
@@ -271,7 +273,7 @@ class ChatClient:
         except OSError as exc:
             reason = exc.strerror or str(exc) or exc.__class__.__name__
             raise ConnectionClosed(f"Cannot connect to {self.server_id}: {reason}.") from None
-        self.sock.settimeout(REPLY_TIMEOUT_S)
+        self.sock.settimeout(self.reply_timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
         self._sendall(self.proto.initiate())
         done = None

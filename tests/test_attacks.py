@@ -50,10 +50,10 @@ def _read_messages(s: socket.socket) -> list:
     return out
 
 
-def via_proxy(server, tmp_path, tamper, name="victim"):
+def via_proxy(server, tmp_path, tamper, name="victim", **client_options):
     proxy = MitmProxy(server.server_address, tamper)
     host, port = proxy.address
-    client = C.ChatClient(host, port, home=tmp_path / name)
+    client = C.ChatClient(host, port, home=tmp_path / name, **client_options)
     return proxy, client
 
 
@@ -95,19 +95,66 @@ HANDSHAKE_ATTACKS = {
 }
 
 
+CLIENT_REPLY_TIMEOUT_S = 2.0
+
+
 @pytest.mark.parametrize("name", list(HANDSHAKE_ATTACKS))
 def test_handshake_tampering_is_detected(tmp_path, name):
     direction, index, fn, error, reason = HANDSHAKE_ATTACKS[name]
-    with running_server(tmp_path / "srv") as server:
-        proxy, client = via_proxy(server, tmp_path, _on(direction, index, fn))
-        client.timeout_s = 3
+    # The server's login grace is far longer than the client's reply deadline: a client
+    # waiting for a reply (A09) is stopped by its own deadline, not by the server closing.
+    with running_server(tmp_path / "srv", login_grace_s=600) as server:
+        proxy, client = via_proxy(server, tmp_path, _on(direction, index, fn),
+                                  reply_timeout_s=CLIENT_REPLY_TIMEOUT_S)
+        t0 = time.monotonic()
         with pytest.raises(error, match=reason):
             client.connect()
-            client.sock.settimeout(3)
             client.register("victim", PASSWORD)
+        assert time.monotonic() - t0 < CLIENT_REPLY_TIMEOUT_S + 5
         assert client.username is None  # never logged in, never shown anything
         proxy.close()
         logged_in_client(server, tmp_path / "ok", "bystander").close()  # the server is unharmed
+
+
+def test_A09_client_gives_up_on_a_server_that_accepts_and_never_answers(tmp_path):
+    """A listener that accepts and then neither answers nor closes: only the client's own
+    reply deadline can end the wait.  connect() runs in a thread so that a client without
+    a deadline fails this test quickly instead of hanging it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+    accepted = threading.Event()
+
+    def accept_and_hold():
+        conn, _ = listener.accept()
+        held.append(conn)  # read nothing, send nothing, close nothing
+        accepted.set()
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    host, port = listener.getsockname()[:2]
+    client = C.ChatClient(host, port, home=tmp_path / "c", reply_timeout_s=1.0)
+    outcome = []
+
+    def connect():
+        t0 = time.monotonic()
+        try:
+            client.connect()
+            outcome.append(("connected", time.monotonic() - t0))
+        except ConnectionClosed as exc:
+            outcome.append((str(exc), time.monotonic() - t0))
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    try:
+        assert accepted.wait(10)
+        worker.join(timeout=10)
+        assert not worker.is_alive(), "the client kept waiting for a server that never answers"
+        (message, elapsed), = outcome
+        assert "did not answer in time" in message and 0.9 <= elapsed < 5
+    finally:
+        for conn in held:
+            conn.close()  # lets a hung client thread end
+        listener.close()
+        worker.join(timeout=10)
 
 
 def test_A11_flip_a_bit_in_client_finished_is_refused_by_the_server(tmp_path):
@@ -381,6 +428,75 @@ def test_A35_puzzle_is_required_before_any_dh_work(tmp_path):
         c.close()
 
 
+def _connect_from(server, source_ip: str) -> socket.socket:
+    s = socket.socket()
+    s.bind((source_ip, 0))
+    s.settimeout(10)
+    s.connect(server.server_address)
+    return s
+
+
+def _first_reply(s: socket.socket, data: bytes):
+    """Send ``data`` and return the first message the server answers with."""
+    s.sendall(data)
+    decoder = P.FrameDecoder()
+    while (body := decoder.next_frame()) is None:
+        chunk = s.recv(65536)
+        assert chunk, "the server closed without answering"
+        decoder.feed(chunk)
+    return P.decode_message(body)
+
+
+def test_A35_a_client_that_ignores_the_puzzle_is_refused(tmp_path):
+    with running_server(tmp_path / "srv", puzzle_mode="always", puzzle_bits=8) as server:
+        hello = _hello()
+        # The same unsolved hello twice: one Puzzle, then a refusal (never a second puzzle).
+        assert [type(m) for m in _raw_exchange(server, hello + hello)] == [P.Puzzle, P.HandshakeError]
+        assert _raw_exchange(server, hello + hello)[1] == P.HandshakeError(code=P.HandshakeErrorCode.PUZZLE_FAILED)
+
+
+def test_A36_the_real_server_binds_puzzles_to_the_source_address(tmp_path):
+    """A solution computed for 127.0.0.1 is refused from 127.0.0.2, and accepted from 127.0.0.1."""
+    with running_server(tmp_path / "srv", puzzle_mode="always", puzzle_bits=8) as server:
+        hello = P.decode_message(_hello()[4:])
+        with _connect_from(server, "127.0.0.1") as s:
+            issued = _first_reply(s, P.encode_frame(hello.encode()))
+        assert isinstance(issued, P.Puzzle) and issued.difficulty == 8
+        solution = puzzle.solve(issued.challenge, hello.public, issued.difficulty)
+        answer = P.encode_frame(dataclasses.replace(hello, puzzle_challenge=issued.challenge,
+                                                    puzzle_solution=solution).encode())
+        moved = _connect_from(server, "127.0.0.2")
+        moved.sendall(answer)
+        moved.shutdown(socket.SHUT_WR)
+        assert _read_messages(moved) == [P.HandshakeError(code=P.HandshakeErrorCode.PUZZLE_FAILED)]
+        with _connect_from(server, "127.0.0.1") as s:  # the refusal above was the address, nothing else
+            assert isinstance(_first_reply(s, answer), P.ServerHello)
+
+
+def test_A37_load_adaptive_difficulty_through_the_real_server(tmp_path):
+    """Calm: no puzzle.  Half-open connections reach the threshold: the base difficulty.
+    Twice the threshold: 2 more bits.  A real client still solves it and logs in."""
+    threshold, base = 4, 6
+    with running_server(tmp_path / "srv", puzzle_mode="auto", puzzle_bits=base,
+                        puzzle_load_threshold=threshold) as server:
+        def probe():
+            # Connections are admitted (and counted) in accept order, so the idle
+            # connections made before this one are counted when its hello is answered.
+            with _connect_from(server, "127.0.0.1") as s:
+                return _first_reply(s, _hello())
+
+        assert isinstance(probe(), P.ServerHello)
+        idle = [_connect_from(server, "127.0.0.2") for _ in range(threshold - 1)]  # + the probe itself
+        first = probe()
+        assert isinstance(first, P.Puzzle) and first.difficulty == base
+        idle += [_connect_from(server, "127.0.0.2") for _ in range(threshold)]
+        second = probe()
+        assert isinstance(second, P.Puzzle) and second.difficulty == base + 2
+        logged_in_client(server, tmp_path / "a", "alice").close()
+        for s in idle:
+            s.close()
+
+
 def test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved(tmp_path):
     now = [1_000_000.0]
     gate = puzzle.PuzzleGate("always", base_difficulty=8, clock=lambda: now[0])
@@ -441,16 +557,45 @@ def _junk_connection(server_address, source_ip: str, kind: int):
     return s
 
 
-def test_A40_flood_of_junk_from_one_source_does_not_stop_others(tmp_path):
+def test_A41_half_open_connections_are_capped_per_source(tmp_path):
+    cap = 3
+    with running_server(tmp_path / "srv", max_unauthenticated_per_source=cap) as server:
+        silent = [_connect_from(server, "127.0.0.2") for _ in range(cap)]
+        extra = _connect_from(server, "127.0.0.2")
+        extra.shutdown(socket.SHUT_WR)
+        assert _read_messages(extra) == [P.HandshakeError(code=P.HandshakeErrorCode.BUSY)]
+        logged_in_client(server, tmp_path / "a", "alice").close()  # another source is not affected
+        for s in silent:
+            s.close()
+
+
+JUNK_CONNECTIONS = 1000
+
+
+@pytest.fixture
+def enough_file_descriptors():
+    """The flood holds 1,000 client sockets and the in-process server's 1,000 ends (plus
+    threads' and clients' sockets): more than the usual soft limit of 1,024 descriptors.
+    Raise the soft limit (up to the hard limit) for this test, and restore it after."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(8192, hard)
+    if wanted < 4 * JUNK_CONNECTIONS:
+        pytest.fail(f"the flood needs {4 * JUNK_CONNECTIONS} file descriptors; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_A40_flood_of_junk_from_one_source_does_not_stop_others(tmp_path, enough_file_descriptors):
     """1,000 junk connections from 127.0.0.2; 20 legitimate users from 127.0.0.1 log in and chat."""
     with running_server(tmp_path / "srv", login_grace_s=20) as server:
         t0 = time.monotonic()
-        junk = []
-        for i in range(1000):
-            try:
-                junk.append(_junk_connection(server.server_address, "127.0.0.2", i % 3))
-            except OSError:
-                pass  # refused at the door: fine
+        # Every junk connection is really opened (TCP accepts it before the server's limits
+        # refuse it at the door): a failure to open one fails the test instead of shrinking the flood.
+        junk = [_junk_connection(server.server_address, "127.0.0.2", i % 3) for i in range(JUNK_CONNECTIONS)]
+        assert len(junk) == JUNK_CONNECTIONS
         users = []
         errors = []
 

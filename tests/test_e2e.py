@@ -14,14 +14,14 @@ import time
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from server_fixtures import RecordingSuite, logged_in_client, running_server, wait_for
 
 import clientlib as C
 import crypto_utils as cu
 import e2e
 import protocol as P
-from errors import DecryptionFailed
+from errors import DecryptionFailed, InvalidKey
 
 
 # --- sans-IO pairs -----------------------------------------------------------------------
@@ -139,6 +139,20 @@ def test_out_of_order_within_the_bound_and_refused_beyond():
         bob.open(alice.seal("too far"))
 
 
+def test_a_replayed_out_of_order_message_is_refused():
+    """A skipped message's stored key opens it once, then is deleted: a replay is refused."""
+    alice, bob = _pair()
+    msgs = [alice.seal(f"m{i}") for i in range(3)]
+    assert bob.open(msgs[2])[0] == "m2"  # m0 and m1 skipped: their keys are stored
+    assert bob.open(msgs[0])[0] == "m0"
+    with pytest.raises(DecryptionFailed, match="replayed"):
+        bob.open(msgs[0])
+    assert bob.open(msgs[1])[0] == "m1"
+    for payload in msgs:
+        with pytest.raises(DecryptionFailed, match="replayed"):
+            bob.open(payload)
+
+
 def test_a_tampered_message_consumes_nothing():
     alice, bob = _pair()
     payload = alice.seal("intact")
@@ -238,47 +252,117 @@ def _open_pair(server, tmp_path):
     return alice, bob
 
 
+def _server_transcript(cid, generation, shares, identities):
+    """The e2e root's salt, computed (as the server can) from public values only: the
+    conversation id, the generation, both names with their relayed shares, both identity keys."""
+    names = sorted(shares.items())
+    return cu.sha256(b"secureim/v1 e2e root" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
+                     + b"".join(bytes([len(n)]) + n.encode() + s for n, s in names)
+                     + b"".join(sorted(identities.values())))
+
+
+def _server_candidate_roots(kdc_keys, cid, generation, shares, identities, extra_ikm=()):
+    """Every root key the server could derive from what it holds: every KDC key it made,
+    alone or with the relayed shares (in either order), the identity keys, zero DH output,
+    under the real transcript or no salt; and the raw material itself taken as a root."""
+    transcript = _server_transcript(cid, generation, shares, identities)
+    publics = [s for _n, s in sorted(shares.items())]
+    ids = sorted(identities.values())
+    ikms = [transcript, b"".join(publics), b"".join(reversed(publics)), b"".join(ids), bytes(32), *extra_ikm]
+    for k in kdc_keys:
+        ikms += [k, k + bytes(32), k + transcript, k + b"".join(publics), k + b"".join(reversed(publics)),
+                 k + b"".join(ids), *(k + p for p in publics)]
+    for ikm in ikms:
+        for salt in (transcript, None):
+            yield cu.hkdf(ikm, salt=salt, info=cu.label("e2e root"), length=32)
+        yield ikm[:32].ljust(32, b"\0")
+
+
+def _opened_by_any_root(roots, payload, sender, recipient, cid, suite):
+    """Text if one of ``roots`` opens the relayed message ``payload`` (else None)."""
+    _kind, generation, counter = e2e.MESSAGE_HEADER.unpack_from(payload)
+    reader = e2e.E2ESession(recipient, Ed25519PrivateKey.generate(), sender, bytes(32), cid, suite)
+    aad = reader._aad(sender, recipient, generation, counter)
+    for root in roots:
+        for chain_key in (cu.hkdf(root, salt=None, info=cu.label(f"chain {sender}>{recipient}"), length=32), root):
+            chain = e2e._Chain(chain_key)
+            for _ in range(counter + 1):
+                _i, message_key = chain.step()
+            try:
+                body = reader._message_cipher(message_key).open(payload[e2e.MESSAGE_HEADER.size:], aad)
+            except (DecryptionFailed, InvalidKey):
+                continue
+            return body[e2e.BODY_HEADER.size:].decode("utf-8", "replace")
+    return None
+
+
+def test_the_server_side_reconstruction_opens_messages_given_the_dh_secret():
+    """Control for the curious-server test: its derivations mirror the clients' exactly, so
+    with the one thing the server lacks (the DH output) they open the message; without it, not."""
+    suite = cu.get_suite("3des")
+    ida, idb = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    alice = e2e.E2ESession("alice", ida, "bob", cu.public_bytes(idb), 42, suite)
+    bob = e2e.E2ESession("bob", idb, "alice", cu.public_bytes(ida), 42, suite)
+    kdc_key = suite.generate_key()
+    share_a, share_b = alice.new_generation(3, kdc_key), bob.new_generation(3, kdc_key)
+    alice_private = alice._generations[3].my_private
+    alice.receive_share(share_b)
+    bob.receive_share(share_a)
+    payload = [alice.seal(f"m{i}") for i in range(3)][2]
+    shares = {"alice": e2e.SHARE.unpack(share_a)[2], "bob": e2e.SHARE.unpack(share_b)[2]}
+    identities = {"alice": cu.public_bytes(ida), "bob": cu.public_bytes(idb)}
+    dh = alice_private.exchange(X25519PublicKey.from_public_bytes(shares["bob"]))
+    assert _opened_by_any_root(_server_candidate_roots([kdc_key], 42, 3, shares, identities),
+                               payload, "alice", "bob", 42, suite) is None
+    with_dh = _server_candidate_roots([kdc_key], 42, 3, shares, identities, extra_ikm=[kdc_key + dh])
+    assert _opened_by_any_root(with_dh, payload, "alice", "bob", 42, suite) == "m2"
+
+
 def test_curious_server_cannot_read_messages(tmp_path):
+    """The server records everything it relays and keeps every KDC key, then computes every
+    derivation it can reproduce (real transcript, real ids and names, relayed shares,
+    identity keys) and tries each on every message.  None may open."""
     secrets_sent = [f"secret number {i}" for i in range(10)]
+    relayed = []
     with running_server(tmp_path / "srv", rekey_after_messages=4, min_rekey_interval_s=0) as server:
         kdc = server.service.suite = RecordingSuite(server.service.suite)
-        recorded = _spy_relay(server)
+        original = server.service._relay
+
+        def spy(service, session, msg):
+            relayed.append((session.username, msg.conversation_id, msg.payload))
+            return original(session, msg)
+
+        server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: spy}
         alice, bob = _open_pair(server, tmp_path)
         wait_for(alice, C.ConversationReady, peer="bob")
         wait_for(bob, C.ConversationReady, peer="alice")
         for text in secrets_sent:
             alice.send_message("bob", text)
             assert wait_for(bob, C.MessageReceived).text == text
+        bob.send_message("alice", "a reply")
+        assert wait_for(alice, C.MessageReceived).text == "a reply"
         alice.close()
         bob.close()
-        server_identity = server.identity
+        identities = {u: server.storage.get_identity_key(u) for u in ("alice", "bob")}
     assert len(kdc.keys) >= 3  # several generations were keyed by the KDC
-    everything = b"".join(recorded)
+    everything = b"".join(p for _u, _c, p in relayed)
     for text in secrets_sent:
         assert text.encode() not in everything
-    # The server tries every key it holds: each KDC key, used the way the KDC-only design
-    # would (no DH), and its own long-term key's bytes.  Nothing opens.
+    shares: dict[tuple[int, int], dict[str, bytes]] = {}
+    for sender, cid, payload in relayed:
+        if payload[:1] == bytes([e2e.KIND_SHARE]):
+            _kind, generation, share, _sig = e2e.SHARE.unpack(payload)
+            shares.setdefault((cid, generation), {})[sender] = share
+    messages = [(s, c, p) for s, c, p in relayed if p[:1] == bytes([e2e.KIND_MESSAGE])]
+    assert len(messages) == len(secrets_sent) + 1
     suite = cu.get_suite("3des")
-    server_material = kdc.keys + [cu.public_bytes(server_identity)]
-    messages = [p for p in recorded if p[0] == e2e.KIND_MESSAGE]
-    assert messages
-    opened = 0
-    for payload in messages:
-        _kind, generation, counter = e2e.MESSAGE_HEADER.unpack_from(payload)
-        for material in server_material:
-            for guess in (material, cu.hkdf(material, salt=None, info=cu.label("e2e root"), length=32)):
-                chain = e2e._Chain(cu.hkdf(guess[:32].ljust(32, b"\0"), salt=None,
-                                           info=cu.label("chain alice>bob"), length=32))
-                for _ in range(counter + 1):
-                    _i, mk = chain.step()
-                session = e2e.E2ESession("bob", Ed25519PrivateKey.generate(), "alice", bytes(32), 1, suite)
-                try:
-                    session._message_cipher(mk).open(payload[e2e.MESSAGE_HEADER.size:],
-                                                     session._aad("alice", "bob", generation, counter))
-                    opened += 1
-                except DecryptionFailed:
-                    pass
-    assert opened == 0
+    for sender, cid, payload in messages:
+        generation = e2e.MESSAGE_HEADER.unpack_from(payload)[1]
+        gen_shares = shares[(cid, generation)]
+        assert set(gen_shares) == {"alice", "bob"}  # the server saw both shares of this generation
+        recipient = "bob" if sender == "alice" else "alice"
+        roots = _server_candidate_roots(kdc.keys, cid, generation, gen_shares, identities)
+        assert _opened_by_any_root(roots, payload, sender, recipient, cid, suite) is None
 
 
 def test_active_server_swapping_dh_shares_is_caught_by_both_clients(tmp_path):

@@ -6,6 +6,8 @@ source so a failure points at the exact vector.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import VECTORS, load_nist_records, load_wycheproof, wycheproof_id
 
@@ -149,3 +151,25 @@ def test_ed25519_wycheproof(case):
     group, t = case
     ok = cu.verify_signature(bytes.fromhex(group["publicKey"]["pk"]), bytes.fromhex(t["sig"]), bytes.fromhex(t["msg"]))
     assert ok == (t["result"] == "valid")
+
+
+# --- the 3des suite as a whole: key split, IV, PKCS#7, HMAC over the AAD length, AAD, IV and ciphertext ---
+TDES_SUITE = json.loads((VECTORS / "tdes_suite" / "tdes_suite.json").read_text())["cases"]
+
+
+def test_tdes_suite_vector_file_was_read():
+    assert len(TDES_SUITE) == 12 and {len(c["plaintext"]) // 2 for c in TDES_SUITE} >= {0, 7, 8, 9, 1000}
+
+
+@pytest.mark.parametrize("backend", ["openssl", "pydes"])
+@pytest.mark.parametrize("case", TDES_SUITE, ids=[c["id"] for c in TDES_SUITE])
+def test_tdes_suite_known_answers(backend, case):
+    """Computed once by an independent implementation (tests/vectors/tdes_suite/generate.py)."""
+    key, iv, aad, plaintext, sealed = (bytes.fromhex(case[k]) for k in ("key", "iv", "aad", "plaintext", "sealed"))
+    cipher = cu.TripleDesCbcHmac(backend=backend).cipher(key)
+    assert cipher.seal(plaintext, aad, iv=iv) == sealed
+    assert cipher.open(sealed, aad) == plaintext
+    with pytest.raises(DecryptionFailed):
+        cipher.open(sealed, aad + b"\0")
+    with pytest.raises(DecryptionFailed):
+        cipher.open(sealed[:8] + bytes([sealed[8] ^ 1]) + sealed[9:], aad)
