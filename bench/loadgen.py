@@ -19,6 +19,7 @@ holds the results on the reference machine.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -51,7 +52,12 @@ class ServerUnderTest:
                  data_dir: Path | None = None, port: int = 0, extra: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="secureim-bench-"))
         self.db_name = None
-        args = [sys.executable, str(ROOT / "server.py"), "--port", str(port), "--data-dir", str(self.data_dir),
+        # bench/counted_server.py is server.py's main plus its bcrypt count, written at each stop.
+        self.counters_dir = Path(tempfile.mkdtemp(prefix="secureim-bench-counters-"))
+        self.counters_path = self.counters_dir / "counters.json"
+        self.last_counters: dict | None = None
+        args = [sys.executable, str(ROOT / "bench" / "counted_server.py"), "--counters", str(self.counters_path),
+                "--port", str(port), "--data-dir", str(self.data_dir),
                 "--cipher", cipher, "--bcrypt-cost", str(bcrypt_cost), "--puzzle", "off",
                 "--connections-per-second", "1000000", "--max-unauthenticated", "100000",
                 "--max-unauthenticated-per-source", "100000", "--login-grace", "120", *extra]
@@ -123,7 +129,13 @@ class ServerUnderTest:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        try:  # this process's counters (absent if it had to be killed)
+            self.last_counters = json.loads(self.counters_path.read_text())
+            self.counters_path.unlink()
+        except (OSError, ValueError):
+            self.last_counters = None
         if not keep_data:
+            shutil.rmtree(self.counters_dir, ignore_errors=True)
             if self.db_name:
                 self._mysql_admin(f"DROP DATABASE IF EXISTS `{self.db_name}`")
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -186,17 +198,31 @@ def relay_worker(host, port, pair_ids, messages, window, payload_bytes, barrier,
         wait_event(a, C.ConversationReady, deadline, peer=b.username)
         wait_event(b, C.ConversationReady, deadline, peer=a.username)
         pairs.append((a, b))
-    state = [{"sent": 0, "recv": 0, "expected": 0, "disorder": 0, "lat": [], "cond": threading.Condition()}
-             for _ in pairs]
-    for (_a, b), st in zip(pairs, state, strict=True):
-        def on_message(event, st=st):
-            seq, sent_at = event.text.split(" ", 2)[:2]
+    state = [{"sent": 0, "recv": 0, "expected": 0, "disorder": 0, "duplicates": 0, "corrupted": 0,
+              "seen": set(), "lat": [], "cond": threading.Condition()} for _ in pairs]
+    for (a, b), st in zip(pairs, state, strict=True):
+        def on_message(event, st=st, sender=a.username):
+            # Every message is checked: from the right sender, with exactly the text sent
+            # (sequence number, the pair's tag, the padding), once, and in order.
+            parts = event.text.split(" ")
             with st["cond"]:
-                st["lat"].append(time.time() - float(sent_at))
-                if int(seq) != st["expected"]:
-                    st["disorder"] += 1
-                st["expected"] = int(seq) + 1
-                st["recv"] += 1
+                try:
+                    seq, sent_at = int(parts[0]), float(parts[1])
+                    intact = (event.peer == sender and len(parts) == 4 and parts[2] == relay_tag(sender, seq)
+                              and parts[3] == relay_padding(payload_bytes) and 0 <= seq < messages)
+                except (ValueError, IndexError):
+                    intact = False
+                if not intact:
+                    st["corrupted"] += 1
+                elif seq in st["seen"]:
+                    st["duplicates"] += 1
+                else:
+                    st["seen"].add(seq)
+                    st["lat"].append(time.time() - sent_at)
+                    if seq != st["expected"]:
+                        st["disorder"] += 1
+                    st["expected"] = seq + 1
+                    st["recv"] += 1
                 st["cond"].notify()
         b.on_message = on_message
     cpu0 = cpu_self_s()
@@ -204,14 +230,14 @@ def relay_worker(host, port, pair_ids, messages, window, payload_bytes, barrier,
     t0 = time.time()
 
     def send_all(a, b, st):
-        pad = "x" * max(0, payload_bytes - 30)
+        pad = relay_padding(payload_bytes)
         for k in range(messages):
             with st["cond"]:
                 while st["sent"] - st["recv"] >= window and time.monotonic() < deadline:
                     st["cond"].wait(timeout=1)
             if time.monotonic() >= deadline:
                 return
-            a.send_message(b.username, f"{k} {time.time():.6f} {pad}")
+            a.send_message(b.username, f"{k} {time.time():.6f} {relay_tag(a.username, k)} {pad}")
             with st["cond"]:
                 st["sent"] += 1
 
@@ -226,12 +252,22 @@ def relay_worker(host, port, pair_ids, messages, window, payload_bytes, barrier,
                 st["cond"].wait(timeout=1)
     t1 = max([t0] + [time.time()])
     results.put({"t0": t0, "t1": t1, "sent": sum(s["sent"] for s in state), "received": sum(s["recv"] for s in state),
-                 "disorder": sum(s["disorder"] for s in state), "latencies": [x for s in state for x in s["lat"]],
+                 "disorder": sum(s["disorder"] for s in state), "duplicates": sum(s["duplicates"] for s in state),
+                 "corrupted": sum(s["corrupted"] for s in state), "latencies": [x for s in state for x in s["lat"]],
                  "cpu_s": cpu_self_s() - cpu0})
     for a, b in pairs:
         a.close(timeout_s=2)
         b.close(timeout_s=2)
     shutil.rmtree(home, ignore_errors=True)
+
+
+def relay_tag(sender: str, seq: int) -> str:
+    """A per-message check value: a message relayed to the wrong pair, or altered, fails it."""
+    return hashlib.sha256(f"{sender} {seq}".encode()).hexdigest()[:16]
+
+
+def relay_padding(payload_bytes: int) -> str:
+    return "x" * max(1, payload_bytes - 48)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -310,6 +346,7 @@ def run_relay(args) -> dict:
             "latency_ms": {p: round(percentile(lat, p) * 1000, 2) for p in (50, 95, 99)} | {
                 "max": round(max(lat) * 1000, 2) if lat else None},
             "lost": expected - received, "out_of_order": sum(o["disorder"] for o in outs),
+            "duplicates": sum(o["duplicates"] for o in outs), "corrupted": sum(o["corrupted"] for o in outs),
             "server_cpu_s": round(cpu1 - cpu0, 3),
             "server_user_s": round(u1 - u0, 3), "server_system_s": round(k1 - k0, 3),
             "server_cpu_us_per_msg": round((cpu1 - cpu0) / received * 1e6, 1) if received else None,
@@ -496,38 +533,56 @@ def storm_worker(host, port, ids, ready, restarted, results, timeout_s, tag):
     restarted.wait(timeout=timeout_s)
     t0 = time.time()
     back = [0]
+    errors: list[str] = []
     lock = threading.Lock()
-    bcrypt_free = [0]
 
     def reconnect(sub):
         for c in sub:
+            last = None
             while time.monotonic() < deadline:
                 try:
-                    used_ticket = c.resume()
+                    c.resume()  # the ticket, never the password (the server's bcrypt count shows it)
                     with lock:
                         back[0] += 1
-                        bcrypt_free[0] += int(used_ticket)
                     break
-                except (C.ConnectionClosed, OSError, C.ProtocolError):
+                except (C.ConnectionClosed, OSError, C.ProtocolError) as exc:
+                    last = exc
                     time.sleep(0.02 + secrets.randbelow(50) / 1000)  # jittered backoff of the client
+            else:
+                with lock:
+                    errors.append(f"{c.username} did not come back: {last!r}")
     threads = [threading.Thread(target=reconnect, args=(clients[k::8],)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=timeout_s)
-    # Back and chatting: each client sends one message to its neighbour.
-    for i in range(0, len(clients) - 1, 2):
-        a, b = clients[i], clients[i + 1]
+    t_back = time.time()
+    # Back and chatting: every client sends one message and receives one, checked for sender
+    # and text.  Pairs (0,1), (2,3), ...; with an odd count the last one pairs with the first.
+    pairs = [(clients[i], clients[i + 1]) for i in range(0, len(clients) - 1, 2)]
+    if len(clients) % 2 and len(clients) > 1:
+        pairs.append((clients[-1], clients[0]))
+    chatted: set[str] = set()
+    for a, b in pairs:
         try:
             a.open_conversation(b.username)
             wait_event(a, C.ConversationReady, deadline, peer=b.username)
-            got = threading.Event()
-            b.on_message = lambda e, got=got: got.set()
-            a.send_message(b.username, "back")
-            got.wait(timeout=max(1, deadline - time.monotonic()))
-        except Exception:  # noqa: BLE001 - a failure shows as a missing client in the count
-            pass
-    results.put({"back": back[0], "with_ticket": bcrypt_free[0], "t0": t0, "t1": time.time()})
+            wait_event(b, C.ConversationReady, deadline, peer=a.username)
+            for sender, receiver in ((a, b), (b, a)):
+                got: list = []
+                arrived = threading.Event()
+                receiver.on_message = lambda e, got=got, arrived=arrived: (got.append(e), arrived.set())
+                text = f"back from {sender.username}"
+                sender.send_message(receiver.username, text)
+                if not arrived.wait(timeout=max(1, deadline - time.monotonic())):
+                    raise TimeoutError(f"{receiver.username} got nothing from {sender.username}")
+                if (got[0].peer, got[0].text) != (sender.username, text):
+                    raise AssertionError(f"{receiver.username} got {got[0].text!r} from {got[0].peer}")
+                chatted.add(sender.username)
+        except Exception as exc:  # noqa: BLE001 - reported in the result (and fails the smoke test), not hidden
+            errors.append(f"{a.username} and {b.username} could not chat: {exc!r}")
+    results.put({"back": back[0], "chatted": len(chatted), "errors": errors, "t0": t0, "t_back": t_back,
+                 "t1": time.time()})
     for c in clients:
         c.close(timeout_s=1)
     shutil.rmtree(home, ignore_errors=True)
@@ -557,8 +612,14 @@ def run_storm(args) -> dict:
             p.join(timeout=60)
     finally:
         server.stop()
+    counters = server.last_counters or {}
     return {"mode": "storm", "clients": args.clients, "back": sum(o["back"] for o in outs),
-            "resumed_with_ticket": sum(o["with_ticket"] for o in outs),
+            "chatted_after_storm": sum(o["chatted"] for o in outs),
+            # Counted inside the restarted server process (bench/counted_server.py): every
+            # bcrypt hash or check it ran, storm and chat included.  0 = nobody needed a password.
+            "server_bcrypt_runs_after_restart": counters.get("bcrypt_runs_serving"),
+            "errors": [e for o in outs for e in o["errors"]],
+            "restart_to_all_back_s": round(max(o["t_back"] for o in outs) - r0, 2),
             "restart_to_all_back_and_chatting_s": round(max(o["t1"] for o in outs) - r0, 2),
             "server_cpu_s_during_storm": round(cpu1 - cpu0, 2)}
 

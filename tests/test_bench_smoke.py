@@ -27,6 +27,7 @@ def _run(tmp_path, *args) -> dict:
 def test_relay_smoke(tmp_path):
     r = _run(tmp_path, "relay", "--clients", "4", "--messages", "20")
     assert r["lost"] == 0 and r["out_of_order"] == 0 and r["msgs_per_s"] > 0
+    assert r["duplicates"] == 0 and r["corrupted"] == 0  # content and sender checked per message
     assert r["server_cpu_s"] >= 0 and r["generator_cpu_s"] > 0 and r["latency_ms"]["99"] > 0
 
 
@@ -51,5 +52,6 @@ def test_handshake_smoke(tmp_path):
 
 
 def test_storm_smoke(tmp_path):
-    r = _run(tmp_path, "storm", "--clients", "6")
-    assert r["back"] == 6 and r["resumed_with_ticket"] == 6
+    r = _run(tmp_path, "storm", "--clients", "7")
+    assert r["errors"] == [] and r["back"] == 7 and r["chatted_after_storm"] == 7
+    assert r["server_bcrypt_runs_after_restart"] == 0  # tickets, counted on the server: no password check

@@ -76,6 +76,15 @@ def test_bad_public_values_refused(name):
         assert dh.shared_secret is None, label
 
 
+def test_range_check_is_what_refuses_0_1_p_minus_1_and_p():
+    """Refused by the range check itself (RFC 7919 section 5.1), before the subgroup and
+    bit-count checks, which would catch most of these too: each check is proven on its own."""
+    group = GROUPS["ffdhe2048"]
+    for y in (0, 1, group.p - 1, group.p):
+        with pytest.raises(InvalidPublicValue, match="out of range"):
+            DiffieHellman("ffdhe2048").generate_shared_secret(y.to_bytes(256, "big"))
+
+
 def test_subgroup_check_is_what_refuses_non_residues():
     group = GROUPS["ffdhe2048"]
     for y in (_smallest_non_residue(group), group.p - 2):  # outside the order-q subgroup

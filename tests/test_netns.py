@@ -2,7 +2,8 @@
 
 The server, alice and bob each get a namespace (ip netns, veth pairs to a bridge
 in a fourth namespace), made and removed by the test.  Skipped, with the reason,
-only where namespaces cannot be made (not root, no iproute2).  Addresses are the
+only where namespaces cannot be made (not root, no iproute2); under REQUIRE_NETNS=1
+(as in CI) that is a failure instead.  Addresses are the
 test's own (10.199.0.0/24 inside its namespaces); nothing leaves the machine.
 """
 
@@ -58,7 +59,7 @@ class Namespaces:
         except (subprocess.CalledProcessError, FileNotFoundError, OSError) as exc:
             self.remove()
             detail = getattr(exc, "stderr", "") or str(exc)
-            pytest.skip(f"network namespaces cannot be made here: {detail.strip()}")
+            _skip_or_fail(f"network namespaces cannot be made here: {detail.strip()}")
 
     def tx_checksum_off(self) -> None:
         """A userspace switch forwards frames as the host's veth handed them over, with the
@@ -76,9 +77,16 @@ class Namespaces:
             _ip("netns", "del", ns, check=False)  # deleting a namespace removes its veths
 
 
+def _skip_or_fail(reason: str) -> None:
+    """Skip, with the reason; under REQUIRE_NETNS=1 (CI), fail instead (as REQUIRE_MYSQL=1 does)."""
+    if os.environ.get("REQUIRE_NETNS") == "1":
+        pytest.fail(f"REQUIRE_NETNS=1 but {reason}")
+    pytest.skip(f"{reason}; set REQUIRE_NETNS=1 to fail")
+
+
 def _need_namespaces() -> None:
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2 (ip)")
+        _skip_or_fail("network namespaces need root and iproute2 (ip)")
 
 
 @pytest.fixture

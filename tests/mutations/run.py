@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS, help=f"mutations at once (default {DEFAULT_JOBS})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds allowed per mutation's tests (default {DEFAULT_TIMEOUT_S:.0f})")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show the end of each killed mutation's test output (why it was killed)")
     p.add_argument("--baseline", action="store_true",
                    help="instead: run each entry's tests on an unmutated copy (they must pass)")
     args = p.parse_args(argv)
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - t0
     print_table(outcomes)
     bad = [o for o in outcomes if o.result not in ("killed", "passed")]
-    for o in bad:
+    for o in (outcomes if args.verbose else bad):
         print(f"\n--- {o.name}: {o.result}\n{o.detail}".rstrip())
     counts = {r: sum(o.result == r for o in outcomes) for r in ("killed", "SURVIVED", "ERROR", "passed", "FAILED")}
     summary = ", ".join(f"{n} {r.lower()}" for r, n in counts.items() if n)
