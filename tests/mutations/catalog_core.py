@@ -426,7 +426,8 @@ MUTATIONS: list[Mutation] = [
         find="if not self._window.check(seq):",
         replace="if False:",
         tests=(f"{DIRECT}::test_replayed_datagram_is_refused",),
-        why="Direct datagrams pass a replay window (RFC 6479): without it, a captured datagram is delivered again.",
+        why="Direct datagrams pass a replay window (RFC 6479) before anything else: without it, a replay is "
+            "only caught later by the reliability layer's duplicate check.",
     ),
     Mutation(
         name="direct-ticket-replay",
