@@ -529,10 +529,22 @@ def test_A37_puzzle_difficulty_adapts_to_load():
 
 
 def test_A38_client_refuses_absurd_puzzles():
+    """Refused at once, before any work.  Run in a thread: a client without the cap would
+    grind through 2^40 hashes, and this test then fails in seconds instead of hanging."""
     client = P.ClientProtocol()
     client.initiate()
-    with pytest.raises(HandshakeFailed, match="at most"):
-        client.receive_data(P.encode_frame(P.Puzzle(challenge=b"x" * 14, difficulty=40).encode()))
+    refusals = []
+
+    def receive():
+        with pytest.raises(HandshakeFailed, match="at most") as info:
+            client.receive_data(P.encode_frame(P.Puzzle(challenge=b"x" * 14, difficulty=40).encode()))
+        refusals.append(info.value)
+
+    worker = threading.Thread(target=receive, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the client started working on a 40-bit puzzle"
+    assert len(refusals) == 1
 
 
 def test_A39_per_source_connection_rate_limit(tmp_path):

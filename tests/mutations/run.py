@@ -3,6 +3,7 @@
     python tests/mutations/run.py            # every mutation, 2 at a time
     python tests/mutations/run.py --list     # what is in the catalogues
     python tests/mutations/run.py --only e2e-root-without-dh -j 1
+    python tests/mutations/run.py --each     # every named test must fail on its own
 
 Every ``catalog_*.py`` beside this file is imported; each defines
 ``MUTATIONS: list[Mutation]`` (model.py).  Before anything runs, every entry is
@@ -10,7 +11,7 @@ checked: names unique, the file present, ``find`` present exactly once, tests
 named.  Then each mutation is applied to its own copy of the repository (the
 files git knows about, or a copy without .git and virtual environments) and
 ``python -m pytest -q -x -p no:cacheprovider <its tests>`` runs there under a time
-limit.  Results:
+limit (with ``--each``, every named test runs on its own and each must fail).  Results:
 
 - ``killed``: the tests failed (or hung past the limit): the defence is proven.
 - ``SURVIVED``: the tests passed with the defence switched off.
@@ -161,7 +162,8 @@ def run_tests(copy_root: Path, tests, timeout_s: float) -> tuple[int | None, str
         return None, (out or "")[-3000:]
 
 
-def run_one(m, root: Path, files: list[str] | None, timeout_s: float, *, mutate: bool = True) -> Outcome:
+def run_one(m, root: Path, files: list[str] | None, timeout_s: float, *, mutate: bool = True,
+            each: bool = False) -> Outcome:
     t0 = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix=f"secureim-mut-{m.name}-"))
     try:
@@ -169,6 +171,14 @@ def run_one(m, root: Path, files: list[str] | None, timeout_s: float, *, mutate:
         make_copy(root, files, copy_root)
         if mutate:
             apply(copy_root, m)
+        if each:  # every named test on its own: each one must fail
+            survivors = []
+            for test in m.tests:
+                status, tail = run_tests(copy_root, (test,), timeout_s)
+                if status not in (None, PYTEST_FAILED):
+                    survivors.append(f"{test}: pytest exit status {status}\n{tail if status != PYTEST_OK else ''}")
+            seconds = time.monotonic() - t0
+            return Outcome(m.name, "SURVIVED" if survivors else "killed", seconds, "\n".join(survivors))
         status, tail = run_tests(copy_root, m.tests, timeout_s)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -199,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"seconds allowed per mutation's tests (default {DEFAULT_TIMEOUT_S:.0f})")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show the end of each killed mutation's test output (why it was killed)")
+    p.add_argument("--each", action="store_true",
+                   help="run every named test on its own and require each to fail (slower; checks the "
+                        "claims in docs/SECURITY.md, where each listed test is cited as a proof)")
     p.add_argument("--baseline", action="store_true",
                    help="instead: run each entry's tests on an unmutated copy (they must pass)")
     args = p.parse_args(argv)
@@ -223,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     files = repository_files(ROOT)
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        outcomes = list(pool.map(lambda m: run_one(m, ROOT, files, args.timeout, mutate=not args.baseline),
-                                 selected))
+        outcomes = list(pool.map(lambda m: run_one(m, ROOT, files, args.timeout, mutate=not args.baseline,
+                                                   each=args.each and not args.baseline), selected))
     elapsed = time.monotonic() - t0
     print_table(outcomes)
     bad = [o for o in outcomes if o.result not in ("killed", "passed")]
