@@ -37,9 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-
-import model  # noqa: E402  (the Mutation record; catalogues import it as `from model import Mutation`)
+sys.path.insert(0, str(HERE))  # catalogues import the Mutation record as `from model import Mutation`
 
 DEFAULT_JOBS = 2
 DEFAULT_TIMEOUT_S = 180.0
