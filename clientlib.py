@@ -221,7 +221,7 @@ _AUTH_ERRORS = {
 # The client
 # =============================================================================
 class ChatClient:
-    def __init__(self, host: str, port: int, *, home: Path | None = None, group: str = "x25519",
+    def __init__(self, host: str, port: int, *, home: Path | None = None, group: str = P.DEFAULT_GROUP,
                  suites: tuple[str, ...] = cu.SUITE_NAMES, server_fingerprint: str | None = None,
                  timeout_s: float = CONNECT_TIMEOUT_S, persist_identity: bool = True) -> None:
         """``persist_identity=False`` keeps the identity key in memory only (benchmarks:
