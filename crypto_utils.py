@@ -417,6 +417,22 @@ def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
 
 
 # --- ML-KEM-768 (FIPS 203), the post-quantum half of the hybrid key exchanges ------
+def mlkem_available() -> bool:
+    """Whether this cryptography/OpenSSL build can do ML-KEM-768 (a server without it
+    does not allow the hybrid group, so clients fall back with a GroupRetry)."""
+    global _MLKEM_AVAILABLE
+    if _MLKEM_AVAILABLE is None:
+        try:
+            MLKEM768PrivateKey.generate()
+            _MLKEM_AVAILABLE = True
+        except UnsupportedAlgorithm:
+            _MLKEM_AVAILABLE = False
+    return _MLKEM_AVAILABLE
+
+
+_MLKEM_AVAILABLE: bool | None = None
+
+
 def _mlkem_unsupported() -> ConfigError:
     return ConfigError("This cryptography/OpenSSL build has no ML-KEM-768; "
                        "install cryptography 47 or later built with ML-KEM support.")

@@ -956,7 +956,8 @@ class ServerProtocol(Connection):
                                  suite=self._suite.name, group=self.group or "")
 
     def _allows(self, name: str) -> bool:
-        return name in GROUPS and (self._allowed_groups is None or name in self._allowed_groups)
+        return (name in GROUPS and (self._allowed_groups is None or name in self._allowed_groups)
+                and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available()))
 
     def _choose_group(self, msg: ClientHello):
         """The group to use, or None after sending a GroupRetry; refuses a downgrade.
