@@ -226,6 +226,14 @@ def _share_transcript(cid: int, generation: int, sender: str, recipient: str, sh
             + bytes([len(sender)]) + sender.encode() + bytes([len(recipient)]) + recipient.encode() + share)
 
 
+def root_transcript(cid: int, generation: int, entries: list[tuple[str, bytes, bytes]],
+                    identity_keys: tuple[bytes, bytes]) -> bytes:
+    """SHA-256 over everything public: per user in name order (name, share, ciphertext sent to them)."""
+    return cu.sha256(b"secureim/v1 e2e root" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
+                     + b"".join(bytes([len(n)]) + n.encode() + share + ct for n, share, ct in sorted(entries))
+                     + b"".join(sorted(identity_keys)))
+
+
 def derive_root(kdc_key: bytes, dh: bytes, kem_secrets: tuple[bytes, bytes], transcript_hash: bytes) -> bytes:
     """The conversation root: KDC key, X25519 secret and both ML-KEM-768 secrets (fixed order)."""
     return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,
@@ -357,9 +365,8 @@ class E2ESession:
         # share (X25519 || encapsulation key) and the ciphertext that was sent *to* them.
         entries = sorted([(self.me, gen.my_share, ciphertext, kem_from_peer),
                           (self.peer, gen.peer_share, gen.ciphertext_to_peer, gen.kem_to_peer)])
-        transcript = cu.sha256(b"secureim/v1 e2e root" + self.id.to_bytes(8, "big") + generation.to_bytes(4, "big")
-                               + b"".join(bytes([len(n)]) + n.encode() + sh + ct for n, sh, ct, _k in entries)
-                               + b"".join(sorted([cu.public_bytes(self._identity), self.peer_identity])))
+        transcript = root_transcript(self.id, generation, [(n, sh, ct) for n, sh, ct, _k in entries],
+                                     (cu.public_bytes(self._identity), self.peer_identity))
         root = derive_root(gen.kdc_key, gen.dh, (entries[0][3], entries[1][3]), transcript)
         gen.send = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.me}>{self.peer}"), length=32))
         gen.recv = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.peer}>{self.me}"), length=32))
