@@ -232,6 +232,11 @@ def validate_public_value(group: FiniteFieldGroup, y: int) -> None:
         raise InvalidPublicValue("Diffie-Hellman public value has too few bits set.")
 
 
+def hybrid_secret(kem_secret: bytes, x25519_secret: bytes) -> bytes:
+    """The x25519-mlkem768 shared secret: ML-KEM first, then X25519 (as TLS X25519MLKEM768)."""
+    return kem_secret + x25519_secret
+
+
 def _x25519_exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
     try:
         return private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
@@ -278,7 +283,7 @@ class DiffieHellman:
             raise InvalidPublicValue(f"A {self.group.name} public value is exactly {expected} bytes.")
         if isinstance(self.group, HybridGroup):
             ciphertext, x_public = peer_public[:MLKEM768_CIPHERTEXT_BYTES], peer_public[MLKEM768_CIPHERTEXT_BYTES:]
-            secret = self._mlkem.decapsulate(ciphertext) + _x25519_exchange(self._x25519, x_public)
+            secret = hybrid_secret(self._mlkem.decapsulate(ciphertext), _x25519_exchange(self._x25519, x_public))
         elif isinstance(self.group, CurveGroup):
             secret = _x25519_exchange(self._x25519, peer_public)
         else:
@@ -312,7 +317,7 @@ class DiffieHellman:
         mine = X25519PrivateKey.generate()
         x_secret = _x25519_exchange(mine, x_public)
         kem_secret, ciphertext = mlkem768_encapsulate(encapsulation_key)
-        return ciphertext + mine.public_key().public_bytes_raw(), kem_secret + x_secret
+        return ciphertext + mine.public_key().public_bytes_raw(), hybrid_secret(kem_secret, x_secret)
 
     @staticmethod
     def hash_key(key: bytes, nonce: bytes = b"") -> bytes:
