@@ -143,6 +143,19 @@ def test_PQ04_a_server_without_the_hybrid_group_retries_once_and_then_refuses():
         server.receive_data(hello)
 
 
+def test_PQ04_on_the_wire_the_fallback_is_one_retry_on_the_same_connection(tmp_path):
+    with running_server(tmp_path / "srv", allowed_groups=frozenset({"x25519"})) as server:
+        proxy = MitmProxy(server.server_address)
+        client = C.ChatClient(*proxy.address, home=tmp_path / "a")
+        client.connect()
+        kinds = [P.decode_message(f[4:]) for d, f in proxy.recorded if d == "s2c"][:2]
+        assert kinds[0] == P.GroupRetry(group="x25519") and isinstance(kinds[1], P.ServerHello)
+        client.register("alice", "correct horse battery")
+        assert client.username == "alice"
+        client.close()
+        proxy.close()
+
+
 def test_PQ05_share_outside_the_offered_list_is_refused():
     client, server = _pair()
     with pytest.raises(RemoteProtocolError, match="did not offer"):
