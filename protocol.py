@@ -822,7 +822,7 @@ class ClientProtocol(Connection):
     def _handshake(self, msg: Message, body: bytes):
         if isinstance(msg, GroupRetry):
             if self._group_retried or self._puzzle_solved:
-                raise HandshakeFailed("The server asked for another group twice.")
+                raise HandshakeFailed("The server asked for another group twice (or after a puzzle).")
             if msg.group not in self._groups or msg.group == self._dh.group.name:
                 raise HandshakeFailed("The server asked for a group this client did not offer.")
             self._group_retried = True
