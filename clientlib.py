@@ -221,7 +221,7 @@ _AUTH_ERRORS = {
 # The client
 # =============================================================================
 class ChatClient:
-    def __init__(self, host: str, port: int, *, home: Path | None = None, group: str = "x25519",
+    def __init__(self, host: str, port: int, *, home: Path | None = None, group: str = P.DEFAULT_GROUP,
                  suites: tuple[str, ...] = cu.SUITE_NAMES, server_fingerprint: str | None = None,
                  timeout_s: float = CONNECT_TIMEOUT_S, persist_identity: bool = True,
                  reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
@@ -553,7 +553,7 @@ class ChatClient:
         if conv is None or not msg.payload:
             self._emit(MessageRejected(sanitize(sender, 64), "A message for an unknown conversation was discarded."))
             return
-        if msg.payload[0] == e2e.KIND_SHARE:
+        if msg.payload[0] in e2e.SHARE_KINDS:
             self._on_share(conv, msg.payload)
             return
         with self._state_lock:
@@ -570,8 +570,10 @@ class ChatClient:
         peer = conv.peer
         with self._state_lock:
             was_ready = conv.ready
+            reply = None
             try:
-                generation = conv.receive_share(payload)
+                reply = conv.receive_share(payload)   # a share is answered with our ML-KEM reply
+                generation = conv.current
                 warning = None
             except e2e.ShareRejected as exc:
                 warning = str(exc)
@@ -579,7 +581,9 @@ class ChatClient:
                     del self.conversations[peer]
         if warning is not None:
             self._emit(SecurityWarning(peer, warning))
-        elif not was_ready:
+        elif reply is not None:
+            self._send(P.Relay(conversation_id=conv.id, payload=reply))
+        elif not was_ready and generation is not None:
             assert self.peer_trust is not None
             self._emit(ConversationReady(peer, generation, self._opened_by_peer.get(peer, False),
                                          self.peer_trust.is_verified(peer)))

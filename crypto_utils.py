@@ -22,18 +22,19 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from errors import ConfigError, CryptoError, DecryptionFailed, InvalidKey
+from errors import ConfigError, CryptoError, DecryptionFailed, InvalidKemValue, InvalidKey
 
 try:  # cryptography >= 43 keeps Triple-DES in the "decrepit" namespace.
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _OpenSSLTripleDES
@@ -50,6 +51,11 @@ GCM_NONCE_BYTES = 12
 GCM_TAG_BYTES = 16
 ED25519_PUBLIC_BYTES = 32
 ED25519_SIGNATURE_BYTES = 64
+# ML-KEM-768 sizes, FIPS 203 table 3 (k = 3, du = 10, dv = 4).
+MLKEM768_ENCAPSULATION_KEY_BYTES = 1184
+MLKEM768_CIPHERTEXT_BYTES = 1088
+MLKEM768_SEED_BYTES = 64        # d || z (FIPS 203 algorithm 16, ML-KEM.KeyGen_internal)
+MLKEM_SHARED_SECRET_BYTES = 32
 
 
 # --- small helpers ------------------------------------------------------------
@@ -408,3 +414,79 @@ def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
     return key
+
+
+# --- ML-KEM-768 (FIPS 203), the post-quantum half of the hybrid key exchanges ------
+def mlkem_available() -> bool:
+    """Whether this cryptography/OpenSSL build can do ML-KEM-768 (a server without it
+    does not allow the hybrid group, so clients fall back with a GroupRetry)."""
+    global _MLKEM_AVAILABLE
+    if _MLKEM_AVAILABLE is None:
+        try:
+            MLKEM768PrivateKey.generate()
+            _MLKEM_AVAILABLE = True
+        except UnsupportedAlgorithm:
+            _MLKEM_AVAILABLE = False
+    return _MLKEM_AVAILABLE
+
+
+_MLKEM_AVAILABLE: bool | None = None
+
+
+def _mlkem_unsupported() -> ConfigError:
+    return ConfigError("This cryptography/OpenSSL build has no ML-KEM-768; "
+                       "install cryptography 47 or later built with ML-KEM support.")
+
+
+class MLKEM768KeyPair:
+    """One ML-KEM-768 decapsulation key and its encapsulation key (sent to the peer).
+
+    Every size is checked before OpenSSL sees the bytes, and every failure is an
+    :class:`errors.InvalidKemValue` with a clear reason, never a bare ValueError.
+    """
+
+    __slots__ = ("_key", "encapsulation_key")
+
+    def __init__(self, seed: bytes | None = None) -> None:
+        """``seed`` (64 bytes, d || z) fixes the key: known-answer tests only."""
+        if seed is not None and len(seed) != MLKEM768_SEED_BYTES:
+            raise InvalidKey(f"An ML-KEM-768 seed is {MLKEM768_SEED_BYTES} bytes, not {len(seed)}.")
+        try:
+            self._key = MLKEM768PrivateKey.generate() if seed is None else MLKEM768PrivateKey.from_seed_bytes(seed)
+        except UnsupportedAlgorithm:
+            raise _mlkem_unsupported() from None
+        self.encapsulation_key = self._key.public_key().public_bytes_raw()
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        """The 32-byte shared secret for ``ciphertext``.
+
+        A ciphertext of the right size always decapsulates: a forged or damaged one
+        yields an unrelated secret (FIPS 203 implicit rejection), so the key
+        confirmation or the first record fails later, as for a wrong DH value.
+        """
+        if not isinstance(ciphertext, (bytes, bytearray)) or len(ciphertext) != MLKEM768_CIPHERTEXT_BYTES:
+            raise InvalidKemValue(f"An ML-KEM-768 ciphertext is exactly {MLKEM768_CIPHERTEXT_BYTES} bytes.")
+        try:
+            return self._key.decapsulate(bytes(ciphertext))
+        except ValueError:  # not reached for a 1,088-byte input; fail closed anyway
+            raise InvalidKemValue("The ML-KEM-768 ciphertext was refused.") from None
+
+
+def mlkem768_encapsulate(encapsulation_key: bytes) -> tuple[bytes, bytes]:
+    """(shared secret, ciphertext) for the peer's ``encapsulation_key``.
+
+    The key is refused unless it is exactly 1,184 bytes and every coefficient is
+    reduced modulo q (FIPS 203 section 7.2, the encapsulation key modulus check).
+    """
+    if not isinstance(encapsulation_key, (bytes, bytearray)) or \
+            len(encapsulation_key) != MLKEM768_ENCAPSULATION_KEY_BYTES:
+        raise InvalidKemValue(
+            f"An ML-KEM-768 encapsulation key is exactly {MLKEM768_ENCAPSULATION_KEY_BYTES} bytes.")
+    try:
+        public = MLKEM768PublicKey.from_public_bytes(bytes(encapsulation_key))
+    except UnsupportedAlgorithm:
+        raise _mlkem_unsupported() from None
+    except ValueError:  # right size, so the modulus check failed
+        raise InvalidKemValue("The ML-KEM-768 encapsulation key is malformed "
+                              "(a coefficient is not reduced modulo q).") from None
+    return public.encapsulate()

@@ -16,6 +16,14 @@ Exponent sizes: a 2048-bit ``pow()`` with a full-size exponent takes about
 40 ms and holds the GIL, stalling every other server thread; with a 256-bit
 exponent about 6 ms.  We use short exponents of at least twice the group's
 security strength and never less than RFC 7919's minimum (appendix A).
+
+Hybrid ``x25519-mlkem768`` (the default): X25519 plus ML-KEM-768 (FIPS 203), as
+TLS X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem) lays it out.  The client's share
+is ``ML-KEM encapsulation key (1184) || X25519 (32)``; the server answers with
+``ML-KEM ciphertext (1088) || X25519 (32)`` (:meth:`DiffieHellman.respond`); the
+shared secret is ``ML-KEM secret (32) || X25519 secret (32)``, which the
+handshake feeds, with the transcript hash, into HKDF.  Recorded traffic stays
+secret unless *both* X25519 and ML-KEM-768 are broken.
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from crypto_utils import constant_time_equal, hmac_sha512
+from crypto_utils import (
+    MLKEM768_CIPHERTEXT_BYTES,
+    MLKEM768_ENCAPSULATION_KEY_BYTES,
+    MLKEM768KeyPair,
+    constant_time_equal,
+    hmac_sha512,
+    mlkem768_encapsulate,
+)
 from errors import InvalidPublicValue, UnsupportedGroup
 
 X25519_BYTES = 32
@@ -149,10 +164,25 @@ class CurveGroup:
     bits: int = 255
 
 
-Group = FiniteFieldGroup | CurveGroup
+@dataclass(frozen=True)
+class HybridGroup:
+    """X25519 + ML-KEM-768: the client sends a key, the server encapsulates to it."""
+
+    name: str
+    source: str
+    # The client's share (what byte_length means for the other groups) ...
+    byte_length: int = MLKEM768_ENCAPSULATION_KEY_BYTES + X25519_BYTES
+    # ... and the server's answer, which differs for a KEM.
+    response_length: int = MLKEM768_CIPHERTEXT_BYTES + X25519_BYTES
+    bits: int = 255
+
+
+Group = FiniteFieldGroup | CurveGroup | HybridGroup
 
 X25519 = CurveGroup("x25519", "RFC 7748")
+X25519_MLKEM768 = HybridGroup("x25519-mlkem768", "FIPS 203 + RFC 7748, as TLS X25519MLKEM768")
 GROUPS: dict[str, Group] = {
+    "x25519-mlkem768": X25519_MLKEM768,
     # exponent_bits: max(RFC 7919 minimum, 2 x security strength), rounded up.
     "x25519": X25519,
     "ffdhe2048": FiniteFieldGroup("ffdhe2048", _FFDHE2048_P, 2, 256, "RFC 7919 A.1"),
@@ -162,8 +192,18 @@ GROUPS: dict[str, Group] = {
     "modp3072": FiniteFieldGroup("modp3072", _MODP3072_P, 2, 320, "RFC 3526 section 4 (group 15)"),
     "modp4096": FiniteFieldGroup("modp4096", _MODP4096_P, 2, 384, "RFC 3526 section 5 (group 16)"),
 }
-DEFAULT_GROUP = "x25519"
+DEFAULT_GROUP = "x25519-mlkem768"
+# Groups with a post-quantum part: a client that offers one of them never uses a
+# classical group with a server that allows it (protocol.py, downgrade check).
+POST_QUANTUM_GROUPS = frozenset({"x25519-mlkem768"})
 MAX_GROUP_NAME_BYTES = 16
+
+
+def share_length(group: Group, *, response: bool = False) -> int:
+    """The exact size of a key share in ``group``: the client's, or the server's answer."""
+    if response and isinstance(group, HybridGroup):
+        return group.response_length
+    return group.byte_length
 
 
 def get_group(name: str) -> Group:
@@ -192,6 +232,18 @@ def validate_public_value(group: FiniteFieldGroup, y: int) -> None:
         raise InvalidPublicValue("Diffie-Hellman public value has too few bits set.")
 
 
+def hybrid_secret(kem_secret: bytes, x25519_secret: bytes) -> bytes:
+    """The x25519-mlkem768 shared secret: ML-KEM first, then X25519 (as TLS X25519MLKEM768)."""
+    return kem_secret + x25519_secret
+
+
+def _x25519_exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+    except ValueError:  # all-zero shared secret: a low-order point (RFC 7748 section 6.1)
+        raise InvalidPublicValue("X25519 public value gives an all-zero shared secret.") from None
+
+
 class DiffieHellman:
     """One ephemeral key pair in an allowlisted group (design 000's DH class).
 
@@ -202,9 +254,14 @@ class DiffieHellman:
 
     def __init__(self, group: str | Group = DEFAULT_GROUP, *, private: bytes | int | None = None) -> None:
         """``private`` fixes the private key (known-answer tests only); never set it otherwise."""
-        self.group = group if isinstance(group, (FiniteFieldGroup, CurveGroup)) else get_group(group)
+        self.group = group if isinstance(group, (FiniteFieldGroup, CurveGroup, HybridGroup)) else get_group(group)
         self.shared_secret: bytes | None = None
-        if isinstance(self.group, CurveGroup):
+        if isinstance(self.group, HybridGroup):  # the client's side; the server uses respond()
+            self._mlkem = MLKEM768KeyPair()
+            self._x25519 = (X25519PrivateKey.generate() if private is None
+                            else X25519PrivateKey.from_private_bytes(bytes(private)))
+            self.public_bytes = self._mlkem.encapsulation_key + self._x25519.public_key().public_bytes_raw()
+        elif isinstance(self.group, CurveGroup):
             self._x25519 = (X25519PrivateKey.generate() if private is None
                             else X25519PrivateKey.from_private_bytes(bytes(private)))
             self.public_bytes = self._x25519.public_key().public_bytes_raw()
@@ -216,15 +273,19 @@ class DiffieHellman:
             self.public_bytes = y.to_bytes(self.group.byte_length, "big")
 
     def generate_shared_secret(self, peer_public: bytes) -> bytes:
-        """Validate the peer's public value and compute the shared secret."""
-        if not isinstance(peer_public, (bytes, bytearray)) or len(peer_public) != self.group.byte_length:
-            raise InvalidPublicValue(
-                f"A {self.group.name} public value is exactly {self.group.byte_length} bytes.")
-        if isinstance(self.group, CurveGroup):
-            try:
-                secret = self._x25519.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
-            except ValueError:  # all-zero shared secret: a low-order point (RFC 7748 section 6.1)
-                raise InvalidPublicValue("X25519 public value gives an all-zero shared secret.") from None
+        """Validate the peer's public value and compute the shared secret.
+
+        For the hybrid group ``peer_public`` is the server's answer (ciphertext ||
+        X25519) and the secret is ``ML-KEM secret || X25519 secret``.
+        """
+        expected = share_length(self.group, response=True)
+        if not isinstance(peer_public, (bytes, bytearray)) or len(peer_public) != expected:
+            raise InvalidPublicValue(f"A {self.group.name} public value is exactly {expected} bytes.")
+        if isinstance(self.group, HybridGroup):
+            ciphertext, x_public = peer_public[:MLKEM768_CIPHERTEXT_BYTES], peer_public[MLKEM768_CIPHERTEXT_BYTES:]
+            secret = hybrid_secret(self._mlkem.decapsulate(ciphertext), _x25519_exchange(self._x25519, x_public))
+        elif isinstance(self.group, CurveGroup):
+            secret = _x25519_exchange(self._x25519, peer_public)
         else:
             y = int.from_bytes(peer_public, "big")
             validate_public_value(self.group, y)
@@ -234,6 +295,29 @@ class DiffieHellman:
             secret = z.to_bytes(self.group.byte_length, "big")
         self.shared_secret = secret
         return secret
+
+    @classmethod
+    def respond(cls, group: str | Group, peer_public: bytes) -> tuple[bytes, bytes]:
+        """The server's side, any group: (our public value, the shared secret).
+
+        For a Diffie-Hellman group this is a fresh key pair and an exchange.  For
+        the hybrid group it checks the client's share (size first, then the ML-KEM
+        modulus check and the X25519 all-zero check), encapsulates to its ML-KEM key
+        and answers ``ciphertext || X25519``.
+        """
+        group = group if isinstance(group, (FiniteFieldGroup, CurveGroup, HybridGroup)) else get_group(group)
+        if not isinstance(group, HybridGroup):
+            dh = cls(group)
+            secret = dh.generate_shared_secret(peer_public)
+            return dh.public_bytes, secret
+        if not isinstance(peer_public, (bytes, bytearray)) or len(peer_public) != group.byte_length:
+            raise InvalidPublicValue(f"A {group.name} public value is exactly {group.byte_length} bytes.")
+        encapsulation_key = peer_public[:MLKEM768_ENCAPSULATION_KEY_BYTES]
+        x_public = peer_public[MLKEM768_ENCAPSULATION_KEY_BYTES:]
+        mine = X25519PrivateKey.generate()
+        x_secret = _x25519_exchange(mine, x_public)
+        kem_secret, ciphertext = mlkem768_encapsulate(encapsulation_key)
+        return ciphertext + mine.public_key().public_bytes_raw(), hybrid_secret(kem_secret, x_secret)
 
     @staticmethod
     def hash_key(key: bytes, nonce: bytes = b"") -> bytes:

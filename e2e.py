@@ -7,10 +7,13 @@
   of a changed key until the user accepts it, and "verified" marks.
 - :func:`safety_number`: 30 digits from both identity keys, equal on both screens.
 - :class:`E2ESession`: one conversation.  For every KDC key generation both
-  clients send a fresh X25519 share signed by their identity key over a
-  transcript binding both names, the conversation id and the generation.  The
-  root key is HKDF over the KDC key *and* the DH secret, so a server that only
-  knows the KDC key learns nothing.  Each direction then runs a hash ratchet: a
+  clients send a fresh X25519 share and a fresh ML-KEM-768 encapsulation key,
+  signed by their identity key over a transcript binding both names, the
+  conversation id and the generation; each then answers the other's with a
+  signed ML-KEM ciphertext.  The root key is HKDF over the KDC key, the DH
+  secret *and* both ML-KEM secrets, so a server that only knows the KDC key
+  learns nothing, and a recording stays secret against a future quantum
+  computer that breaks X25519.  Each direction then runs a hash ratchet: a
   fresh key per message, the chain key overwritten as it advances.
 
 Docs: docs/PROTOCOL.md section 10; threat model in section 11.
@@ -34,12 +37,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 import crypto_utils as cu
-from errors import CryptoError, DecryptionFailed, SecureIMError
+from errors import CryptoError, DecryptionFailed, InvalidKemValue, SecureIMError
 
 # --- wire kinds inside a Relay payload -------------------------------------------
 KIND_SHARE = 1
 KIND_MESSAGE = 2
-SHARE = struct.Struct(">BI32s64s")             # kind, generation, X25519 share, Ed25519 signature
+KIND_KEM_REPLY = 3
+SHARE_KINDS = frozenset({KIND_SHARE, KIND_KEM_REPLY})
+# kind, generation, X25519 share, ML-KEM-768 encapsulation key, Ed25519 signature (1,285 bytes)
+SHARE = struct.Struct(f">BI32s{cu.MLKEM768_ENCAPSULATION_KEY_BYTES}s64s")
+# kind, generation, ML-KEM-768 ciphertext to the peer's key, Ed25519 signature (1,157 bytes)
+KEM_REPLY = struct.Struct(f">BI{cu.MLKEM768_CIPHERTEXT_BYTES}s64s")
 MESSAGE_HEADER = struct.Struct(">BIQ")         # kind, generation, counter
 BODY_HEADER = struct.Struct(">Q")              # sent_at, milliseconds since the epoch
 
@@ -210,9 +218,26 @@ def safety_number(user_a: str, key_a: bytes, user_b: str, key_b: bytes) -> str:
 # =============================================================================
 # One conversation
 # =============================================================================
-def _share_transcript(cid: int, generation: int, sender: str, recipient: str, share: bytes) -> bytes:
-    return (b"secureim/v1 e2e share\x00" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
+def _share_transcript(cid: int, generation: int, sender: str, recipient: str, share: bytes,
+                      kind: int = KIND_SHARE) -> bytes:
+    """What a share (X25519 || encapsulation key) or a KEM reply (ciphertext || SHA-256 of
+    the encapsulation key it answers) is signed over; ``kind`` keeps the two apart."""
+    return (b"secureim/v1 e2e share\x00" + bytes([kind]) + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
             + bytes([len(sender)]) + sender.encode() + bytes([len(recipient)]) + recipient.encode() + share)
+
+
+def root_transcript(cid: int, generation: int, entries: list[tuple[str, bytes, bytes]],
+                    identity_keys: tuple[bytes, bytes]) -> bytes:
+    """SHA-256 over everything public: per user in name order (name, share, ciphertext sent to them)."""
+    return cu.sha256(b"secureim/v1 e2e root" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
+                     + b"".join(bytes([len(n)]) + n.encode() + share + ct for n, share, ct in sorted(entries))
+                     + b"".join(sorted(identity_keys)))
+
+
+def derive_root(kdc_key: bytes, dh: bytes, kem_secrets: tuple[bytes, bytes], transcript_hash: bytes) -> bytes:
+    """The conversation root: KDC key, X25519 secret and both ML-KEM-768 secrets (fixed order)."""
+    return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,
+                   info=cu.label("e2e root x25519-mlkem768"), length=32)
 
 
 class _Chain:
@@ -237,7 +262,12 @@ class _Generation:
     number: int
     kdc_key: bytes | None
     my_private: X25519PrivateKey | None
-    my_share: bytes
+    my_share: bytes                              # X25519 public || ML-KEM encapsulation key
+    my_kem: cu.MLKEM768KeyPair | None = None
+    peer_share: bytes | None = None              # verified, waiting for the peer's KEM reply
+    kem_to_peer: bytes | None = None             # the secret we encapsulated to the peer's key
+    dh: bytes | None = None                      # the X25519 secret, once the peer's share is in
+    ciphertext_to_peer: bytes = b""
     send: _Chain | None = None
     recv: _Chain | None = None
     direct: tuple[bytes, bytes] | None = None   # (send, recv) keys for direct mode's datagram layer
@@ -262,45 +292,93 @@ class E2ESession:
         if generation in self._generations or (self._generations and generation < max(self._generations)):
             raise DecryptionFailed("A stale conversation key was ignored.")
         private = X25519PrivateKey.generate()
-        share = private.public_key().public_bytes_raw()
-        self._generations[generation] = _Generation(generation, kdc_key, private, share)
+        kem = cu.MLKEM768KeyPair()
+        x_public = private.public_key().public_bytes_raw()
+        share = x_public + kem.encapsulation_key
+        self._generations[generation] = _Generation(generation, kdc_key, private, share, my_kem=kem)
         while len(self._generations) > MAX_KEPT_GENERATIONS:
             self._drop_generation(min(self._generations))
         signature = self._identity.sign(_share_transcript(self.id, generation, self.me, self.peer, share))
-        return SHARE.pack(KIND_SHARE, generation, share, signature)
+        return SHARE.pack(KIND_SHARE, generation, x_public, kem.encapsulation_key, signature)
 
-    def receive_share(self, payload: bytes) -> int:
-        """The peer's signed share: verify it, derive the root and both chains."""
-        try:
-            kind, generation, share, signature = SHARE.unpack(payload)
-        except struct.error:
-            raise ShareRejected("A malformed key share was refused.") from None
+    def receive_share(self, payload: bytes) -> bytes | None:
+        """The peer's signed share or KEM reply.
+
+        For a share: verify it, encapsulate to the peer's ML-KEM key and return the
+        signed KEM reply to relay back.  For a reply: verify it, derive the root and
+        both chains, and return None (the generation is ready).  Sizes are checked
+        before anything else and signatures before any key work.
+        """
+        if not payload or payload[0] not in SHARE_KINDS:
+            raise ShareRejected("A malformed key share was refused.")
+        layout = SHARE if payload[0] == KIND_SHARE else KEM_REPLY
+        if len(payload) != layout.size:
+            raise ShareRejected(f"A malformed key share was refused (it must be {layout.size} bytes).")
+        if payload[0] == KIND_SHARE:
+            return self._receive_share(*SHARE.unpack(payload))
+        self._receive_kem_reply(*KEM_REPLY.unpack(payload))
+        return None
+
+    def _pending(self, generation: int) -> _Generation:
         gen = self._generations.get(generation)
-        if kind != KIND_SHARE or gen is None or gen.my_private is None or gen.kdc_key is None:
+        if gen is None or gen.kdc_key is None or gen.my_kem is None:
             raise ShareRejected("An unexpected key share was refused.")
+        return gen
+
+    def _receive_share(self, kind: int, generation: int, x_public: bytes, encapsulation_key: bytes,
+                       signature: bytes) -> bytes:
+        gen = self._pending(generation)
+        if gen.peer_share is not None:
+            raise ShareRejected("A second key share for the same key was refused.")
+        share = x_public + encapsulation_key
         if not cu.verify_signature(self.peer_identity, signature,
                                    _share_transcript(self.id, generation, self.peer, self.me, share)):
             raise ShareRejected(f"{self.peer}'s key share is not signed by {self.peer}'s identity key: "
                                 "someone (the server?) tampered with it. The conversation was refused.")
+        assert gen.my_private is not None
         try:
-            dh = gen.my_private.exchange(X25519PublicKey.from_public_bytes(share))
+            dh = gen.my_private.exchange(X25519PublicKey.from_public_bytes(x_public))
         except ValueError:
             raise ShareRejected("A key share with a low-order point was refused.") from None
-        names = sorted([(self.me, gen.my_share), (self.peer, share)])
-        transcript = cu.sha256(b"secureim/v1 e2e root" + self.id.to_bytes(8, "big") + generation.to_bytes(4, "big")
-                               + b"".join(bytes([len(n)]) + n.encode() + s for n, s in names)
-                               + b"".join(sorted([cu.public_bytes(self._identity), self.peer_identity])))
-        root = cu.hkdf(gen.kdc_key + dh, salt=transcript, info=cu.label("e2e root"), length=32)
+        try:
+            kem_secret, ciphertext = cu.mlkem768_encapsulate(encapsulation_key)
+        except InvalidKemValue as exc:
+            raise ShareRejected(f"{self.peer}'s key share was refused: {exc}") from None
+        gen.peer_share, gen.kem_to_peer, gen.ciphertext_to_peer, gen.dh = share, kem_secret, ciphertext, dh
+        gen.my_private = None     # the X25519 secret is computed; the private key goes
+        signature = self._identity.sign(_share_transcript(
+            self.id, generation, self.me, self.peer, ciphertext + cu.sha256(encapsulation_key), KIND_KEM_REPLY))
+        return KEM_REPLY.pack(KIND_KEM_REPLY, generation, ciphertext, signature)
+
+    def _receive_kem_reply(self, kind: int, generation: int, ciphertext: bytes, signature: bytes) -> None:
+        gen = self._pending(generation)
+        if gen.peer_share is None or gen.kem_to_peer is None or gen.dh is None:
+            raise ShareRejected("A key reply before the key share was refused.")
+        assert gen.my_kem is not None and gen.kdc_key is not None
+        answered = cu.sha256(gen.my_kem.encapsulation_key)
+        if not cu.verify_signature(self.peer_identity, signature, _share_transcript(
+                self.id, generation, self.peer, self.me, ciphertext + answered, KIND_KEM_REPLY)):
+            raise ShareRejected(f"{self.peer}'s key reply is not signed by {self.peer}'s identity key: "
+                                "someone (the server?) tampered with it. The conversation was refused.")
+        kem_from_peer = gen.my_kem.decapsulate(ciphertext)
+        # Everything in name order, so both sides build the same bytes: for each user, their
+        # share (X25519 || encapsulation key) and the ciphertext that was sent *to* them.
+        entries = sorted([(self.me, gen.my_share, ciphertext, kem_from_peer),
+                          (self.peer, gen.peer_share, gen.ciphertext_to_peer, gen.kem_to_peer)])
+        transcript = root_transcript(self.id, generation, [(n, sh, ct) for n, sh, ct, _k in entries],
+                                     (cu.public_bytes(self._identity), self.peer_identity))
+        root = derive_root(gen.kdc_key, gen.dh, (entries[0][3], entries[1][3]), transcript)
         gen.send = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.me}>{self.peer}"), length=32))
         gen.recv = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.peer}>{self.me}"), length=32))
         length = self.suite.key_bytes
         gen.direct = (cu.hkdf(root, salt=None, info=cu.label(f"direct {self.me}>{self.peer}"), length=length),
                       cu.hkdf(root, salt=None, info=cu.label(f"direct {self.peer}>{self.me}"), length=length))
         gen.kdc_key = None        # forgotten once used
-        gen.my_private = None
+        gen.my_kem = None
+        gen.kem_to_peer = None
+        gen.dh = None
         if self.current is None or generation > self.current:
             self.current = generation
-        return generation
 
     @property
     def ready(self) -> bool:

@@ -80,6 +80,10 @@ class InvalidPublicValue(DHError):
     """The other side's Diffie-Hellman public value is invalid."""
 
 
+class InvalidKemValue(InvalidPublicValue):
+    """The other side's ML-KEM-768 encapsulation key or ciphertext is invalid."""
+
+
 class HandshakeFailed(RemoteProtocolError, CryptoError):
     """The server could not prove its identity: the handshake failed."""
 

@@ -22,7 +22,15 @@ from typing import Any, Callable, ClassVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import crypto_utils as cu
-from diffiehellman import MAX_GROUP_NAME_BYTES, DiffieHellman, get_group
+from diffiehellman import (
+    DEFAULT_GROUP,
+    GROUPS,
+    MAX_GROUP_NAME_BYTES,
+    POST_QUANTUM_GROUPS,
+    DiffieHellman,
+    get_group,
+    share_length,
+)
 from puzzle import PuzzleGate
 from puzzle import solve as puzzle_solve
 from errors import (
@@ -55,7 +63,10 @@ MAX_PAYLOAD_BYTES = 60 * 1024
 MAX_REASON_BYTES = 512
 MAX_WHO_USERS = 1000
 MAX_TICKET_BYTES = 256
-MAX_PUBLIC_VALUE_BYTES = 512  # 4096-bit groups
+# Key shares: 1,216 bytes from the client for x25519-mlkem768 (512 for 4096-bit groups), 1,120 back.
+MAX_PUBLIC_VALUE_BYTES = max(share_length(g) for g in GROUPS.values())
+MAX_RESPONSE_VALUE_BYTES = max(share_length(g, response=True) for g in GROUPS.values())
+MAX_OFFERED_GROUPS = 8
 SEQUENCE_LIMIT = (1 << 64) - 1  # a sequence number never wraps (TLS 1.3 section 5.3)
 
 # Usernames: ASCII only (no Unicode look-alikes), case-insensitive, safe as file names.
@@ -241,13 +252,16 @@ class ClientHello(Message):
     suites: bytes = wire(Kind.BYTES, max_len=8)  # suite ids the client accepts
     puzzle_challenge: bytes = wire(Kind.BYTES, max_len=64)  # empty unless answering a Puzzle
     puzzle_solution: bytes = wire(Kind.BYTES, max_len=16)
+    # Every group the client accepts, best first; ``group`` is one of them.  Signed with the
+    # transcript, so the server can refuse a downgrade (docs/PROTOCOL.md, group negotiation).
+    groups: tuple = wire(Kind.TEXT_LIST, max_len=MAX_GROUP_NAME_BYTES, max_items=MAX_OFFERED_GROUPS, default=())
 
 
 @message(0x02)
 class ServerHello(Message):
     version: int = wire(Kind.U8)
     suite: int = wire(Kind.U8)
-    public: bytes = wire(Kind.BYTES, max_len=MAX_PUBLIC_VALUE_BYTES)
+    public: bytes = wire(Kind.BYTES, max_len=MAX_RESPONSE_VALUE_BYTES)
     nonce: bytes = wire(Kind.BYTES, exact=NONCE_BYTES, max_len=NONCE_BYTES)
     server_key: bytes = wire(Kind.BYTES, exact=32, max_len=32)
 
@@ -271,6 +285,7 @@ class HandshakeErrorCode(enum.IntEnum):
     BAD_PUBLIC_VALUE = 5
     BUSY = 6
     PUZZLE_FAILED = 7
+    DOWNGRADE = 8
 
 
 @message(0x05)
@@ -286,6 +301,14 @@ class Puzzle(Message):
 
     challenge: bytes = wire(Kind.BYTES, max_len=64)
     difficulty: int = wire(Kind.U8)
+
+
+@message(0x70)
+class GroupRetry(Message):
+    """The server does not allow the client's group but allows ``group``, which the
+    client also offered: send the ClientHello again with a share in it (at most once)."""
+
+    group: str = wire(Kind.TEXT, max_len=MAX_GROUP_NAME_BYTES)
 
 
 # --- session (sealed records) --------------------------------------------------
@@ -592,7 +615,7 @@ RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {
     (Role.SERVER, State.AWAITING_CLIENT_FINISHED): frozenset({ClientFinished}),
     (Role.SERVER, State.ESTABLISHED): frozenset(_SESSION_FROM_CLIENT_UNAUTH),
     (Role.SERVER, State.AUTHENTICATED): frozenset(_SESSION_FROM_CLIENT_AUTH),
-    (Role.CLIENT, State.AWAITING_SERVER_HELLO): frozenset({ServerHello, HandshakeError, Puzzle}),
+    (Role.CLIENT, State.AWAITING_SERVER_HELLO): frozenset({ServerHello, HandshakeError, Puzzle, GroupRetry}),
     (Role.CLIENT, State.AWAITING_SERVER_AUTH): frozenset({ServerAuth}),
     (Role.CLIENT, State.ESTABLISHED): frozenset(_SESSION_FROM_SERVER_UNAUTH),
     (Role.CLIENT, State.AUTHENTICATED): frozenset(_SESSION_FROM_SERVER_AUTH),
@@ -761,12 +784,20 @@ class ClientProtocol(Connection):
 
     role = Role.CLIENT
 
-    def __init__(self, *, group: str = "x25519", suites: tuple[str, ...] = cu.SUITE_NAMES,
+    def __init__(self, *, group: str = DEFAULT_GROUP, suites: tuple[str, ...] = cu.SUITE_NAMES,
                  expected_server_key: bytes | None = None, tdes_backend: str | None = None,
-                 update_after_bytes: int | None = None) -> None:
+                 update_after_bytes: int | None = None, fallback_groups: tuple[str, ...] | None = None) -> None:
+        """``fallback_groups``: groups the server may ask for instead (GroupRetry).  By
+        default a post-quantum group falls back to x25519 and a classical one to none."""
         super().__init__(update_after_bytes=update_after_bytes)
         self.state = State.START
         self._dh = DiffieHellman(group)
+        if fallback_groups is None:
+            fallback_groups = ("x25519",) if group in POST_QUANTUM_GROUPS else ()
+        self._groups = tuple(dict.fromkeys((self._dh.group.name, *(get_group(g).name for g in fallback_groups))))
+        if len(self._groups) > MAX_OFFERED_GROUPS:
+            raise LocalProtocolError(f"At most {MAX_OFFERED_GROUPS} groups can be offered.")
+        self._group_retried = False
         self._suites = tuple(cu.get_suite(s, tdes_backend=tdes_backend) for s in suites)
         self._expected_server_key = expected_server_key
         self._server_hello: ServerHello | None = None
@@ -785,10 +816,19 @@ class ClientProtocol(Connection):
         hello = ClientHello(version=PROTOCOL_VERSION, group=self._dh.group.name,
                             public=self._dh.public_bytes, nonce=cu.random_bytes(NONCE_BYTES),
                             suites=bytes(s.suite_id for s in self._suites),
-                            puzzle_challenge=challenge, puzzle_solution=solution)
+                            puzzle_challenge=challenge, puzzle_solution=solution, groups=self._groups)
         self._transcript = bytearray(self._emit_plain(hello))  # only the final hello is in the transcript
 
     def _handshake(self, msg: Message, body: bytes):
+        if isinstance(msg, GroupRetry):
+            if self._group_retried or self._puzzle_solved:
+                raise HandshakeFailed("The server asked for another group twice (or after a puzzle).")
+            if msg.group not in self._groups or msg.group == self._dh.group.name:
+                raise HandshakeFailed("The server asked for a group this client did not offer.")
+            self._group_retried = True
+            self._dh = DiffieHellman(msg.group)
+            self._send_hello()
+            return None
         if isinstance(msg, Puzzle):
             if self._puzzle_solved:
                 raise HandshakeFailed("The server sent a second puzzle.")
@@ -860,6 +900,7 @@ class ServerProtocol(Connection):
         self._puzzle = puzzle
         self._source = source
         self._puzzles_sent = 0
+        self._group_retries = 0
         self._identity = identity
         self._suite = cu.get_suite(suite, tdes_backend=tdes_backend)
         self._allowed_groups = allowed_groups
@@ -877,23 +918,22 @@ class ServerProtocol(Connection):
             if self._suite.suite_id not in msg.suites:
                 self._refuse(HandshakeErrorCode.UNSUPPORTED_SUITE,
                              f"The client does not offer the {self._suite.name} suite.")
+            group = self._choose_group(msg)
+            if group is None:
+                return None  # a GroupRetry was sent; the client answers with a new ClientHello
+            if len(msg.public) != share_length(group):  # sizes first, before any puzzle or DH work
+                self._refuse(HandshakeErrorCode.BAD_PUBLIC_VALUE,
+                             f"A {group.name} public value is exactly {share_length(group)} bytes.")
             if self._puzzle is not None and not self._puzzle_passed(msg):
                 return None  # a Puzzle was sent; the client answers with a new ClientHello
             try:
-                group = get_group(msg.group)
-                if self._allowed_groups is not None and group.name not in self._allowed_groups:
-                    raise UnsupportedGroup(f"Diffie-Hellman group {group.name!r} is disabled on this server.")
-            except DHError as exc:
-                self._refuse(HandshakeErrorCode.UNSUPPORTED_GROUP, str(exc))
-            dh = DiffieHellman(group)
-            try:
-                shared = dh.generate_shared_secret(msg.public)
+                public, shared = DiffieHellman.respond(group, msg.public)
             except DHError as exc:
                 self._refuse(HandshakeErrorCode.BAD_PUBLIC_VALUE, str(exc))
             self.group = group.name
             self.suite = self._suite
             self._transcript += body
-            hello = ServerHello(version=PROTOCOL_VERSION, suite=self._suite.suite_id, public=dh.public_bytes,
+            hello = ServerHello(version=PROTOCOL_VERSION, suite=self._suite.suite_id, public=public,
                                 nonce=cu.random_bytes(NONCE_BYTES), server_key=cu.public_bytes(self._identity))
             self._transcript += self._emit_plain(hello)
             th1 = cu.sha256(bytes(self._transcript))
@@ -914,6 +954,39 @@ class ServerProtocol(Connection):
         key = cu.public_bytes(self._identity)
         return HandshakeComplete(server_key=key, fingerprint=cu.fingerprint(key),
                                  suite=self._suite.name, group=self.group or "")
+
+    def _allows(self, name: str) -> bool:
+        return (name in GROUPS and (self._allowed_groups is None or name in self._allowed_groups)
+                and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available()))
+
+    def _choose_group(self, msg: ClientHello):
+        """The group to use, or None after sending a GroupRetry; refuses a downgrade.
+
+        The server takes the first group in the client's signed list that it allows.
+        A client whose share is in a later (weaker) group than that was pushed there
+        by someone forging a GroupRetry or HandshakeError: refused (TLS 1.3 section
+        4.1.3 protects the same choice with the signed transcript).
+        """
+        offered = msg.groups or (msg.group,)
+        if msg.group not in offered:
+            self._refuse(HandshakeErrorCode.PROTOCOL, "The client's key share is for a group it did not offer.")
+        best = next((name for name in offered if self._allows(name)), None)
+        if best is None:
+            try:
+                group = get_group(msg.group)
+                raise UnsupportedGroup(f"Diffie-Hellman group {group.name!r} is disabled on this server.")
+            except DHError as exc:
+                self._refuse(HandshakeErrorCode.UNSUPPORTED_GROUP, str(exc))
+        if msg.group == best:
+            return get_group(best)
+        if self._allows(msg.group):
+            self._refuse(HandshakeErrorCode.DOWNGRADE,
+                         f"Downgrade refused: the client offered {best!r} but used {msg.group!r}.")
+        if self._group_retries:
+            self._refuse(HandshakeErrorCode.UNSUPPORTED_GROUP, "The client ignored the group retry.")
+        self._group_retries += 1
+        self._emit_plain(GroupRetry(group=best))
+        return None
 
     def _puzzle_passed(self, msg: ClientHello) -> bool:
         """Before any DH work: a puzzle solved, or none needed; else send one (at most once)."""

@@ -21,7 +21,7 @@ import clientlib as C
 import crypto_utils as cu
 import protocol as P
 import puzzle
-from diffiehellman import GROUPS, DiffieHellman
+from diffiehellman import DEFAULT_GROUP, GROUPS, DiffieHellman
 from errors import (
     ConnectionClosed,
     HandshakeFailed,
@@ -82,11 +82,14 @@ HANDSHAKE_ATTACKS = {
         "s2c", 1, lambda f: [rewrite(f, confirm=b"\x00" + P.decode_message(f[4:]).confirm[1:])],
         HandshakeFailed, "confirmation"),
     "A05 substitute the client's DH value": (
-        "c2s", 0, lambda f: [rewrite(f, public=DiffieHellman("x25519").public_bytes)], HandshakeFailed, "signature"),
+        "c2s", 0, lambda f: [rewrite(f, public=DiffieHellman(DEFAULT_GROUP).public_bytes)], HandshakeFailed,
+        "signature"),
     "A06 substitute the server's DH value": (
-        "s2c", 0, lambda f: [rewrite(f, public=DiffieHellman("x25519").public_bytes)], HandshakeFailed, "signature"),
+        "s2c", 0, lambda f: [rewrite(f, public=DiffieHellman.respond(DEFAULT_GROUP, DiffieHellman().public_bytes)[0])],
+        HandshakeFailed, "signature"),
     "A07 downgrade the group to modp1024": (
-        "c2s", 0, lambda f: [rewrite(f, group="modp1024")], HandshakeFailed, "unsupported group"),
+        "c2s", 0, lambda f: [rewrite(f, group="modp1024", groups=("modp1024",))], HandshakeFailed,
+        "unsupported group"),
     "A08 swap the server's identity key": (
         "s2c", 0, lambda f: [rewrite(f, server_key=cu.public_bytes(Ed25519PrivateKey.generate()))],
         HandshakeFailed, "signature"),
@@ -314,6 +317,8 @@ def test_A27_oversized_frame_from_a_client_closes_only_that_client(tmp_path):
 # =============================================================================
 def _hello(**changes) -> bytes:
     client = P.ClientProtocol()
+    if "group" in changes:  # a hello for another group offers that group alone
+        changes.setdefault("groups", (changes["group"],))
     return rewrite(client.initiate(), **changes)
 
 
@@ -419,7 +424,7 @@ def test_A34_terminal_escape_sequences_are_neutralised():
 def test_A35_puzzle_is_required_before_any_dh_work(tmp_path):
     with running_server(tmp_path / "srv", puzzle_mode="always", puzzle_bits=12) as server:
         # A hello without a solution gets a Puzzle, not a DH answer (even with a bad DH value).
-        replies = _raw_exchange(server, _hello(public=b"\0" * 32))
+        replies = _raw_exchange(server, _hello(public=bytes(GROUPS[DEFAULT_GROUP].byte_length)))
         assert len(replies) == 1 and isinstance(replies[0], P.Puzzle) and replies[0].difficulty == 12
         # A real client solves it quickly and logs in.
         t0 = time.perf_counter()

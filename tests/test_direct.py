@@ -25,8 +25,9 @@ def _channels(suite_name="3des"):
     b = e2e.E2ESession("bob", idb, "alice", cu.public_bytes(ida), 9, suite)
     k = suite.generate_key()
     sa, sb = a.new_generation(1, k), b.new_generation(1, k)
-    a.receive_share(sb)
-    b.receive_share(sa)
+    reply_a, reply_b = a.receive_share(sb), b.receive_share(sa)  # each answers with an ML-KEM reply
+    a.receive_share(reply_b)
+    b.receive_share(reply_a)
     return D.DatagramChannel(suite, *a.direct_keys()), D.DatagramChannel(suite, *b.direct_keys())
 
 

@@ -37,8 +37,13 @@ def _pair(suite="3des", clock=time.time, generation=1):
 def _rekey(alice, bob, generation, kdc_key):
     share_a = alice.new_generation(generation, kdc_key)
     share_b = bob.new_generation(generation, kdc_key)
-    alice.receive_share(share_b)
-    bob.receive_share(share_a)
+    _answer(alice, bob, share_a, share_b)
+
+
+def _answer(alice, bob, share_a, share_b):
+    """Each side answers the other's share with its ML-KEM reply; then both are ready."""
+    reply_a, reply_b = alice.receive_share(share_b), bob.receive_share(share_a)
+    assert alice.receive_share(reply_b) is None and bob.receive_share(reply_a) is None
 
 
 @pytest.mark.parametrize("suite", cu.SUITE_NAMES)
@@ -97,13 +102,16 @@ def test_a_rekey_heals_a_stolen_state_even_with_the_kdc_key():
     kdc_key = cu.get_suite("3des").generate_key()
     share_a = alice.new_generation(2, kdc_key)
     share_b = bob.new_generation(2, kdc_key)
-    alice.receive_share(share_b)
-    bob.receive_share(share_a)
+    reply_a, reply_b = alice.receive_share(share_b), bob.receive_share(share_a)
+    alice.receive_share(reply_b)
+    bob.receive_share(reply_a)
     later = alice.seal("after the rekey")
     assert bob.open(later)[0] == "after the rekey"
     # The thief has the old state *and* the new KDC key, but not a DH private key of the new step.
     stolen.new_generation(2, kdc_key)
     stolen.receive_share(share_a)
+    with pytest.raises(e2e.ShareRejected):  # alice's reply answers bob's ML-KEM key, not the thief's
+        stolen.receive_share(reply_a)
     with pytest.raises(DecryptionFailed):
         stolen.open(later)
 
@@ -178,8 +186,8 @@ def test_shares_must_be_signed_by_the_peer_for_this_conversation():
         bob.receive_share(other_conv)
     # alice's genuine share with the DH value swapped
     genuine = e2e.E2ESession("alice", ida, "bob", cu.public_bytes(idb), 7, s).new_generation(1, key)
-    kind, gen, _share, sig = e2e.SHARE.unpack(genuine)
-    swapped = e2e.SHARE.pack(kind, gen, X25519PrivateKey.generate().public_key().public_bytes_raw(), sig)
+    kind, gen, _share, ek, sig = e2e.SHARE.unpack(genuine)
+    swapped = e2e.SHARE.pack(kind, gen, X25519PrivateKey.generate().public_key().public_bytes_raw(), ek, sig)
     with pytest.raises(e2e.ShareRejected):
         bob.receive_share(swapped)
     with pytest.raises(e2e.ShareRejected, match="malformed"):
@@ -324,7 +332,9 @@ def test_curious_server_cannot_read_messages(tmp_path):
     identity keys) and tries each on every message.  None may open."""
     secrets_sent = [f"secret number {i}" for i in range(10)]
     relayed = []
-    with running_server(tmp_path / "srv", rekey_after_messages=4, min_rekey_interval_s=0) as server:
+    # A rekey itself takes 4 relays (2 shares, 2 ML-KEM replies): a limit of 6 keeps rekeys
+    # from cascading (min_rekey_interval_s=0) while 10 messages still span several generations.
+    with running_server(tmp_path / "srv", rekey_after_messages=6, min_rekey_interval_s=0) as server:
         kdc = server.service.suite = RecordingSuite(server.service.suite)
         original = server.service._relay
 
@@ -371,12 +381,14 @@ def test_active_server_swapping_dh_shares_is_caught_by_both_clients(tmp_path):
     def swap_shares(session, msg):
         if msg.payload[:1] != bytes([e2e.KIND_SHARE]):
             return msg
-        _kind, generation, _share, _sig = e2e.SHARE.unpack(msg.payload)
+        _kind, generation, _share, _ek, _sig = e2e.SHARE.unpack(msg.payload)
         mine = X25519PrivateKey.generate().public_key().public_bytes_raw()
+        ek = cu.MLKEM768KeyPair().encapsulation_key
         peer = "bob" if session.username == "alice" else "alice"
-        sig = mallory.sign(e2e._share_transcript(msg.conversation_id, generation, session.username, peer, mine))
+        sig = mallory.sign(e2e._share_transcript(msg.conversation_id, generation, session.username, peer,
+                                                 mine + ek))
         return P.Relay(conversation_id=msg.conversation_id,
-                       payload=e2e.SHARE.pack(e2e.KIND_SHARE, generation, mine, sig))
+                       payload=e2e.SHARE.pack(e2e.KIND_SHARE, generation, mine, ek, sig))
 
     with running_server(tmp_path / "srv") as server:
         _spy_relay(server, rewrite=swap_shares)

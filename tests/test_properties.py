@@ -33,7 +33,7 @@ def _field_strategy(f):
     text = st.text(max_size=meta["max_len"] // 4)
     if kind is P.Kind.TEXT:
         return text
-    return st.lists(text, max_size=20).map(tuple)
+    return st.lists(text, max_size=min(20, meta["max_items"])).map(tuple)
 
 
 messages = st.sampled_from(list(P.MESSAGE_TYPES.values())).flatmap(

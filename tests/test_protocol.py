@@ -12,7 +12,7 @@ import crypto_utils as cu
 import protocol as P
 
 IK = bytes(32)  # a placeholder identity key for protocol-level tests
-from diffiehellman import DiffieHellman
+from diffiehellman import DEFAULT_GROUP, DiffieHellman
 from errors import (
     FrameTooLarge,
     HandshakeFailed,
@@ -161,9 +161,9 @@ def _replace(frame: bytes, **changes) -> bytes:
 
 def test_substituted_server_dh_value_is_caught_by_the_signature():
     client, _server, (hello, auth) = _server_flight()
-    mitm = DiffieHellman("x25519")
+    mitm_answer, _ = DiffieHellman.respond(DEFAULT_GROUP, DiffieHellman(DEFAULT_GROUP).public_bytes)
     with pytest.raises(HandshakeFailed, match="signature"):
-        client.receive_data(_replace(hello, public=mitm.public_bytes) + auth)
+        client.receive_data(_replace(hello, public=mitm_answer) + auth)
     assert client.state is P.State.CLOSED
 
 
@@ -172,7 +172,7 @@ def test_substituted_client_dh_value_is_caught_by_the_signature():
     client = P.ClientProtocol()
     server = P.ServerProtocol(identity)
     hello = client.initiate()
-    server.receive_data(_replace(hello, public=DiffieHellman("x25519").public_bytes))
+    server.receive_data(_replace(hello, public=DiffieHellman(DEFAULT_GROUP).public_bytes))
     with pytest.raises(HandshakeFailed, match="signature"):
         client.receive_data(server.data_to_send())
 
@@ -213,7 +213,7 @@ def test_bad_client_finished_is_refused():
 
 
 @pytest.mark.parametrize("hello_changes,code", [
-    ({"group": "modp1024"}, P.HandshakeErrorCode.UNSUPPORTED_GROUP),
+    ({"group": "modp1024", "groups": ("modp1024",)}, P.HandshakeErrorCode.UNSUPPORTED_GROUP),
     ({"version": 9}, P.HandshakeErrorCode.UNSUPPORTED_VERSION),
     ({"suites": b"\x07"}, P.HandshakeErrorCode.UNSUPPORTED_SUITE),
     ({"public": b"\0" * 32}, P.HandshakeErrorCode.BAD_PUBLIC_VALUE),

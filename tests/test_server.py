@@ -214,7 +214,9 @@ def test_second_login_replaces_the_first(tmp_path):
 
 
 def test_rekey_after_n_messages_is_invisible(tmp_path):
-    with running_server(tmp_path / "srv", rekey_after_messages=5, min_rekey_interval_s=0) as server:
+    # A rekey takes 4 relays itself (2 shares, 2 ML-KEM replies); with min_rekey_interval_s=0 a
+    # limit near 4 would let rekeys cascade, so 8: 4 for the exchange and 4 chat messages.
+    with running_server(tmp_path / "srv", rekey_after_messages=8, min_rekey_interval_s=0) as server:
         alice, bob = chat_pair(server, tmp_path)
         for i in range(23):
             sender, receiver = (alice, bob) if i % 2 else (bob, alice)
