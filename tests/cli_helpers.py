@@ -13,6 +13,12 @@ import pexpect
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 20
+SERVER_STAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ")  # before every [SERVER]: line
+
+
+def unstamped(lines: list[str]) -> list[str]:
+    """The server's console lines without their timestamps."""
+    return [SERVER_STAMP.sub("", line) for line in lines]
 
 
 class ServerProcess:

@@ -98,6 +98,7 @@ def test_concurrent_use_from_threads(storage):
 
 
 def test_sqlite_file_is_owner_only(tmp_path):
+    (tmp_path / "db").mkdir()
     s = database.open_storage(f"sqlite:///{tmp_path}/db/secureim.db")
     s.create_user("alice", "h")
     assert (tmp_path / "db" / "secureim.db").stat().st_mode & 0o777 == 0o600
