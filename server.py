@@ -414,12 +414,12 @@ class Registry:
             return list(self.sessions)
 
 
-def _loggable(raw: str) -> str | None:
-    """A username as it may appear in a log line (normalised), or None if it is not a valid one."""
+def _loggable(raw: str) -> str:
+    """A username as it may appear in a log line: normalised and quoted, or "an invalid username"."""
     try:
-        return normalize_username(raw)
+        return repr(normalize_username(raw))
     except AuthError:
-        return None
+        return "an invalid username"
 
 
 # =============================================================================
@@ -481,7 +481,7 @@ class ChatService:
             self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s, _loggable(msg.username))
             return
         except InvalidCredentials as exc:
-            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), username=_loggable(msg.username))
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who=_loggable(msg.username))
             return
         except (InvalidUsername, InvalidPassword, UsernameTaken) as exc:
             code = {InvalidUsername: P.AuthCode.INVALID_USERNAME, InvalidPassword: P.AuthCode.INVALID_PASSWORD,
@@ -499,15 +499,14 @@ class ChatService:
             if epoch != self.storage.get_ticket_epoch(username):  # password changed since (or no such user)
                 raise InvalidCredentials("The session ticket is invalid or expired; log in with your password.")
         except InvalidCredentials as exc:
-            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc))
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who="a session ticket")
             return
         session.identity_key = msg.identity_key
         self._logged_in(session, username, created=False)
 
     def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0,
-                     username: str | None = None) -> None:
+                     who: str = "an invalid username") -> None:
         # Seen at the default level (an operator watches for guessing); never the password.
-        who = f"{username!r}" if username else "an invalid username"
         if code == P.AuthCode.LOCKED:
             log.warning("login refused from %s for %s: locked for %d s after repeated failures",
                         session.source, who, retry_after_s)

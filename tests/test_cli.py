@@ -37,11 +37,11 @@ def test_server_prints_design_000_lines_and_stops_cleanly(tmp_path):
     assert re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", srv.fingerprint)
     key = tmp_path / "data" / "server_identity.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert srv.stop() == 0
+    assert srv.stop() == 0, srv.errors
     assert "[SERVER]: Stopped." in unstamped(srv.lines)
     again = ServerProcess(tmp_path / "data")  # the identity key is reused
     assert again.fingerprint == srv.fingerprint
-    assert again.stop() == 0
+    assert again.stop() == 0, again.errors
 
 
 def test_two_users_chat_both_ways(server, tmp_path):
