@@ -17,7 +17,7 @@ import uuid
 import pexpect
 import pytest
 from cli_helpers import ROOT, ServerProcess, login_flow, quit_client, spawn_client, unstamped
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import clientlib as C
@@ -558,6 +558,7 @@ DANGEROUS = st.one_of(st.sampled_from(BIDI), st.characters(categories=["Cc"]),
 
 
 @given(st.lists(st.one_of(st.characters(), DANGEROUS), max_size=60).map("".join))
+@example("hi\r[bob]: a carriage return overwrites the prefix\n\x1b[1A\u202e")
 def test_sanitize_never_lets_a_control_or_bidi_character_through(text):
     shown = C.sanitize(text, 10_000)
     for ch in shown:
