@@ -87,26 +87,25 @@ class Terminal:
     def __init__(self, *, timestamps: bool = True, bell: bool = True) -> None:
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
         self.timestamps, self.bell = timestamps, bell
-        self.chatting = False          # Ctrl-C clears the line while chatting; before, it leaves
         self.completions = lambda: []  # (words) for Tab
-        self._session = None
+        self._session = None       # login and destination prompts: what was typed stays on screen
+        self._chat_session = None  # the chat line: erased when sent, shown again as an output line
         if self.interactive:
             from prompt_toolkit import PromptSession
-            from prompt_toolkit.filters import Condition
             from prompt_toolkit.key_binding import KeyBindings
 
             keys = KeyBindings()
 
-            @keys.add("c-c", filter=Condition(lambda: self.chatting))
+            @keys.add("c-c")
             def _clear(event) -> None:  # irssi and weechat: Ctrl-C clears the input line
                 event.app.current_buffer.reset()
 
-            # The typed line is erased when sent and shown again as an output line (which
-            # wraps like any other); while typing, a long line scrolls sideways instead of
-            # growing the input area past the window (which garbled long pastes).
-            self._session = PromptSession(key_bindings=keys, completer=_Completer(self),
-                                          complete_while_typing=False, erase_when_done=True,
-                                          wrap_lines=False)
+            self._session = PromptSession(completer=_Completer(self), complete_while_typing=False)
+            # While typing, a long line scrolls sideways instead of growing the input area past
+            # the window (which garbled long pastes); once sent it is printed whole, and wraps.
+            self._chat_session = PromptSession(key_bindings=keys, completer=_Completer(self),
+                                               complete_while_typing=False, erase_when_done=True,
+                                               wrap_lines=False)
 
     def _stamp(self) -> str:
         return time.strftime("%H:%M ") if self.timestamps else ""
@@ -122,9 +121,10 @@ class Terminal:
             sys.stdout.write("\a")
             sys.stdout.flush()
 
-    def ask(self, prompt, *, secret: bool = False) -> str:
-        if self._session is not None:
-            return self._session.prompt(prompt, is_password=secret)
+    def ask(self, prompt, *, secret: bool = False, chat: bool = False) -> str:
+        session = self._chat_session if chat and not secret else self._session
+        if session is not None:
+            return session.prompt(prompt, is_password=secret)
         text = prompt() if callable(prompt) else prompt
         if secret:
             return getpass.getpass(text)
@@ -136,16 +136,16 @@ class Terminal:
 
     def interrupt(self) -> None:
         """End the prompt being shown (from another thread): it raises EOFError."""
-        if self._session is None:
-            return
-        app = self._session.app
-        if app.is_running and app.loop is not None:
-            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
+        for session in (self._session, self._chat_session):
+            app = session.app if session is not None else None
+            if app is not None and app.is_running and app.loop is not None:
+                app.loop.call_soon_threadsafe(lambda app=app: app.exit(exception=EOFError()) if app.is_running else None)
 
     def refresh(self) -> None:
         """Draw the prompt again (its text changed: unread conversations)."""
-        if self._session is not None and self._session.app.is_running:
-            self._session.app.invalidate()
+        for session in (self._session, self._chat_session):
+            if session is not None and session.app.is_running:
+                session.app.invalidate()
 
     def patch_stdout(self):
         if self._session is None:
@@ -304,9 +304,8 @@ class ChatUI:
                             return EXIT_OK
                     elif name:
                         self._switch_to(name)
-                self.term.chatting = True
                 while True:
-                    line = self.term.ask(self.prompt)
+                    line = self.term.ask(self.prompt, chat=True)
                     if self.lost is not None:
                         return EXIT_ERROR
                     if line.startswith("//"):
