@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from prompt_toolkit.completion import Completer, Completion
+
 import clientlib as C
 import protocol as P
 from diffiehellman import DEFAULT_GROUP, GROUPS
@@ -100,10 +102,10 @@ class Terminal:
             def _clear(event) -> None:  # irssi and weechat: Ctrl-C clears the input line
                 event.app.current_buffer.reset()
 
-            self._session = PromptSession(completer=_Completer(self), complete_while_typing=False)
+            self._session = PromptSession(completer=ChatCompleter(self), complete_while_typing=False)
             # While typing, a long line scrolls sideways instead of growing the input area past
             # the window (which garbled long pastes); once sent it is printed whole, and wraps.
-            self._chat_session = PromptSession(key_bindings=keys, completer=_Completer(self),
+            self._chat_session = PromptSession(key_bindings=keys, completer=ChatCompleter(self),
                                                complete_while_typing=False, erase_when_done=True,
                                                wrap_lines=False)
 
@@ -157,35 +159,28 @@ class Terminal:
         return patch_stdout(raw=True)
 
 
-def _make_completer_base():
-    from prompt_toolkit.completion import Completer, Completion
+class ChatCompleter(Completer):
+    """Tab: command names after a leading /, then the names of online users and open conversations."""
 
-    class _Base(Completer):
-        def __init__(self, term: Terminal) -> None:
-            self.term = term
+    def __init__(self, term: Terminal) -> None:
+        self.term = term
 
-        def get_completions(self, document, complete_event):
-            text = document.text_before_cursor
-            if text.startswith("/") and " " not in text:
-                for name in sorted(COMMANDS):
-                    if name.startswith(text.lower()):
-                        yield Completion(name + (" " if name in USER_COMMANDS else ""), start_position=-len(text))
-                return
-            cmd, _, arg = text.partition(" ")
-            if text.startswith("/") and (cmd.lower() not in USER_COMMANDS or " " in arg):
-                return
-            word = arg if text.startswith("/") else text
-            if " " in word:
-                return
-            for name in sorted(set(self.term.completions())):
-                if name.startswith(word.lower()):
-                    yield Completion(name, start_position=-len(word))
-
-    return _Base
-
-
-def _Completer(term: Terminal):  # noqa: N802 - a class made on first use (prompt_toolkit only on a tty)
-    return _make_completer_base()(term)
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if text.startswith("/") and " " not in text:
+            for name in sorted(COMMANDS):
+                if name.startswith(text.lower()):
+                    yield Completion(name + (" " if name in USER_COMMANDS else ""), start_position=-len(text))
+            return
+        cmd, _, arg = text.partition(" ")
+        if text.startswith("/") and (cmd.lower() not in USER_COMMANDS or " " in arg):
+            return
+        word = arg if text.startswith("/") else text
+        if " " in word:
+            return
+        for name in self.term.completions():
+            if name.startswith(word.lower()):
+                yield Completion(name, start_position=-len(word))
 
 
 def _arrow() -> str:
