@@ -144,3 +144,18 @@ class AuthService:
         if after.locked_until > now:
             raise AccountLocked(math.ceil(after.locked_until - self.clock()))
         raise InvalidCredentials()
+
+    def change_password(self, username: str, old_password: bytes, new_password: bytes, source: str) -> int:
+        """Check the old password (same lockout as a login), store the new one and end every
+        resumption ticket of the account; returns the account's new ticket epoch."""
+        self.login(username, old_password, source)
+        if len(new_password) < MIN_PASSWORD_BYTES:
+            raise InvalidPassword(f"Passwords must be at least {MIN_PASSWORD_BYTES} characters.")
+        if len(new_password) > MAX_PASSWORD_BYTES:
+            raise InvalidPassword(f"Passwords must be at most {MAX_PASSWORD_BYTES} bytes.")
+        stored = self._bcrypt.submit(hash_password, new_password, self.bcrypt_cost).result()
+        epoch = self.storage.change_password_hash(username, stored)
+        if epoch is None:
+            raise InvalidCredentials()
+        log.info("a user changed their password")
+        return epoch

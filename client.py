@@ -15,7 +15,10 @@ import argparse
 import getpass
 import sys
 import threading
+import time
 from pathlib import Path
+
+from prompt_toolkit.completion import Completer, Completion
 
 import clientlib as C
 import protocol as P
@@ -35,45 +38,99 @@ from errors import (
     ServiceUnavailable,
     UsernameTaken,
 )
-from protocol import DEFAULT_PORT
+from protocol import DEFAULT_PORT, MAX_PASSWORD_BYTES
 
 EXIT_OK, EXIT_ERROR, EXIT_KEY_MISMATCH = 0, 1, 3
 MAX_LOGIN_ROUNDS = 6
+MAX_PASSWORD_TRIES = 3
+MIN_PASSWORD_BYTES = 8   # the server's rule (auth.MIN_PASSWORD_BYTES); it checks again
+PASSWORD_RULE = f"Passwords are {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} characters."
 
-HELP = """[CLIENT]: Commands:
-  /to USER        talk to USER (several conversations can be open at once)
-  /direct USER    talk to USER peer to peer over UDP (the server no longer carries the messages)
-  /mode USER      show whether the conversation with USER is direct or relayed
-  /who            list who is online
-  /fingerprint    show the server's and your own identity fingerprints
-  /verify USER    show the safety number to compare with USER (in person or by phone)
-  /verified USER  mark USER as verified, after the safety numbers matched
-  /accept USER    accept USER's changed identity key (after checking /verify USER)
-  /help           this help
-  /quit           leave (Ctrl-D and Ctrl-C leave too)
-Anything else is sent to the current destination."""
+# name -> (usage, one-line summary, more help or "").  /help COMMAND shows one entry.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "/to": ("/to USER", "talk to USER (several conversations can be open at once)",
+            "Messages you type go to USER from now on; the prompt shows who that is."),
+    "/who": ("/who", "list who is online", ""),
+    "/unread": ("/unread", "show which conversations have messages you have not seen",
+                "Messages from a conversation other than the current one are marked with * and ring "
+                "the terminal bell (--no-bell to silence); /to USER marks them read."),
+    "/direct": ("/direct USER", "talk to USER peer to peer over UDP (the server no longer carries the messages)",
+                "Direct mode shows your IP address and a UDP port to USER (and USER's to you); the "
+                "messages stay encrypted end to end. Also accepts USER's request for a direct link."),
+    "/mode": ("/mode USER", "show whether the conversation with USER is direct or relayed", ""),
+    "/fingerprint": ("/fingerprint", "show the server's and your own identity fingerprints", ""),
+    "/verify": ("/verify USER", "show the safety number to compare with USER (in person or by phone)", ""),
+    "/verified": ("/verified USER", "mark USER as verified, after the safety numbers matched", ""),
+    "/accept": ("/accept USER", "accept USER's changed identity key (after checking /verify USER)",
+                "Works at any time after the warning, also after this client was restarted."),
+    "/passwd": ("/passwd", "change your password (the old one is asked first)",
+                "Every saved login (resumption ticket) of your account ends; this session goes on."),
+    "/help": ("/help [COMMAND]", "this help, or help for one command", ""),
+    "/quit": ("/quit", "leave (Ctrl-D on an empty line leaves too)", ""),
+}
+USER_COMMANDS = frozenset(name for name, (usage, _s, _m) in COMMANDS.items() if "USER" in usage)
+
+
+def help_text() -> str:
+    lines = ["[CLIENT]: Commands (case does not matter; Tab completes commands and names):"]
+    lines += [f"  {usage:<16}{summary}" for usage, summary, _more in COMMANDS.values()]
+    lines += ["  //text          send a line that starts with /",
+              "Anything else is sent to the current destination. Ctrl-C clears the line.",
+              "Direct mode shows your address to the peer: see /help direct."]
+    return "\n".join(lines)
+
+
+HELP = help_text()
 
 
 class Terminal:
     """Prompts and output: prompt_toolkit on a terminal, plain lines otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, timestamps: bool = True, bell: bool = True) -> None:
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
-        self._session = None
+        self.timestamps, self.bell = timestamps, bell
+        self.completions = lambda: []  # (words) for Tab
+        self._session = None       # login and destination prompts: what was typed stays on screen
+        self._chat_session = None  # the chat line: erased when sent, shown again as an output line
         if self.interactive:
             from prompt_toolkit import PromptSession
+            from prompt_toolkit.key_binding import KeyBindings
 
-            self._session = PromptSession()
+            keys = KeyBindings()
+
+            @keys.add("c-c")
+            def _clear(event) -> None:  # irssi and weechat: Ctrl-C clears the input line
+                event.app.current_buffer.reset()
+
+            self._session = PromptSession(completer=ChatCompleter(self), complete_while_typing=False)
+            # While typing, a long line scrolls sideways instead of growing the input area past
+            # the window (which garbled long pastes); once sent it is printed whole, and wraps.
+            self._chat_session = PromptSession(key_bindings=keys, completer=ChatCompleter(self),
+                                               complete_while_typing=False, erase_when_done=True,
+                                               wrap_lines=False)
+
+    def _stamp(self) -> str:
+        return time.strftime("%H:%M ") if self.timestamps else ""
 
     def say(self, line: str) -> None:
-        print(line, flush=True)
+        stamp, parts = self._stamp(), line.split("\n")
+        if parts[0].startswith("[CLIENT]: "):  # a several-line notice: every line says who speaks
+            parts[1:] = [p if p.startswith(("[", "  ")) else f"[CLIENT]: {p}" for p in parts[1:]]
+        print("\n".join(stamp + part for part in parts), flush=True)
 
-    def ask(self, prompt: str, *, secret: bool = False) -> str:
-        if self._session is not None:
-            return self._session.prompt(prompt, is_password=secret)
+    def ring(self) -> None:
+        if self.bell:
+            sys.stdout.write("\a")
+            sys.stdout.flush()
+
+    def ask(self, prompt, *, secret: bool = False, chat: bool = False) -> str:
+        session = self._chat_session if chat and not secret else self._session
+        if session is not None:
+            return session.prompt(prompt, is_password=secret)
+        text = prompt() if callable(prompt) else prompt
         if secret:
-            return getpass.getpass(prompt)
-        print(prompt, end="", flush=True)
+            return getpass.getpass(text)
+        print(text, end="", flush=True)
         line = sys.stdin.readline()
         if not line:
             raise EOFError()
@@ -81,11 +138,16 @@ class Terminal:
 
     def interrupt(self) -> None:
         """End the prompt being shown (from another thread): it raises EOFError."""
-        if self._session is None:
-            return
-        app = self._session.app
-        if app.is_running and app.loop is not None:
-            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
+        for session in (self._session, self._chat_session):
+            app = session.app if session is not None else None
+            if app is not None and app.is_running and app.loop is not None:
+                app.loop.call_soon_threadsafe(lambda app=app: app.exit(exception=EOFError()) if app.is_running else None)
+
+    def refresh(self) -> None:
+        """Draw the prompt again (its text changed: unread conversations)."""
+        for session in (self._session, self._chat_session):
+            if session is not None and session.app.is_running:
+                session.app.invalidate()
 
     def patch_stdout(self):
         if self._session is None:
@@ -97,6 +159,38 @@ class Terminal:
         return patch_stdout(raw=True)
 
 
+class ChatCompleter(Completer):
+    """Tab: command names after a leading /, then the names of online users and open conversations."""
+
+    def __init__(self, term: Terminal) -> None:
+        self.term = term
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if text.startswith("/") and " " not in text:
+            for name in sorted(COMMANDS):
+                if name.startswith(text.lower()):
+                    yield Completion(name + (" " if name in USER_COMMANDS else ""), start_position=-len(text))
+            return
+        cmd, _, arg = text.partition(" ")
+        if text.startswith("/") and (cmd.lower() not in USER_COMMANDS or " " in arg):
+            return
+        word = arg if text.startswith("/") else text
+        if " " in word:
+            return
+        for name in self.term.completions():
+            if name.startswith(word.lower()):
+                yield Completion(name, start_position=-len(word))
+
+
+def _arrow() -> str:
+    try:
+        "→".encode(sys.stdout.encoding or "ascii")
+        return "→"
+    except (UnicodeEncodeError, LookupError):
+        return "->"
+
+
 class ChatUI:
     def __init__(self, client: C.ChatClient, term: Terminal, prefer_direct: bool = False) -> None:
         self.client = client
@@ -104,7 +198,25 @@ class ChatUI:
         self.prefer_direct = prefer_direct
         self.destination: str | None = None
         self.lost: str | None = None
+        self.arrow = _arrow()
+        self._lock = threading.Lock()
+        self.unread: dict[str, int] = {}
+        self.online: set[str] = set()
         self._printer = threading.Thread(target=self._print_events, name="events", daemon=True)
+        term.completions = self._names
+
+    def _names(self) -> list[str]:
+        with self._lock:
+            names = self.online | set(self.unread)
+        names |= set(self.client.open_conversations())
+        names.discard(self.client.username or "")
+        return sorted(names)
+
+    def prompt(self) -> str:
+        with self._lock:
+            news = [f"{peer}:{n}" for peer, n in sorted(self.unread.items())]
+        activity = f" (act: {', '.join(news)})" if news else ""
+        return f"[{self.client.username}{self.arrow}{self.destination}]{activity}> "
 
     # -- incoming events ------------------------------------------------------------
     def _print_events(self) -> None:
@@ -118,37 +230,57 @@ class ChatUI:
             line = self._describe(event)
             if line:
                 self.term.say(line)
+                self.term.refresh()
 
     def _describe(self, event) -> str | None:
         peer = C.sanitize(getattr(event, "peer", "") or "", 64)
         is_dest = peer == self.destination
         if isinstance(event, C.MessageReceived):
-            return f"[{peer}]: {C.sanitize(event.text)}"
+            mark = ""
+            if self.destination is not None and not is_dest:  # news from another conversation
+                with self._lock:
+                    self.unread[peer] = self.unread.get(peer, 0) + 1
+                mark = "* "
+                self.term.ring()
+            # Every line of a message carries the sender: a line inside it cannot pass for another's.
+            return "\n".join(f"{mark}[{peer}]: {line}" for line in C.sanitize_lines(event.text))
         if isinstance(event, C.DirectReady):
             return f"[CLIENT]: Conversation with {peer} is now direct (peer to peer; the server no longer sees it)."
         if isinstance(event, C.DirectFallback):
             return f"[CLIENT]: No direct connection to {peer} ({C.sanitize(event.reason)}); using the relay."
+        if isinstance(event, C.DirectRequested):
+            return (f"[CLIENT]: {peer} asks for a direct connection (peer to peer: each of you sees the "
+                    f"other's address); /direct {peer} to accept.")
         if isinstance(event, C.MessageUndelivered):
             return f"[CLIENT]: Not delivered to {peer} (no acknowledgement): {C.sanitize(event.text, 200)}"
         if isinstance(event, C.PeerOnline):
+            with self._lock:
+                self.online.add(peer)
             return "[CLIENT]: Destination user is online." if is_dest else f"[CLIENT]: {peer} is online."
         if isinstance(event, C.PeerOffline):
+            with self._lock:
+                self.online.discard(peer)
             return "[CLIENT]: Destination user is offline." if is_dest else f"[CLIENT]: {peer} is offline."
         if isinstance(event, C.PeerUnknown):
             return f"[CLIENT]: Destination user {peer} does not exist; type /to USER to choose another."
         if isinstance(event, C.ConversationReady):
             if self.prefer_direct:
                 self.client.open_direct(event.peer)
+            with self._lock:
+                self.online.add(peer)
             trust = "verified" if event.verified else f"not verified yet: /verify {peer}"
             if event.opened_by_peer and not is_dest:
                 return f"[CLIENT]: {peer} opened a conversation with you ({trust}); type /to {peer} to reply."
             return f"[CLIENT]: Conversation with {peer} is ready (encrypted end to end; {trust})."
         if isinstance(event, C.SecurityWarning):
             return (f"[CLIENT]: @@@ SECURITY WARNING about {peer} @@@\n"
-                    f"[CLIENT]: {C.sanitize(event.text)}")
+                    f"[CLIENT]: {C.sanitize(event.text)}\n"
+                    f"[CLIENT]: Messages from and to {peer} are refused until then.")
         if isinstance(event, C.MessageRejected):
             return f"[CLIENT]: {C.sanitize(event.reason)}"
         if isinstance(event, C.WhoList):
+            with self._lock:
+                self.online = set(event.users)
             more = f" (and {event.total - len(event.users)} more)" if event.total > len(event.users) else ""
             return f"[CLIENT]: Online now ({event.total}): {', '.join(event.users)}{more}"
         if isinstance(event, C.ServerNotice):
@@ -168,10 +300,12 @@ class ChatUI:
                     elif name:
                         self._switch_to(name)
                 while True:
-                    line = self.term.ask(f"[{self.client.username}]> ")
+                    line = self.term.ask(self.prompt, chat=True)
                     if self.lost is not None:
                         return EXIT_ERROR
-                    if line.startswith("/"):
+                    if line.startswith("//"):
+                        self._send(line[1:])
+                    elif line.startswith("/"):
                         if self._command(line.strip()) is not None:
                             return EXIT_OK
                     elif line.strip():
@@ -183,9 +317,6 @@ class ChatUI:
                 return EXIT_ERROR
 
     def _identity_command(self, cmd: str, peer: str) -> None:
-        if not peer:
-            self.term.say(f"[CLIENT]: Usage: {cmd} USER")
-            return
         shown = C.sanitize(peer, 64)
         if cmd == "/verify":
             number = self.client.safety_number(peer)
@@ -216,7 +347,11 @@ class ChatUI:
             self.term.say("[CLIENT]: That is you; choose someone else.")
             return
         self.destination = name
+        with self._lock:
+            self.unread.pop(name, None)
         if self.client.has_conversation(name):
+            # The design's answer to a destination is always its status first (scripts rely on it).
+            self.term.say("[CLIENT]: Destination user is online.")
             self.term.say(f"[CLIENT]: Now talking to {C.sanitize(name, 64)}.")
         else:
             self.client.open_conversation(name)
@@ -224,47 +359,154 @@ class ChatUI:
     def _send(self, text: str) -> None:
         dest = self.destination
         if dest is None:
+            self.term.say("[CLIENT]: Choose a destination first: /to USER")
             return
-        if not self.client.has_conversation(dest):
-            self.term.say(f"[CLIENT]: {C.sanitize(dest, 64)} is not connected; the message was not sent.")
+        shown = C.sanitize(dest, 64)
+        # Right after /to the key exchange may still be running: wait for it (bounded), never drop the line.
+        if not self.client.has_conversation(dest) and not self.client.wait_conversation(dest):
+            presence = self.client.presence(dest)
+            if presence == C.PRESENCE_UNKNOWN:
+                why = f"{shown} does not exist; type /to USER to choose another"
+            elif presence == C.PRESENCE_OFFLINE:
+                why = f"{shown} is offline; you will be told when {shown} is back"
+            elif presence == C.PRESENCE_REFUSED:
+                why = f"you refused {shown}'s new identity key (check /verify {shown}, then /accept {shown})"
+            elif presence == C.PRESENCE_ONLINE:
+                why = (f"{shown}'s client did not complete the key exchange; if your identity key changed "
+                       f"(a new device), {shown} must first accept it with /accept {self.client.username}")
+            else:
+                why = f"there is no conversation with {shown}; type /to {shown}"
+            self.term.say(f"[CLIENT]: Not sent: {why}.")
             return
         try:
             self.client.send_message(dest, text)
         except ValueError as exc:  # too long
             self.term.say(f"[CLIENT]: {exc}")
+            return
+        me = f"{self.client.username}{self.arrow}{shown}"
+        self.term.say("\n".join(f"[{me}]: {line}" for line in C.sanitize_lines(text)))
+
+    def _unread(self) -> None:
+        with self._lock:
+            news = sorted(self.unread.items())
+        if not news:
+            self.term.say("[CLIENT]: No unread messages.")
+        else:
+            self.term.say("[CLIENT]: Unread: " + ", ".join(f"{peer} ({n})" for peer, n in news)
+                          + "; /to USER to read and reply.")
+
+    def _help(self, arg: str) -> None:
+        if not arg:
+            self.term.say(HELP)
+            return
+        name = "/" + arg.lower().lstrip("/")
+        entry = COMMANDS.get(name)
+        if entry is None:
+            self.term.say(f"[CLIENT]: No command {C.sanitize(name, 32)}; type /help for the list.")
+            return
+        usage, summary, more = entry
+        self.term.say(f"[CLIENT]: {usage}: {summary}." + (f"\n[CLIENT]: {more}" if more else ""))
+
+    def _passwd(self) -> None:
+        old = self.term.ask("[CLIENT]: Old password: ", secret=True)
+        self.term.say(f"[CLIENT]: {PASSWORD_RULE}")
+        for _ in range(MAX_PASSWORD_TRIES):
+            new = self.term.ask("[CLIENT]: New password: ", secret=True)
+            problem = password_problem(new)
+            if problem is None:
+                if self.term.ask("[CLIENT]: Confirm new password: ", secret=True) == new:
+                    break
+                problem = "The passwords do not match."
+            self.term.say(f"[CLIENT]: {problem} Type the new password again.")
+        else:
+            self.term.say("[CLIENT]: The password was not changed.")
+            return
+        try:
+            self.client.change_password(old, new)
+        except InvalidCredentials:
+            self.term.say("[CLIENT]: The old password is wrong; the password was not changed.")
+        except (AuthError, ServiceUnavailable) as exc:
+            self.term.say(f"[CLIENT]: {exc} The password was not changed.")
+        else:
+            self.term.say("[CLIENT]: Password changed. Every saved login (session ticket) of your account has "
+                          "ended; use the new password from now on.")
 
     def _command(self, line: str) -> int | None:
         """Run a /command; returns an exit code to leave, or None to go on."""
         cmd, _, arg = line.partition(" ")
+        cmd, arg = cmd.lower(), arg.strip()
+        if cmd in USER_COMMANDS and not arg:
+            self.term.say(f"[CLIENT]: Usage: {COMMANDS[cmd][0]} ({COMMANDS[cmd][1]})")
+            return None
         if cmd == "/quit":
             return EXIT_OK
         if cmd == "/help":
-            self.term.say(HELP)
+            self._help(arg)
         elif cmd == "/who":
             self.client.who()
+        elif cmd == "/unread":
+            self._unread()
         elif cmd == "/to":
-            if arg.strip():
-                self._switch_to(arg)
-            else:
-                self.term.say("[CLIENT]: Usage: /to USER")
+            self._switch_to(arg)
         elif cmd == "/fingerprint":
             self.term.say(f"[CLIENT]: Server {self.client.server_id}: {self.client.server_fingerprint}")
             self.term.say(f"[CLIENT]: Your identity ({self.client.username}): {self.client.identity_fingerprint}")
-        elif cmd == "/direct" and arg.strip():
-            self.client.open_direct(arg.strip().lower())
-        elif cmd == "/mode" and arg.strip():
-            peer = arg.strip().lower()
+        elif cmd == "/passwd":
+            self._passwd()
+        elif cmd == "/direct":
+            try:
+                self.client.open_direct(arg)
+            except InvalidUsername as exc:
+                self.term.say(f"[CLIENT]: {exc}")
+        elif cmd == "/mode":
+            peer = arg.lower()
             mode = "direct (peer to peer)" if self.client.is_direct(peer) else "relayed by the server"
             self.term.say(f"[CLIENT]: Conversation with {C.sanitize(peer, 64)}: {mode}.")
         elif cmd in ("/verify", "/verified", "/accept"):
-            self._identity_command(cmd, arg.strip().lower())
+            self._identity_command(cmd, arg.lower())
         else:
-            self.term.say(f"[CLIENT]: Unknown command {C.sanitize(cmd, 32)}; type /help.")
+            self.term.say(f"[CLIENT]: Unknown command {C.sanitize(cmd, 32)}; type /help (or //text to send "
+                          f"a line that starts with /).")
         return None
+
+
+def password_problem(password: str) -> str | None:
+    """What is wrong with a new password, before it is sent (the server checks again)."""
+    size = len(password.encode("utf-8"))
+    if size < MIN_PASSWORD_BYTES:
+        return f"Passwords must be at least {MIN_PASSWORD_BYTES} characters."
+    if size > MAX_PASSWORD_BYTES:
+        return f"Passwords must be at most {MAX_PASSWORD_BYTES} bytes."
+    return None
+
+
+def _register(client: C.ChatClient, term: Terminal, username: str, password: str) -> bool:
+    """Create the account; a short or mistyped password asks for the password again, not the name."""
+    for _ in range(MAX_PASSWORD_TRIES):
+        problem = password_problem(password)
+        if problem is None:
+            if term.ask("[CLIENT]: Confirm password: ", secret=True) == password:
+                try:
+                    client.register(username, password)
+                except UsernameTaken:
+                    term.say("[CLIENT]: That username is taken (so the password was wrong).")
+                    return False
+                except InvalidPassword as exc:
+                    problem = str(exc)
+                else:
+                    term.say("[CLIENT]: Account created.")
+                    return True
+            else:
+                problem = "The passwords do not match."
+        term.say(f"[CLIENT]: {problem} Type the password again ({PASSWORD_RULE.lower()[:-1]}).")
+        password = term.ask("[CLIENT]: Password: ", secret=True)
+    term.say("[CLIENT]: The account was not created.")
+    return False
 
 
 def log_in(client: C.ChatClient, term: Terminal) -> bool:
     """The design-000 login dialogue; True once logged in."""
+    term.say(f"[CLIENT]: Log in, or type a new name to create an account. {PASSWORD_RULE}")
     for _ in range(MAX_LOGIN_ROUNDS):
         username = term.ask("[CLIENT]: Username: ").strip()
         if not username:
@@ -275,51 +517,58 @@ def log_in(client: C.ChatClient, term: Terminal) -> bool:
             return True
         except InvalidCredentials:
             term.say("[CLIENT]: Unknown user or wrong password.")
-        except AccountLocked as exc:
-            term.say(f"[CLIENT]: {exc}")
-            continue
-        except (InvalidUsername, InvalidPassword, AuthError) as exc:
+        except (InvalidUsername, InvalidPassword, AuthError) as exc:  # AccountLocked too
             term.say(f"[CLIENT]: {exc}")
             continue
         answer = term.ask(f"[CLIENT]: Create a new account named '{C.sanitize(username, 64)}'? (y/n): ")
         if answer.strip().lower() not in ("y", "yes"):
             continue
-        confirm = term.ask("[CLIENT]: Confirm password: ", secret=True)
-        if confirm != password:
-            term.say("[CLIENT]: The passwords do not match.")
-            continue
         try:
-            client.register(username, password)
-            term.say("[CLIENT]: Account created.")
-            return True
-        except UsernameTaken:
-            term.say("[CLIENT]: That username is taken (so the password was wrong).")
-        except (InvalidUsername, InvalidPassword) as exc:
+            if _register(client, term, username, password):
+                return True
+        except InvalidUsername as exc:
             term.say(f"[CLIENT]: {exc}")
     term.say("[CLIENT]: Too many attempts.")
     return False
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError("a port is between 1 and 65535")
+    return port
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="secureim terminal client.")
-    p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
+    p = argparse.ArgumentParser(description="secureim terminal client.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="server address")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="server port (1-65535)")
     p.add_argument("--home", type=Path, default=None,
-                   help="where this client keeps its files (default $SECUREIM_HOME or ~/.secureim)")
+                   help="where this client keeps its files; one per user when several share a machine "
+                        "(None: $SECUREIM_HOME or ~/.secureim)")
     p.add_argument("--server-fingerprint", default=None, metavar="SHA256:...",
                    help="the server's identity fingerprint; refuse any other key")
     p.add_argument("--direct", action="store_true",
-                   help="prefer direct (peer-to-peer UDP) conversations; falls back to the relay")
+                   help="prefer direct (peer-to-peer UDP) conversations, which show your address to the "
+                        "peer; falls back to the relay")
     p.add_argument("--group", default=DEFAULT_GROUP, choices=list(GROUPS),
-                   help=f"Diffie-Hellman group to propose (default {DEFAULT_GROUP})")
+                   help="Diffie-Hellman group to propose")
+    p.add_argument("--no-timestamps", action="store_true", help="no HH:MM time before each line")
+    p.add_argument("--no-bell", action="store_true",
+                   help="no terminal bell for messages from a conversation other than the current one")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
-    term = Terminal()
+    term = Terminal(timestamps=not args.no_timestamps, bell=not args.no_bell)
     try:
-        client = C.ChatClient(args.host, args.port, home=args.home, group=args.group,
+        home = C.check_home(args.home if args.home is not None else C.default_home())
+        client = C.ChatClient(args.host, args.port, home=home, group=args.group,
                               server_fingerprint=args.server_fingerprint)
     except ConfigError as exc:
         term.say(f"[CLIENT]: {exc}")

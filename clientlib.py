@@ -65,24 +65,49 @@ def default_home() -> Path:
 # =============================================================================
 # Display hygiene
 # =============================================================================
+# Format characters (category Cf) that only join or shape what is around them: the zero-width
+# non-joiner and joiner (emoji families, professions; Indic and Persian scripts), the soft
+# hyphen, the word joiner and the tag characters of subdivision flags.  Variation selectors
+# are category Mn and are kept anyway.  Every other Cf is escaped: the bidi overrides and
+# isolates (U+202A-202E, U+2066-2069) and marks (U+200E, U+200F, U+061C) can reorder what
+# is shown (CVE-2021-42574, "Trojan Source"), the zero-width space hides text in names.
+HARMLESS_FORMAT_CHARS = frozenset({0x00AD, 0x200C, 0x200D, 0x2060}) | frozenset(range(0xE0020, 0xE0080))
+MAX_DISPLAY_CHARS = e2e.MAX_TEXT_BYTES  # a message is at most 16 KiB, so never more characters
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def sanitize(text: str, max_chars: int = 4096) -> str:
     """Neutralise control characters and terminal escapes before anything is shown.
 
-    Every C0/C1 control (ESC included), DEL, bidi override, zero-width and other
-    format character, and line/paragraph separator becomes a visible ``\\x..`` or
-    ``\\u....`` escape, so nobody can move the cursor or rewrite another user's screen.
+    Every C0/C1 control (ESC and newline included), DEL, bidi control, line/paragraph
+    separator, surrogate, private-use or unassigned code point, and every format
+    character not in :data:`HARMLESS_FORMAT_CHARS`, becomes a visible ``\\x..`` or
+    ``\\u....`` escape, so nobody can move the cursor, reorder or rewrite another
+    user's screen.  Emoji sequences (ZWJ, variation selectors) are kept.
     """
     out = []
     for ch in text[:max_chars]:
         cat = unicodedata.category(ch)
-        if cat in ("Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS):
+            out.append(_escape(ch))
         else:
             out.append(ch)
     if len(text) > max_chars:
         out.append("…")
     return "".join(out)
+
+
+def sanitize_lines(text: str, max_chars: int = MAX_DISPLAY_CHARS) -> list[str]:
+    """A message as the lines to show: split on newlines (CRLF counts as one), each sanitised.
+
+    The caller prefixes *every* line with the sender, so a line inside a message can
+    never pass for a line from someone else.
+    """
+    return [sanitize(line, max_chars) for line in text[:max_chars].replace("\r\n", "\n").split("\n")]
 
 
 # =============================================================================
@@ -115,6 +140,71 @@ class KnownServers:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a") as fh:
             fh.write(f"{server} {cu.b64encode(key)}\n")
+
+
+class PendingKeys:
+    """Changed identity keys of peers, refused and awaiting ``/accept`` (``<known_peers file>.changed``).
+
+    Kept on disk so that ``/accept PEER`` accepts exactly the key that was refused and
+    shown (with its safety number), even after this client was restarted.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, bytes]:
+        entries: dict[str, bytes] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2:
+                    try:
+                        entries[parts[0]] = cu.b64decode(parts[1])
+                    except SecureIMError:
+                        continue
+        return entries
+
+    def _save(self, entries: dict[str, bytes]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            for peer, key in sorted(entries.items()):
+                fh.write(f"{peer} {cu.b64encode(key)}\n")
+        os.replace(tmp, self.path)
+
+    def get(self, peer: str) -> bytes | None:
+        return self._load().get(peer)
+
+    def put(self, peer: str, key: bytes) -> None:
+        entries = self._load()
+        if entries.get(peer) != key:
+            entries[peer] = key
+            self._save(entries)
+
+    def remove(self, peer: str) -> None:
+        entries = self._load()
+        if entries.pop(peer, None) is not None:
+            self._save(entries)
+
+
+def check_home(home: Path) -> Path:
+    """Make sure the client can keep its files in ``home`` (created if missing); one clear
+    :class:`ConfigError` otherwise, before anything connects."""
+    home = Path(home)
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"--home {home} is not a folder.")
+    if not home.exists():
+        parent = next((p for p in home.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ConfigError(f"--home {home} cannot be created: {parent} is not a folder.")
+        try:
+            home.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"--home {home} cannot be created: {exc.strerror or exc}.") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise ConfigError(f"--home {home} is not writable.")
+    return home
 
 
 def parse_fingerprint(text: str) -> str:
@@ -179,6 +269,13 @@ class DirectFallback:
 
 
 @dataclass(frozen=True)
+class DirectRequested:
+    """``peer`` asked for a direct link; this client has not opted in (``open_direct`` accepts)."""
+
+    peer: str
+
+
+@dataclass(frozen=True)
 class MessageUndelivered:
     """A direct message the peer never acknowledged."""
 
@@ -220,6 +317,10 @@ _AUTH_ERRORS = {
 # =============================================================================
 # The client
 # =============================================================================
+PRESENCE_ONLINE, PRESENCE_OFFLINE, PRESENCE_UNKNOWN, PRESENCE_REFUSED = "online", "offline", "unknown", "refused"
+KEY_EXCHANGE_WAIT_S = 10.0   # how long a message waits for its conversation to be keyed
+
+
 class ChatClient:
     def __init__(self, host: str, port: int, *, home: Path | None = None, group: str = P.DEFAULT_GROUP,
                  suites: tuple[str, ...] = cu.SUITE_NAMES, server_fingerprint: str | None = None,
@@ -250,8 +351,12 @@ class ChatClient:
         self._opened_by_peer: dict[str, bool] = {}
         self._wanted: set[str] = set()
         self._pending_open: set[str] = set()
+        self._auto_reopen: set[str] = set()        # reopened on a notice: its answer is not news
+        self._presence: dict[str, str] = {}        # peer -> PRESENCE_* (what the server last said)
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
+        self._state_changed = threading.Condition(self._state_lock)
+        self._password_reply: queue.Queue = queue.Queue(maxsize=1)
         self._receiver: threading.Thread | None = None
         self.closed = threading.Event()
         # Direct mode (docs/PROTOCOL.md section 12): off until enable_direct().
@@ -424,7 +529,11 @@ class ChatClient:
         if event.code == P.AuthCode.LOCKED:
             raise AccountLocked(event.retry_after_s)
         if event.code == P.AuthCode.TOO_MANY_ATTEMPTS:
-            raise ConnectionClosed(f"Too many attempts; the server closed the connection. {reason}")
+            # The server's reason ends with its own "Too many attempts..." sentence: say each thing once.
+            first = reason.split(" Too many attempts", 1)[0].strip()
+            raise ConnectionClosed((f"{first}\n" if first else "")
+                                   + "Too many attempts on this connection; the server closed it. "
+                                   "Start the client again to try once more.")
         raise _AUTH_ERRORS.get(event.code, AuthError)(reason)
 
     # -- after login ---------------------------------------------------------------
@@ -454,6 +563,8 @@ class ChatClient:
             if not self.closed.is_set():
                 self._emit(Disconnected(reason))
             self.closed.set()
+            with self._state_changed:  # nobody waits for a conversation on a dead connection
+                self._state_changed.notify_all()
 
     def _emit(self, event) -> None:
         try:
@@ -472,8 +583,18 @@ class ChatClient:
             self._emit(WhoList(tuple(sanitize(u, 64) for u in msg.users), msg.total))
         elif isinstance(msg, P.DirectOffer):
             self._on_direct_offer(msg)
+        elif isinstance(msg, P.DirectAsked):
+            try:
+                self._emit(DirectRequested(P.normalize_username(msg.peer)))
+            except InvalidUsername:
+                log.debug("a direct-link request named an invalid user")
         elif isinstance(msg, P.DirectUnavailable):
             self._emit(DirectFallback(msg.peer, sanitize(msg.reason, 512)))
+        elif isinstance(msg, (P.PasswordChanged, P.PasswordChangeFailed)):
+            try:
+                self._password_reply.put_nowait(msg)
+            except queue.Full:
+                log.warning("an unasked password-change answer was ignored")
         elif isinstance(msg, P.Error):
             self._emit(ServerNotice(sanitize(msg.reason, 512)))
         elif isinstance(msg, P.Goodbye):
@@ -486,12 +607,17 @@ class ChatClient:
             with self._state_lock:
                 self._wanted.discard(peer)
                 self._pending_open.discard(peer)
+                self._presence[peer] = PRESENCE_UNKNOWN
+                self._state_changed.notify_all()
             self._emit(PeerUnknown(sanitize(peer, 64)))
             return
         if not msg.online:
             with self._state_lock:
                 self.conversations.pop(peer, None)  # keys discarded
                 self._pending_open.discard(peer)
+                self._auto_reopen.discard(peer)
+                self._presence[peer] = PRESENCE_OFFLINE
+                self._state_changed.notify_all()
             with self._direct_lock:
                 if self._links is not None:
                     self._links.close(peer)
@@ -503,8 +629,16 @@ class ChatClient:
             reopen = msg.notice and peer in self._wanted and peer not in self._pending_open
             if reopen:
                 self._pending_open.add(peer)
+                self._auto_reopen.add(peer)
                 self.conversations.pop(peer, None)
-        self._emit(PeerOnline(peer))
+            # The answer to a reopen we made on a notice repeats what the notice said: once is enough.
+            repeat = not msg.notice and peer in self._auto_reopen
+            if repeat:
+                self._auto_reopen.discard(peer)
+            self._presence[peer] = PRESENCE_ONLINE
+            self._state_changed.notify_all()
+        if not repeat:
+            self._emit(PeerOnline(peer))
         if reopen:  # told again automatically: open (and key) the conversation, no user action
             self._send(P.OpenConversation(peer=peer))
 
@@ -524,10 +658,17 @@ class ChatClient:
             self.peer_trust.check(peer, msg.peer_identity)
         except e2e.IdentityChanged as exc:
             with self._state_lock:
+                # The same refused key again (the peer reconnected, or we reopened): warned already.
+                known = self._changed_identity.get(peer)
+                again = known is not None and cu.constant_time_equal(known, msg.peer_identity)
                 self._changed_identity[peer] = msg.peer_identity
                 self.conversations.pop(peer, None)
                 self._pending_open.discard(peer)
-            self._emit(SecurityWarning(peer, str(exc)))
+                self._presence[peer] = PRESENCE_REFUSED
+                self._state_changed.notify_all()
+            self._pending_keys().put(peer, msg.peer_identity)  # so /accept works after a restart too
+            if not again:
+                self._emit(SecurityWarning(peer, str(exc)))
             return
         with self._state_lock:
             conv = self.conversations.get(peer)
@@ -542,6 +683,8 @@ class ChatClient:
                 return  # a stale generation
             self._wanted.add(peer)
             self._pending_open.discard(peer)
+            self._presence[peer] = PRESENCE_ONLINE
+            self._state_changed.notify_all()
         self._send(P.Relay(conversation_id=msg.conversation_id, payload=share))
 
     def _on_deliver(self, msg: P.Deliver) -> None:
@@ -550,7 +693,11 @@ class ChatClient:
             conv = self.conversations.get(sender)
             if conv is not None and conv.id != msg.conversation_id:
                 conv = None
+            refused = sender in self._changed_identity
         if conv is None or not msg.payload:
+            if refused:  # the key share of a conversation we refused: the warning said what to do
+                log.debug("discarded a message in a refused conversation")
+                return
             self._emit(MessageRejected(sanitize(sender, 64), "A message for an unknown conversation was discarded."))
             return
         if msg.payload[0] in e2e.SHARE_KINDS:
@@ -579,6 +726,7 @@ class ChatClient:
                 warning = str(exc)
                 if self.conversations.get(peer) is conv:
                     del self.conversations[peer]
+            self._state_changed.notify_all()
         if warning is not None:
             self._emit(SecurityWarning(peer, warning))
         elif reply is not None:
@@ -589,22 +737,36 @@ class ChatClient:
                                          self.peer_trust.is_verified(peer)))
 
     # -- identities of peers --------------------------------------------------------
+    def _pending_keys(self) -> "PendingKeys":
+        assert self.peer_trust is not None
+        return PendingKeys(self.peer_trust.path.with_name(self.peer_trust.path.name + ".changed"))
+
+    def _changed_key(self, peer: str) -> bytes | None:
+        with self._state_lock:
+            key = self._changed_identity.get(peer)
+        return key if key is not None else self._pending_keys().get(peer)
+
     def safety_number(self, peer: str) -> str | None:
         """The safety number with ``peer``'s pinned (or newly presented) identity key."""
         assert self.peer_trust is not None and self.identity is not None and self.username is not None
-        key = self._changed_identity.get(peer) or self.peer_trust.pinned(peer)
+        key = self._changed_key(peer) or self.peer_trust.pinned(peer)
         if key is None:
             return None
         return e2e.safety_number(self.username, cu.public_bytes(self.identity), peer, key)
 
     def accept_identity(self, peer: str) -> bool:
-        """Accept ``peer``'s changed identity key, then open the conversation again."""
+        """Accept ``peer``'s changed identity key (the one last presented, remembered across
+        restarts of this client), then open the conversation again."""
         assert self.peer_trust is not None
-        with self._state_lock:
-            key = self._changed_identity.pop(peer, None)
+        key = self._changed_key(peer)
         if key is None:
             return False
+        with self._state_lock:
+            self._changed_identity.pop(peer, None)
+            if self._presence.get(peer) == PRESENCE_REFUSED:
+                del self._presence[peer]
         self.peer_trust.accept(peer, key)
+        self._pending_keys().remove(peer)
         self.open_conversation(peer)
         return True
 
@@ -622,7 +784,37 @@ class ChatClient:
         with self._state_lock:
             self._wanted.add(peer)
             self._pending_open.add(peer)
+            if self._presence.get(peer) != PRESENCE_REFUSED:
+                self._presence.pop(peer, None)  # the answer says it again
         self._send(P.OpenConversation(peer=peer))
+
+    def presence(self, peer: str) -> str | None:
+        """What the server last said about ``peer`` (a PRESENCE_* value), or None."""
+        with self._state_lock:
+            return self._presence.get(peer)
+
+    def open_conversations(self) -> list[str]:
+        with self._state_lock:
+            return sorted(p for p, conv in self.conversations.items() if conv.ready)
+
+    def wait_conversation(self, peer: str, timeout_s: float = KEY_EXCHANGE_WAIT_S) -> bool:
+        """Wait (bounded) while the conversation with ``peer`` is being opened or keyed;
+        True once it is ready, False as soon as it cannot be (offline, unknown, refused)."""
+        deadline = time.monotonic() + timeout_s
+        with self._state_changed:
+            while True:
+                conv = self.conversations.get(peer)
+                if conv is not None and conv.ready:
+                    return True
+                if self.closed.is_set() or self._presence.get(peer) in (PRESENCE_OFFLINE, PRESENCE_UNKNOWN,
+                                                                        PRESENCE_REFUSED):
+                    return False
+                if conv is None and peer not in self._pending_open:
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._state_changed.wait(remaining)
 
     def has_conversation(self, peer: str) -> bool:
         with self._state_lock:
@@ -752,6 +944,35 @@ class ChatClient:
                 self._emit(MessageRejected(event.peer, f"A direct message from {event.peer} was discarded."))
             else:
                 self._emit(MessageReceived(event.peer, text, sent_at, direct=True))
+
+    def change_password(self, old_password: str, new_password: str) -> None:
+        """Change this account's password (docs/PROTOCOL.md section 13).
+
+        The server checks the old password and ends every resumption ticket of the
+        account; this session gets a new one.  The identity key on this machine is
+        sealed again under the new password (it opens with the password at login).
+        Raises :class:`InvalidCredentials`, :class:`InvalidPassword`, :class:`AccountLocked`...
+        """
+        old, new = old_password.encode("utf-8"), new_password.encode("utf-8")
+        if len(new) > P.MAX_PASSWORD_BYTES or len(old) > P.MAX_PASSWORD_BYTES:
+            raise InvalidPassword(f"Passwords must be at most {P.MAX_PASSWORD_BYTES} bytes.")
+        while True:  # an earlier answer that nobody waited for is stale
+            try:
+                self._password_reply.get_nowait()
+            except queue.Empty:
+                break
+        self._send(P.ChangePassword(old_password=old, new_password=new))
+        try:
+            reply = self._password_reply.get(timeout=REPLY_TIMEOUT_S)
+        except queue.Empty:
+            raise ConnectionClosed(f"The server at {self.server_id} did not answer in time.") from None
+        if isinstance(reply, P.PasswordChangeFailed):
+            if reply.code == P.AuthCode.LOCKED:
+                raise AccountLocked(reply.retry_after_s)
+            raise _AUTH_ERRORS.get(reply.code, AuthError)(sanitize(reply.reason, 512))
+        self._ticket = reply.ticket or None
+        if self.persist_identity and self.identity is not None and self.username is not None:
+            self.identities.save(self.username, new_password, self.identity)
 
     def who(self) -> None:
         self._send(P.WhoRequest())

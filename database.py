@@ -120,6 +120,14 @@ class Storage:
     def count_users(self) -> int:
         raise NotImplementedError
 
+    def get_ticket_epoch(self, username: str) -> int | None:
+        """The account's ticket epoch (tickets carrying another one are void); None if no such user."""
+        raise NotImplementedError
+
+    def change_password_hash(self, username: str, password_hash: str) -> int | None:
+        """Store the new hash and increment the ticket epoch, at once; the new epoch, or None if no such user."""
+        raise NotImplementedError
+
     def open_conversation(self, user_a: str, user_b: str) -> int:
         """The id of the conversation between the two users, created if new."""
         raise NotImplementedError
@@ -160,7 +168,8 @@ CREATE TABLE IF NOT EXISTS users (
     username      TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
     created_at    REAL NOT NULL,
-    identity_key  BLOB
+    identity_key  BLOB,
+    ticket_epoch  INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS conversations (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -193,10 +202,19 @@ class SQLiteStorage(Storage):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(self.path).absolute().parent
+            if not folder.is_dir():
+                raise ConfigError(f"The folder of the SQLite database {self.path} ({folder}) does not exist; "
+                                  f"create it first (sqlite:///relative/path.db is relative to the current "
+                                  f"folder, sqlite:////absolute/path.db has four slashes).")
+            if Path(self.path).is_dir():
+                raise ConfigError(f"The SQLite database {self.path} is a folder, not a file.")
         self._pool = _Pool(self._connect)
         with self._pool.connection() as conn:  # executescript manages its own transaction
             conn.executescript(_SQLITE_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
+            if "ticket_epoch" not in columns:  # a database from before password changes
+                conn.execute("ALTER TABLE users ADD COLUMN ticket_epoch INTEGER NOT NULL DEFAULT 0")
 
     def _connect(self) -> sqlite3.Connection:
         if self.path != ":memory:" and not Path(self.path).exists():
@@ -251,6 +269,18 @@ class SQLiteStorage(Storage):
     def count_users(self) -> int:
         with self._tx() as conn:
             return conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+    def get_ticket_epoch(self, username: str) -> int | None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT ticket_epoch FROM users WHERE username = ?", (username,)).fetchone()
+        return int(row[0]) if row else None
+
+    def change_password_hash(self, username: str, password_hash: str) -> int | None:
+        with self._tx() as conn:
+            conn.execute("UPDATE users SET password_hash = ?, ticket_epoch = ticket_epoch + 1 WHERE username = ?",
+                         (password_hash, username))
+            row = conn.execute("SELECT ticket_epoch FROM users WHERE username = ?", (username,)).fetchone()
+        return int(row[0]) if row else None
 
     def open_conversation(self, user_a: str, user_b: str) -> int:
         low, high = _pair(user_a, user_b)
@@ -348,22 +378,51 @@ class MySQLStorage(Storage):
                             charset="utf8mb4", autocommit=True)
         if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", database):
             raise ConfigError("MySQL database names may use letters, digits and _ only.")
-        if create_database:
-            self._create_database()
+        self._create_database_if_missing(explicit=create_database)
         self._pool = _Pool(self._connect)
         self.apply_schema()
 
-    def _create_database(self) -> None:
+    def _explain(self, exc: Exception) -> str:
+        """One sentence on what went wrong, by MySQL error number (never the password)."""
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        where = f"{self._params['host']}:{self._params['port']}"
+        user, db = self._params["user"], self._params["database"]
+        if code in (1045, 1698):  # ER_ACCESS_DENIED_ERROR, ER_ACCESS_DENIED_NO_PASSWORD_ERROR
+            return (f"MySQL at {where} refused user {user!r}: wrong user name or password "
+                    f"(or that user may not connect from this host).")
+        if code == 1044:  # ER_DBACCESS_DENIED_ERROR
+            return (f"MySQL user {user!r} may not use or create the database {db!r}; an administrator can run: "
+                    f"CREATE DATABASE {db}; GRANT ALL ON {db}.* TO '{user}'@'%';")
+        if code == 1049:  # ER_BAD_DB_ERROR
+            return f"The MySQL database {db!r} does not exist at {where}."
+        if code in (2002, 2003, 2005, 2006, 2013):  # cannot connect, unknown host, gone away, lost
+            return f"Cannot reach MySQL at {where} (is it running, and is the address right?): {exc.args[-1]}"
+        return f"MySQL at {where} failed: {exc}"
+
+    def _create_database_if_missing(self, *, explicit: bool) -> None:
+        """``CREATE DATABASE IF NOT EXISTS`` when the database is missing (or when asked), if the
+        account may; otherwise an error that says which of the two it is."""
+        if not explicit:
+            try:
+                self._pymysql.connect(**self._params).close()
+                return
+            except self._pymysql.MySQLError as exc:
+                if not (exc.args and exc.args[0] == 1049):
+                    raise DatabaseUnavailable(self._explain(exc)) from exc
         params = dict(self._params)
         name = params.pop("database")
         try:
             conn = self._pymysql.connect(**params)
         except self._pymysql.MySQLError as exc:
-            raise DatabaseUnavailable(f"Cannot reach MySQL at {params['host']}:{params['port']}: {exc}") from exc
+            raise DatabaseUnavailable(self._explain(exc)) from exc
         try:
             with conn.cursor() as cur:
                 # A name cannot be a parameter; it was checked against [A-Za-z0-9_] above.
                 cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+            log.warning("created the MySQL database %s", name)
+        except self._pymysql.MySQLError as exc:
+            raise DatabaseUnavailable(f"The MySQL database {name!r} does not exist and could not be created: "
+                                      f"{self._explain(exc)}") from exc
         finally:
             conn.close()
 
@@ -371,8 +430,7 @@ class MySQLStorage(Storage):
         try:
             return self._pymysql.connect(**self._params)
         except self._pymysql.MySQLError as exc:
-            raise DatabaseUnavailable(
-                f"Cannot reach MySQL at {self._params['host']}:{self._params['port']}: {exc}") from exc
+            raise DatabaseUnavailable(self._explain(exc)) from exc
 
     def apply_schema(self) -> None:
         """Create the tables and procedures from schema.sql (harmless to repeat)."""
@@ -415,6 +473,14 @@ class MySQLStorage(Storage):
 
     def count_users(self) -> int:
         return int(self._call("sp_count_users")[0][0])
+
+    def get_ticket_epoch(self, username: str) -> int | None:
+        rows = self._call("sp_get_ticket_epoch", username)
+        return int(rows[0][0]) if rows else None
+
+    def change_password_hash(self, username: str, password_hash: str) -> int | None:
+        rows = self._call("sp_change_password", username, password_hash)
+        return int(rows[0][0]) if rows else None
 
     def open_conversation(self, user_a: str, user_b: str) -> int:
         low, high = _pair(user_a, user_b)

@@ -445,6 +445,39 @@ class DirectUnavailable(Message):
     reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
 
 
+@message(0x60)
+class ChangePassword(Message):
+    """Change this account's password (section 13): the old one proves it is the owner."""
+
+    old_password: bytes = wire(Kind.BYTES, max_len=MAX_PASSWORD_BYTES)
+    new_password: bytes = wire(Kind.BYTES, max_len=MAX_PASSWORD_BYTES)
+
+
+@message(0x61)
+class PasswordChanged(Message):
+    """The password was changed; every earlier resumption ticket of the account has ended.
+    ``ticket`` replaces this session's ticket."""
+
+    ticket: bytes = wire(Kind.BYTES, max_len=MAX_TICKET_BYTES, default=b"")
+
+
+@message(0x62)
+class PasswordChangeFailed(Message):
+    """The password was not changed; ``code`` is an :class:`AuthCode`."""
+
+    code: int = wire(Kind.U8)
+    retry_after_s: int = wire(Kind.U32)
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
+
+
+@message(0x63)
+class DirectAsked(Message):
+    """Server to client: ``peer`` asked for a direct link, but this client has not opted in
+    (registered no UDP endpoint); it may accept with its own DirectRequest (section 13.2)."""
+
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+
+
 class ErrorCode(enum.IntEnum):
     PROTOCOL = 1
     NOT_AUTHENTICATED = 2
@@ -620,6 +653,11 @@ RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {
     (Role.CLIENT, State.ESTABLISHED): frozenset(_SESSION_FROM_SERVER_UNAUTH),
     (Role.CLIENT, State.AUTHENTICATED): frozenset(_SESSION_FROM_SERVER_AUTH),
 }
+# Section 13: password change (message types 0x60-0x67), for logged-in clients only.
+_SESSION_FROM_CLIENT_AUTH |= {ChangePassword}
+_SESSION_FROM_SERVER_AUTH |= {PasswordChanged, PasswordChangeFailed, DirectAsked}
+RECEIVE_TABLE[(Role.SERVER, State.AUTHENTICATED)] = frozenset(_SESSION_FROM_CLIENT_AUTH)
+RECEIVE_TABLE[(Role.CLIENT, State.AUTHENTICATED)] = frozenset(_SESSION_FROM_SERVER_AUTH)
 # What we may send, per state (after the handshake; handshake messages are internal).
 SEND_TABLE: dict[tuple[Role, State], frozenset] = {
     (Role.CLIENT, State.ESTABLISHED): frozenset(_SESSION_FROM_CLIENT_UNAUTH),

@@ -139,4 +139,30 @@ BEGIN
     DELETE FROM login_failures WHERE username = p_username AND source = p_source;
 END //
 
+-- Password changes (docs/PROTOCOL.md section 13): each account has a ticket epoch;
+-- a resumption ticket carries the epoch it was issued under, and a change increments it.
+DROP PROCEDURE IF EXISTS sp_add_ticket_epoch //
+CREATE PROCEDURE sp_add_ticket_epoch()
+BEGIN
+    -- Databases from before password changes get the column (MySQL 8 has no ADD COLUMN IF NOT EXISTS).
+    IF NOT EXISTS (SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()
+                   AND TABLE_NAME = 'users' AND COLUMN_NAME = 'ticket_epoch') THEN
+        ALTER TABLE users ADD COLUMN ticket_epoch INT UNSIGNED NOT NULL DEFAULT 0;
+    END IF;
+END //
+CALL sp_add_ticket_epoch() //
+
+DROP PROCEDURE IF EXISTS sp_get_ticket_epoch //
+CREATE PROCEDURE sp_get_ticket_epoch(IN p_username VARCHAR(32))
+BEGIN
+    SELECT ticket_epoch FROM users WHERE username = p_username;
+END //
+
+DROP PROCEDURE IF EXISTS sp_change_password //
+CREATE PROCEDURE sp_change_password(IN p_username VARCHAR(32), IN p_hash VARCHAR(100))
+BEGIN
+    UPDATE users SET password_hash = p_hash, ticket_epoch = ticket_epoch + 1 WHERE username = p_username;
+    SELECT ticket_epoch FROM users WHERE username = p_username;
+END //
+
 DELIMITER ;

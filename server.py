@@ -414,6 +414,14 @@ class Registry:
             return list(self.sessions)
 
 
+def _loggable(raw: str) -> str:
+    """A username as it may appear in a log line: normalised and quoted, or "an invalid username"."""
+    try:
+        return repr(normalize_username(raw))
+    except AuthError:
+        return "an invalid username"
+
+
 # =============================================================================
 # The service: what each message means
 # =============================================================================
@@ -470,10 +478,10 @@ class ChatService:
                     self.storage.set_identity_key(username, msg.identity_key)
                     log.info("a user registered a new identity key")
         except AccountLocked as exc:
-            self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s)
+            self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s, _loggable(msg.username))
             return
         except InvalidCredentials as exc:
-            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc))
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who=_loggable(msg.username))
             return
         except (InvalidUsername, InvalidPassword, UsernameTaken) as exc:
             code = {InvalidUsername: P.AuthCode.INVALID_USERNAME, InvalidPassword: P.AuthCode.INVALID_PASSWORD,
@@ -484,18 +492,28 @@ class ChatService:
         self._logged_in(session, username, created=register)
 
     def _resume(self, session: Session, msg: P.Resume) -> None:
-        """A resumption ticket instead of the password: no bcrypt, no database."""
+        """A resumption ticket instead of the password: no bcrypt; one database read (the epoch)."""
         session.auth_attempts += 1
         try:
-            username = self.tickets.redeem(msg.ticket, msg.identity_key)
+            username, epoch = self.tickets.redeem_with_epoch(msg.ticket, msg.identity_key)
+            if epoch != self.storage.get_ticket_epoch(username):  # password changed since (or no such user)
+                raise InvalidCredentials("The session ticket is invalid or expired; log in with your password.")
         except InvalidCredentials as exc:
-            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc))
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who="a session ticket")
             return
         session.identity_key = msg.identity_key
         self._logged_in(session, username, created=False)
 
-    def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0) -> None:
-        log.info("login failed from %s: %s", session.source, code.name)
+    def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0,
+                     who: str = "an invalid username") -> None:
+        # Seen at the default level (an operator watches for guessing); never the password.
+        if code == P.AuthCode.LOCKED:
+            log.warning("login refused from %s for %s: locked for %d s after repeated failures",
+                        session.source, who, retry_after_s)
+        elif code == P.AuthCode.INVALID_CREDENTIALS:
+            log.warning("failed login from %s for %s", session.source, who)
+        else:
+            log.info("login failed from %s: %s", session.source, code.name)
         if session.auth_attempts >= self.config.max_auth_tries:
             session.send(P.AuthFailed(code=P.AuthCode.TOO_MANY_ATTEMPTS, retry_after_s=retry_after_s,
                                       reason=f"{reason} Too many attempts on this connection."))
@@ -509,8 +527,9 @@ class ChatService:
             # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
             old.close("You signed in from another place; this session was closed.")
         assert session.identity_key is not None
+        epoch = self.storage.get_ticket_epoch(username) or 0
         session.send(P.AuthOk(username=username, created=created,
-                              ticket=self.tickets.issue(username, session.identity_key)))
+                              ticket=self.tickets.issue(username, session.identity_key, epoch)))
         self.announce(f"[SERVER]: {username} connected from {session.source}."
                       f" ({len(self.registry.online)} online)")
         for watcher in waiting:
@@ -618,6 +637,9 @@ class ChatService:
             why = f"{peer} does not accept direct connections." if session.udp_port else "Register a UDP port first."
         if why is not None:
             session.send(P.DirectUnavailable(peer=peer, reason=why))
+            if peer_session is not None and conv is not None and peer_session.udp_port is None \
+                    and session.udp_port is not None and me is not None:
+                peer_session.send(P.DirectAsked(peer=me))  # the peer has not opted in: tell them who asks
             return
         key = peer_session.proto.direct_ticket_key
         assert key is not None and conv is not None and me is not None
@@ -625,13 +647,41 @@ class ChatService:
                                     conversation_id=conv.id, now_s=time.time())
         session.send(P.DirectOffer(peer=peer, host=peer_session.source, port=peer_session.udp_port, ticket=ticket))
 
+    # -- password change (docs/PROTOCOL.md section 13) ------------------------------------
+    def _change_password(self, session: Session, msg: P.ChangePassword) -> None:
+        me = session.username
+        assert me is not None and session.identity_key is not None
+        try:
+            epoch = self.auth.change_password(me, msg.old_password, msg.new_password, session.source)
+        except AccountLocked as exc:
+            log.warning("password change refused from %s for %r: locked for %d s", session.source, me,
+                        exc.retry_after_s)
+            session.send(P.PasswordChangeFailed(code=P.AuthCode.LOCKED, retry_after_s=exc.retry_after_s,
+                                                reason=str(exc)))
+            return
+        except InvalidCredentials:
+            log.warning("failed password change from %s for %r: wrong old password", session.source, me)
+            session.send(P.PasswordChangeFailed(code=P.AuthCode.INVALID_CREDENTIALS, retry_after_s=0,
+                                                reason="The old password is wrong; the password was not changed."))
+            return
+        except InvalidPassword as exc:
+            session.send(P.PasswordChangeFailed(code=P.AuthCode.INVALID_PASSWORD, retry_after_s=0, reason=str(exc)))
+            return
+        except ServiceUnavailable as exc:
+            log.warning("service unavailable: %s", exc)
+            session.send(P.PasswordChangeFailed(code=P.AuthCode.UNAVAILABLE, retry_after_s=5,
+                                                reason="The server's database is unavailable; try again later."))
+            return
+        log.info("%r changed their password from %s; their earlier session tickets have ended", me, session.source)
+        session.send(P.PasswordChanged(ticket=self.tickets.issue(me, session.identity_key, epoch)))
+
     def _who(self, session: Session, msg: P.WhoRequest) -> None:
         users = self.registry.online_users()
         session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
 
     _HANDLERS = {P.Login: _auth, P.Register: _auth, P.Resume: _resume, P.OpenConversation: _open,
                  P.Relay: _relay, P.WhoRequest: _who, P.RegisterEndpoint: _register_endpoint,
-                 P.DirectRequest: _direct_request}
+                 P.DirectRequest: _direct_request, P.ChangePassword: _change_password}
 
 
 # =============================================================================
@@ -796,32 +846,70 @@ class Server:
 # =============================================================================
 # Command line
 # =============================================================================
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"choose one of {', '.join(LOG_LEVELS)} (any case)")
+    return level
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help; an option that states its own keeps its wording."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="secureim server: login, key distribution and relay.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 = any free)")
+    p = argparse.ArgumentParser(description="secureim server: login, key distribution and relay.",
+                                formatter_class=_HelpWithDefaults)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0 = any free port)")
     p.add_argument("--db", dest="db_url", default=None,
-                   help="sqlite:///PATH or mysql://USER[:PASS]@HOST[:PORT]/DB (default: SQLite in the data dir)")
+                   help="sqlite:///PATH or mysql://USER[:PASS]@HOST[:PORT]/DB. sqlite:///data/x.db is "
+                        "relative to the current folder, sqlite:////srv/x.db (four slashes) is absolute; "
+                        "the folder must exist. MySQL: the database is created if the account may "
+                        "(default: SQLite file secureim.db in the data dir)")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SECUREIM_DATA_DIR", DEFAULT_DATA_DIR)),
-                   help=f"where the identity key and SQLite database live (default ./{DEFAULT_DATA_DIR})")
+                   help="where the identity key, ticket key and SQLite database live ($SECUREIM_DATA_DIR)")
     p.add_argument("--cipher", choices=cu.SUITE_NAMES, default=cu.DEFAULT_SUITE,
-                   help="cipher suite for sessions and conversations (default 3des)")
-    p.add_argument("--bcrypt-cost", type=int, default=DEFAULT_BCRYPT_COST,
-                   help=f"bcrypt cost for new passwords (default {DEFAULT_BCRYPT_COST}; 4-31)")
+                   help="cipher suite for sessions and conversations")
+    p.add_argument("--bcrypt-cost", type=int, default=DEFAULT_BCRYPT_COST, help="bcrypt cost for new passwords (4-31)")
     p.add_argument("--rekey-messages", type=int, default=1000, help="new conversation key after N messages")
     p.add_argument("--rekey-minutes", type=float, default=60.0, help="new conversation key after N minutes")
     p.add_argument("--login-grace", type=float, default=30.0, help="seconds from connect to logged in")
     p.add_argument("--puzzle", choices=["off", "auto", "always"], default="auto",
-                   help="client puzzle before any DH work: auto = only under load (default)")
-    p.add_argument("--puzzle-bits", type=int, default=16, help="base puzzle difficulty in bits (default 16)")
-    p.add_argument("--max-unauthenticated", type=int, default=256,
-                   help="half-open connections allowed at once (default 256)")
+                   help="client puzzle before any DH work: auto = only under load")
+    p.add_argument("--puzzle-bits", type=int, default=16, help="base puzzle difficulty in bits (0-22)")
+    p.add_argument("--max-unauthenticated", type=int, default=256, help="half-open connections allowed at once")
     p.add_argument("--max-unauthenticated-per-source", type=int, default=32,
-                   help="half-open connections allowed per address (default 32)")
+                   help="half-open connections allowed per address")
     p.add_argument("--connections-per-second", type=float, default=20.0,
-                   help="new connections per second per address (default 20, burst 60)")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                   help="new connections per second per address (burst: three times this)")
+    p.add_argument("--log-level", type=_log_level, default="WARNING", metavar="LEVEL",
+                   help="log detail on stderr: DEBUG, INFO, WARNING or ERROR, in any case; WARNING shows "
+                        "failed logins and lockouts (never passwords)")
     return p
+
+
+def check_data_dir(path: Path) -> None:
+    """The data directory must be (or become) a writable folder: one clear line otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--data-dir {path} is not a folder.")
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), Path("."))
+        if not parent.is_dir():
+            raise ConfigError(f"--data-dir {path} cannot be created: {parent} is not a folder.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--data-dir {path} cannot be created: {parent} is not writable.")
+        return
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--data-dir {path} is not writable.")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -833,6 +921,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--rekey-messages, --rekey-minutes and --login-grace must be positive.")
     if not 0 <= args.puzzle_bits <= 22:
         raise ConfigError("--puzzle-bits must be between 0 and 22.")
+    check_data_dir(args.data_dir)
     return ServerConfig(host=args.host, port=args.port, db_url=args.db_url, data_dir=args.data_dir,
                         cipher=args.cipher, bcrypt_cost=args.bcrypt_cost, rekey_after_messages=args.rekey_messages,
                         rekey_after_s=args.rekey_minutes * 60, login_grace_s=args.login_grace,
@@ -853,10 +942,11 @@ def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt=TIME_FORMAT)
 
     def say(line: str) -> None:
-        print(line, flush=True)
+        print(f"{time.strftime(TIME_FORMAT)} {line}", flush=True)
 
     say("[SERVER]: Initializing...")
     try:
@@ -864,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(config, announce=say)
         host, port = server.start()
     except (SecureIMError, OSError) as exc:
-        print(f"[SERVER]: Cannot start: {exc}", file=sys.stderr, flush=True)
+        print(f"{time.strftime(TIME_FORMAT)} [SERVER]: Cannot start: {exc}", file=sys.stderr, flush=True)
         return 1
     say("[SERVER]: Initialization complete.")
     say(f"[SERVER]: Listening on {host}:{port} ({config.cipher}, database: {server.storage.backend}).")

@@ -13,6 +13,12 @@ import pexpect
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 20
+SERVER_STAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ")  # before every [SERVER]: line
+
+
+def unstamped(lines: list[str]) -> list[str]:
+    """The server's console lines without their timestamps."""
+    return [SERVER_STAMP.sub("", line) for line in lines]
 
 
 class ServerProcess:
@@ -47,20 +53,22 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            out, _err = self.proc.communicate(timeout=TIMEOUT_S)
+            out, err = self.proc.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _err = self.proc.communicate()
+            out, err = self.proc.communicate()
         self.lines += out.splitlines()
+        self.errors = err  # the log (stderr)
         return self.proc.returncode
 
 
-def spawn_client(server: ServerProcess | None, home: Path, *extra: str, port: int | None = None) -> pexpect.spawn:
+def spawn_client(server: ServerProcess | None, home: Path, *extra: str, port: int | None = None,
+                 cwd: Path | None = None) -> pexpect.spawn:
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", COLUMNS="200", LINES="50")
     args = [str(ROOT / "client.py"), "--home", str(home),
             "--port", str(port if port is not None else server.port), *extra]
     child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=TIMEOUT_S,
-                          dimensions=(50, 200), cwd=str(home.parent))
+                          dimensions=(50, 200), cwd=str(cwd or home.parent))
     return child
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import stat
 
+import cli_helpers
 import pexpect
 import pytest
-from cli_helpers import ServerProcess, login_flow, quit_client, spawn_client
+from cli_helpers import ServerProcess, login_flow, quit_client, spawn_client, unstamped
 
 import clientlib as C
 
@@ -28,17 +29,19 @@ def _open(child, dest):
 
 def test_server_prints_design_000_lines_and_stops_cleanly(tmp_path):
     srv = ServerProcess(tmp_path / "data")
-    assert srv.lines[0] == "[SERVER]: Initializing..."
-    assert "[SERVER]: Initialization complete." in srv.lines
-    assert srv.lines[-1] == "[SERVER]: Ready to accept connections."
+    assert all(cli_helpers.SERVER_STAMP.match(line) for line in srv.lines)
+    lines = unstamped(srv.lines)
+    assert lines[0] == "[SERVER]: Initializing..."
+    assert "[SERVER]: Initialization complete." in lines
+    assert lines[-1] == "[SERVER]: Ready to accept connections."
     assert re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", srv.fingerprint)
     key = tmp_path / "data" / "server_identity.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert srv.stop() == 0
-    assert "[SERVER]: Stopped." in srv.lines
+    assert srv.stop() == 0, srv.errors
+    assert "[SERVER]: Stopped." in unstamped(srv.lines)
     again = ServerProcess(tmp_path / "data")  # the identity key is reused
     assert again.fingerprint == srv.fingerprint
-    assert again.stop() == 0
+    assert again.stop() == 0, again.errors
 
 
 def test_two_users_chat_both_ways(server, tmp_path):
@@ -62,10 +65,10 @@ def test_two_users_chat_both_ways(server, tmp_path):
     alice.expect_exact(server.fingerprint)
     alice.expect_exact("Your identity (alice): SHA256:")
     alice.sendline("/verify bob")
-    alice.expect(r"Safety number with bob \(not verified\):\s+\[CLIENT\]:\s+((\d{5} ){5}\d{5})")
+    alice.expect(r"Safety number with bob \(not verified\):\s+(?:\d\d:\d\d )?\[CLIENT\]:\s+((\d{5} ){5}\d{5})")
     number = alice.match.group(1)
     bob.sendline("/verify alice")
-    bob.expect(r"Safety number with alice \(not verified\):\s+\[CLIENT\]:\s+((\d{5} ){5}\d{5})")
+    bob.expect(r"Safety number with alice \(not verified\):\s+(?:\d\d:\d\d )?\[CLIENT\]:\s+((\d{5} ){5}\d{5})")
     assert bob.match.group(1) == number
     alice.sendline("/verified bob")
     alice.expect_exact("bob is now marked as verified.")
@@ -75,8 +78,8 @@ def test_two_users_chat_both_ways(server, tmp_path):
     bob.expect_exact("[CLIENT]: Destination user is offline.")  # alice was bob's destination
     assert quit_client(bob) == 0
     server.stop()
-    assert any(line.startswith("[SERVER]: alice connected from 127.0.0.1") for line in server.lines)
-    assert any(line.startswith("[SERVER]: alice disconnected") for line in server.lines)
+    assert any(line.startswith("[SERVER]: alice connected from 127.0.0.1") for line in unstamped(server.lines))
+    assert any(line.startswith("[SERVER]: alice disconnected") for line in unstamped(server.lines))
 
 
 def test_offline_then_online_without_retyping(server, tmp_path):

@@ -98,6 +98,7 @@ def test_concurrent_use_from_threads(storage):
 
 
 def test_sqlite_file_is_owner_only(tmp_path):
+    (tmp_path / "db").mkdir()
     s = database.open_storage(f"sqlite:///{tmp_path}/db/secureim.db")
     s.create_user("alice", "h")
     assert (tmp_path / "db" / "secureim.db").stat().st_mode & 0o777 == 0o600
@@ -175,3 +176,36 @@ def test_schema_splitter_honours_delimiters():
     stmts = database.split_sql_script(database.SCHEMA_PATH.read_text())
     assert any(s.startswith("CREATE PROCEDURE sp_record_login_failure") and s.endswith("END") for s in stmts)
     assert all(not s.endswith("//") for s in stmts)
+
+
+def test_password_change_increments_the_ticket_epoch(storage):
+    assert storage.get_ticket_epoch("carol") is None
+    assert storage.change_password_hash("carol", "h2") is None  # no such user: nothing happens
+    assert storage.create_user("carol", "h1")
+    assert storage.get_ticket_epoch("carol") == 0
+    assert storage.change_password_hash("carol", "h2") == 1
+    assert storage.get_password_hash("carol") == "h2"
+    assert storage.change_password_hash("carol", "h3") == 2
+    assert storage.get_ticket_epoch("carol") == 2
+
+
+def test_a_sqlite_database_from_before_password_changes_gets_the_epoch_column(tmp_path):
+    import sqlite3
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL UNIQUE, "
+                 "password_hash TEXT NOT NULL, created_at REAL NOT NULL, identity_key BLOB)")
+    conn.execute("INSERT INTO users (username, password_hash, created_at) VALUES ('old', 'h', 0)")
+    conn.commit()
+    conn.close()
+    store = database.open_storage(f"sqlite:///{path}")
+    assert store.get_ticket_epoch("old") == 0
+    assert store.change_password_hash("old", "h2") == 1
+    store.close()
+
+
+def test_mysql_errors_are_worded_for_what_happened(mysql_database):
+    with pytest.raises(DatabaseUnavailable, match="refused user 'nobody_here': wrong user name or password"):
+        database.open_storage("mysql://nobody_here:pw@127.0.0.1:3306/x")
+    with pytest.raises(DatabaseUnavailable, match="Cannot reach MySQL at 127.0.0.1:1 "):
+        database.open_storage("mysql://root@127.0.0.1:1/x")

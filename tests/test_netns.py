@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -181,8 +182,9 @@ def _start_server(hosts, data_dir: Path):
                      stderr=subprocess.DEVNULL)
     port = None
     for line in proc.stdout:
-        if "Listening on" in line:
-            port = int(line.split(":")[2].split()[0])
+        found = re.search(r"Listening on [\d.]+:(\d+)", line)  # the line starts with a timestamp
+        if found:
+            port = int(found.group(1))
         if "Ready to accept" in line:
             break
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()

@@ -394,3 +394,23 @@ def test_client_may_not_send_chat_messages_before_login():
     client2, _ = logged_in()
     with pytest.raises(LocalProtocolError):
         client2.send(P.Login(username="x", password=b"y", identity_key=IK))
+
+
+# --- section 13: password change and direct-link requests (0x60-0x63) --------------------
+@pytest.mark.parametrize("msg, hexbytes", [
+    (P.ChangePassword(old_password=b"old", new_password=b"new"), "60 0003 6f6c64 0003 6e6577"),
+    (P.PasswordChanged(ticket=b"\x01\x02"), "61 0002 0102"),
+    (P.PasswordChangeFailed(code=P.AuthCode.INVALID_CREDENTIALS, retry_after_s=0, reason="no"),
+     "62 01 00000000 0002 6e6f"),
+    (P.DirectAsked(peer="bob"), "63 0003 626f62"),
+])
+def test_section_13_messages_encode_to_literal_bytes(msg, hexbytes):
+    raw = bytes.fromhex(hexbytes.replace(" ", ""))
+    assert msg.encode() == raw
+    assert P.decode_message(raw) == msg
+
+
+def test_change_password_only_after_login():
+    assert P.ChangePassword not in P.RECEIVE_TABLE[(P.Role.SERVER, P.State.ESTABLISHED)]
+    assert P.ChangePassword in P.RECEIVE_TABLE[(P.Role.SERVER, P.State.AUTHENTICATED)]
+    assert P.PasswordChanged in P.RECEIVE_TABLE[(P.Role.CLIENT, P.State.AUTHENTICATED)]

@@ -1,0 +1,79 @@
+"""Mutations of the terminal client's display defences and of /passwd (issue 14)."""
+
+from __future__ import annotations
+
+from tests.mutations.model import Mutation
+
+_UX = "tests/test_cli_ux.py"
+
+MUTATIONS: list[Mutation] = [
+    Mutation(
+        name="client-sanitize-keeps-format-controls",
+        file="clientlib.py",
+        find='(cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS)',
+        replace="False",
+        tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
+               f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not"),
+        why="bidi overrides and isolates reach the terminal: a peer reorders what is shown (Trojan Source).",
+    ),
+    Mutation(
+        name="client-sanitize-bidi-allowed",
+        file="clientlib.py",
+        find="HARMLESS_FORMAT_CHARS = frozenset({0x00AD, 0x200C, 0x200D, 0x2060})",
+        replace="HARMLESS_FORMAT_CHARS = frozenset({0x00AD, 0x200C, 0x200D, 0x2060, 0x200F, 0x202E, 0x2066, 0x2069})",
+        tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
+               f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not"),
+        why="the allow-list of harmless format characters grows to bidi controls: a peer reorders text.",
+    ),
+    Mutation(
+        name="client-sanitize-keeps-c0-c1",
+        file="clientlib.py",
+        find='if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or',
+        replace='if cat in ("Zl", "Zp", "Co", "Cs", "Cn") or',
+        tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
+               f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not"),
+        why="ESC, CR and C1 controls reach the terminal: a peer clears the screen or rewrites lines.",
+    ),
+    Mutation(
+        name="client-multiline-first-line-prefixed-only",
+        file="client.py",
+        find='return "\\n".join(f"{mark}[{peer}]: {line}" for line in C.sanitize_lines(event.text))',
+        replace='return f"{mark}[{peer}]: " + "\\n".join(C.sanitize_lines(event.text))',
+        tests=(f"{_UX}::test_bug4_a_multi_line_paste_is_shown_as_lines_each_with_the_sender",),
+        why="only the first line of a message names its sender: a second line can pass for '[bob]: ...'.",
+    ),
+    Mutation(
+        name="client-lines-keep-carriage-return",
+        file="clientlib.py",
+        find='return [sanitize(line, max_chars) for line in text[:max_chars].replace("\\r\\n", "\\n").split("\\n")]',
+        replace='return [sanitize(line, max_chars).replace("\\\\x0d", "\\r") '
+                'for line in text[:max_chars].replace("\\r\\n", "\\n").split("\\n")]',
+        tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",),
+        why="a bare CR inside a line returns the cursor and overwrites the sender's prefix.",
+    ),
+    Mutation(
+        name="passwd-old-tickets-still-resume",
+        file="server.py",
+        find="if epoch != self.storage.get_ticket_epoch(username):",
+        replace="if False:",
+        tests=(f"{_UX}::test_passwd_ends_every_resumption_ticket",),
+        why="a password change leaves earlier tickets valid: a stolen client keeps the account for 12 hours.",
+    ),
+    Mutation(
+        name="passwd-old-password-unchecked",
+        file="auth.py",
+        find="        self.login(username, old_password, source)\n",
+        replace="",
+        tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),
+        why="anyone at an unlocked terminal changes the password without knowing it, and locks the owner out.",
+    ),
+    Mutation(
+        name="passwd-identity-not-resealed",
+        file="clientlib.py",
+        find="            self.identities.save(self.username, new_password, self.identity)\n",
+        replace="",
+        tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),
+        why="the identity key stays sealed under the old password: the next login makes a new key and "
+            "every peer sees a key-change warning (and learns to click through it).",
+    ),
+]
