@@ -21,6 +21,7 @@ import clientlib as C
 import protocol as P
 from diffiehellman import DEFAULT_GROUP, GROUPS
 from errors import (
+    AccountBanned,
     AccountLocked,
     AuthError,
     ConfigError,
@@ -275,6 +276,9 @@ def log_in(client: C.ChatClient, term: Terminal) -> bool:
             return True
         except InvalidCredentials:
             term.say("[CLIENT]: Unknown user or wrong password.")
+        except AccountBanned as exc:  # the server closed the connection: nothing more to try here
+            term.say(f"[CLIENT]: {exc}")
+            return False
         except AccountLocked as exc:
             term.say(f"[CLIENT]: {exc}")
             continue

@@ -30,6 +30,7 @@ import direct
 import e2e
 import protocol as P
 from errors import (
+    AccountBanned,
     AccountLocked,
     AuthError,
     ConfigError,
@@ -214,6 +215,7 @@ _AUTH_ERRORS = {
     P.AuthCode.INVALID_USERNAME: InvalidUsername,
     P.AuthCode.INVALID_PASSWORD: InvalidPassword,
     P.AuthCode.UNAVAILABLE: ServiceUnavailable,
+    P.AuthCode.BANNED: AccountBanned,
 }
 
 

@@ -327,6 +327,7 @@ class AuthCode(enum.IntEnum):
     UNAVAILABLE = 6
     TOO_MANY_ATTEMPTS = 7
     INVALID_IDENTITY = 8
+    BANNED = 9            # the reason says until when and why (section 15)
 
 
 @message(0x13)

@@ -37,6 +37,8 @@ import protocol as P
 from auth import DEFAULT_BCRYPT_COST, AuthService
 from protocol import normalize_username
 from puzzle import PuzzleGate
+from metrics import MetricsEndpoint, ServerMetrics
+from moderation import DEFAULT_AUDIT_RETENTION_DAYS, AddressBans, ModerationPoller, ban_message
 from tickets import TicketIssuer, load_or_create_ticket_key
 from database import Storage, open_storage
 from errors import (
@@ -88,6 +90,9 @@ class ServerConfig:
     tdes_backend: str | None = None
     max_failures: int = 5
     lock_s: float = 60.0
+    metrics_port: int | None = None      # Prometheus /metrics and /healthz on 127.0.0.1 (0 = any free port)
+    audit_retention_days: float = DEFAULT_AUDIT_RETENTION_DAYS
+    node_name: str = ""                  # default: hostname:port (the admin `sessions` list shows it)
 
     @property
     def database_url(self) -> str:
@@ -217,6 +222,10 @@ class Outbox:
         except OSError:
             self._close_locked()
             raise ConnectionClosed() from None
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._pending)
 
     def flush_pending(self) -> None:
         """Called by the flusher when the socket is writable again."""
@@ -431,6 +440,55 @@ class ChatService:
         self.announce = announce
         self.tickets = TicketIssuer(load_or_create_ticket_key(Path(config.data_dir)))
         self._kdc_lock = threading.Lock()
+        # Operating the server (moderation.py, metrics.py): bans, kicks, the audit log, counters.
+        self.metrics = ServerMetrics()
+        self.address_bans = AddressBans()
+        self.node = config.node_name or socket.gethostname()
+
+    # -- operating the server: audit, bans, kicks --------------------------------------
+    def audit(self, event: str, username: str = "", source: str = "", detail: str = "") -> None:
+        """One audit row; never a password, key or message.  A failed write is logged, never fatal."""
+        try:
+            self.storage.audit(event, username, source, detail)
+        except DatabaseError as exc:
+            self.metrics.audit_failures.inc()
+            log.warning("audit %s not recorded: %s", event, exc)
+
+    def _refuse_if_banned(self, session: Session, username: str | None) -> bool:
+        """Network bans before any password work; account bans after it.  True if refused."""
+        ban = self.address_bans.match(session.source)
+        if ban is not None:  # the cache says banned: re-read, so a lifted ban counts at once
+            self.address_bans.load(self.storage.active_bans(time.time(), kind="address"))
+            ban = self.address_bans.match(session.source)
+        if ban is None and username is not None:
+            ban = self.storage.user_ban(username, time.time())
+        if ban is None:
+            return False
+        self.metrics.logins.labels("banned").inc()
+        self.audit("login_banned", username or "", session.source, ban.kind)
+        session.send(P.AuthFailed(code=P.AuthCode.BANNED, retry_after_s=0, reason=ban_message(ban)))
+        session.close()
+        return True
+
+    def kick(self, username: str, reason: str) -> bool:
+        """End ``username``'s session here, telling them why; False if not online here."""
+        session = self.registry.session_of(username)
+        if session is None:
+            return False
+        self.metrics.kicks.inc()
+        session.close(reason[:P.MAX_REASON_BYTES // 2] or "An administrator ended your session.")
+        return True
+
+    def kick_banned_sources(self) -> int:
+        """End every session whose address a network ban now covers."""
+        ended = 0
+        for session in self.registry.all_sessions():
+            ban = self.address_bans.match(session.source)
+            if ban is not None:
+                self.metrics.kicks.inc()
+                session.close(ban_message(ban))
+                ended += 1
+        return ended
 
     # -- dispatch ----------------------------------------------------------------
     def handle(self, session: Session, msg: P.Message) -> None:
@@ -455,6 +513,8 @@ class ChatService:
     def _auth(self, session: Session, msg: P.Login | P.Register) -> None:
         session.auth_attempts += 1
         register = isinstance(msg, P.Register)
+        if self._refuse_if_banned(session, None):
+            return
         try:
             cu.load_public_key(msg.identity_key)
         except SecureIMError:
@@ -469,16 +529,17 @@ class ChatService:
                     # A new device or reinstall: peers will see the change and must accept it.
                     self.storage.set_identity_key(username, msg.identity_key)
                     log.info("a user registered a new identity key")
+                    self.audit("identity_key_changed", username, session.source)
         except AccountLocked as exc:
-            self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s)
+            self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s, username=msg.username)
             return
         except InvalidCredentials as exc:
-            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc))
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), username=msg.username)
             return
         except (InvalidUsername, InvalidPassword, UsernameTaken) as exc:
             code = {InvalidUsername: P.AuthCode.INVALID_USERNAME, InvalidPassword: P.AuthCode.INVALID_PASSWORD,
                     UsernameTaken: P.AuthCode.USERNAME_TAKEN}[type(exc)]
-            self._auth_failed(session, code, str(exc))
+            self._auth_failed(session, code, str(exc), username=msg.username)
             return
         session.identity_key = msg.identity_key
         self._logged_in(session, username, created=register)
@@ -486,16 +547,22 @@ class ChatService:
     def _resume(self, session: Session, msg: P.Resume) -> None:
         """A resumption ticket instead of the password: no bcrypt, no database."""
         session.auth_attempts += 1
-        try:
-            username = self.tickets.redeem(msg.ticket, msg.identity_key)
+        if self._refuse_if_banned(session, None):
+            return
+        try:  # the account's ticket epoch: a reset, changed or deleted account's tickets are void
+            username = self.tickets.redeem(msg.ticket, msg.identity_key, self.storage.ticket_epoch)
         except InvalidCredentials as exc:
             self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc))
             return
         session.identity_key = msg.identity_key
-        self._logged_in(session, username, created=False)
+        self._logged_in(session, username, created=False, how="resume")
 
-    def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0) -> None:
+    def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0,
+                     username: str = "") -> None:
         log.info("login failed from %s: %s", session.source, code.name)
+        locked = code == P.AuthCode.LOCKED
+        self.metrics.logins.labels("locked" if locked else "failed").inc()
+        self.audit("lockout" if locked else "login_failed", username, session.source, code.name)
         if session.auth_attempts >= self.config.max_auth_tries:
             session.send(P.AuthFailed(code=P.AuthCode.TOO_MANY_ATTEMPTS, retry_after_s=retry_after_s,
                                       reason=f"{reason} Too many attempts on this connection."))
@@ -503,14 +570,28 @@ class ChatService:
             return
         session.send(P.AuthFailed(code=code, retry_after_s=retry_after_s, reason=reason))
 
-    def _logged_in(self, session: Session, username: str, created: bool) -> None:
+    def _logged_in(self, session: Session, username: str, created: bool, how: str = "login") -> None:
+        if self._refuse_if_banned(session, username):
+            return
+        epoch = self.storage.ticket_epoch(username)
+        if epoch is None:  # deleted a moment ago
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, "Unknown user or wrong password.")
+            return
         old, waiting = self.registry.login(session, username)
         if old is not None and old is not session:
             # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
             old.close("You signed in from another place; this session was closed.")
         assert session.identity_key is not None
         session.send(P.AuthOk(username=username, created=created,
-                              ticket=self.tickets.issue(username, session.identity_key)))
+                              ticket=self.tickets.issue(username, session.identity_key, epoch)))
+        self.metrics.logins.labels("ok").inc()
+        self.audit("register" if created else how, username, session.source)
+        try:
+            now = time.time()
+            self.storage.record_login(username, now)
+            self.storage.session_started(self.node, username, session.source, now)
+        except DatabaseError as exc:
+            log.warning("session bookkeeping failed: %s", exc)
         self.announce(f"[SERVER]: {username} connected from {session.source}."
                       f" ({len(self.registry.online)} online)")
         for watcher in waiting:
@@ -523,6 +604,10 @@ class ChatService:
         if not was_online or session.username is None:
             return
         self.announce(f"[SERVER]: {session.username} disconnected. ({len(self.registry.online)} online)")
+        try:
+            self.storage.session_ended(self.node, session.username)
+        except DatabaseError as exc:
+            log.warning("session bookkeeping failed: %s", exc)
         for peer in peers:
             peer_session = self.registry.session_of(peer)
             if peer_session is not None:
@@ -570,6 +655,7 @@ class ChatService:
 
     # -- relay -------------------------------------------------------------------------
     def _relay(self, session: Session, msg: P.Relay) -> None:
+        started = time.perf_counter()
         me = session.username
         with self.registry.lock:
             conv = self.registry.conversations.get(msg.conversation_id)
@@ -586,13 +672,17 @@ class ChatService:
             else:
                 conv = None
         if conv is None:
+            self.metrics.undelivered.inc()
             session.send(P.Error(code=P.ErrorCode.NOT_A_MEMBER,
                                  reason="No such conversation; open it again."))
             return
         if peer_session is None or not peer_session.send(
                 P.Deliver(conversation_id=msg.conversation_id, sender=me, payload=msg.payload)):
+            self.metrics.undelivered.inc()
             session.send(P.Error(code=P.ErrorCode.PEER_OFFLINE, reason=f"{peer} is offline; message not delivered."))
             return
+        self.metrics.relayed.inc()
+        self.metrics.relay_latency.observe(time.perf_counter() - started)
         if due:
             self._distribute_key(conv.id, conv.members)
 
@@ -664,12 +754,47 @@ class Server:
         self._stopping = threading.Event()
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
+        self.moderation = ModerationPoller(self.storage, self.service.address_bans, kick=self.service.kick,
+                                           kick_banned_sources=self.service.kick_banned_sources,
+                                           audit_retention_s=config.audit_retention_days * 86400)
+        self.metrics_endpoint: MetricsEndpoint | None = None
 
     def start(self) -> tuple[str, int]:
         listener = socket.create_server((self.config.host, self.config.port), backlog=1024, reuse_port=False)
         self._listener = listener
         self._flusher = Flusher()
-        return self.server_address
+        host, port = self.server_address
+        if not self.config.node_name:
+            self.service.node = f"{socket.gethostname()}:{port}"[:64]
+        try:
+            self.storage.clear_sessions(self.service.node)  # rows a crashed run of this node left
+        except DatabaseError as exc:
+            log.warning("cannot clear old session rows: %s", exc)
+        self.moderation.start()
+        if self.config.metrics_port is not None:
+            self._start_metrics()
+        return host, port
+
+    def _start_metrics(self) -> None:
+        registry, auth = self.service.registry, self.service.auth
+        self.service.metrics.watch(
+            open_connections=lambda: len(registry.all_sessions()),
+            online_users=lambda: len(registry.online_users()),
+            outbox_bytes=lambda: sum(s.outbox.pending_bytes for s in registry.all_sessions() if s.outbox),
+            bcrypt_queue=lambda: auth._bcrypt._work_queue.qsize(),  # noqa: SLF001 - a gauge only reads it
+            puzzle_difficulty=self.puzzle.difficulty)
+        self.metrics_endpoint = MetricsEndpoint(self.service.metrics, self.health, self.config.metrics_port or 0)
+        self.metrics_endpoint.start()
+
+    def health(self) -> str | None:
+        """None when healthy (accepting, database answering), else the reason: the /healthz answer."""
+        if self._stopping.is_set() or self._listener is None:
+            return "shutting down"
+        try:
+            self.storage.count_users()
+        except DatabaseError:
+            return "database"
+        return None
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -711,7 +836,9 @@ class Server:
                 session, self.config.max_connections, self.config.max_unauthenticated,
                 self.config.max_unauthenticated_per_source)
         if refusal is None:
+            self.service.metrics.connections.inc()
             return session
+        self.service.metrics.connections_refused.inc()
         log.warning("refused a connection from %s: %s", source, refusal)
         try:
             sock.send(P.encode_frame(P.HandshakeError(code=P.HandshakeErrorCode.BUSY).encode()), socket.MSG_DONTWAIT)
@@ -777,6 +904,9 @@ class Server:
 
     def shutdown(self, reason: str = "The server is shutting down.") -> None:
         self._stopping.set()
+        self.moderation.stop()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         if self._listener is not None:
             try:
                 self._listener.close()
@@ -821,6 +951,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--connections-per-second", type=float, default=20.0,
                    help="new connections per second per address (default 20, burst 60)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # Operating the server (admin.py, console.py, metrics.py); `python server.py admin --help` for the rest.
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics and /healthz on 127.0.0.1:PORT (0 = any free port)")
+    p.add_argument("--audit-retention-days", type=float, default=DEFAULT_AUDIT_RETENTION_DAYS,
+                   help=f"keep audit rows this long (default {DEFAULT_AUDIT_RETENTION_DAYS:g})")
+    p.add_argument("--console", choices=["auto", "on", "off"], default="auto",
+                   help="operator commands on stdin (/help): auto = only when stdin is a terminal")
     return p
 
 
@@ -833,6 +970,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--rekey-messages, --rekey-minutes and --login-grace must be positive.")
     if not 0 <= args.puzzle_bits <= 22:
         raise ConfigError("--puzzle-bits must be between 0 and 22.")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError("--metrics-port must be between 0 and 65535.")
+    if not 0 < args.audit_retention_days <= 36500:
+        raise ConfigError("--audit-retention-days must be between 0 and 36500.")
     return ServerConfig(host=args.host, port=args.port, db_url=args.db_url, data_dir=args.data_dir,
                         cipher=args.cipher, bcrypt_cost=args.bcrypt_cost, rekey_after_messages=args.rekey_messages,
                         rekey_after_s=args.rekey_minutes * 60, login_grace_s=args.login_grace,
@@ -840,7 +981,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_unauthenticated=args.max_unauthenticated,
                         max_unauthenticated_per_source=args.max_unauthenticated_per_source,
                         connections_per_source_per_s=args.connections_per_second,
-                        connection_burst_per_source=max(1, int(args.connections_per_second * 3)))
+                        connection_burst_per_source=max(1, int(args.connections_per_second * 3)),
+                        metrics_port=args.metrics_port, audit_retention_days=args.audit_retention_days)
 
 
 class _Stop(Exception):
@@ -852,6 +994,11 @@ def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:  # the operator's command line (admin.py)
+        import admin
+
+        return admin.main(argv[1:])
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -869,6 +1016,15 @@ def main(argv: list[str] | None = None) -> int:
     say("[SERVER]: Initialization complete.")
     say(f"[SERVER]: Listening on {host}:{port} ({config.cipher}, database: {server.storage.backend}).")
     say(f"[SERVER]: Server identity fingerprint: {server.fingerprint}")
+    if server.metrics_endpoint is not None:
+        say(f"[SERVER]: Metrics on http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
+            f" (health: /healthz).")
+    if args.console == "on" or (args.console == "auto" and sys.stdin is not None and sys.stdin.isatty()):
+        from admin import AdminOps
+        from console import ServerConsole
+
+        ServerConsole(AdminOps(server.storage, "console", bcrypt_cost=config.bcrypt_cost), sys.stdin, say).start()
+        say("[SERVER]: Console ready; type /help.")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     say("[SERVER]: Ready to accept connections.")

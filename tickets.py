@@ -7,6 +7,11 @@ ticket in memory only (never on disk) and presents it with Resume inside the
 encrypted session; the server opens it (microseconds, no bcrypt, no database)
 and answers with a fresh ticket.  docs/PROTOCOL.md section 7.1 states what a
 ticket does and does not protect.
+
+Each ticket carries the account's *ticket epoch* (``account_state.ticket_epoch``
+in the database).  Raising the epoch (an administrator's reset-password, a
+password change) ends every ticket issued before: ``redeem`` is given the
+current epoch and refuses any other, and a deleted account has none.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import struct
 import time
 from pathlib import Path
+from typing import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -23,8 +29,8 @@ import crypto_utils as cu
 from errors import ConfigError, InvalidCredentials
 
 TICKET_LIFETIME_S = 12 * 3600
-TICKET_VERSION = 1
-_HEADER = struct.Struct(">BQQ")    # version, issued_at, expires_at
+TICKET_VERSION = 2
+_HEADER = struct.Struct(">BQQI")   # version, issued_at, expires_at, ticket epoch
 _AAD = b"secureim/v1 ticket"
 KEY_FILE = "ticket.key"
 
@@ -51,15 +57,19 @@ class TicketIssuer:
         self.lifetime_s = lifetime_s
         self._clock = clock
 
-    def issue(self, username: str, identity_key: bytes) -> bytes:
+    def issue(self, username: str, identity_key: bytes, epoch: int = 0) -> bytes:
         now = int(self._clock())
-        plain = (_HEADER.pack(TICKET_VERSION, now, now + self.lifetime_s) + bytes([len(username)])
+        plain = (_HEADER.pack(TICKET_VERSION, now, now + self.lifetime_s, epoch) + bytes([len(username)])
                  + username.encode("ascii") + identity_key)
         nonce = cu.random_bytes(12)
         return nonce + self._aead.encrypt(nonce, plain, _AAD)
 
-    def redeem(self, ticket: bytes, identity_key: bytes) -> str:
-        """The username in a valid, unexpired ticket issued to this identity key."""
+    def redeem(self, ticket: bytes, identity_key: bytes,
+               current_epoch: Callable[[str], int | None] | None = None) -> str:
+        """The username in a valid, unexpired ticket issued to this identity key.
+
+        ``current_epoch(username)`` (the database's ticket epoch; None for no such
+        account) must equal the epoch sealed in the ticket, when given."""
         invalid = InvalidCredentials("The session ticket is invalid or expired; log in with your password.")
         if len(ticket) < 12 + 16 + _HEADER.size:
             raise invalid
@@ -67,10 +77,12 @@ class TicketIssuer:
             plain = self._aead.decrypt(ticket[:12], ticket[12:], _AAD)
         except InvalidTag:
             raise invalid from None
-        version, _issued, expires = _HEADER.unpack_from(plain)
+        version, _issued, expires, epoch = _HEADER.unpack_from(plain)
         n = plain[_HEADER.size]
         username = plain[_HEADER.size + 1:_HEADER.size + 1 + n].decode("ascii", "replace")
         bound_key = plain[_HEADER.size + 1 + n:]
         if version != TICKET_VERSION or expires < self._clock() or not cu.constant_time_equal(bound_key, identity_key):
             raise invalid
+        if current_epoch is not None and current_epoch(username) != epoch:
+            raise invalid  # reset, changed or deleted since the ticket was issued
         return username
