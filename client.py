@@ -40,6 +40,7 @@ from protocol import DEFAULT_PORT
 
 EXIT_OK, EXIT_ERROR, EXIT_KEY_MISMATCH = 0, 1, 3
 MAX_LOGIN_ROUNDS = 6
+DELETE_ANSWER_TIMEOUT_S = 30.0   # bcrypt on a busy server; the answer normally takes well under a second
 
 HELP = """[CLIENT]: Commands:
   /to USER        talk to USER (several conversations can be open at once)
@@ -50,6 +51,7 @@ HELP = """[CLIENT]: Commands:
   /verify USER    show the safety number to compare with USER (in person or by phone)
   /verified USER  mark USER as verified, after the safety numbers matched
   /accept USER    accept USER's changed identity key (after checking /verify USER)
+  /delete-account delete your account on the server (asks your password and a typed confirmation)
   /help           this help
   /quit           leave (Ctrl-D and Ctrl-C leave too)
 Anything else is sent to the current destination."""
@@ -105,12 +107,21 @@ class ChatUI:
         self.prefer_direct = prefer_direct
         self.destination: str | None = None
         self.lost: str | None = None
+        self.deleted = False
+        self._deletion_answered = threading.Event()
         self._printer = threading.Thread(target=self._print_events, name="events", daemon=True)
 
     # -- incoming events ------------------------------------------------------------
     def _print_events(self) -> None:
         while True:
             event = self.client.next_event(timeout=None)
+            if isinstance(event, C.AccountDeletion):
+                self.term.say(f"[CLIENT]: {event.reason}")
+                self.deleted = event.deleted
+                self._deletion_answered.set()
+                continue
+            if isinstance(event, C.Disconnected) and self.deleted:
+                return  # the server closes after a deletion: a normal end
             if isinstance(event, C.Disconnected):
                 self.lost = event.reason
                 self.term.say(f"[CLIENT]: Connection to the server lost: {C.sanitize(event.reason)}")
@@ -207,6 +218,25 @@ class ChatUI:
             self.term.say(f"[CLIENT]: Accepted {shown}'s new identity key; reopening the conversation." if ok
                           else f"[CLIENT]: {shown}'s identity key has not changed; nothing to accept.")
 
+    def _delete_account(self) -> bool:
+        """True once the server has deleted the account (the client then leaves)."""
+        me = self.client.username or ""
+        self.term.say("[CLIENT]: This deletes your account on the server for good.")
+        password = self.term.ask("[CLIENT]: Password: ", secret=True)
+        typed = self.term.ask(f"[CLIENT]: Type your username ({me}) to confirm: ").strip()
+        if typed != me:
+            self.term.say("[CLIENT]: Not confirmed; nothing was deleted.")
+            return False
+        self._deletion_answered.clear()
+        try:
+            self.client.delete_account(password, typed)
+        except InvalidPassword as exc:
+            self.term.say(f"[CLIENT]: {exc}")
+            return False
+        if not self._deletion_answered.wait(DELETE_ANSWER_TIMEOUT_S):
+            self.term.say("[CLIENT]: The server did not answer; your account may not be deleted.")
+        return self.deleted
+
     def _switch_to(self, name: str) -> None:
         try:
             name = P.normalize_username(name)
@@ -257,6 +287,9 @@ class ChatUI:
             peer = arg.strip().lower()
             mode = "direct (peer to peer)" if self.client.is_direct(peer) else "relayed by the server"
             self.term.say(f"[CLIENT]: Conversation with {C.sanitize(peer, 64)}: {mode}.")
+        elif cmd == "/delete-account":
+            if self._delete_account():
+                return EXIT_OK
         elif cmd in ("/verify", "/verified", "/accept"):
             self._identity_command(cmd, arg.strip().lower())
         else:

@@ -719,9 +719,35 @@ class ChatService:
         users = self.registry.online_users()
         session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
 
+    # -- account self-service (docs/PROTOCOL.md section 15.1) -------------------------
+    def _delete_account(self, session: Session, msg: P.DeleteAccount) -> None:
+        """The password again (bcrypt, with the login lockout) and the username typed; then it is all gone."""
+        me = session.username
+        assert me is not None
+        if msg.confirm != me:
+            session.send(P.AccountDeleted(deleted=False, reason="The confirmation is not your username; "
+                                                                "nothing was deleted."))
+            return
+        try:
+            self.auth.login(me, msg.password, session.source)
+        except AccountLocked as exc:
+            self.audit("lockout", me, session.source, "DeleteAccount")
+            session.send(P.AccountDeleted(deleted=False, reason=str(exc)))
+            return
+        except InvalidCredentials:
+            self.audit("delete_account_failed", me, session.source, "wrong password")
+            session.send(P.AccountDeleted(deleted=False, reason="Wrong password; nothing was deleted."))
+            return
+        self.storage.delete_user(me)
+        self.audit("delete_account", me, session.source)
+        session.send(P.AccountDeleted(deleted=True, reason="Your account and everything the server kept for it "
+                                                           "were deleted."))
+        session.close("Your account was deleted.")
+
     _HANDLERS = {P.Login: _auth, P.Register: _auth, P.Resume: _resume, P.OpenConversation: _open,
                  P.Relay: _relay, P.WhoRequest: _who, P.RegisterEndpoint: _register_endpoint,
                  P.DirectRequest: _direct_request}
+    _HANDLERS[P.DeleteAccount] = _delete_account
 
 
 # =============================================================================

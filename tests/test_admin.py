@@ -327,3 +327,59 @@ def test_the_console_on_a_piped_stdin(tmp_path):
             proc.stdin.close()
         proc.stdout.read()
         proc.wait(timeout=20)
+
+
+# --- account self-service: /delete-account (protocol 0x68 / 0x69) ------------------------------
+def test_delete_account_messages_encode_to_literal_bytes():
+    import protocol as P
+
+    assert P.DeleteAccount(password=b"pw", confirm="al").encode() == bytes.fromhex("68 0002 7077 0002 616c")
+    assert P.AccountDeleted(deleted=True, reason="ok").encode() == bytes.fromhex("69 01 0002 6f6b")
+    assert P.decode_message(bytes.fromhex("69 00 0000")) == P.AccountDeleted(deleted=False, reason="")
+
+
+def test_delete_account_asks_password_and_confirmation_then_deletes(server, tmp_path):
+    child = spawn_client(server, tmp_path / "alice")
+    login_flow(child, "alice", PASSWORD, new=True)
+    child.expect_exact("[CLIENT]: Destination:")
+    child.sendline("/delete-account")
+    child.expect_exact("[CLIENT]: Password:")
+    child.sendline(PASSWORD)
+    child.expect_exact("Type your username (alice) to confirm:")
+    child.sendline("bob")
+    child.expect_exact("[CLIENT]: Not confirmed; nothing was deleted.")
+    child.sendline("/delete-account")
+    child.expect_exact("[CLIENT]: Password:")
+    child.sendline(WRONG_PASSWORD)
+    child.expect_exact("to confirm:")
+    child.sendline("alice")
+    child.expect_exact("[CLIENT]: Wrong password; nothing was deleted.")
+    assert re.search(r"^alice\s", admin(server, "users").stdout, re.M)
+    child.sendline("/delete-account")
+    child.expect_exact("[CLIENT]: Password:")
+    child.sendline(PASSWORD)
+    child.expect_exact("to confirm:")
+    child.sendline("alice")
+    child.expect_exact("[CLIENT]: Your account and everything the server kept for it were deleted.")
+    child.expect_exact("[CLIENT]: Goodbye.")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert not re.search(r"^alice\s", admin(server, "users").stdout, re.M)
+    events = _events(admin(server, "audit", "--user", "alice").stdout)
+    assert events == ["login_failed", "register", "delete_account_failed", "delete_account"]  # login first: new user
+    again = client_for(server, tmp_path / "alice")
+    with pytest.raises(InvalidCredentials):
+        again.login("alice", PASSWORD)
+    again.close()
+
+
+def test_delete_account_refuses_a_confirmation_that_is_not_the_username(server, tmp_path):
+    alice = logged_in(server, tmp_path / "alice", "alice")
+    alice.delete_account(PASSWORD, "bob")
+    answer = wait_for(alice, clientlib.AccountDeletion)
+    assert not answer.deleted and "nothing was deleted" in answer.reason
+    alice.delete_account(PASSWORD, "alice")
+    assert wait_for(alice, clientlib.AccountDeletion).deleted
+    assert "Your account was deleted." in wait_for(alice, clientlib.Disconnected).reason
+    alice.close()
