@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -187,13 +188,13 @@ EXPECTED_EVENTS = ["register", "login_failed", "login_failed", "login_failed", "
 
 def test_audit_log_on_sqlite_has_the_rows_and_no_secret(server, tmp_path):
     text = _exercise_and_audit(server, tmp_path, None)
+    raw = b"".join(p.read_bytes() for p in server.data_dir.glob("secureim.db*"))
+    assert b"login_failed" in raw   # the check below reads the real bytes
+    for secret in (PASSWORD, WRONG_PASSWORD):
+        assert secret.encode() not in raw
     assert _events(text) == EXPECTED_EVENTS, text
     assert re.search(r"login_failed\s+alice\s+127\.0\.0\.1\s+INVALID_CREDENTIALS", text)
     assert re.search(r"ban\s+alice\s+admin-cli:\S+\s+600 s: flood", text)
-    raw = b"".join(p.read_bytes() for p in server.data_dir.glob("secureim.db*"))
-    assert b"alice" in raw   # the check below reads the real bytes
-    for secret in (PASSWORD, WRONG_PASSWORD):
-        assert secret.encode() not in raw
 
 
 def test_audit_log_on_mariadb_has_the_rows_and_no_secret(mysql_database, tmp_path):
@@ -203,7 +204,6 @@ def test_audit_log_on_mariadb_has_the_rows_and_no_secret(mysql_database, tmp_pat
         text = _exercise_and_audit(server, tmp_path, url)
     finally:
         server.stop()
-    assert _events(text) == EXPECTED_EVENTS, text
     conn = mysql_admin()
     dump = []
     with conn.cursor() as cur:
@@ -216,6 +216,7 @@ def test_audit_log_on_mariadb_has_the_rows_and_no_secret(mysql_database, tmp_pat
     assert "login_failed" in everything and "alice" in everything
     for secret in (PASSWORD, WRONG_PASSWORD):
         assert secret not in everything
+    assert _events(text) == EXPECTED_EVENTS, text
 
 
 def _scrape(port: int, path: str = "/metrics") -> str:
@@ -383,3 +384,17 @@ def test_delete_account_refuses_a_confirmation_that_is_not_the_username(server, 
     assert wait_for(alice, clientlib.AccountDeletion).deleted
     assert "Your account was deleted." in wait_for(alice, clientlib.Disconnected).reason
     alice.close()
+
+
+def test_metrics_listen_on_loopback_only():
+    from metrics import MetricsEndpoint, ServerMetrics
+
+    endpoint = MetricsEndpoint(ServerMetrics(), lambda: "database", 0)
+    try:
+        assert endpoint._httpd.server_address[0] == "127.0.0.1"
+        endpoint.start()
+        with pytest.raises(urllib.error.HTTPError) as info:
+            _scrape(endpoint.port, "/healthz")
+        assert info.value.code == 503 and info.value.read() == b"unavailable: database\n"
+    finally:
+        endpoint.stop()
