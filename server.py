@@ -1019,6 +1019,14 @@ def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
     raise _Stop()
 
 
+def _stdin_is_our_terminal() -> bool:
+    """A terminal, and we are in its foreground (``server.py &`` must not stop on reading it)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty() and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["admin"]:  # the operator's command line (admin.py)
@@ -1045,10 +1053,12 @@ def main(argv: list[str] | None = None) -> int:
     if server.metrics_endpoint is not None:
         say(f"[SERVER]: Metrics on http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
             f" (health: /healthz).")
-    if args.console == "on" or (args.console == "auto" and sys.stdin is not None and sys.stdin.isatty()):
+    if args.console == "on" or (args.console == "auto" and _stdin_is_our_terminal()):
         from admin import AdminOps
         from console import ServerConsole
 
+        if hasattr(signal, "SIGTTIN"):  # sent to the background later: a read fails (the console ends), no stop
+            signal.signal(signal.SIGTTIN, signal.SIG_IGN)
         ServerConsole(AdminOps(server.storage, "console", bcrypt_cost=config.bcrypt_cost), sys.stdin, say).start()
         say("[SERVER]: Console ready; type /help.")
     signal.signal(signal.SIGTERM, _raise_stop)

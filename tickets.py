@@ -4,8 +4,8 @@ At every login the server issues a ticket: the username, the identity key and
 an expiry, sealed with AES-256-GCM under a ticket key that lives in the server's
 data directory (mode 0600), so tickets survive a restart.  The client keeps its
 ticket in memory only (never on disk) and presents it with Resume inside the
-encrypted session; the server opens it (microseconds, no bcrypt, no database)
-and answers with a fresh ticket.  docs/PROTOCOL.md section 7.1 states what a
+encrypted session; the server opens it (microseconds, no bcrypt; one indexed
+query for the ticket epoch below) and answers with a fresh ticket.  docs/PROTOCOL.md section 7.1 states what a
 ticket does and does not protect.
 
 Each ticket carries the account's *ticket epoch* (``account_state.ticket_epoch``

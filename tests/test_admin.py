@@ -398,3 +398,19 @@ def test_metrics_listen_on_loopback_only():
         assert info.value.code == 503 and info.value.read() == b"unavailable: database\n"
     finally:
         endpoint.stop()
+
+
+def test_the_console_starts_by_itself_in_a_terminal(tmp_path):
+    child = pexpect.spawn(sys.executable, [str(ROOT / "server.py"), "--port", "0", "--data-dir", str(tmp_path / "d"),
+                                           "--bcrypt-cost", "4"], encoding="utf-8", timeout=20, cwd=str(tmp_path))
+    try:
+        child.expect_exact("[SERVER]: Console ready; type /help.")
+        child.expect_exact("Ready to accept connections.")
+        child.sendline("/who")
+        child.expect(r"\[SERVER\]: USER\s+FROM\s+SINCE \(UTC\)\s+NODE")
+        child.sendline("/ban nobody 1x")
+        child.expect_exact("[SERVER]: No user named 'nobody'.")
+    finally:
+        child.kill(15)
+        child.expect(pexpect.EOF)
+        child.close()
