@@ -1063,8 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
         say("[SERVER]: Console ready; type /help.")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    say("[SERVER]: Ready to accept connections.")
-    try:
+    try:  # "Ready" inside the try: a SIGTERM right after it still stops cleanly
+        say("[SERVER]: Ready to accept connections.")
         server.serve_forever()
     except _Stop:
         pass
