@@ -261,6 +261,10 @@ class Storage:
     def session_started(self, node: str, username: str, source: str, since: float) -> None:
         raise NotImplementedError
 
+    def record_session_start(self, node: str, username: str, source: str, now: float, event: str) -> None:
+        """A login's bookkeeping in one transaction: last login, the session row, the audit row."""
+        raise NotImplementedError
+
     def session_ended(self, node: str, username: str) -> None:
         raise NotImplementedError
 
@@ -592,6 +596,17 @@ class SQLiteStorage(Storage):
                          "ON CONFLICT (node, username) DO UPDATE SET source = excluded.source, "
                          "since = excluded.since", (node, username, source, since))
 
+    def record_session_start(self, node: str, username: str, source: str, now: float, event: str) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO account_state (username, last_login_at) VALUES (?, ?) "
+                         "ON CONFLICT (username) DO UPDATE SET last_login_at = excluded.last_login_at",
+                         (username, now))
+            conn.execute("INSERT INTO live_sessions (node, username, source, since) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (node, username) DO UPDATE SET source = excluded.source, "
+                         "since = excluded.since", (node, username, source, now))
+            conn.execute("INSERT INTO audit_log (at, event, username, source, detail) VALUES (?, ?, ?, ?, '')",
+                         (now, event[:32], username[:32], source[:64]))
+
     def session_ended(self, node: str, username: str) -> None:
         with self._tx() as conn:
             conn.execute("DELETE FROM live_sessions WHERE node = ? AND username = ?", (node, username))
@@ -808,6 +823,9 @@ class MySQLStorage(Storage):
 
     def session_started(self, node: str, username: str, source: str, since: float) -> None:
         self._call("sp_session_started", node, username, source, since)
+
+    def record_session_start(self, node: str, username: str, source: str, now: float, event: str) -> None:
+        self._call("sp_record_session_start", node, username, source[:64], now, event[:32])
 
     def session_ended(self, node: str, username: str) -> None:
         self._call("sp_session_ended", node, username)

@@ -340,6 +340,21 @@ BEGIN
     ON DUPLICATE KEY UPDATE source = p_source, since = p_since;
 END //
 
+DROP PROCEDURE IF EXISTS sp_record_session_start //
+CREATE PROCEDURE sp_record_session_start(IN p_node VARCHAR(64), IN p_username VARCHAR(32), IN p_source VARCHAR(64),
+                                         IN p_now DOUBLE, IN p_event VARCHAR(32))
+BEGIN
+    -- A login's bookkeeping at once: last login, the session row, the audit row.
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    INSERT INTO account_state (username, last_login_at) VALUES (p_username, p_now)
+    ON DUPLICATE KEY UPDATE last_login_at = p_now;
+    INSERT INTO live_sessions (node, username, source, since) VALUES (p_node, p_username, p_source, p_now)
+    ON DUPLICATE KEY UPDATE source = p_source, since = p_now;
+    INSERT INTO audit_log (at, event, username, source, detail) VALUES (p_now, p_event, p_username, p_source, '');
+    COMMIT;
+END //
+
 DROP PROCEDURE IF EXISTS sp_session_ended //
 CREATE PROCEDURE sp_session_ended(IN p_node VARCHAR(64), IN p_username VARCHAR(32))
 BEGIN

@@ -585,13 +585,12 @@ class ChatService:
         session.send(P.AuthOk(username=username, created=created,
                               ticket=self.tickets.issue(username, session.identity_key, epoch)))
         self.metrics.logins.labels("ok").inc()
-        self.audit("register" if created else how, username, session.source)
-        try:
-            now = time.time()
-            self.storage.record_login(username, now)
-            self.storage.session_started(self.node, username, session.source, now)
+        try:  # last login, the session row and the audit row, in one transaction
+            self.storage.record_session_start(self.node, username, session.source, time.time(),
+                                              "register" if created else how)
         except DatabaseError as exc:
-            log.warning("session bookkeeping failed: %s", exc)
+            self.metrics.audit_failures.inc()
+            log.warning("login bookkeeping failed: %s", exc)
         self.announce(f"[SERVER]: {username} connected from {session.source}."
                       f" ({len(self.registry.online)} online)")
         for watcher in waiting:

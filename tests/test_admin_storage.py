@@ -125,3 +125,12 @@ def test_live_sessions_per_node(storage):
     storage.session_ended("n1", "alice")
     storage.clear_sessions("n2")
     assert storage.list_sessions() == []
+
+
+def test_record_session_start_writes_last_login_session_and_audit(storage):
+    storage.create_user("alice", "h")
+    storage.record_session_start("n1", "alice", "10.0.0.1", 50.0, "resume")
+    assert storage.list_users(60.0)[0].last_login_at == 50.0
+    assert [(s.node, s.source, s.since) for s in storage.list_sessions()] == [("n1", "10.0.0.1", 50.0)]
+    assert [(e.at, e.event, e.username, e.source) for e in storage.audit_events()] == [
+        (50.0, "resume", "alice", "10.0.0.1")]
