@@ -470,6 +470,17 @@ class ChatService:
         session.close()
         return True
 
+    def password_changed(self, username: str, source: str) -> int:
+        """The hook for a password change (/passwd): call it once the new hash is stored.
+
+        Raises the account's ticket epoch, so every resumption ticket issued before is
+        void (docs/PROTOCOL.md section 7.1), and writes the audit row (never the
+        password).  Returns the new epoch, to issue the changing session a fresh ticket:
+        ``self.tickets.issue(username, session.identity_key, epoch)``."""
+        self.storage.bump_ticket_epoch(username)
+        self.audit("password_change", username, source)
+        return self.storage.ticket_epoch(username) or 0
+
     def kick(self, username: str, reason: str) -> bool:
         """End ``username``'s session here, telling them why; False if not online here."""
         session = self.registry.session_of(username)

@@ -24,7 +24,7 @@ from server_fixtures import PASSWORD, wait_for
 import clientlib
 import database
 import pexpect
-from errors import AccountBanned, InvalidCredentials
+from errors import AccountBanned, AccountLocked, InvalidCredentials
 
 WRONG_PASSWORD = "wrong horse battery staple"
 KICK_WAIT_S = 10.0   # the poll is every second; generous for a loaded 2-core machine
@@ -163,7 +163,7 @@ def _exercise_and_audit(server, tmp_path, db: str | None) -> str:
     alice.close()
     for _ in range(5):   # the fifth wrong password locks alice for this address
         c = client_for(server, tmp_path / "alice")
-        with pytest.raises(Exception):
+        with pytest.raises((InvalidCredentials, AccountLocked)):
             c.login("alice", WRONG_PASSWORD)
         c.close()
     assert admin(server, "unlock", "alice", db=db).returncode == 0
@@ -414,3 +414,35 @@ def test_the_console_starts_by_itself_in_a_terminal(tmp_path):
         child.kill(15)
         child.expect(pexpect.EOF)
         child.close()
+
+
+def test_password_change_hook_ends_older_tickets_and_is_audited(tmp_path):
+    from server_fixtures import logged_in_client, running_server
+
+    with running_server(tmp_path / "data") as srv:
+        alice = logged_in_client(srv, tmp_path / "alice", "alice")
+        epoch = srv.service.password_changed("alice", "127.0.0.1")
+        assert epoch == 1
+        assert srv.service.kick("alice", "bye")
+        wait_for(alice, clientlib.Disconnected)
+        with pytest.raises(InvalidCredentials, match="ticket"):
+            alice.resume()
+        alice.close()
+        assert [e.event for e in srv.storage.audit_events("alice")] == ["register", "password_change"]
+
+
+def test_identity_key_changes_and_lockouts_are_visible(server, tmp_path):
+    logged_in(server, tmp_path / "alice", "alice").close()
+    logged_in(server, tmp_path / "alice-laptop", "alice", register=False).close()   # a new identity key
+    for _ in range(5):
+        c = client_for(server, tmp_path / "alice")
+        with pytest.raises((InvalidCredentials, AccountLocked)):
+            c.login("alice", WRONG_PASSWORD)
+        c.close()
+    lockouts = admin(server, "lockouts").stdout
+    assert re.search(r"^alice\s+127\.0\.0\.1\s+5\s+\d+ s$", lockouts, re.M), lockouts
+    assert re.search(r"^alice\s.*\sno\s+yes\s+no$", admin(server, "users").stdout, re.M)
+    events = _events(admin(server, "audit", "--user", "alice", "--since", "1h").stdout)
+    assert events[:3] == ["register", "identity_key_changed", "login"]
+    assert admin(server, "unlock", "alice").stdout.startswith("Unlocked alice (1 address cleared)")
+    assert admin(server, "lockouts").stdout.splitlines()[1:] == []
