@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         url = args.db_url or f"sqlite:///{Path(args.data_dir) / 'secureim.db'}"
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
             raise BadInput(f"No database at {url[len('sqlite:///'):]}; give the server's --data-dir or --db.")
-        storage = open_storage(url)
+        storage = open_storage(url, apply_schema=False)  # the server applied it; never under its feet
     except BadInput as exc:
         print(f"admin: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

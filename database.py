@@ -652,7 +652,8 @@ class MySQLStorage(Storage):
     backend = "mysql"
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 3306, user: str = "root",
-                 password: str = "", database: str, create_database: bool = False) -> None:
+                 password: str = "", database: str, create_database: bool = False,
+                 apply_schema: bool = True) -> None:
         import pymysql  # imported here: only the MySQL backend needs it
 
         self._pymysql = pymysql
@@ -664,7 +665,8 @@ class MySQLStorage(Storage):
         if create_database:
             self._create_database()
         self._pool = _Pool(self._connect)
-        self.apply_schema()
+        if apply_schema:  # admin.py passes False: re-creating procedures under a running server races its calls
+            self.apply_schema()
 
     def _create_database(self) -> None:
         params = dict(self._params)
@@ -843,7 +845,7 @@ class MySQLStorage(Storage):
 # =============================================================================
 # URLs
 # =============================================================================
-def open_storage(url: str, *, create_database: bool = False) -> Storage:
+def open_storage(url: str, *, create_database: bool = False, apply_schema: bool = True) -> Storage:
     """``sqlite:///relative/path.db``, ``sqlite:////abs/path.db`` or
     ``mysql://USER[:PASS]@HOST[:PORT]/DB`` (the password may come from the
     SECUREIM_DB_PASSWORD environment variable instead, to keep it out of ``ps``)."""
@@ -862,5 +864,6 @@ def open_storage(url: str, *, create_database: bool = False) -> Storage:
         password = urllib.parse.unquote(parsed.password or "") or os.environ.get("SECUREIM_DB_PASSWORD", "")
         return MySQLStorage(host=parsed.hostname, port=parsed.port or 3306,
                             user=urllib.parse.unquote(parsed.username or "root"),
-                            password=password, database=database, create_database=create_database)
+                            password=password, database=database, create_database=create_database,
+                            apply_schema=apply_schema)
     raise ConfigError(f"Unknown database URL scheme {parsed.scheme!r}; use sqlite:/// or mysql://")
