@@ -446,3 +446,15 @@ def test_identity_key_changes_and_lockouts_are_visible(server, tmp_path):
     assert events[:3] == ["register", "identity_key_changed", "login"]
     assert admin(server, "unlock", "alice").stdout.startswith("Unlocked alice (1 address cleared)")
     assert admin(server, "lockouts").stdout.splitlines()[1:] == []
+
+
+def test_the_terminal_client_shows_why_it_was_disconnected(server, tmp_path):
+    child = spawn_client(server, tmp_path / "alice")
+    login_flow(child, "alice", PASSWORD, new=True)
+    child.expect_exact("[CLIENT]: Destination:")
+    assert admin(server, "ban", "alice", "--reason", "harassment").returncode == 0
+    child.expect_exact("[CLIENT]: Connection to the server lost: the server closed the session: "
+                       "This account is banned until lifted: harassment.")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
