@@ -24,6 +24,7 @@ import clientlib as C
 import protocol as P
 from diffiehellman import DEFAULT_GROUP, GROUPS
 from errors import (
+    AccountBanned,
     AccountLocked,
     AuthError,
     ConfigError,
@@ -42,6 +43,7 @@ from protocol import DEFAULT_PORT, MAX_PASSWORD_BYTES
 
 EXIT_OK, EXIT_ERROR, EXIT_KEY_MISMATCH = 0, 1, 3
 MAX_LOGIN_ROUNDS = 6
+DELETE_ANSWER_TIMEOUT_S = 30.0   # bcrypt on a busy server; the answer normally takes well under a second
 MAX_PASSWORD_TRIES = 3
 MIN_PASSWORD_BYTES = 8   # the server's rule (auth.MIN_PASSWORD_BYTES); it checks again
 PASSWORD_RULE = f"Passwords are {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} characters."
@@ -65,6 +67,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "Works at any time after the warning, also after this client was restarted."),
     "/passwd": ("/passwd", "change your password (the old one is asked first)",
                 "Every saved login (resumption ticket) of your account ends; this session goes on."),
+    "/delete-account": ("/delete-account", "delete your account on the server (asks your password and a typed "
+                        "confirmation)", "Your account, your conversations and your saved logins on the server end; "
+                        "the files under --home stay."),
     "/help": ("/help [COMMAND]", "this help, or help for one command", ""),
     "/quit": ("/quit", "leave (Ctrl-D on an empty line leaves too)", ""),
 }
@@ -202,6 +207,8 @@ class ChatUI:
         self._lock = threading.Lock()
         self.unread: dict[str, int] = {}
         self.online: set[str] = set()
+        self.deleted = False
+        self._deletion_answered = threading.Event()
         self._printer = threading.Thread(target=self._print_events, name="events", daemon=True)
         term.completions = self._names
 
@@ -222,6 +229,13 @@ class ChatUI:
     def _print_events(self) -> None:
         while True:
             event = self.client.next_event(timeout=None)
+            if isinstance(event, C.AccountDeletion):
+                self.term.say(f"[CLIENT]: {event.reason}")
+                self.deleted = event.deleted
+                self._deletion_answered.set()
+                continue
+            if isinstance(event, C.Disconnected) and self.deleted:
+                return  # the server closes after a deletion: a normal end
             if isinstance(event, C.Disconnected):
                 self.lost = event.reason
                 self.term.say(f"[CLIENT]: Connection to the server lost: {C.sanitize(event.reason)}")
@@ -336,6 +350,25 @@ class ChatUI:
             ok = self.client.accept_identity(peer)
             self.term.say(f"[CLIENT]: Accepted {shown}'s new identity key; reopening the conversation." if ok
                           else f"[CLIENT]: {shown}'s identity key has not changed; nothing to accept.")
+
+    def _delete_account(self) -> bool:
+        """True once the server has deleted the account (the client then leaves)."""
+        me = self.client.username or ""
+        self.term.say("[CLIENT]: This deletes your account on the server for good.")
+        password = self.term.ask("[CLIENT]: Password: ", secret=True)
+        typed = self.term.ask(f"[CLIENT]: Type your username ({me}) to confirm: ").strip()
+        if typed != me:
+            self.term.say("[CLIENT]: Not confirmed; nothing was deleted.")
+            return False
+        self._deletion_answered.clear()
+        try:
+            self.client.delete_account(password, typed)
+        except InvalidPassword as exc:
+            self.term.say(f"[CLIENT]: {exc}")
+            return False
+        if not self._deletion_answered.wait(DELETE_ANSWER_TIMEOUT_S):
+            self.term.say("[CLIENT]: The server did not answer; your account may not be deleted.")
+        return self.deleted
 
     def _switch_to(self, name: str) -> None:
         try:
@@ -462,6 +495,9 @@ class ChatUI:
             peer = arg.lower()
             mode = "direct (peer to peer)" if self.client.is_direct(peer) else "relayed by the server"
             self.term.say(f"[CLIENT]: Conversation with {C.sanitize(peer, 64)}: {mode}.")
+        elif cmd == "/delete-account":
+            if self._delete_account():
+                return EXIT_OK
         elif cmd in ("/verify", "/verified", "/accept"):
             self._identity_command(cmd, arg.lower())
         else:
@@ -517,7 +553,13 @@ def log_in(client: C.ChatClient, term: Terminal) -> bool:
             return True
         except InvalidCredentials:
             term.say("[CLIENT]: Unknown user or wrong password.")
-        except (InvalidUsername, InvalidPassword, AuthError) as exc:  # AccountLocked too
+        except AccountBanned as exc:  # the server closed the connection: nothing more to try here
+            term.say(f"[CLIENT]: {exc}")
+            return False
+        except AccountLocked as exc:
+            term.say(f"[CLIENT]: {exc}")
+            continue
+        except (InvalidUsername, InvalidPassword, AuthError) as exc:
             term.say(f"[CLIENT]: {exc}")
             continue
         answer = term.ask(f"[CLIENT]: Create a new account named '{C.sanitize(username, 64)}'? (y/n): ")

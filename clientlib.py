@@ -30,6 +30,7 @@ import direct
 import e2e
 import protocol as P
 from errors import (
+    AccountBanned,
     AccountLocked,
     AuthError,
     ConfigError,
@@ -305,12 +306,21 @@ class Disconnected:
     reason: str
 
 
+@dataclass(frozen=True)
+class AccountDeletion:
+    """The server's answer to /delete-account."""
+
+    deleted: bool
+    reason: str
+
+
 _AUTH_ERRORS = {
     P.AuthCode.INVALID_CREDENTIALS: InvalidCredentials,
     P.AuthCode.USERNAME_TAKEN: UsernameTaken,
     P.AuthCode.INVALID_USERNAME: InvalidUsername,
     P.AuthCode.INVALID_PASSWORD: InvalidPassword,
     P.AuthCode.UNAVAILABLE: ServiceUnavailable,
+    P.AuthCode.BANNED: AccountBanned,
 }
 
 
@@ -597,6 +607,8 @@ class ChatClient:
                 log.warning("an unasked password-change answer was ignored")
         elif isinstance(msg, P.Error):
             self._emit(ServerNotice(sanitize(msg.reason, 512)))
+        elif isinstance(msg, P.AccountDeleted):
+            self._emit(AccountDeletion(msg.deleted, sanitize(msg.reason, 512)))
         elif isinstance(msg, P.Goodbye):
             self._emit(Disconnected(f"the server closed the session: {sanitize(msg.reason, 512)}"))
             self.closed.set()
@@ -976,6 +988,13 @@ class ChatClient:
 
     def who(self) -> None:
         self._send(P.WhoRequest())
+
+    def delete_account(self, password: str, confirm: str) -> None:
+        """Ask the server to delete this account; the answer comes as an AccountDeletion event."""
+        raw = password.encode("utf-8")
+        if len(raw) > P.MAX_PASSWORD_BYTES or len(confirm.encode("utf-8")) > P.MAX_USERNAME_BYTES:
+            raise InvalidPassword("That is not your password or username.")
+        self._send(P.DeleteAccount(password=raw, confirm=confirm))
 
     def next_event(self, timeout: float | None = None):
         try:

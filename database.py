@@ -50,6 +50,61 @@ class LoginFailures:
     locked_until: float
 
 
+# --- operating the server (admin.py, moderation.py): audit, bans, sessions --------
+@dataclass(frozen=True)
+class AuditEvent:
+    at: float
+    event: str
+    username: str
+    source: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Ban:
+    kind: str          # "user" or "address"
+    target: str        # a username, or a network in CIDR form
+    until: float       # 0 = until unbanned
+    reason: str
+
+
+@dataclass(frozen=True)
+class AdminAction:
+    id: int
+    action: str        # "kick" (ban, reset and delete post one too), or "address" (re-read address bans)
+    username: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    username: str
+    created_at: float
+    last_login_at: float | None
+    locked: bool
+
+
+@dataclass(frozen=True)
+class LiveSession:
+    node: str
+    username: str
+    source: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Lockout:
+    username: str
+    source: str
+    failures: int
+    locked_until: float
+
+
+BAN_KINDS = ("user", "address")
+MAX_AUDIT_DETAIL = 200
+MAX_REASON_CHARS = 200
+
+
 class _Pool:
     """A fixed-size pool of connections made by ``factory``; broken ones are replaced."""
 
@@ -149,6 +204,84 @@ class Storage:
     def clear_login_failures(self, username: str, source: str) -> None:
         raise NotImplementedError
 
+    # -- operating the server -------------------------------------------------------
+    def audit(self, event: str, username: str = "", source: str = "", detail: str = "",
+              at: float | None = None) -> None:
+        """Append one audit row.  Callers never pass passwords, keys or message text."""
+        raise NotImplementedError
+
+    def audit_events(self, username: str | None = None, since: float = 0.0, limit: int = 1000) -> list[AuditEvent]:
+        """Audit rows, oldest first, at or after ``since`` (for one user if given)."""
+        raise NotImplementedError
+
+    def prune_audit(self, before: float) -> int:
+        """Delete audit rows older than ``before``; returns how many."""
+        raise NotImplementedError
+
+    def set_ban(self, kind: str, target: str, until: float, reason: str) -> None:
+        raise NotImplementedError
+
+    def remove_ban(self, kind: str, target: str) -> bool:
+        raise NotImplementedError
+
+    def active_bans(self, now: float, kind: str | None = None) -> list[Ban]:
+        raise NotImplementedError
+
+    def user_ban(self, username: str, now: float) -> Ban | None:
+        raise NotImplementedError
+
+    def post_admin_action(self, action: str, username: str, reason: str) -> int:
+        """Queue an action for the running server(s); returns its id."""
+        raise NotImplementedError
+
+    def admin_actions_after(self, last_id: int) -> list[AdminAction]:
+        raise NotImplementedError
+
+    def last_admin_action_id(self) -> int:
+        raise NotImplementedError
+
+    def ticket_epoch(self, username: str) -> int | None:
+        """The account's ticket epoch (None: no such user).  A ticket from another epoch is void."""
+        raise NotImplementedError
+
+    def bump_ticket_epoch(self, username: str) -> None:
+        raise NotImplementedError
+
+    def set_password_hash(self, username: str, password_hash: str) -> bool:
+        raise NotImplementedError
+
+    def record_login(self, username: str, now: float) -> None:
+        raise NotImplementedError
+
+    def list_users(self, now: float) -> list[UserInfo]:
+        raise NotImplementedError
+
+    def delete_user(self, username: str) -> bool:
+        """Remove the account and everything kept for it (conversations, lockouts, sessions)."""
+        raise NotImplementedError
+
+    def list_lockouts(self, now: float) -> list[Lockout]:
+        raise NotImplementedError
+
+    def clear_all_login_failures(self, username: str) -> int:
+        raise NotImplementedError
+
+    def session_started(self, node: str, username: str, source: str, since: float) -> None:
+        raise NotImplementedError
+
+    def record_session_start(self, node: str, username: str, source: str, now: float, event: str) -> None:
+        """A login's bookkeeping in one transaction: last login, the session row, the audit row."""
+        raise NotImplementedError
+
+    def session_ended(self, node: str, username: str) -> None:
+        raise NotImplementedError
+
+    def clear_sessions(self, node: str) -> None:
+        raise NotImplementedError
+
+    def list_sessions(self) -> list[LiveSession]:
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -193,7 +326,44 @@ CREATE TABLE IF NOT EXISTS login_failures (
     updated_at   REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (username, source)
 );
+CREATE TABLE IF NOT EXISTS account_state (
+    username      TEXT NOT NULL PRIMARY KEY,
+    last_login_at REAL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       REAL NOT NULL,
+    event    TEXT NOT NULL,
+    username TEXT NOT NULL DEFAULT '',
+    source   TEXT NOT NULL DEFAULT '',
+    detail   TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS ix_audit_at ON audit_log (at);
+CREATE INDEX IF NOT EXISTS ix_audit_user ON audit_log (username, at);
+CREATE TABLE IF NOT EXISTS bans (
+    kind       TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    until      REAL NOT NULL DEFAULT 0,
+    reason     TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    PRIMARY KEY (kind, target)
+);
+CREATE TABLE IF NOT EXISTS admin_actions (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       REAL NOT NULL,
+    action   TEXT NOT NULL,
+    username TEXT NOT NULL DEFAULT '',
+    reason   TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS live_sessions (
+    node     TEXT NOT NULL,
+    username TEXT NOT NULL,
+    source   TEXT NOT NULL,
+    since    REAL NOT NULL,
+    PRIMARY KEY (node, username)
+);
 """
+ADMIN_ACTION_KEEP_S = 3600.0  # the servers poll every second; an hour of actions is plenty
 
 
 class SQLiteStorage(Storage):
@@ -338,6 +508,144 @@ class SQLiteStorage(Storage):
         with self._tx() as conn:
             conn.execute("DELETE FROM login_failures WHERE username = ? AND source = ?", (username, source))
 
+    # -- operating the server -------------------------------------------------------
+    def audit(self, event: str, username: str = "", source: str = "", detail: str = "",
+              at: float | None = None) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO audit_log (at, event, username, source, detail) VALUES (?, ?, ?, ?, ?)",
+                         (time.time() if at is None else at, event[:32], username[:32], source[:64],
+                          detail[:MAX_AUDIT_DETAIL]))
+
+    def audit_events(self, username: str | None = None, since: float = 0.0, limit: int = 1000) -> list[AuditEvent]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT at, event, username, source, detail FROM audit_log WHERE at >= ? "
+                "AND (? IS NULL OR username = ?) ORDER BY at, id LIMIT ?",
+                (since, username, username, limit)).fetchall()
+        return [AuditEvent(*row) for row in rows]
+
+    def prune_audit(self, before: float) -> int:
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM audit_log WHERE at < ?", (before,)).rowcount
+
+    def set_ban(self, kind: str, target: str, until: float, reason: str) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO bans (kind, target, until, reason, created_at) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT (kind, target) DO UPDATE SET until = excluded.until, "
+                         "reason = excluded.reason, created_at = excluded.created_at",
+                         (kind, target, until, reason[:MAX_REASON_CHARS], time.time()))
+
+    def remove_ban(self, kind: str, target: str) -> bool:
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM bans WHERE kind = ? AND target = ?", (kind, target)).rowcount > 0
+
+    def active_bans(self, now: float, kind: str | None = None) -> list[Ban]:
+        with self._tx() as conn:
+            rows = conn.execute("SELECT kind, target, until, reason FROM bans WHERE (until = 0 OR until > ?) "
+                                "AND (? IS NULL OR kind = ?) ORDER BY kind, target", (now, kind, kind)).fetchall()
+        return [Ban(*row) for row in rows]
+
+    def user_ban(self, username: str, now: float) -> Ban | None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT kind, target, until, reason FROM bans WHERE kind = 'user' AND target = ? "
+                               "AND (until = 0 OR until > ?)", (username, now)).fetchone()
+        return Ban(*row) if row else None
+
+    def post_admin_action(self, action: str, username: str, reason: str) -> int:
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute("DELETE FROM admin_actions WHERE at < ?", (now - ADMIN_ACTION_KEEP_S,))
+            cur = conn.execute("INSERT INTO admin_actions (at, action, username, reason) VALUES (?, ?, ?, ?)",
+                               (now, action, username, reason[:MAX_REASON_CHARS]))
+            return cur.lastrowid
+
+    def admin_actions_after(self, last_id: int) -> list[AdminAction]:
+        with self._tx() as conn:
+            rows = conn.execute("SELECT id, action, username, reason FROM admin_actions WHERE id > ? "
+                                "ORDER BY id LIMIT 1000", (last_id,)).fetchall()
+        return [AdminAction(*row) for row in rows]
+
+    def last_admin_action_id(self) -> int:
+        with self._tx() as conn:
+            return conn.execute("SELECT COALESCE(MAX(id), 0) FROM admin_actions").fetchone()[0]
+
+    def ticket_epoch(self, username: str) -> int | None:
+        return self.get_ticket_epoch(username)  # one epoch per account: users.ticket_epoch
+
+    def bump_ticket_epoch(self, username: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE users SET ticket_epoch = ticket_epoch + 1 WHERE username = ?", (username,))
+
+    def set_password_hash(self, username: str, password_hash: str) -> bool:
+        with self._tx() as conn:
+            return conn.execute("UPDATE users SET password_hash = ? WHERE username = ?",
+                                (password_hash, username)).rowcount == 1
+
+    def record_login(self, username: str, now: float) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO account_state (username, last_login_at) VALUES (?, ?) "
+                         "ON CONFLICT (username) DO UPDATE SET last_login_at = excluded.last_login_at",
+                         (username, now))
+
+    def list_users(self, now: float) -> list[UserInfo]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT u.username, u.created_at, a.last_login_at, EXISTS (SELECT 1 FROM login_failures f "
+                "WHERE f.username = u.username AND f.locked_until > ?) FROM users u LEFT JOIN account_state a "
+                "ON a.username = u.username ORDER BY u.username", (now,)).fetchall()
+        return [UserInfo(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+    def delete_user(self, username: str) -> bool:
+        with self._tx() as conn:
+            gone = conn.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount == 1
+            conn.execute("DELETE FROM conversations WHERE user_low = ? OR user_high = ?", (username, username))
+            conn.execute("DELETE FROM conversation_members WHERE username = ?", (username,))
+            conn.execute("DELETE FROM account_state WHERE username = ?", (username,))
+            conn.execute("DELETE FROM login_failures WHERE username = ?", (username,))
+            conn.execute("DELETE FROM live_sessions WHERE username = ?", (username,))
+        return gone
+
+    def list_lockouts(self, now: float) -> list[Lockout]:
+        with self._tx() as conn:
+            rows = conn.execute("SELECT username, source, failures, locked_until FROM login_failures "
+                                "WHERE locked_until > ? ORDER BY username, source", (now,)).fetchall()
+        return [Lockout(*row) for row in rows]
+
+    def clear_all_login_failures(self, username: str) -> int:
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM login_failures WHERE username = ?", (username,)).rowcount
+
+    def session_started(self, node: str, username: str, source: str, since: float) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO live_sessions (node, username, source, since) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (node, username) DO UPDATE SET source = excluded.source, "
+                         "since = excluded.since", (node, username, source, since))
+
+    def record_session_start(self, node: str, username: str, source: str, now: float, event: str) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO account_state (username, last_login_at) VALUES (?, ?) "
+                         "ON CONFLICT (username) DO UPDATE SET last_login_at = excluded.last_login_at",
+                         (username, now))
+            conn.execute("INSERT INTO live_sessions (node, username, source, since) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (node, username) DO UPDATE SET source = excluded.source, "
+                         "since = excluded.since", (node, username, source, now))
+            conn.execute("INSERT INTO audit_log (at, event, username, source, detail) VALUES (?, ?, ?, ?, '')",
+                         (now, event[:32], username[:32], source[:64]))
+
+    def session_ended(self, node: str, username: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM live_sessions WHERE node = ? AND username = ?", (node, username))
+
+    def clear_sessions(self, node: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM live_sessions WHERE node = ?", (node,))
+
+    def list_sessions(self) -> list[LiveSession]:
+        with self._tx() as conn:
+            rows = conn.execute("SELECT node, username, source, since FROM live_sessions "
+                                "ORDER BY username, node").fetchall()
+        return [LiveSession(*row) for row in rows]
+
     def close(self) -> None:
         self._pool.close()
 
@@ -369,7 +677,8 @@ class MySQLStorage(Storage):
     backend = "mysql"
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 3306, user: str = "root",
-                 password: str = "", database: str, create_database: bool = False) -> None:
+                 password: str = "", database: str, create_database: bool = False,
+                 apply_schema: bool = True) -> None:
         import pymysql  # imported here: only the MySQL backend needs it
 
         self._pymysql = pymysql
@@ -380,7 +689,8 @@ class MySQLStorage(Storage):
             raise ConfigError("MySQL database names may use letters, digits and _ only.")
         self._create_database_if_missing(explicit=create_database)
         self._pool = _Pool(self._connect)
-        self.apply_schema()
+        if apply_schema:  # admin.py passes False: re-creating procedures under a running server races its calls
+            self.apply_schema()
 
     def _explain(self, exc: Exception) -> str:
         """One sentence on what went wrong, by MySQL error number (never the password)."""
@@ -511,6 +821,84 @@ class MySQLStorage(Storage):
     def clear_login_failures(self, username: str, source: str) -> None:
         self._call("sp_clear_login_failures", username, source)
 
+    # -- operating the server -------------------------------------------------------
+    def audit(self, event: str, username: str = "", source: str = "", detail: str = "",
+              at: float | None = None) -> None:
+        self._call("sp_audit", time.time() if at is None else at, event[:32], username[:32], source[:64],
+                   detail[:MAX_AUDIT_DETAIL])
+
+    def audit_events(self, username: str | None = None, since: float = 0.0, limit: int = 1000) -> list[AuditEvent]:
+        rows = self._call("sp_audit_events", username, since, limit)
+        return [AuditEvent(float(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+    def prune_audit(self, before: float) -> int:
+        return int(self._call("sp_prune_audit", before)[0][0])
+
+    def set_ban(self, kind: str, target: str, until: float, reason: str) -> None:
+        self._call("sp_set_ban", kind, target, until, reason[:MAX_REASON_CHARS], time.time())
+
+    def remove_ban(self, kind: str, target: str) -> bool:
+        return int(self._call("sp_remove_ban", kind, target)[0][0]) > 0
+
+    def active_bans(self, now: float, kind: str | None = None) -> list[Ban]:
+        return [Ban(r[0], r[1], float(r[2]), r[3]) for r in self._call("sp_active_bans", now, kind)]
+
+    def user_ban(self, username: str, now: float) -> Ban | None:
+        rows = self._call("sp_user_ban", username, now)
+        return Ban(rows[0][0], rows[0][1], float(rows[0][2]), rows[0][3]) if rows else None
+
+    def post_admin_action(self, action: str, username: str, reason: str) -> int:
+        now = time.time()
+        return int(self._call("sp_post_admin_action", now, now - ADMIN_ACTION_KEEP_S, action, username,
+                              reason[:MAX_REASON_CHARS])[0][0])
+
+    def admin_actions_after(self, last_id: int) -> list[AdminAction]:
+        return [AdminAction(int(r[0]), r[1], r[2], r[3]) for r in self._call("sp_admin_actions_after", last_id)]
+
+    def last_admin_action_id(self) -> int:
+        return int(self._call("sp_last_admin_action_id")[0][0])
+
+    def ticket_epoch(self, username: str) -> int | None:
+        rows = self._call("sp_ticket_epoch", username)
+        return int(rows[0][0]) if rows else None
+
+    def bump_ticket_epoch(self, username: str) -> None:
+        self._call("sp_bump_ticket_epoch", username)
+
+    def set_password_hash(self, username: str, password_hash: str) -> bool:
+        return int(self._call("sp_set_password_hash", username, password_hash)[0][0]) == 1
+
+    def record_login(self, username: str, now: float) -> None:
+        self._call("sp_record_login", username, now)
+
+    def list_users(self, now: float) -> list[UserInfo]:
+        return [UserInfo(r[0], float(r[1]), float(r[2]) if r[2] is not None else None, bool(r[3]))
+                for r in self._call("sp_list_users", now)]
+
+    def delete_user(self, username: str) -> bool:
+        return int(self._call("sp_delete_user", username)[0][0]) == 1
+
+    def list_lockouts(self, now: float) -> list[Lockout]:
+        return [Lockout(r[0], r[1], int(r[2]), float(r[3])) for r in self._call("sp_list_lockouts", now)]
+
+    def clear_all_login_failures(self, username: str) -> int:
+        return int(self._call("sp_clear_all_login_failures", username)[0][0])
+
+    def session_started(self, node: str, username: str, source: str, since: float) -> None:
+        self._call("sp_session_started", node, username, source, since)
+
+    def record_session_start(self, node: str, username: str, source: str, now: float, event: str) -> None:
+        self._call("sp_record_session_start", node, username, source[:64], now, event[:32])
+
+    def session_ended(self, node: str, username: str) -> None:
+        self._call("sp_session_ended", node, username)
+
+    def clear_sessions(self, node: str) -> None:
+        self._call("sp_clear_sessions", node)
+
+    def list_sessions(self) -> list[LiveSession]:
+        return [LiveSession(r[0], r[1], r[2], float(r[3])) for r in self._call("sp_list_sessions")]
+
     def close(self) -> None:
         self._pool.close()
 
@@ -518,7 +906,7 @@ class MySQLStorage(Storage):
 # =============================================================================
 # URLs
 # =============================================================================
-def open_storage(url: str, *, create_database: bool = False) -> Storage:
+def open_storage(url: str, *, create_database: bool = False, apply_schema: bool = True) -> Storage:
     """``sqlite:///relative/path.db``, ``sqlite:////abs/path.db`` or
     ``mysql://USER[:PASS]@HOST[:PORT]/DB`` (the password may come from the
     SECUREIM_DB_PASSWORD environment variable instead, to keep it out of ``ps``)."""
@@ -537,5 +925,6 @@ def open_storage(url: str, *, create_database: bool = False) -> Storage:
         password = urllib.parse.unquote(parsed.password or "") or os.environ.get("SECUREIM_DB_PASSWORD", "")
         return MySQLStorage(host=parsed.hostname, port=parsed.port or 3306,
                             user=urllib.parse.unquote(parsed.username or "root"),
-                            password=password, database=database, create_database=create_database)
+                            password=password, database=database, create_database=create_database,
+                            apply_schema=apply_schema)
     raise ConfigError(f"Unknown database URL scheme {parsed.scheme!r}; use sqlite:/// or mysql://")

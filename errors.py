@@ -110,6 +110,10 @@ class AccountLocked(AuthError):
                                     f"try again in {retry_after_s} seconds.")
 
 
+class AccountBanned(AuthError):
+    """This account or network address is banned from the server."""
+
+
 class InvalidUsername(AuthError):
     """That username is not allowed."""
 

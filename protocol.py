@@ -350,6 +350,7 @@ class AuthCode(enum.IntEnum):
     UNAVAILABLE = 6
     TOO_MANY_ATTEMPTS = 7
     INVALID_IDENTITY = 8
+    BANNED = 9            # the reason says until when and why (section 14)
 
 
 @message(0x13)
@@ -476,6 +477,23 @@ class DirectAsked(Message):
     (registered no UDP endpoint); it may accept with its own DirectRequest (section 13.2)."""
 
     peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+
+
+# --- account self-service (section 14.1; type codes 0x68-0x6F) -----------------
+@message(0x68)
+class DeleteAccount(Message):
+    """Delete my account: the password again, and the username typed as confirmation."""
+
+    password: bytes = wire(Kind.BYTES, max_len=MAX_PASSWORD_BYTES)
+    confirm: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+
+
+@message(0x69)
+class AccountDeleted(Message):
+    """The answer to DeleteAccount; when ``deleted`` the server then closes the session."""
+
+    deleted: bool = wire(Kind.BOOL)
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
 
 
 class ErrorCode(enum.IntEnum):
@@ -642,6 +660,9 @@ _SESSION_FROM_CLIENT_AUTH = {OpenConversation, Relay, WhoRequest, RegisterEndpoi
 _SESSION_FROM_SERVER_UNAUTH = {AuthOk, AuthFailed, Error, Goodbye}
 _SESSION_FROM_SERVER_AUTH = {PeerStatus, ConversationKey, Deliver, WhoResponse, DirectOffer, DirectUnavailable,
                              Error, Goodbye}
+# Account self-service (section 14.1).
+_SESSION_FROM_CLIENT_AUTH |= {DeleteAccount}
+_SESSION_FROM_SERVER_AUTH |= {AccountDeleted}
 
 RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {
     (Role.SERVER, State.AWAITING_CLIENT_HELLO): frozenset({ClientHello}),

@@ -45,6 +45,55 @@ CREATE TABLE IF NOT EXISTS login_failures (
     PRIMARY KEY (username, source)
 ) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
 
+-- Operating the server (admin.py, moderation.py).  Times are Unix seconds (DOUBLE).
+-- account_state: the last login.  (The ticket epoch, which reset-password and /passwd
+-- raise to end every resumption ticket, is users.ticket_epoch.)
+CREATE TABLE IF NOT EXISTS account_state (
+    username      VARCHAR(32) NOT NULL PRIMARY KEY,
+    last_login_at DOUBLE NULL
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+-- The audit log: who did what, when, from where.  Never a password, key or message.
+CREATE TABLE IF NOT EXISTS audit_log (
+    id       BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    at       DOUBLE NOT NULL,
+    event    VARCHAR(32) NOT NULL,
+    username VARCHAR(32) NOT NULL DEFAULT '',
+    source   VARCHAR(64) NOT NULL DEFAULT '',
+    detail   VARCHAR(200) NOT NULL DEFAULT '',
+    KEY ix_audit_at (at),
+    KEY ix_audit_user (username, at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Bans of an account ('user') or of a network ('address', CIDR).  until = 0: no end.
+CREATE TABLE IF NOT EXISTS bans (
+    kind       VARCHAR(8)  NOT NULL,
+    target     VARCHAR(64) NOT NULL,
+    until      DOUBLE NOT NULL DEFAULT 0,
+    reason     VARCHAR(200) NOT NULL DEFAULT '',
+    created_at DOUBLE NOT NULL,
+    PRIMARY KEY (kind, target)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Actions for the running server(s), which poll this table every second.
+CREATE TABLE IF NOT EXISTS admin_actions (
+    id       BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    at       DOUBLE NOT NULL,
+    action   VARCHAR(16) NOT NULL,
+    username VARCHAR(32) NOT NULL DEFAULT '',
+    reason   VARCHAR(200) NOT NULL DEFAULT '',
+    KEY ix_actions_at (at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Who is connected to which node (rows of a node are cleared when it starts).
+CREATE TABLE IF NOT EXISTS live_sessions (
+    node     VARCHAR(64) NOT NULL,
+    username VARCHAR(32) NOT NULL,
+    source   VARCHAR(64) NOT NULL,
+    since    DOUBLE NOT NULL,
+    PRIMARY KEY (node, username)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
 DELIMITER //
 
 DROP PROCEDURE IF EXISTS sp_create_user //
@@ -163,6 +212,188 @@ CREATE PROCEDURE sp_change_password(IN p_username VARCHAR(32), IN p_hash VARCHAR
 BEGIN
     UPDATE users SET password_hash = p_hash, ticket_epoch = ticket_epoch + 1 WHERE username = p_username;
     SELECT ticket_epoch FROM users WHERE username = p_username;
+END //
+
+DROP PROCEDURE IF EXISTS sp_audit //
+CREATE PROCEDURE sp_audit(IN p_at DOUBLE, IN p_event VARCHAR(32), IN p_username VARCHAR(32),
+                          IN p_source VARCHAR(64), IN p_detail VARCHAR(200))
+BEGIN
+    INSERT INTO audit_log (at, event, username, source, detail)
+         VALUES (p_at, p_event, p_username, p_source, p_detail);
+END //
+
+DROP PROCEDURE IF EXISTS sp_audit_events //
+CREATE PROCEDURE sp_audit_events(IN p_username VARCHAR(32), IN p_since DOUBLE, IN p_limit INT)
+BEGIN
+    SELECT at, event, username, source, detail FROM audit_log
+     WHERE at >= p_since AND (p_username IS NULL OR username = p_username)
+     ORDER BY at, id LIMIT p_limit;
+END //
+
+DROP PROCEDURE IF EXISTS sp_prune_audit //
+CREATE PROCEDURE sp_prune_audit(IN p_before DOUBLE)
+BEGIN
+    DELETE FROM audit_log WHERE at < p_before;
+    SELECT ROW_COUNT() AS n;
+END //
+
+DROP PROCEDURE IF EXISTS sp_set_ban //
+CREATE PROCEDURE sp_set_ban(IN p_kind VARCHAR(8), IN p_target VARCHAR(64), IN p_until DOUBLE,
+                            IN p_reason VARCHAR(200), IN p_now DOUBLE)
+BEGIN
+    INSERT INTO bans (kind, target, until, reason, created_at) VALUES (p_kind, p_target, p_until, p_reason, p_now)
+    ON DUPLICATE KEY UPDATE until = p_until, reason = p_reason, created_at = p_now;
+END //
+
+DROP PROCEDURE IF EXISTS sp_remove_ban //
+CREATE PROCEDURE sp_remove_ban(IN p_kind VARCHAR(8), IN p_target VARCHAR(64))
+BEGIN
+    DELETE FROM bans WHERE kind = p_kind AND target = p_target;
+    SELECT ROW_COUNT() AS n;
+END //
+
+DROP PROCEDURE IF EXISTS sp_active_bans //
+CREATE PROCEDURE sp_active_bans(IN p_now DOUBLE, IN p_kind VARCHAR(8))
+BEGIN
+    SELECT kind, target, until, reason FROM bans
+     WHERE (until = 0 OR until > p_now) AND (p_kind IS NULL OR kind = p_kind)
+     ORDER BY kind, target;
+END //
+
+DROP PROCEDURE IF EXISTS sp_user_ban //
+CREATE PROCEDURE sp_user_ban(IN p_username VARCHAR(32), IN p_now DOUBLE)
+BEGIN
+    SELECT kind, target, until, reason FROM bans
+     WHERE kind = 'user' AND target = p_username AND (until = 0 OR until > p_now);
+END //
+
+DROP PROCEDURE IF EXISTS sp_post_admin_action //
+CREATE PROCEDURE sp_post_admin_action(IN p_now DOUBLE, IN p_expired DOUBLE, IN p_action VARCHAR(16),
+                                      IN p_username VARCHAR(32), IN p_reason VARCHAR(200))
+BEGIN
+    DELETE FROM admin_actions WHERE at < p_expired;
+    INSERT INTO admin_actions (at, action, username, reason) VALUES (p_now, p_action, p_username, p_reason);
+    SELECT LAST_INSERT_ID() AS id;
+END //
+
+DROP PROCEDURE IF EXISTS sp_admin_actions_after //
+CREATE PROCEDURE sp_admin_actions_after(IN p_last_id BIGINT UNSIGNED)
+BEGIN
+    SELECT id, action, username, reason FROM admin_actions WHERE id > p_last_id ORDER BY id LIMIT 1000;
+END //
+
+DROP PROCEDURE IF EXISTS sp_last_admin_action_id //
+CREATE PROCEDURE sp_last_admin_action_id()
+BEGIN
+    SELECT COALESCE(MAX(id), 0) AS id FROM admin_actions;
+END //
+
+DROP PROCEDURE IF EXISTS sp_ticket_epoch //
+CREATE PROCEDURE sp_ticket_epoch(IN p_username VARCHAR(32))
+BEGIN
+    -- The one ticket epoch of an account lives in users.ticket_epoch (see sp_change_password).
+    SELECT ticket_epoch FROM users WHERE username = p_username;
+END //
+
+DROP PROCEDURE IF EXISTS sp_bump_ticket_epoch //
+CREATE PROCEDURE sp_bump_ticket_epoch(IN p_username VARCHAR(32))
+BEGIN
+    UPDATE users SET ticket_epoch = ticket_epoch + 1 WHERE username = p_username;
+END //
+
+DROP PROCEDURE IF EXISTS sp_set_password_hash //
+CREATE PROCEDURE sp_set_password_hash(IN p_username VARCHAR(32), IN p_hash VARCHAR(100))
+BEGIN
+    UPDATE users SET password_hash = p_hash WHERE username = p_username;
+    SELECT ROW_COUNT() AS n;
+END //
+
+DROP PROCEDURE IF EXISTS sp_record_login //
+CREATE PROCEDURE sp_record_login(IN p_username VARCHAR(32), IN p_now DOUBLE)
+BEGIN
+    INSERT INTO account_state (username, last_login_at) VALUES (p_username, p_now)
+    ON DUPLICATE KEY UPDATE last_login_at = p_now;
+END //
+
+DROP PROCEDURE IF EXISTS sp_list_users //
+CREATE PROCEDURE sp_list_users(IN p_now DOUBLE)
+BEGIN
+    SELECT u.username, UNIX_TIMESTAMP(u.created_at) AS created_at, a.last_login_at,
+           EXISTS (SELECT 1 FROM login_failures f WHERE f.username = u.username AND f.locked_until > p_now) AS locked
+      FROM users u LEFT JOIN account_state a ON a.username = u.username
+     ORDER BY u.username;
+END //
+
+DROP PROCEDURE IF EXISTS sp_delete_user //
+CREATE PROCEDURE sp_delete_user(IN p_username VARCHAR(32))
+BEGIN
+    DECLARE v_gone INT DEFAULT 0;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    DELETE FROM users WHERE username = p_username;
+    SET v_gone = ROW_COUNT();
+    DELETE FROM conversations WHERE user_low = p_username OR user_high = p_username;
+    DELETE FROM conversation_members WHERE username = p_username;
+    DELETE FROM account_state WHERE username = p_username;
+    DELETE FROM login_failures WHERE username = p_username;
+    DELETE FROM live_sessions WHERE username = p_username;
+    COMMIT;
+    SELECT v_gone AS deleted;
+END //
+
+DROP PROCEDURE IF EXISTS sp_list_lockouts //
+CREATE PROCEDURE sp_list_lockouts(IN p_now DOUBLE)
+BEGIN
+    SELECT username, source, failures, locked_until FROM login_failures
+     WHERE locked_until > p_now ORDER BY username, source;
+END //
+
+DROP PROCEDURE IF EXISTS sp_clear_all_login_failures //
+CREATE PROCEDURE sp_clear_all_login_failures(IN p_username VARCHAR(32))
+BEGIN
+    DELETE FROM login_failures WHERE username = p_username;
+    SELECT ROW_COUNT() AS n;
+END //
+
+DROP PROCEDURE IF EXISTS sp_session_started //
+CREATE PROCEDURE sp_session_started(IN p_node VARCHAR(64), IN p_username VARCHAR(32),
+                                    IN p_source VARCHAR(64), IN p_since DOUBLE)
+BEGIN
+    INSERT INTO live_sessions (node, username, source, since) VALUES (p_node, p_username, p_source, p_since)
+    ON DUPLICATE KEY UPDATE source = p_source, since = p_since;
+END //
+
+DROP PROCEDURE IF EXISTS sp_record_session_start //
+CREATE PROCEDURE sp_record_session_start(IN p_node VARCHAR(64), IN p_username VARCHAR(32), IN p_source VARCHAR(64),
+                                         IN p_now DOUBLE, IN p_event VARCHAR(32))
+BEGIN
+    -- A login's bookkeeping at once: last login, the session row, the audit row.
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    INSERT INTO account_state (username, last_login_at) VALUES (p_username, p_now)
+    ON DUPLICATE KEY UPDATE last_login_at = p_now;
+    INSERT INTO live_sessions (node, username, source, since) VALUES (p_node, p_username, p_source, p_now)
+    ON DUPLICATE KEY UPDATE source = p_source, since = p_now;
+    INSERT INTO audit_log (at, event, username, source, detail) VALUES (p_now, p_event, p_username, p_source, '');
+    COMMIT;
+END //
+
+DROP PROCEDURE IF EXISTS sp_session_ended //
+CREATE PROCEDURE sp_session_ended(IN p_node VARCHAR(64), IN p_username VARCHAR(32))
+BEGIN
+    DELETE FROM live_sessions WHERE node = p_node AND username = p_username;
+END //
+
+DROP PROCEDURE IF EXISTS sp_clear_sessions //
+CREATE PROCEDURE sp_clear_sessions(IN p_node VARCHAR(64))
+BEGIN
+    DELETE FROM live_sessions WHERE node = p_node;
+END //
+
+DROP PROCEDURE IF EXISTS sp_list_sessions //
+CREATE PROCEDURE sp_list_sessions()
+BEGIN
+    SELECT node, username, source, since FROM live_sessions ORDER BY username, node;
 END //
 
 DELIMITER ;

@@ -37,6 +37,8 @@ import protocol as P
 from auth import DEFAULT_BCRYPT_COST, AuthService
 from protocol import normalize_username
 from puzzle import PuzzleGate
+from metrics import MetricsEndpoint, ServerMetrics
+from moderation import DEFAULT_AUDIT_RETENTION_DAYS, AddressBans, ModerationPoller, ban_message
 from tickets import TicketIssuer, load_or_create_ticket_key
 from database import Storage, open_storage
 from errors import (
@@ -88,6 +90,9 @@ class ServerConfig:
     tdes_backend: str | None = None
     max_failures: int = 5
     lock_s: float = 60.0
+    metrics_port: int | None = None      # Prometheus /metrics and /healthz on 127.0.0.1 (0 = any free port)
+    audit_retention_days: float = DEFAULT_AUDIT_RETENTION_DAYS
+    node_name: str = ""                  # default: hostname:port (the admin `sessions` list shows it)
 
     @property
     def database_url(self) -> str:
@@ -217,6 +222,10 @@ class Outbox:
         except OSError:
             self._close_locked()
             raise ConnectionClosed() from None
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._pending)
 
     def flush_pending(self) -> None:
         """Called by the flusher when the socket is writable again."""
@@ -439,6 +448,66 @@ class ChatService:
         self.announce = announce
         self.tickets = TicketIssuer(load_or_create_ticket_key(Path(config.data_dir)))
         self._kdc_lock = threading.Lock()
+        # Operating the server (moderation.py, metrics.py): bans, kicks, the audit log, counters.
+        self.metrics = ServerMetrics()
+        self.address_bans = AddressBans()
+        self.node = config.node_name or socket.gethostname()
+
+    # -- operating the server: audit, bans, kicks --------------------------------------
+    def audit(self, event: str, username: str = "", source: str = "", detail: str = "") -> None:
+        """One audit row; never a password, key or message.  A failed write is logged, never fatal."""
+        try:
+            self.storage.audit(event, username, source, detail)
+        except DatabaseError as exc:
+            self.metrics.audit_failures.inc()
+            log.warning("audit %s not recorded: %s", event, exc)
+
+    def _refuse_if_banned(self, session: Session, username: str | None) -> bool:
+        """Network bans before any password work; account bans after it.  True if refused."""
+        ban = self.address_bans.match(session.source)
+        if ban is not None:  # the cache says banned: re-read, so a lifted ban counts at once
+            self.address_bans.load(self.storage.active_bans(time.time(), kind="address"))
+            ban = self.address_bans.match(session.source)
+        if ban is None and username is not None:
+            ban = self.storage.user_ban(username, time.time())
+        if ban is None:
+            return False
+        self.metrics.logins.labels("banned").inc()
+        self.audit("login_banned", username or "", session.source, ban.kind)
+        session.send(P.AuthFailed(code=P.AuthCode.BANNED, retry_after_s=0, reason=ban_message(ban)))
+        session.close()
+        return True
+
+    def password_changed(self, username: str, source: str) -> int:
+        """The hook for a password change (/passwd): call it once the new hash is stored.
+
+        Raises the account's ticket epoch, so every resumption ticket issued before is
+        void (docs/PROTOCOL.md section 7.1), and writes the audit row (never the
+        password).  Returns the new epoch, to issue the changing session a fresh ticket:
+        ``self.tickets.issue(username, session.identity_key, epoch)``."""
+        self.storage.bump_ticket_epoch(username)
+        self.audit("password_change", username, source)
+        return self.storage.ticket_epoch(username) or 0
+
+    def kick(self, username: str, reason: str) -> bool:
+        """End ``username``'s session here, telling them why; False if not online here."""
+        session = self.registry.session_of(username)
+        if session is None:
+            return False
+        self.metrics.kicks.inc()
+        session.close(reason[:P.MAX_REASON_BYTES // 2] or "An administrator ended your session.")
+        return True
+
+    def kick_banned_sources(self) -> int:
+        """End every session whose address a network ban now covers."""
+        ended = 0
+        for session in self.registry.all_sessions():
+            ban = self.address_bans.match(session.source)
+            if ban is not None:
+                self.metrics.kicks.inc()
+                session.close(ban_message(ban))
+                ended += 1
+        return ended
 
     # -- dispatch ----------------------------------------------------------------
     def handle(self, session: Session, msg: P.Message) -> None:
@@ -463,6 +532,8 @@ class ChatService:
     def _auth(self, session: Session, msg: P.Login | P.Register) -> None:
         session.auth_attempts += 1
         register = isinstance(msg, P.Register)
+        if self._refuse_if_banned(session, None):
+            return
         try:
             cu.load_public_key(msg.identity_key)
         except SecureIMError:
@@ -477,16 +548,19 @@ class ChatService:
                     # A new device or reinstall: peers will see the change and must accept it.
                     self.storage.set_identity_key(username, msg.identity_key)
                     log.info("a user registered a new identity key")
+                    self.audit("identity_key_changed", username, session.source)
         except AccountLocked as exc:
-            self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s, _loggable(msg.username))
+            self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s, _loggable(msg.username),
+                              username=msg.username)
             return
         except InvalidCredentials as exc:
-            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who=_loggable(msg.username))
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who=_loggable(msg.username),
+                              username=msg.username)
             return
         except (InvalidUsername, InvalidPassword, UsernameTaken) as exc:
             code = {InvalidUsername: P.AuthCode.INVALID_USERNAME, InvalidPassword: P.AuthCode.INVALID_PASSWORD,
                     UsernameTaken: P.AuthCode.USERNAME_TAKEN}[type(exc)]
-            self._auth_failed(session, code, str(exc))
+            self._auth_failed(session, code, str(exc), username=msg.username)
             return
         session.identity_key = msg.identity_key
         self._logged_in(session, username, created=register)
@@ -494,7 +568,9 @@ class ChatService:
     def _resume(self, session: Session, msg: P.Resume) -> None:
         """A resumption ticket instead of the password: no bcrypt; one database read (the epoch)."""
         session.auth_attempts += 1
-        try:
+        if self._refuse_if_banned(session, None):
+            return
+        try:  # the account's ticket epoch: a reset, changed or deleted account's tickets are void
             username, epoch = self.tickets.redeem_with_epoch(msg.ticket, msg.identity_key)
             if epoch != self.storage.get_ticket_epoch(username):  # password changed since (or no such user)
                 raise InvalidCredentials("The session ticket is invalid or expired; log in with your password.")
@@ -502,10 +578,10 @@ class ChatService:
             self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who="a session ticket")
             return
         session.identity_key = msg.identity_key
-        self._logged_in(session, username, created=False)
+        self._logged_in(session, username, created=False, how="resume")
 
     def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0,
-                     who: str = "an invalid username") -> None:
+                     who: str = "an invalid username", username: str = "") -> None:
         # Seen at the default level (an operator watches for guessing); never the password.
         if code == P.AuthCode.LOCKED:
             log.warning("login refused from %s for %s: locked for %d s after repeated failures",
@@ -514,6 +590,9 @@ class ChatService:
             log.warning("failed login from %s for %s", session.source, who)
         else:
             log.info("login failed from %s: %s", session.source, code.name)
+        locked = code == P.AuthCode.LOCKED
+        self.metrics.logins.labels("locked" if locked else "failed").inc()
+        self.audit("lockout" if locked else "login_failed", username, session.source, code.name)
         if session.auth_attempts >= self.config.max_auth_tries:
             session.send(P.AuthFailed(code=P.AuthCode.TOO_MANY_ATTEMPTS, retry_after_s=retry_after_s,
                                       reason=f"{reason} Too many attempts on this connection."))
@@ -521,7 +600,13 @@ class ChatService:
             return
         session.send(P.AuthFailed(code=code, retry_after_s=retry_after_s, reason=reason))
 
-    def _logged_in(self, session: Session, username: str, created: bool) -> None:
+    def _logged_in(self, session: Session, username: str, created: bool, how: str = "login") -> None:
+        if self._refuse_if_banned(session, username):
+            return
+        epoch = self.storage.ticket_epoch(username)
+        if epoch is None:  # deleted a moment ago
+            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, "Unknown user or wrong password.")
+            return
         old, waiting = self.registry.login(session, username)
         if old is not None and old is not session:
             # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
@@ -530,6 +615,13 @@ class ChatService:
         epoch = self.storage.get_ticket_epoch(username) or 0
         session.send(P.AuthOk(username=username, created=created,
                               ticket=self.tickets.issue(username, session.identity_key, epoch)))
+        self.metrics.logins.labels("ok").inc()
+        try:  # last login, the session row and the audit row, in one transaction
+            self.storage.record_session_start(self.node, username, session.source, time.time(),
+                                              "register" if created else how)
+        except DatabaseError as exc:
+            self.metrics.audit_failures.inc()
+            log.warning("login bookkeeping failed: %s", exc)
         self.announce(f"[SERVER]: {username} connected from {session.source}."
                       f" ({len(self.registry.online)} online)")
         for watcher in waiting:
@@ -542,6 +634,10 @@ class ChatService:
         if not was_online or session.username is None:
             return
         self.announce(f"[SERVER]: {session.username} disconnected. ({len(self.registry.online)} online)")
+        try:
+            self.storage.session_ended(self.node, session.username)
+        except DatabaseError as exc:
+            log.warning("session bookkeeping failed: %s", exc)
         for peer in peers:
             peer_session = self.registry.session_of(peer)
             if peer_session is not None:
@@ -589,6 +685,7 @@ class ChatService:
 
     # -- relay -------------------------------------------------------------------------
     def _relay(self, session: Session, msg: P.Relay) -> None:
+        started = time.perf_counter()
         me = session.username
         with self.registry.lock:
             conv = self.registry.conversations.get(msg.conversation_id)
@@ -605,13 +702,17 @@ class ChatService:
             else:
                 conv = None
         if conv is None:
+            self.metrics.undelivered.inc()
             session.send(P.Error(code=P.ErrorCode.NOT_A_MEMBER,
                                  reason="No such conversation; open it again."))
             return
         if peer_session is None or not peer_session.send(
                 P.Deliver(conversation_id=msg.conversation_id, sender=me, payload=msg.payload)):
+            self.metrics.undelivered.inc()
             session.send(P.Error(code=P.ErrorCode.PEER_OFFLINE, reason=f"{peer} is offline; message not delivered."))
             return
+        self.metrics.relayed.inc()
+        self.metrics.relay_latency.observe(time.perf_counter() - started)
         if due:
             self._distribute_key(conv.id, conv.members)
 
@@ -673,15 +774,42 @@ class ChatService:
                                                 reason="The server's database is unavailable; try again later."))
             return
         log.info("%r changed their password from %s; their earlier session tickets have ended", me, session.source)
+        self.audit("password_change", me, session.source)
         session.send(P.PasswordChanged(ticket=self.tickets.issue(me, session.identity_key, epoch)))
 
     def _who(self, session: Session, msg: P.WhoRequest) -> None:
         users = self.registry.online_users()
         session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
 
+    # -- account self-service (docs/PROTOCOL.md section 14.1) -------------------------
+    def _delete_account(self, session: Session, msg: P.DeleteAccount) -> None:
+        """The password again (bcrypt, with the login lockout) and the username typed; then it is all gone."""
+        me = session.username
+        assert me is not None
+        if msg.confirm != me:
+            session.send(P.AccountDeleted(deleted=False, reason="The confirmation is not your username; "
+                                                                "nothing was deleted."))
+            return
+        try:
+            self.auth.login(me, msg.password, session.source)
+        except AccountLocked as exc:
+            self.audit("lockout", me, session.source, "DeleteAccount")
+            session.send(P.AccountDeleted(deleted=False, reason=str(exc)))
+            return
+        except InvalidCredentials:
+            self.audit("delete_account_failed", me, session.source, "wrong password")
+            session.send(P.AccountDeleted(deleted=False, reason="Wrong password; nothing was deleted."))
+            return
+        self.storage.delete_user(me)
+        self.audit("delete_account", me, session.source)
+        session.send(P.AccountDeleted(deleted=True, reason="Your account and everything the server kept for it "
+                                                           "were deleted."))
+        session.close("Your account was deleted.")
+
     _HANDLERS = {P.Login: _auth, P.Register: _auth, P.Resume: _resume, P.OpenConversation: _open,
                  P.Relay: _relay, P.WhoRequest: _who, P.RegisterEndpoint: _register_endpoint,
                  P.DirectRequest: _direct_request, P.ChangePassword: _change_password}
+    _HANDLERS[P.DeleteAccount] = _delete_account
 
 
 # =============================================================================
@@ -714,12 +842,47 @@ class Server:
         self._stopping = threading.Event()
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
+        self.moderation = ModerationPoller(self.storage, self.service.address_bans, kick=self.service.kick,
+                                           kick_banned_sources=self.service.kick_banned_sources,
+                                           audit_retention_s=config.audit_retention_days * 86400)
+        self.metrics_endpoint: MetricsEndpoint | None = None
 
     def start(self) -> tuple[str, int]:
         listener = socket.create_server((self.config.host, self.config.port), backlog=1024, reuse_port=False)
         self._listener = listener
         self._flusher = Flusher()
-        return self.server_address
+        host, port = self.server_address
+        if not self.config.node_name:
+            self.service.node = f"{socket.gethostname()}:{port}"[:64]
+        try:
+            self.storage.clear_sessions(self.service.node)  # rows a crashed run of this node left
+        except DatabaseError as exc:
+            log.warning("cannot clear old session rows: %s", exc)
+        self.moderation.start()
+        if self.config.metrics_port is not None:
+            self._start_metrics()
+        return host, port
+
+    def _start_metrics(self) -> None:
+        registry, auth = self.service.registry, self.service.auth
+        self.service.metrics.watch(
+            open_connections=lambda: len(registry.all_sessions()),
+            online_users=lambda: len(registry.online_users()),
+            outbox_bytes=lambda: sum(s.outbox.pending_bytes for s in registry.all_sessions() if s.outbox),
+            bcrypt_queue=lambda: auth._bcrypt._work_queue.qsize(),  # noqa: SLF001 - a gauge only reads it
+            puzzle_difficulty=self.puzzle.difficulty)
+        self.metrics_endpoint = MetricsEndpoint(self.service.metrics, self.health, self.config.metrics_port or 0)
+        self.metrics_endpoint.start()
+
+    def health(self) -> str | None:
+        """None when healthy (accepting, database answering), else the reason: the /healthz answer."""
+        if self._stopping.is_set() or self._listener is None:
+            return "shutting down"
+        try:
+            self.storage.count_users()
+        except DatabaseError:
+            return "database"
+        return None
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -761,7 +924,9 @@ class Server:
                 session, self.config.max_connections, self.config.max_unauthenticated,
                 self.config.max_unauthenticated_per_source)
         if refusal is None:
+            self.service.metrics.connections.inc()
             return session
+        self.service.metrics.connections_refused.inc()
         log.warning("refused a connection from %s: %s", source, refusal)
         try:
             sock.send(P.encode_frame(P.HandshakeError(code=P.HandshakeErrorCode.BUSY).encode()), socket.MSG_DONTWAIT)
@@ -827,6 +992,9 @@ class Server:
 
     def shutdown(self, reason: str = "The server is shutting down.") -> None:
         self._stopping.set()
+        self.moderation.stop()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         if self._listener is not None:
             try:
                 self._listener.close()
@@ -893,6 +1061,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", type=_log_level, default="WARNING", metavar="LEVEL",
                    help="log detail on stderr: DEBUG, INFO, WARNING or ERROR, in any case; WARNING shows "
                         "failed logins and lockouts (never passwords)")
+    # Operating the server (admin.py, console.py, metrics.py); `python server.py admin --help` for the rest.
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics and /healthz on 127.0.0.1:PORT (0 = any free port)")
+    p.add_argument("--audit-retention-days", type=float, default=DEFAULT_AUDIT_RETENTION_DAYS,
+                   help=f"keep audit rows this long (default {DEFAULT_AUDIT_RETENTION_DAYS:g})")
+    p.add_argument("--console", choices=["auto", "on", "off"], default="auto",
+                   help="operator commands on stdin (/help): auto = only when stdin is a terminal")
     return p
 
 
@@ -922,6 +1097,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not 0 <= args.puzzle_bits <= 22:
         raise ConfigError("--puzzle-bits must be between 0 and 22.")
     check_data_dir(args.data_dir)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError("--metrics-port must be between 0 and 65535.")
+    if not 0 < args.audit_retention_days <= 36500:
+        raise ConfigError("--audit-retention-days must be between 0 and 36500.")
     return ServerConfig(host=args.host, port=args.port, db_url=args.db_url, data_dir=args.data_dir,
                         cipher=args.cipher, bcrypt_cost=args.bcrypt_cost, rekey_after_messages=args.rekey_messages,
                         rekey_after_s=args.rekey_minutes * 60, login_grace_s=args.login_grace,
@@ -929,7 +1108,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_unauthenticated=args.max_unauthenticated,
                         max_unauthenticated_per_source=args.max_unauthenticated_per_source,
                         connections_per_source_per_s=args.connections_per_second,
-                        connection_burst_per_source=max(1, int(args.connections_per_second * 3)))
+                        connection_burst_per_source=max(1, int(args.connections_per_second * 3)),
+                        metrics_port=args.metrics_port, audit_retention_days=args.audit_retention_days)
 
 
 class _Stop(Exception):
@@ -940,7 +1120,20 @@ def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
     raise _Stop()
 
 
+def _stdin_is_our_terminal() -> bool:
+    """A terminal, and we are in its foreground (``server.py &`` must not stop on reading it)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty() and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:  # the operator's command line (admin.py)
+        import admin
+
+        return admin.main(argv[1:])
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt=TIME_FORMAT)
@@ -959,10 +1152,21 @@ def main(argv: list[str] | None = None) -> int:
     say("[SERVER]: Initialization complete.")
     say(f"[SERVER]: Listening on {host}:{port} ({config.cipher}, database: {server.storage.backend}).")
     say(f"[SERVER]: Server identity fingerprint: {server.fingerprint}")
+    if server.metrics_endpoint is not None:
+        say(f"[SERVER]: Metrics on http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
+            f" (health: /healthz).")
+    if args.console == "on" or (args.console == "auto" and _stdin_is_our_terminal()):
+        from admin import AdminOps
+        from console import ServerConsole
+
+        if hasattr(signal, "SIGTTIN"):  # sent to the background later: a read fails (the console ends), no stop
+            signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+        ServerConsole(AdminOps(server.storage, "console", bcrypt_cost=config.bcrypt_cost), sys.stdin, say).start()
+        say("[SERVER]: Console ready; type /help.")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    say("[SERVER]: Ready to accept connections.")
-    try:
+    try:  # "Ready" inside the try: a SIGTERM right after it still stops cleanly
+        say("[SERVER]: Ready to accept connections.")
         server.serve_forever()
     except _Stop:
         pass

@@ -29,6 +29,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "server.py"), "--port", "0", "--data-dir", str(data_dir),
              "--bcrypt-cost", "4", *extra],
+            stdin=subprocess.DEVNULL,  # never the developer's terminal: no server console in tests
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(data_dir.parent))
         self.lines: list[str] = []
         for line in self._read_until("[SERVER]: Ready to accept connections."):
