@@ -313,7 +313,7 @@ def test_the_console_on_a_piped_stdin(tmp_path):
         proc.stdin.write("/help\n/users\n/bogus\n/kick nobody\n/ban alice 1h too loud\n")
         proc.stdin.flush()
         until("Console commands")
-        assert re.match(r"\[SERVER\]: alice\s", until("[SERVER]: alice "))
+        assert re.search(r"\[SERVER\]: alice\s", until("[SERVER]: alice "))
         assert "Unknown command '/bogus'" in until("Unknown command")
         assert "No user named 'nobody'." in until("No user named")
         until("Banned alice")
