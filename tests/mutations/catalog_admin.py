@@ -42,14 +42,6 @@ MUTATIONS: list[Mutation] = [
         why="Sessions from a newly banned network stay connected.",
     ),
     Mutation(
-        name="admin-reset-ends-tickets-check",
-        file="tickets.py",
-        find="        if current_epoch is not None and current_epoch(username) != epoch:",
-        replace="        if False:",
-        tests=(T + "test_reset_password_ends_tickets_and_the_old_password",),
-        why="Whoever holds a ticket from before a password reset (a thief of the old session) resumes anyway.",
-    ),
-    Mutation(
         name="admin-reset-bumps-ticket-epoch",
         file="admin.py",
         find="        self.storage.bump_ticket_epoch(name)",
@@ -60,9 +52,10 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="admin-audit-never-stores-password",
         file="server.py",
-        find="self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), username=msg.username)",
-        replace="self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), "
-                "username=msg.username + msg.password.decode('utf-8', 'replace'))",
+        find="self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who=_loggable(msg.username),\n"
+             "                              username=msg.username)",
+        replace="self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who=_loggable(msg.username),\n"
+                "                              username=msg.username + msg.password.decode('utf-8', 'replace'))",
         tests=(T + "test_audit_log_on_sqlite_has_the_rows_and_no_secret",
                T + "test_audit_log_on_mariadb_has_the_rows_and_no_secret"),
         why="Mistyped passwords (often a real password of another site) end up readable in the audit log.",

@@ -56,8 +56,9 @@ MUTATIONS: list[Mutation] = [
         file="server.py",
         find="if epoch != self.storage.get_ticket_epoch(username):",
         replace="if False:",
-        tests=(f"{_UX}::test_passwd_ends_every_resumption_ticket",),
-        why="a password change leaves earlier tickets valid: a stolen client keeps the account for 12 hours.",
+        tests=(f"{_UX}::test_passwd_ends_every_resumption_ticket",
+               "tests/test_admin.py::test_reset_password_ends_tickets_and_the_old_password"),
+        why="a password change or an administrator's reset leaves earlier tickets valid: a stolen client keeps the account for 12 hours.",
     ),
     Mutation(
         name="passwd-old-password-unchecked",

@@ -470,7 +470,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="client-sanitiser",
         file="clientlib.py",
-        find='if cat in ("Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"):',
+        find='if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS):',
         replace="if False:",
         tests=(f"{ATTACKS}::test_A34_terminal_escape_sequences_are_neutralised",),
         why="Control, format and bidi characters from peers are shown escaped: raw, peers rewrite the screen.",
