@@ -7,7 +7,7 @@ future quantum computer").
 
 from __future__ import annotations
 
-from tests.mutations.model import Mutation
+from model import Mutation
 
 PQ = "tests/test_attacks_pq.py::"
 VEC = "tests/test_vectors_mlkem.py::"
