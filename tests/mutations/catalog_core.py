@@ -251,9 +251,17 @@ MUTATIONS: list[Mutation] = [
         file="diffiehellman.py",
         find="        return GROUPS[name]\n",
         replace='        return GROUPS.get(name, GROUPS["modp2048"])\n',
+        tests=(f"{DH}::test_groups_not_on_allowlist_are_refused",),
+        why="Group names off the allowlist are refused, never mapped to some default group (fail closed).",
+    ),
+    Mutation(
+        name="handshake-group-allowlist",
+        file="protocol.py",
+        find="return (name in GROUPS and (self._allowed_groups is None",
+        replace="return ((self._allowed_groups is None",
         tests=(f"{ATTACKS}::test_A29_groups_off_the_allowlist_on_the_wire",
                _handshake_case("A07 downgrade the group to modp1024")),
-        why="Group names off the allowlist are refused, never mapped to some default group (fail closed).",
+        why="The server picks only allowlisted groups from the client's offer; an unknown name is refused on the wire.",
     ),
     Mutation(
         name="dh-public-value-range",
