@@ -105,6 +105,14 @@ MUTATIONS: list[Mutation] = [
         why="A conversation root without ML-KEM falls to a server that kept the KDC key and later breaks X25519.",
     ),
     Mutation(
+        name="pq-e2e-root-without-x25519",
+        file="e2e.py",
+        find="    return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
+        replace="    return cu.hkdf(kdc_key + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
+        tests=(PQ + "test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets",),
+        why="A conversation root without X25519 rests on ML-KEM alone: a flaw in the new scheme would open it.",
+    ),
+    Mutation(
         name="pq-e2e-share-size-unchecked",
         file="e2e.py",
         find="        if len(payload) != layout.size:",
