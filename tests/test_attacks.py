@@ -298,6 +298,17 @@ def test_record_tampering_is_detected_and_nothing_wrong_is_shown(tmp_path, kind,
 def test_A27_oversized_frame_from_a_client_closes_only_that_client(tmp_path):
     attack = ArmedAttack("c2s", "oversize")
     with running_server(tmp_path / "srv") as server:
+        # The server sends alice its farewell before it forgets her session: wait for that
+        # (an event, not a sleep) so bob's who list below cannot race it.
+        alice_gone = threading.Event()
+        forget = server.service.disconnected
+
+        def disconnected(session):
+            forget(session)
+            if session.username == "alice":
+                alice_gone.set()
+
+        server.service.disconnected = disconnected
         proxy, alice = via_proxy(server, tmp_path, attack, name="alice")
         alice.connect()
         alice.register("alice", PASSWORD)
@@ -306,6 +317,7 @@ def test_A27_oversized_frame_from_a_client_closes_only_that_client(tmp_path):
         attack.armed.set()
         alice.who()
         wait_for(alice, C.Disconnected, timeout=15)
+        assert alice_gone.wait(15)
         bob.who()
         assert wait_for(bob, C.WhoList).users == ("bob",)
         proxy.close()

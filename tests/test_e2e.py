@@ -260,29 +260,57 @@ def _open_pair(server, tmp_path):
     return alice, bob
 
 
-def _server_transcript(cid, generation, shares, identities):
+def _server_transcript(cid, generation, shares, replies, identities):
     """The e2e root's salt, computed (as the server can) from public values only: the
-    conversation id, the generation, both names with their relayed shares, both identity keys."""
-    names = sorted(shares.items())
+    conversation id, the generation, per user in name order their name, their relayed share
+    (X25519 || ML-KEM encapsulation key) and the relayed ML-KEM ciphertext sent *to* them
+    (the other user's reply), then both identity keys."""
+    names = sorted(shares)
+    sent_to = {n: replies[other] for n in names for other in names if other != n}
     return cu.sha256(b"secureim/v1 e2e root" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
-                     + b"".join(bytes([len(n)]) + n.encode() + s for n, s in names)
+                     + b"".join(bytes([len(n)]) + n.encode() + shares[n] + sent_to[n] for n in names)
                      + b"".join(sorted(identities.values())))
 
 
-def _server_candidate_roots(kdc_keys, cid, generation, shares, identities, extra_ikm=()):
-    """Every root key the server could derive from what it holds: every KDC key it made,
-    alone or with the relayed shares (in either order), the identity keys, zero DH output,
-    under the real transcript or no salt; and the raw material itself taken as a root."""
-    transcript = _server_transcript(cid, generation, shares, identities)
-    publics = [s for _n, s in sorted(shares.items())]
+_ROOT_LABELS = ("e2e root x25519-mlkem768", "e2e root")
+
+
+def _server_candidate_roots(kdc_keys, cid, generation, shares, replies, identities, secrets=None):
+    """Every root key the server could derive from what it holds: every KDC key it made, the
+    relayed shares (X25519 publics, ML-KEM encapsulation keys), the relayed ML-KEM ciphertexts,
+    the identity keys, names and ids; under the real transcript or no salt, the current or the
+    pre-hybrid label; and the raw material itself taken as a root.
+
+    ``shares`` maps each user to their relayed X25519 || encapsulation key, ``replies`` each
+    user to the ML-KEM ciphertext they sent.  The server lacks three secrets (the X25519
+    output and the two ML-KEM secrets); in their place it tries what it can compute.  The
+    control test passes the real ones as ``secrets`` = (dh, {user: ML-KEM secret encapsulated
+    to that user}) to show the candidates then include the clients' root exactly."""
+    transcript = _server_transcript(cid, generation, shares, replies, identities)
+    names = sorted(shares)
+    publics = [shares[n] for n in names]
+    xs, eks = [p[:32] for p in publics], [p[32:] for p in publics]
+    cts = [replies[n] for n in names]
     ids = sorted(identities.values())
-    ikms = [transcript, b"".join(publics), b"".join(reversed(publics)), b"".join(ids), bytes(32), *extra_ikm]
+    dh_guesses = [bytes(32), *xs]
+    kem_guesses = [[bytes(32), *(cu.sha256(c) for c in cts), *(cu.sha256(e) for e in eks)] for _n in names]
+    if secrets is not None:
+        dh, kem_secrets = secrets
+        if dh is not None:
+            dh_guesses.append(dh)
+        for guesses, n in zip(kem_guesses, names):
+            if n in kem_secrets:
+                guesses.append(kem_secrets[n])
+    hybrids = [d + a + b for d in dh_guesses for a in kem_guesses[0] for b in kem_guesses[1]]
+    ikms = [transcript, b"".join(publics), b"".join(reversed(publics)), b"".join(cts), b"".join(ids), bytes(32)]
     for k in kdc_keys:
-        ikms += [k, k + bytes(32), k + transcript, k + b"".join(publics), k + b"".join(reversed(publics)),
-                 k + b"".join(ids), *(k + p for p in publics)]
+        ikms += [k, k + transcript, k + b"".join(publics), k + b"".join(reversed(publics)), k + b"".join(cts),
+                 k + b"".join(ids), *(k + p for p in publics), *(k + d for d in dh_guesses),
+                 *(k + h for h in hybrids)]
     for ikm in ikms:
-        for salt in (transcript, None):
-            yield cu.hkdf(ikm, salt=salt, info=cu.label("e2e root"), length=32)
+        for label in _ROOT_LABELS:
+            for salt in (transcript, None):
+                yield cu.hkdf(ikm, salt=salt, info=cu.label(label), length=32)
         yield ikm[:32].ljust(32, b"\0")
 
 
@@ -306,7 +334,8 @@ def _opened_by_any_root(roots, payload, sender, recipient, cid, suite):
 
 def test_the_server_side_reconstruction_opens_messages_given_the_dh_secret():
     """Control for the curious-server test: its derivations mirror the clients' exactly, so
-    with the one thing the server lacks (the DH output) they open the message; without it, not."""
+    with the secrets the server lacks (the X25519 output and both ML-KEM secrets) they open
+    the message; without them, or with only some of them, not."""
     suite = cu.get_suite("3des")
     ida, idb = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     alice = e2e.E2ESession("alice", ida, "bob", cu.public_bytes(idb), 42, suite)
@@ -314,22 +343,32 @@ def test_the_server_side_reconstruction_opens_messages_given_the_dh_secret():
     kdc_key = suite.generate_key()
     share_a, share_b = alice.new_generation(3, kdc_key), bob.new_generation(3, kdc_key)
     alice_private = alice._generations[3].my_private
-    alice.receive_share(share_b)
-    bob.receive_share(share_a)
+    alice_kem, bob_kem = alice._generations[3].my_kem, bob._generations[3].my_kem
+    reply_a, reply_b = alice.receive_share(share_b), bob.receive_share(share_a)
+    assert alice.receive_share(reply_b) is None and bob.receive_share(reply_a) is None
     payload = [alice.seal(f"m{i}") for i in range(3)][2]
-    shares = {"alice": e2e.SHARE.unpack(share_a)[2], "bob": e2e.SHARE.unpack(share_b)[2]}
+    shares = {user: b"".join(e2e.SHARE.unpack(share)[2:4]) for user, share in (("alice", share_a), ("bob", share_b))}
+    replies = {"alice": e2e.KEM_REPLY.unpack(reply_a)[2], "bob": e2e.KEM_REPLY.unpack(reply_b)[2]}
     identities = {"alice": cu.public_bytes(ida), "bob": cu.public_bytes(idb)}
-    dh = alice_private.exchange(X25519PublicKey.from_public_bytes(shares["bob"]))
-    assert _opened_by_any_root(_server_candidate_roots([kdc_key], 42, 3, shares, identities),
-                               payload, "alice", "bob", 42, suite) is None
-    with_dh = _server_candidate_roots([kdc_key], 42, 3, shares, identities, extra_ikm=[kdc_key + dh])
-    assert _opened_by_any_root(with_dh, payload, "alice", "bob", 42, suite) == "m2"
+    dh = alice_private.exchange(X25519PublicKey.from_public_bytes(shares["bob"][:32]))
+    kem_secrets = {"alice": alice_kem.decapsulate(replies["bob"]), "bob": bob_kem.decapsulate(replies["alice"])}
+
+    def opened(secrets):
+        roots = _server_candidate_roots([kdc_key], 42, 3, shares, replies, identities, secrets)
+        return _opened_by_any_root(roots, payload, "alice", "bob", 42, suite)
+
+    assert opened(None) is None
+    assert opened((dh, {})) is None                                      # X25519 alone
+    assert opened((None, kem_secrets)) is None                           # ML-KEM alone
+    assert opened((dh, {"alice": kem_secrets["alice"]})) is None         # one ML-KEM secret short
+    assert opened((dh, kem_secrets)) == "m2"
 
 
 def test_curious_server_cannot_read_messages(tmp_path):
     """The server records everything it relays and keeps every KDC key, then computes every
-    derivation it can reproduce (real transcript, real ids and names, relayed shares,
-    identity keys) and tries each on every message.  None may open."""
+    derivation it can reproduce (real transcript, real ids and names, relayed X25519 shares,
+    ML-KEM encapsulation keys and ciphertexts, identity keys) and tries each on every message.
+    None may open."""
     secrets_sent = [f"secret number {i}" for i in range(10)]
     relayed = []
     # A rekey itself takes 4 relays (2 shares, 2 ML-KEM replies): a limit of 6 keeps rekeys
@@ -359,19 +398,24 @@ def test_curious_server_cannot_read_messages(tmp_path):
     for text in secrets_sent:
         assert text.encode() not in everything
     shares: dict[tuple[int, int], dict[str, bytes]] = {}
+    replies: dict[tuple[int, int], dict[str, bytes]] = {}
     for sender, cid, payload in relayed:
         if payload[:1] == bytes([e2e.KIND_SHARE]):
-            _kind, generation, share, _sig = e2e.SHARE.unpack(payload)
-            shares.setdefault((cid, generation), {})[sender] = share
+            _kind, generation, x_public, encapsulation_key, _sig = e2e.SHARE.unpack(payload)
+            shares.setdefault((cid, generation), {})[sender] = x_public + encapsulation_key
+        elif payload[:1] == bytes([e2e.KIND_KEM_REPLY]):
+            _kind, generation, ciphertext, _sig = e2e.KEM_REPLY.unpack(payload)
+            replies.setdefault((cid, generation), {})[sender] = ciphertext
     messages = [(s, c, p) for s, c, p in relayed if p[:1] == bytes([e2e.KIND_MESSAGE])]
     assert len(messages) == len(secrets_sent) + 1
     suite = cu.get_suite("3des")
     for sender, cid, payload in messages:
         generation = e2e.MESSAGE_HEADER.unpack_from(payload)[1]
         gen_shares = shares[(cid, generation)]
-        assert set(gen_shares) == {"alice", "bob"}  # the server saw both shares of this generation
+        gen_replies = replies[(cid, generation)]
+        assert set(gen_shares) == set(gen_replies) == {"alice", "bob"}  # it saw both shares and both replies
         recipient = "bob" if sender == "alice" else "alice"
-        roots = _server_candidate_roots(kdc.keys, cid, generation, gen_shares, identities)
+        roots = _server_candidate_roots(kdc.keys, cid, generation, gen_shares, gen_replies, identities)
         assert _opened_by_any_root(roots, payload, sender, recipient, cid, suite) is None
 
 

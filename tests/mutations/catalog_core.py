@@ -31,10 +31,11 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="e2e-root-without-dh",
         file="e2e.py",
-        find="root = cu.hkdf(gen.kdc_key + dh, salt=transcript",
-        replace="root = cu.hkdf(gen.kdc_key, salt=transcript",
+        find="    return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
+        replace="    return cu.hkdf(kdc_key, salt=transcript_hash,",
         tests=(f"{E2E}::test_curious_server_cannot_read_messages",),
-        why="The e2e root must mix the clients' DH secret: with the KDC key alone the server reads every message.",
+        why="The e2e root must mix the clients' secrets (X25519 and ML-KEM): with the KDC key alone the server "
+            "reads every message.",
     ),
     Mutation(
         name="e2e-skipped-key-not-deleted",
@@ -47,8 +48,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="e2e-share-signature",
         file="e2e.py",
-        find="if not cu.verify_signature(self.peer_identity, signature,",
-        replace="if False and not cu.verify_signature(self.peer_identity, signature,",
+        find="if not cu.verify_signature(self.peer_identity, signature,\n",
+        replace="if False and not cu.verify_signature(self.peer_identity, signature,\n",
         tests=(f"{E2E}::test_shares_must_be_signed_by_the_peer_for_this_conversation",
                f"{E2E}::test_active_server_swapping_dh_shares_is_caught_by_both_clients"),
         why="Key shares are signed by the peer's identity key: unsigned, the server swaps in its own DH shares.",
@@ -174,8 +175,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="handshake-configured-groups",
         file="protocol.py",
-        find="if self._allowed_groups is not None and group.name not in self._allowed_groups:",
-        replace="if False:",
+        find="(self._allowed_groups is None or name in self._allowed_groups)",
+        replace="True",
         tests=(f"{PROTO}::test_server_refuses_groups_disabled_by_configuration",),
         why="Groups the operator disabled are refused, not used.",
     ),
@@ -250,9 +251,17 @@ MUTATIONS: list[Mutation] = [
         file="diffiehellman.py",
         find="        return GROUPS[name]\n",
         replace='        return GROUPS.get(name, GROUPS["modp2048"])\n',
+        tests=(f"{DH}::test_groups_not_on_allowlist_are_refused",),
+        why="Group names off the allowlist are refused, never mapped to some default group (fail closed).",
+    ),
+    Mutation(
+        name="handshake-group-allowlist",
+        file="protocol.py",
+        find="return (name in GROUPS and (self._allowed_groups is None",
+        replace="return ((self._allowed_groups is None",
         tests=(f"{ATTACKS}::test_A29_groups_off_the_allowlist_on_the_wire",
                _handshake_case("A07 downgrade the group to modp1024")),
-        why="Group names off the allowlist are refused, never mapped to some default group (fail closed).",
+        why="The server picks only allowlisted groups from the client's offer; an unknown name is refused on the wire.",
     ),
     Mutation(
         name="dh-public-value-range",

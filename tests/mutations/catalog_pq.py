@@ -7,7 +7,7 @@ future quantum computer").
 
 from __future__ import annotations
 
-from tests.mutations.model import Mutation
+from model import Mutation
 
 PQ = "tests/test_attacks_pq.py::"
 VEC = "tests/test_vectors_mlkem.py::"
@@ -103,6 +103,14 @@ MUTATIONS: list[Mutation] = [
         replace="    return cu.hkdf(kdc_key + dh, salt=transcript_hash,",
         tests=(PQ + "test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets",),
         why="A conversation root without ML-KEM falls to a server that kept the KDC key and later breaks X25519.",
+    ),
+    Mutation(
+        name="pq-e2e-root-without-x25519",
+        file="e2e.py",
+        find="    return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
+        replace="    return cu.hkdf(kdc_key + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
+        tests=(PQ + "test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets",),
+        why="A conversation root without X25519 rests on ML-KEM alone: a flaw in the new scheme would open it.",
     ),
     Mutation(
         name="pq-e2e-share-size-unchecked",
