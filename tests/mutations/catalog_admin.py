@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.mutations.model import Mutation
+from model import Mutation
 
 T = "tests/test_admin.py::"
 S = "tests/test_admin_storage.py::"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.mutations.model import Mutation
+from model import Mutation
 
 _UX = "tests/test_cli_ux.py"
 
