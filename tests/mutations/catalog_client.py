@@ -64,7 +64,7 @@ MUTATIONS: list[Mutation] = [
         name="passwd-old-password-unchecked",
         file="auth.py",
         find="        self.login(username, old_password, source)\n",
-        replace="",
+        replace="            pass\n",
         tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),
         why="anyone at an unlocked terminal changes the password without knowing it, and locks the owner out.",
     ),
@@ -72,7 +72,7 @@ MUTATIONS: list[Mutation] = [
         name="passwd-identity-not-resealed",
         file="clientlib.py",
         find="            self.identities.save(self.username, new_password, self.identity)\n",
-        replace="",
+        replace="            pass\n",
         tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),
         why="the identity key stays sealed under the old password: the next login makes a new key and "
             "every peer sees a key-change warning (and learns to click through it).",
