@@ -76,10 +76,12 @@ HANDSHAKE_ATTACKS = {
         "s2c", 0, lambda f: [rewrite(f, nonce=bytes([P.decode_message(f[4:]).nonce[0] ^ 1])
                                      + P.decode_message(f[4:]).nonce[1:])], HandshakeFailed, "signature"),
     "A03 flip a bit in the server's signature": (
-        "s2c", 1, lambda f: [rewrite(f, signature=b"\x00" + P.decode_message(f[4:]).signature[1:])],
+        "s2c", 1, lambda f: [rewrite(f, signature=bytes([P.decode_message(f[4:]).signature[0] ^ 1])
+                                     + P.decode_message(f[4:]).signature[1:])],
         HandshakeFailed, "signature"),
     "A04 flip a bit in the server's key confirmation": (
-        "s2c", 1, lambda f: [rewrite(f, confirm=b"\x00" + P.decode_message(f[4:]).confirm[1:])],
+        "s2c", 1, lambda f: [rewrite(f, confirm=bytes([P.decode_message(f[4:]).confirm[0] ^ 1])
+                                     + P.decode_message(f[4:]).confirm[1:])],
         HandshakeFailed, "confirmation"),
     "A05 substitute the client's DH value": (
         "c2s", 0, lambda f: [rewrite(f, public=DiffieHellman(DEFAULT_GROUP).public_bytes)], HandshakeFailed,
