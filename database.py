@@ -240,10 +240,6 @@ class Storage:
     def last_admin_action_id(self) -> int:
         raise NotImplementedError
 
-    def ticket_epoch(self, username: str) -> int | None:
-        """The account's ticket epoch (None: no such user).  A ticket from another epoch is void."""
-        raise NotImplementedError
-
     def bump_ticket_epoch(self, username: str) -> None:
         raise NotImplementedError
 
@@ -569,9 +565,6 @@ class SQLiteStorage(Storage):
         with self._tx() as conn:
             return conn.execute("SELECT COALESCE(MAX(id), 0) FROM admin_actions").fetchone()[0]
 
-    def ticket_epoch(self, username: str) -> int | None:
-        return self.get_ticket_epoch(username)  # one epoch per account: users.ticket_epoch
-
     def bump_ticket_epoch(self, username: str) -> None:
         with self._tx() as conn:
             conn.execute("UPDATE users SET ticket_epoch = ticket_epoch + 1 WHERE username = ?", (username,))
@@ -857,10 +850,6 @@ class MySQLStorage(Storage):
 
     def last_admin_action_id(self) -> int:
         return int(self._call("sp_last_admin_action_id")[0][0])
-
-    def ticket_epoch(self, username: str) -> int | None:
-        rows = self._call("sp_ticket_epoch", username)
-        return int(rows[0][0]) if rows else None
 
     def bump_ticket_epoch(self, username: str) -> None:
         self._call("sp_bump_ticket_epoch", username)

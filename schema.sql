@@ -288,13 +288,7 @@ BEGIN
     SELECT COALESCE(MAX(id), 0) AS id FROM admin_actions;
 END //
 
-DROP PROCEDURE IF EXISTS sp_ticket_epoch //
-CREATE PROCEDURE sp_ticket_epoch(IN p_username VARCHAR(32))
-BEGIN
-    -- The one ticket epoch of an account lives in users.ticket_epoch (see sp_change_password).
-    SELECT ticket_epoch FROM users WHERE username = p_username;
-END //
-
+-- Raising the epoch alone (an administrator's reset-password); sp_get_ticket_epoch reads it.
 DROP PROCEDURE IF EXISTS sp_bump_ticket_epoch //
 CREATE PROCEDURE sp_bump_ticket_epoch(IN p_username VARCHAR(32))
 BEGIN

@@ -487,7 +487,7 @@ class ChatService:
         ``self.tickets.issue(username, session.identity_key, epoch)``."""
         self.storage.bump_ticket_epoch(username)
         self.audit("password_change", username, source)
-        return self.storage.ticket_epoch(username) or 0
+        return self.storage.get_ticket_epoch(username) or 0
 
     def kick(self, username: str, reason: str) -> bool:
         """End ``username``'s session here, telling them why; False if not online here."""
@@ -603,7 +603,7 @@ class ChatService:
     def _logged_in(self, session: Session, username: str, created: bool, how: str = "login") -> None:
         if self._refuse_if_banned(session, username):
             return
-        epoch = self.storage.ticket_epoch(username)
+        epoch = self.storage.get_ticket_epoch(username)  # read once: the ticket below carries it
         if epoch is None:  # deleted a moment ago
             self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, "Unknown user or wrong password.")
             return
@@ -612,7 +612,6 @@ class ChatService:
             # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
             old.close("You signed in from another place; this session was closed.")
         assert session.identity_key is not None
-        epoch = self.storage.get_ticket_epoch(username) or 0
         session.send(P.AuthOk(username=username, created=created,
                               ticket=self.tickets.issue(username, session.identity_key, epoch)))
         self.metrics.logins.labels("ok").inc()

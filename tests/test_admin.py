@@ -142,7 +142,7 @@ def test_delete_user_removes_the_account_and_their_conversations(server, tmp_pat
     try:
         assert store.get_password_hash("bob") is None
         assert store.get_conversation(1) is None
-        assert store.ticket_epoch("bob") is None
+        assert store.get_ticket_epoch("bob") is None
     finally:
         store.close()
     alice.close()

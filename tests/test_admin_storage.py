@@ -68,14 +68,14 @@ def test_admin_actions_are_read_in_order_after_an_id(storage):
 
 
 def test_ticket_epoch_and_password_reset(storage):
-    assert storage.ticket_epoch("alice") is None
+    assert storage.get_ticket_epoch("alice") is None
     storage.create_user("alice", "h1")
-    assert storage.ticket_epoch("alice") == 0
+    assert storage.get_ticket_epoch("alice") == 0
     storage.record_login("alice", 123.0)
-    assert storage.ticket_epoch("alice") == 0
+    assert storage.get_ticket_epoch("alice") == 0
     storage.bump_ticket_epoch("alice")
     storage.bump_ticket_epoch("alice")
-    assert storage.ticket_epoch("alice") == 2
+    assert storage.get_ticket_epoch("alice") == 2
     assert storage.set_password_hash("alice", "h2")
     assert storage.get_password_hash("alice") == "h2"
     assert not storage.set_password_hash("nobody", "h3")
@@ -108,12 +108,12 @@ def test_delete_user_removes_everything_kept_for_them(storage):
     assert not storage.delete_user("bob")
     assert storage.get_password_hash("bob") is None
     assert storage.get_conversation(cid) is None
-    assert storage.ticket_epoch("bob") is None
+    assert storage.get_ticket_epoch("bob") is None
     assert storage.get_login_failures("bob", "1.2.3.4").failures == 0
     assert storage.list_sessions() == []
     assert [u.username for u in storage.list_users(time.time())] == ["alice"]
     storage.create_user("bob", "h")   # the name is free again, with a fresh state
-    assert storage.ticket_epoch("bob") == 0
+    assert storage.get_ticket_epoch("bob") == 0
 
 
 def test_live_sessions_per_node(storage):
