@@ -31,6 +31,7 @@ from errors import ConfigError, DatabaseError, DatabaseUnavailable
 log = logging.getLogger("secureim.database")
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"
+SCHEMA_LOCK_WAIT_S = 60  # how long a starting server waits for another one applying the schema
 POOL_SIZE = 4
 POOL_WAIT_S = 10.0
 CONNECT_TIMEOUT_S = 5
@@ -739,8 +740,17 @@ class MySQLStorage(Storage):
         """Create the tables and procedures from schema.sql (harmless to repeat)."""
         statements = split_sql_script(SCHEMA_PATH.read_text())
         with self._pool.connection() as conn, conn.cursor() as cur:
-            for stmt in statements:
-                cur.execute(stmt)
+            # Several servers starting at once (worker processes, cluster nodes) would race on
+            # DROP/CREATE PROCEDURE: one at a time, under a named lock of this database's own.
+            cur.execute("SELECT GET_LOCK(CONCAT('secureim_schema.', DATABASE()), %s)", (SCHEMA_LOCK_WAIT_S,))
+            if cur.fetchone()[0] != 1:
+                raise DatabaseUnavailable("Another server is still creating the database schema; try again.")
+            try:
+                for stmt in statements:
+                    cur.execute(stmt)
+            finally:
+                cur.execute("SELECT RELEASE_LOCK(CONCAT('secureim_schema.', DATABASE()))")
+                cur.fetchall()
 
     def _call(self, proc: str, *args: Any) -> list[tuple]:
         """Call one stored procedure with parameters; retry once on a dropped connection."""

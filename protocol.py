@@ -629,9 +629,13 @@ class TrafficKeys:
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
+    # Members are singletons: hash by identity, in C (Enum's own __hash__ is Python code, and
+    # the state tables look up (role, state) pairs for every frame).
+    __hash__ = object.__hash__
 
 
 class State(enum.Enum):
+    __hash__ = object.__hash__  # as Role: the state tables are read for every frame
     START = "start"
     AWAITING_SERVER_HELLO = "awaiting server hello"
     AWAITING_SERVER_AUTH = "awaiting server auth"

@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import selectors
+import asyncio
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,6 +42,7 @@ from puzzle import PuzzleGate
 from metrics import MetricsEndpoint, ServerMetrics
 from moderation import DEFAULT_AUDIT_RETENTION_DAYS, AddressBans, ModerationPoller, ban_message
 from tickets import TicketIssuer, load_or_create_ticket_key
+from cluster import SIGNED_IN_ELSEWHERE, Cluster, LocalCluster
 from database import Storage, open_storage
 from errors import (
     AccountLocked,
@@ -93,6 +96,11 @@ class ServerConfig:
     metrics_port: int | None = None      # Prometheus /metrics and /healthz on 127.0.0.1 (0 = any free port)
     audit_retention_days: float = DEFAULT_AUDIT_RETENTION_DAYS
     node_name: str = ""                  # default: hostname:port (the admin `sessions` list shows it)
+    worker_threads: int = 4              # threads for slow work: handshakes, logins, the database
+    reuse_port: bool = False             # SO_REUSEPORT: worker processes share the port (--workers)
+    cluster_url: str | None = None       # nats://HOST:PORT: several nodes, one service (cluster.py)
+    cluster_prefix: str = "secureim"     # NATS subjects start with this (tests use one per run)
+    identity_key_file: Path | None = None  # the service's identity (all nodes): else data_dir's
 
     @property
     def database_url(self) -> str:
@@ -100,176 +108,41 @@ class ServerConfig:
 
 
 # =============================================================================
-# Outgoing bytes: never block a thread on a slow reader
+# Sessions: one connection's protocol state and its outgoing bytes
 # =============================================================================
-LINGER_S = 1.0
-LINGER_MAX_BYTES = 1 << 20
+LINGER_S = 1.0               # after a farewell: read (and drop) what still arrives, then close
+MAX_INBOX_ITEMS = 256        # a session's unprocessed input past this: stop reading its socket
+INBOX_RESUME_ITEMS = 64
 
 
-def _linger_close(sock: socket.socket) -> None:
-    """Half-close after a farewell and read what is still arriving (bounded), so the close
-    sends FIN, not RST: an RST can destroy the farewell before the peer reads it."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(LINGER_S)
-        deadline, drained = time.monotonic() + LINGER_S, 0
-        while drained < LINGER_MAX_BYTES and time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            drained += len(chunk)
-    except OSError:
-        pass
-
-
-class Flusher:
-    """One thread that finishes writes the kernel could not take at once."""
-
-    def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
-        self._thread.start()
-
-    def watch(self, outbox: "Outbox") -> None:
-        with self._lock:
-            try:
-                self._selector.register(outbox.sock, selectors.EVENT_WRITE, outbox)
-            except (KeyError, ValueError, OSError):
-                return
-        self._wake()
-
-    def unwatch(self, outbox: "Outbox") -> None:
-        with self._lock:
-            try:
-                self._selector.unregister(outbox.sock)
-            except (KeyError, ValueError, OSError):
-                pass
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0", socket.MSG_DONTWAIT)
-        except OSError:
-            pass
-
-    def _run(self) -> None:
-        while not self._stopped:
-            events = self._selector.select(timeout=1.0)
-            for key, _mask in events:
-                if key.data is None:
-                    try:
-                        self._wake_r.recv(4096)
-                    except OSError:
-                        pass
-                    continue
-                key.data.flush_pending()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._wake()
-        self._thread.join(timeout=5)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-
-class Outbox:
-    """A connection's outgoing bytes: sent at once when possible, else queued (bounded)."""
-
-    def __init__(self, sock: socket.socket, flusher: Flusher, limit: int) -> None:
-        self.sock = sock
-        self._flusher = flusher
-        self._limit = limit
-        self._pending = bytearray()
-        self._watched = False
-        self._lock = threading.Lock()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            if self.closed:
-                raise ConnectionClosed()
-            if len(self._pending) + len(data) > self._limit:
-                self._close_locked()
-                raise ConnectionClosed("The client stopped reading; its queue is full.")
-            self._pending += data
-            if not self._watched:
-                self._flush_locked()
-
-    def _flush_locked(self) -> None:
-        if self._pending:
-            try:
-                sent = self._send_locked(bytes(self._pending))
-            except ConnectionClosed:
-                return
-            del self._pending[:sent]
-        if self._pending and not self._watched:
-            self._watched = True
-            self._flusher.watch(self)
-        elif not self._pending and self._watched:
-            self._watched = False
-            self._flusher.unwatch(self)
-
-    def _send_locked(self, data: bytes) -> int:
-        try:
-            return self.sock.send(data, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError:
-            self._close_locked()
-            raise ConnectionClosed() from None
-
-    @property
-    def pending_bytes(self) -> int:
-        return len(self._pending)
-
-    def flush_pending(self) -> None:
-        """Called by the flusher when the socket is writable again."""
-        with self._lock:
-            if self.closed:
-                self._flusher.unwatch(self)
-                return
-            self._flush_locked()
-
-    def _close_locked(self) -> None:
-        self.closed = True
-        self._watched = False
-        self._flusher.unwatch(self)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        with self._lock:
-            if not self.closed and self._pending and not self._watched:
-                try:  # a last try for what is queued (a Goodbye, say); never blocks
-                    self._send_locked(bytes(self._pending))
-                except ConnectionClosed:
-                    pass
-            self._close_locked()
-
-
-# =============================================================================
-# Sessions and the registry
-# =============================================================================
 class Session:
-    """One client connection: its protocol state machine and its outbox."""
+    """One client connection: its protocol state machine and its outgoing bytes.
 
-    def __init__(self, proto: P.ServerProtocol, outbox: Outbox | None, source: str) -> None:
+    ``send()`` may be called from any thread (the loop, a worker, the moderation
+    poller): sealing and queueing happen under the session's lock, so the
+    sequence numbers and the byte order on the wire agree.  The queued bytes are
+    written by the event loop, once per loop turn however many messages were
+    queued (``Link.flush``).
+    """
+
+    def __init__(self, proto: P.ServerProtocol, link: "Link | None", source: str) -> None:
         self.proto = proto
-        self.outbox = outbox
+        self.link = link
         self.source = source
         self.username: str | None = None
         self.auth_attempts = 0
         self.identity_key: bytes | None = None  # the user's Ed25519 public key, handed to peers
         self.udp_port: int | None = None          # direct mode: where this client listens
+        self.login_at = 0.0                        # wall clock of the login: the newest login wins
         self.lock = threading.Lock()     # one lock: seal + enqueue keep the sequence order
         self.closed = threading.Event()
+        # Loop-thread state: input not yet handled, and whether a worker has this session now.
+        self.inbox: deque = deque()
+        self.busy = False
+        self.gone = False                # the service has been told this session ended
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_due = False
 
     def send(self, msg: P.Message) -> bool:
         """Seal and queue ``msg``; False if this session is gone."""
@@ -278,12 +151,30 @@ class Session:
                 return False
             try:
                 data = self.proto.send(msg)
-                if self.outbox is not None:
-                    self.outbox.write(data)
-            except (ConnectionClosed, ProtocolError):
+            except ProtocolError:
                 self.closed.set()
                 return False
+            return self._queue_locked(data)
+
+    def _queue_locked(self, data: bytes) -> bool:
+        link = self.link
+        if link is None:
+            return True
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes + link.buffered > link.limit:  # the client stopped reading: drop it
+            self.closed.set()
+            link.abort("The client stopped reading; its queue is full.")
+            return False
+        if not self._flush_due:
+            self._flush_due = True
+            link.flush_soon()
         return True
+
+    def take_output(self) -> bytes:
+        with self.lock:
+            out, self._out, self._out_bytes, self._flush_due = self._out, [], 0, False
+        return b"".join(out)
 
     def receive(self, data: bytes) -> tuple[list, bytes]:
         with self.lock:
@@ -291,15 +182,128 @@ class Session:
             return events, self.proto.data_to_send()
 
     def write_raw(self, data: bytes) -> None:
-        if data and self.outbox is not None:
-            self.outbox.write(data)
+        if data:
+            with self.lock:
+                self._queue_locked(data)
 
     def close(self, reason: str | None = None) -> None:
+        """Say ``reason`` (a sealed Goodbye) if the session is up, then close; any thread."""
         if reason and self.proto.established:
             self.send(P.Goodbye(reason=reason))
         self.closed.set()
-        if self.outbox is not None:
-            self.outbox.close()
+        if self.link is not None:
+            self.link.close_soon()
+
+
+class Link(asyncio.Protocol):
+    """The event-loop end of one TCP connection: bytes in to the server, queued bytes out."""
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+        self.loop = server.loop
+        self.limit = server.config.outbox_limit_bytes
+        self.buffered = 0  # bytes written but not yet taken by the kernel (the loop updates it)
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.lingering = False
+        self.peer_eof = False
+        self._closing = False
+
+    # -- asyncio callbacks (loop thread) ----------------------------------------------
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
+            except OSError:
+                pass
+        self.session = self.server._admit(self, peer[0])
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering or self.session is None:
+            return  # a farewell is on its way: what still arrives is read and dropped
+        self.server._feed(self.session, data)
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.buffered = self.transport.get_write_buffer_size()
+
+    def resume_writing(self) -> None:  # the kernel took most of it: the count is fresh again
+        if self.transport is not None:
+            self.buffered = self.transport.get_write_buffer_size()
+
+    def eof_received(self) -> bool:
+        """The peer has sent all it will: answer what it sent, then close (half-open until then)."""
+        self.peer_eof = True
+        if self.session is None or not self.lingering:
+            self.server._pump(self.session) if self.session is not None else None
+        if self.lingering and self.transport is not None:
+            self.transport.close()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        if self.session is not None:
+            self.server._lost(self.session)
+
+    # -- called from any thread ---------------------------------------------------------
+    def _call(self, fn, *args) -> None:
+        if threading.get_ident() == self.server.loop_thread_id:
+            self.loop.call_soon(fn, *args)
+        else:
+            try:
+                self.loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop has stopped: the server is gone
+                pass
+
+    def flush_soon(self) -> None:
+        self._call(self.flush)
+
+    def close_soon(self) -> None:
+        self._call(self._close_gracefully)
+
+    def abort(self, why: str) -> None:
+        log.info("closed %s: %s", self.session.source if self.session else "?", why)
+        self._call(self._abort)
+
+    # -- loop thread -------------------------------------------------------------------
+    def flush(self) -> None:
+        transport, session = self.transport, self.session
+        if transport is None or session is None or transport.is_closing():
+            return
+        data = session.take_output()
+        if data:
+            transport.write(data)
+        self.buffered = transport.get_write_buffer_size()  # what the kernel has not taken yet
+
+    def _close_gracefully(self) -> None:
+        """Write what is queued, half-close, read until the peer closes (bounded), then close.
+
+        Closing at once with unread input makes the kernel send RST, which can destroy
+        the farewell before the peer reads it."""
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        self.flush()
+        self.lingering = True
+        if self.session is not None:
+            self.server._lost(self.session)  # others see the user gone at once, not after the linger
+        transport = self.transport
+        if transport.is_closing():
+            return
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.close()
+            return
+        self.loop.call_later(LINGER_S, transport.close)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class SourceRateLimiter:
@@ -332,6 +336,7 @@ class LiveConversation:
     keyed_at: float
     messages: int = 0
     bytes_relayed: int = 0
+    rekey_pending: bool = False
 
 
 @dataclass
@@ -372,6 +377,8 @@ class Registry:
     def login(self, session: Session, username: str) -> tuple[Session | None, set[str]]:
         """Mark ``username`` online; returns the replaced session and who should be told."""
         with self.lock:
+            if session.closed.is_set():  # it ended while a worker checked its password
+                raise ConnectionClosed("The connection closed during the login.")
             old = self.online.get(username)
             self.online[username] = session
             if session.username is None:
@@ -438,7 +445,7 @@ class ChatService:
     """Login, presence, KDC and relay.  No sockets; tests drive it directly."""
 
     def __init__(self, storage: Storage, config: ServerConfig,
-                 announce: Callable[[str], None] = lambda line: None) -> None:
+                 announce: Callable[[str], None] = lambda line: None, *, ticket_key: bytes | None = None) -> None:
         self.storage = storage
         self.config = config
         self.suite = cu.get_suite(config.cipher, tdes_backend=config.tdes_backend)
@@ -446,12 +453,44 @@ class ChatService:
                                 max_failures=config.max_failures, lock_s=config.lock_s)
         self.registry = Registry()
         self.announce = announce
-        self.tickets = TicketIssuer(load_or_create_ticket_key(Path(config.data_dir)))
+        ticket_key = ticket_key or load_or_create_ticket_key(Path(config.data_dir))
+        self.tickets = TicketIssuer(ticket_key)
         self._kdc_lock = threading.Lock()
         # Operating the server (moderation.py, metrics.py): bans, kicks, the audit log, counters.
         self.metrics = ServerMetrics()
         self.address_bans = AddressBans()
         self.node = config.node_name or socket.gethostname()
+        self.relayed = 0  # messages relayed (the loop thread counts; the metric reads it)
+        self.metrics.relayed_total = lambda: self.relayed
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread_id: int | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.cluster: Cluster = LocalCluster()
+        if config.cluster_url:
+            from cluster_nats import NatsCluster, bus_key
+
+            self.cluster = NatsCluster(config.cluster_url, config.cluster_prefix, bus_key(ticket_key),
+                                       config.node_name or socket.gethostname())
+
+    def attach(self, loop: asyncio.AbstractEventLoop, loop_thread_id: int | None, pool: ThreadPoolExecutor) -> None:
+        """Serve from ``loop`` with slow work on ``pool`` (Server.start calls this)."""
+        self.loop, self.loop_thread_id, self.pool = loop, loop_thread_id, pool
+        self.cluster.start(self)
+
+    def learn_conversation(self, cid: int, members: tuple[str, str], generation: int) -> None:
+        """Another node's KDC keyed a conversation with one of our users: relay it from here too."""
+        with self.registry.lock:
+            self.registry.conversations[cid] = LiveConversation(cid, members, generation, time.monotonic())
+
+    def replaced_elsewhere(self, session: Session) -> None:
+        """``session``'s user logged in on another node: end it here (the cluster announces the new one)."""
+        session.gone = True  # this bookkeeping instead of disconnected(): the user is not offline
+        self.registry.remove(session)
+        self.run_slow(self._session_ended, session.username)
+        session.close(SIGNED_IN_ELSEWHERE)
+
+    def cluster_stop(self) -> None:
+        self.cluster.stop()
 
     # -- operating the server: audit, bans, kicks --------------------------------------
     def audit(self, event: str, username: str = "", source: str = "", detail: str = "") -> None:
@@ -607,11 +646,16 @@ class ChatService:
         if epoch is None:  # deleted a moment ago
             self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, "Unknown user or wrong password.")
             return
-        old, waiting = self.registry.login(session, username)
+        try:
+            old, waiting = self.registry.login(session, username)
+        except ConnectionClosed:
+            return
+        session.login_at = time.time()
         if old is not None and old is not session:
             # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
-            old.close("You signed in from another place; this session was closed.")
+            old.close(SIGNED_IN_ELSEWHERE)
         assert session.identity_key is not None
+        self.cluster.user_online(username, session.login_at, session.identity_key)  # other nodes drop theirs
         session.send(P.AuthOk(username=username, created=created,
                               ticket=self.tickets.issue(username, session.identity_key, epoch)))
         self.metrics.logins.labels("ok").inc()
@@ -632,15 +676,23 @@ class ChatService:
         was_online, peers = self.registry.remove(session)
         if not was_online or session.username is None:
             return
-        self.announce(f"[SERVER]: {session.username} disconnected. ({len(self.registry.online)} online)")
-        try:
-            self.storage.session_ended(self.node, session.username)
-        except DatabaseError as exc:
-            log.warning("session bookkeeping failed: %s", exc)
+        username = session.username
+        self.announce(f"[SERVER]: {username} disconnected. ({len(self.registry.online)} online)")
+        self.cluster.user_offline(username, session.login_at)
+        self.run_slow(self._session_ended, username)
+        self.notify_offline(username, peers)
+
+    def notify_offline(self, username: str, peers: list[str]) -> None:
         for peer in peers:
             peer_session = self.registry.session_of(peer)
             if peer_session is not None:
-                peer_session.send(P.PeerStatus(peer=session.username, online=False, known=True, notice=True))
+                peer_session.send(P.PeerStatus(peer=username, online=False, known=True, notice=True))
+
+    def _session_ended(self, username: str) -> None:
+        try:
+            self.storage.session_ended(self.node, username)
+        except DatabaseError as exc:
+            log.warning("session bookkeeping failed: %s", exc)
 
     # -- presence and the KDC ------------------------------------------------------
     def _open(self, session: Session, msg: P.OpenConversation) -> None:
@@ -656,7 +708,7 @@ class ChatService:
                                  reason="You cannot open a conversation with yourself."))
             return
         peer_session = self.registry.session_of(peer)
-        if peer_session is None:
+        if peer_session is None and not self.cluster.is_remote(peer):
             known = self.storage.get_password_hash(peer) is not None
             if known:
                 self.registry.watch(me, peer)
@@ -667,53 +719,113 @@ class ChatService:
         self._distribute_key(cid, (me, peer) if me < peer else (peer, me))
 
     def _distribute_key(self, cid: int, members: tuple[str, str]) -> None:
-        """KDC: a fresh key for the conversation, sent to both members, then forgotten."""
+        """KDC: a fresh key for the conversation, sent to both members, then forgotten.
+
+        The generation comes from the database (a worker's job); the hand-out runs on the
+        loop thread, in one go, so no relayed frame of this conversation can slip between
+        the two members' keys (a peer's share must never arrive before the key it answers)."""
         with self._kdc_lock:
             generation = self.storage.record_key_generation(cid)
             key = self.suite.generate_key()
-            with self.registry.lock:
+        self.on_loop(self._hand_out_key, cid, members, generation, key)
+        del key  # never stored (design 000)
+
+    def _hand_out_key(self, cid: int, members: tuple[str, str], generation: int, key: bytes) -> None:
+        with self.registry.lock:
+            conv = self.registry.conversations.get(cid)
+            if conv is None or conv.members != members:
                 self.registry.conversations[cid] = LiveConversation(cid, members, generation, time.monotonic())
-            sessions = {user: self.registry.session_of(user) for user in members}
-            for user in members:
-                other = members[1] if user == members[0] else members[0]
-                mine, theirs = sessions[user], sessions[other]
-                if mine is not None and theirs is not None and theirs.identity_key is not None:
-                    mine.send(P.ConversationKey(conversation_id=cid, peer=other, suite=self.suite.suite_id,
-                                                generation=generation, key=key, peer_identity=theirs.identity_key))
-            del key  # never stored (design 000)
+            else:
+                conv.generation, conv.keyed_at, conv.messages, conv.bytes_relayed = generation, time.monotonic(), 0, 0
+        sessions = {user: self.registry.session_of(user) for user in members}
+        identities = {user: s.identity_key if s is not None else self.cluster.identity_of(user)
+                      for user, s in sessions.items()}
+        for user in members:
+            other = members[1] if user == members[0] else members[0]
+            if identities[other] is None:
+                continue
+            msg = P.ConversationKey(conversation_id=cid, peer=other, suite=self.suite.suite_id,
+                                    generation=generation, key=key, peer_identity=identities[other])
+            if sessions[user] is not None:
+                sessions[user].send(msg)
+            else:  # on another node: sealed for the cluster bus (cluster_nats.py)
+                self.cluster.send_key(user, members, generation, msg)
+            del msg
+
+    def on_loop(self, fn, *args) -> None:
+        """Run ``fn`` on the loop thread (now, if this is it): relays run there, so it runs between them."""
+        if self.loop is None or threading.get_ident() == self.loop_thread_id:
+            fn(*args)
+            return
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop has stopped
+            pass
 
     # -- relay -------------------------------------------------------------------------
     def _relay(self, session: Session, msg: P.Relay) -> None:
-        started = time.perf_counter()
+        """The hot path, on the loop thread only: no lock shared by all sessions, no database.
+
+        The conversation table is written under the registry lock by workers; a dict
+        read is atomic, and the counters below are touched by this thread alone."""
+        sampled = not self.relayed & RELAY_SAMPLE_MASK  # time one relay in 16: the histogram stays cheap
+        started = time.perf_counter() if sampled else 0.0
         me = session.username
-        with self.registry.lock:
-            conv = self.registry.conversations.get(msg.conversation_id)
-            if conv is not None and me in conv.members:
-                conv.messages += 1
-                conv.bytes_relayed += len(msg.payload)
-                age = time.monotonic() - conv.keyed_at
-                due = age >= self.config.min_rekey_interval_s and (
-                    conv.messages >= self.config.rekey_after_messages
-                    or conv.bytes_relayed >= self.suite.max_bytes_per_key // 2
-                    or age >= self.config.rekey_after_s)
-                peer = conv.members[0] if conv.members[1] == me else conv.members[1]
-                peer_session = self.registry.online.get(peer)
+        conv = self.registry.conversations.get(msg.conversation_id)
+        if conv is None or me not in conv.members:
+            self.metrics.undelivered.inc()
+            session.send(P.Error(code=P.ErrorCode.NOT_A_MEMBER, reason="No such conversation; open it again."))
+            return
+        conv.messages += 1
+        conv.bytes_relayed += len(msg.payload)
+        peer = conv.members[0] if conv.members[1] == me else conv.members[1]
+        deliver = P.Deliver(conversation_id=msg.conversation_id, sender=me, payload=msg.payload)
+        peer_session = self.registry.online.get(peer)
+        if peer_session is not None:
+            delivered = peer_session.send(deliver)
+        else:
+            delivered = self.cluster.deliver(peer, deliver)
+        if not delivered:
+            self.metrics.undelivered.inc()
+            if peer_session is None and self.cluster.is_remote(peer):
+                reason = f"{peer} is temporarily unreachable (the cluster link is down); message not delivered."
             else:
-                conv = None
-        if conv is None:
-            self.metrics.undelivered.inc()
-            session.send(P.Error(code=P.ErrorCode.NOT_A_MEMBER,
-                                 reason="No such conversation; open it again."))
+                reason = f"{peer} is offline; message not delivered."
+            session.send(P.Error(code=P.ErrorCode.PEER_OFFLINE, reason=reason))
             return
-        if peer_session is None or not peer_session.send(
-                P.Deliver(conversation_id=msg.conversation_id, sender=me, payload=msg.payload)):
-            self.metrics.undelivered.inc()
-            session.send(P.Error(code=P.ErrorCode.PEER_OFFLINE, reason=f"{peer} is offline; message not delivered."))
+        self.relayed += 1
+        if sampled:
+            self.metrics.relay_latency.observe(time.perf_counter() - started)
+        if conv.messages >= self.config.rekey_after_messages or conv.rekey_pending or \
+                conv.bytes_relayed >= self.suite.max_bytes_per_key // 2 or \
+                time.monotonic() - conv.keyed_at >= self.config.rekey_after_s:
+            self._maybe_rekey(conv)
+
+    def _maybe_rekey(self, conv: LiveConversation) -> None:
+        age = time.monotonic() - conv.keyed_at
+        if age < self.config.min_rekey_interval_s:
+            conv.rekey_pending = True  # due, but not faster than the minimum interval
             return
-        self.metrics.relayed.inc()
-        self.metrics.relay_latency.observe(time.perf_counter() - started)
-        if due:
-            self._distribute_key(conv.id, conv.members)
+        conv.rekey_pending = False
+        conv.messages, conv.bytes_relayed, conv.keyed_at = 0, 0, time.monotonic()
+        self.run_slow(self._distribute_key, conv.id, conv.members)
+
+    def run_slow(self, fn, *args) -> None:
+        """Run ``fn`` on a worker thread (database, KDC); at once when no pool is attached (tests)."""
+        if self.pool is None:
+            fn(*args)
+            return
+        try:
+            self.pool.submit(self._guarded, fn, *args)
+        except RuntimeError:  # shutting down
+            pass
+
+    @staticmethod
+    def _guarded(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("background task failed")
 
     # -- direct mode: endpoints and tickets (docs/PROTOCOL.md section 12.2) ----------
     def _register_endpoint(self, session: Session, msg: P.RegisterEndpoint) -> None:
@@ -725,27 +837,39 @@ class ChatService:
     def _direct_request(self, session: Session, msg: P.DirectRequest) -> None:
         """Hand the initiator the peer's endpoint and a ticket only the peer can open."""
         me, peer = session.username, msg.peer
-        peer_session = self.registry.session_of(peer)
+        assert me is not None
         with self.registry.lock:
             conv = next((c for c in self.registry.conversations.values() if set(c.members) == {me, peer}), None)
-        why = None
+        if conv is None:
+            answer = f"{peer} is offline." if self.registry.session_of(peer) is None and \
+                not self.cluster.is_remote(peer) else f"Open a conversation with {peer} first."
+        elif session.udp_port is None:
+            answer = "Register a UDP port first."
+        elif self.registry.session_of(peer) is None and self.cluster.is_remote(peer):
+            answer = self.cluster.direct_offer(peer, me, session.source, session.udp_port, conv.id)
+        else:
+            answer = self.direct_offer_for(peer, me, session.source, session.udp_port, conv.id)
+        if isinstance(answer, str):
+            answer = P.DirectUnavailable(peer=peer, reason=answer)
+        session.send(answer)
+
+    def direct_offer_for(self, peer: str, initiator: str, host: str, port: int,
+                         conversation_id: int) -> P.DirectOffer | str:
+        """The offer for ``initiator`` to reach ``peer`` (online here), or why not.
+
+        The ticket is sealed with the key only ``peer``'s session shares with this node,
+        so another node asks this one for it (cluster_nats.py, DIRECT)."""
+        peer_session = self.registry.session_of(peer)
         if peer_session is None:
-            why = f"{peer} is offline."
-        elif conv is None:
-            why = f"Open a conversation with {peer} first."
-        elif peer_session.udp_port is None or session.udp_port is None:
-            why = f"{peer} does not accept direct connections." if session.udp_port else "Register a UDP port first."
-        if why is not None:
-            session.send(P.DirectUnavailable(peer=peer, reason=why))
-            if peer_session is not None and conv is not None and peer_session.udp_port is None \
-                    and session.udp_port is not None and me is not None:
-                peer_session.send(P.DirectAsked(peer=me))  # the peer has not opted in: tell them who asks
-            return
+            return f"{peer} is offline."
+        if peer_session.udp_port is None:
+            peer_session.send(P.DirectAsked(peer=initiator))  # the peer has not opted in: tell them who asks
+            return f"{peer} does not accept direct connections."
         key = peer_session.proto.direct_ticket_key
-        assert key is not None and conv is not None and me is not None
-        ticket = direct.seal_ticket(key, initiator=me, host=session.source, port=session.udp_port,
-                                    conversation_id=conv.id, now_s=time.time())
-        session.send(P.DirectOffer(peer=peer, host=peer_session.source, port=peer_session.udp_port, ticket=ticket))
+        assert key is not None
+        ticket = direct.seal_ticket(key, initiator=initiator, host=host, port=port,
+                                    conversation_id=conversation_id, now_s=time.time())
+        return P.DirectOffer(peer=peer, host=peer_session.source, port=peer_session.udp_port, ticket=ticket)
 
     # -- password change (docs/PROTOCOL.md section 13) ------------------------------------
     def _change_password(self, session: Session, msg: P.ChangePassword) -> None:
@@ -777,7 +901,7 @@ class ChatService:
         session.send(P.PasswordChanged(ticket=self.tickets.issue(me, session.identity_key, epoch)))
 
     def _who(self, session: Session, msg: P.WhoRequest) -> None:
-        users = self.registry.online_users()
+        users = sorted(set(self.registry.online_users()) | set(self.cluster.remote_users()))
         session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
 
     # -- account self-service (docs/PROTOCOL.md section 14.1) -------------------------
@@ -815,11 +939,21 @@ class ChatService:
 # The socket server
 # =============================================================================
 class Server:
-    """Binds, accepts, and runs one reader thread per connection.
+    """A loop thread for every socket, a pool of worker threads for slow work.
+
+    One event loop (uvloop where it is installed, else asyncio's) owns the
+    listening socket and every connection.  Relayed messages are opened, checked
+    and re-sealed on the loop thread: that is the hot path, and it takes no lock
+    shared by all sessions.  Everything slow runs on ``workers`` threads: the
+    handshake's key agreement and signature, logins (bcrypt has its own pool,
+    auth.py), and every database call, so a login burst never stalls the relay.
+    A session's input is handled in order: while a worker has it, what arrives
+    next waits in its inbox (bounded; past that the socket is not read).
 
     The constructor loads keys and opens the database but does not listen;
-    ``start()`` binds (port 0 picks a free port), ``serve_forever()`` accepts,
-    ``shutdown()`` stops everything and closes the database.
+    ``start()`` binds (port 0 picks a free port) and starts the loop thread,
+    ``serve_forever()`` accepts until ``shutdown()``, which stops everything and
+    closes the database.
     """
 
     def __init__(self, config: ServerConfig, announce: Callable[[str], None] = lambda line: None,
@@ -828,28 +962,47 @@ class Server:
         self.announce = announce
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.identity = cu.load_or_create_identity(data_dir / IDENTITY_FILE)
+        ticket_key = None
+        if config.identity_key_file is not None:  # one identity for every node of a cluster
+            self.identity = cu.load_identity(Path(config.identity_key_file))
+            ticket_key = cu.hkdf(self.identity.private_bytes_raw(), salt=None,
+                                 info=cu.label("ticket key from the identity"), length=32)
+        else:
+            self.identity = cu.load_or_create_identity(data_dir / IDENTITY_FILE)
         self.fingerprint = cu.fingerprint(self.identity.public_key())
         self.storage = storage or open_storage(config.database_url)
-        self.service = ChatService(self.storage, config, announce)
+        if config.cluster_url and self.storage.backend.lower().startswith("sqlite"):
+            self.storage.close()
+            raise ConfigError("--cluster needs a database every node shares: use --db mysql://... "
+                              "(SQLite is one file on one machine).")
+        self.service = ChatService(self.storage, config, announce, ticket_key=ticket_key)
         self.rate_limiter = SourceRateLimiter(config.connections_per_source_per_s, config.connection_burst_per_source)
         self.puzzle = PuzzleGate(config.puzzle_mode, base_difficulty=config.puzzle_bits,
                                  load_threshold=config.puzzle_load_threshold,
                                  load=self.service.registry.unauthenticated_total)
+        self.loop = new_event_loop()
+        self.loop_thread_id: int | None = None
+        self.pool = ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="worker")
+        self._aserver: asyncio.AbstractServer | None = None
         self._listener: socket.socket | None = None
-        self._flusher: Flusher | None = None
+        self._loop_thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._threads: set[threading.Thread] = set()
-        self._threads_lock = threading.Lock()
+        self._stopped = threading.Event()
         self.moderation = ModerationPoller(self.storage, self.service.address_bans, kick=self.service.kick,
                                            kick_banned_sources=self.service.kick_banned_sources,
                                            audit_retention_s=config.audit_retention_days * 86400)
         self.metrics_endpoint: MetricsEndpoint | None = None
 
+    # -- life cycle -------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
-        listener = socket.create_server((self.config.host, self.config.port), backlog=1024, reuse_port=False)
+        listener = socket.create_server((self.config.host, self.config.port), backlog=1024,
+                                        reuse_port=self.config.reuse_port)
+        listener.setblocking(False)
         self._listener = listener
-        self._flusher = Flusher()
+        self._loop_thread = threading.Thread(target=self._run_loop, name="loop", daemon=True)
+        self._loop_thread.start()
+        self._aserver = asyncio.run_coroutine_threadsafe(
+            self.loop.create_server(lambda: Link(self), sock=listener, start_serving=False), self.loop).result()
         host, port = self.server_address
         if not self.config.node_name:
             self.service.node = f"{socket.gethostname()}:{port}"[:64]
@@ -857,17 +1010,27 @@ class Server:
             self.storage.clear_sessions(self.service.node)  # rows a crashed run of this node left
         except DatabaseError as exc:
             log.warning("cannot clear old session rows: %s", exc)
+        self.service.attach(self.loop, self.loop_thread_id, self.pool)
         self.moderation.start()
         if self.config.metrics_port is not None:
             self._start_metrics()
         return host, port
+
+    def _run_loop(self) -> None:
+        self.loop_thread_id = threading.get_ident()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self._stopped.set()
 
     def _start_metrics(self) -> None:
         registry, auth = self.service.registry, self.service.auth
         self.service.metrics.watch(
             open_connections=lambda: len(registry.all_sessions()),
             online_users=lambda: len(registry.online_users()),
-            outbox_bytes=lambda: sum(s.outbox.pending_bytes for s in registry.all_sessions() if s.outbox),
+            outbox_bytes=lambda: sum(s.link.transport.get_write_buffer_size() for s in registry.all_sessions()
+                                     if s.link is not None and s.link.transport is not None),
             bcrypt_queue=lambda: auth._bcrypt._work_queue.qsize(),  # noqa: SLF001 - a gauge only reads it
             puzzle_difficulty=self.puzzle.difficulty)
         self.metrics_endpoint = MetricsEndpoint(self.service.metrics, self.health, self.config.metrics_port or 0)
@@ -881,7 +1044,7 @@ class Server:
             self.storage.count_users()
         except DatabaseError:
             return "database"
-        return None
+        return self.service.cluster.health()
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -890,124 +1053,192 @@ class Server:
         return host, port
 
     def serve_forever(self) -> None:
-        assert self._listener is not None, "call start() first"
-        self._listener.settimeout(0.5)
-        while not self._stopping.is_set():
-            try:
-                sock, addr = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    break
-                log.exception("accept failed")
-                continue
-            session = self._admit(sock, addr[0])
-            if session is None:
-                continue
-            t = threading.Thread(target=self._serve_connection, args=(sock, session),
-                                 name=f"conn-{addr[0]}:{addr[1]}", daemon=True)
-            with self._threads_lock:
-                self._threads.add(t)
-            t.start()
+        """Accept connections until ``shutdown()`` (from another thread or a signal handler)."""
+        assert self._aserver is not None, "call start() first"
+        if not self._stopping.is_set():
+            asyncio.run_coroutine_threadsafe(self._aserver.start_serving(), self.loop).result()
+        while not self._stopping.wait(0.5):  # a timed wait: signals reach the main thread
+            pass
+        self._stopped.wait()
 
-    def _admit(self, sock: socket.socket, source: str) -> Session | None:
-        """Rate and connection limits, checked in the accept loop: refused junk costs no thread."""
-        assert self._flusher is not None
-        refusal = None if self.rate_limiter.allow(source) else "too many new connections from this address"
+    def shutdown(self, reason: str = "The server is shutting down.") -> None:
+        if self._stopping.is_set() and self._stopped.is_set():
+            return
+        self._stopping.set()
+        self.moderation.stop()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+        if self._loop_thread is not None and self.loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._close_all(reason), self.loop).result(timeout=10)
+            except Exception:  # noqa: BLE001 - stopping goes on whatever one step did
+                log.exception("error while closing connections")
+            self.service.cluster_stop()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._loop_thread.join(timeout=10)
+        self._stopped.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if not self.loop.is_running():
+            self.loop.close()
+        self.storage.close()
+
+    async def _close_all(self, reason: str) -> None:
+        if self._aserver is not None:
+            self._aserver.close()
+        sessions = self.service.registry.all_sessions()
+        for session in sessions:
+            session.close(reason)
+        deadline = time.monotonic() + LINGER_S + 0.5
+        while time.monotonic() < deadline and any(
+                s.link is not None and s.link.transport is not None and not s.link.transport.is_closing()
+                and s.link.transport.get_write_buffer_size() for s in sessions):
+            await asyncio.sleep(0.02)  # the farewells drain (bounded)
+        for session in sessions:
+            if session.link is not None and session.link.transport is not None:
+                session.link.transport.close()
+
+    # -- connections (loop thread) ----------------------------------------------------------
+    def _admit(self, link: Link, source: str) -> Session | None:
+        """Rate and connection limits, checked at accept: refused junk costs no work."""
+        refusal = None
+        if self._stopping.is_set():
+            refusal = "shutting down"
+        elif not self.rate_limiter.allow(source):
+            refusal = "too many new connections from this address"
         proto = P.ServerProtocol(self.identity, suite=self.config.cipher, allowed_groups=self.config.allowed_groups,
                                  tdes_backend=self.config.tdes_backend, puzzle=self.puzzle, source=source)
-        session = Session(proto, Outbox(sock, self._flusher, self.config.outbox_limit_bytes), source)
+        session = Session(proto, link, source)
         if refusal is None:
             refusal = self.service.registry.add_connection(
                 session, self.config.max_connections, self.config.max_unauthenticated,
                 self.config.max_unauthenticated_per_source)
         if refusal is None:
             self.service.metrics.connections.inc()
+            self.loop.call_later(self.config.login_grace_s, self._login_deadline, session)
             return session
         self.service.metrics.connections_refused.inc()
         log.warning("refused a connection from %s: %s", source, refusal)
-        try:
-            sock.send(P.encode_frame(P.HandshakeError(code=P.HandshakeErrorCode.BUSY).encode()), socket.MSG_DONTWAIT)
-        except OSError:
-            pass
-        sock.close()
+        assert link.transport is not None
+        link.transport.write(P.encode_frame(P.HandshakeError(code=P.HandshakeErrorCode.BUSY).encode()))
+        link.transport.close()
         return None
 
-    def _serve_connection(self, sock: socket.socket, session: Session) -> None:
-        source = session.source
-        linger = False
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
-            self._read_loop(sock, session)
-        except TimeoutError:
-            log.info("closed %s: no login within %.0f s", source, self.config.login_grace_s)
-        except ProtocolError as exc:
-            log.info("closed %s: %s", source, exc)
-            try:  # a sealed Goodbye with the reason, or the plaintext HandshakeError
-                with session.lock:
-                    farewell = session.proto.farewell(str(exc)) or session.proto.data_to_send()
-                session.write_raw(farewell)
-                linger = True
-            except ConnectionClosed:
-                pass
-        except (ConnectionClosed, OSError) as exc:
-            log.debug("connection from %s ended: %s", source, exc)
-        except Exception:  # noqa: BLE001 - one broken connection must never take the server down
-            log.exception("unexpected error on a connection from %s", source)
-        finally:
+    def _login_deadline(self, session: Session) -> None:
+        if session.username is None and not session.closed.is_set():
+            log.info("closed %s: no login within %.0f s", session.source, self.config.login_grace_s)
             session.closed.set()
-            self.service.disconnected(session)  # others see the user gone at once
-            if linger:
-                _linger_close(sock)  # then let the farewell reach the peer
-            if session.outbox is not None:
-                session.outbox.close()
-            try:
-                sock.close()
-            except OSError:
-                pass
-            with self._threads_lock:
-                self._threads.discard(threading.current_thread())
+            if session.link is not None:
+                session.link._abort()
 
-    def _read_loop(self, sock: socket.socket, session: Session) -> None:
-        deadline = time.monotonic() + self.config.login_grace_s
-        while not session.closed.is_set():
-            if session.username is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError()
-                sock.settimeout(remaining)
-            else:
-                sock.settimeout(None)
-            data = sock.recv(RECV_BYTES)
-            if not data:
+    def _feed(self, session: Session, data: bytes) -> None:
+        session.inbox.append(data)
+        self._pump(session)
+
+    def _pump(self, session: Session) -> None:
+        """Handle what waits in the session's inbox, in order: fast work here, slow work on a worker."""
+        inbox = session.inbox
+        while inbox and not session.busy:
+            if session.closed.is_set():
+                inbox.clear()
                 return
-            events, handshake_bytes = session.receive(data)
-            session.write_raw(handshake_bytes)
-            for event in events:
-                if isinstance(event, P.Message):
-                    self.service.handle(session, event)
+            item = inbox.popleft()
+            if isinstance(item, bytes):
+                if not session.proto.established:  # the handshake's DH and signature: a worker's job
+                    self._to_worker(session, self._work_handshake, item)
+                    break
+                try:
+                    events, _ = session.receive(item)
+                except ProtocolError as exc:
+                    self._protocol_failed(session, exc)
+                    return
+                inbox.extendleft(reversed(events))
+            elif type(item) in FAST_MESSAGES:
+                self._handle(session, item)
+            elif isinstance(item, P.Message):
+                self._to_worker(session, self._work_message, item)
+        link = session.link
+        if link is not None and link.transport is not None:
+            if link.peer_eof and not inbox and not session.busy:
+                link._close_gracefully()  # all the peer sent is answered
+            elif len(inbox) > MAX_INBOX_ITEMS:
+                link.transport.pause_reading()
+            elif len(inbox) < INBOX_RESUME_ITEMS and not link.transport.is_closing():
+                link.transport.resume_reading()
 
-    def shutdown(self, reason: str = "The server is shutting down.") -> None:
-        self._stopping.set()
-        self.moderation.stop()
-        if self.metrics_endpoint is not None:
-            self.metrics_endpoint.stop()
-        if self._listener is not None:
-            try:
-                self._listener.close()
-            except OSError:
-                pass
-        for session in self.service.registry.all_sessions():
-            session.close(reason)
-        with self._threads_lock:
-            threads = list(self._threads)
-        for t in threads:
-            t.join(timeout=5)
-        if self._flusher is not None:
-            self._flusher.stop()
-        self.storage.close()
+    def _handle(self, session: Session, msg: P.Message) -> None:
+        try:
+            self.service.handle(session, msg)
+        except Exception:  # noqa: BLE001 - one broken request must never take the server down
+            log.exception("unexpected error on a connection from %s", session.source)
+            session.close()
+
+    def _to_worker(self, session: Session, job, item) -> None:
+        session.busy = True
+        try:
+            self.pool.submit(self._run_job, session, job, item)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            session.busy = False
+
+    def _run_job(self, session: Session, job, item) -> None:
+        events: list = []
+        try:
+            events = job(session, item) or []
+        except Exception:  # noqa: BLE001
+            log.exception("unexpected error on a connection from %s", session.source)
+            session.close()
+        try:
+            self.loop.call_soon_threadsafe(self._job_done, session, events)
+        except RuntimeError:
+            pass
+
+    def _job_done(self, session: Session, events: list) -> None:
+        session.busy = False
+        session.inbox.extendleft(reversed(events))
+        self._pump(session)
+
+    # -- worker threads ------------------------------------------------------------------------
+    def _work_handshake(self, session: Session, data: bytes) -> list:
+        try:
+            events, handshake_bytes = session.receive(data)
+        except ProtocolError as exc:
+            self._protocol_failed(session, exc)
+            return []
+        session.write_raw(handshake_bytes)
+        return [e for e in events if isinstance(e, P.Message)]
+
+    def _work_message(self, session: Session, msg: P.Message) -> None:
+        self.service.handle(session, msg)
+
+    def _protocol_failed(self, session: Session, exc: ProtocolError) -> None:
+        """A sealed Goodbye with the reason (or the plaintext HandshakeError), then close."""
+        log.info("closed %s: %s", session.source, exc)
+        with session.lock:
+            farewell = session.proto.farewell(str(exc)) or session.proto.data_to_send()
+            session._queue_locked(farewell)
+        session.closed.set()
+        if session.link is not None:
+            session.link.close_soon()
+
+    def _lost(self, session: Session) -> None:
+        """The session is over: others see the user gone at once (bookkeeping on a worker).  Once."""
+        session.closed.set()
+        session.inbox.clear()
+        if not session.gone:
+            session.gone = True
+            self.service.disconnected(session)
+
+
+RELAY_SAMPLE_MASK = 15   # the relay latency histogram times one relayed message in 16
+FAST_MESSAGES = frozenset({P.Relay, P.WhoRequest})  # handled on the loop thread: no database, no slow crypto
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (Linux, macOS), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 # =============================================================================
@@ -1067,7 +1298,35 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help=f"keep audit rows this long (default {DEFAULT_AUDIT_RETENTION_DAYS:g})")
     p.add_argument("--console", choices=["auto", "on", "off"], default="auto",
                    help="operator commands on stdin (/help): auto = only when stdin is a terminal")
+    # Scaling (docs/SCALING.md): worker processes on one machine, nodes on NATS.
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="server processes sharing the port (SO_REUSEPORT); 'auto' = one per core. "
+                        "More than 1 needs --cluster: the workers talk over NATS")
+    p.add_argument("--worker-threads", type=int, default=4,
+                   help="threads per process for slow work (handshakes, logins, the database)")
+    p.add_argument("--cluster", dest="cluster_url", default=None, metavar="nats://HOST:PORT",
+                   help="join a cluster on this NATS server: several processes or machines, one service "
+                        "(needs a shared MySQL/MariaDB --db)")
+    p.add_argument("--cluster-prefix", default="secureim", help="NATS subject prefix of the cluster")
+    p.add_argument("--identity-key", type=Path, default=None, metavar="FILE",
+                   help="the service's Ed25519 identity (PEM, mode 0600), the same on every node; "
+                        "tickets and the cluster key derive from it (default: the data dir's own)")
+    p.add_argument("--node-name", default="", help="this node's name in logs and `admin sessions` "
+                                                   "(default: hostname:port)")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for each worker
     return p
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of processes (1-256) or 'auto'") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError("a number of processes (1-256) or 'auto'")
+    return n
 
 
 def check_data_dir(path: Path) -> None:
@@ -1100,6 +1359,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--metrics-port must be between 0 and 65535.")
     if not 0 < args.audit_retention_days <= 36500:
         raise ConfigError("--audit-retention-days must be between 0 and 36500.")
+    if not 1 <= args.worker_threads <= 256:
+        raise ConfigError("--worker-threads must be between 1 and 256.")
+    if args.cluster_url is not None:
+        if not args.cluster_url.startswith(("nats://", "tls://")):
+            raise ConfigError("--cluster takes a NATS URL: nats://HOST:PORT")
+        from cluster_nats import check_prefix
+
+        check_prefix(args.cluster_prefix)
+        if not (args.db_url or "").startswith(("mysql://", "mariadb://")):
+            raise ConfigError("--cluster needs a database every node shares: --db mysql://USER@HOST/DB "
+                              "(SQLite is one file on one machine).")
     return ServerConfig(host=args.host, port=args.port, db_url=args.db_url, data_dir=args.data_dir,
                         cipher=args.cipher, bcrypt_cost=args.bcrypt_cost, rekey_after_messages=args.rekey_messages,
                         rekey_after_s=args.rekey_minutes * 60, login_grace_s=args.login_grace,
@@ -1108,7 +1378,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_unauthenticated_per_source=args.max_unauthenticated_per_source,
                         connections_per_source_per_s=args.connections_per_second,
                         connection_burst_per_source=max(1, int(args.connections_per_second * 3)),
-                        metrics_port=args.metrics_port, audit_retention_days=args.audit_retention_days)
+                        metrics_port=args.metrics_port, audit_retention_days=args.audit_retention_days,
+                        worker_threads=args.worker_threads, reuse_port=args.reuse_port,
+                        cluster_url=args.cluster_url, cluster_prefix=args.cluster_prefix,
+                        identity_key_file=args.identity_key, node_name=args.node_name[:64])
 
 
 class _Stop(Exception):
@@ -1134,6 +1407,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return admin.main(argv[1:])
     args = build_arg_parser().parse_args(argv)
+    if args.workers > 1:
+        import workers
+
+        return workers.supervise(args, argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt=TIME_FORMAT)
 

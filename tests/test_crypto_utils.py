@@ -156,3 +156,21 @@ def test_signature_verification_rejects_garbage():
     assert not cu.verify_signature(pub, sig, b"msG")
     assert not cu.verify_signature(pub, sig[:-1], b"msg")
     assert not cu.verify_signature(b"\0" * 31, sig, b"msg")
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x00" * 8, b"A" * 7 + b"\x09", b"A" * 6 + b"\x01\x02", b"A" * 9 + b"\x01",
+                                 b"A" * 5 + b"\x02\x03\x03"])
+def test_pkcs7_unpad_refuses_every_malformed_pad(bad):
+    with pytest.raises(DecryptionFailed):
+        cu.pkcs7_unpad(bad)
+
+
+@pytest.mark.parametrize("length", range(0, 25))
+def test_pkcs7_matches_the_library_padder(length):
+    from cryptography.hazmat.primitives import padding
+
+    data = bytes(range(length))
+    padder = padding.PKCS7(64).padder()
+    expected = padder.update(data) + padder.finalize()
+    assert cu.pkcs7_pad(data) == expected
+    assert cu.pkcs7_unpad(expected) == data

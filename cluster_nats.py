@@ -1,0 +1,538 @@
+"""The cluster bus on NATS: several server nodes, one service (docs/SCALING.md).
+
+Each node keeps its own connections and, in memory, a table of who is online on
+the other nodes.  What crosses nodes goes over NATS core subjects under one
+prefix (``--cluster-prefix``, default ``secureim``):
+
+- ``PREFIX.presence``: every node publishes and subscribes.  ONLINE / OFFLINE
+  of a user (with the login time: the newest login wins, an older session
+  elsewhere is closed), a HEARTBEAT every second, and SYNC, a request that every
+  node answer with a SNAPSHOT of its users (sent when a node joins or its link
+  comes back).
+- ``PREFIX.node.<id>``: one node's inbox.  DELIVER (a Deliver, PeerStatus or
+  DirectAsked for one of its users), KEY (a KDC ConversationKey, and the
+  conversation it opens), SNAPSHOT, and DIRECT (a request for a direct-mode
+  offer, answered on the NATS reply subject).
+
+Every bus frame is sealed with AES-256-GCM under a key every node derives from
+the shared ticket key, with the subject as associated data: a NATS user without
+the data directory can neither read a frame (it carries conversation keys and
+who talks to whom) nor forge one.  Each frame carries the sender's incarnation
+and a sequence number per subject; a frame that is not newer than the last one
+seen from that sender on that subject (a replay, a duplicate) is dropped, as is
+one more than ``MAX_FRAME_AGE_S`` old.
+
+Durable state stays in the shared database; the bus carries only what is live.
+When the link to NATS is down, users on this node keep chatting, a send to a
+user on another node is refused at once ("temporarily unreachable"), nothing is
+buffered to be delivered late, and nats-py reconnects by itself; then SYNC
+brings the tables back in line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import crypto_utils as cu
+import protocol as P
+from cluster import SIGNED_IN_ELSEWHERE, Cluster
+from errors import ConfigError, DecryptionFailed, SecureIMError
+
+log = logging.getLogger("secureim.cluster")
+
+FRAME_VERSION = 1
+HEARTBEAT_S = 1.0
+NODE_TIMEOUT_S = 4.0            # a node not heard for this long is gone: its users are offline
+CONNECT_TIMEOUT_S = 5.0          # at start: NATS must answer within this, else the server refuses to start
+DIRECT_TIMEOUT_S = 3.0
+MAX_FRAME_AGE_S = 60.0
+LINK_STUCK_S = 3.0               # down this long although NATS may be back: a fresh connection
+SNAPSHOT_CHUNK = 2000            # users per SNAPSHOT frame (each ~80 bytes: well under NATS' 1 MiB)
+MAX_PREFIX_CHARS = 64
+MAX_REMOTE_USERS = 2_000_000
+BUS_KEY_LABEL = "cluster bus"
+
+# Frame types
+ONLINE, OFFLINE, HEARTBEAT, SYNC, SNAPSHOT, DELIVER, KEY, DIRECT = range(1, 9)
+_HEAD = struct.Struct(">B16sQd")     # type, sender incarnation, sequence, sent at (wall clock)
+_FIELD = struct.Struct(">I")
+
+
+def bus_key(ticket_key: bytes) -> bytes:
+    return cu.hkdf(ticket_key, salt=None, info=cu.label(BUS_KEY_LABEL), length=32)
+
+
+def pack_fields(*fields: bytes) -> bytes:
+    return b"".join(_FIELD.pack(len(f)) + f for f in fields)
+
+
+def unpack_fields(data: bytes, count: int | None = None) -> list[bytes]:
+    """Length-prefixed fields; raises SecureIMError on anything malformed."""
+    fields, offset = [], 0
+    while offset < len(data):
+        if offset + _FIELD.size > len(data):
+            raise SecureIMError("truncated bus frame")
+        (n,) = _FIELD.unpack_from(data, offset)
+        offset += _FIELD.size
+        if offset + n > len(data):
+            raise SecureIMError("truncated bus frame")
+        fields.append(data[offset:offset + n])
+        offset += n
+    if count is not None and len(fields) != count:
+        raise SecureIMError("wrong number of fields in a bus frame")
+    return fields
+
+
+def check_prefix(prefix: str) -> str:
+    ok = prefix and len(prefix) <= MAX_PREFIX_CHARS and all(
+        part and all(c.isalnum() or c in "-_" for c in part) for part in prefix.split("."))
+    if not ok:
+        raise ConfigError(f"--cluster-prefix {prefix!r}: use letters, digits, '-', '_' and dots "
+                          f"(at most {MAX_PREFIX_CHARS} characters).")
+    return prefix
+
+
+@dataclass
+class RemoteUser:
+    node: bytes          # the incarnation id of the node they are on
+    login_at: float
+    identity_key: bytes
+
+
+class BusCodec:
+    """Seals and opens bus frames; tracks sequence numbers (one sender and subject at a time)."""
+
+    def __init__(self, key: bytes, incarnation: bytes) -> None:
+        self._aead = cu.get_suite("aes256").cipher(key)
+        self.incarnation = incarnation
+        self._sent: dict[str, int] = {}
+        self._seen: dict[tuple[bytes, str], int] = {}
+
+    def seal(self, subject: str, kind: int, body: bytes) -> bytes:
+        seq = self._sent.get(subject, 0) + 1
+        self._sent[subject] = seq
+        plain = _HEAD.pack(kind, self.incarnation, seq, time.time()) + body
+        return bytes([FRAME_VERSION]) + self._aead.seal(plain, subject.encode())
+
+    def open(self, subject: str, data: bytes) -> tuple[int, bytes, bytes]:
+        """(type, sender incarnation, body); raises SecureIMError for a forged, stale or replayed frame."""
+        if not data or data[0] != FRAME_VERSION:
+            raise SecureIMError("unknown bus frame version")
+        try:
+            plain = self._aead.open(data[1:], subject.encode())
+        except DecryptionFailed:
+            raise SecureIMError("a bus frame failed authentication (wrong cluster key, or forged)") from None
+        if len(plain) < _HEAD.size:
+            raise SecureIMError("short bus frame")
+        kind, sender, seq, sent_at = _HEAD.unpack_from(plain)
+        if abs(time.time() - sent_at) > MAX_FRAME_AGE_S:
+            raise SecureIMError("a stale bus frame (replayed, or a clock far off)")
+        key = (sender, subject)
+        if seq <= self._seen.get(key, 0):
+            raise SecureIMError("a replayed or duplicate bus frame")
+        if len(self._seen) > 10_000:  # bounded: forget the oldest senders
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[key] = seq
+        return kind, sender, plain[_HEAD.size:]
+
+
+class NatsCluster(Cluster):
+    """A node of a cluster: NATS for what is live, the shared database for what lasts."""
+
+    def __init__(self, url: str, prefix: str, key: bytes, node_name: str) -> None:
+        self.url = url
+        self.prefix = check_prefix(prefix)
+        self.incarnation = uuid.uuid4().bytes
+        self.node_id = self.incarnation.hex()[:16]
+        self.node_name = node_name
+        self.codec = BusCodec(key, self.incarnation)
+        self.presence_subject = f"{self.prefix}.presence"
+        self.remote: dict[str, RemoteUser] = {}       # loop thread only
+        self.nodes: dict[bytes, float] = {}           # incarnation -> last heard (monotonic)
+        self._snapshots: dict[bytes, set[str]] = {}   # a SNAPSHOT in chunks, until its last one
+        self._out: deque = deque()
+        self._out_ready: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.nc = None
+        self.service = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.connected_since: float | None = None
+        self.lost_at: float | None = None
+        self.frames_dropped = 0
+        self._known_nodes: set[bytes] = set()
+
+    def node_subject(self, incarnation: bytes) -> str:
+        return f"{self.prefix}.node.{incarnation.hex()[:16]}"
+
+    # -- life cycle ----------------------------------------------------------------------
+    def start(self, service) -> None:
+        self.service, self.loop = service, service.loop
+        service.metrics.nats_connected.set_function(lambda: 1 if self.connected else 0)
+        future = asyncio.run_coroutine_threadsafe(self._connect(), self.loop)
+        try:
+            future.result(timeout=CONNECT_TIMEOUT_S + 2)
+        except Exception as exc:  # noqa: BLE001 - one clear line, whatever nats-py raised
+            reason = str(exc) or exc.__class__.__name__
+            raise ConfigError(f"Cannot reach the cluster bus at {self.url}: {reason}") from None
+
+    async def _connect(self) -> None:
+        self._out_ready = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._open_link(), CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ConfigError(f"Cannot reach the cluster bus at {self.url}: no answer within "
+                              f"{CONNECT_TIMEOUT_S:.0f} s") from None
+        self._tasks = [asyncio.ensure_future(self._publisher()), asyncio.ensure_future(self._heartbeats())]
+        log.info("joined the cluster at %s as node %s", self.url, self.node_id)
+
+    async def _open_link(self) -> None:
+        """Connect, subscribe, and ask every node who is online (at start, and by the watchdog)."""
+        try:
+            import nats
+        except ImportError:
+            raise ConfigError("--cluster needs nats-py: pip install -r requirements.txt") from None
+        nc = await nats.connect(
+            servers=[self.url], name=f"secureim {self.node_name}", allow_reconnect=True,
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+            pending_size=0,  # never buffer while disconnected: a late delivery is a surprise
+            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+            error_cb=self._on_error)
+        await nc.subscribe(self.presence_subject, cb=self._on_frame)
+        await nc.subscribe(self.node_subject(self.incarnation), cb=self._on_frame)
+        await nc.flush(timeout=2)
+        self.nc = nc
+        self.connected_since = time.monotonic()
+        self.lost_at = None
+        self._publish(self.presence_subject, SYNC, b"")
+
+    async def _watchdog(self) -> None:
+        """nats-py reconnects by itself; if its link stays down past LINK_STUCK_S anyway (seen when
+        NATS restarts during traffic), start a fresh connection."""
+        if self.lost_at is None or self.connected or time.monotonic() - self.lost_at < LINK_STUCK_S:
+            return
+        old, self.lost_at = self.nc, time.monotonic()
+        try:
+            await asyncio.wait_for(old.close(), 1)
+        except Exception:  # noqa: BLE001 - the old link is being thrown away
+            pass
+        try:
+            await asyncio.wait_for(self._open_link(), CONNECT_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - try again on the next tick
+            log.info("cluster bus at %s still unreachable: %s", self.url, exc)
+            return
+        await self._link_back()
+
+    def stop(self) -> None:
+        if self.loop is None or self.nc is None or not self.loop.is_running():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=5)
+        except Exception:  # noqa: BLE001
+            log.warning("leaving the cluster did not finish cleanly")
+
+    async def _stop(self) -> None:
+        await self._drain_out()
+        for task in self._tasks:
+            task.cancel()
+        try:
+            await asyncio.wait_for(self.nc.drain(), 2)
+        except Exception:  # noqa: BLE001
+            await self.nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def health(self) -> str | None:
+        return None if self.connected else "cluster bus unreachable"
+
+    async def _on_disconnected(self) -> None:
+        if self.connected_since is None:
+            return  # already said
+        self.connected_since = None
+        self.lost_at = time.monotonic()
+        log.warning("lost the cluster bus at %s; reconnecting (users on other nodes are unreachable)", self.url)
+
+    async def _on_reconnected(self) -> None:
+        self.connected_since = time.monotonic()
+        self.lost_at = None
+        await self._link_back()
+
+    async def _link_back(self) -> None:
+        log.warning("the cluster bus at %s is back", self.url)
+        now = time.monotonic()
+        for node in self.nodes:  # nobody was heard while we were away: count from now
+            self.nodes[node] = now
+        self._publish(self.presence_subject, SYNC, b"")
+        self._send_snapshot(self.presence_subject)
+
+    async def _on_error(self, exc) -> None:
+        log.info("cluster bus: %s", exc)
+
+    # -- publishing (any thread) ----------------------------------------------------------------
+    def _publish(self, subject: str, kind: int, body: bytes, *, must_deliver: bool = False) -> bool:
+        """Queue one frame for the publisher task; False (nothing queued) while the link is down."""
+        if not self.connected:
+            return False
+        self._call(self._enqueue, subject, kind, body)
+        return True
+
+    def _enqueue(self, subject: str, kind: int, body: bytes) -> None:
+        self._out.append((subject, self.codec.seal(subject, kind, body)))
+        self._out_ready.set()
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready.clear()
+            await self._drain_out()
+
+    async def _drain_out(self) -> None:
+        while self._out:
+            subject, data = self._out.popleft()
+            if not self.connected:
+                self.frames_dropped += 1  # queued in the instant the link went down: never sent late
+                continue
+            try:
+                await self.nc.publish(subject, data)
+            except Exception as exc:  # noqa: BLE001 - a lost link must not end the publisher
+                self.frames_dropped += 1
+                log.info("a cluster frame was not sent: %s", exc)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                self._publish(self.presence_subject, HEARTBEAT, self.node_name.encode()[:64])
+                self._expire_nodes()
+                await self._watchdog()
+            except Exception:  # noqa: BLE001 - the heartbeat must go on
+                log.exception("cluster heartbeat")
+
+    # -- the service's calls ------------------------------------------------------------------
+    def user_online(self, username: str, login_at: float, identity_key: bytes) -> None:
+        self._call(self._forget_remote, username)
+        self._publish(self.presence_subject, ONLINE,
+                      pack_fields(username.encode(), struct.pack(">d", login_at), identity_key))
+
+    def user_offline(self, username: str, login_at: float) -> None:
+        self._publish(self.presence_subject, OFFLINE, pack_fields(username.encode(), struct.pack(">d", login_at)))
+
+    def is_remote(self, username: str) -> bool:
+        return username in self.remote
+
+    def identity_of(self, username: str) -> bytes | None:
+        entry = self.remote.get(username)
+        return entry.identity_key if entry is not None else None
+
+    def remote_users(self) -> list[str]:
+        return list(self.remote)
+
+    def deliver(self, username: str, msg: P.Message) -> bool:
+        entry = self.remote.get(username)
+        if entry is None:
+            return False
+        return self._publish(self.node_subject(entry.node), DELIVER, pack_fields(username.encode(), msg.encode()))
+
+    def send_key(self, username: str, members: tuple[str, str], generation: int, msg: P.ConversationKey) -> bool:
+        entry = self.remote.get(username)
+        if entry is None:
+            return False
+        return self._publish(self.node_subject(entry.node), KEY,
+                             pack_fields(username.encode(), members[0].encode(), members[1].encode(),
+                                         msg.encode()))
+
+    def direct_offer(self, peer: str, initiator: str, host: str, port: int, conversation_id: int):
+        entry = self.remote.get(peer)
+        if entry is None or not self.connected:
+            return f"{peer} is offline." if entry is None else f"{peer} is temporarily unreachable."
+        subject = self.node_subject(entry.node)
+        body = pack_fields(peer.encode(), initiator.encode(), host.encode(), str(port).encode(),
+                           str(conversation_id).encode())
+
+        async def ask():
+            data = self.codec.seal(subject, DIRECT, body)
+            return await self.nc.request(subject, data, timeout=DIRECT_TIMEOUT_S)
+
+        try:
+            reply = asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=DIRECT_TIMEOUT_S + 1)
+            kind, _, answer = self.codec.open(reply.subject, reply.data)
+            offer = P.decode_message(answer)
+        except Exception:  # noqa: BLE001 - a timeout, a node gone, a bad answer: all "not now"
+            return f"{peer}'s server node did not answer; try again."
+        if isinstance(offer, P.DirectUnavailable):
+            return offer.reason
+        if not isinstance(offer, P.DirectOffer):
+            return f"{peer}'s server node gave no offer."
+        return offer
+
+    # -- receiving (loop thread) --------------------------------------------------------------
+    def _call(self, fn, *args) -> None:
+        """Run ``fn`` on the loop thread: now if this is it, else as soon as it can."""
+        if threading.get_ident() == self.service.loop_thread_id:
+            fn(*args)
+        else:
+            try:
+                self.loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop has stopped
+                pass
+
+    async def _on_frame(self, msg) -> None:
+        try:
+            kind, sender, body = self.codec.open(msg.subject, msg.data)
+            if sender == self.incarnation:
+                return  # our own broadcast
+            self.nodes[sender] = time.monotonic()
+            handler = self._HANDLERS.get(kind)
+            if handler is None:
+                raise SecureIMError(f"unknown bus frame type {kind}")
+            await handler(self, sender, body, msg)
+        except (SecureIMError, ValueError, struct.error, UnicodeDecodeError) as exc:
+            self.frames_dropped += 1
+            log.warning("dropped a cluster frame on %s: %s", msg.subject, exc)
+        except Exception:  # noqa: BLE001 - one bad frame must never end the subscription
+            log.exception("error handling a cluster frame")
+
+    async def _h_online(self, sender: bytes, body: bytes, _msg) -> None:
+        name, when, key = unpack_fields(body, 3)
+        self._remote_online(sender, name.decode(), struct.unpack(">d", when)[0], key)
+
+    def _remote_online(self, sender: bytes, username: str, login_at: float, key: bytes) -> None:
+        username = P.normalize_username(username)
+        service = self.service
+        local = service.registry.session_of(username)
+        if local is not None:
+            if (local.login_at, self.incarnation) > (login_at, sender):
+                return  # ours is newer: the other node closes its session when it sees our ONLINE
+            service.replaced_elsewhere(local)  # its conversations end; its peers hear of the new one below
+        previous = self.remote.get(username)
+        if previous is not None and (previous.login_at, previous.node) > (login_at, sender):
+            return
+        if len(self.remote) >= MAX_REMOTE_USERS and previous is None:
+            raise SecureIMError("remote presence table full")
+        self.remote[username] = RemoteUser(sender, login_at, key)
+        # As for a local login: whoever waits for this user, and whoever had a conversation with
+        # the session it replaces, is told (and re-opens: the new session has no keys).
+        with service.registry.lock:
+            waiting = service.registry.watchers.pop(username, set())
+            waiting |= set(service.registry._drop_conversations_locked(username, watch=False))  # noqa: SLF001
+        for watcher in waiting:
+            peer_session = service.registry.session_of(watcher)
+            if peer_session is not None:
+                peer_session.send(P.PeerStatus(peer=username, online=True, known=True, notice=True))
+
+    async def _h_offline(self, sender: bytes, body: bytes, _msg) -> None:
+        name, when = unpack_fields(body, 2)
+        self._remote_offline(name.decode(), sender, struct.unpack(">d", when)[0])
+
+    def _remote_offline(self, username: str, sender: bytes, login_at: float | None) -> None:
+        entry = self.remote.get(username)
+        if entry is None or entry.node != sender or (login_at is not None and entry.login_at != login_at):
+            return  # an older session's end: the user is on elsewhere now
+        del self.remote[username]
+        self._dropped(username)
+
+    def _dropped(self, username: str) -> None:
+        service = self.service
+        with service.registry.lock:
+            peers = service.registry._drop_conversations_locked(username, watch=True)  # noqa: SLF001
+        service.notify_offline(username, peers)
+
+    def _forget_remote(self, username: str) -> None:
+        """``username`` logged in here: an entry for them elsewhere is older (that node closes it)."""
+        self.remote.pop(username, None)
+
+    async def _h_heartbeat(self, sender: bytes, body: bytes, _msg) -> None:
+        if sender not in self._known_nodes:
+            self._known_nodes.add(sender)
+            # A node we have not seen (it started, or we missed its SYNC): tell it who is here.
+            self._send_snapshot(self.node_subject(sender))
+
+    async def _h_sync(self, sender: bytes, body: bytes, _msg) -> None:
+        self._known_nodes.add(sender)
+        self._send_snapshot(self.node_subject(sender))
+
+    def _send_snapshot(self, subject: str) -> None:
+        users = [(name, s.login_at, s.identity_key) for name, s in list(self.service.registry.online.items())
+                 if s.identity_key is not None]
+        chunks = [users[i:i + SNAPSHOT_CHUNK] for i in range(0, len(users), SNAPSHOT_CHUNK)] or [[]]
+        for index, chunk in enumerate(chunks):
+            last = b"1" if index == len(chunks) - 1 else b"0"
+            fields = [last]
+            for name, when, key in chunk:
+                fields += [name.encode(), struct.pack(">d", when), key]
+            self._publish(subject, SNAPSHOT, pack_fields(*fields))
+
+    async def _h_snapshot(self, sender: bytes, body: bytes, _msg) -> None:
+        fields = unpack_fields(body)
+        if not fields or (len(fields) - 1) % 3:
+            raise SecureIMError("malformed snapshot")
+        seen = self._snapshots.setdefault(sender, set())
+        for i in range(1, len(fields), 3):
+            name = fields[i].decode()
+            seen.add(name)
+            self._remote_online(sender, name, struct.unpack(">d", fields[i + 1])[0], fields[i + 2])
+        if fields[0] == b"1":  # complete: whoever we list on that node and it does not is gone
+            del self._snapshots[sender]
+            for name in [n for n, e in self.remote.items() if e.node == sender and n not in seen]:
+                self._remote_offline(name, sender, None)
+
+    async def _h_deliver(self, sender: bytes, body: bytes, _msg) -> None:
+        name, inner = unpack_fields(body, 2)
+        msg = P.decode_message(inner)
+        if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked)):
+            raise SecureIMError(f"a {type(msg).__name__} is not delivered across nodes")
+        session = self.service.registry.session_of(name.decode())
+        if session is not None:
+            session.send(msg)
+
+    async def _h_key(self, sender: bytes, body: bytes, _msg) -> None:
+        name, first, second, inner = unpack_fields(body, 4)
+        msg = P.decode_message(inner)
+        if not isinstance(msg, P.ConversationKey):
+            raise SecureIMError("a KEY frame without a conversation key")
+        username, members = name.decode(), (first.decode(), second.decode())
+        if username not in members or msg.peer not in members:
+            raise SecureIMError("a KEY frame for someone outside its conversation")
+        session = self.service.registry.session_of(username)
+        if session is None:
+            return
+        self.service.learn_conversation(msg.conversation_id, members, msg.generation)
+        session.send(msg)
+
+    async def _h_direct(self, sender: bytes, body: bytes, msg) -> None:
+        peer, initiator, host, port, cid = (f.decode() for f in unpack_fields(body, 5))
+        answer = self.service.direct_offer_for(peer, initiator, host, int(port), int(cid))
+        if isinstance(answer, str):
+            answer = P.DirectUnavailable(peer=peer, reason=answer)
+        if msg.reply:
+            await self.nc.publish(msg.reply, self.codec.seal(msg.reply, DIRECT, answer.encode()))
+
+    def _expire_nodes(self) -> None:
+        """Nodes silent for NODE_TIMEOUT_S are gone (SIGKILL, a crash): their users are offline.
+
+        Only while our own link has been up that long: when we were cut off, silence says nothing."""
+        if self.connected_since is None or time.monotonic() - self.connected_since < NODE_TIMEOUT_S:
+            return
+        now = time.monotonic()
+        for node, heard in list(self.nodes.items()):
+            if now - heard > NODE_TIMEOUT_S:
+                del self.nodes[node]
+                self._known_nodes.discard(node)
+                gone = [name for name, e in self.remote.items() if e.node == node]
+                if gone:
+                    log.warning("cluster node %s went silent; %d of its users are offline", node.hex()[:16],
+                                len(gone))
+                for name in gone:
+                    self._remote_offline(name, node, None)
+
+    _HANDLERS = {ONLINE: _h_online, OFFLINE: _h_offline, HEARTBEAT: _h_heartbeat, SYNC: _h_sync,
+                 SNAPSHOT: _h_snapshot, DELIVER: _h_deliver, KEY: _h_key, DIRECT: _h_direct}
+

@@ -1,0 +1,294 @@
+"""Several server.py nodes as one service: real NATS, real MariaDB, real processes (issue 11).
+
+Every node runs with ``--cluster`` on the machine's NATS under a subject prefix of
+this run's own, shares one MariaDB database and one identity key.  The terminal
+client runs in a pseudo-terminal; the library drives the failover cases.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pexpect
+import pymysql
+import pytest
+from cli_helpers import ROOT, login_flow, quit_client, spawn_client
+from cluster_helpers import Cluster, OwnNats, free_port, shared_nats_url
+from db_fixtures import MYSQL_HOST, MYSQL_PORT, MYSQL_USER
+from server_fixtures import PASSWORD, wait_for
+
+import clientlib as C
+
+pytestmark = [pytest.mark.mysql, pytest.mark.slow]
+
+
+@pytest.fixture
+def cluster(tmp_path, mysql_database):
+    c = Cluster(tmp_path / "cluster", mysql_database, shared_nats_url())
+    yield c
+    c.stop()
+
+
+def _open(child, dest):
+    child.expect_exact("[CLIENT]: Destination:")
+    child.sendline(dest)
+
+
+def _who_until(child, expected: str, tries: int = 20) -> None:
+    """/who until it shows ``expected``: presence crosses nodes over NATS, a moment after a login."""
+    for _ in range(tries):
+        child.sendline("/who")
+        if child.expect([re.escape(expected), r"Online now \(\d+\): [^\r\n]*"]) == 0:
+            return
+    raise AssertionError(f"/who never showed {expected!r}")
+
+
+def _client(node, home, name, *, register=True, **kw) -> C.ChatClient:
+    client = C.ChatClient(node.host, node.port, home=home, **kw)
+    client.connect()
+    (client.register if register else client.login)(name, PASSWORD)
+    client.start()
+    return client
+
+
+def _who(client: C.ChatClient, expected: tuple[str, ...], tries: int = 50) -> None:
+    users = None
+    for _ in range(tries):
+        client.who()
+        users = wait_for(client, C.WhoList).users
+        if users == expected:
+            return
+        time.sleep(0.1)  # presence is on its way over NATS; bounded by tries
+    raise AssertionError(f"who stayed {users}, expected {expected}")
+
+
+def _audit(database: str, event: str, username: str) -> int:
+    conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password="", database=database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM audit_log WHERE event = %s AND username = %s", (event, username))
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+# =============================================================================
+# Three nodes through the terminal client
+# =============================================================================
+def test_three_nodes_are_one_service_in_the_terminal_client(cluster, tmp_path):
+    n1, n2, n3 = cluster.node(), cluster.node(), cluster.node()
+    assert n1.fingerprint == n2.fingerprint == n3.fingerprint  # one identity: the client pins one key
+    alice = spawn_client(n1, tmp_path / "alice")
+    login_flow(alice, "alice", "alice-password", new=True)
+    bob = spawn_client(n2, tmp_path / "bob")
+    login_flow(bob, "bob", "bob-password", new=True)
+    carol = spawn_client(n3, tmp_path / "carol")
+    login_flow(carol, "carol", "carol-password", new=True)
+    for child in (alice, bob, carol):  # /who lists all three on every node
+        _who_until(child, "Online now (3): alice, bob, carol")
+
+    # Chat both ways across nodes 1 and 2.
+    _open(alice, "bob")
+    alice.expect_exact("[CLIENT]: Destination user is online.")
+    alice.expect_exact("Conversation with bob is ready")
+    bob.expect_exact("alice opened a conversation with you")
+    _open(bob, "alice")
+    bob.expect_exact("Now talking to alice")
+    alice.sendline("hello bob, from node 1")
+    bob.expect_exact("[alice]: hello bob, from node 1")
+    bob.sendline("hi alice, from node 2")
+    alice.expect_exact("[bob]: hi alice, from node 2")
+
+    # Online and offline notices cross nodes: carol (node 3) waits for dave, who logs in on node 1.
+    dave = spawn_client(n1, tmp_path / "dave")
+    login_flow(dave, "dave", "dave-password", new=True)
+    assert quit_client(dave) == 0
+    carol.sendline("/to dave")
+    carol.expect_exact("[CLIENT]: Destination user is offline.")
+    dave = spawn_client(n1, tmp_path / "dave")
+    login_flow(dave, "dave", "dave-password", new=False)
+    carol.expect_exact("[CLIENT]: Destination user is online.")  # the watch crossed from node 3 to node 1
+    carol.expect_exact("Conversation with dave is ready")
+    carol.sendline("hello dave")
+    dave.expect_exact("[carol]: hello dave")
+    assert quit_client(dave) == 0
+    carol.expect_exact("[CLIENT]: Destination user is offline.")
+
+    # A second login on another node replaces the first: bob signs in on node 3 from his laptop.
+    bob2 = spawn_client(n3, tmp_path / "bob-laptop")
+    login_flow(bob2, "bob", "bob-password", new=False)
+    bob.expect_exact("signed in from another place")
+    bob.expect(pexpect.EOF)
+    alice.expect_exact("SECURITY WARNING about bob")  # a new device: a new identity key, said loudly
+    alice.sendline("/accept bob")
+    alice.expect_exact("Accepted bob's new identity key")
+    alice.expect_exact("Conversation with bob is ready")  # re-opened with the session on node 3
+    bob2.expect_exact("alice opened a conversation with you")
+    bob2.expect_exact("[CLIENT]: Destination:")
+    bob2.sendline("alice")
+    bob2.expect_exact("Now talking to alice")
+    alice.sendline("still there, bob?")
+    bob2.expect_exact("[alice]: still there, bob?")
+    _who_until(alice, "Online now (3): alice, bob, carol")
+    for child in (alice, bob2, carol):
+        assert quit_client(child) == 0
+    for node in (n1, n2, n3):
+        assert node.proc.poll() is None  # nobody crashed
+
+
+# =============================================================================
+# Node failure: SIGKILL, and the client resumes on another node with its ticket
+# =============================================================================
+def test_killed_node_its_users_resume_elsewhere_with_their_ticket(cluster, tmp_path, mysql_database):
+    n1, n2 = cluster.node(), cluster.node()
+    alice = _client(n1, tmp_path / "alice", "alice")
+    bob = _client(n2, tmp_path / "bob", "bob")
+    _who(alice, ("alice", "bob"))
+    alice.open_conversation("bob")
+    wait_for(alice, C.ConversationReady, peer="bob")
+    wait_for(bob, C.ConversationReady, peer="alice")
+    alice.send_message("bob", "before the crash")
+    assert wait_for(bob, C.MessageReceived).text == "before the crash"
+    logins_before = _audit(mysql_database, "login", "bob") + _audit(mysql_database, "register", "bob")
+
+    n2.proc.send_signal(signal.SIGKILL)
+    n2.proc.wait(timeout=10)
+    wait_for(bob, C.Disconnected)
+    wait_for(alice, C.PeerOffline, peer="bob", timeout=15)  # node 2 went silent: its users are offline
+    bob.host, bob.port = n1.host, n1.port  # the next server of the service
+    assert bob.resume()
+    # alice is told bob is back and re-opens; the conversation goes on, through node 1 now.
+    wait_for(alice, C.ConversationReady, peer="bob", timeout=15)
+    wait_for(bob, C.ConversationReady, peer="alice", timeout=15)
+    bob.send_message("alice", "after the crash")
+    assert wait_for(alice, C.MessageReceived).text == "after the crash"
+    # With the ticket: a resume row, and no new password login.
+    assert _audit(mysql_database, "resume", "bob") == 1
+    assert _audit(mysql_database, "login", "bob") + _audit(mysql_database, "register", "bob") == logins_before
+    alice.close()
+    bob.close()
+
+
+# =============================================================================
+# NATS trouble
+# =============================================================================
+def test_nats_stopped_and_restarted_mid_run(tmp_path, mysql_database):
+    nats = OwnNats(tmp_path)
+    cluster = Cluster(tmp_path / "cluster", mysql_database, nats.url)
+    try:
+        n1, n2 = cluster.node(), cluster.node()
+        alice = _client(n1, tmp_path / "alice", "alice")
+        carol = _client(n1, tmp_path / "carol", "carol")
+        bob = _client(n2, tmp_path / "bob", "bob")
+        _who(alice, ("alice", "bob", "carol"))
+        for peer in ("bob", "carol"):
+            alice.open_conversation(peer)
+            wait_for(alice, C.ConversationReady, peer=peer)
+        wait_for(bob, C.ConversationReady, peer="alice")
+        wait_for(carol, C.ConversationReady, peer="alice")
+        alice.send_message("bob", "m1")
+        assert wait_for(bob, C.MessageReceived).text == "m1"
+
+        nats.stop()
+        # Same node: chat goes on.  Across nodes: a clear error at once, nothing queued for later.
+        alice.send_message("carol", "same node while NATS is down")
+        assert wait_for(carol, C.MessageReceived).text == "same node while NATS is down"
+        refused = None
+        for i in range(50):  # bounded: the node notices the lost link within a few tries
+            alice.send_message("bob", f"during the outage {i}")
+            notice = wait_for(alice, C.ServerNotice, timeout=10)
+            if "temporarily unreachable" in notice.text:
+                refused = notice
+                break
+            time.sleep(0.1)
+        assert refused is not None
+
+        nats.start()
+        delivered, deadline, i = None, time.monotonic() + 30, 0
+        while delivered is None and time.monotonic() < deadline:  # bounded: the link is back in seconds
+            i += 1
+            alice.send_message("bob", f"after the outage {i}")
+            event = alice.next_event(timeout=0.3)
+            if isinstance(event, C.ServerNotice):
+                assert "temporarily unreachable" in event.text
+                time.sleep(0.2)
+                continue
+            delivered = f"after the outage {i}"
+        assert delivered is not None
+        got = wait_for(bob, C.MessageReceived, timeout=15, text=delivered)
+        assert got.text == delivered
+        # Nothing twice, nothing late: bob's next message is alice's next one.
+        alice.send_message("bob", "m-last")
+        assert wait_for(bob, C.MessageReceived).text == "m-last"
+        bob.send_message("alice", "back both ways")
+        assert wait_for(alice, C.MessageReceived).text == "back both ways"
+        assert n1.proc.poll() is None and n2.proc.poll() is None
+        for c in (alice, bob, carol):
+            c.close()
+    finally:
+        cluster.stop()
+        nats.stop()
+
+
+def test_unreachable_nats_at_start_is_one_clear_line(tmp_path, mysql_database):
+    from db_fixtures import mysql_url
+
+    url = f"nats://127.0.0.1:{free_port()}"  # nobody listens there
+    proc = subprocess.run([sys.executable, str(ROOT / "server.py"), "--port", "0", "--data-dir", str(tmp_path / "d"),
+                           "--db", mysql_url(mysql_database), "--cluster", url],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if "Cannot start" in line]
+    assert len(lines) == 1 and url in lines[0] and "cluster bus" in lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--cluster", "nats://127.0.0.1:4222"], "--cluster needs a database every node shares"),
+    (["--workers", "2"], "--workers 2 needs --cluster"),
+    (["--cluster", "http://x"], "--cluster takes a NATS URL"),
+    (["--cluster", "nats://127.0.0.1:4222", "--db", "mysql://root@127.0.0.1/x", "--cluster-prefix", "a b"],
+     "--cluster-prefix"),
+])
+def test_cluster_configuration_mistakes_are_refused_plainly(tmp_path, args, needle):
+    proc = subprocess.run([sys.executable, str(ROOT / "server.py"), "--port", "0",
+                           "--data-dir", str(tmp_path / "d"), *args],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+
+
+# =============================================================================
+# Worker processes on one port
+# =============================================================================
+def test_workers_share_the_port_and_their_users_chat(cluster, tmp_path, mysql_database):
+    from cli_helpers import ServerProcess
+
+    node = ServerProcess(tmp_path / "w", "--workers", "2", "--identity-key", str(cluster.identity),
+                         "--db", cluster.db_url, "--cluster", cluster.nats_url,
+                         "--cluster-prefix", cluster.prefix)
+    cluster.nodes.append(node)
+    names = [f"user{i}" for i in range(10)]
+    clients = [_client(node, tmp_path / n, n) for n in names]
+    _who(clients[0], tuple(sorted(names)))
+    conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password="", database=mysql_database)
+    with conn.cursor() as cur:
+        cur.execute("SELECT COUNT(DISTINCT node) FROM live_sessions")
+        workers_used = cur.fetchone()[0]
+    conn.close()
+    assert workers_used == 2  # the kernel spread 10 connections over both (all on one: p = 2/1024)
+    # Every pair chats, wherever each landed.
+    first = clients[0]
+    for other, name in zip(clients[1:], names[1:]):
+        first.open_conversation(name)
+        wait_for(first, C.ConversationReady, peer=name)
+        wait_for(other, C.ConversationReady, peer=names[0])
+        first.send_message(name, f"hello {name}")
+        assert wait_for(other, C.MessageReceived).text == f"hello {name}"
+        other.send_message(names[0], "hi")
+        assert wait_for(first, C.MessageReceived).text == "hi"
+    for c in clients:
+        c.close()
