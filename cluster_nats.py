@@ -99,6 +99,11 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def _aad(subject: str) -> bytes:
+    """A frame is bound to its subject: one sent to node A does not open when replayed to node B."""
+    return b"secureim/v1 bus " + subject.encode()
+
+
 @dataclass
 class RemoteUser:
     node: bytes          # the incarnation id of the node they are on
@@ -119,14 +124,14 @@ class BusCodec:
         seq = self._sent.get(subject, 0) + 1
         self._sent[subject] = seq
         plain = _HEAD.pack(kind, self.incarnation, seq, time.time()) + body
-        return bytes([FRAME_VERSION]) + self._aead.seal(plain, subject.encode())
+        return bytes([FRAME_VERSION]) + self._aead.seal(plain, _aad(subject))
 
     def open(self, subject: str, data: bytes) -> tuple[int, bytes, bytes]:
         """(type, sender incarnation, body); raises SecureIMError for a forged, stale or replayed frame."""
         if not data or data[0] != FRAME_VERSION:
             raise SecureIMError("unknown bus frame version")
         try:
-            plain = self._aead.open(data[1:], subject.encode())
+            plain = self._aead.open(data[1:], _aad(subject))
         except DecryptionFailed:
             raise SecureIMError("a bus frame failed authentication (wrong cluster key, or forged)") from None
         if len(plain) < _HEAD.size:

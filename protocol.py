@@ -89,6 +89,7 @@ def normalize_username(raw: str) -> str:
 # Field codec: one encode/decode pair, driven by each message's field metadata.
 # =============================================================================
 class Kind(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's __hash__ is Python code, run per field
     U8 = "u8"
     U32 = "u32"
     U64 = "u64"
@@ -187,6 +188,63 @@ def _decode_field(r: _Reader, name: str, meta: dict) -> Any:
     return tuple(_decode_text(_decode_bytes(r, name, meta), name) for _ in range(count))
 
 
+def _compile_field(name: str, meta: dict) -> tuple[Callable, Callable]:
+    """One field's encoder ``(out, value)`` and decoder ``(data, pos) -> (value, pos)``, specialised
+    once per message class: the same encoding and bounds as _encode_field / _decode_field, without
+    looking the kind up for every field of every frame (the relay codes two messages per frame)."""
+    kind, exact, max_len = meta["kind"], meta["exact"], meta["max_len"]
+    if kind in _INT_STRUCTS:
+        st = _INT_STRUCTS[kind]
+        pack, unpack, size = st.pack, st.unpack_from, st.size
+
+        def enc(out: bytearray, value: Any) -> None:
+            try:
+                out += pack(value)
+            except (struct.error, TypeError):
+                raise LocalProtocolError(f"Field {name} out of range.") from None
+
+        def dec(data: bytes, pos: int) -> tuple[Any, int]:
+            if pos + size > len(data):
+                raise MalformedMessage("Message truncated.")
+            return unpack(data, pos)[0], pos + size
+        return enc, dec
+    if kind is Kind.BYTES or kind is Kind.TEXT:
+        text = kind is Kind.TEXT
+        u16_pack, u16_unpack = _U16.pack, _U16.unpack_from
+
+        def enc(out: bytearray, value: Any) -> None:
+            raw = value.encode("utf-8") if text else bytes(value)
+            if exact is not None and len(raw) != exact:
+                raise LocalProtocolError(f"Field {name} must be {exact} bytes.")
+            if len(raw) > max_len:
+                raise LocalProtocolError(f"Field {name} is longer than {max_len} bytes.")
+            out += u16_pack(len(raw))
+            out += raw
+
+        def dec(data: bytes, pos: int) -> tuple[Any, int]:
+            if pos + 2 > len(data):
+                raise MalformedMessage("Message truncated.")
+            (n,) = u16_unpack(data, pos)
+            if n > max_len or (exact is not None and n != exact):
+                raise MalformedMessage(f"Field {name} has a bad length.")
+            end = pos + 2 + n
+            if end > len(data):
+                raise MalformedMessage("Message truncated.")
+            raw = data[pos + 2:end]
+            return (_decode_text(raw, name) if text else raw), end
+        return enc, dec
+
+    def enc_generic(out: bytearray, value: Any) -> None:
+        _encode_field(out, name, meta, value)
+
+    def dec_generic(data: bytes, pos: int) -> tuple[Any, int]:
+        r = _Reader(data)
+        r.pos = pos
+        value = _decode_field(r, name, meta)
+        return value, r.pos
+    return enc_generic, dec_generic
+
+
 # =============================================================================
 # Messages
 # =============================================================================
@@ -199,10 +257,13 @@ class Message:
     TYPE: ClassVar[int]
     FIELDS: ClassVar[tuple] = ()  # (name, metadata) per field, computed once at registration
 
+    ENCODERS: ClassVar[tuple] = ()  # (name, encoder) per field, compiled at registration
+    DECODERS: ClassVar[tuple] = ()  # (name, decoder) per field
+
     def encode(self) -> bytes:
         out = bytearray((self.TYPE,))
-        for name, meta in self.FIELDS:
-            _encode_field(out, name, meta, getattr(self, name))
+        for name, enc in self.ENCODERS:
+            enc(out, getattr(self, name))
         return bytes(out)
 
     def __repr__(self) -> str:  # never print secrets (passwords, keys) in logs
@@ -222,6 +283,9 @@ def message(type_id: int) -> Callable[[type], type]:
         cls.TYPE = type_id
         cls = dataclass(frozen=True, repr=False)(cls)
         cls.FIELDS = tuple((f.name, dict(f.metadata)) for f in dataclasses.fields(cls))
+        compiled = [(name, _compile_field(name, meta)) for name, meta in cls.FIELDS]
+        cls.ENCODERS = tuple((name, enc) for name, (enc, _dec) in compiled)
+        cls.DECODERS = tuple((name, dec) for name, (_enc, dec) in compiled)
         MESSAGE_TYPES[type_id] = cls
         return cls
     return register
@@ -234,10 +298,10 @@ def decode_message(data: bytes) -> Message:
     cls = MESSAGE_TYPES.get(data[0])
     if cls is None:
         raise MalformedMessage(f"Unknown message type {data[0]:#04x}.")
-    r = _Reader(data)
-    r.pos = 1
-    values = {name: _decode_field(r, name, meta) for name, meta in cls.FIELDS}
-    if r.pos != len(data):
+    values, pos = {}, 1
+    for name, dec in cls.DECODERS:
+        values[name], pos = dec(data, pos)
+    if pos != len(data):
         raise MalformedMessage("Trailing bytes after message.")
     return cls(**values)
 

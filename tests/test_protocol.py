@@ -414,3 +414,25 @@ def test_change_password_only_after_login():
     assert P.ChangePassword not in P.RECEIVE_TABLE[(P.Role.SERVER, P.State.ESTABLISHED)]
     assert P.ChangePassword in P.RECEIVE_TABLE[(P.Role.SERVER, P.State.AUTHENTICATED)]
     assert P.PasswordChanged in P.RECEIVE_TABLE[(P.Role.CLIENT, P.State.AUTHENTICATED)]
+
+
+@pytest.mark.parametrize("cls", sorted((c for c in P.MESSAGE_TYPES.values()
+                                         if any(m["kind"] is P.Kind.BYTES for _n, m in c.FIELDS)),
+                                        key=lambda c: c.TYPE), ids=lambda c: c.__name__)
+def test_a_bytes_field_longer_than_its_bound_is_refused_by_the_decoder(cls):
+    """Every bounded field is checked when decoding, before the message exists (the compiled codec)."""
+    name, meta = next((n, m) for n, m in cls.FIELDS if m["kind"] is P.Kind.BYTES)
+    too_long = (meta["exact"] + 1) if meta["exact"] is not None else meta["max_len"] + 1
+    out = bytearray((cls.TYPE,))
+    for n, m in cls.FIELDS:
+        if n == name:
+            out += too_long.to_bytes(2, "big") + b"\0" * too_long
+            break
+        enc = dict(cls.ENCODERS)[n]
+        sample = {P.Kind.U8: 0, P.Kind.U32: 0, P.Kind.U64: 0, P.Kind.BOOL: False, P.Kind.BYTES: b"",
+                  P.Kind.TEXT: "", P.Kind.TEXT_LIST: ()}[m["kind"]]
+        if m["kind"] is P.Kind.BYTES and m["exact"] is not None:
+            sample = b"\0" * m["exact"]
+        enc(out, sample)
+    with pytest.raises(P.MalformedMessage, match="bad length"):
+        P.decode_message(bytes(out))

@@ -1,0 +1,113 @@
+"""Mutation catalogue, scaling area (issue 11): the cluster bus and the event-loop server.
+
+Each entry was applied to a scratch copy and its tests seen failing
+(`python tests/mutations/run.py --only NAME -j 1`); docs/SECURITY.md, section
+"The cluster bus", names them.
+"""
+
+from __future__ import annotations
+
+from model import Mutation
+
+BUS = "tests/test_cluster_bus.py::"
+CLUSTER = "tests/test_cluster.py::"
+PROTO = "tests/test_protocol.py::"
+
+MUTATIONS: list[Mutation] = [
+    Mutation(
+        name="bus-frame-not-bound-to-subject",
+        file="cluster_nats.py",
+        find='    return b"secureim/v1 bus " + subject.encode()',
+        replace='    return b"secureim/v1 bus "',
+        tests=(BUS + "test_a_frame_for_one_node_does_not_open_on_another_subject",),
+        why="A frame sealed for one node's inbox opens on another's: a NATS user redirects relays and keys.",
+    ),
+    Mutation(
+        name="bus-replay-accepted",
+        file="cluster_nats.py",
+        find="if seq <= self._seen.get(key, 0):",
+        replace="if False:",
+        tests=(BUS + "test_a_replayed_or_duplicated_frame_is_refused",),
+        why="A recorded bus frame replayed is acted on again: duplicate deliveries, presence flipped back.",
+    ),
+    Mutation(
+        name="bus-stale-frame-accepted",
+        file="cluster_nats.py",
+        find="if abs(time.time() - sent_at) > MAX_FRAME_AGE_S:",
+        replace="if False:",
+        tests=(BUS + "test_a_stale_frame_is_refused",),
+        why="A frame recorded long ago (from an earlier node incarnation) is replayed and believed.",
+    ),
+    Mutation(
+        name="bus-deliver-any-message",
+        file="cluster_nats.py",
+        find="if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked)):",
+        replace="if False:",
+        tests=(BUS + "test_a_deliver_frame_carries_only_what_may_cross_nodes",),
+        why="A DELIVER frame smuggles any message to a user (a ConversationKey, an AuthOk) past the KDC's rules.",
+    ),
+    Mutation(
+        name="bus-key-outside-conversation",
+        file="cluster_nats.py",
+        find="if username not in members or msg.peer not in members:",
+        replace="if False:",
+        tests=(BUS + "test_a_key_frame_for_someone_outside_the_conversation_is_refused",),
+        why="A KEY frame names members it does not key: a conversation is registered for someone outside it.",
+    ),
+    Mutation(
+        name="bus-older-login-replaces-newer",
+        file="cluster_nats.py",
+        find="if (local.login_at, self.incarnation) > (login_at, sender):",
+        replace="if False:",
+        tests=(BUS + "test_an_older_login_elsewhere_does_not_replace_the_newer_one_here",),
+        why="A late ONLINE of an older login closes the user's current session: two nodes close each other's.",
+    ),
+    Mutation(
+        name="bus-any-offline-ends-presence",
+        file="cluster_nats.py",
+        find="if entry is None or entry.node != sender or (login_at is not None and entry.login_at != login_at):",
+        replace="if entry is None:",
+        tests=(BUS + "test_the_end_of_an_older_session_does_not_hide_the_newer_one",),
+        why="The end of a replaced session marks the user offline although they are online on another node.",
+    ),
+    Mutation(
+        name="bus-expiry-while-cut-off",
+        file="cluster_nats.py",
+        find="if self.connected_since is None or time.monotonic() - self.connected_since < NODE_TIMEOUT_S:",
+        replace="if False:",
+        tests=(BUS + "test_silence_while_our_own_link_is_down_says_nothing",),
+        why="A node cut off from NATS declares every other node's users offline (and tells its own users so).",
+    ),
+    Mutation(
+        name="bus-node-expiry-off",
+        file="cluster_nats.py",
+        find="            if now - heard > NODE_TIMEOUT_S:",
+        replace="            if False:",
+        tests=(BUS + "test_users_of_a_silent_node_go_offline_and_their_peers_hear_it",),
+        why="Users of a crashed node stay 'online' forever: messages to them vanish into a dead inbox.",
+    ),
+    Mutation(
+        name="bus-send-while-link-down",
+        file="cluster_nats.py",
+        find="        if not self.connected:\n            return False\n        self._call(self._enqueue",
+        replace="        self._call(self._enqueue",
+        tests=(CLUSTER + "test_nats_stopped_and_restarted_mid_run",),
+        why="While NATS is down a cross-node send is taken as delivered: the sender is never told it was lost.",
+    ),
+    Mutation(
+        name="cluster-allows-sqlite",
+        file="server.py",
+        find='        if not (args.db_url or "").startswith(("mysql://", "mariadb://")):',
+        replace="        if False:",
+        tests=(BUS + "test_a_cluster_on_sqlite_is_refused_in_one_line",),
+        why="Nodes on separate SQLite files: each has its own accounts and lockouts; a ban on one is not on the others.",
+    ),
+    Mutation(
+        name="codec-field-length-unchecked",
+        file="protocol.py",
+        find="            if n > max_len or (exact is not None and n != exact):",
+        replace="            if False:",
+        tests=(PROTO + "test_a_bytes_field_longer_than_its_bound_is_refused_by_the_decoder",),
+        why="A field longer than its bound is accepted: oversized names and keys reach the server's logic.",
+    ),
+]
