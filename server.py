@@ -1384,6 +1384,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         identity_key_file=args.identity_key, node_name=args.node_name[:64])
 
 
+def _raise_fd_limit() -> None:
+    """One descriptor per connection: lift the soft limit (often 1,024) to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, OSError, ValueError):  # not POSIX, or not allowed: keep what we have
+        pass
+
+
 class _Stop(Exception):
     pass
 
@@ -1418,6 +1431,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{time.strftime(TIME_FORMAT)} {line}", flush=True)
 
     say("[SERVER]: Initializing...")
+    _raise_fd_limit()
     try:
         config = config_from_args(args)
         server = Server(config, announce=say)
