@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import crypto_utils as cu
 import protocol as P
-from cluster import SIGNED_IN_ELSEWHERE, Cluster
+from cluster import Cluster
 from errors import ConfigError, DecryptionFailed, SecureIMError
 
 log = logging.getLogger("secureim.cluster")

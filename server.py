@@ -64,7 +64,6 @@ log = logging.getLogger("secureim.server")
 DEFAULT_PORT = P.DEFAULT_PORT
 DEFAULT_DATA_DIR = "secureim-data"
 IDENTITY_FILE = "server_identity.key"
-RECV_BYTES = 64 * 1024
 
 
 @dataclass
@@ -1384,6 +1383,45 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         identity_key_file=args.identity_key, node_name=args.node_name[:64])
 
 
+class LinePrinter:
+    """Console lines from the loop and the workers, printed by a thread of their own, so a slow
+    terminal or a pipe nobody reads never stalls the server.  Bounded: past MAX_LINES waiting, a
+    line is dropped and counted (the count is printed with the next line that fits)."""
+
+    MAX_LINES = 10_000
+
+    def __init__(self) -> None:
+        import queue
+
+        self._lines: "queue.Queue[str]" = queue.Queue(maxsize=self.MAX_LINES)
+        self._dropped = 0
+        threading.Thread(target=self._run, name="console-out", daemon=True).start()
+
+    def put(self, line: str) -> None:
+        import queue
+
+        try:
+            self._lines.put_nowait(f"{time.strftime(TIME_FORMAT)} {line}")
+        except queue.Full:
+            self._dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            line = self._lines.get()
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                print(f"{time.strftime(TIME_FORMAT)} [SERVER]: ({dropped} console lines dropped: the "
+                      "console was not read)", flush=True)
+            print(line, flush=True)
+            self._lines.task_done()
+
+    def drain(self, timeout_s: float = 5.0) -> None:
+        """Wait (bounded) until every waiting line is printed."""
+        deadline = time.monotonic() + timeout_s
+        while self._lines.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def _raise_fd_limit() -> None:
     """One descriptor per connection: lift the soft limit (often 1,024) to the hard one."""
     try:
@@ -1434,7 +1472,8 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     try:
         config = config_from_args(args)
-        server = Server(config, announce=say)
+        printer = LinePrinter()
+        server = Server(config, announce=printer.put)
         host, port = server.start()
     except (SecureIMError, OSError) as exc:
         print(f"{time.strftime(TIME_FORMAT)} [SERVER]: Cannot start: {exc}", file=sys.stderr, flush=True)
@@ -1465,6 +1504,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         say("[SERVER]: Shutting down...")
         server.shutdown()
+        printer.drain()
         say("[SERVER]: Stopped.")
     return 0
 

@@ -12,7 +12,6 @@ on SIGTERM or Ctrl-C stops them all.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import subprocess
