@@ -251,6 +251,12 @@ class TripleDesCbcHmacCipher:
         return iv_ct + self._tag(aad, iv_ct).finalize()
 
     def open(self, ciphertext: bytes, aad: bytes = b"") -> bytes:
+        iv_ct = self._verified(ciphertext, aad)
+        padded = self._blocks.decrypt(iv_ct[:TDES_BLOCK_BYTES], iv_ct[TDES_BLOCK_BYTES:])
+        return pkcs7_unpad(padded)  # a bad pad is impossible after a valid MAC unless the key is misused
+
+    def _verified(self, ciphertext: bytes, aad: bytes) -> bytes:
+        """``IV || CT`` once its length and MAC are checked: nothing is decrypted before."""
         body_len = len(ciphertext) - TDES_BLOCK_BYTES - HMAC_TAG_BYTES
         if body_len < TDES_BLOCK_BYTES or body_len % TDES_BLOCK_BYTES:
             raise DecryptionFailed()
@@ -259,8 +265,47 @@ class TripleDesCbcHmacCipher:
             self._tag(aad, iv_ct).verify(tag)  # constant-time comparison
         except InvalidSignature:
             raise DecryptionFailed() from None
-        padded = self._blocks.decrypt(iv_ct[:TDES_BLOCK_BYTES], iv_ct[TDES_BLOCK_BYTES:])
-        return pkcs7_unpad(padded)  # a bad pad is impossible after a valid MAC unless the key is misused
+        return iv_ct
+
+
+class RecordTripleDesCbcHmacCipher(TripleDesCbcHmacCipher):
+    """The same records, sealed and opened through one OpenSSL CBC context per direction.
+
+    A Cipher object per record costs more than the Triple-DES work on a short record (the
+    relay seals and opens one per message).  Sealing keeps one encryptor for the life of
+    the key and puts a fresh random block R in front of every record's padded plaintext:
+    the first output block, E(K, R xor previous block), is the record's IV, and the rest is
+    CBC chained from it (RFC 4346 section 6.2.3.2, option (2)(b): "generate a random block
+    R ... use the last block of the previous ciphertext as the IV").  The IV is as
+    unpredictable as R, and the layout on the wire is unchanged: ``IV || CT || TAG`` opens
+    with a fresh context too.  Opening keeps one decryptor: after the MAC is checked, the
+    record is fed whole and its first output block (R xor garbage) is dropped, so the
+    context's state from earlier records never matters.
+
+    Stateful: one instance per direction, used under one lock (the record layer's).
+    """
+
+    def __init__(self, key: bytes, backend: str) -> None:
+        super().__init__(key, backend)
+        self._algorithm = getattr(self._blocks, "_algorithm", None)  # OpenSSL only; pyDes: per record
+        self._encryptor = None
+        self._decryptor = None
+
+    def seal(self, plaintext: bytes, aad: bytes = b"", *, iv: bytes | None = None) -> bytes:
+        if iv is not None or self._algorithm is None:
+            return super().seal(plaintext, aad, iv=iv)
+        if self._encryptor is None:  # created on first use: an idle session holds none
+            self._encryptor = Cipher(self._algorithm, modes.CBC(bytes(TDES_BLOCK_BYTES))).encryptor()
+        iv_ct = self._encryptor.update(random_bytes(TDES_BLOCK_BYTES) + pkcs7_pad(plaintext))
+        return iv_ct + self._tag(aad, iv_ct).finalize()
+
+    def open(self, ciphertext: bytes, aad: bytes = b"") -> bytes:
+        if self._algorithm is None:
+            return super().open(ciphertext, aad)
+        iv_ct = self._verified(ciphertext, aad)
+        if self._decryptor is None:
+            self._decryptor = Cipher(self._algorithm, modes.CBC(bytes(TDES_BLOCK_BYTES))).decryptor()
+        return pkcs7_unpad(self._decryptor.update(iv_ct)[TDES_BLOCK_BYTES:])
 
 
 class Aes256GcmCipher:
@@ -309,6 +354,10 @@ class TripleDesCbcHmac:
     def cipher(self, key: bytes) -> TripleDesCbcHmacCipher:
         return TripleDesCbcHmacCipher(key, self.backend)
 
+    def record_cipher(self, key: bytes) -> TripleDesCbcHmacCipher:
+        """The record layer's cipher: the same records, through long-lived contexts (stateful)."""
+        return RecordTripleDesCbcHmacCipher(key, self.backend)
+
     def overhead(self, plaintext_len: int) -> int:
         return TDES_BLOCK_BYTES + (TDES_BLOCK_BYTES - plaintext_len % TDES_BLOCK_BYTES) + HMAC_TAG_BYTES
 
@@ -333,6 +382,9 @@ class Aes256Gcm:
 
     def cipher(self, key: bytes) -> Aes256GcmCipher:
         return Aes256GcmCipher(key)
+
+    def record_cipher(self, key: bytes) -> Aes256GcmCipher:
+        return Aes256GcmCipher(key)  # AES-GCM objects are already reused across records
 
     def overhead(self, plaintext_len: int) -> int:
         return GCM_NONCE_BYTES + GCM_TAG_BYTES

@@ -655,7 +655,7 @@ class TrafficKeys:
     def _install(self, secret: bytes) -> None:
         self._secret = secret
         material = cu.hkdf(secret, salt=None, info=cu.label("record key"), length=self.suite.key_bytes)
-        self._cipher = self.suite.cipher(self.suite.key_from_material(material))
+        self._cipher = self.suite.record_cipher(self.suite.key_from_material(material))
         self.seq = 0
         self.bytes_protected = 0
 

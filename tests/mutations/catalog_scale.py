@@ -103,6 +103,15 @@ MUTATIONS: list[Mutation] = [
         why="Nodes on separate SQLite files: each has its own accounts and lockouts; a ban on one is not on the others.",
     ),
     Mutation(
+        name="record-cipher-random-block-shown",
+        file="crypto_utils.py",
+        find="return pkcs7_unpad(self._decryptor.update(iv_ct)[TDES_BLOCK_BYTES:])",
+        replace="return pkcs7_unpad(self._decryptor.update(iv_ct))",
+        tests=("tests/test_crypto_utils.py::test_record_cipher_records_open_with_a_fresh_context_and_back",
+               "tests/test_crypto_utils.py::test_record_cipher_opens_in_any_order_and_survives_a_forgery"),
+        why="The long-lived decryptor's first block (R xor an earlier record's block) is taken as plaintext.",
+    ),
+    Mutation(
         name="codec-field-length-unchecked",
         file="protocol.py",
         find="            if n > max_len or (exact is not None and n != exact):",
