@@ -1130,8 +1130,24 @@ class Server:
                 session.link._abort()
 
     def _feed(self, session: Session, data: bytes) -> None:
-        session.inbox.append(data)
-        self._pump(session)
+        if session.inbox or session.busy or not session.proto.established:
+            session.inbox.append(data)
+            self._pump(session)
+            return
+        # The common case, without the inbox: an idle, established session sent relays.
+        try:
+            events, _ = session.receive(data)
+        except ProtocolError as exc:
+            self._protocol_failed(session, exc)
+            return
+        for i, event in enumerate(events):
+            if session.closed.is_set():
+                return
+            if type(event) not in FAST_MESSAGES:
+                session.inbox.extend(events[i:])  # the rest in order, behind the slow one
+                self._pump(session)
+                return
+            self._handle(session, event)
 
     def _pump(self, session: Session) -> None:
         """Handle what waits in the session's inbox, in order: fast work here, slow work on a worker."""
