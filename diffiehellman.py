@@ -14,7 +14,9 @@ exist for interoperability with design 000.
 
 Exponent sizes: a 2048-bit ``pow()`` with a full-size exponent takes about
 40 ms and holds the GIL, stalling every other server thread; with a 256-bit
-exponent about 6 ms.  We use short exponents of at least twice the group's
+exponent about 6 ms.  The server therefore runs them in a process of its own
+(``ModexpOffload``, installed with ``offload_modexp``); its worker thread waits
+with the GIL released, and the event loop goes on relaying.  We use short exponents of at least twice the group's
 security strength and never less than RFC 7919's minimum (appendix A).
 
 Hybrid ``x25519-mlkem768`` (the default): X25519 plus ML-KEM-768 (FIPS 203), as
@@ -29,6 +31,7 @@ secret unless *both* X25519 and ML-KEM-768 are broken.
 from __future__ import annotations
 
 import secrets
+import threading
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -217,6 +220,58 @@ def get_group(name: str) -> Group:
         ) from None
 
 
+class ModexpOffload:
+    """Finite-field exponentiations in a process of their own, created on first use.
+
+    ``pow()`` on 2048-bit numbers holds the GIL for milliseconds (the subgroup check
+    with its 2047-bit exponent, about 30 ms): on a worker thread it would still stall the
+    server's event loop.  In a separate process it does not; the worker thread that
+    asked waits with the GIL released.  The processes start with ``spawn`` (never a fork
+    of a threaded server) and are ended by ``shutdown()``.
+    """
+
+    def __init__(self, processes: int = 1) -> None:
+        self._processes = processes
+        self._pool = None
+        self._lock = threading.Lock()
+        self.submitted = 0
+
+    def __call__(self, base: int, exponent: int, modulus: int) -> int:
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        import multiprocessing
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context("spawn"))
+            pool = self._pool
+            self.submitted += 1
+        try:
+            return pool.submit(pow, base, exponent, modulus).result()
+        except (BrokenProcessPool, RuntimeError):  # the pool died or is shutting down: do it here
+            return pow(base, exponent, modulus)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_modexp_hook = None
+
+
+def offload_modexp(hook) -> None:
+    """Route every finite-field exponentiation through ``hook(base, exp, mod)`` (None: ``pow``)."""
+    global _modexp_hook
+    _modexp_hook = hook
+
+
+def modexp(base: int, exponent: int, modulus: int) -> int:
+    hook = _modexp_hook
+    return pow(base, exponent, modulus) if hook is None else hook(base, exponent, modulus)
+
+
 def validate_public_value(group: FiniteFieldGroup, y: int) -> None:
     """Refuse a finite-field public value that is not in the prime-order subgroup.
 
@@ -226,7 +281,7 @@ def validate_public_value(group: FiniteFieldGroup, y: int) -> None:
     """
     if not 1 < y < group.p - 1:
         raise InvalidPublicValue("Diffie-Hellman public value out of range (must be 1 < y < p-1).")
-    if pow(y, group.q, group.p) != 1:
+    if modexp(y, group.q, group.p) != 1:
         raise InvalidPublicValue("Diffie-Hellman public value is not in the prime-order subgroup.")
     if bin(y).count("1") < MIN_PUBLIC_BITS_SET:
         raise InvalidPublicValue("Diffie-Hellman public value has too few bits set.")
@@ -269,7 +324,7 @@ class DiffieHellman:
             bits = self.group.exponent_bits
             # Top bit set so every exponent has exactly ``bits`` bits.
             self._exponent = (secrets.randbits(bits) | (1 << (bits - 1))) if private is None else int(private)
-            y = pow(self.group.g, self._exponent, self.group.p)
+            y = modexp(self.group.g, self._exponent, self.group.p)
             self.public_bytes = y.to_bytes(self.group.byte_length, "big")
 
     def generate_shared_secret(self, peer_public: bytes) -> bytes:
@@ -289,7 +344,7 @@ class DiffieHellman:
         else:
             y = int.from_bytes(peer_public, "big")
             validate_public_value(self.group, y)
-            z = pow(y, self._exponent, self.group.p)
+            z = modexp(y, self._exponent, self.group.p)
             if z in (0, 1, self.group.p - 1):  # impossible after validation; fail closed anyway
                 raise InvalidPublicValue("Diffie-Hellman shared secret is degenerate.")
             secret = z.to_bytes(self.group.byte_length, "big")

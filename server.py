@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import crypto_utils as cu
+import diffiehellman
 import direct
 import protocol as P
 from auth import DEFAULT_BCRYPT_COST, AuthService
@@ -982,6 +983,7 @@ class Server:
         self.loop = new_event_loop()
         self.loop_thread_id: int | None = None
         self.pool = ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="worker")
+        self.modexp = diffiehellman.ModexpOffload()
         self._aserver: asyncio.AbstractServer | None = None
         self._listener: socket.socket | None = None
         self._loop_thread: threading.Thread | None = None
@@ -1010,7 +1012,7 @@ class Server:
         except DatabaseError as exc:
             log.warning("cannot clear old session rows: %s", exc)
         self.service.attach(self.loop, self.loop_thread_id, self.pool)
-        self.moderation.start()
+        diffiehellman.offload_modexp(self.modexp)  # finite-field groups: pow() off the GIL        self.moderation.start()
         if self.config.metrics_port is not None:
             self._start_metrics()
         return host, port
@@ -1077,6 +1079,9 @@ class Server:
             self._loop_thread.join(timeout=10)
         self._stopped.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if diffiehellman._modexp_hook is self.modexp:  # noqa: SLF001 - ours to take back
+            diffiehellman.offload_modexp(None)
+        self.modexp.shutdown()
         if not self.loop.is_running():
             self.loop.close()
         self.storage.close()

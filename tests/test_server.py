@@ -473,3 +473,14 @@ def test_sending_after_the_server_closed_the_session_raises_connection_closed(tm
             alice.send_message("bob", "too late")
         alice.close()
         bob.close()
+
+
+def test_finite_field_exponentiations_run_outside_the_server_process(tmp_path):
+    """pow() on 2048-bit numbers holds the GIL for milliseconds: the event loop must not wait for it."""
+    with running_server(tmp_path / "srv") as server:
+        client = logged_in_client(server, tmp_path / "a", "alice", group="ffdhe2048")
+        # the client's share checked (2047-bit exponent), the server's share, the shared secret
+        assert server.modexp.submitted >= 3
+        client.who()
+        assert wait_for(client, C.WhoList).users == ("alice",)
+        client.close()

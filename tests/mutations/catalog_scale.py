@@ -112,6 +112,14 @@ MUTATIONS: list[Mutation] = [
         why="The long-lived decryptor's first block (R xor an earlier record's block) is taken as plaintext.",
     ),
     Mutation(
+        name="ffdh-pow-in-the-server-process",
+        file="server.py",
+        find="        diffiehellman.offload_modexp(self.modexp)  # finite-field groups: pow() off the GIL",
+        replace="        pass",
+        tests=("tests/test_server.py::test_finite_field_exponentiations_run_outside_the_server_process",),
+        why="An FFDH login's pow() holds the GIL for ~30 ms on a worker thread: a burst stalls every relay.",
+    ),
+    Mutation(
         name="codec-field-length-unchecked",
         file="protocol.py",
         find="            if n > max_len or (exact is not None and n != exact):",
