@@ -1012,7 +1012,8 @@ class Server:
         except DatabaseError as exc:
             log.warning("cannot clear old session rows: %s", exc)
         self.service.attach(self.loop, self.loop_thread_id, self.pool)
-        diffiehellman.offload_modexp(self.modexp)  # finite-field groups: pow() off the GIL        self.moderation.start()
+        diffiehellman.offload_modexp(self.modexp)  # finite-field groups: pow() off the GIL
+        self.moderation.start()
         if self.config.metrics_port is not None:
             self._start_metrics()
         return host, port
