@@ -492,11 +492,15 @@ class NatsCluster(Cluster):
     async def _h_deliver(self, sender: bytes, body: bytes, _msg) -> None:
         name, inner = unpack_fields(body, 2)
         msg = P.decode_message(inner)
-        if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked)):
+        if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error)):
             raise SecureIMError(f"a {type(msg).__name__} is not delivered across nodes")
         session = self.service.registry.session_of(name.decode())
-        if session is not None:
-            session.send(msg)
+        if session is not None and session.send(msg):
+            return
+        if isinstance(msg, P.Deliver):  # gone from here in the meantime: the sender hears it was not delivered
+            bounce = P.Error(code=P.ErrorCode.PEER_OFFLINE,
+                             reason=f"{name.decode()} is offline; message not delivered.")
+            self._publish(self.node_subject(sender), DELIVER, pack_fields(msg.sender.encode(), bounce.encode()))
 
     async def _h_key(self, sender: bytes, body: bytes, _msg) -> None:
         name, first, second, inner = unpack_fields(body, 4)

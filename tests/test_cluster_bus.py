@@ -249,3 +249,18 @@ def test_a_cluster_on_sqlite_is_refused_in_one_line(tmp_path, db):
     argv = ["--data-dir", str(tmp_path), "--cluster", "nats://127.0.0.1:4222"] + (["--db", db] if db else [])
     with pytest.raises(SecureIMError, match="--cluster needs a database every node shares"):
         config_from_args(build_arg_parser().parse_args(argv))
+
+
+def test_a_relay_for_someone_who_just_left_is_bounced_to_the_sender(node, monkeypatch):
+    sent = []
+    monkeypatch.setattr(node.cluster, "_publish", lambda subject, kind, body, **kw: sent.append((subject, kind, body)))
+    subject = node.cluster.node_subject(node.cluster.incarnation)
+    deliver = P.Deliver(conversation_id=1, sender="alice", payload=b"sealed")
+    _frame(node, b"Y" * 16, subject, CN.DELIVER, CN.pack_fields(b"bob", deliver.encode()))  # bob is not here
+    assert len(sent) == 1
+    to, kind, body = sent[0]
+    assert to == node.cluster.node_subject(b"Y" * 16) and kind == CN.DELIVER
+    name, inner = CN.unpack_fields(body, 2)
+    bounce = P.decode_message(inner)
+    assert name == b"alice" and isinstance(bounce, P.Error) and bounce.code == P.ErrorCode.PEER_OFFLINE
+    assert "bob is offline" in bounce.reason
