@@ -1141,12 +1141,8 @@ class Server:
             self._pump(session)
             return
         # The common case, without the inbox: an idle, established session sent relays.
-        try:
-            events, _ = session.receive(data)
-        except ProtocolError as exc:
-            self._protocol_failed(session, exc)
-            return
-        for i, event in enumerate(events):
+        events = self._open_records(session, data)
+        for i, event in enumerate(events or ()):
             if session.closed.is_set():
                 return
             if type(event) not in FAST_MESSAGES:
@@ -1167,10 +1163,8 @@ class Server:
                 if not session.proto.established:  # the handshake's DH and signature: a worker's job
                     self._to_worker(session, self._work_handshake, item)
                     break
-                try:
-                    events, _ = session.receive(item)
-                except ProtocolError as exc:
-                    self._protocol_failed(session, exc)
+                events = self._open_records(session, item)
+                if events is None:
                     return
                 inbox.extendleft(reversed(events))
             elif type(item) in FAST_MESSAGES:
@@ -1185,6 +1179,14 @@ class Server:
                 link.transport.pause_reading()
             elif len(inbox) < INBOX_RESUME_ITEMS and not link.transport.is_closing():
                 link.transport.resume_reading()
+
+    def _open_records(self, session: Session, data: bytes) -> list | None:
+        """The messages in ``data`` (an established session's records), or None after a protocol error."""
+        try:
+            return session.receive(data)[0]
+        except ProtocolError as exc:
+            self._protocol_failed(session, exc)
+            return None
 
     def _handle(self, session: Session, msg: P.Message) -> None:
         try:
