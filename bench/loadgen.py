@@ -11,6 +11,15 @@ the report shows whether the generator or the server was the bottleneck.
     python bench/loadgen.py capacity --clients 1000
     python bench/loadgen.py handshake --logins 200
     python bench/loadgen.py storm --clients 1000
+    python bench/loadgen.py relay --clients 100 --server-workers 2     # server.py --workers 2
+    python bench/loadgen.py relay --clients 100 --nodes 3              # 3 nodes, pairs across nodes
+    python bench/loadgen.py storm --clients 1000 --nodes 3             # kill a node, its clients resume
+
+``--server-workers N`` and ``--nodes N`` make the server a cluster: a fresh MariaDB
+database (dropped after), a NATS subject prefix of the run's own (NATS at
+$SECUREIM_BENCH_NATS, default nats://127.0.0.1:4222) and one identity key.  Server
+CPU, memory and threads are summed over every server process (a supervisor's
+workers, every node), so ``server_cpu_us_per_msg`` compares across shapes.
 
 Every loop is bounded in count and in time (``--timeout``).  docs/PERFORMANCE.md
 holds the results on the reference machine.
@@ -47,43 +56,173 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # =============================================================================
 # The server under test
 # =============================================================================
+NATS_URL = os.environ.get("SECUREIM_BENCH_NATS", "nats://127.0.0.1:4222")
+START_TIMEOUT_S = 120.0
+STALL_S = 10.0  # relay: a pair with nothing arriving for this long has lost the rest
+FD_MARGIN = 256  # files a process needs besides its client sockets (database, NATS, logs, pipes)
+
+
+def raise_nofile(want: int | None = None) -> int:
+    """Raise this process's open-file limit to ``want`` (None: to the hard limit), never past the hard limit.
+
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if want is None else want
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard) if target != resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and (target == resource.RLIM_INFINITY or target > soft):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _server_preexec() -> None:  # in the server's process, before exec: its own open-file limit, as high as allowed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (a supervisor's workers), from /proc."""
+    out, i = [pid], 0
+    while i < len(out):
+        p = out[i]
+        i += 1
+        kids: list[int] = []
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids += [int(x) for x in (task / "children").read_text().split()]
+        except FileNotFoundError:  # no /proc/PID/task/*/children in this kernel: scan every PPid
+            kids = _children_by_scan(p)
+        except OSError:
+            continue
+        out += [k for k in kids if k not in out]
+    return out
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def _proc_cpu(pid: int) -> tuple[float, float]:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone between the listing and the read
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def _proc_status(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _proc_nofile(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                return None if soft == "unlimited" else int(soft)
+    except OSError:
+        pass
+    return None
+
+
+def mysql_admin(sql: str, args: tuple = ()) -> list:
+    import pymysql
+
+    conn = pymysql.connect(host="127.0.0.1", user="root", password="", autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def nats_reachable(url: str) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname or "127.0.0.1", u.port or 4222), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
 class ServerUnderTest:
-    def __init__(self, *, cipher: str = "3des", bcrypt_cost: int = 4, mysql: bool = False,
-                 data_dir: Path | None = None, port: int = 0, extra: tuple[str, ...] = ()) -> None:
+    """One ``server.py`` process (with ``workers`` > 1: a supervisor and its worker processes)."""
+
+    def __init__(self, *, cipher: str = "3des", bcrypt_cost: int = 4, db_url: str | None = None,
+                 data_dir: Path | None = None, port: int = 0, extra: tuple[str, ...] = (),
+                 workers: int = 1) -> None:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="secureim-bench-"))
-        self.db_name = None
-        # bench/counted_server.py is server.py's main plus its bcrypt count, written at each stop.
+        self.workers = workers
+        # bench/counted_server.py is server.py's main plus its bcrypt count (workers: PATH.wI).
         self.counters_dir = Path(tempfile.mkdtemp(prefix="secureim-bench-counters-"))
         self.counters_path = self.counters_dir / "counters.json"
+        self.log_path = self.counters_dir / "stderr.log"
         self.last_counters: dict | None = None
         args = [sys.executable, str(ROOT / "bench" / "counted_server.py"), "--counters", str(self.counters_path),
                 "--port", str(port), "--data-dir", str(self.data_dir),
                 "--cipher", cipher, "--bcrypt-cost", str(bcrypt_cost), "--puzzle", "off",
                 "--connections-per-second", "1000000", "--max-unauthenticated", "100000",
-                "--max-unauthenticated-per-source", "100000", "--login-grace", "120", *extra]
-        if mysql:
-            self.db_name = os.environ.get("SECUREIM_BENCH_DB") or f"secureim_bench_{secrets.token_hex(4)}"
-            args += ["--db", f"mysql://root@127.0.0.1:3306/{self.db_name}"]
-            self._mysql_admin(f"CREATE DATABASE IF NOT EXISTS `{self.db_name}`")
-        self.args = args
+                "--max-unauthenticated-per-source", "100000", "--login-grace", "120", "--console", "off"]
+        if db_url:
+            args += ["--db", db_url]
+        if workers > 1:
+            args += ["--workers", str(workers)]
+        self.args = args + list(extra)
         self._start()
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the server did not start")
+        import queue
+
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=log, text=True,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_server_preexec)
+        log.close()
+        lines: queue.Queue = queue.Queue()
+
+        def drain(proc=self.proc):
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:  # bounded: Ready, the end of the output, or the deadline
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.proc.kill()
+                self.proc.wait()
+                tail = self.log_path.read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"the server did not start: {' '.join(self.args[1:])}\n{tail}")
+            if "[worker " in line:  # a supervisor's worker speaking: the supervisor says Ready for all
+                continue
             m = re.search(r"Listening on ([\d.]+):(\d+)", line)
             if m:
                 self.host, self.port = m.group(1), int(m.group(2))
             if "Ready to accept connections" in line:
                 break
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for _ in self.proc.stdout:
-            pass
+        self._lines = lines  # the drain thread keeps reading (a full pipe would stall the server)
 
     def restart(self) -> None:
         """Stop and start again on the same port and data (the reconnect storm)."""
@@ -92,34 +231,49 @@ class ServerUnderTest:
         self.args[i + 1] = str(self.port)
         self._start()
 
-    @staticmethod
-    def _mysql_admin(sql: str) -> None:
-        import pymysql
-
-        conn = pymysql.connect(host="127.0.0.1", user="root", password="", autocommit=True)
-        with conn.cursor() as cur:
-            cur.execute(sql)
-        conn.close()
-
-    def _status(self, field: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        return 0
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc.poll() is None else []
 
     def cpu_split(self) -> tuple[float, float]:
-        """(user, system) CPU seconds of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+        """(user, system) CPU seconds so far, summed over this process and its workers."""
+        u = k = 0.0
+        for pid in self.pids():
+            a, b = _proc_cpu(pid)
+            u, k = u + a, k + b
+        return u, k
 
     def cpu_s(self) -> float:
         return sum(self.cpu_split())
 
     def rss_kib(self) -> int:
-        return self._status("VmRSS")
+        return sum(_proc_status(p, "VmRSS") for p in self.pids())
 
     def threads(self) -> int:
-        return self._status("Threads")
+        return sum(_proc_status(p, "Threads") for p in self.pids())
+
+    def nofile_limits(self) -> list[int | None]:
+        return [_proc_nofile(p) for p in self.pids()]
+
+    def bcrypt_runs(self) -> int:
+        """bcrypt runs counted so far, this process and its workers (the files are rewritten as it runs)."""
+        n = 0
+        for f in self.counters_dir.glob("counters.json*"):
+            if f.name.endswith(".tmp"):
+                continue
+            try:
+                n += json.loads(f.read_text()).get("bcrypt_runs_serving", 0)
+            except (OSError, ValueError):
+                pass
+        return n
+
+    def kill(self) -> None:
+        """SIGKILL, the whole tree (a supervisor's workers would outlive it otherwise)."""
+        for pid in reversed(self.pids()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
 
     def stop(self, keep_data: bool = False) -> None:
         if self.proc.poll() is None:
@@ -127,18 +281,132 @@ class ServerUnderTest:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:  # this process's counters (absent if it had to be killed)
-            self.last_counters = json.loads(self.counters_path.read_text())
-            self.counters_path.unlink()
-        except (OSError, ValueError):
-            self.last_counters = None
+                self.kill()
+        # This process's counters (and its workers'); absent if it had to be killed.
+        self.last_counters = {"bcrypt_runs_serving": self.bcrypt_runs()} if self.counters_path.exists() else None
+        for f in self.counters_dir.glob("counters.json*"):
+            f.unlink(missing_ok=True)
+        keep = os.environ.get("SECUREIM_BENCH_LOGS")  # a folder: keep every server's stderr there
+        if keep and self.log_path.exists():
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.log_path, Path(keep) / f"{self.data_dir.name}-{self.proc.pid}.log")
         if not keep_data:
             shutil.rmtree(self.counters_dir, ignore_errors=True)
-            if self.db_name:
-                self._mysql_admin(f"DROP DATABASE IF EXISTS `{self.db_name}`")
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class Deployment:
+    """What a run measures: one server process, one with ``workers`` worker processes, or ``nodes`` nodes.
+
+    More than one process means a cluster: a fresh MariaDB database, a NATS subject prefix of
+    this run's own, one identity key for all (tickets made by one node open on another).  The
+    database is dropped at the end; the prefix is never used again.
+    """
+
+    def __init__(self, *, cipher: str = "3des", bcrypt_cost: int = 4, mysql: bool = False, workers: int = 1,
+                 nodes: int = 1, nats_url: str = NATS_URL, server_args: tuple[str, ...] = ()) -> None:
+        self.clustered = workers > 1 or nodes > 1
+        self.mysql = mysql or self.clustered
+        self.workers, self.n_nodes = workers, nodes
+        self.root = Path(tempfile.mkdtemp(prefix="secureim-bench-run-"))
+        self.db_name = None
+        self.prefix = None
+        self.nodes: list[ServerUnderTest] = []
+        self.dead: list[ServerUnderTest] = []
+        extra: list[str] = []
+        db_url = None
+        if self.clustered and not nats_reachable(nats_url):
+            raise SystemExit(f"--server-workers/--nodes need NATS: nothing answers at {nats_url} "
+                             "(start nats-server, or set SECUREIM_BENCH_NATS)")
+        try:
+            if self.mysql:
+                self.db_name = os.environ.get("SECUREIM_BENCH_DB") or f"secureim_bench_{secrets.token_hex(4)}"
+                mysql_admin(f"CREATE DATABASE IF NOT EXISTS `{self.db_name}`")
+                db_url = f"mysql://root@127.0.0.1:3306/{self.db_name}"
+            if self.clustered:
+                import crypto_utils as cu
+
+                identity = self.root / "service_identity.key"
+                cu.load_or_create_identity(str(identity))
+                self.prefix = f"bench{secrets.token_hex(4)}"
+                extra = ["--identity-key", str(identity), "--cluster", nats_url, "--cluster-prefix", self.prefix]
+            for i in range(nodes):
+                node_extra = [*extra, "--node-name", f"bench-node{i}"] if nodes > 1 else list(extra)
+                node_extra += server_args
+                self.nodes.append(ServerUnderTest(cipher=cipher, bcrypt_cost=bcrypt_cost, db_url=db_url,
+                                                  data_dir=self.root / f"node{i}", extra=tuple(node_extra),
+                                                  workers=workers))
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def host(self) -> str:
+        return self.nodes[0].host
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [(n.host, n.port) for n in self.nodes]
+
+    def alive(self) -> list[ServerUnderTest]:
+        return [n for n in self.nodes if n not in self.dead]
+
+    def cpu_split(self) -> tuple[float, float]:
+        parts = [n.cpu_split() for n in self.alive()]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def cpu_s(self) -> float:
+        return sum(self.cpu_split())
+
+    def cpu_per_node(self) -> list[float]:
+        return [n.cpu_s() if n not in self.dead else 0.0 for n in self.nodes]
+
+    def rss_kib(self) -> int:
+        return sum(n.rss_kib() for n in self.alive())
+
+    def threads(self) -> int:
+        return sum(n.threads() for n in self.alive())
+
+    def processes(self) -> int:
+        return sum(len(n.pids()) for n in self.alive())
+
+    def bcrypt_runs(self) -> int:
+        return sum(n.bcrypt_runs() for n in self.alive())
+
+    def check_nofile(self, need: int) -> int:
+        """Every server process may open ``need`` files, or stop here with the reason; the smallest limit."""
+        limits = [x for n in self.alive() for x in n.nofile_limits()]
+        low = min((x for x in limits if x is not None), default=None)
+        if low is not None and low < need:
+            raise SystemExit(f"a server process may open only {low} files, {need} are needed: raise the hard "
+                             f"limit (ulimit -Hn, or LimitNOFILE) for the user running the benchmark")
+        return low if low is not None else -1
+
+    def audit_counts(self, since: float) -> dict[str, int]:
+        """Audit rows per event since ``since`` (MariaDB): ``resume`` vs ``login`` shows who needed a password."""
+        rows = mysql_admin(f"SELECT event, COUNT(*) FROM `{self.db_name}`.audit_log WHERE at >= %s GROUP BY event",
+                           (since,))
+        return {str(e): int(c) for e, c in rows}
+
+    def shape(self) -> dict:
+        return {"server_workers": self.workers, "nodes": self.n_nodes, "server_processes": self.processes(),
+                "db": "mysql" if self.mysql else "sqlite", "cluster": bool(self.clustered)}
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            try:
+                n.stop()
+            except Exception:  # noqa: BLE001 - stop the others, drop the database, whatever one did
+                pass
+        if self.db_name and not os.environ.get("SECUREIM_BENCH_DB"):
+            try:
+                mysql_admin(f"DROP DATABASE IF EXISTS `{self.db_name}`")
+            except Exception:  # noqa: BLE001
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # =============================================================================
@@ -187,17 +455,39 @@ def cpu_self_s() -> float:
 # =============================================================================
 # Relay
 # =============================================================================
-def relay_worker(host, port, pair_ids, messages, window, payload_bytes, barrier, results, timeout_s, tag):
+def relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag):
+    try:
+        _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag)
+    except BaseException as exc:  # reported to the parent at once, not found by its timeout
+        for barrier in barriers:
+            barrier.abort()
+        results.put({"error": f"{tag}: {exc!r}"})
+        raise
+
+
+def placement(i: int, n_nodes: int) -> tuple[int, int]:
+    """Pair i: the sender on node i % N, the receiver on node (i + 1) % N (different nodes when N > 1)."""
+    return i % n_nodes, (i + 1) % n_nodes
+
+
+def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag):
+    logged_in, barrier = barriers
     home = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     deadline = time.monotonic() + timeout_s
-    pairs = []
+    pairs, cross, routes = [], [], []
     for i in pair_ids:
-        a = connect_client(host, port, home, f"{tag}s{i}")
-        b = connect_client(host, port, home, f"{tag}r{i}")
+        sn, rn = placement(i, len(endpoints))
+        pairs.append((connect_client(*endpoints[sn], home, f"{tag}s{i}"),
+                      connect_client(*endpoints[rn], home, f"{tag}r{i}")))
+        cross.append(sn != rn)
+        routes.append(f"{sn}->{rn}")
+    # Everyone is logged in (on every generator process) before any conversation opens.
+    logged_in.wait(timeout=timeout_s)
+    for a, b in pairs:
         a.open_conversation(b.username)
+    for a, b in pairs:
         wait_event(a, C.ConversationReady, deadline, peer=b.username)
         wait_event(b, C.ConversationReady, deadline, peer=a.username)
-        pairs.append((a, b))
     state = [{"sent": 0, "recv": 0, "expected": 0, "disorder": 0, "duplicates": 0, "corrupted": 0,
               "seen": set(), "lat": [], "cond": threading.Condition()} for _ in pairs]
     for (a, b), st in zip(pairs, state, strict=True):
@@ -223,38 +513,53 @@ def relay_worker(host, port, pair_ids, messages, window, payload_bytes, barrier,
                         st["disorder"] += 1
                     st["expected"] = seq + 1
                     st["recv"] += 1
+                    st["progress_at"] = time.monotonic()
                 st["cond"].notify()
         b.on_message = on_message
     cpu0 = cpu_self_s()
     barrier.wait(timeout=timeout_s)
     t0 = time.time()
 
+    def stalled(st) -> bool:  # nothing arrived for STALL_S: the rest is lost, not late (caller holds cond)
+        return time.monotonic() - st["progress_at"] > STALL_S
+
     def send_all(a, b, st):
         pad = relay_padding(payload_bytes)
-        for k in range(messages):
+        try:
+            for k in range(messages):
+                with st["cond"]:
+                    while (st["sent"] - st["recv"] >= window and time.monotonic() < deadline
+                           and not stalled(st)):
+                        st["cond"].wait(timeout=1)
+                    if time.monotonic() >= deadline or st["sent"] - st["recv"] >= window:
+                        st["failure"] = st["failure"] or f"{a.username}: stalled after {st['sent']} sent"
+                        return
+                a.send_message(b.username, f"{k} {time.time():.6f} {relay_tag(a.username, k)} {pad}")
+                with st["cond"]:
+                    st["sent"] += 1
+        except Exception as exc:  # noqa: BLE001 - the server refused or dropped it: reported, not fatal
             with st["cond"]:
-                while st["sent"] - st["recv"] >= window and time.monotonic() < deadline:
-                    st["cond"].wait(timeout=1)
-            if time.monotonic() >= deadline:
-                return
-            a.send_message(b.username, f"{k} {time.time():.6f} {relay_tag(a.username, k)} {pad}")
-            with st["cond"]:
-                st["sent"] += 1
+                st["failure"] = f"{a.username}: {exc!r}"
 
+    for st in state:
+        st["progress_at"], st["failure"] = time.monotonic(), None
     threads = [threading.Thread(target=send_all, args=(a, b, st)) for (a, b), st in zip(pairs, state, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=max(1, deadline - time.monotonic()))
-    for st in state:
+    for st in state:  # what was sent arrives, unless it is lost: STALL_S without progress ends the wait
         with st["cond"]:
-            while st["recv"] < messages and time.monotonic() < deadline:
+            while st["recv"] < st["sent"] and time.monotonic() < deadline and not stalled(st):
                 st["cond"].wait(timeout=1)
     t1 = max([t0] + [time.time()])
     results.put({"t0": t0, "t1": t1, "sent": sum(s["sent"] for s in state), "received": sum(s["recv"] for s in state),
                  "disorder": sum(s["disorder"] for s in state), "duplicates": sum(s["duplicates"] for s in state),
                  "corrupted": sum(s["corrupted"] for s in state), "latencies": [x for s in state for x in s["lat"]],
-                 "cpu_s": cpu_self_s() - cpu0})
+                 "cpu_s": cpu_self_s() - cpu0,
+                 "send_failures": [s["failure"] for s in state if s["failure"]],
+                 "cross_received": sum(s["recv"] for s, x in zip(state, cross, strict=True) if x),
+                 "lost_by_route": [(r, messages - s["recv"]) for s, r in zip(state, routes, strict=True)]})
     for a, b in pairs:
         a.close(timeout_s=2)
         b.close(timeout_s=2)
@@ -277,21 +582,22 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def burst_worker(host, port, count, start, results):
+def burst_worker(endpoints, count, start, results):
     """``count`` registrations at once (8 threads), timed: the login burst during a relay run."""
     home = Path(tempfile.mkdtemp(prefix="bench-burst-"))
     start.wait(timeout=600)
     t0 = time.time()
     names = [f"burst{i}" for i in range(count)]
 
-    def one(sub):
-        for name in sub:
+    def one(k, sub):
+        for j, name in enumerate(sub):
+            host, port = endpoints[(k + 8 * j) % len(endpoints)]  # spread over the nodes
             c = BenchClient(host, port, home=home, persist_identity=False, timeout_s=120)
             c.connect()
             c.register(name, PASSWORD)
             c.close(timeout_s=2)
 
-    threads = [threading.Thread(target=one, args=(names[k::8],)) for k in range(8)]
+    threads = [threading.Thread(target=one, args=(k, names[k::8])) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -300,39 +606,71 @@ def burst_worker(host, port, count, start, results):
     shutil.rmtree(home, ignore_errors=True)
 
 
+def _get(results, timeout_s: float) -> dict:
+    out = results.get(timeout=timeout_s)
+    if "error" in out:
+        raise RuntimeError(f"a generator process failed: {out['error']}")
+    return out
+
+
+def deployment(args, *, bcrypt_cost: int = 4, nodes: int = 1) -> Deployment:
+    return Deployment(cipher=args.cipher, bcrypt_cost=bcrypt_cost, mysql=args.mysql,
+                      workers=args.server_workers, nodes=nodes, server_args=tuple(args.server_arg))
+
+
 def run_relay(args) -> dict:
-    server = ServerUnderTest(cipher=args.cipher, mysql=args.mysql, bcrypt_cost=args.relay_bcrypt_cost)
+    server = deployment(args, bcrypt_cost=args.relay_bcrypt_cost, nodes=args.nodes)
+    procs = []
     try:
+        shape = server.shape()
+        endpoints = server.endpoints()
         n_pairs = max(1, args.clients // 2)
         workers = min(args.workers, n_pairs)
-        barrier = mp.Barrier(workers + 1)
+        barrier, logged_in = mp.Barrier(workers + 1), mp.Barrier(workers)
         results = mp.Queue()
-        procs = []
         for w in range(workers):
             ids = list(range(w, n_pairs, workers))
-            p = mp.Process(target=relay_worker, args=(server.host, server.port, ids, args.messages, args.window,
-                                                     args.payload, barrier, results, args.timeout, f"w{w}"))
+            p = mp.Process(target=relay_worker, args=(endpoints, ids, args.messages, args.window,
+                                                     args.payload, (logged_in, barrier), results, args.timeout,
+                                                     f"w{w}"))
             p.start()
             procs.append(p)
         burst_results, burst_start = mp.Queue(), mp.Event()
         burst = None
         if args.login_burst:
-            burst = mp.Process(target=burst_worker, args=(server.host, server.port, args.login_burst,
-                                                          burst_start, burst_results))
+            burst = mp.Process(target=burst_worker, args=(endpoints, args.login_burst, burst_start, burst_results))
             burst.start()
-        barrier.wait(timeout=args.timeout)
+            procs.append(burst)
+        try:
+            barrier.wait(timeout=args.timeout)
+        except threading.BrokenBarrierError:
+            reasons = []
+            for _ in range(workers):  # every worker's reason: the first failure, and the others' broken barrier
+                try:
+                    reasons.append(results.get(timeout=10).get("error", "?"))
+                except Exception:  # noqa: BLE001 - queue.Empty: that worker said nothing
+                    break
+            raise RuntimeError(f"a generator process failed: {'; '.join(reasons)}") from None
         burst_start.set()
-        (u0, k0), cpu0 = server.cpu_split(), server.cpu_s()
-        outs = [results.get(timeout=args.timeout) for _ in procs]
+        (u0, k0), cpu0, node0 = server.cpu_split(), server.cpu_s(), server.cpu_per_node()
+        outs = [_get(results, args.timeout + 60) for _ in range(workers)]  # a worker ends by its own timeout
         burst_window = burst_results.get(timeout=args.timeout) if burst is not None else None
-        (u1, k1), cpu1 = server.cpu_split(), server.cpu_s()
+        (u1, k1), cpu1, node1 = server.cpu_split(), server.cpu_s(), server.cpu_per_node()
         rss = server.rss_kib()
         for p in procs:
             p.join(timeout=60)
     finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
         server.stop()
     lat = [x for o in outs for x in o["latencies"]]
     received = sum(o["received"] for o in outs)
+    cross = sum(o["cross_received"] for o in outs)
+    by_route: dict[str, int] = {}
+    for o in outs:  # node -> node: where a cluster loses messages, if it does
+        for route, n in o["lost_by_route"]:
+            by_route[route] = by_route.get(route, 0) + n
     burst_info = {}
     if burst_window is not None:
         burst_info = {"login_burst": args.login_burst, "bcrypt_cost": args.relay_bcrypt_cost,
@@ -340,33 +678,46 @@ def run_relay(args) -> dict:
     duration = max(o["t1"] for o in outs) - min(o["t0"] for o in outs)
     expected = n_pairs * args.messages
     return {"mode": "relay", "clients": n_pairs * 2, "pairs": n_pairs, "messages_per_sender": args.messages,
-            "cipher": args.cipher, "db": "mysql" if args.mysql else "sqlite", "window": args.window,
+            "cipher": args.cipher, **shape, "window": args.window,
             "payload_bytes": args.payload, "duration_s": round(duration, 3),
             "msgs_per_s": round(received / duration, 1) if duration > 0 else 0.0,
+            # Pairs with the sender and the receiver on different nodes (all of them when nodes > 1).
+            "cross_node_msgs": cross,
+            "cross_node_msgs_per_s": round(cross / duration, 1) if duration > 0 else 0.0,
             "latency_ms": {p: round(percentile(lat, p) * 1000, 2) for p in (50, 95, 99)} | {
                 "max": round(max(lat) * 1000, 2) if lat else None},
-            "lost": expected - received, "out_of_order": sum(o["disorder"] for o in outs),
+            "lost": expected - received, "lost_by_route": by_route,
+            # Senders that stopped: the server refused a send, or nothing arrived for STALL_S.
+            "send_failures": [f for o in outs for f in o["send_failures"]][:20], "out_of_order": sum(o["disorder"] for o in outs),
             "duplicates": sum(o["duplicates"] for o in outs), "corrupted": sum(o["corrupted"] for o in outs),
+            # Summed over every server process (a supervisor's workers, every node).
             "server_cpu_s": round(cpu1 - cpu0, 3),
             "server_user_s": round(u1 - u0, 3), "server_system_s": round(k1 - k0, 3),
+            "server_cpu_s_per_node": [round(y - x, 3) for x, y in zip(node0, node1, strict=True)],
             "server_cpu_us_per_msg": round((cpu1 - cpu0) / received * 1e6, 1) if received else None,
-            "generator_cpu_s": round(sum(o["cpu_s"] for o in outs), 3), "generator_processes": len(procs),
+            "generator_cpu_s": round(sum(o["cpu_s"] for o in outs), 3), "generator_processes": workers,
             "server_rss_mib": round(rss / 1024, 1)} | burst_info
 
 
 # =============================================================================
 # Capacity
 # =============================================================================
-def idle_worker(host, port, ids, ready, done, results, timeout_s, tag):
+def idle_worker(endpoints, ids, ready, done, results, timeout_s, tag):
+    threading.stack_size(1 << 20)  # a receiver thread per idle client: 1 MiB stacks, not 8, at 5,000 a process
     home = Path(tempfile.mkdtemp(prefix="bench-idle-"))
+    deadline = time.monotonic() + timeout_s
     clients, errors = [], 0
     lock = threading.Lock()
 
     def connect_range(sub):
         nonlocal errors
         for i in sub:
+            if time.monotonic() >= deadline:
+                with lock:
+                    errors += 1
+                continue
             try:
-                c = connect_client(host, port, home, f"{tag}i{i}")
+                c = connect_client(*endpoints[i % len(endpoints)], home, f"{tag}i{i}")
                 with lock:
                     clients.append(c)
             except Exception:  # noqa: BLE001 - counted and reported
@@ -391,18 +742,28 @@ def idle_worker(host, port, ids, ready, done, results, timeout_s, tag):
 
 
 def run_capacity(args) -> dict:
-    server = ServerUnderTest(cipher=args.cipher, mysql=args.mysql)
+    # Every idle client is a socket in a generator process and one in the server: both need the files.
+    per_generator = -(-args.clients // args.workers) + FD_MARGIN
+    soft = raise_nofile(per_generator)
+    if soft != resource.RLIM_INFINITY and soft < per_generator:
+        raise SystemExit(f"a generator process may open only {soft} files, {per_generator} are needed: "
+                         "raise the hard limit (ulimit -Hn) or use more --workers")
+    server = deployment(args)
+    procs = []
     try:
+        shape = server.shape()
+        server_nofile = server.check_nofile(args.clients + FD_MARGIN)
+        endpoints = server.endpoints()
+        time.sleep(0.5)  # let startup's allocations settle before the baseline
         rss0, threads0 = server.rss_kib(), server.threads()
         workers = args.workers
         results, done = mp.Queue(), mp.Event()
-        readies, procs = [], []
+        readies = []
         t0 = time.monotonic()
         for w in range(workers):
             ready = mp.Event()
             ids = list(range(w, args.clients, workers))
-            p = mp.Process(target=idle_worker, args=(server.host, server.port, ids, ready, done, results,
-                                                     args.timeout, f"w{w}"))
+            p = mp.Process(target=idle_worker, args=(endpoints, ids, ready, done, results, args.timeout, f"w{w}"))
             p.start()
             procs.append(p)
             readies.append(ready)
@@ -411,14 +772,17 @@ def run_capacity(args) -> dict:
         outs = [results.get(timeout=60) for _ in procs]
         connect_s = time.monotonic() - t0
         connected = sum(o["connected"] for o in outs)
+        time.sleep(0.5)
         rss1, threads1 = server.rss_kib(), server.threads()
-        # A new user logs in and chats while everyone else is connected.
+        # A new user logs in and delivers a message while everyone else is connected:
+        # connect, handshake, register, open the conversation, and the message arrives.
         home = Path(tempfile.mkdtemp(prefix="bench-probe-"))
-        p0 = time.monotonic()
-        a = connect_client(server.host, server.port, home, "probe_a")
-        b = connect_client(server.host, server.port, home, "probe_b")
         got = threading.Event()
+        b = connect_client(*endpoints[-1], home, "probe_b")
         b.on_message = lambda e: got.set()
+        p0 = time.monotonic()
+        a = connect_client(*endpoints[0], home, "probe_a")
+        login_s = time.monotonic() - p0
         a.open_conversation("probe_b")
         deadline = time.monotonic() + 60
         wait_event(a, C.ConversationReady, deadline, peer="probe_b")
@@ -432,13 +796,19 @@ def run_capacity(args) -> dict:
         for p in procs:
             p.join(timeout=120)
     finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
         server.stop()
-    return {"mode": "capacity", "clients": args.clients, "connected": connected,
+    return {"mode": "capacity", "clients": args.clients, **shape, "connected": connected,
             "errors": sum(o["errors"] for o in outs), "all_held": connected == args.clients,
             "connect_all_s": round(connect_s, 1),
-            "server_rss_mib": round(rss1 / 1024, 1),
-            "rss_per_connection_kib": round((rss1 - rss0) / max(1, connected), 1),
+            "server_rss_mib": round(rss1 / 1024, 1), "server_rss_at_start_mib": round(rss0 / 1024, 1),
+            # (RSS with everyone connected - RSS before anyone was) / clients, summed over server processes.
+            "server_kib_per_idle_client": round((rss1 - rss0) / max(1, connected), 1),
             "server_threads": threads1, "threads_at_start": threads0,
+            "server_open_files_limit": server_nofile, "generator_open_files_limit": soft,
+            "new_user_login_s": round(login_s, 3),
             "new_user_login_and_chat_s": round(probe_s, 3), "new_user_message_delivered": got.is_set()}
 
 
@@ -495,9 +865,9 @@ def login_worker(host, port, ids, results, tag, register):
 def run_handshake(args) -> dict:
     rows = []
     for cost in sorted({args.bcrypt_cost, 4}):
-        server = ServerUnderTest(cipher=args.cipher, bcrypt_cost=cost, mysql=args.mysql)
+        server = deployment(args, bcrypt_cost=cost)
         try:
-            row = {"bcrypt_cost": cost}
+            row = {"bcrypt_cost": cost, **server.shape()}
             for phase, register in (("register", True), ("login", False)):
                 results = mp.Queue()
                 cpu0 = server.cpu_s()
@@ -525,13 +895,31 @@ def run_handshake(args) -> dict:
 # =============================================================================
 # Reconnect storm
 # =============================================================================
-def storm_worker(host, port, ids, ready, restarted, results, timeout_s, tag):
+def storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, timeout_s, tag):
+    """Clients log in (client i on node i % N) and wait; then either every client comes back after a
+    restart (``victim`` None), or the clients of the killed node ``victim`` resume on the ``survivors``."""
+    try:
+        _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, timeout_s, tag)
+    except BaseException as exc:  # reported to the parent at once, not found by its timeout
+        results.put({"error": f"{tag}: {exc!r}"})
+        ready.set()
+        raise
+
+
+def _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, timeout_s, tag):
     home = Path(tempfile.mkdtemp(prefix="bench-storm-"))
     deadline = time.monotonic() + timeout_s
-    clients = [connect_client(host, port, home, f"{tag}c{i}") for i in ids]
+    clients = [connect_client(*endpoints[i % len(endpoints)], home, f"{tag}c{i}") for i in ids]
+    nodes = [i % len(endpoints) for i in ids]
     ready.set()
     restarted.wait(timeout=timeout_s)
     t0 = time.time()
+    if victim is None:
+        moving = clients  # the server restarted: everyone comes back to it
+    else:
+        moving = [c for c, n in zip(clients, nodes, strict=True) if n == victim]
+        for j, c in enumerate(moving):  # the killed node's clients go to the others, spread evenly
+            c.host, c.port = survivors[(ids[0] + j) % len(survivors)]
     back = [0]
     errors: list[str] = []
     lock = threading.Lock()
@@ -551,7 +939,7 @@ def storm_worker(host, port, ids, ready, restarted, results, timeout_s, tag):
             else:
                 with lock:
                     errors.append(f"{c.username} did not come back: {last!r}")
-    threads = [threading.Thread(target=reconnect, args=(clients[k::8],)) for k in range(8)]
+    threads = [threading.Thread(target=reconnect, args=(moving[k::8],)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -581,47 +969,80 @@ def storm_worker(host, port, ids, ready, restarted, results, timeout_s, tag):
                 chatted.add(sender.username)
         except Exception as exc:  # noqa: BLE001 - reported in the result (and fails the smoke test), not hidden
             errors.append(f"{a.username} and {b.username} could not chat: {exc!r}")
-    results.put({"back": back[0], "chatted": len(chatted), "errors": errors, "t0": t0, "t_back": t_back,
-                 "t1": time.time()})
+    results.put({"moved": len(moving), "back": back[0], "chatted": len(chatted), "errors": errors, "t0": t0,
+                 "t_back": t_back, "t1": time.time()})
     for c in clients:
         c.close(timeout_s=1)
     shutil.rmtree(home, ignore_errors=True)
 
 
 def run_storm(args) -> dict:
-    server = ServerUnderTest(cipher=args.cipher, mysql=args.mysql)
+    server = deployment(args, nodes=args.nodes)
+    victim = args.nodes - 1 if args.nodes > 1 else None  # the last node is killed; None: restart the server
+    procs = []
     try:
+        shape = server.shape()
+        endpoints = server.endpoints()
+        survivors = [e for i, e in enumerate(endpoints) if i != victim]
         results, restarted = mp.Queue(), mp.Event()
-        procs, readies = [], []
+        readies = []
         for w in range(args.workers):
             ready = mp.Event()
-            p = mp.Process(target=storm_worker, args=(server.host, server.port, list(range(w, args.clients, args.workers)),
-                                                     ready, restarted, results, args.timeout, f"w{w}"))
+            p = mp.Process(target=storm_worker, args=(endpoints, list(range(w, args.clients, args.workers)), victim,
+                                                     survivors, ready, restarted, results, args.timeout, f"w{w}"))
             p.start()
             procs.append(p)
             readies.append(ready)
         for r in readies:
             r.wait(timeout=args.timeout)
-        r0 = time.time()
-        server.restart()
+        if victim is None:
+            r0 = time.time()
+            server.nodes[0].restart()
+            bcrypt0 = 0
+        else:
+            time.sleep(3 * 0.25)  # the survivors' counter files catch up with the logins
+            bcrypt0 = sum(n.bcrypt_runs() for i, n in enumerate(server.nodes) if i != victim)
+            r0 = time.time()
+            server.nodes[victim].kill()
+            server.dead.append(server.nodes[victim])
         cpu0 = server.cpu_s()
         restarted.set()
-        outs = [results.get(timeout=args.timeout) for _ in procs]
+        outs = [_get(results, args.timeout) for _ in procs]
         cpu1 = server.cpu_s()
+        audit = None
+        if victim is not None:
+            time.sleep(3 * 0.25)
+            bcrypt1 = server.bcrypt_runs()
+            audit = server.audit_counts(r0)
         for p in procs:
             p.join(timeout=60)
     finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
         server.stop()
-    counters = server.last_counters or {}
-    return {"mode": "storm", "clients": args.clients, "back": sum(o["back"] for o in outs),
-            "chatted_after_storm": sum(o["chatted"] for o in outs),
-            # Counted inside the restarted server process (bench/counted_server.py): every
-            # bcrypt hash or check it ran, storm and chat included.  0 = nobody needed a password.
-            "server_bcrypt_runs_after_restart": counters.get("bcrypt_runs_serving"),
-            "errors": [e for o in outs for e in o["errors"]],
-            "restart_to_all_back_s": round(max(o["t_back"] for o in outs) - r0, 2),
-            "restart_to_all_back_and_chatting_s": round(max(o["t1"] for o in outs) - r0, 2),
-            "server_cpu_s_during_storm": round(cpu1 - cpu0, 2)}
+    if victim is None:
+        # Counted inside the restarted server process (bench/counted_server.py): every bcrypt hash
+        # or check it ran, storm and chat included.  0 = nobody needed a password.
+        bcrypt = (server.nodes[0].last_counters or {}).get("bcrypt_runs_serving")
+    else:  # the survivors' counts from just before the kill to after the chat
+        bcrypt = bcrypt1 - bcrypt0
+    t_back = max(o["t_back"] for o in outs) - r0
+    t_chat = max(o["t1"] for o in outs) - r0
+    out = {"mode": "storm", "clients": args.clients, **shape, "back": sum(o["back"] for o in outs),
+           "moved": sum(o["moved"] for o in outs),
+           "chatted_after_storm": sum(o["chatted"] for o in outs),
+           "server_bcrypt_runs_after_restart": bcrypt,
+           "errors": [e for o in outs for e in o["errors"]],
+           "restart_to_all_back_s": round(t_back, 2),
+           "restart_to_all_back_and_chatting_s": round(t_chat, 2),
+           "server_cpu_s_during_storm": round(cpu1 - cpu0, 2)}
+    if victim is not None:
+        out |= {"killed_node": victim, "kill_to_all_back_s": round(t_back, 2),
+                "kill_to_all_back_and_chatting_s": round(t_chat, 2),
+                # Audit rows written since the kill: every moved client should be a resume, none a login.
+                "audit_since_kill": audit}
+    return out
 
 
 # =============================================================================
@@ -648,9 +1069,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cipher", choices=["3des", "aes256"], default="3des")
     p.add_argument("--mysql", action="store_true", help="MariaDB at 127.0.0.1:3306 instead of SQLite")
     p.add_argument("--workers", type=int, default=2, help="generator processes")
+    p.add_argument("--server-workers", type=int, default=1, metavar="N",
+                   help="relay/capacity/handshake/storm: server.py --workers N (a cluster on NATS and MariaDB)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one more server.py argument, as is (repeat: --server-arg=--log-level --server-arg=INFO)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="relay/storm: N server.py processes as one cluster (NATS, MariaDB, one identity); "
+                        "relay pairs span two nodes, the storm kills one node")
     p.add_argument("--timeout", type=float, default=600, help="upper bound on the whole run, seconds")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     args = p.parse_args(argv)
+    if args.server_workers < 1 or args.nodes < 1:
+        p.error("--server-workers and --nodes are at least 1")
+    if args.nodes > 1 and args.mode not in ("relay", "storm"):
+        p.error("--nodes is for relay and storm")
+    raise_nofile()  # every client is a socket: as many files as the hard limit allows (capacity checks)
     run = {"relay": run_relay, "capacity": run_capacity, "handshake": run_handshake, "storm": run_storm}[args.mode]
     result = run(args)
     result["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
