@@ -7,6 +7,7 @@ that nothing was lost, never how fast it was (docs/PERFORMANCE.md has the number
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(tmp_path, *args) -> dict:
+def _run(tmp_path, *args, env: dict | None = None) -> dict:
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), *args, "--json", str(out),
-                           "--timeout", "120"], capture_output=True, text=True, timeout=300)
+                           "--timeout", "120"], capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text())
 
@@ -37,6 +39,41 @@ def test_relay_smoke_on_mariadb(tmp_path):
     mysql_admin().close()  # skip (or fail under REQUIRE_MYSQL=1) without MariaDB
     r = _run(tmp_path, "relay", "--clients", "2", "--messages", "10", "--mysql")
     assert r["db"] == "mysql" and r["lost"] == 0
+
+
+def _cluster_services() -> dict:
+    """MariaDB and NATS for a clustered server, or skip (fail under REQUIRE_MYSQL=1 / REQUIRE_NATS=1)."""
+    from cluster_helpers import shared_nats_url
+    from db_fixtures import mysql_admin
+    mysql_admin().close()
+    return {"SECUREIM_BENCH_NATS": shared_nats_url()}
+
+
+@pytest.mark.mysql
+def test_relay_smoke_server_workers(tmp_path):
+    env = _cluster_services()
+    r = _run(tmp_path, "relay", "--clients", "4", "--messages", "10", "--server-workers", "2", env=env)
+    assert r["server_workers"] == 2 and r["server_processes"] == 3  # the supervisor and its 2 workers
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r["corrupted"] == 0 and r["out_of_order"] == 0
+    assert r["server_cpu_s"] >= 0 and r["msgs_per_s"] > 0
+
+
+@pytest.mark.mysql
+def test_relay_smoke_two_nodes(tmp_path):
+    env = _cluster_services()
+    r = _run(tmp_path, "relay", "--clients", "4", "--messages", "10", "--nodes", "2", env=env)
+    assert r["nodes"] == 2 and r["server_processes"] == 2 and len(r["server_cpu_s_per_node"]) == 2
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r["corrupted"] == 0 and r["out_of_order"] == 0
+    assert r["cross_node_msgs"] == 2 * 10  # every pair spans the two nodes
+
+
+@pytest.mark.mysql
+def test_storm_smoke_node_killed(tmp_path):
+    env = _cluster_services()
+    r = _run(tmp_path, "storm", "--clients", "6", "--nodes", "2", env=env)
+    assert r["errors"] == [] and r["moved"] == 3 and r["back"] == 3 and r["chatted_after_storm"] == 6
+    assert r["server_bcrypt_runs_after_restart"] == 0  # the moved clients came back with tickets
+    assert r["audit_since_kill"].get("resume") == 3 and not r["audit_since_kill"].get("login")
 
 
 def test_capacity_smoke(tmp_path):
