@@ -304,7 +304,8 @@ class Deployment:
     """
 
     def __init__(self, *, cipher: str = "3des", bcrypt_cost: int = 4, mysql: bool = False, workers: int = 1,
-                 nodes: int = 1, nats_url: str = NATS_URL, server_args: tuple[str, ...] = ()) -> None:
+                 nodes: int = 1, nats_url: str = NATS_URL, server_args: tuple[str, ...] = (),
+                 settle_s: float = 0.0) -> None:
         self.clustered = workers > 1 or nodes > 1
         self.mysql = mysql or self.clustered
         self.workers, self.n_nodes = workers, nodes
@@ -336,6 +337,10 @@ class Deployment:
                 self.nodes.append(ServerUnderTest(cipher=cipher, bcrypt_cost=bcrypt_cost, db_url=db_url,
                                                   data_dir=self.root / f"node{i}", extra=tuple(node_extra),
                                                   workers=workers))
+            if self.clustered and settle_s > 0:
+                # Every node has heard every other's heartbeat (1 s) and answered with its snapshot
+                # before anyone logs in: the run measures a settled cluster, not its joining.
+                time.sleep(settle_s)
         except BaseException:
             self.stop()
             raise
@@ -615,7 +620,8 @@ def _get(results, timeout_s: float) -> dict:
 
 def deployment(args, *, bcrypt_cost: int = 4, nodes: int = 1) -> Deployment:
     return Deployment(cipher=args.cipher, bcrypt_cost=bcrypt_cost, mysql=args.mysql,
-                      workers=args.server_workers, nodes=nodes, server_args=tuple(args.server_arg))
+                      workers=args.server_workers, nodes=nodes, server_args=tuple(args.server_arg),
+                      settle_s=args.cluster_settle)
 
 
 def run_relay(args) -> dict:
@@ -1071,6 +1077,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="generator processes")
     p.add_argument("--server-workers", type=int, default=1, metavar="N",
                    help="relay/capacity/handshake/storm: server.py --workers N (a cluster on NATS and MariaDB)")
+    p.add_argument("--cluster-settle", type=float, default=2.5, metavar="S",
+                   help="with --server-workers/--nodes: seconds between every process Ready and the first "
+                        "login, for the nodes to hear each other (0: log in while they still join)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="one more server.py argument, as is (repeat: --server-arg=--log-level --server-arg=INFO)")
     p.add_argument("--nodes", type=int, default=1, metavar="N",
