@@ -461,13 +461,16 @@ def cpu_self_s() -> float:
 # Relay
 # =============================================================================
 def relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag):
+    home = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     try:
-        _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag)
+        _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag, home)
     except BaseException as exc:  # reported to the parent at once, not found by its timeout
         for barrier in barriers:
             barrier.abort()
         results.put({"error": f"{tag}: {exc!r}"})
         raise
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def placement(i: int, n_nodes: int) -> tuple[int, int]:
@@ -475,9 +478,8 @@ def placement(i: int, n_nodes: int) -> tuple[int, int]:
     return i % n_nodes, (i + 1) % n_nodes
 
 
-def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag):
+def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag, home):
     logged_in, barrier = barriers
-    home = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     deadline = time.monotonic() + timeout_s
     pairs, cross, routes = [], [], []
     for i in pair_ids:
@@ -568,7 +570,6 @@ def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers
     for a, b in pairs:
         a.close(timeout_s=2)
         b.close(timeout_s=2)
-    shutil.rmtree(home, ignore_errors=True)
 
 
 def relay_tag(sender: str, seq: int) -> str:
@@ -904,16 +905,18 @@ def run_handshake(args) -> dict:
 def storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, timeout_s, tag):
     """Clients log in (client i on node i % N) and wait; then either every client comes back after a
     restart (``victim`` None), or the clients of the killed node ``victim`` resume on the ``survivors``."""
+    home = Path(tempfile.mkdtemp(prefix="bench-storm-"))
     try:
-        _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, timeout_s, tag)
+        _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, timeout_s, tag, home)
     except BaseException as exc:  # reported to the parent at once, not found by its timeout
         results.put({"error": f"{tag}: {exc!r}"})
         ready.set()
         raise
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
-def _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, timeout_s, tag):
-    home = Path(tempfile.mkdtemp(prefix="bench-storm-"))
+def _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, timeout_s, tag, home):
     deadline = time.monotonic() + timeout_s
     clients = [connect_client(*endpoints[i % len(endpoints)], home, f"{tag}c{i}") for i in ids]
     nodes = [i % len(endpoints) for i in ids]
@@ -979,7 +982,6 @@ def _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, 
                  "t_back": t_back, "t1": time.time()})
     for c in clients:
         c.close(timeout_s=1)
-    shutil.rmtree(home, ignore_errors=True)
 
 
 def run_storm(args) -> dict:
