@@ -37,7 +37,7 @@ import struct
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import crypto_utils as cu
@@ -53,10 +53,13 @@ NODE_TIMEOUT_S = 4.0            # a node not heard for this long is gone: its us
 CONNECT_TIMEOUT_S = 5.0          # at start: NATS must answer within this, else the server refuses to start
 DIRECT_TIMEOUT_S = 3.0
 MAX_FRAME_AGE_S = 60.0
+PING_INTERVAL_S = 2               # nats-py's default is 120 s: a dead link would look alive for minutes
 LINK_STUCK_S = 3.0               # down this long although NATS may be back: a fresh connection
 SNAPSHOT_CHUNK = 2000            # users per SNAPSHOT frame (each ~80 bytes: well under NATS' 1 MiB)
 MAX_PREFIX_CHARS = 64
 MAX_REMOTE_USERS = 2_000_000
+MAX_SEEN_STREAMS = 10_000        # (sender, subject) pairs whose sequence numbers are remembered
+DROP_LOG_EVERY_S = 1.0           # at most one "dropped a frame" warning a second (the rest counted)
 BUS_KEY_LABEL = "cluster bus"
 
 # Frame types
@@ -118,15 +121,17 @@ class BusCodec:
         self._aead = cu.get_suite("aes256").cipher(key)
         self.incarnation = incarnation
         self._sent: dict[str, int] = {}
-        self._seen: dict[tuple[bytes, str], int] = {}
+        self._seen: OrderedDict[tuple[bytes, str], int] = OrderedDict()
 
-    def seal(self, subject: str, kind: int, body: bytes) -> bytes:
-        seq = self._sent.get(subject, 0) + 1
-        self._sent[subject] = seq
+    def seal(self, subject: str, kind: int, body: bytes, *, tracked: bool = True) -> bytes:
+        """``tracked=False``: a reply on a one-time inbox subject (no sequence state is kept for it)."""
+        seq = self._sent.get(subject, 0) + 1 if tracked else 0
+        if tracked:
+            self._sent[subject] = seq
         plain = _HEAD.pack(kind, self.incarnation, seq, time.time()) + body
         return bytes([FRAME_VERSION]) + self._aead.seal(plain, _aad(subject))
 
-    def open(self, subject: str, data: bytes) -> tuple[int, bytes, bytes]:
+    def open(self, subject: str, data: bytes, *, tracked: bool = True) -> tuple[int, bytes, bytes]:
         """(type, sender incarnation, body); raises SecureIMError for a forged, stale or replayed frame."""
         if not data or data[0] != FRAME_VERSION:
             raise SecureIMError("unknown bus frame version")
@@ -139,12 +144,15 @@ class BusCodec:
         kind, sender, seq, sent_at = _HEAD.unpack_from(plain)
         if abs(time.time() - sent_at) > MAX_FRAME_AGE_S:
             raise SecureIMError("a stale bus frame (replayed, or a clock far off)")
+        if not tracked:  # a reply: its subject is a one-time inbox, bound as associated data
+            return kind, sender, plain[_HEAD.size:]
         key = (sender, subject)
         if seq <= self._seen.get(key, 0):
             raise SecureIMError("a replayed or duplicate bus frame")
-        if len(self._seen) > 10_000:  # bounded: forget the oldest senders
-            self._seen.pop(next(iter(self._seen)))
         self._seen[key] = seq
+        self._seen.move_to_end(key)
+        if len(self._seen) > MAX_SEEN_STREAMS:  # bounded: forget the least recently heard sender
+            self._seen.popitem(last=False)
         return kind, sender, plain[_HEAD.size:]
 
 
@@ -161,7 +169,7 @@ class NatsCluster(Cluster):
         self.presence_subject = f"{self.prefix}.presence"
         self.remote: dict[str, RemoteUser] = {}       # loop thread only
         self.nodes: dict[bytes, float] = {}           # incarnation -> last heard (monotonic)
-        self._snapshots: dict[bytes, set[str]] = {}   # a SNAPSHOT in chunks, until its last one
+        self._snapshots: dict[tuple[bytes, bytes], set[str]] = {}  # (node, snapshot id) -> names so far
         self._out: deque = deque()
         self._out_ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -172,9 +180,16 @@ class NatsCluster(Cluster):
         self.lost_at: float | None = None
         self.frames_dropped = 0
         self._known_nodes: set[bytes] = set()
+        self._last_drop_log = -DROP_LOG_EVERY_S
+        self._link_gen = 0  # which connection the nats-py callbacks belong to (the watchdog replaces it)
 
     def node_subject(self, incarnation: bytes) -> str:
         return f"{self.prefix}.node.{incarnation.hex()[:16]}"
+
+    def direct_subject(self, incarnation: bytes) -> str:
+        """DIRECT requests: a subject of their own, so their sequence numbers never interleave with
+        the node inbox's (a request sealed after a queued frame must not overtake it)."""
+        return f"{self.prefix}.node.{incarnation.hex()[:16]}.direct"
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self, service) -> None:
@@ -203,15 +218,31 @@ class NatsCluster(Cluster):
             import nats
         except ImportError:
             raise ConfigError("--cluster needs nats-py: pip install -r requirements.txt") from None
+        self._link_gen += 1
+        gen = self._link_gen
+
+        async def disconnected() -> None:  # a replaced connection's news is not ours any more
+            if gen == self._link_gen:
+                await self._on_disconnected()
+
+        async def reconnected() -> None:
+            if gen == self._link_gen:
+                await self._on_reconnected()
+
         nc = await nats.connect(
             servers=[self.url], name=f"secureim {self.node_name}", allow_reconnect=True,
             max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+            ping_interval=PING_INTERVAL_S, max_outstanding_pings=3,  # a silently dead link in seconds
             pending_size=0,  # never buffer while disconnected: a late delivery is a surprise
-            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
-            error_cb=self._on_error)
-        await nc.subscribe(self.presence_subject, cb=self._on_frame)
-        await nc.subscribe(self.node_subject(self.incarnation), cb=self._on_frame)
-        await nc.flush(timeout=2)
+            disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=self._on_error)
+        try:
+            await nc.subscribe(self.presence_subject, cb=self._on_frame)
+            await nc.subscribe(self.node_subject(self.incarnation), cb=self._on_frame)
+            await nc.subscribe(self.direct_subject(self.incarnation), cb=self._on_frame)
+            await nc.flush(timeout=2)
+        except BaseException:
+            await nc.close()  # never leave a half-set-up connection reconnecting on its own
+            raise
         self.nc = nc
         self.connected_since = time.monotonic()
         self.lost_at = None
@@ -323,7 +354,17 @@ class NatsCluster(Cluster):
 
     # -- the service's calls ------------------------------------------------------------------
     def user_online(self, username: str, login_at: float, identity_key: bytes) -> None:
-        self._call(self._forget_remote, username)
+        self._call(self._logged_in_here, username, login_at, identity_key)
+
+    def _logged_in_here(self, username: str, login_at: float, identity_key: bytes | None) -> None:
+        """On the loop thread, so it is ordered with the session's end (user_offline)."""
+        self._forget_remote(username)
+        self._announce_online(username, login_at, identity_key)
+
+    def _announce_online(self, username: str, login_at: float, identity_key: bytes | None) -> None:
+        session = self.service.registry.session_of(username)
+        if session is None or session.login_at != login_at or identity_key is None:
+            return  # it ended before this ran: its OFFLINE (or nothing) is what others must hear
         self._publish(self.presence_subject, ONLINE,
                       pack_fields(username.encode(), struct.pack(">d", login_at), identity_key))
 
@@ -358,17 +399,16 @@ class NatsCluster(Cluster):
         entry = self.remote.get(peer)
         if entry is None or not self.connected:
             return f"{peer} is offline." if entry is None else f"{peer} is temporarily unreachable."
-        subject = self.node_subject(entry.node)
+        subject = self.direct_subject(entry.node)
         body = pack_fields(peer.encode(), initiator.encode(), host.encode(), str(port).encode(),
                            str(conversation_id).encode())
 
-        async def ask():
-            data = self.codec.seal(subject, DIRECT, body)
-            return await self.nc.request(subject, data, timeout=DIRECT_TIMEOUT_S)
+        async def ask():  # on the loop thread: the codec's state is the loop's alone
+            reply = await self.nc.request(subject, self.codec.seal(subject, DIRECT, body), timeout=DIRECT_TIMEOUT_S)
+            return self.codec.open(reply.subject, reply.data, tracked=False)[2]
 
         try:
-            reply = asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=DIRECT_TIMEOUT_S + 1)
-            kind, _, answer = self.codec.open(reply.subject, reply.data)
+            answer = asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=DIRECT_TIMEOUT_S + 1)
             offer = P.decode_message(answer)
         except Exception:  # noqa: BLE001 - a timeout, a node gone, a bad answer: all "not now"
             return f"{peer}'s server node did not answer; try again."
@@ -401,7 +441,11 @@ class NatsCluster(Cluster):
             await handler(self, sender, body, msg)
         except (SecureIMError, ValueError, struct.error, UnicodeDecodeError) as exc:
             self.frames_dropped += 1
-            log.warning("dropped a cluster frame on %s: %s", msg.subject, exc)
+            now = time.monotonic()
+            if now - self._last_drop_log >= DROP_LOG_EVERY_S:  # a flood of junk must not flood the log
+                self._last_drop_log = now
+                log.warning("dropped a cluster frame on %s: %s (%d dropped so far)", msg.subject, exc,
+                            self.frames_dropped)
         except Exception:  # noqa: BLE001 - one bad frame must never end the subscription
             log.exception("error handling a cluster frame")
 
@@ -412,12 +456,17 @@ class NatsCluster(Cluster):
     def _remote_online(self, sender: bytes, username: str, login_at: float, key: bytes) -> None:
         username = P.normalize_username(username)
         service = self.service
+        previous = self.remote.get(username)
+        if previous is not None and previous.node == sender and previous.login_at == login_at:
+            return  # nothing new (a snapshot repeats what we know): conversations go on
         local = service.registry.session_of(username)
         if local is not None:
             if (local.login_at, self.incarnation) > (login_at, sender):
-                return  # ours is newer: the other node closes its session when it sees our ONLINE
+                # Ours is newer.  Say so again: that node closes its session when it hears it (it may
+                # have forgotten ours when its user logged in there).
+                self._announce_online(username, local.login_at, local.identity_key)
+                return
             service.replaced_elsewhere(local)  # its conversations end; its peers hear of the new one below
-        previous = self.remote.get(username)
         if previous is not None and (previous.login_at, previous.node) > (login_at, sender):
             return
         if len(self.remote) >= MAX_REMOTE_USERS and previous is None:
@@ -427,7 +476,7 @@ class NatsCluster(Cluster):
         # the session it replaces, is told (and re-opens: the new session has no keys).
         with service.registry.lock:
             waiting = service.registry.watchers.pop(username, set())
-            waiting |= set(service.registry._drop_conversations_locked(username, watch=False))  # noqa: SLF001
+        waiting |= set(service.registry.drop_conversations(username, watch=False))
         for watcher in waiting:
             peer_session = service.registry.session_of(watcher)
             if peer_session is not None:
@@ -446,19 +495,26 @@ class NatsCluster(Cluster):
 
     def _dropped(self, username: str) -> None:
         service = self.service
-        with service.registry.lock:
-            peers = service.registry._drop_conversations_locked(username, watch=True)  # noqa: SLF001
-        service.notify_offline(username, peers)
+        service.notify_offline(username, service.registry.drop_conversations(username, watch=True))
 
     def _forget_remote(self, username: str) -> None:
-        """``username`` logged in here: an entry for them elsewhere is older (that node closes it)."""
-        self.remote.pop(username, None)
+        """``username`` logged in here: an entry for them elsewhere is older (that node closes it).
+
+        Conversations with the session there end, and their peers here re-open with this one."""
+        if self.remote.pop(username, None) is None:
+            return
+        for peer in self.service.registry.drop_conversations(username, watch=False):
+            peer_session = self.service.registry.session_of(peer)
+            if peer_session is not None:
+                peer_session.send(P.PeerStatus(peer=username, online=True, known=True, notice=True))
 
     async def _h_heartbeat(self, sender: bytes, body: bytes, _msg) -> None:
         if sender not in self._known_nodes:
             self._known_nodes.add(sender)
-            # A node we have not seen (it started, or we missed its SYNC): tell it who is here.
+            # A node we have not seen (it started, we missed its SYNC, or we expired it while it was
+            # stalled): tell it who is here, and ask it who is there.
             self._send_snapshot(self.node_subject(sender))
+            self._publish(self.node_subject(sender), SYNC, b"")
 
     async def _h_sync(self, sender: bytes, body: bytes, _msg) -> None:
         self._known_nodes.add(sender)
@@ -468,24 +524,28 @@ class NatsCluster(Cluster):
         users = [(name, s.login_at, s.identity_key) for name, s in list(self.service.registry.online.items())
                  if s.identity_key is not None]
         chunks = [users[i:i + SNAPSHOT_CHUNK] for i in range(0, len(users), SNAPSHOT_CHUNK)] or [[]]
+        snapshot_id = cu.random_bytes(8)  # two snapshots from one node never mix
         for index, chunk in enumerate(chunks):
             last = b"1" if index == len(chunks) - 1 else b"0"
-            fields = [last]
+            fields = [snapshot_id, last]
             for name, when, key in chunk:
                 fields += [name.encode(), struct.pack(">d", when), key]
             self._publish(subject, SNAPSHOT, pack_fields(*fields))
 
     async def _h_snapshot(self, sender: bytes, body: bytes, _msg) -> None:
         fields = unpack_fields(body)
-        if not fields or (len(fields) - 1) % 3:
+        if len(fields) < 2 or (len(fields) - 2) % 3:
             raise SecureIMError("malformed snapshot")
-        seen = self._snapshots.setdefault(sender, set())
-        for i in range(1, len(fields), 3):
+        stream = (sender, fields[0])
+        if stream not in self._snapshots and len(self._snapshots) >= MAX_SEEN_STREAMS:
+            self._snapshots.pop(next(iter(self._snapshots)))  # bounded: an unfinished one is forgotten
+        seen = self._snapshots.setdefault(stream, set())
+        for i in range(2, len(fields), 3):
             name = fields[i].decode()
             seen.add(name)
             self._remote_online(sender, name, struct.unpack(">d", fields[i + 1])[0], fields[i + 2])
-        if fields[0] == b"1":  # complete: whoever we list on that node and it does not is gone
-            del self._snapshots[sender]
+        if fields[1] == b"1":  # complete: whoever we list on that node and it does not is gone
+            del self._snapshots[stream]
             for name in [n for n, e in self.remote.items() if e.node == sender and n not in seen]:
                 self._remote_offline(name, sender, None)
 
@@ -522,7 +582,7 @@ class NatsCluster(Cluster):
         if isinstance(answer, str):
             answer = P.DirectUnavailable(peer=peer, reason=answer)
         if msg.reply:
-            await self.nc.publish(msg.reply, self.codec.seal(msg.reply, DIRECT, answer.encode()))
+            await self.nc.publish(msg.reply, self.codec.seal(msg.reply, DIRECT, answer.encode(), tracked=False))
 
     def _expire_nodes(self) -> None:
         """Nodes silent for NODE_TIMEOUT_S are gone (SIGKILL, a crash): their users are offline.

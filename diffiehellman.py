@@ -237,7 +237,7 @@ class ModexpOffload:
         self.submitted = 0
 
     def __call__(self, base: int, exponent: int, modulus: int) -> int:
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import CancelledError, ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
         import multiprocessing
 
@@ -248,7 +248,7 @@ class ModexpOffload:
             self.submitted += 1
         try:
             return pool.submit(pow, base, exponent, modulus).result()
-        except (BrokenProcessPool, RuntimeError):  # the pool died or is shutting down: do it here
+        except (BrokenProcessPool, RuntimeError, CancelledError):  # the pool died or is stopping: do it here
             return pow(base, exponent, modulus)
 
     def shutdown(self) -> None:

@@ -112,6 +112,7 @@ class ServerConfig:
 # =============================================================================
 LINGER_S = 1.0               # after a farewell: read (and drop) what still arrives, then close
 MAX_INBOX_ITEMS = 256        # a session's unprocessed input past this: stop reading its socket
+MAX_INBOX_BYTES = 256 * 1024  # ... or past this many raw bytes (before login a read is not yet framed)
 INBOX_RESUME_ITEMS = 64
 
 
@@ -138,6 +139,7 @@ class Session:
         self.closed = threading.Event()
         # Loop-thread state: input not yet handled, and whether a worker has this session now.
         self.inbox: deque = deque()
+        self.inbox_bytes = 0             # raw bytes waiting in the inbox (not yet opened)
         self.busy = False
         self.gone = False                # the service has been told this session ended
         self._out: list[bytes] = []
@@ -299,7 +301,7 @@ class Link(asyncio.Protocol):
         except (OSError, RuntimeError):
             transport.close()
             return
-        self.loop.call_later(LINGER_S, transport.close)
+        self.loop.call_later(LINGER_S, transport.abort)  # bounded: a peer that never reads cannot hold it
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -337,6 +339,7 @@ class LiveConversation:
     messages: int = 0
     bytes_relayed: int = 0
     rekey_pending: bool = False
+    held: list | None = None   # while its new key is being made: relays wait here, then follow the key
 
 
 @dataclass
@@ -347,6 +350,7 @@ class Registry:
     online: dict[str, Session] = field(default_factory=dict)
     watchers: dict[str, set[str]] = field(default_factory=dict)   # offline user -> who waits
     conversations: dict[int, LiveConversation] = field(default_factory=dict)
+    by_user: dict[str, set[int]] = field(default_factory=dict)  # user -> their live conversations' ids
     sessions: set[Session] = field(default_factory=set)
     unauthenticated: dict[str, int] = field(default_factory=dict)  # source -> count
 
@@ -380,6 +384,7 @@ class Registry:
             if session.closed.is_set():  # it ended while a worker checked its password
                 raise ConnectionClosed("The connection closed during the login.")
             old = self.online.get(username)
+            session.login_at = time.time()  # with the entry, so its OFFLINE always names this login
             self.online[username] = session
             if session.username is None:
                 self._unauth_done(session.source)
@@ -392,14 +397,36 @@ class Registry:
 
     def _drop_conversations_locked(self, username: str, *, watch: bool) -> list[str]:
         peers = []
-        for cid, conv in list(self.conversations.items()):
-            if username in conv.members:
-                peer = conv.members[0] if conv.members[1] == username else conv.members[1]
-                peers.append(peer)
-                del self.conversations[cid]
-                if watch:  # the peer is told when this user is back
-                    self.watchers.setdefault(username, set()).add(peer)
+        for cid in self.by_user.pop(username, ()):
+            conv = self.conversations.pop(cid, None)
+            if conv is None:
+                continue
+            peer = conv.members[0] if conv.members[1] == username else conv.members[1]
+            peers.append(peer)
+            ids = self.by_user.get(peer)
+            if ids is not None:
+                ids.discard(cid)
+                if not ids:
+                    del self.by_user[peer]
+            if watch:  # the peer is told when this user is back
+                self.watchers.setdefault(username, set()).add(peer)
         return peers
+
+    def drop_conversations(self, username: str, *, watch: bool) -> list[str]:
+        """End ``username``'s live conversations; returns their peers."""
+        with self.lock:
+            return self._drop_conversations_locked(username, watch=watch)
+
+    def keyed(self, cid: int, members: tuple[str, str], generation: int) -> None:
+        """A conversation got a key: a new one is live with counters from zero; a known one moves on."""
+        with self.lock:
+            conv = self.conversations.get(cid)
+            if conv is None or conv.members != members:
+                self.conversations[cid] = LiveConversation(cid, members, generation, time.monotonic())
+                for user in members:
+                    self.by_user.setdefault(user, set()).add(cid)
+            else:  # a rekey: the counters restarted when it was decided (_maybe_rekey), not now
+                conv.generation = max(conv.generation, generation)
 
     def remove(self, session: Session) -> tuple[bool, list[str]]:
         """Forget a closed session; returns (was online, peers of its live conversations)."""
@@ -479,8 +506,7 @@ class ChatService:
 
     def learn_conversation(self, cid: int, members: tuple[str, str], generation: int) -> None:
         """Another node's KDC keyed a conversation with one of our users: relay it from here too."""
-        with self.registry.lock:
-            self.registry.conversations[cid] = LiveConversation(cid, members, generation, time.monotonic())
+        self.registry.keyed(cid, members, generation)
 
     def replaced_elsewhere(self, session: Session) -> None:
         """``session``'s user logged in on another node: end it here (the cluster announces the new one)."""
@@ -650,7 +676,6 @@ class ChatService:
             old, waiting = self.registry.login(session, username)
         except ConnectionClosed:
             return
-        session.login_at = time.time()
         if old is not None and old is not session:
             # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
             old.close(SIGNED_IN_ELSEWHERE)
@@ -731,12 +756,11 @@ class ChatService:
         del key  # never stored (design 000)
 
     def _hand_out_key(self, cid: int, members: tuple[str, str], generation: int, key: bytes) -> None:
-        with self.registry.lock:
-            conv = self.registry.conversations.get(cid)
-            if conv is None or conv.members != members:
-                self.registry.conversations[cid] = LiveConversation(cid, members, generation, time.monotonic())
-            else:
-                conv.generation, conv.keyed_at, conv.messages, conv.bytes_relayed = generation, time.monotonic(), 0, 0
+        self._send_keys(cid, members, generation, key)
+        self._release_held(cid)
+
+    def _send_keys(self, cid: int, members: tuple[str, str], generation: int, key: bytes) -> None:
+        self.registry.keyed(cid, members, generation)
         sessions = {user: self.registry.session_of(user) for user in members}
         identities = {user: s.identity_key if s is not None else self.cluster.identity_of(user)
                       for user, s in sessions.items()}
@@ -776,6 +800,13 @@ class ChatService:
             self.metrics.undelivered.inc()
             session.send(P.Error(code=P.ErrorCode.NOT_A_MEMBER, reason="No such conversation; open it again."))
             return
+        if conv.held is not None:  # its new key is on its way: this frame goes right after it
+            if len(conv.held) >= MAX_HELD_RELAYS:
+                session.send(P.Error(code=P.ErrorCode.UNAVAILABLE, reason="The conversation is being re-keyed; "
+                                                                          "try again in a moment."))
+            else:
+                conv.held.append((session, msg))
+            return
         conv.messages += 1
         conv.bytes_relayed += len(msg.payload)
         peer = conv.members[0] if conv.members[1] == me else conv.members[1]
@@ -808,7 +839,24 @@ class ChatService:
             return
         conv.rekey_pending = False
         conv.messages, conv.bytes_relayed, conv.keyed_at = 0, 0, time.monotonic()
-        self.run_slow(self._distribute_key, conv.id, conv.members)
+        conv.held = []  # as in a one-thread server: nothing of this conversation overtakes the new key
+        self.run_slow(self._rekey, conv.id, conv.members)
+
+    def _rekey(self, cid: int, members: tuple[str, str]) -> None:
+        try:
+            self._distribute_key(cid, members)
+        except Exception:
+            self.on_loop(self._release_held, cid)  # no new key after all: the held frames go now
+            raise
+
+    def _release_held(self, cid: int) -> None:
+        conv = self.registry.conversations.get(cid)
+        if conv is None or conv.held is None:
+            return
+        held, conv.held = conv.held, None
+        for sender, msg in held:
+            if not sender.closed.is_set():
+                self._relay(sender, msg)
 
     def run_slow(self, fn, *args) -> None:
         """Run ``fn`` on a worker thread (database, KDC); at once when no pool is attached (tests)."""
@@ -1080,6 +1128,10 @@ class Server:
             self._loop_thread.join(timeout=10)
         self._stopped.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        try:  # what the cancelled bookkeeping would have removed: nobody is connected here any more
+            self.storage.clear_sessions(self.service.node)
+        except DatabaseError as exc:
+            log.warning("cannot clear session rows: %s", exc)
         if diffiehellman._modexp_hook is self.modexp:  # noqa: SLF001 - ours to take back
             diffiehellman.offload_modexp(None)
         self.modexp.shutdown()
@@ -1138,6 +1190,7 @@ class Server:
     def _feed(self, session: Session, data: bytes) -> None:
         if session.inbox or session.busy or not session.proto.established:
             session.inbox.append(data)
+            session.inbox_bytes += len(data)
             self._pump(session)
             return
         # The common case, without the inbox: an idle, established session sent relays.
@@ -1160,6 +1213,7 @@ class Server:
                 return
             item = inbox.popleft()
             if isinstance(item, bytes):
+                session.inbox_bytes -= len(item)
                 if not session.proto.established:  # the handshake's DH and signature: a worker's job
                     self._to_worker(session, self._work_handshake, item)
                     break
@@ -1175,9 +1229,10 @@ class Server:
         if link is not None and link.transport is not None:
             if link.peer_eof and not inbox and not session.busy:
                 link._close_gracefully()  # all the peer sent is answered
-            elif len(inbox) > MAX_INBOX_ITEMS:
+            elif len(inbox) > MAX_INBOX_ITEMS or session.inbox_bytes > MAX_INBOX_BYTES:
                 link.transport.pause_reading()
-            elif len(inbox) < INBOX_RESUME_ITEMS and not link.transport.is_closing():
+            elif len(inbox) < INBOX_RESUME_ITEMS and session.inbox_bytes <= MAX_INBOX_BYTES \
+                    and not link.transport.is_closing():
                 link.transport.resume_reading()
 
     def _open_records(self, session: Session, data: bytes) -> list | None:
@@ -1246,11 +1301,13 @@ class Server:
         """The session is over: others see the user gone at once (bookkeeping on a worker).  Once."""
         session.closed.set()
         session.inbox.clear()
+        session.inbox_bytes = 0
         if not session.gone:
             session.gone = True
             self.service.disconnected(session)
 
 
+MAX_HELD_RELAYS = 1024   # frames of one conversation waiting for its new key (a database write away)
 RELAY_SAMPLE_MASK = 15   # the relay latency histogram times one relayed message in 16
 FAST_MESSAGES = frozenset({P.Relay, P.WhoRequest})  # handled on the loop thread: no database, no slow crypto
 

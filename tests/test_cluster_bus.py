@@ -238,7 +238,8 @@ def test_a_complete_snapshot_removes_whoever_it_no_longer_lists(node):
     _frame(node, sender, "t.presence", CN.ONLINE, _online("bob", 2.0))
     _frame(node, sender, "t.presence", CN.ONLINE, _online("erin", 2.0))
     subject = node.cluster.node_subject(node.cluster.incarnation)
-    _frame(node, sender, subject, CN.SNAPSHOT, CN.pack_fields(b"1", b"bob", struct.pack(">d", 2.0), b"\x02" * 32))
+    _frame(node, sender, subject, CN.SNAPSHOT,
+           CN.pack_fields(b"snap-1", b"1", b"bob", struct.pack(">d", 2.0), b"\x02" * 32))
     assert node.cluster.is_remote("bob") and not node.cluster.is_remote("erin")
 
 
@@ -264,3 +265,44 @@ def test_a_relay_for_someone_who_just_left_is_bounced_to_the_sender(node, monkey
     bounce = P.decode_message(inner)
     assert name == b"alice" and isinstance(bounce, P.Error) and bounce.code == P.ErrorCode.PEER_OFFLINE
     assert "bob is offline" in bounce.reason
+
+
+def test_a_snapshot_repeating_what_we_know_leaves_conversations_alone(node):
+    """Every SYNC (a node starting, a link coming back) repeats unchanged entries: no re-opening storm."""
+    alice = _local(node, "alice", 1.0)
+    sender = b"X" * 16
+    _frame(node, sender, "t.presence", CN.ONLINE, _online("bob", 2.0))
+    node.service.learn_conversation(3, ("alice", "bob"), 1)
+    alice.sent.clear()
+    subject = node.cluster.node_subject(node.cluster.incarnation)
+    _frame(node, sender, subject, CN.SNAPSHOT,
+           CN.pack_fields(b"snap-2", b"1", b"bob", struct.pack(">d", 2.0), b"\x02" * 32))
+    assert 3 in node.service.registry.conversations and alice.sent == []
+
+
+def test_a_user_who_moves_here_ends_the_conversations_with_the_session_elsewhere(node, monkeypatch):
+    monkeypatch.setattr(node.cluster, "_publish", lambda *a, **kw: True)
+    dave = _local(node, "dave", 1.0)
+    _frame(node, b"X" * 16, "t.presence", CN.ONLINE, _online("bob", 2.0))
+    node.service.learn_conversation(4, ("bob", "dave"), 1)
+    dave.sent.clear()
+    bob = _local(node, "bob", 3.0)  # bob logs in on this node
+    node.cluster.user_online("bob", bob.login_at, bob.identity_key)
+    assert not node.cluster.is_remote("bob") and 4 not in node.service.registry.conversations
+    assert dave.sent == [P.PeerStatus(peer="bob", online=True, known=True, notice=True)]
+
+
+def test_our_newer_session_is_announced_again_when_an_older_one_shows_up(node, monkeypatch):
+    sent = []
+    monkeypatch.setattr(node.cluster, "_publish", lambda subject, kind, body, **kw: sent.append((kind, body)))
+    alice = _local(node, "alice", 300.0)
+    _frame(node, b"X" * 16, "t.presence", CN.ONLINE, _online("alice", 200.0))
+    assert alice.closed_with is None
+    assert sent == [(CN.ONLINE, _online("alice", 300.0, alice.identity_key))]  # that node closes its own
+
+
+def test_an_online_announcement_for_a_session_that_already_ended_is_not_sent(node, monkeypatch):
+    sent = []
+    monkeypatch.setattr(node.cluster, "_publish", lambda subject, kind, body, **kw: sent.append(kind))
+    node.cluster.user_online("alice", 5.0, b"\x01" * 32)  # alice's session ended before this ran
+    assert sent == []

@@ -71,6 +71,22 @@ MUTATIONS: list[Mutation] = [
         why="A late ONLINE of an older login closes the user's current session: two nodes close each other's.",
     ),
     Mutation(
+        name="bus-repeat-resets-conversations",
+        file="cluster_nats.py",
+        find="        if previous is not None and previous.node == sender and previous.login_at == login_at:\n            return",
+        replace="        if False:\n            return",
+        tests=(BUS + "test_a_snapshot_repeating_what_we_know_leaves_conversations_alone",),
+        why="Every snapshot tears down every cross-node conversation: a re-keying storm at each node start.",
+    ),
+    Mutation(
+        name="bus-move-here-keeps-stale-conversations",
+        file="cluster_nats.py",
+        find="        for peer in self.service.registry.drop_conversations(username, watch=False):\n            peer_session",
+        replace="        for peer in []:\n            peer_session",
+        tests=(BUS + "test_a_user_who_moves_here_ends_the_conversations_with_the_session_elsewhere",),
+        why="A user who moves nodes keeps conversations keyed to the old session: peers' messages cannot be read.",
+    ),
+    Mutation(
         name="bus-any-offline-ends-presence",
         file="cluster_nats.py",
         find="if entry is None or entry.node != sender or (login_at is not None and entry.login_at != login_at):",
