@@ -1079,7 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="generator processes")
     p.add_argument("--server-workers", type=int, default=1, metavar="N",
                    help="relay/capacity/handshake/storm: server.py --workers N (a cluster on NATS and MariaDB)")
-    p.add_argument("--cluster-settle", type=float, default=2.5, metavar="S",
+    p.add_argument("--cluster-settle", type=float, default=0.0, metavar="S",
                    help="with --server-workers/--nodes: seconds between every process Ready and the first "
                         "login, for the nodes to hear each other (0: log in while they still join)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
