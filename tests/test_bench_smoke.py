@@ -93,3 +93,12 @@ def test_storm_smoke(tmp_path):
     r = _run(tmp_path, "storm", "--clients", "7")
     assert r["errors"] == [] and r["back"] == 7 and r["chatted_after_storm"] == 7
     assert r["server_bcrypt_runs_after_restart"] == 0  # tickets, counted on the server: no password check
+
+
+def test_relay_path_harness_runs():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "relay_path.py"), "--messages", "50", "--batch", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "us per relayed message" in out.stdout
