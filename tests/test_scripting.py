@@ -139,14 +139,15 @@ def test_receive_count_1_json_prints_one_valid_object(server, tmp_path):
     receiver = JsonProcess(server, tmp_path / "bob", "receive", "--count", "1", "--user", "bob", password=PW_B)
     receiver.expect("ready", user="bob")
     alice = peer(server, tmp_path / "alice", "alice", PW_A)
-    alice.send_confirmed("bob", "ping {\"json\": true} \x1b[2J")
+    alice.send_confirmed("bob", "ping {\"json\": true} \x1b[2J \u202egnp.exe")
     assert receiver.finish() == 0
     docs = receiver.all_json()
     messages = [d for d in docs if d["event"] == "message"]
     assert len(messages) == 1
-    assert messages[0]["from"] == "alice" and messages[0]["text"] == "ping {\"json\": true} \x1b[2J"
+    assert messages[0]["from"] == "alice" and messages[0]["text"] == "ping {\"json\": true} \x1b[2J \u202egnp.exe"
     assert all(d["v"] == 1 and isinstance(d["time"], float) for d in docs)
-    assert "\x1b" not in "".join(receiver.raw)  # escaped in the JSON text, never raw on stdout
+    raw = "".join(receiver.raw)
+    assert "\x1b" not in raw and "\u202e" not in raw  # escaped in the JSON text (ASCII only), never raw
     alice.close()
 
 
