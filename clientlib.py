@@ -615,11 +615,15 @@ class ChatClient:
             return proto.receive_data(data)
 
     def _send(self, msg: P.Message) -> None:
-        if self._reconnecting.is_set() and not isinstance(msg, (P.Login, P.Register, P.Resume)):
-            raise ConnectionClosed(f"The connection to {self.server_id} was lost; reconnecting. Try again "
-                                   "in a moment.")
+        if not isinstance(msg, (P.Login, P.Register, P.Resume)):
+            self._check_not_reconnecting()
         with self._send_lock:
             self._send_locked(msg)
+
+    def _check_not_reconnecting(self) -> None:
+        if self._reconnecting.is_set():
+            raise ConnectionClosed(f"The connection to {self.server_id} was lost; reconnecting. Try again "
+                                   "in a moment.")
 
     def _send_locked(self, msg: P.Message) -> None:
         if self.proto.state is P.State.CLOSED:  # the server ended the session (or we did)
@@ -627,13 +631,16 @@ class ChatClient:
                                    + (f": {self.proto.close_reason}." if self.proto.close_reason else "."))
         self._sendall(self.proto.send(msg))
 
-    def _send_who(self, waiter: "_Barrier | None") -> None:
-        """A WhoRequest, its waiter queued in the same order as the requests go out."""
-        if self._reconnecting.is_set():
-            raise ConnectionClosed(f"The connection to {self.server_id} was lost; reconnecting.")
+    def _send_who(self) -> None:
+        """A WhoRequest whose answer is a WhoList event, queued in the order the requests go out."""
+        self._check_not_reconnecting()
         with self._send_lock:
-            self._send_locked(P.WhoRequest())
-            self._who_waiters.append(waiter)
+            self._who_waiters.append(None)
+            try:
+                self._send_locked(P.WhoRequest())
+            except ConnectionClosed:
+                self._who_waiters.pop()
+                raise
 
     # -- accounts --------------------------------------------------------------------
     def login(self, username: str, password: str) -> P.AuthOk:
@@ -747,9 +754,10 @@ class ChatClient:
             raise AuthError("Log in first.")
         assert self.sock is not None
         self.sock.settimeout(None)
-        self._receiver = threading.Thread(target=self._receive_loop, args=(self.sock, self.proto, self._connection),
-                                          name="receiver", daemon=True)
-        self._receiver.start()
+        receiver = threading.Thread(target=self._receive_loop, args=(self.sock, self.proto, self._connection),
+                                    name="receiver", daemon=True)
+        receiver.start()
+        self._receiver = receiver  # only once started: close() may join it from another thread
 
     def _receive_loop(self, sock: socket.socket, proto: P.ClientProtocol, connection: int) -> None:
         """Read one connection until it ends; only the current connection may report its end."""
@@ -1111,6 +1119,9 @@ class ChatClient:
         positive answer: a refusal comes later as a ServerNotice; :meth:`send_confirmed` waits
         for it.
         """
+        return self._send_sealed(peer, text, None)
+
+    def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None") -> int | None:
         with self._state_lock:
             conv = self.conversations.get(peer)
             if conv is None or not conv.ready:
@@ -1124,8 +1135,21 @@ class ChatClient:
                 message_id, datagrams = self._links.send(peer, payload, _now_ms())
                 self._direct_sent[(peer, message_id)] = text
             self._sendto(datagrams)
+            if barrier is not None:
+                barrier.done.set()  # nothing to wait for: the direct link acknowledges by itself
             return row
-        self._send(P.Relay(conversation_id=cid, payload=payload))
+        if barrier is None:
+            self._send(P.Relay(conversation_id=cid, payload=payload))
+            return row
+        self._check_not_reconnecting()
+        with self._send_lock:  # the barrier is queued before the message goes: its refusal cannot come first
+            self._who_waiters.append(barrier)
+            try:
+                self._send_locked(P.Relay(conversation_id=cid, payload=payload))
+                self._send_locked(P.WhoRequest())
+            except ConnectionClosed:
+                self._who_waiters.remove(barrier)
+                raise
         return row
 
     def send_confirmed(self, peer: str, text: str, timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S) -> None:
@@ -1148,11 +1172,9 @@ class ChatClient:
             if not self.wait_conversation(peer, min(KEY_EXCHANGE_WAIT_S, timeout_s)):
                 raise MessageRefused(self.why_not_ready(peer))
         barrier = _Barrier()
-        row = self.send_message(peer, text)
-        if not self.is_direct(peer):
-            self._send_who(barrier)
-            if not barrier.done.wait(max(0.0, deadline - time.monotonic())):
-                raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
+        row = self._send_sealed(peer, text, barrier)
+        if not barrier.done.wait(max(0.0, deadline - time.monotonic())):
+            raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
         if row is not None and self.history is not None:
             self.history.set_state(row, H.STATE_REFUSED if barrier.refusals else H.STATE_ACCEPTED)
         if barrier.refusals:
@@ -1322,7 +1344,7 @@ class ChatClient:
 
     def who(self) -> None:
         """Ask who is online; the answer comes as a WhoList event."""
-        self._send_who(None)
+        self._send_who()
 
     def delete_account(self, password: str, confirm: str) -> None:
         """Ask the server to delete this account; the answer comes as an AccountDeletion event."""

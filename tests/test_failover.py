@@ -11,11 +11,11 @@ import time
 from contextlib import ExitStack
 
 import pytest
-from server_fixtures import PASSWORD, running_server, wait_for
+from server_fixtures import PASSWORD, chat_pair, running_server, wait_for
 
 import auth
 import clientlib as C
-from errors import ConfigError, ConnectionClosed, ServerKeyMismatch
+from errors import ConfigError, ConnectionClosed, MessageRefused, ServerKeyMismatch
 
 
 def _events_until(client, kind, timeout=15.0, **fields):
@@ -154,11 +154,7 @@ def test_resume_on_a_connection_that_is_still_open_is_safe(tmp_path):
     """The old receiver thread is woken and stays silent: it neither reads the new socket
     nor reports the old connection as lost."""
     with running_server(tmp_path / "srv") as server:
-        servers = [server.server_address]
-        alice = _client(servers, tmp_path / "alice", "alice")
-        bob = _client(servers, tmp_path / "bob", "bob")
-        alice.open_conversation("bob")
-        wait_for(alice, C.ConversationReady, peer="bob")
+        alice, bob = chat_pair(server, tmp_path)
         old_receiver = alice._receiver
         assert alice.resume()
         old_receiver.join(timeout=5)
@@ -175,16 +171,10 @@ def test_resume_on_a_connection_that_is_still_open_is_safe(tmp_path):
 
 def test_send_confirmed_reports_the_servers_refusal(tmp_path):
     with running_server(tmp_path / "srv") as server:
-        servers = [server.server_address]
-        alice = _client(servers, tmp_path / "alice", "alice")
-        bob = _client(servers, tmp_path / "bob", "bob")
-        alice.open_conversation("bob")
-        wait_for(alice, C.ConversationReady, peer="bob")
-        wait_for(bob, C.ConversationReady, peer="alice")
+        alice, bob = chat_pair(server, tmp_path)
         # bob's session goes without a notice reaching alice yet: the relay itself is refused
         with server.service.registry.lock:
             server.service.registry.online.pop("bob")
-        from errors import MessageRefused
         with pytest.raises(MessageRefused, match="offline"):
             alice.send_confirmed("bob", "lost?")
         alice.close()

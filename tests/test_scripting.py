@@ -154,7 +154,7 @@ def test_receive_count_1_json_prints_one_valid_object(server, tmp_path):
 def test_receive_plain_prints_the_message_and_times_out_with_exit_1(server, tmp_path):
     registered(server, tmp_path / "bob", "bob", PW_B)
     alice = peer(server, tmp_path / "alice", "alice", PW_A)
-    proc = subprocess.Popen(_args(server, tmp_path / "bob", "receive", "--count", "2", "--timeout", "30",
+    proc = subprocess.Popen(_args(server, tmp_path / "bob", "receive", "--count", "2", "--timeout", "10",
                                   "--user", "bob"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(PW_B), start_new_session=True)
     alice.open_conversation("bob")  # bob's receive may not be up yet: then the server tells alice when it is
@@ -295,22 +295,25 @@ def test_json_a_changed_identity_key_is_an_event_and_never_accepted_silently(ser
 # =============================================================================
 # The local history, through the real terminal client
 # =============================================================================
-def test_history_survives_quit_holds_no_plaintext_and_needs_the_password(server, tmp_path):
-    bob = peer(server, tmp_path / "bob", "bob", PW_B)
-    alice = spawn_client(server, tmp_path / "alice")
-    login_flow(alice, "alice", PW_A, new=True)
+def alice_talks_to_bob(server, tmp_path, *extra, new: bool) -> pexpect.spawn:
+    """alice's terminal client, logged in, with bob as the destination."""
+    alice = spawn_client(server, tmp_path / "alice", *extra)
+    login_flow(alice, "alice", PW_A, new=new)
     alice.expect_exact("[CLIENT]: Destination:")
     alice.sendline("bob")
+    return alice
+
+
+def test_history_survives_quit_holds_no_plaintext_and_needs_the_password(server, tmp_path):
+    bob = peer(server, tmp_path / "bob", "bob", PW_B)
+    alice = alice_talks_to_bob(server, tmp_path, new=True)
     alice.expect_exact("Conversation with bob is ready")
     alice.sendline("the eagle lands at noon")
     assert wait_for(bob, C.MessageReceived).text == "the eagle lands at noon"
     bob.send_message("alice", "roger that, over")
     alice.expect_exact("[bob]: roger that, over")
     assert quit_client(alice) == 0
-    again = spawn_client(server, tmp_path / "alice")
-    login_flow(again, "alice", PW_A, new=False)
-    again.expect_exact("[CLIENT]: Destination:")
-    again.sendline("bob")
+    again = alice_talks_to_bob(server, tmp_path, new=False)
     again.expect_exact("[CLIENT]: Earlier with bob (last 2):")  # opening shows the last lines
     again.expect(r"\d\d:\d\d \[alice→bob\]: the eagle lands at noon")
     again.expect_exact("[bob]: roger that, over")
@@ -332,10 +335,7 @@ def test_history_survives_quit_holds_no_plaintext_and_needs_the_password(server,
 
 def test_no_history_leaves_no_file_and_forget_erases(server, tmp_path):
     bob = peer(server, tmp_path / "bob", "bob", PW_B)
-    alice = spawn_client(server, tmp_path / "alice", "--no-history")
-    login_flow(alice, "alice", PW_A, new=True)
-    alice.expect_exact("[CLIENT]: Destination:")
-    alice.sendline("bob")
+    alice = alice_talks_to_bob(server, tmp_path, "--no-history", new=True)
     alice.expect_exact("Conversation with bob is ready")
     alice.sendline("off the record")
     assert wait_for(bob, C.MessageReceived).text == "off the record"
@@ -348,10 +348,7 @@ def test_no_history_leaves_no_file_and_forget_erases(server, tmp_path):
     assert not (tmp_path / "alice" / "history").exists()
     assert wait_for(bob, C.MessageReceived).text == "also off"
     # With history: /forget erases the conversation.
-    alice = spawn_client(server, tmp_path / "alice")
-    login_flow(alice, "alice", PW_A, new=False)
-    alice.expect_exact("[CLIENT]: Destination:")
-    alice.sendline("bob")
+    alice = alice_talks_to_bob(server, tmp_path, new=False)
     alice.expect_exact(["Conversation with bob is ready", "Now talking to bob"])  # bob may reopen it first
     alice.sendline("on the record")
     assert wait_for(bob, C.MessageReceived).text == "on the record"

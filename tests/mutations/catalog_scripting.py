@@ -39,11 +39,11 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="history-key-not-bound-to-owner",
         file="history.py",
-        find="sealed = AESGCM(_kek(password, salt, n, r, p)).encrypt(nonce, data_key, _KEY_AAD + owner)",
-        replace="sealed = AESGCM(_kek(password, salt, n, r, p)).encrypt(nonce, data_key, _KEY_AAD)",
+        find='owner = f"{username}@{service_id}".encode("utf-8")',
+        replace='owner = b""',
         tests=(f"{_H}::test_another_users_file_does_not_open_as_mine",),
-        why="the sealed data key is not bound to its user and service: a file planted under another "
-            "name opens as that user's history.",
+        why="the sealed data key and the rows are not bound to their user and service: a file planted "
+            "under another name opens as that user's history.",
     ),
     Mutation(
         name="client-no-history-still-writes",
