@@ -198,8 +198,9 @@ def connect_and_log_in(client: C.ChatClient, username: str, password: str, out: 
 
 
 def run_command(make_client: Callable[[], C.ChatClient], args, out: Output,
-                body: Callable[[C.ChatClient], int]) -> int:
-    """Log in, run ``body``, close; every error becomes one clear line and its exit code."""
+                body: Callable[[C.ChatClient], int], *, interrupted: int = EXIT_OK) -> int:
+    """Log in, run ``body``, close; every error becomes one clear line and its exit code
+    (Ctrl-C: ``interrupted``, so an interrupted ``send`` is never reported as sent)."""
     client = None
     try:
         username, password = username_from(args), password_from(args)
@@ -207,7 +208,7 @@ def run_command(make_client: Callable[[], C.ChatClient], args, out: Output,
         connect_and_log_in(client, username, password, out)
         return body(client)
     except KeyboardInterrupt:
-        return EXIT_OK
+        return interrupted
     except (SecureIMError, ValueError) as exc:
         out.error(str(exc), exit=exit_code(exc))
         return exit_code(exc)
@@ -237,7 +238,8 @@ def run_send(make_client, args, out: Output) -> int:
         out.error("Nothing to send (an empty text).", exit=EXIT_USAGE)
         return EXIT_USAGE
     return run_command(make_client, args, out,
-                       lambda client: EXIT_OK if send_one(client, args.user_to, text, out) else EXIT_ERROR)
+                       lambda client: EXIT_OK if send_one(client, args.user_to, text, out) else EXIT_ERROR,
+                       interrupted=EXIT_ERROR)
 
 
 class EventPump:
