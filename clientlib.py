@@ -790,10 +790,12 @@ class ChatClient:
         if (self.auto_reconnect and not self._stop.is_set() and self._ticket is not None
                 and (not goodbye or not self._node_reachable())):
             self._reconnecting.set()
-            if self._reconnect(reason):
-                return
+            failure = self._reconnect(reason)
             self._reconnecting.clear()
-        if not self.closed.is_set():
+            if failure is None:
+                return
+            reason = failure
+        if not self.closed.is_set() and not self._stop.is_set():
             self._emit(Disconnected(reason))
         self.closed.set()
         with self._state_changed:  # nobody waits for a conversation on a dead connection
@@ -809,9 +811,10 @@ class ChatClient:
             return False
         return True
 
-    def _reconnect(self, reason: str) -> bool:
+    def _reconnect(self, reason: str) -> str | None:
         """auto_reconnect: resume on the next live server, with exponential backoff and full jitter
-        (at most ``reconnect_attempts`` tries within ``reconnect_max_s``).  False once it gives up."""
+        (at most ``reconnect_attempts`` tries within ``reconnect_max_s``).  None once the session
+        goes on (or close() was called meanwhile); else why it gave up."""
         deadline = time.monotonic() + self.reconnect_max_s
         for attempt in range(1, self.reconnect_attempts + 1):
             ceiling = min(RECONNECT_MAX_DELAY_S, RECONNECT_BASE_DELAY_S * 2 ** (attempt - 1))
@@ -822,21 +825,16 @@ class ChatClient:
             try:
                 self.resume()
             except (ServerKeyMismatch, AuthError) as exc:  # never retried: a security event, or the ticket is void
-                self._emit(Disconnected(f"Reconnecting failed: {exc}"))
-                self.closed.set()
-                return True  # said so: nothing more to report
+                return f"Reconnecting failed: {exc}"
             except (ConnectionClosed, ProtocolError, ServiceUnavailable) as exc:
                 reason = str(exc)
                 continue
             if self._stop.is_set():  # close() was called while we reconnected
                 self.close()
-                return True
+                return None
             self._emit(Reconnected(self.node_id, attempt))
-            return True
-        if not self._stop.is_set():
-            self._emit(Disconnected(f"Gave up reconnecting: {reason}"))
-        self.closed.set()
-        return True
+            return None
+        return f"Gave up reconnecting: {reason}"
 
     def _fail_barriers(self, reason: str) -> None:
         while self._who_waiters:

@@ -147,6 +147,7 @@ def test_a_kick_from_a_node_that_is_up_is_not_undone_by_reconnecting(tmp_path):
         seen = _events_until(alice, C.Disconnected)
         assert "kicked for the test" in seen[-1].reason
         assert not any(isinstance(e, C.Reconnecting) for e in seen)
+        assert alice.resume()  # coming back by hand still works: a kick is not a ban
         alice.close()
 
 
