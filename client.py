@@ -218,6 +218,7 @@ class ChatUI:
         self.unread: dict[str, int] = {}
         self.online: set[str] = set()
         self.deleted = False
+        self._history_due: str | None = None   # the destination whose last lines follow its status
         self._deletion_answered = threading.Event()
         self._printer = threading.Thread(target=self._print_events, name="events", daemon=True)
         term.completions = self._names
@@ -255,6 +256,18 @@ class ChatUI:
             if line:
                 self.term.say(line)
                 self.term.refresh()
+            self._history_after_status(event)
+
+    def _history_after_status(self, event) -> None:
+        if not isinstance(event, (C.PeerOnline, C.PeerOffline, C.PeerUnknown)):
+            return
+        with self._lock:
+            due = self._history_due
+            if due != event.peer:
+                return
+            self._history_due = None
+        if not isinstance(event, C.PeerUnknown):
+            self._show_history(due, H.SHOWN_ON_OPEN, opening=True)
 
     def _describe(self, event) -> str | None:
         peer = C.sanitize(getattr(event, "peer", "") or "", 64)
@@ -394,12 +407,14 @@ class ChatUI:
         self.destination = name
         with self._lock:
             self.unread.pop(name, None)
-        self._show_history(name, H.SHOWN_ON_OPEN, opening=True)
         if self.client.has_conversation(name):
             # The design's answer to a destination is always its status first (scripts rely on it).
             self.term.say("[CLIENT]: Destination user is online.")
             self.term.say(f"[CLIENT]: Now talking to {C.sanitize(name, 64)}.")
+            self._show_history(name, H.SHOWN_ON_OPEN, opening=True)
         else:
+            with self._lock:
+                self._history_due = name  # shown after the server's answer, which comes first
             self.client.open_conversation(name)
 
     def _send(self, text: str) -> None:
