@@ -85,14 +85,15 @@ def test_connect_skips_a_dead_server_and_pins_the_service(tmp_path):
 
 
 def test_a_node_with_another_key_is_a_mismatch_not_a_failover(tmp_path):
-    with running_server(tmp_path / "one") as one, running_server(tmp_path / "other") as other:
+    with running_server(tmp_path / "other") as other, ExitStack() as stack:
+        one = stack.enter_context(running_server(tmp_path / "one"))
         servers = [one.server_address, other.server_address]
-        C.ChatClient(servers=servers, home=tmp_path / "a").connect()  # pins the service's key
-        client = C.ChatClient(servers=[other.server_address], home=tmp_path / "a")
-        client.servers = tuple(servers)  # the same service; node 1 is down, node 2 has another key
-        one.shutdown()
+        first = C.ChatClient(servers=servers, home=tmp_path / "a")
+        first.connect()  # pins the service's key, as node 1 presents it
+        first.close()
+        stack.close()  # node 1 goes down; the next entry presents another key
         with pytest.raises(ServerKeyMismatch, match="knows the service"):
-            client.connect()
+            C.ChatClient(servers=servers, home=tmp_path / "a").connect()
 
 
 # --- failover with the session ticket ------------------------------------------------
