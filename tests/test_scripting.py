@@ -240,10 +240,15 @@ def test_password_file_and_user_from_the_environment(server, tmp_path):
 # =============================================================================
 # --json sessions driven by a program
 # =============================================================================
-def test_json_session_stdin_commands_send_and_every_line_is_json(server, tmp_path):
+def json_alice_and_bob(server, tmp_path) -> tuple[JsonProcess, C.ChatClient]:
+    """alice's --json session (started, perhaps not logged in yet) and bob, logged in."""
     registered(server, tmp_path / "alice", "alice", PW_A)
     bob = peer(server, tmp_path / "bob", "bob", PW_B)
-    session = JsonProcess(server, tmp_path / "alice", "--user", "alice")
+    return JsonProcess(server, tmp_path / "alice", "--user", "alice"), bob
+
+
+def test_json_session_stdin_commands_send_and_every_line_is_json(server, tmp_path):
+    session, bob = json_alice_and_bob(server, tmp_path)
     session.command(cmd="send", to="bob", text="first line, written before the client is up", id=1)
     session.proc.stdin.write("this is not json\n")
     session.proc.stdin.flush()
@@ -269,9 +274,7 @@ def test_json_session_stdin_commands_send_and_every_line_is_json(server, tmp_pat
 
 
 def test_json_a_changed_identity_key_is_an_event_and_never_accepted_silently(server, tmp_path):
-    registered(server, tmp_path / "alice", "alice", PW_A)
-    bob = peer(server, tmp_path / "bob", "bob", PW_B)
-    session = JsonProcess(server, tmp_path / "alice", "--user", "alice")
+    session, bob = json_alice_and_bob(server, tmp_path)
     session.command(cmd="send", to="bob", text="hello", id=1)
     session.expect("sent", id=1)
     wait_for(bob, C.MessageReceived)
