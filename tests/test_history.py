@@ -126,3 +126,42 @@ def test_size_and_age_bounds(tmp_path):
     assert [e.text for e in h.last("carol").entries] == ["c"]
     h.close()
     assert H.DEFAULT_MAX_PER_CONVERSATION == 10_000 and H.DEFAULT_MAX_AGE_DAYS == 365
+
+
+# --- through the library -------------------------------------------------------------
+def _login(server, home, password, **kw):
+    import clientlib as C
+
+    host, port = server.server_address
+    client = C.ChatClient(host, port, home=home, history=True, **kw)
+    client.connect()
+    client.login("alice", password)
+    client.start()
+    return client
+
+
+def test_passwd_reseals_the_history_and_a_foreign_seal_is_said_not_overwritten(tmp_path):
+    import clientlib as C
+    from server_fixtures import logged_in_client, running_server
+
+    with running_server(tmp_path / "srv") as server:
+        logged_in_client(server, tmp_path / "alice", "alice").close()  # registered
+        alice = _login(server, tmp_path / "alice", "correct horse battery")
+        assert alice.history is not None
+        alice.history.record("bob", H.OUTGOING, "before the change", state=H.STATE_SENT)
+        alice.change_password("correct horse battery", "a new password 2")
+        alice.close()
+        again = _login(server, tmp_path / "alice", "a new password 2")
+        assert [e.text for e in again.history_page("bob").entries] == ["before the change"]
+        again.close()
+        # A history sealed under another password (changed on another device): said, and left alone.
+        path = H.history_path(tmp_path / "alice", "alice", again.server_id)
+        H.History.open(tmp_path / "elsewhere", "alice", again.server_id, "some other password").close()
+        planted = H.history_path(tmp_path / "elsewhere", "alice", again.server_id).read_bytes()
+        path.write_bytes(planted)
+        third = _login(server, tmp_path / "alice", "a new password 2")
+        assert third.history is None
+        event = third.next_event(timeout=5)
+        assert isinstance(event, C.HistoryUnavailable) and "another password" in event.reason
+        third.close()
+        assert path.read_bytes() == planted  # not overwritten, not re-keyed

@@ -46,6 +46,15 @@ MUTATIONS: list[Mutation] = [
             "under another name opens as that user's history.",
     ),
     Mutation(
+        name="history-not-resealed-on-passwd",
+        file="clientlib.py",
+        find="            self.history.change_password(new_password)\n",
+        replace="            pass\n",
+        tests=(f"{_H}::test_passwd_reseals_the_history_and_a_foreign_seal_is_said_not_overwritten",),
+        why="after /passwd the history stays sealed under the old password: the next login cannot open it "
+            "and the user loses it (or learns to delete it).",
+    ),
+    Mutation(
         name="client-no-history-still-writes",
         file="client.py",
         find="server_fingerprint=args.server_fingerprint, history=not args.no_history,",
