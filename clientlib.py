@@ -1166,9 +1166,11 @@ class ChatClient:
             raise MessageRefused("That is you; messages go to someone else.")
         deadline = time.monotonic() + timeout_s
         if not self.has_conversation(peer):
+            if self.presence(peer) == PRESENCE_REFUSED:  # asking again would only start a key exchange we refuse
+                raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
             self.open_conversation(peer)
             if not self.wait_conversation(peer, min(KEY_EXCHANGE_WAIT_S, timeout_s)):
-                raise MessageRefused(self.why_not_ready(peer))
+                raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
         barrier = _Barrier()
         row = self._send_sealed(peer, text, barrier)
         if not barrier.done.wait(max(0.0, deadline - time.monotonic())):
