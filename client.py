@@ -5,8 +5,10 @@ are in clientlib.py.  Incoming messages are printed above the line being typed
 (prompt_toolkit's patch_stdout), so they never garble it.  Everything from the
 network is passed through ``clientlib.sanitize`` before it is shown.
 
-Exit codes: 0 normal exit, 1 error (server unreachable, connection lost, login
-impossible), 3 the server's identity key did not match.
+Scripts use ``client.py send USER TEXT``, ``client.py receive`` and ``--json``
+(scripting.py; docs/CLIENT.md).  Exit codes: 0 normal exit (sent), 1 error
+(server unreachable, connection lost, message refused), 2 usage, 3 the server's
+identity key did not match, 4 login failed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 from prompt_toolkit.completion import Completer, Completion
 
 import clientlib as C
+import history as H
 import protocol as P
+import scripting as S
 from diffiehellman import DEFAULT_GROUP, GROUPS
 from errors import (
     AccountBanned,
@@ -41,7 +45,9 @@ from errors import (
 )
 from protocol import DEFAULT_PORT, MAX_PASSWORD_BYTES
 
-EXIT_OK, EXIT_ERROR, EXIT_KEY_MISMATCH = 0, 1, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_KEY_MISMATCH, EXIT_LOGIN_FAILED = (
+    S.EXIT_OK, S.EXIT_ERROR, S.EXIT_USAGE, S.EXIT_KEY_MISMATCH, S.EXIT_LOGIN_FAILED)
+HISTORY_DEFAULT_LINES = 20
 MAX_LOGIN_ROUNDS = 6
 DELETE_ANSWER_TIMEOUT_S = 30.0   # bcrypt on a busy server; the answer normally takes well under a second
 MAX_PASSWORD_TRIES = 3
@@ -65,6 +71,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "/verified": ("/verified USER", "mark USER as verified, after the safety numbers matched", ""),
     "/accept": ("/accept USER", "accept USER's changed identity key (after checking /verify USER)",
                 "Works at any time after the warning, also after this client was restarted."),
+    "/history": ("/history [N]", f"show the last N lines (default {HISTORY_DEFAULT_LINES}) of this conversation",
+                 "The history is kept under --home, encrypted under a key only your password opens; "
+                 "--no-history keeps nothing."),
+    "/forget": ("/forget USER", "erase the local history of the conversation with USER", ""),
     "/passwd": ("/passwd", "change your password (the old one is asked first)",
                 "Every saved login (resumption ticket) of your account ends; this session goes on."),
     "/delete-account": ("/delete-account", "delete your account on the server (asks your password and a typed "
@@ -117,8 +127,8 @@ class Terminal:
     def _stamp(self) -> str:
         return time.strftime("%H:%M ") if self.timestamps else ""
 
-    def say(self, line: str) -> None:
-        stamp, parts = self._stamp(), line.split("\n")
+    def say(self, line: str, *, stamped: bool = True) -> None:
+        stamp, parts = self._stamp() if stamped else "", line.split("\n")
         if parts[0].startswith("[CLIENT]: "):  # a several-line notice: every line says who speaks
             parts[1:] = [p if p.startswith(("[", "  ")) else f"[CLIENT]: {p}" for p in parts[1:]]
         print("\n".join(stamp + part for part in parts), flush=True)
@@ -208,6 +218,7 @@ class ChatUI:
         self.unread: dict[str, int] = {}
         self.online: set[str] = set()
         self.deleted = False
+        self._history_due: str | None = None   # the destination whose last lines follow its status
         self._deletion_answered = threading.Event()
         self._printer = threading.Thread(target=self._print_events, name="events", daemon=True)
         term.completions = self._names
@@ -245,6 +256,18 @@ class ChatUI:
             if line:
                 self.term.say(line)
                 self.term.refresh()
+            self._history_after_status(event)
+
+    def _history_after_status(self, event) -> None:
+        if not isinstance(event, (C.PeerOnline, C.PeerOffline, C.PeerUnknown)):
+            return
+        with self._lock:
+            due = self._history_due
+            if due != event.peer:
+                return
+            self._history_due = None
+        if not isinstance(event, C.PeerUnknown):
+            self._show_history(due, H.SHOWN_ON_OPEN, opening=True)
 
     def _describe(self, event) -> str | None:
         peer = C.sanitize(getattr(event, "peer", "") or "", 64)
@@ -299,6 +322,8 @@ class ChatUI:
             return f"[CLIENT]: Online now ({event.total}): {', '.join(event.users)}{more}"
         if isinstance(event, C.ServerNotice):
             return f"[CLIENT]: Server: {event.text}"
+        if isinstance(event, C.HistoryUnavailable):
+            return f"[CLIENT]: {C.sanitize(event.reason)}"
         return None
 
     # -- the chat loop ---------------------------------------------------------------
@@ -386,7 +411,10 @@ class ChatUI:
             # The design's answer to a destination is always its status first (scripts rely on it).
             self.term.say("[CLIENT]: Destination user is online.")
             self.term.say(f"[CLIENT]: Now talking to {C.sanitize(name, 64)}.")
+            self._show_history(name, H.SHOWN_ON_OPEN, opening=True)
         else:
+            with self._lock:
+                self._history_due = name  # shown after the server's answer, which comes first
             self.client.open_conversation(name)
 
     def _send(self, text: str) -> None:
@@ -418,6 +446,54 @@ class ChatUI:
             return
         me = f"{self.client.username}{self.arrow}{shown}"
         self.term.say("\n".join(f"[{me}]: {line}" for line in C.sanitize_lines(text)))
+
+    def _show_history(self, peer: str, limit: int, *, opening: bool = False) -> None:
+        """The last ``limit`` lines with ``peer``, each with its own date and time."""
+        if self.client.history is None:
+            if not opening:
+                self.term.say("[CLIENT]: No history is kept in this session (--no-history, or it could not be "
+                              "opened).")
+            return
+        page = self.client.history_page(peer, limit)
+        shown = C.sanitize(peer, 64)
+        if not page.entries:
+            if not opening:
+                self.term.say(f"[CLIENT]: No history with {shown}.")
+            return
+        self.term.say(f"[CLIENT]: Earlier with {shown} (last {len(page.entries)}):")
+        today = time.strftime("%Y-%m-%d")
+        lines = []
+        for entry in page.entries:
+            day = time.strftime("%Y-%m-%d", time.localtime(entry.at))
+            when = time.strftime("%H:%M" if day == today else "%Y-%m-%d %H:%M", time.localtime(entry.at))
+            who = f"{self.client.username}{self.arrow}{shown}" if entry.direction == H.OUTGOING else shown
+            mark = " (refused by the server: not delivered)" if entry.state == H.STATE_REFUSED else ""
+            lines += [f"  {when} [{who}]: {line}{mark}" for line in C.sanitize_lines(entry.text)]
+        self.term.say("\n".join(lines), stamped=False)
+        if page.damaged:
+            self.term.say(f"[CLIENT]: {page.damaged} line(s) of the history failed their integrity check and "
+                          "were not shown.")
+
+    def _history_command(self, arg: str) -> None:
+        if self.destination is None:
+            self.term.say("[CLIENT]: Choose a conversation first: /to USER")
+            return
+        if arg and not (arg.isdigit() and 1 <= int(arg) <= 10_000):
+            self.term.say("[CLIENT]: Usage: /history [N], N from 1 to 10000.")
+            return
+        self._show_history(self.destination, int(arg) if arg else HISTORY_DEFAULT_LINES)
+
+    def _forget(self, peer: str) -> None:
+        shown = C.sanitize(peer, 64)
+        if self.client.history is None:
+            self.term.say("[CLIENT]: No history is kept in this session; nothing to forget.")
+            return
+        try:
+            count = self.client.forget(peer)
+        except InvalidUsername as exc:
+            self.term.say(f"[CLIENT]: {exc}")
+            return
+        self.term.say(f"[CLIENT]: Erased the history with {shown} ({count} message(s)).")
 
     def _unread(self) -> None:
         with self._lock:
@@ -486,6 +562,10 @@ class ChatUI:
             self.term.say(f"[CLIENT]: Your identity ({self.client.username}): {self.client.identity_fingerprint}")
         elif cmd == "/passwd":
             self._passwd()
+        elif cmd == "/history":
+            self._history_command(arg)
+        elif cmd == "/forget":
+            self._forget(arg.lower())
         elif cmd == "/direct":
             try:
                 self.client.open_direct(arg)
@@ -584,34 +664,115 @@ def _port(text: str) -> int:
     return port
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="secureim terminal client.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1", help="server address")
-    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="server port (1-65535)")
-    p.add_argument("--home", type=Path, default=None,
+def _common_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
+    """The options every mode takes; a subcommand's copies default to 'not given' so that
+    ``client.py --json send ...`` and ``client.py send --json ...`` mean the same."""
+    d = (lambda value: argparse.SUPPRESS) if sub else (lambda value: value)
+    p.add_argument("--host", default=d("127.0.0.1"),
+                   help="server address; several servers of one service as a,b,c or h1:p1,h2:p2 "
+                        f"(at most {C.MAX_SERVERS}; tried in order, the first names the service)")
+    p.add_argument("--port", type=_port, default=d(DEFAULT_PORT), help="server port (1-65535) for hosts without one")
+    p.add_argument("--home", type=Path, default=d(None),
                    help="where this client keeps its files; one per user when several share a machine "
                         "(None: $SECUREIM_HOME or ~/.secureim)")
-    p.add_argument("--server-fingerprint", default=None, metavar="SHA256:...",
+    p.add_argument("--server-fingerprint", default=d(None), metavar="SHA256:...",
                    help="the server's identity fingerprint; refuse any other key")
+    p.add_argument("--group", default=d(DEFAULT_GROUP), choices=list(GROUPS),
+                   help="Diffie-Hellman group to propose")
+    p.add_argument("--user", default=d(None), help=f"your username, for send, receive and --json (or ${S.USER_ENV})")
+    p.add_argument("--password-file", default=d(None), metavar="FILE",
+                   help=f"read the password from the first line of FILE (mode 600); or ${S.PASSWORD_ENV}; "
+                        "never an argument")
+    p.add_argument("--password", default=d(None), help=argparse.SUPPRESS)  # only to refuse it clearly
+    p.add_argument("--json", action="store_true", default=d(False),
+                   help="one JSON object per line on stdout for every event; commands as JSON lines on stdin")
+    p.add_argument("--no-history", action="store_true", default=d(False),
+                   help="keep no local history this session (write nothing)")
+    p.add_argument("--history-max", type=int, default=d(H.DEFAULT_MAX_PER_CONVERSATION), metavar="N",
+                   help="keep at most N messages per conversation")
+    p.add_argument("--history-days", type=float, default=d(H.DEFAULT_MAX_AGE_DAYS), metavar="DAYS",
+                   help="keep messages for at most DAYS days")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="secureim terminal client; `send` and `receive` for scripts.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common_options(p, sub=False)
     p.add_argument("--direct", action="store_true",
                    help="prefer direct (peer-to-peer UDP) conversations, which show your address to the "
                         "peer; falls back to the relay")
-    p.add_argument("--group", default=DEFAULT_GROUP, choices=list(GROUPS),
-                   help="Diffie-Hellman group to propose")
     p.add_argument("--no-timestamps", action="store_true", help="no HH:MM time before each line")
     p.add_argument("--no-bell", action="store_true",
                    help="no terminal bell for messages from a conversation other than the current one")
+    commands = p.add_subparsers(dest="command", metavar="{send,receive}")
+    send = commands.add_parser("send", help="log in, send one message, wait until the server accepted it, exit",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    send.add_argument("user_to", metavar="USER", help="who gets the message")
+    send.add_argument("text", metavar="TEXT", help="the message (- reads it from stdin)")
+    send.add_argument("--wait-delivered", action="store_true",
+                      help="wait for an end-to-end delivery receipt (not supported by this protocol yet: exit 2)")
+    _common_options(send, sub=True)
+    receive = commands.add_parser("receive", help="log in and print messages as they arrive",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    receive.add_argument("--timeout", type=float, default=None, metavar="S", help="stop after S seconds")
+    receive.add_argument("--count", type=int, default=None, metavar="N", help="stop after N messages")
+    _common_options(receive, sub=True)
     return p
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked: exit 2 with one line for anything wrong (a password given as an
+    argument included: every user of the machine can read it in ps)."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.password is not None:
+        parser.error(f"a password is never given as an argument (ps shows it to everyone); use "
+                     f"${S.PASSWORD_ENV}, --password-file FILE, or the prompt")
+    try:
+        args.servers = C.parse_servers(args.host, args.port)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if args.history_max < 1 or args.history_days <= 0:
+        parser.error("--history-max is at least 1 and --history-days more than 0")
+    return args
+
+
+def client_factory(args, home: Path):
+    def make() -> C.ChatClient:
+        return C.ChatClient(servers=args.servers, home=home, group=args.group,
+                            server_fingerprint=args.server_fingerprint, history=not args.no_history,
+                            history_max_messages=args.history_max, history_max_age_days=args.history_days)
+    return make
+
+
+def run_script(args) -> int:
+    """``send``, ``receive``, or ``--json``: no prompt_toolkit, no dialogue."""
+    out = S.Output(args.json)
+    try:
+        home = C.check_home(args.home if args.home is not None else C.default_home())
+    except ConfigError as exc:
+        out.error(str(exc), exit=EXIT_ERROR)
+        return EXIT_ERROR
+    make = client_factory(args, home)
+    try:
+        if args.command == "send":
+            return S.run_send(make, args, out)
+        if args.command == "receive":
+            return S.run_receive(make, args, out)
+        return S.run_json_session(make, args, out)
+    except S.UsageError as exc:
+        out.error(str(exc), exit=EXIT_USAGE)
+        return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    args = parse_args(argv)
+    if args.command is not None or args.json:
+        return run_script(args)
     term = Terminal(timestamps=not args.no_timestamps, bell=not args.no_bell)
     try:
         home = C.check_home(args.home if args.home is not None else C.default_home())
-        client = C.ChatClient(args.host, args.port, home=home, group=args.group,
-                              server_fingerprint=args.server_fingerprint)
+        client = client_factory(args, home)()
     except ConfigError as exc:
         term.say(f"[CLIENT]: {exc}")
         return EXIT_ERROR
@@ -627,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{client.server_id} from {client.known_servers.path}.")
         return EXIT_KEY_MISMATCH
     except HandshakeFailed as exc:
-        term.say(f"[CLIENT]: Could not connect securely to {client.server_id}: {exc}")
+        term.say(f"[CLIENT]: Could not connect securely to {client.node_id}: {exc}")
         return EXIT_ERROR
     except (ConnectionClosed, ProtocolError) as exc:
         term.say(f"[CLIENT]: {exc}")
@@ -639,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not log_in(client, term):
             client.close()
-            return EXIT_ERROR
+            return EXIT_LOGIN_FAILED
     except (EOFError, KeyboardInterrupt):
         client.close()
         return EXIT_OK

@@ -9,13 +9,22 @@ benchmarks all drive :class:`ChatClient`.  Two layers of encryption:
   fresh key per message.  The server relays its output as opaque bytes.
 
 Incoming things arrive as typed events on a queue (``next_event()``).
+
+Several servers of one service (``servers=[(host, port), ...]``) share one
+server key: the pin, the identity file and the peer keys are all kept under the
+*service id*, the first entry, so failing over to another node is neither a new
+server nor a key change.  ``auto_reconnect=True`` resumes on the next live node
+with the session ticket when the connection is lost (docs/CLIENT.md).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
+import random
+import re
 import socket
 import threading
 import time
@@ -28,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import crypto_utils as cu
 import direct
 import e2e
+import history as H
 import protocol as P
 from errors import (
     AccountBanned,
@@ -36,9 +46,11 @@ from errors import (
     ConfigError,
     ConnectionClosed,
     DecryptionFailed,
+    HistoryError,
     InvalidCredentials,
     InvalidPassword,
     InvalidUsername,
+    MessageRefused,
     ProtocolError,
     SecureIMError,
     ServerKeyMismatch,
@@ -52,6 +64,17 @@ CONNECT_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 30.0
 KNOWN_SERVERS_FILE = "known_servers"
 EVENT_QUEUE_MAX = 10000
+MAX_SERVERS = 16                 # --host a,b,c: more is a typo or a misuse, not a cluster
+NODE_CONNECT_TIMEOUT_S = 3.0     # with several servers a dead one is skipped this quickly
+RECONNECT_ATTEMPTS = 8           # auto_reconnect: at most this many tries...
+RECONNECT_MAX_S = 60.0           # ...within this long
+RECONNECT_BASE_DELAY_S = 0.25    # the first wait is up to this (full jitter), doubling each try...
+RECONNECT_MAX_DELAY_S = 8.0      # ...up to this
+# Goodbye reasons of a node that is going away (server.Server.shutdown's): failed over at once.
+# The protocol's Goodbye has no code; any other Goodbye (a kick, a ban, a login from another
+# place) is failed over only if the node no longer takes connections.
+NODE_SHUTDOWN_REASONS = frozenset({"The server is shutting down."})
+_HOST_CHARS = re.compile(r"[A-Za-z0-9._%:-]{1,253}")
 
 
 def _now_ms() -> int:
@@ -208,6 +231,42 @@ def check_home(home: Path) -> Path:
     return home
 
 
+def _parse_port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(f"--host: {entry!r} has a bad port (a port is a number from 1 to 65535).")
+    return int(text)
+
+
+def parse_servers(text: str, default_port: int) -> list[tuple[str, int]]:
+    """``a,b,c`` or ``h1:p1,h2:p2`` (``[v6]:port`` for IPv6) as (host, port) pairs, in order.
+
+    A plain host uses ``default_port``; at most :data:`MAX_SERVERS` entries, none twice.
+    """
+    entries = [entry.strip() for entry in text.split(",")]
+    if len(entries) > MAX_SERVERS:
+        raise ConfigError(f"--host: at most {MAX_SERVERS} servers (got {len(entries)}).")
+    servers: list[tuple[str, int]] = []
+    for entry in entries:
+        if not entry:
+            raise ConfigError("--host: an empty entry (two commas, or one at an end).")
+        if entry.startswith("["):
+            host, closed, rest = entry[1:].partition("]")
+            if not closed or (rest and not rest.startswith(":")):
+                raise ConfigError(f"--host: {entry!r} is not [IPv6] or [IPv6]:port.")
+            port = _parse_port(rest[1:], entry) if rest else default_port
+        elif entry.count(":") == 1:
+            host, _, port_text = entry.partition(":")
+            port = _parse_port(port_text, entry)
+        else:  # a name, an IPv4 address, or a bare IPv6 address (default port)
+            host, port = entry, default_port
+        if not _HOST_CHARS.fullmatch(host):
+            raise ConfigError(f"--host: {entry!r} is not a host name or address.")
+        if (host, port) in servers:
+            raise ConfigError(f"--host: {host}:{port} is listed twice.")
+        servers.append((host, port))
+    return servers
+
+
 def parse_fingerprint(text: str) -> str:
     if not text.startswith("SHA256:") or len(text) != 50:
         raise ConfigError("A server fingerprint looks like SHA256: followed by 43 base64 characters.")
@@ -299,6 +358,30 @@ class WhoList:
 @dataclass(frozen=True)
 class ServerNotice:
     text: str
+    code: int = 0        # the Error frame's code (protocol.ErrorCode), 0 for none
+
+
+@dataclass(frozen=True)
+class Reconnecting:
+    """auto_reconnect: the connection was lost; try number ``attempt`` is about to start."""
+
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reconnected:
+    """auto_reconnect: the session goes on at ``server`` (with the ticket: no password)."""
+
+    server: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class HistoryUnavailable:
+    """The local history could not be opened; nothing is recorded this session."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -331,14 +414,50 @@ PRESENCE_ONLINE, PRESENCE_OFFLINE, PRESENCE_UNKNOWN, PRESENCE_REFUSED = "online"
 KEY_EXCHANGE_WAIT_S = 10.0   # how long a message waits for its conversation to be keyed
 
 
+class _Barrier:
+    """A WhoRequest sent after a message: the server answers in order, so once its answer is in,
+    every refusal (an Error frame) of what was sent before it has arrived too."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.refusals: list[str] = []
+
+
 class ChatClient:
-    def __init__(self, host: str, port: int, *, home: Path | None = None, group: str = P.DEFAULT_GROUP,
-                 suites: tuple[str, ...] = cu.SUITE_NAMES, server_fingerprint: str | None = None,
-                 timeout_s: float = CONNECT_TIMEOUT_S, persist_identity: bool = True,
-                 reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
-        """``persist_identity=False`` keeps the identity key in memory only (benchmarks:
-        no scrypt per login, nothing on disk; peers see a new key every session)."""
-        self.host, self.port = host, port
+    def __init__(self, host: str | None = None, port: int | None = None, *,
+                 servers: list[tuple[str, int]] | None = None, home: Path | None = None,
+                 group: str = P.DEFAULT_GROUP, suites: tuple[str, ...] = cu.SUITE_NAMES,
+                 server_fingerprint: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S,
+                 persist_identity: bool = True, reply_timeout_s: float = REPLY_TIMEOUT_S,
+                 auto_reconnect: bool = False, reconnect_attempts: int = RECONNECT_ATTEMPTS,
+                 reconnect_max_s: float = RECONNECT_MAX_S, history: bool = False,
+                 history_max_messages: int = H.DEFAULT_MAX_PER_CONVERSATION,
+                 history_max_age_days: float = H.DEFAULT_MAX_AGE_DAYS) -> None:
+        """``ChatClient(host, port)`` or ``ChatClient(servers=[(host, port), ...])``: the nodes of
+        one service, tried in order; the first is the service id the server key is pinned under.
+
+        ``persist_identity=False`` keeps the identity key in memory only (benchmarks:
+        no scrypt per login, nothing on disk; peers see a new key every session).
+        ``auto_reconnect=True``: a lost connection is resumed on the next live node (bounded
+        exponential backoff with jitter), with Reconnecting/Reconnected events, Disconnected
+        when it gives up.  ``history=True`` keeps the encrypted local history (history.py).
+        """
+        if servers is None:
+            if host is None or port is None:
+                raise ConfigError("Give a host and port, or servers=[(host, port), ...].")
+            servers = [(host, port)]
+        elif host is not None or port is not None:
+            raise ConfigError("Give either host and port or servers, not both.")
+        self.servers: tuple[tuple[str, int], ...] = tuple((str(h), int(p)) for h, p in servers)
+        if not 1 <= len(self.servers) <= MAX_SERVERS or len(set(self.servers)) != len(self.servers):
+            raise ConfigError(f"Between 1 and {MAX_SERVERS} servers, none twice.")
+        self._node = 0                               # the index of the server now in use
+        self.host, self.port = self.servers[0]
+        self.auto_reconnect = auto_reconnect
+        self.reconnect_attempts, self.reconnect_max_s = reconnect_attempts, reconnect_max_s
+        self.history_enabled = history
+        self._history_limits = (history_max_messages, history_max_age_days)
+        self.history: H.History | None = None
         self.home = Path(home) if home is not None else default_home()
         self.known_servers = KnownServers(self.home)
         self.pinned_fingerprint = parse_fingerprint(server_fingerprint) if server_fingerprint else None
@@ -369,6 +488,11 @@ class ChatClient:
         self._password_reply: queue.Queue = queue.Queue(maxsize=1)
         self._receiver: threading.Thread | None = None
         self.closed = threading.Event()
+        self._stop = threading.Event()               # close() was called: never reconnect again
+        self._reconnecting = threading.Event()
+        self._connection = 0                         # bumped on every (re)connection: older receivers stay silent
+        self._resume_lock = threading.Lock()
+        self._who_waiters: collections.deque = collections.deque()  # per WhoRequest in flight: None or a _Barrier
         # Direct mode (docs/PROTOCOL.md section 12): off until enable_direct().
         self._udp: socket.socket | None = None
         self._links: direct.DirectLinks | None = None
@@ -378,16 +502,61 @@ class ChatClient:
 
     @property
     def server_id(self) -> str:
+        """The service id: the first server listed.  The pin, the identity file and the peer keys
+        are kept under it, whichever node is in use (every node presents the same key)."""
+        host, port = self.servers[0]
+        return f"{host}:{port}"
+
+    @property
+    def node_id(self) -> str:
+        """The server (node) this client is connected to now."""
         return f"{self.host}:{self.port}"
 
     # -- connection and handshake -------------------------------------------------
-    def connect(self) -> P.HandshakeComplete:
-        """TCP connect, handshake, and check the server's key (pinned, known, or first use)."""
+    def connect(self, *, start_at: int = 0) -> P.HandshakeComplete:
+        """TCP connect, handshake, and check the server's key (pinned, known, or first use).
+
+        The servers are tried in order from ``start_at``; one that cannot be reached or drops
+        the connection is skipped.  A key mismatch is never skipped: it is raised at once.
+        """
+        failures = []
+        for i in range(len(self.servers)):
+            index = (start_at + i) % len(self.servers)
+            try:
+                return self._connect_node(index)
+            except ConnectionClosed as exc:
+                failures.append(str(exc))
+        if len(failures) == 1:
+            raise ConnectionClosed(failures[0])
+        raise ConnectionClosed("No server could be reached: " + " ".join(failures))
+
+    def _connect_node(self, index: int) -> P.HandshakeComplete:
+        self._node = index
+        self.host, self.port = self.servers[index]
+        self.proto = P.ClientProtocol(group=self._group, suites=self._suites)
+        timeout = self.timeout_s if len(self.servers) == 1 else min(self.timeout_s, NODE_CONNECT_TIMEOUT_S)
         try:
-            self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+            self.sock = socket.create_connection((self.host, self.port), timeout=timeout)
         except OSError as exc:
             reason = exc.strerror or str(exc) or exc.__class__.__name__
-            raise ConnectionClosed(f"Cannot connect to {self.server_id}: {reason}.") from None
+            raise ConnectionClosed(f"Cannot connect to {self.node_id}: {reason}.") from None
+        try:
+            return self._handshake()
+        except ConnectionClosed:
+            self._drop_socket()
+            raise
+
+    def _drop_socket(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a receiver thread blocked in recv()
+            except OSError:
+                pass
+            sock.close()
+
+    def _handshake(self) -> P.HandshakeComplete:
+        assert self.sock is not None
         self.sock.settimeout(self.reply_timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
         self._sendall(self.proto.initiate())
@@ -406,7 +575,7 @@ class ChatClient:
         if self.pinned_fingerprint is not None:
             if not cu.constant_time_equal(got.encode(), self.pinned_fingerprint.encode()):
                 self.close()
-                raise ServerKeyMismatch(f"The server at {self.server_id} presented {got}, "
+                raise ServerKeyMismatch(f"The server at {self.node_id} presented {got}, "
                                         f"but {self.pinned_fingerprint} was expected.")
         known = self.known_servers.lookup(self.server_id)
         if known is None:
@@ -414,8 +583,9 @@ class ChatClient:
             self.first_contact = True
         elif not cu.constant_time_equal(known, key):
             self.close()
-            raise ServerKeyMismatch(f"The server at {self.server_id} presented {got}, but this client "
-                                    f"knows it as {cu.fingerprint(known)} ({self.known_servers.path}).")
+            service = "it" if self.node_id == self.server_id else f"the service {self.server_id}"
+            raise ServerKeyMismatch(f"The server at {self.node_id} presented {got}, but this client "
+                                    f"knows {service} as {cu.fingerprint(known)} ({self.known_servers.path}).")
 
     def _sendall(self, data: bytes) -> None:
         if not data:
@@ -424,30 +594,53 @@ class ChatClient:
         try:
             self.sock.sendall(data)
         except OSError as exc:
-            raise ConnectionClosed(f"The connection to {self.server_id} was lost: {exc}.") from None
+            raise ConnectionClosed(f"The connection to {self.node_id} was lost: {exc}.") from None
 
-    def _recv_events(self) -> list:
-        assert self.sock is not None
+    def _recv_events(self, sock: socket.socket | None = None, proto: P.ClientProtocol | None = None) -> list:
+        """One recv() on ``sock`` (default: the current one), fed to its protocol object."""
+        sock, proto = sock or self.sock, proto or self.proto
+        if sock is None:
+            raise ConnectionClosed(f"The connection to {self.node_id} is closed.")
         try:
-            data = self.sock.recv(65536)
+            data = sock.recv(65536)
         except TimeoutError:
-            raise ConnectionClosed(f"The server at {self.server_id} did not answer in time.") from None
+            raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.") from None
         except OSError as exc:
-            raise ConnectionClosed(f"The connection to {self.server_id} was lost: {exc}.") from None
+            raise ConnectionClosed(f"The connection to {self.node_id} was lost: {exc}.") from None
         if not data:
-            reason = self.proto.close_reason
-            raise ConnectionClosed(f"The server at {self.server_id} closed the connection"
+            reason = proto.close_reason
+            raise ConnectionClosed(f"The server at {self.node_id} closed the connection"
                                    + (f" ({reason})." if reason else "."))
         with self._send_lock:
-            return self.proto.receive_data(data)
+            return proto.receive_data(data)
 
     def _send(self, msg: P.Message) -> None:
+        if not isinstance(msg, (P.Login, P.Register, P.Resume)):
+            self._check_not_reconnecting()
         with self._send_lock:
-            if self.proto.state is P.State.CLOSED:  # the server ended the session (or we did)
-                raise ConnectionClosed(f"The session with {self.server_id} is closed"
-                                       + (f": {self.proto.close_reason}." if self.proto.close_reason else "."))
-            data = self.proto.send(msg)
-            self._sendall(data)
+            self._send_locked(msg)
+
+    def _check_not_reconnecting(self) -> None:
+        if self._reconnecting.is_set():
+            raise ConnectionClosed(f"The connection to {self.server_id} was lost; reconnecting. Try again "
+                                   "in a moment.")
+
+    def _send_locked(self, msg: P.Message) -> None:
+        if self.proto.state is P.State.CLOSED:  # the server ended the session (or we did)
+            raise ConnectionClosed(f"The session with {self.server_id} is closed"
+                                   + (f": {self.proto.close_reason}." if self.proto.close_reason else "."))
+        self._sendall(self.proto.send(msg))
+
+    def _send_who(self) -> None:
+        """A WhoRequest whose answer is a WhoList event, queued in the order the requests go out."""
+        self._check_not_reconnecting()
+        with self._send_lock:
+            self._who_waiters.append(None)
+            try:
+                self._send_locked(P.WhoRequest())
+            except ConnectionClosed:
+                self._who_waiters.pop()
+                raise
 
     # -- accounts --------------------------------------------------------------------
     def login(self, username: str, password: str) -> P.AuthOk:
@@ -479,33 +672,41 @@ class ChatClient:
             self.identities.save(ok.username, password, identity)
         self.identity = identity
         self.peer_trust = e2e.PeerTrust(self.home, ok.username, self.server_id)
+        if self.history_enabled and self.history is None:
+            try:
+                self.history = H.History.open(self.home, ok.username, self.server_id, password,
+                                              max_per_conversation=self._history_limits[0],
+                                              max_age_days=self._history_limits[1])
+            except HistoryError as exc:
+                self._emit(HistoryUnavailable(str(exc)))
 
     def resume(self) -> bool:
-        """Reconnect after the connection dropped (a server restart, say), without the password.
+        """Reconnect after the connection dropped (a server restart, a dead node), without the password.
 
-        A new handshake (the server's key is checked again), then the ticket from
-        the last login.  The conversations that were open are asked for again.
+        A new handshake with the next server of the list (the current one first when there
+        is only one; the server's key is checked again), then the ticket from the last
+        login.  The conversations that were open are asked for again.  Safe on a connection
+        that is still open: the old receiver is woken and stays silent (it belongs to an
+        older connection), so it never reads the new socket nor reports the old one lost.
         """
         if self._ticket is None or self.identity is None:
             raise AuthError("No session ticket; log in with the password.")
-        wanted = set(self._wanted)
-        old = self.sock
-        self.sock = None
-        if old is not None:
-            try:
-                old.close()
-            except OSError:
-                pass
-        if self._receiver is not None and self._receiver is not threading.current_thread():
-            self._receiver.join(timeout=5)
-        self.proto = P.ClientProtocol(group=self._group, suites=self._suites)
-        self.closed.clear()
-        with self._state_lock:
-            self.conversations.clear()
-            self._pending_open.clear()
-        self.connect()
-        self._authenticate(P.Resume(ticket=self._ticket, identity_key=cu.public_bytes(self.identity)))
-        self.start()
+        with self._resume_lock:
+            wanted = set(self._wanted)
+            self._connection += 1          # first: the old receiver, once woken, knows it is stale
+            self._drop_socket()
+            if self._receiver is not None and self._receiver is not threading.current_thread():
+                self._receiver.join(timeout=5)
+            self._fail_barriers("the connection was lost before the server answered")
+            self.closed.clear()
+            with self._state_lock:
+                self.conversations.clear()
+                self._pending_open.clear()
+                self._auto_reopen.clear()
+            self.connect(start_at=self._node + 1)
+            self._authenticate(P.Resume(ticket=self._ticket, identity_key=cu.public_bytes(self.identity)))
+            self._reconnecting.clear()
+            self.start()
         if self._udp is not None:
             self.enable_direct()  # a new session has a new ticket key
         for peer in sorted(wanted):
@@ -553,28 +754,94 @@ class ChatClient:
             raise AuthError("Log in first.")
         assert self.sock is not None
         self.sock.settimeout(None)
-        self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
-        self._receiver.start()
+        receiver = threading.Thread(target=self._receive_loop, args=(self.sock, self.proto, self._connection),
+                                    name="receiver", daemon=True)
+        receiver.start()
+        self._receiver = receiver  # only once started: close() may join it from another thread
 
-    def _receive_loop(self) -> None:
-        reason = "closed"
+    def _receive_loop(self, sock: socket.socket, proto: P.ClientProtocol, connection: int) -> None:
+        """Read one connection until it ends; only the current connection may report its end."""
+        reason, goodbye, going_away = "closed", False, False
         try:
             while not self.closed.is_set():
-                for event in self._recv_events():
+                events = self._recv_events(sock, proto)
+                if connection != self._connection:
+                    return  # resume() replaced this connection: nothing of it is news any more
+                for event in events:
+                    if isinstance(event, P.Goodbye):
+                        reason, goodbye = f"the server closed the session: {sanitize(event.reason, 512)}", True
+                        going_away = event.reason in NODE_SHUTDOWN_REASONS
+                        break
                     self._dispatch(event)
-                if self.proto.state is P.State.CLOSED:
-                    reason = self.proto.close_reason or "closed"
+                if goodbye or proto.state is P.State.CLOSED:
+                    reason = reason if goodbye else proto.close_reason or "closed"
                     break
         except ConnectionClosed as exc:
             reason = str(exc)
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
         finally:
-            if not self.closed.is_set():
-                self._emit(Disconnected(reason))
-            self.closed.set()
-            with self._state_changed:  # nobody waits for a conversation on a dead connection
-                self._state_changed.notify_all()
+            if connection == self._connection:
+                self._connection_ended(reason, goodbye and not going_away)
+
+    def _connection_ended(self, reason: str, goodbye: bool) -> None:
+        """``goodbye``: the server ended this session on purpose while staying up (probably)."""
+        self._fail_barriers(f"the connection was lost before the server answered ({reason})")
+        if (self.auto_reconnect and not self._stop.is_set() and self._ticket is not None
+                and (not goodbye or not self._node_reachable())):
+            self._reconnecting.set()
+            failure = self._reconnect(reason)
+            self._reconnecting.clear()
+            if failure is None:
+                return
+            reason = failure
+        if not self.closed.is_set() and not self._stop.is_set():
+            self._emit(Disconnected(reason))
+        self.closed.set()
+        with self._state_changed:  # nobody waits for a conversation on a dead connection
+            self._state_changed.notify_all()
+
+    def _node_reachable(self) -> bool:
+        """After a Goodbye: does this node still take connections?  A kick, a ban or a login from
+        another place comes from a node that is still up, and reconnecting must not undo it (nor
+        start two devices kicking each other out)."""
+        try:
+            socket.create_connection((self.host, self.port), timeout=NODE_CONNECT_TIMEOUT_S).close()
+        except OSError:
+            return False
+        return True
+
+    def _reconnect(self, reason: str) -> str | None:
+        """auto_reconnect: resume on the next live server, with exponential backoff and full jitter
+        (at most ``reconnect_attempts`` tries within ``reconnect_max_s``).  None once the session
+        goes on (or close() was called meanwhile); else why it gave up."""
+        deadline = time.monotonic() + self.reconnect_max_s
+        for attempt in range(1, self.reconnect_attempts + 1):
+            ceiling = min(RECONNECT_MAX_DELAY_S, RECONNECT_BASE_DELAY_S * 2 ** (attempt - 1))
+            delay = random.uniform(0, ceiling)  # spread a whole node's clients over the window
+            if time.monotonic() + delay > deadline or self._stop.wait(delay):
+                break
+            self._emit(Reconnecting(attempt, reason))
+            try:
+                self.resume()
+            except (ServerKeyMismatch, AuthError) as exc:  # never retried: a security event, or the ticket is void
+                return f"Reconnecting failed: {exc}"
+            except (ConnectionClosed, ProtocolError, ServiceUnavailable) as exc:
+                reason = str(exc)
+                continue
+            if self._stop.is_set():  # close() was called while we reconnected
+                self.close()
+                return None
+            self._emit(Reconnected(self.node_id, attempt))
+            return None
+        return f"Gave up reconnecting: {reason}"
+
+    def _fail_barriers(self, reason: str) -> None:
+        while self._who_waiters:
+            waiter = self._who_waiters.popleft()
+            if isinstance(waiter, _Barrier):
+                waiter.refusals.append(reason)
+                waiter.done.set()
 
     def _emit(self, event) -> None:
         try:
@@ -590,7 +857,11 @@ class ChatClient:
         elif isinstance(msg, P.Deliver):
             self._on_deliver(msg)
         elif isinstance(msg, P.WhoResponse):
-            self._emit(WhoList(tuple(sanitize(u, 64) for u in msg.users), msg.total))
+            waiter = self._who_waiters.popleft() if self._who_waiters else None
+            if isinstance(waiter, _Barrier):
+                waiter.done.set()
+            else:
+                self._emit(WhoList(tuple(sanitize(u, 64) for u in msg.users), msg.total))
         elif isinstance(msg, P.DirectOffer):
             self._on_direct_offer(msg)
         elif isinstance(msg, P.DirectAsked):
@@ -606,12 +877,13 @@ class ChatClient:
             except queue.Full:
                 log.warning("an unasked password-change answer was ignored")
         elif isinstance(msg, P.Error):
-            self._emit(ServerNotice(sanitize(msg.reason, 512)))
+            reason = sanitize(msg.reason, 512)
+            barrier = next((w for w in list(self._who_waiters) if isinstance(w, _Barrier)), None)
+            if barrier is not None:  # it answers something sent before the oldest barrier in flight
+                barrier.refusals.append(reason)
+            self._emit(ServerNotice(reason, msg.code))
         elif isinstance(msg, P.AccountDeleted):
             self._emit(AccountDeletion(msg.deleted, sanitize(msg.reason, 512)))
-        elif isinstance(msg, P.Goodbye):
-            self._emit(Disconnected(f"the server closed the session: {sanitize(msg.reason, 512)}"))
-            self.closed.set()
 
     def _on_peer_status(self, msg: P.PeerStatus) -> None:
         peer = msg.peer
@@ -723,7 +995,12 @@ class ChatClient:
         if text is None:
             self._emit(MessageRejected(sender, sent_at))
         else:
-            self._emit(MessageReceived(sender, text, sent_at))
+            self._received(MessageReceived(sender, text, sent_at))
+
+    def _received(self, event: MessageReceived) -> None:
+        if self.history is not None:
+            self.history.record(event.peer, H.INCOMING, event.text, state=H.STATE_RECEIVED)
+        self._emit(event)
 
     def _on_share(self, conv: e2e.E2ESession, payload: bytes) -> None:
         peer = conv.peer
@@ -833,22 +1110,99 @@ class ChatClient:
             conv = self.conversations.get(peer)
             return conv is not None and conv.ready
 
-    def send_message(self, peer: str, text: str) -> None:
-        """Seal ``text`` end to end for ``peer``: directly over UDP if that link is up, else via the relay."""
+    def send_message(self, peer: str, text: str) -> int | None:
+        """Seal ``text`` end to end for ``peer``: directly over UDP if that link is up, else via the relay.
+
+        Returns the history row of the message (None without a history).  The server gives no
+        positive answer: a refusal comes later as a ServerNotice; :meth:`send_confirmed` waits
+        for it.
+        """
+        return self._send_sealed(peer, text, None)
+
+    def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None") -> int | None:
         with self._state_lock:
             conv = self.conversations.get(peer)
             if conv is None or not conv.ready:
                 raise ConnectionClosed(f"No open conversation with {peer}; they may be offline.")
             payload = conv.seal(text)
             cid = conv.id
+        row = self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
         if self.is_direct(peer):
             with self._direct_lock:
                 assert self._links is not None
                 message_id, datagrams = self._links.send(peer, payload, _now_ms())
                 self._direct_sent[(peer, message_id)] = text
             self._sendto(datagrams)
-            return
-        self._send(P.Relay(conversation_id=cid, payload=payload))
+            if barrier is not None:
+                barrier.done.set()  # nothing to wait for: the direct link acknowledges by itself
+            return row
+        if barrier is None:
+            self._send(P.Relay(conversation_id=cid, payload=payload))
+            return row
+        self._check_not_reconnecting()
+        with self._send_lock:  # the barrier is queued before the message goes: its refusal cannot come first
+            self._who_waiters.append(barrier)
+            try:
+                self._send_locked(P.Relay(conversation_id=cid, payload=payload))
+                self._send_locked(P.WhoRequest())
+            except ConnectionClosed:
+                self._who_waiters.remove(barrier)
+                raise
+        return row
+
+    def send_confirmed(self, peer: str, text: str, timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S) -> None:
+        """Open the conversation if needed, send, and return once the server has accepted the message.
+
+        The protocol has no positive answer to a relayed message, only an Error frame when it
+        is refused (peer offline).  So a WhoRequest follows the message as a barrier: the
+        server handles one session's frames in order, so once the WhoResponse is in, any
+        refusal has arrived.  :class:`MessageRefused` with the server's reason if there was
+        one (or if the conversation cannot be opened); :class:`ConnectionClosed` on a lost
+        connection or no answer in time.  This is "accepted by the server", never "delivered":
+        end-to-end receipts are not in the protocol yet.
+        """
+        peer = P.normalize_username(peer)
+        if peer == self.username:
+            raise MessageRefused("That is you; messages go to someone else.")
+        deadline = time.monotonic() + timeout_s
+        if not self.has_conversation(peer):
+            if self.presence(peer) == PRESENCE_REFUSED:  # asking again would only start a key exchange we refuse
+                raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
+            self.open_conversation(peer)
+            if not self.wait_conversation(peer, min(KEY_EXCHANGE_WAIT_S, timeout_s)):
+                raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
+        barrier = _Barrier()
+        row = self._send_sealed(peer, text, barrier)
+        if not barrier.done.wait(max(0.0, deadline - time.monotonic())):
+            raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
+        if row is not None and self.history is not None:
+            self.history.set_state(row, H.STATE_REFUSED if barrier.refusals else H.STATE_ACCEPTED)
+        if barrier.refusals:
+            raise MessageRefused(f"Not sent to {peer}: {barrier.refusals[0]}")
+
+    def why_not_ready(self, peer: str) -> str:
+        """Why there is no conversation with ``peer``, in words (after :meth:`wait_conversation`)."""
+        presence = self.presence(peer)
+        if self.closed.is_set():
+            return f"the connection to {self.node_id} is closed"
+        if presence == PRESENCE_UNKNOWN:
+            return f"{peer} does not exist"
+        if presence == PRESENCE_OFFLINE:
+            return f"{peer} is offline (this server does not keep messages for offline users)"
+        if presence == PRESENCE_REFUSED:
+            return f"{peer}'s identity key changed and was refused (check the safety number, then accept it)"
+        if presence == PRESENCE_ONLINE:
+            return f"{peer}'s client did not complete the key exchange"
+        return f"there is no conversation with {peer}"
+
+    # -- the local history -------------------------------------------------------------------
+    def history_page(self, peer: str, limit: int = 20) -> H.Page:
+        """The last ``limit`` messages with ``peer``, oldest first (empty without a history)."""
+        return self.history.last(P.normalize_username(peer), limit) if self.history else H.Page(())
+
+    def forget(self, peer: str) -> int:
+        """Erase the history of the conversation with ``peer``; how many messages went."""
+        return self.history.forget(P.normalize_username(peer)) if self.history else 0
 
     # -- direct mode -------------------------------------------------------------------------
     def enable_direct(self) -> int:
@@ -955,7 +1309,7 @@ class ChatClient:
             if text is None:
                 self._emit(MessageRejected(event.peer, f"A direct message from {event.peer} was discarded."))
             else:
-                self._emit(MessageReceived(event.peer, text, sent_at, direct=True))
+                self._received(MessageReceived(event.peer, text, sent_at, direct=True))
 
     def change_password(self, old_password: str, new_password: str) -> None:
         """Change this account's password (docs/PROTOCOL.md section 13).
@@ -985,9 +1339,12 @@ class ChatClient:
         self._ticket = reply.ticket or None
         if self.persist_identity and self.identity is not None and self.username is not None:
             self.identities.save(self.username, new_password, self.identity)
+        if self.history is not None:
+            self.history.change_password(new_password)
 
     def who(self) -> None:
-        self._send(P.WhoRequest())
+        """Ask who is online; the answer comes as a WhoList event."""
+        self._send_who()
 
     def delete_account(self, password: str, confirm: str) -> None:
         """Ask the server to delete this account; the answer comes as an AccountDeletion event."""
@@ -1004,6 +1361,15 @@ class ChatClient:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Say Goodbye, half-close, and wait (bounded) until the server has let go of us."""
+        self._stop.set()
+        try:
+            self._close_connection(timeout_s)
+        finally:
+            if self.history is not None:
+                self.history.close()
+                self.history = None
+
+    def _close_connection(self, timeout_s: float) -> None:
         sock = self.sock
         if sock is None:
             self.closed.set()

@@ -144,3 +144,15 @@ class ConfigError(SecureIMError):
 
 class ConnectionClosed(SecureIMError):
     """The connection to the server was closed."""
+
+
+class HistoryError(SecureIMError):
+    """The local message history cannot be used."""
+
+
+class HistoryLocked(HistoryError):
+    """The local message history is sealed under another password; it was not opened."""
+
+
+class MessageRefused(SecureIMError):
+    """The server did not accept the message (the peer is offline, or the conversation is gone)."""

@@ -77,7 +77,7 @@ def test_a_banned_user_is_disconnected_at_once_and_cannot_log_in(server, tmp_pat
     child.expect("This account is banned until .*: spamming the team")
     child.expect(pexpect.EOF)
     child.close()
-    assert child.exitstatus == 1
+    assert child.exitstatus == 4  # login failed (docs/CLIENT.md exit codes)
     # Lifted: alice is back.
     assert admin(server, "unban", "alice").returncode == 0
     logged_in(server, tmp_path / "alice", "alice", register=False).close()

@@ -1,0 +1,142 @@
+"""Mutations of the scriptable client, the encrypted history (issue 15) and client failover (issue 11.5)."""
+
+from __future__ import annotations
+
+from model import Mutation
+
+_H = "tests/test_history.py"
+_S = "tests/test_scripting.py"
+_F = "tests/test_failover.py"
+
+MUTATIONS: list[Mutation] = [
+    Mutation(
+        name="history-rows-in-plaintext",
+        file="history.py",
+        find="return nonce, self._content.encrypt(nonce, raw, self._aad(tag, at_ms))",
+        replace="return nonce, raw",
+        tests=(f"{_H}::test_the_file_holds_no_plaintext_and_is_private",
+               f"{_S}::test_history_survives_quit_holds_no_plaintext_and_needs_the_password"),
+        why="the history file holds every message in the clear: anyone who copies the home folder reads them.",
+    ),
+    Mutation(
+        name="history-aad-without-conversation-and-time",
+        file="history.py",
+        find='return _ROW_AAD + len(self._owner).to_bytes(2, "big") + self._owner + tag + at_ms.to_bytes(8, "big")',
+        replace='return _ROW_AAD + len(self._owner).to_bytes(2, "big") + self._owner',
+        tests=(f"{_H}::test_a_row_moved_to_another_conversation_or_time_is_not_shown",),
+        why="a row's time (and conversation) is not bound to its ciphertext: someone with the file "
+            "re-dates or reorders what was said.",
+    ),
+    Mutation(
+        name="history-key-not-from-the-password",
+        file="history.py",
+        find='return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password.encode("utf-8"))',
+        replace='return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(b"")',
+        tests=(f"{_H}::test_a_wrong_password_cannot_open_it_and_the_right_one_can",
+               f"{_S}::test_history_survives_quit_holds_no_plaintext_and_needs_the_password"),
+        why="the history's key does not depend on the password: any password (or none) opens it.",
+    ),
+    Mutation(
+        name="history-key-not-bound-to-owner",
+        file="history.py",
+        find='owner = f"{username}@{service_id}".encode("utf-8")',
+        replace='owner = b""',
+        tests=(f"{_H}::test_another_users_file_does_not_open_as_mine",),
+        why="the sealed data key and the rows are not bound to their user and service: a file planted "
+            "under another name opens as that user's history.",
+    ),
+    Mutation(
+        name="history-not-resealed-on-passwd",
+        file="clientlib.py",
+        find="            self.history.change_password(new_password)\n",
+        replace="            pass\n",
+        tests=(f"{_H}::test_passwd_reseals_the_history_and_a_foreign_seal_is_said_not_overwritten",),
+        why="after /passwd the history stays sealed under the old password: the next login cannot open it "
+            "and the user loses it (or learns to delete it).",
+    ),
+    Mutation(
+        name="client-no-history-still-writes",
+        file="client.py",
+        find="server_fingerprint=args.server_fingerprint, history=not args.no_history,",
+        replace="server_fingerprint=args.server_fingerprint, history=True,",
+        tests=(f"{_S}::test_no_history_leaves_no_file_and_forget_erases",),
+        why="--no-history (incognito) still writes the conversation to disk.",
+    ),
+    Mutation(
+        name="client-password-argument-accepted",
+        file="client.py",
+        find="    if args.password is not None:\n        parser.error(",
+        replace="    if False:\n        parser.error(",
+        tests=(f"{_S}::test_usage_errors_are_exit_2",),
+        why="a password given on the command line is used: every user of the machine reads it in ps.",
+    ),
+    Mutation(
+        name="client-password-file-readable-by-others",
+        file="scripting.py",
+        find="if mode & (stat.S_IRWXG | stat.S_IRWXO):",
+        replace="if False:",
+        tests=(f"{_S}::test_usage_errors_are_exit_2",),
+        why="a password file other users can read is accepted, so the password leaks without a word.",
+    ),
+    Mutation(
+        name="client-exit-code-key-mismatch",
+        file="scripting.py",
+        find="    if isinstance(exc, ServerKeyMismatch):\n        return EXIT_KEY_MISMATCH\n",
+        replace="    if isinstance(exc, ServerKeyMismatch):\n        return EXIT_ERROR\n",
+        tests=(f"{_S}::test_a_changed_server_key_gives_exit_3_and_sends_nothing",),
+        why="a script cannot tell a possible man in the middle (exit 3) from a network hiccup and retries.",
+    ),
+    Mutation(
+        name="client-exit-code-login-failed",
+        file="scripting.py",
+        find="    if isinstance(exc, AuthError):\n        return EXIT_LOGIN_FAILED\n",
+        replace="    if isinstance(exc, AuthError):\n        return EXIT_ERROR\n",
+        tests=(f"{_S}::test_a_wrong_password_gives_exit_4",),
+        why="a wrong password looks like a network error (exit 1): a script retries it into a lockout.",
+    ),
+    Mutation(
+        name="client-send-ignores-refusal",
+        file="clientlib.py",
+        find="        if barrier.refusals:\n            raise MessageRefused(",
+        replace="        if False:\n            raise MessageRefused(",
+        tests=(f"{_F}::test_send_confirmed_reports_the_servers_refusal",),
+        why="send reports success (exit 0) for a message the server refused: the alert never arrived.",
+    ),
+    Mutation(
+        name="client-json-not-ascii",
+        file="scripting.py",
+        find="                self._write(self.out, json.dumps(doc))",
+        replace="                self._write(self.out, json.dumps(doc, ensure_ascii=False))",
+        tests=(f"{_S}::test_receive_count_1_json_prints_one_valid_object",),
+        why="a peer's bidi override reaches the terminal raw through --json output shown to a person.",
+    ),
+    Mutation(
+        name="failover-pin-per-node",
+        file="clientlib.py",
+        find="        host, port = self.servers[0]\n        return f\"{host}:{port}\"",
+        replace="        host, port = self.host, self.port\n        return f\"{host}:{port}\"",
+        tests=(f"{_F}::test_connect_skips_a_dead_server_and_pins_the_service",
+               f"{_F}::test_a_node_with_another_key_is_a_mismatch_not_a_failover",
+               f"{_F}::test_both_clients_fail_over_to_node_2_without_the_password"),
+        why="the server key is pinned per node: every failover is a silent first contact, so an impostor "
+            "reached as 'node 2' is trusted on first use.",
+    ),
+    Mutation(
+        name="resume-old-receiver-not-silenced",
+        file="clientlib.py",
+        find="            if connection == self._connection:\n                self._connection_ended(",
+        replace="            if True:\n                self._connection_ended(",
+        tests=(f"{_F}::test_resume_on_a_connection_that_is_still_open_is_safe",),
+        why="resume() on an open connection: the old receiver reports the connection lost (and closes the "
+            "new session's state) after the new one is up.",
+    ),
+    Mutation(
+        name="reconnect-undoes-a-kick",
+        file="clientlib.py",
+        find="and (not goodbye or not self._node_reachable())):",
+        replace="and True):",
+        tests=(f"{_F}::test_a_kick_from_a_node_that_is_up_is_not_undone_by_reconnecting",),
+        why="auto_reconnect resumes straight after a kick or a login from another place: an operator cannot "
+            "remove a session, and two devices kick each other out forever.",
+    ),
+]
