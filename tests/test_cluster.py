@@ -146,7 +146,11 @@ def test_three_nodes_are_one_service_in_the_terminal_client(cluster, tmp_path):
 def test_killed_node_its_users_resume_elsewhere_with_their_ticket(cluster, tmp_path, mysql_database):
     n1, n2 = cluster.node(), cluster.node()
     alice = _client(n1, tmp_path / "alice", "alice")
-    bob = _client(n2, tmp_path / "bob", "bob")
+    # bob's client knows both nodes of the service, his own first, and reconnects by itself.
+    bob = C.ChatClient(servers=[(n2.host, n2.port), (n1.host, n1.port)], home=tmp_path / "bob", auto_reconnect=True)
+    bob.connect()
+    bob.register("bob", PASSWORD)
+    bob.start()
     _who(alice, ("alice", "bob"))
     alice.open_conversation("bob")
     wait_for(alice, C.ConversationReady, peer="bob")
@@ -157,15 +161,15 @@ def test_killed_node_its_users_resume_elsewhere_with_their_ticket(cluster, tmp_p
 
     n2.proc.send_signal(signal.SIGKILL)
     n2.proc.wait(timeout=10)
-    wait_for(bob, C.Disconnected)
-    wait_for(alice, C.PeerOffline, peer="bob", timeout=15)  # node 2 went silent: its users are offline
-    bob.host, bob.port = n1.host, n1.port  # the next server of the service
-    assert bob.resume()
-    # alice is told bob is back and re-opens; the conversation goes on, through node 1 now.
+    back = wait_for(bob, C.Reconnected, timeout=30)  # to node 1, with the ticket
+    assert back.server == f"{n1.host}:{n1.port}"
+    # alice hears bob is back (node 1 now) and re-opens; the conversation goes on.
     wait_for(alice, C.ConversationReady, peer="bob", timeout=15)
     wait_for(bob, C.ConversationReady, peer="alice", timeout=15)
     bob.send_message("alice", "after the crash")
     assert wait_for(alice, C.MessageReceived).text == "after the crash"
+    alice.send_message("bob", "and back")
+    assert wait_for(bob, C.MessageReceived).text == "and back"
     # With the ticket: a resume row, and no new password login.
     assert _audit(mysql_database, "resume", "bob") == 1
     assert _audit(mysql_database, "login", "bob") + _audit(mysql_database, "register", "bob") == logins_before
