@@ -735,10 +735,13 @@ class ChatService:
         peer_session = self.registry.session_of(peer)
         if peer_session is None and not self.cluster.is_remote(peer):
             known = self.storage.get_password_hash(peer) is not None
-            if known:
-                self.registry.watch(me, peer)
-            session.send(P.PeerStatus(peer=peer, online=False, known=known))
-            return
+            with self.registry.lock:  # the peer may have logged in while the database answered
+                peer_session = self.registry.online.get(peer)
+                if peer_session is None and known:
+                    self.registry.watchers.setdefault(peer, set()).add(me)  # told when they come
+            if peer_session is None and not self.cluster.is_remote(peer):
+                session.send(P.PeerStatus(peer=peer, online=False, known=known))
+                return
         session.send(P.PeerStatus(peer=peer, online=True, known=True))
         cid = self.storage.open_conversation(me, peer)
         self._distribute_key(cid, (me, peer) if me < peer else (peer, me))

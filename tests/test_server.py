@@ -484,3 +484,31 @@ def test_finite_field_exponentiations_run_outside_the_server_process(tmp_path):
         client.who()
         assert wait_for(client, C.WhoList).users == ("alice",)
         client.close()
+
+
+def test_a_peer_who_logs_in_while_the_server_looks_them_up_is_not_reported_offline(tmp_path):
+    """The open's database read and the peer's login race: the watch and the re-check are one step."""
+    with running_server(tmp_path / "srv") as server:
+        logged_in_client(server, tmp_path / "b", "bob").close()  # bob exists, and is offline
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        original, started, clients = server.storage.get_password_hash, threading.Event(), []
+
+        def lookup_while_bob_logs_in(name):
+            if name == "bob" and not started.is_set():
+                started.set()
+                clients.append(logged_in_client(server, tmp_path / "b", "bob", register=False))
+            return original(name)
+
+        server.storage.get_password_hash = lookup_while_bob_logs_in
+        alice.open_conversation("bob")
+        events = []
+        while True:
+            event = alice.next_event(timeout=10)
+            assert event is not None, f"no ConversationReady; saw {events}"
+            events.append(event)
+            if isinstance(event, C.ConversationReady):
+                break
+        assert not any(isinstance(e, C.PeerOffline) for e in events)
+        wait_for(clients[0], C.ConversationReady, peer="alice")
+        alice.close()
+        clients[0].close()

@@ -144,6 +144,14 @@ MUTATIONS: list[Mutation] = [
         why="An FFDH login's pow() holds the GIL for ~30 ms on a worker thread: a burst stalls every relay.",
     ),
     Mutation(
+        name="open-peer-not-rechecked-after-lookup",
+        file="server.py",
+        find="                peer_session = self.registry.online.get(peer)\n                if peer_session is None and known:",
+        replace="                peer_session = None\n                if peer_session is None and known:",
+        tests=("tests/test_server.py::test_a_peer_who_logs_in_while_the_server_looks_them_up_is_not_reported_offline",),
+        why="A peer logging in during the open's database read is reported offline and never watched: no conversation.",
+    ),
+    Mutation(
         name="codec-field-length-unchecked",
         file="protocol.py",
         find="            if n > max_len or (exact is not None and n != exact):",
