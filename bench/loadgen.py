@@ -928,7 +928,7 @@ def _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, 
     else:
         moving = [c for c, n in zip(clients, nodes, strict=True) if n == victim]
         for j, c in enumerate(moving):  # the killed node's clients go to the others, spread evenly
-            c.host, c.port = survivors[(ids[0] + j) % len(survivors)]
+            c.servers = (*c.servers, survivors[(ids[0] + j) % len(survivors)])  # resume() takes the next one
     back = [0]
     errors: list[str] = []
     lock = threading.Lock()
