@@ -33,11 +33,6 @@ def cluster(tmp_path, mysql_database):
     c.stop()
 
 
-def _open(child, dest):
-    child.expect_exact("[CLIENT]: Destination:")
-    child.sendline(dest)
-
-
 def _who_until(child, expected: str, tries: int = 20) -> None:
     """/who until it shows ``expected``: presence crosses nodes over NATS, a moment after a login."""
     for _ in range(tries):
@@ -91,12 +86,12 @@ def test_three_nodes_are_one_service_in_the_terminal_client(cluster, tmp_path):
     for child in (alice, bob, carol):  # /who lists all three on every node
         _who_until(child, "Online now (3): alice, bob, carol")
 
-    # Chat both ways across nodes 1 and 2.
-    _open(alice, "bob")
+    # Chat both ways across nodes 1 and 2 (/to: the /who lines above already passed the prompt).
+    alice.sendline("/to bob")
     alice.expect_exact("[CLIENT]: Destination user is online.")
     alice.expect_exact("Conversation with bob is ready")
     bob.expect_exact("alice opened a conversation with you")
-    _open(bob, "alice")
+    bob.sendline("/to alice")
     bob.expect_exact("Now talking to alice")
     alice.sendline("hello bob, from node 1")
     bob.expect_exact("[alice]: hello bob, from node 1")
@@ -128,8 +123,7 @@ def test_three_nodes_are_one_service_in_the_terminal_client(cluster, tmp_path):
     alice.expect_exact("Accepted bob's new identity key")
     alice.expect_exact("Conversation with bob is ready")  # re-opened with the session on node 3
     bob2.expect_exact("alice opened a conversation with you")
-    bob2.expect_exact("[CLIENT]: Destination:")
-    bob2.sendline("alice")
+    bob2.sendline("/to alice")
     bob2.expect_exact("Now talking to alice")
     alice.sendline("still there, bob?")
     bob2.expect_exact("[alice]: still there, bob?")
