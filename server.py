@@ -746,7 +746,7 @@ class ChatService:
         cid = self.storage.open_conversation(me, peer)
         self._distribute_key(cid, (me, peer) if me < peer else (peer, me))
 
-    def _distribute_key(self, cid: int, members: tuple[str, str]) -> None:
+    def _distribute_key(self, cid: int, members: tuple[str, str], *, rekey: bool = False) -> None:
         """KDC: a fresh key for the conversation, sent to both members, then forgotten.
 
         The generation comes from the database (a worker's job); the hand-out runs on the
@@ -755,10 +755,13 @@ class ChatService:
         with self._kdc_lock:
             generation = self.storage.record_key_generation(cid)
             key = self.suite.generate_key()
-        self.on_loop(self._hand_out_key, cid, members, generation, key)
+        self.on_loop(self._hand_out_key, cid, members, generation, key, rekey)
         del key  # never stored (design 000)
 
-    def _hand_out_key(self, cid: int, members: tuple[str, str], generation: int, key: bytes) -> None:
+    def _hand_out_key(self, cid: int, members: tuple[str, str], generation: int, key: bytes,
+                      rekey: bool = False) -> None:
+        if rekey and cid not in self.registry.conversations:
+            return  # a member left while the key was made: the conversation is over, not re-created
         self._send_keys(cid, members, generation, key)
         self._release_held(cid)
 
@@ -847,7 +850,7 @@ class ChatService:
 
     def _rekey(self, cid: int, members: tuple[str, str]) -> None:
         try:
-            self._distribute_key(cid, members)
+            self._distribute_key(cid, members, rekey=True)
         except Exception:
             self.on_loop(self._release_held, cid)  # no new key after all: the held frames go now
             raise
