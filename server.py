@@ -1037,6 +1037,9 @@ class Server:
         self.loop = new_event_loop()
         self.loop_thread_id: int | None = None
         self.pool = ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="worker")
+        # Password work (a thread waits for bcrypt, about 240 ms at cost 12) has threads of its own:
+        # a burst of logins must not queue the KDC, opens or resumes behind it.
+        self.password_pool = ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="password")
         self.modexp = diffiehellman.ModexpOffload()
         self._aserver: asyncio.AbstractServer | None = None
         self._listener: socket.socket | None = None
@@ -1134,6 +1137,7 @@ class Server:
             self._loop_thread.join(timeout=10)
         self._stopped.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.password_pool.shutdown(wait=True, cancel_futures=True)
         try:  # what the cancelled bookkeeping would have removed: nobody is connected here any more
             self.storage.clear_sessions(self.service.node)
         except DatabaseError as exc:
@@ -1259,7 +1263,8 @@ class Server:
     def _to_worker(self, session: Session, job, item) -> None:
         session.busy = True
         try:
-            self.pool.submit(self._run_job, session, job, item)
+            pool = self.password_pool if type(item) in PASSWORD_MESSAGES else self.pool
+            pool.submit(self._run_job, session, job, item)
         except RuntimeError:  # the pool is shut down: the server is stopping
             session.busy = False
 
@@ -1315,6 +1320,8 @@ class Server:
 
 MAX_HELD_RELAYS = 1024   # frames of one conversation waiting for its new key (a database write away)
 RELAY_SAMPLE_MASK = 15   # the relay latency histogram times one relayed message in 16
+# Checked with bcrypt: handled on the password threads.  Resume (a ticket, no bcrypt) is not.
+PASSWORD_MESSAGES = frozenset({P.Login, P.Register, P.ChangePassword, P.DeleteAccount})
 FAST_MESSAGES = frozenset({P.Relay, P.WhoRequest})  # handled on the loop thread: no database, no slow crypto
 
 

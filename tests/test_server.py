@@ -512,3 +512,41 @@ def test_a_peer_who_logs_in_while_the_server_looks_them_up_is_not_reported_offli
         wait_for(clients[0], C.ConversationReady, peer="alice")
         alice.close()
         clients[0].close()
+
+
+def test_logins_waiting_for_bcrypt_do_not_hold_up_other_work(tmp_path):
+    """Password checks have threads of their own: opens, resumes and the KDC never queue behind them."""
+    with running_server(tmp_path / "srv") as server:
+        alice = logged_in_client(server, tmp_path / "a", "alice")
+        bob = logged_in_client(server, tmp_path / "b", "bob")
+        release, entered = threading.Event(), threading.Semaphore(0)
+        original = server.service.auth.login
+
+        def slow_login(username, *args, **kwargs):
+            if username.startswith("slow"):
+                entered.release()
+                release.wait(timeout=30)  # bounded: the test releases it below
+            return original(username, *args, **kwargs)
+
+        server.service.auth.login = slow_login
+        blocked = server.config.worker_threads + 1
+        stuck = [make_client(server, tmp_path / f"s{i}") for i in range(blocked)]  # handshakes done first
+        for i, c in enumerate(stuck):  # more stuck logins than there are worker threads
+            threading.Thread(target=lambda c=c, i=i: _try_login(c, f"slow{i}"), daemon=True).start()
+        for _ in range(server.config.worker_threads):
+            assert entered.acquire(timeout=10)
+        try:
+            alice.open_conversation("bob")
+            wait_for(alice, C.ConversationReady, peer="bob", timeout=10)
+            wait_for(bob, C.ConversationReady, peer="alice", timeout=10)
+        finally:
+            release.set()
+        for c in (alice, bob, *stuck):
+            c.close()
+
+
+def _try_login(client, name):
+    try:
+        client.login(name, PASSWORD)
+    except Exception:  # noqa: BLE001 - unknown users: only the wait matters here
+        pass

@@ -152,6 +152,14 @@ MUTATIONS: list[Mutation] = [
         why="A peer logging in during the open's database read is reported offline and never watched: no conversation.",
     ),
     Mutation(
+        name="password-work-shares-the-worker-threads",
+        file="server.py",
+        find="            pool = self.password_pool if type(item) in PASSWORD_MESSAGES else self.pool",
+        replace="            pool = self.pool",
+        tests=("tests/test_server.py::test_logins_waiting_for_bcrypt_do_not_hold_up_other_work",),
+        why="Logins waiting for bcrypt take every worker: opens, resumes and rekeys (whose relays wait) stall.",
+    ),
+    Mutation(
         name="codec-field-length-unchecked",
         file="protocol.py",
         find="            if n > max_len or (exact is not None and n != exact):",
