@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import threading
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -313,7 +312,7 @@ class NatsCluster(Cluster):
         log.info("cluster bus: %s", exc)
 
     # -- publishing (any thread) ----------------------------------------------------------------
-    def _publish(self, subject: str, kind: int, body: bytes, *, must_deliver: bool = False) -> bool:
+    def _publish(self, subject: str, kind: int, body: bytes) -> bool:
         """Queue one frame for the publisher task; False (nothing queued) while the link is down."""
         if not self.connected:
             return False
@@ -421,13 +420,7 @@ class NatsCluster(Cluster):
     # -- receiving (loop thread) --------------------------------------------------------------
     def _call(self, fn, *args) -> None:
         """Run ``fn`` on the loop thread: now if this is it, else as soon as it can."""
-        if threading.get_ident() == self.service.loop_thread_id:
-            fn(*args)
-        else:
-            try:
-                self.loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:  # the loop has stopped
-                pass
+        self.service.on_loop(fn, *args)
 
     async def _on_frame(self, msg) -> None:
         try:
@@ -477,10 +470,7 @@ class NatsCluster(Cluster):
         with service.registry.lock:
             waiting = service.registry.watchers.pop(username, set())
         waiting |= set(service.registry.drop_conversations(username, watch=False))
-        for watcher in waiting:
-            peer_session = service.registry.session_of(watcher)
-            if peer_session is not None:
-                peer_session.send(P.PeerStatus(peer=username, online=True, known=True, notice=True))
+        service.notify(username, waiting, online=True)
 
     async def _h_offline(self, sender: bytes, body: bytes, _msg) -> None:
         name, when = unpack_fields(body, 2)
@@ -495,7 +485,7 @@ class NatsCluster(Cluster):
 
     def _dropped(self, username: str) -> None:
         service = self.service
-        service.notify_offline(username, service.registry.drop_conversations(username, watch=True))
+        service.notify(username, service.registry.drop_conversations(username, watch=True), online=False)
 
     def _forget_remote(self, username: str) -> None:
         """``username`` logged in here: an entry for them elsewhere is older (that node closes it).
@@ -503,10 +493,7 @@ class NatsCluster(Cluster):
         Conversations with the session there end, and their peers here re-open with this one."""
         if self.remote.pop(username, None) is None:
             return
-        for peer in self.service.registry.drop_conversations(username, watch=False):
-            peer_session = self.service.registry.session_of(peer)
-            if peer_session is not None:
-                peer_session.send(P.PeerStatus(peer=username, online=True, known=True, notice=True))
+        self.service.notify(username, self.service.registry.drop_conversations(username, watch=False), online=True)
 
     async def _h_heartbeat(self, sender: bytes, body: bytes, _msg) -> None:
         if sender not in self._known_nodes:

@@ -692,10 +692,7 @@ class ChatService:
             log.warning("login bookkeeping failed: %s", exc)
         self.announce(f"[SERVER]: {username} connected from {session.source}."
                       f" ({len(self.registry.online)} online)")
-        for watcher in waiting:
-            peer_session = self.registry.session_of(watcher)
-            if peer_session is not None:
-                peer_session.send(P.PeerStatus(peer=username, online=True, known=True, notice=True))
+        self.notify(username, waiting, online=True)
 
     def disconnected(self, session: Session) -> None:
         was_online, peers = self.registry.remove(session)
@@ -705,13 +702,14 @@ class ChatService:
         self.announce(f"[SERVER]: {username} disconnected. ({len(self.registry.online)} online)")
         self.cluster.user_offline(username, session.login_at)
         self.run_slow(self._session_ended, username)
-        self.notify_offline(username, peers)
+        self.notify(username, peers, online=False)
 
-    def notify_offline(self, username: str, peers: list[str]) -> None:
+    def notify(self, username: str, peers, *, online: bool) -> None:
+        """Tell each of ``peers`` online here that ``username`` came or went (a notice: they re-open)."""
         for peer in peers:
             peer_session = self.registry.session_of(peer)
             if peer_session is not None:
-                peer_session.send(P.PeerStatus(peer=username, online=False, known=True, notice=True))
+                peer_session.send(P.PeerStatus(peer=username, online=online, known=True, notice=True))
 
     def _session_ended(self, username: str) -> None:
         try:
@@ -1088,8 +1086,7 @@ class Server:
         self.service.metrics.watch(
             open_connections=lambda: len(registry.all_sessions()),
             online_users=lambda: len(registry.online_users()),
-            outbox_bytes=lambda: sum(s.link.transport.get_write_buffer_size() for s in registry.all_sessions()
-                                     if s.link is not None and s.link.transport is not None),
+            outbox_bytes=lambda: sum(s.link.buffered for s in registry.all_sessions() if s.link is not None),
             bcrypt_queue=lambda: auth._bcrypt._work_queue.qsize(),  # noqa: SLF001 - a gauge only reads it
             puzzle_difficulty=self.puzzle.difficulty)
         self.metrics_endpoint = MetricsEndpoint(self.service.metrics, self.health, self.config.metrics_port or 0)

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 from errors import SecureIMError
+from server import TIME_FORMAT
 
 MAX_RESTARTS = 5
 STOP_GRACE_S = 10.0
 READY = "Ready to accept connections."
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 SERVER = str(Path(__file__).resolve().parent / "server.py")
 
 

@@ -81,8 +81,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="bus-move-here-keeps-stale-conversations",
         file="cluster_nats.py",
-        find="        for peer in self.service.registry.drop_conversations(username, watch=False):\n            peer_session",
-        replace="        for peer in []:\n            peer_session",
+        find="        self.service.notify(username, self.service.registry.drop_conversations(username, watch=False), online=True)",
+        replace="        pass",
         tests=(BUS + "test_a_user_who_moves_here_ends_the_conversations_with_the_session_elsewhere",),
         why="A user who moves nodes keeps conversations keyed to the old session: peers' messages cannot be read.",
     ),
