@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,22 +58,64 @@ class OwnNats:
         self.start()
 
     def start(self) -> None:
+        """Start it and wait for its own "Server is ready" line (its log goes to stderr)."""
         self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:  # bounded: the port answers, or the test fails
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise AssertionError("the private nats-server did not start")
-                time.sleep(0.05)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def read_log(stream) -> None:  # and keep reading, so the pipe never fills
+            for line in stream:
+                if "Server is ready" in line:
+                    ready.set()
+
+        threading.Thread(target=read_log, args=(self.proc.stderr,), daemon=True).start()
+        if not ready.wait(timeout=10) or self.proc.poll() is not None:
+            raise AssertionError("the private nats-server did not start")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+class ClusterNode(ServerProcess):
+    """A node whose log (stderr) is read as it comes, so a test can wait for a line of it."""
+
+    def __init__(self, *args: str | Path) -> None:
+        super().__init__(*args)
+        self.log: list[str] = []
+        self._logged = threading.Condition()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            with self._logged:
+                self.log.append(line.rstrip("\n"))
+                self._logged.notify_all()
+
+    def wait_log(self, text: str, *, after: int = 0, timeout_s: float = 20.0) -> int:
+        """Wait for a log line containing ``text`` past line ``after``; its index."""
+        with self._logged:
+            found = self._logged.wait_for(
+                lambda: next((i for i in range(after, len(self.log)) if text in self.log[i]), None) is not None,
+                timeout=timeout_s)
+            if not found:
+                raise AssertionError(f"no log line {text!r} within {timeout_s}s: {self.log[after:]}")
+            return next(i for i in range(after, len(self.log)) if text in self.log[i])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self._reader.join(timeout=5)
+        self.lines += out.splitlines()
+        self.errors = "\n".join(self.log)
+        return self.proc.returncode
 
 
 class Cluster:
@@ -88,9 +131,9 @@ class Cluster:
         self.prefix = f"t{secrets.token_hex(4)}"  # this run's subjects only
         self.nodes: list[ServerProcess] = []
 
-    def node(self, *extra: str) -> ServerProcess:
+    def node(self, *extra: str) -> ClusterNode:
         data_dir = self.root / f"node{len(self.nodes) + 1}"
-        node = ServerProcess(data_dir, "--identity-key", str(self.identity), "--db", self.db_url,
+        node = ClusterNode(data_dir, "--identity-key", str(self.identity), "--db", self.db_url,
                              "--cluster", self.nats_url, "--cluster-prefix", self.prefix, *extra)
         self.nodes.append(node)
         return node
