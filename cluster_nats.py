@@ -467,8 +467,7 @@ class NatsCluster(Cluster):
         self.remote[username] = RemoteUser(sender, login_at, key)
         # As for a local login: whoever waits for this user, and whoever had a conversation with
         # the session it replaces, is told (and re-opens: the new session has no keys).
-        with service.registry.lock:
-            waiting = service.registry.watchers.pop(username, set())
+        waiting = service.registry.take_watchers(username)
         waiting |= set(service.registry.drop_conversations(username, watch=False))
         service.notify(username, waiting, online=True)
 

@@ -444,9 +444,27 @@ class Registry:
         with self.lock:
             return self.online.get(username)
 
-    def watch(self, watcher: str, target: str) -> None:
+    def watch_unless_online(self, watcher: str, target: str) -> Session | None:
+        """``target``'s session if online, else remember that ``watcher`` waits: one step, so a
+        login in between is either seen here or finds the watch (and tells the watcher)."""
         with self.lock:
-            self.watchers.setdefault(target, set()).add(watcher)
+            session = self.online.get(target)
+            if session is None:
+                self.watchers.setdefault(target, set()).add(watcher)
+            return session
+
+    def take_watchers(self, username: str) -> set[str]:
+        """Who waits for ``username``; forgotten, since they are about to be told."""
+        with self.lock:
+            return self.watchers.pop(username, set())
+
+    def conversation_between(self, first: str, second: str) -> LiveConversation | None:
+        with self.lock:
+            for cid in self.by_user.get(first, ()):
+                conv = self.conversations.get(cid)
+                if conv is not None and second in conv.members:
+                    return conv
+            return None
 
     def online_users(self) -> list[str]:
         with self.lock:
@@ -733,10 +751,8 @@ class ChatService:
         peer_session = self.registry.session_of(peer)
         if peer_session is None and not self.cluster.is_remote(peer):
             known = self.storage.get_password_hash(peer) is not None
-            with self.registry.lock:  # the peer may have logged in while the database answered
-                peer_session = self.registry.online.get(peer)
-                if peer_session is None and known:
-                    self.registry.watchers.setdefault(peer, set()).add(me)  # told when they come
+            if known:  # the peer may have logged in while the database answered
+                peer_session = self.registry.watch_unless_online(me, peer)
             if peer_session is None and not self.cluster.is_remote(peer):
                 session.send(P.PeerStatus(peer=peer, online=False, known=known))
                 return
@@ -890,8 +906,7 @@ class ChatService:
         """Hand the initiator the peer's endpoint and a ticket only the peer can open."""
         me, peer = session.username, msg.peer
         assert me is not None
-        with self.registry.lock:
-            conv = next((c for c in self.registry.conversations.values() if set(c.members) == {me, peer}), None)
+        conv = self.registry.conversation_between(me, peer)
         if conv is None:
             answer = f"{peer} is offline." if self.registry.session_of(peer) is None and \
                 not self.cluster.is_remote(peer) else f"Open a conversation with {peer} first."

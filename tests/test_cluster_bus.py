@@ -171,7 +171,7 @@ def test_the_end_of_an_older_session_does_not_hide_the_newer_one(node):
 
 def test_watchers_here_hear_when_a_user_comes_online_elsewhere(node):
     carol = _local(node, "carol", 1.0)
-    node.service.registry.watch("carol", "dave")
+    node.service.registry.watch_unless_online("carol", "dave")
     _frame(node, b"X" * 16, "t.presence", CN.ONLINE, _online("dave", 5.0))
     assert carol.sent == [P.PeerStatus(peer="dave", online=True, known=True, notice=True)]
 

@@ -146,8 +146,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="open-peer-not-rechecked-after-lookup",
         file="server.py",
-        find="                peer_session = self.registry.online.get(peer)\n                if peer_session is None and known:",
-        replace="                peer_session = None\n                if peer_session is None and known:",
+        find="            session = self.online.get(target)\n            if session is None:",
+        replace="            session = None\n            if session is None:",
         tests=("tests/test_server.py::test_a_peer_who_logs_in_while_the_server_looks_them_up_is_not_reported_offline",),
         why="A peer logging in during the open's database read is reported offline and never watched: no conversation.",
     ),
