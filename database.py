@@ -2,7 +2,10 @@
 
 The server stores users (name, bcrypt hash), conversations (id, members, when
 the key was last generated and how many times) and failed-login bookkeeping.
-It never stores a conversation key (design 000).
+It never stores a live conversation key (design 000).  For offline delivery
+(docs/PROTOCOL.md section 15) it keeps public prekeys, end-to-end ciphertext per
+recipient, and the KDC key of each offline conversation sealed under the
+server's own key: none of it opens a stored message.
 
 Every statement takes parameters; no SQL is built from strings.  On MySQL every
 query is a stored procedure from schema.sql.  Connections come from a small pool
@@ -100,6 +103,31 @@ class Lockout:
     failures: int
     locked_until: float
 
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """One stored message (docs/PROTOCOL.md section 15): ciphertext and routing only."""
+    id: int
+    recipient: str
+    sender: str
+    conversation_id: int
+    generation: int
+    msg_ref: bytes          # the sender's 16-byte reference: a resend of the same message is not stored twice
+    sender_identity: bytes  # the sender's identity key when it was stored
+    payload: bytes          # the end-to-end payload, opaque to the server
+    stored_at: float
+    wrapped_key: bytes | None  # the KDC key of (conversation, generation), sealed under the server's key
+
+
+@dataclass(frozen=True)
+class PrekeyStatus:
+    one_time_left: int
+    signed_id: int | None
+    signed_at: float | None
+
+
+# enqueue() answers
+STORED, DUPLICATE, FULL_MESSAGES, FULL_BYTES, NO_KEY = "stored", "duplicate", "full_messages", "full_bytes", "no_key"
 
 BAN_KINDS = ("user", "address")
 MAX_AUDIT_DETAIL = 200
@@ -279,6 +307,42 @@ class Storage:
     def list_sessions(self) -> list[LiveSession]:
         raise NotImplementedError
 
+    # -- store and forward (docs/PROTOCOL.md section 15) -----------------------------
+    def set_signed_prekey(self, username: str, key_id: int, entry: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def add_one_time_prekeys(self, username: str, entries: list[tuple[int, bytes]], max_kept: int) -> int:
+        """Add (id, entry) pairs, keeping at most ``max_kept``; returns how many are stored now."""
+        raise NotImplementedError
+
+    def prekey_status(self, username: str) -> PrekeyStatus:
+        raise NotImplementedError
+
+    def take_prekey_bundle(self, username: str) -> tuple[bytes | None, bytes | None]:
+        """(signed prekey entry, one one-time prekey entry): the one-time prekey is deleted in the
+        same transaction, so two senders never get the same one."""
+        raise NotImplementedError
+
+    def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
+                        wrapped: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
+        """Store ``msg`` for its recipient unless a bound says no: (STORED|DUPLICATE, id) or
+        (FULL_MESSAGES|FULL_BYTES|NO_KEY, 0).  Nothing already stored is ever touched."""
+        raise NotImplementedError
+
+    def queued_for(self, recipient: str, after_id: int, limit: int) -> list[QueuedMessage]:
+        """The recipient's stored messages after ``after_id``, oldest first, with their KDC keys."""
+        raise NotImplementedError
+
+    def ack_queued(self, recipient: str, message_id: int) -> bool:
+        """The recipient's client has the message: delete it (and its key once no message needs it)."""
+        raise NotImplementedError
+
+    def expire_queue(self, before: float) -> int:
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -359,7 +423,43 @@ CREATE TABLE IF NOT EXISTS live_sessions (
     since    REAL NOT NULL,
     PRIMARY KEY (node, username)
 );
+CREATE TABLE IF NOT EXISTS signed_prekeys (
+    username   TEXT NOT NULL PRIMARY KEY,
+    key_id     INTEGER NOT NULL,
+    entry      BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS one_time_prekeys (
+    username TEXT NOT NULL,
+    key_id   INTEGER NOT NULL,
+    entry    BLOB NOT NULL,
+    PRIMARY KEY (username, key_id)
+);
+CREATE TABLE IF NOT EXISTS offline_keys (
+    recipient       TEXT NOT NULL,
+    conversation_id INTEGER NOT NULL,
+    generation      INTEGER NOT NULL,
+    sender          TEXT NOT NULL,
+    wrapped         BLOB NOT NULL,
+    created_at      REAL NOT NULL,
+    PRIMARY KEY (recipient, conversation_id, generation)
+);
+CREATE TABLE IF NOT EXISTS message_queue (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    recipient       TEXT NOT NULL,
+    sender          TEXT NOT NULL,
+    conversation_id INTEGER NOT NULL,
+    generation      INTEGER NOT NULL,
+    msg_ref         BLOB NOT NULL,
+    sender_identity BLOB NOT NULL,
+    payload         BLOB NOT NULL,
+    stored_at       REAL NOT NULL,
+    UNIQUE (recipient, sender, msg_ref)
+);
+CREATE INDEX IF NOT EXISTS ix_queue_recipient ON message_queue (recipient, id);
+CREATE INDEX IF NOT EXISTS ix_queue_stored_at ON message_queue (stored_at);
 """
+OFFLINE_KEY_GRACE_S = 24 * 3600.0  # an acknowledged key is kept this long: the sender may still be writing
 ADMIN_ACTION_KEEP_S = 3600.0  # the servers poll every second; an hour of actions is plenty
 
 
@@ -597,6 +697,10 @@ class SQLiteStorage(Storage):
             conn.execute("DELETE FROM account_state WHERE username = ?", (username,))
             conn.execute("DELETE FROM login_failures WHERE username = ?", (username,))
             conn.execute("DELETE FROM live_sessions WHERE username = ?", (username,))
+            conn.execute("DELETE FROM signed_prekeys WHERE username = ?", (username,))
+            conn.execute("DELETE FROM one_time_prekeys WHERE username = ?", (username,))
+            conn.execute("DELETE FROM offline_keys WHERE recipient = ? OR sender = ?", (username, username))
+            conn.execute("DELETE FROM message_queue WHERE recipient = ? OR sender = ?", (username, username))
         return gone
 
     def list_lockouts(self, now: float) -> list[Lockout]:
@@ -639,6 +743,101 @@ class SQLiteStorage(Storage):
             rows = conn.execute("SELECT node, username, source, since FROM live_sessions "
                                 "ORDER BY username, node").fetchall()
         return [LiveSession(*row) for row in rows]
+
+    # -- store and forward ------------------------------------------------------------
+    def set_signed_prekey(self, username: str, key_id: int, entry: bytes, now: float) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO signed_prekeys (username, key_id, entry, created_at) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (username) DO UPDATE SET key_id = excluded.key_id, entry = excluded.entry, "
+                         "created_at = excluded.created_at", (username, key_id, entry, now))
+
+    def add_one_time_prekeys(self, username: str, entries: list[tuple[int, bytes]], max_kept: int) -> int:
+        with self._tx() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?",
+                                    (username,)).fetchone()
+            room = max(0, max_kept - count)
+            conn.executemany("INSERT OR IGNORE INTO one_time_prekeys (username, key_id, entry) VALUES (?, ?, ?)",
+                             [(username, key_id, entry) for key_id, entry in entries[:room]])
+            return conn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?",
+                                (username,)).fetchone()[0]
+
+    def prekey_status(self, username: str) -> PrekeyStatus:
+        with self._tx() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?",
+                                    (username,)).fetchone()
+            row = conn.execute("SELECT key_id, created_at FROM signed_prekeys WHERE username = ?",
+                               (username,)).fetchone()
+        return PrekeyStatus(count, row[0] if row else None, row[1] if row else None)
+
+    def take_prekey_bundle(self, username: str) -> tuple[bytes | None, bytes | None]:
+        with self._tx() as conn:
+            signed = conn.execute("SELECT entry FROM signed_prekeys WHERE username = ?", (username,)).fetchone()
+            one = conn.execute("SELECT key_id, entry FROM one_time_prekeys WHERE username = ? "
+                               "ORDER BY key_id LIMIT 1", (username,)).fetchone()
+            if one is not None:
+                conn.execute("DELETE FROM one_time_prekeys WHERE username = ? AND key_id = ?", (username, one[0]))
+        return (bytes(signed[0]) if signed else None), (bytes(one[1]) if one else None)
+
+    def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
+                        wrapped: bytes, now: float) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO offline_keys (recipient, conversation_id, generation, sender, "
+                         "wrapped, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         (recipient, conversation_id, generation, sender, wrapped, now))
+
+    def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
+        with self._tx() as conn:  # BEGIN IMMEDIATE: one writer at a time, so the bound holds
+            row = conn.execute("SELECT id FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
+                               (msg.recipient, msg.sender, msg.msg_ref)).fetchone()
+            if row is not None:
+                return DUPLICATE, row[0]
+            key = conn.execute("SELECT 1 FROM offline_keys WHERE recipient = ? AND conversation_id = ? AND "
+                               "generation = ? AND sender = ?",
+                               (msg.recipient, msg.conversation_id, msg.generation, msg.sender)).fetchone()
+            if key is None:
+                return NO_KEY, 0
+            count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM message_queue "
+                                       "WHERE recipient = ?", (msg.recipient,)).fetchone()
+            if count >= max_messages:
+                return FULL_MESSAGES, 0
+            if size + len(msg.payload) > max_bytes:
+                return FULL_BYTES, 0
+            cur = conn.execute("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+                               "sender_identity, payload, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (msg.recipient, msg.sender, msg.conversation_id, msg.generation, msg.msg_ref,
+                                msg.sender_identity, msg.payload, msg.stored_at))
+            return STORED, int(cur.lastrowid)
+
+    def queued_for(self, recipient: str, after_id: int, limit: int) -> list[QueuedMessage]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT q.id, q.recipient, q.sender, q.conversation_id, q.generation, q.msg_ref, q.sender_identity, "
+                "q.payload, q.stored_at, k.wrapped FROM message_queue q LEFT JOIN offline_keys k "
+                "ON k.recipient = q.recipient AND k.conversation_id = q.conversation_id AND k.generation = q.generation "
+                "WHERE q.recipient = ? AND q.id > ? ORDER BY q.id LIMIT ?", (recipient, after_id, limit)).fetchall()
+        return [QueuedMessage(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bytes(r[6]), bytes(r[7]), r[8],
+                              bytes(r[9]) if r[9] is not None else None) for r in rows]
+
+    def ack_queued(self, recipient: str, message_id: int) -> bool:
+        with self._tx() as conn:
+            row = conn.execute("SELECT conversation_id, generation FROM message_queue WHERE id = ? AND recipient = ?",
+                               (message_id, recipient)).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM message_queue WHERE id = ?", (message_id,))
+            conn.execute("DELETE FROM offline_keys WHERE recipient = ? AND conversation_id = ? AND generation = ? "
+                         "AND NOT EXISTS (SELECT 1 FROM message_queue WHERE recipient = ? AND conversation_id = ? "
+                         "AND generation = ?) AND created_at < ?",
+                         (recipient, row[0], row[1], recipient, row[0], row[1], time.time() - OFFLINE_KEY_GRACE_S))
+            return True
+
+    def expire_queue(self, before: float) -> int:
+        with self._tx() as conn:
+            gone = conn.execute("DELETE FROM message_queue WHERE stored_at < ?", (before,)).rowcount
+            conn.execute("DELETE FROM offline_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM message_queue q "
+                         "WHERE q.recipient = offline_keys.recipient AND q.conversation_id = offline_keys.conversation_id "
+                         "AND q.generation = offline_keys.generation)", (before,))
+        return gone
 
     def close(self) -> None:
         self._pool.close()
@@ -897,6 +1096,47 @@ class MySQLStorage(Storage):
 
     def list_sessions(self) -> list[LiveSession]:
         return [LiveSession(r[0], r[1], r[2], float(r[3])) for r in self._call("sp_list_sessions")]
+
+    # -- store and forward ------------------------------------------------------------
+    def set_signed_prekey(self, username: str, key_id: int, entry: bytes, now: float) -> None:
+        self._call("sp_set_signed_prekey", username, key_id, entry, now)
+
+    def add_one_time_prekeys(self, username: str, entries: list[tuple[int, bytes]], max_kept: int) -> int:
+        count = self.prekey_status(username).one_time_left
+        for key_id, entry in entries:
+            if count >= max_kept:
+                break
+            count = int(self._call("sp_add_one_time_prekey", username, key_id, entry, max_kept)[0][0])
+        return count
+
+    def prekey_status(self, username: str) -> PrekeyStatus:
+        row = self._call("sp_prekey_status", username)[0]
+        return PrekeyStatus(int(row[0]), int(row[1]) if row[1] is not None else None,
+                            float(row[2]) if row[2] is not None else None)
+
+    def take_prekey_bundle(self, username: str) -> tuple[bytes | None, bytes | None]:
+        row = self._call("sp_take_prekey_bundle", username)[0]
+        return (bytes(row[0]) if row[0] is not None else None), (bytes(row[1]) if row[1] is not None else None)
+
+    def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
+                        wrapped: bytes, now: float) -> None:
+        self._call("sp_put_offline_key", recipient, conversation_id, generation, sender, wrapped, now)
+
+    def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
+        row = self._call("sp_enqueue", msg.recipient, msg.sender, msg.conversation_id, msg.generation, msg.msg_ref,
+                         msg.sender_identity, msg.payload, msg.stored_at, max_messages, max_bytes)[0]
+        return str(row[0]), int(row[1])
+
+    def queued_for(self, recipient: str, after_id: int, limit: int) -> list[QueuedMessage]:
+        return [QueuedMessage(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), bytes(r[5]), bytes(r[6]), bytes(r[7]),
+                              float(r[8]), bytes(r[9]) if r[9] is not None else None)
+                for r in self._call("sp_queued_for", recipient, after_id, limit)]
+
+    def ack_queued(self, recipient: str, message_id: int) -> bool:
+        return bool(self._call("sp_ack_queued", recipient, message_id, time.time() - OFFLINE_KEY_GRACE_S)[0][0])
+
+    def expire_queue(self, before: float) -> int:
+        return int(self._call("sp_expire_queue", before)[0][0])
 
     def close(self) -> None:
         self._pool.close()

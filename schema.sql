@@ -2,7 +2,8 @@
 --
 -- Every query the server makes on MySQL is one of the procedures below, called
 -- with parameters (design 000: stored procedures keep data apart from SQL).
--- Conversation keys are never stored: only ids, members and key-generation times.
+-- Live conversation keys are never stored: only ids, members and key-generation times; the KDC
+-- key of an offline conversation waits sealed under the server's key (offline_keys).
 -- Safe to run again: tables are created if missing, procedures are replaced.
 -- Works with the mysql client too: mysql DB < schema.sql
 
@@ -92,6 +93,48 @@ CREATE TABLE IF NOT EXISTS live_sessions (
     source   VARCHAR(64) NOT NULL,
     since    DOUBLE NOT NULL,
     PRIMARY KEY (node, username)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+-- Store and forward (docs/PROTOCOL.md section 15): public prekeys, the KDC keys of offline
+-- conversations sealed under the server's key, and end-to-end ciphertext waiting for its
+-- recipient.  Nothing here opens a message: that needs the recipient's private prekeys.
+CREATE TABLE IF NOT EXISTS signed_prekeys (
+    username   VARCHAR(32) NOT NULL PRIMARY KEY,
+    key_id     INT UNSIGNED NOT NULL,
+    entry      VARBINARY(1400) NOT NULL,
+    created_at DOUBLE NOT NULL
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+CREATE TABLE IF NOT EXISTS one_time_prekeys (
+    username VARCHAR(32) NOT NULL,
+    key_id   INT UNSIGNED NOT NULL,
+    entry    VARBINARY(128) NOT NULL,
+    PRIMARY KEY (username, key_id)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+CREATE TABLE IF NOT EXISTS offline_keys (
+    recipient       VARCHAR(32) NOT NULL,
+    conversation_id BIGINT UNSIGNED NOT NULL,
+    generation      INT UNSIGNED NOT NULL,
+    sender          VARCHAR(32) NOT NULL,
+    wrapped         VARBINARY(128) NOT NULL,
+    created_at      DOUBLE NOT NULL,
+    PRIMARY KEY (recipient, conversation_id, generation)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+CREATE TABLE IF NOT EXISTS message_queue (
+    id              BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    recipient       VARCHAR(32) NOT NULL,
+    sender          VARCHAR(32) NOT NULL,
+    conversation_id BIGINT UNSIGNED NOT NULL,
+    generation      INT UNSIGNED NOT NULL,
+    msg_ref         VARBINARY(16) NOT NULL,
+    sender_identity VARBINARY(32) NOT NULL,
+    payload         MEDIUMBLOB NOT NULL,
+    stored_at       DOUBLE NOT NULL,
+    UNIQUE KEY uq_queue_ref (recipient, sender, msg_ref),
+    KEY ix_queue_recipient (recipient, id),
+    KEY ix_queue_stored_at (stored_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
 
 DELIMITER //
@@ -331,6 +374,10 @@ BEGIN
     DELETE FROM account_state WHERE username = p_username;
     DELETE FROM login_failures WHERE username = p_username;
     DELETE FROM live_sessions WHERE username = p_username;
+    DELETE FROM signed_prekeys WHERE username = p_username;
+    DELETE FROM one_time_prekeys WHERE username = p_username;
+    DELETE FROM offline_keys WHERE recipient = p_username OR sender = p_username;
+    DELETE FROM message_queue WHERE recipient = p_username OR sender = p_username;
     COMMIT;
     SELECT v_gone AS deleted;
 END //
@@ -388,6 +435,157 @@ DROP PROCEDURE IF EXISTS sp_list_sessions //
 CREATE PROCEDURE sp_list_sessions()
 BEGIN
     SELECT node, username, source, since FROM live_sessions ORDER BY username, node;
+END //
+
+DROP PROCEDURE IF EXISTS sp_set_signed_prekey //
+CREATE PROCEDURE sp_set_signed_prekey(IN p_username VARCHAR(32), IN p_key_id INT UNSIGNED,
+                                      IN p_entry VARBINARY(1400), IN p_now DOUBLE)
+BEGIN
+    INSERT INTO signed_prekeys (username, key_id, entry, created_at) VALUES (p_username, p_key_id, p_entry, p_now)
+    ON DUPLICATE KEY UPDATE key_id = p_key_id, entry = p_entry, created_at = p_now;
+END //
+
+DROP PROCEDURE IF EXISTS sp_add_one_time_prekey //
+CREATE PROCEDURE sp_add_one_time_prekey(IN p_username VARCHAR(32), IN p_key_id INT UNSIGNED,
+                                        IN p_entry VARBINARY(128), IN p_max_kept INT)
+BEGIN
+    -- One key; refused (silently) once the user has p_max_kept.  Returns the count.
+    DECLARE v_count INT DEFAULT 0;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    SELECT COUNT(*) INTO v_count FROM one_time_prekeys WHERE username = p_username FOR UPDATE;
+    IF v_count < p_max_kept THEN
+        INSERT IGNORE INTO one_time_prekeys (username, key_id, entry) VALUES (p_username, p_key_id, p_entry);
+        SET v_count = v_count + ROW_COUNT();
+    END IF;
+    COMMIT;
+    SELECT v_count AS n;
+END //
+
+DROP PROCEDURE IF EXISTS sp_prekey_status //
+CREATE PROCEDURE sp_prekey_status(IN p_username VARCHAR(32))
+BEGIN
+    SELECT (SELECT COUNT(*) FROM one_time_prekeys WHERE username = p_username) AS one_time_left,
+           (SELECT key_id FROM signed_prekeys WHERE username = p_username) AS signed_id,
+           (SELECT created_at FROM signed_prekeys WHERE username = p_username) AS signed_at;
+END //
+
+DROP PROCEDURE IF EXISTS sp_take_prekey_bundle //
+CREATE PROCEDURE sp_take_prekey_bundle(IN p_username VARCHAR(32))
+BEGIN
+    -- The signed prekey and one one-time prekey, which is deleted: no two senders share one.
+    DECLARE v_key_id INT UNSIGNED DEFAULT NULL;
+    DECLARE v_entry VARBINARY(128) DEFAULT NULL;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    SELECT key_id, entry INTO v_key_id, v_entry FROM one_time_prekeys
+     WHERE username = p_username ORDER BY key_id LIMIT 1 FOR UPDATE;
+    IF v_key_id IS NOT NULL THEN
+        DELETE FROM one_time_prekeys WHERE username = p_username AND key_id = v_key_id;
+    END IF;
+    COMMIT;
+    SELECT (SELECT entry FROM signed_prekeys WHERE username = p_username) AS signed_entry, v_entry AS one_time_entry;
+END //
+
+DROP PROCEDURE IF EXISTS sp_put_offline_key //
+CREATE PROCEDURE sp_put_offline_key(IN p_recipient VARCHAR(32), IN p_conversation_id BIGINT UNSIGNED,
+                                    IN p_generation INT UNSIGNED, IN p_sender VARCHAR(32),
+                                    IN p_wrapped VARBINARY(128), IN p_now DOUBLE)
+BEGIN
+    REPLACE INTO offline_keys (recipient, conversation_id, generation, sender, wrapped, created_at)
+    VALUES (p_recipient, p_conversation_id, p_generation, p_sender, p_wrapped, p_now);
+END //
+
+DROP PROCEDURE IF EXISTS sp_enqueue //
+CREATE PROCEDURE sp_enqueue(IN p_recipient VARCHAR(32), IN p_sender VARCHAR(32), IN p_conversation_id BIGINT UNSIGNED,
+                            IN p_generation INT UNSIGNED, IN p_msg_ref VARBINARY(16), IN p_identity VARBINARY(32),
+                            IN p_payload MEDIUMBLOB, IN p_now DOUBLE, IN p_max_messages INT, IN p_max_bytes BIGINT)
+proc: BEGIN
+    -- Stores one message unless a bound says no; never touches what is already stored.
+    -- Returns (status, id): stored, duplicate (the same reference again), full_messages,
+    -- full_bytes or no_key (no offline key for that generation from that sender).
+    DECLARE v_id BIGINT UNSIGNED DEFAULT NULL;
+    DECLARE v_count INT DEFAULT 0;
+    DECLARE v_bytes BIGINT DEFAULT 0;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    -- One enqueue per recipient at a time: the recipient's user row is the lock.
+    SELECT id INTO v_id FROM users WHERE username = p_recipient FOR UPDATE;
+    SET v_id = NULL;
+    SELECT id INTO v_id FROM message_queue
+     WHERE recipient = p_recipient AND sender = p_sender AND msg_ref = p_msg_ref;
+    IF v_id IS NOT NULL THEN
+        COMMIT;
+        SELECT 'duplicate' AS status, v_id AS id;
+        LEAVE proc;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM offline_keys WHERE recipient = p_recipient AND conversation_id = p_conversation_id
+                   AND generation = p_generation AND sender = p_sender) THEN
+        COMMIT;
+        SELECT 'no_key' AS status, 0 AS id;
+        LEAVE proc;
+    END IF;
+    SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) INTO v_count, v_bytes
+      FROM message_queue WHERE recipient = p_recipient;
+    IF v_count >= p_max_messages THEN
+        COMMIT;
+        SELECT 'full_messages' AS status, 0 AS id;
+        LEAVE proc;
+    END IF;
+    IF v_bytes + LENGTH(p_payload) > p_max_bytes THEN
+        COMMIT;
+        SELECT 'full_bytes' AS status, 0 AS id;
+        LEAVE proc;
+    END IF;
+    INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, sender_identity, payload,
+                               stored_at)
+    VALUES (p_recipient, p_sender, p_conversation_id, p_generation, p_msg_ref, p_identity, p_payload, p_now);
+    SET v_id = LAST_INSERT_ID();
+    COMMIT;
+    SELECT 'stored' AS status, v_id AS id;
+END //
+
+DROP PROCEDURE IF EXISTS sp_queued_for //
+CREATE PROCEDURE sp_queued_for(IN p_recipient VARCHAR(32), IN p_after_id BIGINT UNSIGNED, IN p_limit INT)
+BEGIN
+    SELECT q.id, q.recipient, q.sender, q.conversation_id, q.generation, q.msg_ref, q.sender_identity, q.payload,
+           q.stored_at, k.wrapped
+      FROM message_queue q LEFT JOIN offline_keys k
+        ON k.recipient = q.recipient AND k.conversation_id = q.conversation_id AND k.generation = q.generation
+     WHERE q.recipient = p_recipient AND q.id > p_after_id
+     ORDER BY q.id LIMIT p_limit;
+END //
+
+DROP PROCEDURE IF EXISTS sp_ack_queued //
+CREATE PROCEDURE sp_ack_queued(IN p_recipient VARCHAR(32), IN p_id BIGINT UNSIGNED, IN p_key_before DOUBLE)
+BEGIN
+    DECLARE v_cid BIGINT UNSIGNED DEFAULT NULL;
+    DECLARE v_gen INT UNSIGNED DEFAULT NULL;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    SELECT conversation_id, generation INTO v_cid, v_gen FROM message_queue
+     WHERE id = p_id AND recipient = p_recipient FOR UPDATE;
+    IF v_cid IS NOT NULL THEN
+        DELETE FROM message_queue WHERE id = p_id;
+        DELETE FROM offline_keys WHERE recipient = p_recipient AND conversation_id = v_cid AND generation = v_gen
+           AND created_at < p_key_before
+           AND NOT EXISTS (SELECT 1 FROM message_queue WHERE recipient = p_recipient AND conversation_id = v_cid
+                           AND generation = v_gen);
+    END IF;
+    COMMIT;
+    SELECT v_cid IS NOT NULL AS acked;
+END //
+
+DROP PROCEDURE IF EXISTS sp_expire_queue //
+CREATE PROCEDURE sp_expire_queue(IN p_before DOUBLE)
+BEGIN
+    DECLARE v_gone INT DEFAULT 0;
+    DELETE FROM message_queue WHERE stored_at < p_before;
+    SET v_gone = ROW_COUNT();
+    DELETE k FROM offline_keys k WHERE k.created_at < p_before AND NOT EXISTS (
+        SELECT 1 FROM message_queue q WHERE q.recipient = k.recipient AND q.conversation_id = k.conversation_id
+           AND q.generation = k.generation);
+    SELECT v_gone AS n;
 END //
 
 DELIMITER ;
