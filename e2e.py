@@ -49,7 +49,11 @@ SHARE = struct.Struct(f">BI32s{cu.MLKEM768_ENCAPSULATION_KEY_BYTES}s64s")
 # kind, generation, ML-KEM-768 ciphertext to the peer's key, Ed25519 signature (1,157 bytes)
 KEM_REPLY = struct.Struct(f">BI{cu.MLKEM768_CIPHERTEXT_BYTES}s64s")
 MESSAGE_HEADER = struct.Struct(">BIQ")         # kind, generation, counter
-BODY_HEADER = struct.Struct(">Q")              # sent_at, milliseconds since the epoch
+BODY_HEADER = struct.Struct(">QB16s")          # sent_at (ms since the epoch), body type, message id
+BODY_TEXT = 1        # UTF-8 text
+BODY_RECEIPT = 2     # delivery receipt: the 16-byte ids of messages this client opened
+MSG_ID_BYTES = 16
+MAX_RECEIPT_IDS = 64
 
 # --- bounds (docs/PROTOCOL.md section 10) ------------------------------------------
 MAX_SKIP = 1000                 # messages one chain may jump ahead (libsignal: 25,000)
@@ -66,6 +70,55 @@ def file_component(text: str) -> str:
     """A safe single path component: anything but [A-Za-z0-9._-] becomes '_' (no '/', no '..')."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", text)
     return safe if safe.strip(".") else "_"
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An end-to-end message that opened: text, or a receipt for earlier messages."""
+    kind: int
+    msg_id: bytes
+    sent_at: float
+    text: str = ""
+    receipts: tuple[bytes, ...] = ()
+
+
+def new_msg_id() -> bytes:
+    return cu.random_bytes(MSG_ID_BYTES)
+
+
+def pack_body(body_type: int, msg_id: bytes, content: bytes, now: float) -> bytes:
+    if body_type == BODY_TEXT and len(content) > MAX_TEXT_BYTES:
+        raise ValueError(f"Messages are limited to {MAX_TEXT_BYTES} bytes.")
+    if body_type == BODY_RECEIPT and (len(content) % MSG_ID_BYTES or len(content) > MAX_RECEIPT_IDS * MSG_ID_BYTES):
+        raise ValueError("A receipt lists 1 to 64 message ids.")
+    if len(msg_id) != MSG_ID_BYTES:
+        raise ValueError("A message id is 16 bytes.")
+    return BODY_HEADER.pack(int(now * 1000), body_type, msg_id) + content
+
+
+def receipt_content(ids) -> bytes:
+    ids = list(ids)
+    if not 1 <= len(ids) <= MAX_RECEIPT_IDS or any(len(i) != MSG_ID_BYTES for i in ids):
+        raise ValueError("A receipt lists 1 to 64 message ids.")
+    return b"".join(ids)
+
+
+def parse_body(body: bytes, peer: str) -> Opened:
+    """The plaintext of a message that authenticated; DecryptionFailed if its structure is wrong."""
+    if len(body) < BODY_HEADER.size:
+        raise DecryptionFailed(f"A message from {peer} was malformed and was discarded.")
+    sent_ms, body_type, msg_id = BODY_HEADER.unpack_from(body)
+    content = body[BODY_HEADER.size:]
+    if body_type == BODY_TEXT and len(content) <= MAX_TEXT_BYTES:
+        try:
+            return Opened(BODY_TEXT, msg_id, sent_ms / 1000.0, text=content.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    elif body_type == BODY_RECEIPT and content and not len(content) % MSG_ID_BYTES \
+            and len(content) <= MAX_RECEIPT_IDS * MSG_ID_BYTES:
+        ids = tuple(content[i:i + MSG_ID_BYTES] for i in range(0, len(content), MSG_ID_BYTES))
+        return Opened(BODY_RECEIPT, msg_id, sent_ms / 1000.0, receipts=ids)
+    raise DecryptionFailed(f"A message from {peer} was malformed and was discarded.")
 
 
 class IdentityChanged(SecureIMError):
@@ -401,21 +454,29 @@ class E2ESession:
         return (b"secureim/v1 e2e message" + self.id.to_bytes(8, "big") + bytes([len(sender)]) + sender.encode()
                 + bytes([len(recipient)]) + recipient.encode() + MESSAGE_HEADER.pack(KIND_MESSAGE, generation, counter))
 
-    def seal(self, text: str) -> bytes:
-        raw = text.encode("utf-8")
-        if len(raw) > MAX_TEXT_BYTES:
-            raise ValueError(f"Messages are limited to {MAX_TEXT_BYTES} bytes.")
+    def seal(self, text: str, msg_id: bytes | None = None) -> bytes:
+        """A text message (its id: ``msg_id``, or a new random one)."""
+        return self.seal_body(BODY_TEXT, msg_id or new_msg_id(), text.encode("utf-8"))
+
+    def seal_body(self, body_type: int, msg_id: bytes, content: bytes) -> bytes:
         if self.current is None:
             raise CryptoError("The conversation is not secured yet.")
+        body = pack_body(body_type, msg_id, content, self._clock())
         gen = self._generations[self.current]
         assert gen.send is not None
         counter, message_key = gen.send.step()
-        body = BODY_HEADER.pack(int(self._clock() * 1000)) + raw
         sealed = self._message_cipher(message_key).seal(body, self._aad(self.me, self.peer, gen.number, counter))
         return MESSAGE_HEADER.pack(KIND_MESSAGE, gen.number, counter) + sealed
 
     def open(self, payload: bytes) -> tuple[str, float]:
-        """(text, sent_at) from the peer.  DecryptionFailed, with a reason, on anything wrong."""
+        """(text, sent_at) of a text message from the peer (a receipt is refused here: use open_message)."""
+        opened = self.open_message(payload)
+        if opened.kind != BODY_TEXT:
+            raise DecryptionFailed(f"A receipt from {self.peer} was not expected here.")
+        return opened.text, opened.sent_at
+
+    def open_message(self, payload: bytes) -> Opened:
+        """A message from the peer.  DecryptionFailed, with a reason, on anything wrong."""
         if len(payload) < MESSAGE_HEADER.size:
             raise DecryptionFailed()
         kind, generation, counter = MESSAGE_HEADER.unpack_from(payload)
@@ -429,18 +490,14 @@ class E2ESession:
         except DecryptionFailed:
             raise DecryptionFailed(f"A message from {self.peer} failed its integrity check and was discarded.") \
                 from None
-        sent_at = BODY_HEADER.unpack_from(body)[0] / 1000.0 if len(body) >= BODY_HEADER.size else 0.0
-        if abs(self._clock() - sent_at) > FRESHNESS_WINDOW_S:
+        opened = parse_body(body, self.peer)
+        if abs(self._clock() - opened.sent_at) > FRESHNESS_WINDOW_S:
             raise DecryptionFailed(f"A message from {self.peer} was too old (or dated in the future) and was "
                                    "refused.")
-        try:
-            text = body[BODY_HEADER.size:].decode("utf-8")
-        except UnicodeDecodeError:
-            raise DecryptionFailed() from None
         advance()  # commit: keys are consumed only by a message that opened
         for old in [g for g in self._generations if g < generation]:
             self._drop_generation(old)  # the peer has moved past them
-        return text, sent_at
+        return opened
 
     def _receive_key(self, gen: _Generation, counter: int):
         """The message key for ``counter`` and a commit function (nothing changes before it runs)."""

@@ -560,6 +560,100 @@ class AccountDeleted(Message):
     reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
 
 
+# --- store and forward (section 15; type codes 0x80-0x8F) --------------------------
+SIGNED_PREKEY_BYTES = 4 + 32 + cu.MLKEM768_ENCAPSULATION_KEY_BYTES + 64   # id, X25519, ML-KEM ek, signature
+ONE_TIME_PREKEY_BYTES = 4 + 32 + 64                                       # id, X25519, signature
+MAX_PREKEYS_PER_PUBLISH = 100
+MSG_REF_BYTES = 16
+
+
+@message(0x80)
+class PublishPrekeys(Message):
+    """Client to server: a new signed prekey (or none: keep the current one) and one-time prekeys;
+    ``replace`` drops every one-time prekey the server still holds first."""
+
+    signed_prekey: bytes = wire(Kind.BYTES, max_len=SIGNED_PREKEY_BYTES)
+    one_time: bytes = wire(Kind.BYTES, max_len=ONE_TIME_PREKEY_BYTES * MAX_PREKEYS_PER_PUBLISH)
+    replace: bool = wire(Kind.BOOL, default=False)
+
+
+@message(0x81)
+class PrekeyStatus(Message):
+    """Server to client, after login and after PublishPrekeys: what the server holds of its prekeys."""
+
+    one_time_left: int = wire(Kind.U32)
+    signed_prekey_id: int = wire(Kind.U32)       # 0: none
+    signed_prekey_age_s: int = wire(Kind.U32)
+
+
+@message(0x82)
+class OfflineOpen(Message):
+    """Client to server: start an offline conversation with ``peer`` (its prekey bundle and a KDC key)."""
+
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+
+
+@message(0x83)
+class OfflineKey(Message):
+    """The answer to OfflineOpen: the KDC key of a new generation, the peer's identity and prekeys."""
+
+    conversation_id: int = wire(Kind.U64)
+    peer: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    suite: int = wire(Kind.U8)
+    generation: int = wire(Kind.U32)
+    key: bytes = wire(Kind.BYTES, max_len=64)
+    peer_identity: bytes = wire(Kind.BYTES, exact=32, max_len=32)
+    signed_prekey: bytes = wire(Kind.BYTES, exact=SIGNED_PREKEY_BYTES, max_len=SIGNED_PREKEY_BYTES)
+    one_time_prekey: bytes = wire(Kind.BYTES, max_len=ONE_TIME_PREKEY_BYTES)  # empty: none left
+
+
+@message(0x84)
+class Store(Message):
+    """Client to server: keep ``payload`` for the other member of ``conversation_id`` until it is acknowledged."""
+
+    conversation_id: int = wire(Kind.U64)
+    generation: int = wire(Kind.U32)
+    msg_ref: bytes = wire(Kind.BYTES, exact=MSG_REF_BYTES, max_len=MSG_REF_BYTES)
+    payload: bytes = wire(Kind.BYTES, max_len=MAX_PAYLOAD_BYTES)
+
+
+class StoreStatus(enum.IntEnum):
+    STORED = 1        # kept for the recipient, who is offline
+    HANDED_OVER = 2   # kept, and sent to the recipient's session now
+    REFUSED = 3       # not kept: the reason says why (a bound, no such conversation)
+    NO_KEY = 4        # not kept: the offline key of that generation is gone; open a new one
+
+
+@message(0x85)
+class StoreResult(Message):
+    conversation_id: int = wire(Kind.U64)
+    msg_ref: bytes = wire(Kind.BYTES, exact=MSG_REF_BYTES, max_len=MSG_REF_BYTES)
+    status: int = wire(Kind.U8)
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
+
+
+@message(0x86)
+class StoredMessage(Message):
+    """Server to client: a stored message, with the KDC key of its generation, until acknowledged."""
+
+    queue_id: int = wire(Kind.U64)
+    conversation_id: int = wire(Kind.U64)
+    sender: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    suite: int = wire(Kind.U8)
+    generation: int = wire(Kind.U32)
+    key: bytes = wire(Kind.BYTES, max_len=64)
+    sender_identity: bytes = wire(Kind.BYTES, exact=32, max_len=32)
+    stored_at_ms: int = wire(Kind.U64)
+    payload: bytes = wire(Kind.BYTES, max_len=MAX_PAYLOAD_BYTES)
+
+
+@message(0x87)
+class Ack(Message):
+    """Client to server: the stored message ``queue_id`` reached this client; delete it."""
+
+    queue_id: int = wire(Kind.U64)
+
+
 class ErrorCode(enum.IntEnum):
     PROTOCOL = 1
     NOT_AUTHENTICATED = 2
@@ -731,6 +825,9 @@ _SESSION_FROM_SERVER_AUTH = {PeerStatus, ConversationKey, Deliver, WhoResponse, 
 # Account self-service (section 14.1).
 _SESSION_FROM_CLIENT_AUTH |= {DeleteAccount}
 _SESSION_FROM_SERVER_AUTH |= {AccountDeleted}
+# Store and forward (section 15).
+_SESSION_FROM_CLIENT_AUTH |= {PublishPrekeys, OfflineOpen, Store, Ack}
+_SESSION_FROM_SERVER_AUTH |= {PrekeyStatus, OfflineKey, StoreResult, StoredMessage}
 
 RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {
     (Role.SERVER, State.AWAITING_CLIENT_HELLO): frozenset({ClientHello}),

@@ -1,0 +1,165 @@
+"""Store and forward end to end (prekeys.py, docs/PROTOCOL.md section 15), sans-IO."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import crypto_utils as cu
+import e2e
+import prekeys as K
+from errors import DecryptionFailed
+
+SUITE = cu.get_suite("aes256")
+CID, GEN = 7, 3
+
+
+class Bob:
+    """A recipient with its prekey store; ``server`` is what the server would hold of the bundle."""
+
+    def __init__(self, home, password="bob password", identity=None):
+        self.identity = identity or Ed25519PrivateKey.generate()
+        self.home, self.password = home, password
+        self.store = K.PrekeyStore(home, "bob", "srv", password)
+        signed, one_time, _replace = self.store.plan_publish(self.identity, 0, 0)
+        self.server_signed = signed
+        self.server_one_time = [one_time[i:i + K.ONE_TIME.size] for i in range(0, len(one_time), K.ONE_TIME.size)]
+        self.inbound = K.InboundSessions(self.store)
+
+    def take(self, *, one_time=True) -> tuple[bytes, bytes]:
+        return self.server_signed, (self.server_one_time.pop(0) if one_time and self.server_one_time else b"")
+
+    def ctx(self, alice_identity, kdc_key, generation=GEN):
+        return K.StoredContext("bob", self.identity, "alice", cu.public_bytes(alice_identity), CID, generation,
+                               kdc_key, SUITE)
+
+
+def alice_to(bob: Bob, *, one_time=True, kdc_key=None, identity=None):
+    identity = identity or Ed25519PrivateKey.generate()
+    kdc_key = kdc_key or SUITE.generate_key()
+    signed, otk = bob.take(one_time=one_time)
+    bundle = K.verify_bundle("bob", cu.public_bytes(bob.identity), signed, otk)
+    out = K.OutboundSession("alice", identity, "bob", cu.public_bytes(bob.identity), CID, GEN, kdc_key, SUITE, bundle)
+    return out, identity, kdc_key
+
+
+def text(out: K.OutboundSession, words: str) -> bytes:
+    return out.seal(e2e.BODY_TEXT, e2e.new_msg_id(), words.encode())
+
+
+def test_three_stored_messages_open_in_order_and_a_receipt_names_them(tmp_path):
+    bob = Bob(tmp_path)
+    out, alice, kdc = alice_to(bob)
+    payloads = [text(out, f"m{i}") for i in range(3)]
+    opened = [bob.inbound.open(bob.ctx(alice, kdc), p) for p in payloads]
+    assert [o.text for o in opened] == ["m0", "m1", "m2"]
+    receipt = e2e.receipt_content(o.msg_id for o in opened)
+    assert len(receipt) == 48
+
+
+def test_a_one_time_prekey_is_used_once_and_a_replay_is_refused(tmp_path):
+    bob = Bob(tmp_path)
+    out, alice, kdc = alice_to(bob)
+    first = text(out, "hello")
+    before = len(bob.store.one_time)
+    assert bob.inbound.open(bob.ctx(alice, kdc), first).text == "hello"
+    assert len(bob.store.one_time) == before - 1
+    with pytest.raises(DecryptionFailed, match="replayed"):
+        bob.inbound.open(bob.ctx(alice, kdc), first)      # the same client: the chain moved on
+    fresh = Bob.__new__(Bob)                               # a restarted client: the same store on disk
+    fresh.__dict__.update(bob.__dict__)
+    fresh.store = K.PrekeyStore(tmp_path, "bob", "srv", "bob password")
+    fresh.inbound = K.InboundSessions(fresh.store)
+    with pytest.raises(DecryptionFailed, match="one-time prekey that was already used"):
+        fresh.inbound.open(fresh.ctx(alice, kdc), first)
+
+
+def test_the_signed_prekey_alone_works_when_one_time_prekeys_are_exhausted_and_is_not_replayable(tmp_path):
+    bob = Bob(tmp_path)
+    bob.server_one_time.clear()                            # the server has none left
+    out, alice, kdc = alice_to(bob)
+    first = text(out, "fallback")
+    assert first[9:13] == b"\0\0\0\0"                      # one-time prekey id 0: none used
+    assert bob.inbound.open(bob.ctx(alice, kdc), first).text == "fallback"
+    restarted = K.InboundSessions(K.PrekeyStore(tmp_path, "bob", "srv", "bob password"))
+    with pytest.raises(DecryptionFailed, match="replayed"):
+        restarted.open(bob.ctx(alice, kdc), first)
+
+
+def test_the_server_alone_cannot_open_a_stored_message(tmp_path):
+    """Everything the server has (the KDC key, the public bundle, the stored bytes) without
+    Bob's private prekeys: a "recipient" with a prekey store of its own gets nowhere."""
+    bob = Bob(tmp_path / "bob")
+    out, alice, kdc = alice_to(bob)
+    payload = text(out, "secret")
+    mallory = Bob(tmp_path / "mallory", identity=bob.identity)
+    with pytest.raises(DecryptionFailed):
+        mallory.inbound.open(mallory.ctx(alice, kdc), payload)
+    assert b"secret" not in payload
+
+
+def test_the_kdc_key_is_an_input_too(tmp_path):
+    bob = Bob(tmp_path)
+    out, alice, _kdc = alice_to(bob)
+    with pytest.raises(DecryptionFailed, match="integrity"):
+        bob.inbound.open(bob.ctx(alice, SUITE.generate_key()), text(out, "x"))
+
+
+def test_a_forged_init_is_refused_before_any_key_is_spent(tmp_path):
+    bob = Bob(tmp_path)
+    mallory = Ed25519PrivateKey.generate()
+    out, _alice, kdc = alice_to(bob, identity=mallory)     # signed by someone else than the pinned alice
+    left = len(bob.store.one_time)
+    with pytest.raises(DecryptionFailed, match="not signed by alice"):
+        bob.inbound.open(bob.ctx(Ed25519PrivateKey.generate(), kdc), text(out, "i am alice"))
+    assert len(bob.store.one_time) == left
+
+
+def test_a_tampered_bundle_is_refused_by_the_sender(tmp_path):
+    bob = Bob(tmp_path)
+    signed, otk = bob.take()
+    forged = signed[:4] + bytes(32) + signed[36:]
+    with pytest.raises(K.BundleRejected, match="not signed"):
+        K.verify_bundle("bob", cu.public_bytes(bob.identity), forged, otk)
+    with pytest.raises(K.BundleRejected, match="one-time prekey is not signed"):
+        K.verify_bundle("bob", cu.public_bytes(bob.identity), signed, otk[:4] + bytes(32) + otk[36:])
+    with pytest.raises(K.BundleRejected, match="malformed"):
+        K.verify_bundle("bob", cu.public_bytes(bob.identity), signed[:-1], otk)
+
+
+def test_the_prekey_store_is_sealed_and_needs_the_password(tmp_path):
+    bob = Bob(tmp_path)
+    doc = json.loads(bob.store.path.read_text())
+    assert set(doc) >= {"salt", "nonce", "sealed"} and "one_time" not in doc
+    raw = bob.store.path.read_bytes()
+    for key in bob.store.one_time.values():
+        assert cu.b64encode(key).encode() not in raw
+    assert oct(bob.store.path.stat().st_mode & 0o777) == "0o600"
+    wrong = K.PrekeyStore(tmp_path, "bob", "srv", "another password")
+    assert wrong.created and not wrong.one_time
+
+
+def test_publishing_tops_up_and_rotates_the_signed_prekey(tmp_path):
+    now = [1_000_000.0]
+    identity = Ed25519PrivateKey.generate()
+    store = K.PrekeyStore(tmp_path, "bob", "srv", "pw", clock=lambda: now[0])
+    signed, one_time, replace = store.plan_publish(identity, 0, 0)
+    assert replace and len(one_time) == K.ONE_TIME_TARGET * K.ONE_TIME.size
+    spk_id = K.SIGNED.unpack(signed)[0]
+    assert store.plan_publish(identity, K.ONE_TIME_TARGET, spk_id) is None       # nothing due
+    top = store.plan_publish(identity, K.ONE_TIME_LOW - 1, spk_id)
+    assert top is not None and top[0] == b"" and len(top[1]) // K.ONE_TIME.size == K.ONE_TIME_TARGET - K.ONE_TIME_LOW + 1
+    now[0] += K.SIGNED_PREKEY_LIFETIME_S + 1
+    rotated = store.plan_publish(identity, K.ONE_TIME_TARGET, spk_id)
+    assert rotated is not None and K.SIGNED.unpack(rotated[0])[0] != spk_id
+    assert any(s.id == spk_id and s.retired for s in store.signed)  # the old one still opens stored messages
+
+
+def test_stored_messages_too_old_are_refused(tmp_path):
+    bob = Bob(tmp_path)
+    out, alice, kdc = alice_to(bob)
+    out._clock = lambda: 0.0  # sent in 1970
+    with pytest.raises(DecryptionFailed, match="too old"):
+        bob.inbound.open(bob.ctx(alice, kdc), text(out, "ancient"))
