@@ -538,9 +538,13 @@ class NatsCluster(Cluster):
     async def _h_deliver(self, sender: bytes, body: bytes, _msg) -> None:
         name, inner = unpack_fields(body, 2)
         msg = P.decode_message(inner)
-        if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error)):
+        if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage)):
             raise SecureIMError(f"a {type(msg).__name__} is not delivered across nodes")
         session = self.service.registry.session_of(name.decode())
+        if isinstance(msg, P.StoredMessage):  # a nudge: messages were stored for them; the queue is in the database
+            if session is not None:
+                self.service.run_slow(self.service.push_queue, session)
+            return
         if session is not None and session.send(msg):
             return
         if isinstance(msg, P.Deliver):  # gone from here in the meantime: the sender hears it was not delivered

@@ -323,6 +323,10 @@ class Storage:
         same transaction, so two senders never get the same one."""
         raise NotImplementedError
 
+    def clear_prekeys(self, username: str, *, signed: bool) -> None:
+        """Drop the user's one-time prekeys (and the signed one: after an identity change)."""
+        raise NotImplementedError
+
     def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
                         wrapped: bytes, now: float) -> None:
         raise NotImplementedError
@@ -778,6 +782,12 @@ class SQLiteStorage(Storage):
                 conn.execute("DELETE FROM one_time_prekeys WHERE username = ? AND key_id = ?", (username, one[0]))
         return (bytes(signed[0]) if signed else None), (bytes(one[1]) if one else None)
 
+    def clear_prekeys(self, username: str, *, signed: bool) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM one_time_prekeys WHERE username = ?", (username,))
+            if signed:
+                conn.execute("DELETE FROM signed_prekeys WHERE username = ?", (username,))
+
     def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
                         wrapped: bytes, now: float) -> None:
         with self._tx() as conn:
@@ -1117,6 +1127,9 @@ class MySQLStorage(Storage):
     def take_prekey_bundle(self, username: str) -> tuple[bytes | None, bytes | None]:
         row = self._call("sp_take_prekey_bundle", username)[0]
         return (bytes(row[0]) if row[0] is not None else None), (bytes(row[1]) if row[1] is not None else None)
+
+    def clear_prekeys(self, username: str, *, signed: bool) -> None:
+        self._call("sp_clear_prekeys", username, 1 if signed else 0)
 
     def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
                         wrapped: bytes, now: float) -> None:

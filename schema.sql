@@ -487,6 +487,15 @@ BEGIN
     SELECT (SELECT entry FROM signed_prekeys WHERE username = p_username) AS signed_entry, v_entry AS one_time_entry;
 END //
 
+DROP PROCEDURE IF EXISTS sp_clear_prekeys //
+CREATE PROCEDURE sp_clear_prekeys(IN p_username VARCHAR(32), IN p_signed TINYINT)
+BEGIN
+    DELETE FROM one_time_prekeys WHERE username = p_username;
+    IF p_signed THEN
+        DELETE FROM signed_prekeys WHERE username = p_username;
+    END IF;
+END //
+
 DROP PROCEDURE IF EXISTS sp_put_offline_key //
 CREATE PROCEDURE sp_put_offline_key(IN p_recipient VARCHAR(32), IN p_conversation_id BIGINT UNSIGNED,
                                     IN p_generation INT UNSIGNED, IN p_sender VARCHAR(32),

@@ -44,6 +44,9 @@ from metrics import MetricsEndpoint, ServerMetrics
 from moderation import DEFAULT_AUDIT_RETENTION_DAYS, AddressBans, ModerationPoller, ban_message
 from tickets import TicketIssuer, load_or_create_ticket_key
 from cluster import SIGNED_IN_ELSEWHERE, Cluster, LocalCluster
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+import database as D
 from database import Storage, open_storage
 from errors import (
     AccountLocked,
@@ -101,6 +104,11 @@ class ServerConfig:
     cluster_url: str | None = None       # nats://HOST:PORT: several nodes, one service (cluster.py)
     cluster_prefix: str = "secureim"     # NATS subjects start with this (tests use one per run)
     identity_key_file: Path | None = None  # the service's identity (all nodes): else data_dir's
+    # Store and forward (docs/PROTOCOL.md section 15): each recipient's queue is bounded.
+    queue_max_messages: int = 1000
+    queue_max_bytes: int = 10 << 20
+    queue_max_age_s: float = 30 * 86400.0
+    offline_opens_per_minute: int = 30   # each takes one of the peer's one-time prekeys
 
     @property
     def database_url(self) -> str:
@@ -110,6 +118,9 @@ class ServerConfig:
 # =============================================================================
 # Sessions: one connection's protocol state and its outgoing bytes
 # =============================================================================
+QUEUE_WINDOW = 64            # stored messages in flight to one session (unacknowledged) at most
+QUEUE_EXPIRY_EVERY_S = 3600.0
+MAX_ONE_TIME_PREKEYS = 200   # kept per user (prekeys.MAX_ONE_TIME_KEPT)
 LINGER_S = 1.0               # after a farewell: read (and drop) what still arrives, then close
 MAX_INBOX_ITEMS = 256        # a session's unprocessed input past this: stop reading its socket
 MAX_INBOX_BYTES = 256 * 1024  # ... or past this many raw bytes (before login a read is not yet framed)
@@ -145,6 +156,11 @@ class Session:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_due = False
+        # Stored messages handed to this session and not yet acknowledged (workers, under queue_lock).
+        self.queue_lock = threading.Lock()
+        self.queue_sent_upto = 0
+        self.queue_in_flight = 0
+        self.offline_opens: deque = deque()  # when this session last asked for prekey bundles
 
     def send(self, msg: P.Message) -> bool:
         """Seal and queue ``msg``; False if this session is gone."""
@@ -501,6 +517,9 @@ class ChatService:
         ticket_key = ticket_key or load_or_create_ticket_key(Path(config.data_dir))
         self.tickets = TicketIssuer(ticket_key)
         self._kdc_lock = threading.Lock()
+        # The KDC keys of offline conversations wait in the database sealed under this (every node has it).
+        self._offline_keys = AESGCM(cu.hkdf(ticket_key, salt=None, info=cu.label("offline kdc keys at rest"),
+                                            length=32))
         # Operating the server (moderation.py, metrics.py): bans, kicks, the audit log, counters.
         self.metrics = ServerMetrics()
         self.address_bans = AddressBans()
@@ -521,6 +540,20 @@ class ChatService:
         """Serve from ``loop`` with slow work on ``pool`` (Server.start calls this)."""
         self.loop, self.loop_thread_id, self.pool = loop, loop_thread_id, pool
         self.cluster.start(self)
+        self.on_loop(self._expire_queue_soon, 0.0)
+
+    def _expire_queue_soon(self, delay_s: float) -> None:
+        """Stored messages older than the queue's age bound go, now and every hour."""
+        assert self.loop is not None
+        self.loop.call_later(delay_s, self.run_slow, self._expire_queue)
+
+    def _expire_queue(self) -> None:
+        try:
+            gone = self.storage.expire_queue(time.time() - self.config.queue_max_age_s)
+            if gone:
+                log.info("%d stored messages expired unread", gone)
+        finally:
+            self.on_loop(self._expire_queue_soon, QUEUE_EXPIRY_EVERY_S)
 
     def learn_conversation(self, cid: int, members: tuple[str, str], generation: int) -> None:
         """Another node's KDC keyed a conversation with one of our users: relay it from here too."""
@@ -630,6 +663,7 @@ class ChatService:
                 if self.storage.get_identity_key(username) != msg.identity_key:
                     # A new device or reinstall: peers will see the change and must accept it.
                     self.storage.set_identity_key(username, msg.identity_key)
+                    self.storage.clear_prekeys(username, signed=True)  # signed by the old key: useless now
                     log.info("a user registered a new identity key")
                     self.audit("identity_key_changed", username, session.source)
         except AccountLocked as exc:
@@ -711,6 +745,8 @@ class ChatService:
         self.announce(f"[SERVER]: {username} connected from {session.source}."
                       f" ({len(self.registry.online)} online)")
         self.notify(username, waiting, online=True)
+        self._send_prekey_status(session)
+        self.push_queue(session)   # what was stored while they were away, in order, before anything new
 
     def disconnected(self, session: Session) -> None:
         was_online, peers = self.registry.remove(session)
@@ -971,6 +1007,158 @@ class ChatService:
         users = sorted(set(self.registry.online_users()) | set(self.cluster.remote_users()))
         session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
 
+    # -- store and forward (docs/PROTOCOL.md section 15) --------------------------------
+    def _wrap_aad(self, recipient: str, cid: int, generation: int) -> bytes:
+        return b"secureim/v1 offline kdc key" + recipient.encode() + b"\x00" + cid.to_bytes(8, "big") \
+            + generation.to_bytes(4, "big")
+
+    def _send_prekey_status(self, session: Session) -> None:
+        assert session.username is not None
+        status = self.storage.prekey_status(session.username)
+        age = int(max(0.0, time.time() - status.signed_at)) if status.signed_at is not None else 0
+        session.send(P.PrekeyStatus(one_time_left=status.one_time_left, signed_prekey_id=status.signed_id or 0,
+                                    signed_prekey_age_s=min(age, 0xFFFFFFFF)))
+
+    def _publish_prekeys(self, session: Session, msg: P.PublishPrekeys) -> None:
+        me = session.username
+        assert me is not None
+        entry = P.ONE_TIME_PREKEY_BYTES
+        if (msg.signed_prekey and len(msg.signed_prekey) != P.SIGNED_PREKEY_BYTES) or len(msg.one_time) % entry:
+            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="Malformed prekeys were refused."))
+            return
+        one_time = [(int.from_bytes(msg.one_time[i:i + 4], "big"), msg.one_time[i:i + entry])
+                    for i in range(0, len(msg.one_time), entry)]
+        signed_id = int.from_bytes(msg.signed_prekey[:4], "big") if msg.signed_prekey else None
+        if signed_id == 0 or any(key_id == 0 for key_id, _e in one_time):
+            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="Prekey id 0 is reserved."))
+            return
+        if msg.replace:
+            self.storage.clear_prekeys(me, signed=False)
+        if signed_id is not None:
+            self.storage.set_signed_prekey(me, signed_id, msg.signed_prekey, time.time())
+        if one_time:
+            self.storage.add_one_time_prekeys(me, one_time, MAX_ONE_TIME_PREKEYS)
+        self._send_prekey_status(session)
+
+    def _offline_open(self, session: Session, msg: P.OfflineOpen) -> None:
+        """The peer's prekey bundle (one one-time prekey taken) and a fresh KDC key for an offline
+        conversation; the key also waits, sealed, for the peer (docs/PROTOCOL.md section 15)."""
+        me = session.username
+        assert me is not None
+        try:
+            peer = normalize_username(msg.peer)
+        except AuthError:
+            session.send(P.PeerStatus(peer=msg.peer, online=False, known=False))
+            return
+        if peer == me:
+            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="You cannot write to yourself."))
+            return
+        now = time.monotonic()
+        while session.offline_opens and now - session.offline_opens[0] > 60.0:
+            session.offline_opens.popleft()
+        if len(session.offline_opens) >= self.config.offline_opens_per_minute:
+            session.send(P.Error(code=P.ErrorCode.RATE_LIMITED, reason="Too many offline conversations opened in "
+                                                                     "a minute; try again shortly."))
+            return
+        session.offline_opens.append(now)
+        identity = self.storage.get_identity_key(peer)
+        if identity is None:
+            session.send(P.PeerStatus(peer=peer, online=False, known=False))
+            return
+        signed, one_time = self.storage.take_prekey_bundle(peer)
+        if signed is None:
+            session.send(P.Error(code=P.ErrorCode.PEER_OFFLINE,
+                                 reason=f"{peer} is offline and has no keys for offline messages yet (their client "
+                                        f"publishes them when it logs in); the message was not sent."))
+            return
+        cid = self.storage.open_conversation(me, peer)
+        with self._kdc_lock:
+            generation = self.storage.record_key_generation(cid)
+            key = self.suite.generate_key()
+        nonce = cu.random_bytes(12)
+        wrapped = nonce + self._offline_keys.encrypt(nonce, key, self._wrap_aad(peer, cid, generation))
+        self.storage.put_offline_key(peer, cid, generation, me, wrapped, time.time())
+        session.send(P.OfflineKey(conversation_id=cid, peer=peer, suite=self.suite.suite_id, generation=generation,
+                                  key=key, peer_identity=identity, signed_prekey=signed,
+                                  one_time_prekey=one_time or b""))
+        del key
+
+    def _store(self, session: Session, msg: P.Store) -> None:
+        me = session.username
+        assert me is not None and session.identity_key is not None
+        conv = self.storage.get_conversation(msg.conversation_id)
+        if conv is None or me not in conv.members:
+            session.send(P.StoreResult(conversation_id=msg.conversation_id, msg_ref=msg.msg_ref,
+                                       status=P.StoreStatus.REFUSED, reason="No such conversation."))
+            return
+        recipient = conv.members[1] if conv.members[0] == me else conv.members[0]
+        status, _qid = self.storage.enqueue(
+            D.QueuedMessage(0, recipient, me, msg.conversation_id, msg.generation, msg.msg_ref, session.identity_key,
+                            msg.payload, time.time(), None),
+            self.config.queue_max_messages, self.config.queue_max_bytes)
+        if status == D.NO_KEY:
+            result, reason = P.StoreStatus.NO_KEY, "That offline conversation key has expired; open a new one."
+        elif status in (D.FULL_MESSAGES, D.FULL_BYTES):
+            limit = (f"{self.config.queue_max_messages} messages" if status == D.FULL_MESSAGES
+                     else f"{self.config.queue_max_bytes // (1 << 20)} MiB")
+            result = P.StoreStatus.REFUSED
+            reason = (f"{recipient}'s mailbox is full ({limit} waiting); this message was not stored. Nothing "
+                      f"already stored for {recipient} was lost; try again once {recipient} has read them.")
+            log.info("a stored message was refused: the recipient's queue is full (%s)", status)
+        else:
+            handed = self._nudge_queue(recipient)
+            result, reason = (P.StoreStatus.HANDED_OVER if handed else P.StoreStatus.STORED), ""
+        session.send(P.StoreResult(conversation_id=msg.conversation_id, msg_ref=msg.msg_ref, status=result,
+                                   reason=reason))
+
+    def _nudge_queue(self, recipient: str) -> bool:
+        """The recipient is online (here or on another node): hand them what waits now."""
+        local = self.registry.session_of(recipient)
+        if local is not None:
+            self.push_queue(local)
+            return True
+        if self.cluster.is_remote(recipient):
+            nudge = P.StoredMessage(queue_id=0, conversation_id=0, sender=recipient, suite=0, generation=0, key=b"",
+                                    sender_identity=bytes(32), stored_at_ms=0, payload=b"")
+            self.on_loop(self.cluster.deliver, recipient, nudge)  # that node reads the queue
+            return True
+        return False
+
+    def push_queue(self, session: Session) -> None:
+        """Send the session's stored messages, in order, at most QUEUE_WINDOW unacknowledged (a worker)."""
+        me = session.username
+        if me is None or session.closed.is_set():
+            return
+        with session.queue_lock:
+            room = QUEUE_WINDOW - session.queue_in_flight
+            if room < QUEUE_WINDOW // 2:
+                return  # enough in flight: acknowledgements bring the rest
+            for row in self.storage.queued_for(me, session.queue_sent_upto, room):
+                key = b""
+                if row.wrapped_key is not None and len(row.wrapped_key) > 12:
+                    try:
+                        key = self._offline_keys.decrypt(row.wrapped_key[:12], row.wrapped_key[12:],
+                                                         self._wrap_aad(me, row.conversation_id, row.generation))
+                    except Exception:  # noqa: BLE001 - InvalidTag: another service's key; the client says so
+                        key = b""
+                sent = session.send(P.StoredMessage(
+                    queue_id=row.id, conversation_id=row.conversation_id, sender=row.sender,
+                    suite=self.suite.suite_id, generation=row.generation, key=key,
+                    sender_identity=row.sender_identity, stored_at_ms=int(row.stored_at * 1000), payload=row.payload))
+                if not sent:
+                    return
+                session.queue_sent_upto = row.id
+                session.queue_in_flight += 1
+
+    def _ack(self, session: Session, msg: P.Ack) -> None:
+        me = session.username
+        assert me is not None
+        if self.storage.ack_queued(me, msg.queue_id):
+            with session.queue_lock:
+                session.queue_in_flight = max(0, session.queue_in_flight - 1)
+            self.push_queue(session)
+
+
     # -- account self-service (docs/PROTOCOL.md section 14.1) -------------------------
     def _delete_account(self, session: Session, msg: P.DeleteAccount) -> None:
         """The password again (bcrypt, with the login lockout) and the username typed; then it is all gone."""
@@ -1000,6 +1188,8 @@ class ChatService:
                  P.Relay: _relay, P.WhoRequest: _who, P.RegisterEndpoint: _register_endpoint,
                  P.DirectRequest: _direct_request, P.ChangePassword: _change_password}
     _HANDLERS[P.DeleteAccount] = _delete_account
+    _HANDLERS.update({P.PublishPrekeys: _publish_prekeys, P.OfflineOpen: _offline_open, P.Store: _store,
+                      P.Ack: _ack})
 
 
 # =============================================================================
@@ -1418,6 +1608,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "tickets and the cluster key derive from it (default: the data dir's own)")
     p.add_argument("--node-name", default="", help="this node's name in logs and `admin sessions` "
                                                    "(default: hostname:port)")
+    p.add_argument("--queue-max-messages", type=int, default=1000, metavar="N",
+                   help="stored messages kept for one offline user at most (then senders are told)")
+    p.add_argument("--queue-max-mib", type=float, default=10.0, metavar="MIB",
+                   help="bytes of stored messages kept for one offline user at most, in MiB")
+    p.add_argument("--queue-max-days", type=float, default=30.0, metavar="DAYS",
+                   help="stored messages unread this long are deleted")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for each worker
     return p
 
@@ -1466,6 +1662,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--audit-retention-days must be between 0 and 36500.")
     if not 1 <= args.worker_threads <= 256:
         raise ConfigError("--worker-threads must be between 1 and 256.")
+    if not 1 <= args.queue_max_messages <= 1_000_000 or not 0 < args.queue_max_mib <= 4096 \
+            or not 0 < args.queue_max_days <= 3650:
+        raise ConfigError("--queue-max-messages is 1-1000000, --queue-max-mib 0-4096, --queue-max-days 0-3650.")
     if args.cluster_url is not None:
         if not args.cluster_url.startswith(("nats://", "tls://")):
             raise ConfigError("--cluster takes a NATS URL: nats://HOST:PORT")
@@ -1486,7 +1685,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         metrics_port=args.metrics_port, audit_retention_days=args.audit_retention_days,
                         worker_threads=args.worker_threads, reuse_port=args.reuse_port,
                         cluster_url=args.cluster_url, cluster_prefix=args.cluster_prefix,
-                        identity_key_file=args.identity_key, node_name=args.node_name[:64])
+                        identity_key_file=args.identity_key, node_name=args.node_name[:64],
+                        queue_max_messages=args.queue_max_messages,
+                        queue_max_bytes=int(args.queue_max_mib * (1 << 20)),
+                        queue_max_age_s=args.queue_max_days * 86400.0)
 
 
 class LinePrinter:
