@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import crypto_utils as cu
 import direct
 import e2e
+import offline
 import history as H
 import protocol as P
 from errors import (
@@ -313,6 +314,31 @@ class MessageReceived:
     text: str
     sent_at: float
     direct: bool = False
+    stored_at: float | None = None   # it waited in the server's queue (it was sent while we were away)
+
+
+@dataclass(frozen=True)
+class MessageStored:
+    """The server keeps a message for ``peer`` (``online``: and handed it to their client now)."""
+    peer: str
+    text: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class MessageNotStored:
+    """The server refused to keep a message (a full mailbox, an unknown conversation)."""
+    peer: str
+    text: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MessageDelivered:
+    """``peer``'s client opened the message: an end-to-end receipt the server cannot forge."""
+    peer: str
+    text: str
+    stored: bool
 
 
 @dataclass(frozen=True)
@@ -432,7 +458,7 @@ class ChatClient:
                  auto_reconnect: bool = False, reconnect_attempts: int = RECONNECT_ATTEMPTS,
                  reconnect_max_s: float = RECONNECT_MAX_S, history: bool = False,
                  history_max_messages: int = H.DEFAULT_MAX_PER_CONVERSATION,
-                 history_max_age_days: float = H.DEFAULT_MAX_AGE_DAYS) -> None:
+                 history_max_age_days: float = H.DEFAULT_MAX_AGE_DAYS, receipts: bool = True) -> None:
         """``ChatClient(host, port)`` or ``ChatClient(servers=[(host, port), ...])``: the nodes of
         one service, tried in order; the first is the service id the server key is pinned under.
 
@@ -499,6 +525,10 @@ class ChatClient:
         self._direct_lock = threading.Lock()
         self._direct_sent: dict[tuple[str, int], str] = {}
         self._udp_thread: threading.Thread | None = None
+        # Store and forward (offline.py, docs/PROTOCOL.md section 15).
+        self.receipts = receipts          # answer every message that opens with an end-to-end receipt
+        self.mailbox = offline.Mailbox(self)
+        self._early: list = []            # frames that came in the same read as AuthOk
 
     @property
     def server_id(self) -> str:
@@ -672,6 +702,8 @@ class ChatClient:
             self.identities.save(ok.username, password, identity)
         self.identity = identity
         self.peer_trust = e2e.PeerTrust(self.home, ok.username, self.server_id)
+        if self.persist_identity and self.mailbox.store is None:
+            self.mailbox.open_store(self.home, ok.username, self.server_id, password)
         if self.history_enabled and self.history is None:
             try:
                 self.history = H.History.open(self.home, ok.username, self.server_id, password,
@@ -711,6 +743,7 @@ class ChatClient:
             self.enable_direct()  # a new session has a new ticket key
         for peer in sorted(wanted):
             self.open_conversation(peer)
+        self.mailbox.resend_unanswered()  # stores the server may not have seen: the same bytes again
         return True
 
     @property
@@ -724,10 +757,12 @@ class ChatClient:
             raise InvalidUsername("Usernames are at most 32 characters.")
         self._send(msg)
         while True:
-            for event in self._recv_events():
+            events = self._recv_events()
+            for i, event in enumerate(events):
                 if isinstance(event, P.AuthOk):
                     self.username = event.username
                     self._ticket = event.ticket or None
+                    self._early = events[i + 1:]  # the prekey status, stored messages: after start()
                     return event
                 if isinstance(event, P.AuthFailed):
                     self._raise_auth_failed(event)
@@ -754,17 +789,19 @@ class ChatClient:
             raise AuthError("Log in first.")
         assert self.sock is not None
         self.sock.settimeout(None)
-        receiver = threading.Thread(target=self._receive_loop, args=(self.sock, self.proto, self._connection),
+        early, self._early = self._early, []
+        receiver = threading.Thread(target=self._receive_loop, args=(self.sock, self.proto, self._connection, early),
                                     name="receiver", daemon=True)
         receiver.start()
         self._receiver = receiver  # only once started: close() may join it from another thread
 
-    def _receive_loop(self, sock: socket.socket, proto: P.ClientProtocol, connection: int) -> None:
+    def _receive_loop(self, sock: socket.socket, proto: P.ClientProtocol, connection: int,
+                      early: list | None = None) -> None:
         """Read one connection until it ends; only the current connection may report its end."""
         reason, goodbye, going_away = "closed", False, False
         try:
             while not self.closed.is_set():
-                events = self._recv_events(sock, proto)
+                events, early = (early, None) if early else (self._recv_events(sock, proto), None)
                 if connection != self._connection:
                     return  # resume() replaced this connection: nothing of it is news any more
                 for event in events:
@@ -884,6 +921,14 @@ class ChatClient:
             self._emit(ServerNotice(reason, msg.code))
         elif isinstance(msg, P.AccountDeleted):
             self._emit(AccountDeletion(msg.deleted, sanitize(msg.reason, 512)))
+        elif isinstance(msg, P.StoredMessage):
+            self.mailbox.on_stored(msg)
+        elif isinstance(msg, P.StoreResult):
+            self.mailbox.on_store_result(msg)
+        elif isinstance(msg, P.OfflineKey):
+            self.mailbox.on_offline_key(msg)
+        elif isinstance(msg, P.PrekeyStatus):
+            self.mailbox.on_prekey_status(msg)
 
     def _on_peer_status(self, msg: P.PeerStatus) -> None:
         peer = msg.peer
@@ -938,21 +983,7 @@ class ChatClient:
             self._emit(ServerNotice("The server sent an unusable conversation key; it was ignored."))
             return
         assert self.peer_trust is not None and self.identity is not None and self.username is not None
-        try:
-            self.peer_trust.check(peer, msg.peer_identity)
-        except e2e.IdentityChanged as exc:
-            with self._state_lock:
-                # The same refused key again (the peer reconnected, or we reopened): warned already.
-                known = self._changed_identity.get(peer)
-                again = known is not None and cu.constant_time_equal(known, msg.peer_identity)
-                self._changed_identity[peer] = msg.peer_identity
-                self.conversations.pop(peer, None)
-                self._pending_open.discard(peer)
-                self._presence[peer] = PRESENCE_REFUSED
-                self._state_changed.notify_all()
-            self._pending_keys().put(peer, msg.peer_identity)  # so /accept works after a restart too
-            if not again:
-                self._emit(SecurityWarning(peer, str(exc)))
+        if not self._trust_peer(peer, msg.peer_identity):
             return
         with self._state_lock:
             conv = self.conversations.get(peer)
@@ -971,6 +1002,83 @@ class ChatClient:
             self._state_changed.notify_all()
         self._send(P.Relay(conversation_id=msg.conversation_id, payload=share))
 
+    def _trust_peer(self, peer: str, key: bytes) -> bool:
+        """Pin on first use; a changed key is refused loudly, once per key, until /accept."""
+        assert self.peer_trust is not None
+        try:
+            self.peer_trust.check(peer, key)
+            return True
+        except e2e.IdentityChanged as exc:
+            with self._state_lock:
+                # The same refused key again (the peer reconnected, or we reopened): warned already.
+                known = self._changed_identity.get(peer)
+                again = known is not None and cu.constant_time_equal(known, key)
+                self._changed_identity[peer] = key
+                self.conversations.pop(peer, None)
+                self._pending_open.discard(peer)
+                self._presence[peer] = PRESENCE_REFUSED
+                self._state_changed.notify_all()
+            self._pending_keys().put(peer, key)  # so /accept works after a restart too
+            if not again:
+                self._emit(SecurityWarning(peer, str(exc)))
+            return False
+
+    @staticmethod
+    def _security_warning(peer: str, text: str) -> "SecurityWarning":
+        return SecurityWarning(peer, text)
+
+    @staticmethod
+    def _rejected(peer: str, reason: str) -> "MessageRejected":
+        return MessageRejected(sanitize(peer, 64), reason)
+
+    def _opened(self, sender: str, opened: e2e.Opened, *, stored_at: float | None = None,
+                direct: bool = False) -> None:
+        """An end-to-end message opened (live, direct or stored): show it, or mark what it receipts."""
+        if opened.kind == e2e.BODY_RECEIPT:
+            self.mailbox.on_receipt(sender, opened.receipts)
+            return
+        self._received(MessageReceived(sender, opened.text, opened.sent_at, direct=direct, stored_at=stored_at))
+        if self.receipts:
+            self.mailbox.receipt(sender, opened.msg_id)
+
+    def _stored_event(self, entry: "offline.Outgoing") -> None:
+        if entry.state == offline.REFUSED:
+            self._emit(MessageNotStored(entry.peer, entry.text, entry.reason))
+        else:
+            self._emit(MessageStored(entry.peer, entry.text, online=entry.state == offline.HANDED))
+
+    def _delivered_event(self, entry: "offline.Outgoing") -> None:
+        self._emit(MessageDelivered(entry.peer, entry.text, entry.stored))
+
+    def _barrier_after(self, msg: P.Message) -> "_Barrier":
+        """Send ``msg`` and a WhoRequest: the barrier is done once every answer to ``msg`` is in."""
+        barrier = _Barrier()
+        self._check_not_reconnecting()
+        with self._send_lock:
+            self._who_waiters.append(barrier)
+            try:
+                self._send_locked(msg)
+                self._send_locked(P.WhoRequest())
+            except ConnectionClosed:
+                self._who_waiters.remove(barrier)
+                raise
+        return barrier
+
+    def _send_live_body(self, peer: str, body_type: int, content: bytes) -> bool:
+        """Seal in the live conversation with ``peer`` and relay; False when there is none ready."""
+        with self._state_lock:
+            conv = self.conversations.get(peer)
+            if conv is None or not conv.ready:
+                return False
+            payload = conv.seal_body(body_type, e2e.new_msg_id(), content)
+            cid = conv.id
+        self._send(P.Relay(conversation_id=cid, payload=payload))
+        return True
+
+    def pending(self) -> list["offline.Outgoing"]:
+        """Messages sent this session with no delivery receipt yet, oldest first."""
+        return self.mailbox.pending()
+
     def _on_deliver(self, msg: P.Deliver) -> None:
         sender = msg.sender
         with self._state_lock:
@@ -979,8 +1087,10 @@ class ChatClient:
                 conv = None
             refused = sender in self._changed_identity
         if conv is None or not msg.payload:
-            if refused:  # the key share of a conversation we refused: the warning said what to do
-                log.debug("discarded a message in a refused conversation")
+            if refused or msg.payload[:1] in (bytes([k]) for k in e2e.SHARE_KINDS):
+                # the key share of a conversation we refused (the warning said what to do), or one
+                # from before we dropped the conversation: a share carries no message
+                log.debug("discarded a key share or message outside a conversation")
                 return
             self._emit(MessageRejected(sanitize(sender, 64), "A message for an unknown conversation was discarded."))
             return
@@ -989,13 +1099,13 @@ class ChatClient:
             return
         with self._state_lock:
             try:
-                text, sent_at = conv.open(msg.payload)
+                opened, failure = conv.open_message(msg.payload), ""
             except DecryptionFailed as exc:
-                text, sent_at = None, str(exc)
-        if text is None:
-            self._emit(MessageRejected(sender, sent_at))
+                opened, failure = None, str(exc)
+        if opened is None:
+            self._emit(MessageRejected(sender, failure))
         else:
-            self._received(MessageReceived(sender, text, sent_at))
+            self._opened(sender, opened)
 
     def _received(self, event: MessageReceived) -> None:
         if self.history is not None:
@@ -1011,6 +1121,9 @@ class ChatClient:
                 reply = conv.receive_share(payload)   # a share is answered with our ML-KEM reply
                 generation = conv.current
                 warning = None
+            except e2e.StaleShare:
+                log.debug("a key share for an earlier generation was ignored")
+                return
             except e2e.ShareRejected as exc:
                 warning = str(exc)
                 if self.conversations.get(peer) is conv:
@@ -1056,6 +1169,7 @@ class ChatClient:
                 del self._presence[peer]
         self.peer_trust.accept(peer, key)
         self._pending_keys().remove(peer)
+        self.mailbox.release_held(peer)  # stored messages that waited for this decision
         self.open_conversation(peer)
         return True
 
@@ -1119,13 +1233,29 @@ class ChatClient:
         """
         return self._send_sealed(peer, text, None)
 
+    def send_offline(self, peer: str, text: str) -> int | None:
+        """Seal ``text`` for ``peer`` from their prekeys and hand it to the server's queue
+        (docs/PROTOCOL.md section 15): a MessageStored or MessageNotStored event answers it,
+        a MessageDelivered follows once their client has opened it."""
+        peer = P.normalize_username(peer)
+        if peer == self.username:
+            raise MessageRefused("That is you; messages go to someone else.")
+        if self.presence(peer) in (PRESENCE_UNKNOWN, PRESENCE_REFUSED):
+            raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
+        if self.mailbox.store is None and not self.persist_identity:
+            raise MessageRefused("This client keeps no prekeys (persist_identity=False): it cannot write offline.")
+        self.mailbox.send_text(peer, text, e2e.new_msg_id())
+        return self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
+
     def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None") -> int | None:
+        msg_id = e2e.new_msg_id()
         with self._state_lock:
             conv = self.conversations.get(peer)
             if conv is None or not conv.ready:
                 raise ConnectionClosed(f"No open conversation with {peer}; they may be offline.")
-            payload = conv.seal(text)
+            payload = conv.seal(text, msg_id)
             cid = conv.id
+        self.mailbox.sent_live(peer, text, msg_id)
         row = self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
         if self.is_direct(peer):
             with self._direct_lock:
@@ -1303,13 +1433,13 @@ class ChatClient:
             with self._state_lock:
                 conv = self.conversations.get(event.peer)
                 try:
-                    text, sent_at = conv.open(event.payload) if conv else (None, "no conversation")
-                except DecryptionFailed as exc:
-                    text, sent_at = None, str(exc)
-            if text is None:
+                    opened = conv.open_message(event.payload) if conv else None
+                except DecryptionFailed:
+                    opened = None
+            if opened is None:
                 self._emit(MessageRejected(event.peer, f"A direct message from {event.peer} was discarded."))
             else:
-                self._received(MessageReceived(event.peer, text, sent_at, direct=True))
+                self._opened(event.peer, opened, direct=True)
 
     def change_password(self, old_password: str, new_password: str) -> None:
         """Change this account's password (docs/PROTOCOL.md section 13).

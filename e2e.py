@@ -135,6 +135,11 @@ class ShareRejected(SecureIMError):
     """A peer's key share failed its signature check: the conversation was refused."""
 
 
+class StaleShare(ShareRejected):
+    """A share for a generation older than the newest one here (sent before a rekey or a
+    refusal that the peer had not seen yet): harmless, ignored."""
+
+
 # =============================================================================
 # Identity keys at rest
 # =============================================================================
@@ -374,6 +379,8 @@ class E2ESession:
 
     def _pending(self, generation: int) -> _Generation:
         gen = self._generations.get(generation)
+        if gen is None and self._generations and generation < max(self._generations):
+            raise StaleShare("A key share for an earlier key was ignored.")
         if gen is None or gen.kdc_key is None or gen.my_kem is None:
             raise ShareRejected("An unexpected key share was refused.")
         return gen

@@ -407,7 +407,7 @@ def test_curious_server_cannot_read_messages(tmp_path):
             _kind, generation, ciphertext, _sig = e2e.KEM_REPLY.unpack(payload)
             replies.setdefault((cid, generation), {})[sender] = ciphertext
     messages = [(s, c, p) for s, c, p in relayed if p[:1] == bytes([e2e.KIND_MESSAGE])]
-    assert len(messages) == len(secrets_sent) + 1
+    assert len(messages) >= len(secrets_sent) + 1   # the texts, and the receipts that answer them
     suite = cu.get_suite("3des")
     for sender, cid, payload in messages:
         generation = e2e.MESSAGE_HEADER.unpack_from(payload)[1]

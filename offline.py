@@ -1,0 +1,322 @@
+"""The client's side of store and forward (docs/PROTOCOL.md section 15): one per ChatClient.
+
+- **Sending** to a peer with no live conversation: an offline session from the peer's prekey
+  bundle (``prekeys.OutboundSession``), one Store per message.  The server answers each with a
+  StoreResult; a resend after a reconnect repeats the same bytes and the same reference, which
+  the server does not store twice.
+- **Receiving** StoredMessage frames: the sender's identity is checked against the pinned key
+  (a change holds the messages, unacknowledged, until ``/accept``), the payload is opened with
+  this client's private prekeys, and only then is it acknowledged (the server deletes it).
+  A redelivered payload (the same bytes again) is acknowledged and not shown twice.
+- **Receipts**: every text message that opens, live or stored, is answered with an end-to-end
+  receipt (its 16-byte id, sealed in the conversation), so the sender sees "delivered" from the
+  recipient's client, never from the server.  Receipts are sent by a thread of their own: the
+  receiver thread never waits for the server.
+
+Everything is bounded: the outbox (``MAX_OUTBOX``), the held messages (``MAX_HELD``), the
+receipt queue (``MAX_RECEIPT_JOBS``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import crypto_utils as cu
+import e2e
+import prekeys as K
+import protocol as P
+from errors import ConnectionClosed, DecryptionFailed, MessageRefused, SecureIMError
+
+log = logging.getLogger("secureim.offline")
+
+OPEN_TIMEOUT_S = 15.0       # waiting for an offline key (a database write and a prekey take on the server)
+MAX_OUTBOX = 1000           # sent messages remembered until delivered (oldest delivered ones go first)
+MAX_HELD = 1000             # stored messages held while their sender's changed identity waits for /accept
+MAX_RECEIPT_JOBS = 10000
+
+# Outgoing states
+SENDING, SENT, STORED, HANDED, DELIVERED, REFUSED = "sending", "sent", "stored", "handed over", "delivered", "refused"
+
+
+@dataclass
+class Outgoing:
+    msg_id: bytes
+    peer: str
+    text: str
+    at: float
+    state: str
+    stored: bool = False                 # went through the server's queue
+    reason: str = ""
+    retried: bool = False                # resealed once after its offline key expired
+    store: P.Store | None = None         # kept until the server answers: a resend repeats it exactly
+
+
+class Mailbox:
+    def __init__(self, client) -> None:
+        self.client = client
+        self.lock = threading.RLock()
+        self.store: K.PrekeyStore | None = None
+        self.inbound: K.InboundSessions | None = None
+        self.outbound: dict[str, K.OutboundSession] = {}
+        self.outbox: collections.OrderedDict[bytes, Outgoing] = collections.OrderedDict()
+        self.held: dict[str, list[P.StoredMessage]] = {}
+        self._open_failure: dict[str, str] = {}
+        self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
+        self._thread: threading.Thread | None = None
+        self.published = threading.Event()   # the server holds a current bundle of ours (tests wait on it)
+
+    # -- setup ------------------------------------------------------------------------
+    def open_store(self, home, username: str, server_id: str, password: str) -> None:
+        self.store = K.PrekeyStore(home, username, server_id, password)
+        self.inbound = K.InboundSessions(self.store)
+
+    def on_prekey_status(self, msg: P.PrekeyStatus) -> None:
+        """Top up one-time prekeys and renew the signed prekey when due (the receiver thread)."""
+        if self.store is None or self.client.identity is None:
+            return
+        with self.lock:
+            plan = self.store.plan_publish(self.client.identity, msg.one_time_left, msg.signed_prekey_id)
+        if plan is None:
+            self.published.set()
+            return
+        signed, one_time, replace = plan
+        self.client._send(P.PublishPrekeys(signed_prekey=signed, one_time=one_time, replace=replace))
+
+    # -- sending ----------------------------------------------------------------------
+    def _outbound_for(self, peer: str) -> K.OutboundSession:
+        with self.lock:
+            out = self.outbound.get(peer)
+        if out is not None:
+            return out
+        barrier = self.client._barrier_after(P.OfflineOpen(peer=peer))
+        if not barrier.done.wait(OPEN_TIMEOUT_S):
+            raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
+        with self.lock:
+            out = self.outbound.get(peer)
+            failure = self._open_failure.pop(peer, None)
+        if out is None:
+            raise MessageRefused(failure or (barrier.refusals[0] if barrier.refusals
+                                             else f"no offline conversation with {peer} could be opened"))
+        return out
+
+    def send_text(self, peer: str, text: str, msg_id: bytes, *, retried: bool = False) -> Outgoing:
+        """Seal ``text`` for offline ``peer`` and hand it to the server's queue (answered by a StoreResult)."""
+        content = text.encode("utf-8")
+        if len(content) > e2e.MAX_TEXT_BYTES:
+            raise ValueError(f"Messages are limited to {e2e.MAX_TEXT_BYTES} bytes.")
+        out = self._outbound_for(peer)
+        with self.lock:
+            payload = out.seal(e2e.BODY_TEXT, msg_id, content)
+            entry = Outgoing(msg_id, peer, text, time.time(), SENDING, stored=True, retried=retried)
+            entry.store = P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload)
+            self._remember(entry)
+        self.client._send(entry.store)
+        return entry
+
+    def sent_live(self, peer: str, text: str, msg_id: bytes) -> None:
+        with self.lock:
+            self._remember(Outgoing(msg_id, peer, text, time.time(), SENT))
+
+    def _remember(self, entry: Outgoing) -> None:
+        self.outbox[entry.msg_id] = entry
+        while len(self.outbox) > MAX_OUTBOX:
+            done = next((k for k, e in self.outbox.items() if e.state in (DELIVERED, REFUSED)), None)
+            del self.outbox[done if done is not None else next(iter(self.outbox))]
+
+    def resend_unanswered(self) -> int:
+        """After a reconnect: every Store the server did not answer goes again, byte for byte."""
+        with self.lock:
+            again = [e.store for e in self.outbox.values() if e.state == SENDING and e.store is not None]
+        for store in again:
+            self.client._send(store)
+        return len(again)
+
+    def pending(self) -> list[Outgoing]:
+        with self.lock:
+            return [e for e in self.outbox.values() if e.state not in (DELIVERED, REFUSED)]
+
+    def on_offline_key(self, msg: P.OfflineKey) -> None:
+        """The server's answer to OfflineOpen (receiver thread): check everything, then keep the session."""
+        client = self.client
+        peer = msg.peer
+        try:
+            P.normalize_username(peer)
+            suite = cu.suite_by_id(msg.suite)
+        except SecureIMError:
+            return
+        if not client._trust_peer(peer, msg.peer_identity):
+            with self.lock:
+                self._open_failure[peer] = client.why_not_ready(peer)
+            return
+        try:
+            bundle = K.verify_bundle(peer, msg.peer_identity, msg.signed_prekey, msg.one_time_prekey)
+            out = K.OutboundSession(client.username, client.identity, peer, msg.peer_identity, msg.conversation_id,
+                                    msg.generation, msg.key, suite, bundle)
+        except (K.BundleRejected, SecureIMError) as exc:
+            with self.lock:
+                self._open_failure[peer] = str(exc)
+            client._emit(client._security_warning(peer, str(exc)))
+            return
+        with self.lock:
+            self.outbound[peer] = out
+
+    def on_store_result(self, msg: P.StoreResult) -> None:
+        with self.lock:
+            entry = self.outbox.get(msg.msg_ref)
+            if entry is None or entry.state != SENDING:
+                return  # the answer to a resend that was answered already
+            if msg.status == P.StoreStatus.NO_KEY and not entry.retried:
+                self.outbound.pop(entry.peer, None)
+                entry.store = None
+                retry = True
+            else:
+                retry = False
+                entry.store = None
+                if msg.status == P.StoreStatus.STORED:
+                    entry.state = STORED
+                elif msg.status == P.StoreStatus.HANDED_OVER:
+                    entry.state = HANDED
+                else:
+                    entry.state, entry.reason = REFUSED, client_text(msg.reason)
+        if retry:
+            self._job(("resend", entry))
+            return
+        self.client._stored_event(entry)
+
+    # -- receiving --------------------------------------------------------------------
+    def on_stored(self, msg: P.StoredMessage) -> None:
+        """A stored message (receiver thread, or the caller of /accept for held ones)."""
+        if msg.queue_id == 0:
+            return
+        client = self.client
+        try:
+            sender = P.normalize_username(msg.sender)
+            suite = cu.suite_by_id(msg.suite)
+        except SecureIMError:
+            client._emit(client._rejected(msg.sender, "A stored message with a malformed header was discarded."))
+            self._ack(msg)
+            return
+        if self.store is None or self.inbound is None:
+            return  # no prekeys on this client (it cannot open anything stored): leave it on the server
+        digest = K.payload_digest(msg.payload)
+        with self.lock:
+            seen = self.store.already_processed(digest)
+        if seen:
+            self._ack(msg)  # delivered again (a lost acknowledgement, or a replay): shown once only
+            return
+        if not client._trust_peer(sender, msg.sender_identity):
+            with self.lock:  # held, unacknowledged, until /accept (or the next login)
+                held = self.held.setdefault(sender, [])
+                if len(held) < MAX_HELD:
+                    held.append(msg)
+            return
+        ctx = K.StoredContext(client.username, client.identity, sender, msg.sender_identity, msg.conversation_id,
+                              msg.generation, msg.key, suite)
+        with self.lock:
+            try:
+                opened = self.inbound.open(ctx, msg.payload)
+                failure = None
+            except DecryptionFailed as exc:
+                opened, failure = None, str(exc)
+            self.store.mark_processed(digest)
+        self._ack(msg)
+        if opened is None:
+            client._emit(client._rejected(sender, failure or "A stored message could not be opened."))
+            return
+        client._opened(sender, opened, stored_at=msg.stored_at_ms / 1000.0)
+
+    def release_held(self, peer: str) -> int:
+        with self.lock:
+            held = self.held.pop(peer, [])
+        for msg in held:
+            self.on_stored(msg)
+        return len(held)
+
+    def _ack(self, msg: P.StoredMessage) -> None:
+        try:
+            self.client._send(P.Ack(queue_id=msg.queue_id))
+        except ConnectionClosed:
+            pass  # not acknowledged: it comes again after the reconnect, and is recognised then
+
+    def on_receipt(self, peer: str, ids: tuple[bytes, ...]) -> None:
+        """An authenticated receipt from ``peer``: only their own messages are marked."""
+        delivered = []
+        with self.lock:
+            for msg_id in ids:
+                entry = self.outbox.get(msg_id)
+                if entry is not None and entry.peer == peer and entry.state != DELIVERED:
+                    entry.state = DELIVERED
+                    delivered.append(entry)
+        for entry in delivered:
+            self.client._delivered_event(entry)
+
+    # -- receipts and retries, off the receiver thread -----------------------------------
+    def receipt(self, peer: str, msg_id: bytes) -> None:
+        self._job(("receipt", peer, msg_id))
+
+    def _job(self, job) -> None:
+        with self.lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="offline-mail", daemon=True)
+                self._thread.start()
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            log.warning("receipt queue full; a receipt was dropped")
+
+    def _run(self) -> None:
+        while not self.client._stop.is_set():
+            try:
+                first = self._jobs.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < e2e.MAX_RECEIPT_IDS:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            receipts: dict[str, list[bytes]] = {}
+            for job in batch:
+                if job[0] == "receipt":
+                    receipts.setdefault(job[1], []).append(job[2])
+                else:
+                    self._resend(job[1])
+            for peer, ids in receipts.items():
+                self._send_receipt(peer, ids)
+
+    def _send_receipt(self, peer: str, ids: list[bytes]) -> None:
+        content = e2e.receipt_content(ids[:e2e.MAX_RECEIPT_IDS])
+        try:
+            if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):
+                return
+            out = self._outbound_for(peer)
+            with self.lock:
+                msg_id = e2e.new_msg_id()
+                payload = out.seal(e2e.BODY_RECEIPT, msg_id, content)
+            self.client._send(P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id,
+                                      payload=payload))
+        except (SecureIMError, ValueError) as exc:
+            log.info("a receipt to a peer was not sent: %s", exc)
+
+    def _resend(self, entry: Outgoing) -> None:
+        """The offline key of that generation had expired: seal again under a new one, once."""
+        try:
+            again = self.send_text(entry.peer, entry.text, entry.msg_id, retried=True)
+        except (SecureIMError, ValueError) as exc:
+            with self.lock:
+                entry.state, entry.reason = REFUSED, str(exc)
+            self.client._stored_event(entry)
+            return
+        log.debug("stored message resealed (%s)", again.state)
+
+
+def client_text(reason: str) -> str:
+    from clientlib import sanitize
+
+    return sanitize(reason, 512)

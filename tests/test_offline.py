@@ -1,0 +1,152 @@
+"""Offline delivery through a real server (library clients): issue 12, docs/PROTOCOL.md section 15."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+import clientlib as C
+import protocol as P
+from server_fixtures import PASSWORD, logged_in_client, running_server, wait_for
+
+
+def _published(client: C.ChatClient) -> C.ChatClient:
+    assert client.mailbox.published.wait(20), "the client did not publish its prekeys"
+    return client
+
+
+def _away(server, home, name: str) -> None:
+    """``name`` registers, publishes prekeys and leaves."""
+    _published(logged_in_client(server, home, name)).close()
+
+
+def test_three_messages_wait_for_bob_across_a_restart_arrive_in_order_once_and_are_receipted(tmp_path):
+    secrets = ["first of three", "second of three", "third of three"]
+    with running_server(tmp_path / "srv") as server:
+        port = server.server_address[1]
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice", auto_reconnect=True, reconnect_max_s=30)
+        alice.open_conversation("bob")
+        wait_for(alice, C.PeerOffline, peer="bob")
+        for text in secrets:
+            alice.send_offline("bob", text)
+            stored = wait_for(alice, C.MessageStored)
+            assert (stored.peer, stored.text, stored.online) == ("bob", text, False)
+        assert [e.text for e in alice.pending()] == secrets
+        db_path = server.storage.path
+    rows = sqlite3.connect(db_path).execute("SELECT payload, sender_identity FROM message_queue").fetchall()
+    assert len(rows) == 3 and all(s.encode() not in bytes(r[0]) for r in rows for s in secrets)
+    with running_server(tmp_path / "srv", port=port) as server:
+        wait_for(alice, C.Reconnected, timeout=30)
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        got = [wait_for(bob, C.MessageReceived, timeout=20) for _ in secrets]
+        assert [(m.peer, m.text) for m in got] == [("alice", t) for t in secrets]
+        assert all(m.stored_at is not None for m in got)
+        delivered = [wait_for(alice, C.MessageDelivered, timeout=20) for _ in secrets]
+        assert sorted(d.text for d in delivered) == sorted(secrets) and all(d.stored for d in delivered)
+        assert alice.pending() == []
+        bob.who()
+        wait_for(bob, C.WhoList)
+        assert server.storage.queued_for("bob", 0, 10) == []   # acknowledged, so deleted
+        bob.close()
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        bob.who()
+        events = []
+        while (e := bob.next_event(timeout=5)) is not None and not isinstance(e, C.WhoList):
+            events.append(e)
+        assert not [e for e in events if isinstance(e, C.MessageReceived)]  # once only
+        alice.close()
+        bob.close()
+
+
+def test_a_full_mailbox_refuses_plainly_and_keeps_what_is_stored(tmp_path):
+    with running_server(tmp_path / "srv", queue_max_messages=2) as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        for text in ("one", "two"):
+            alice.send_offline("bob", text)
+            wait_for(alice, C.MessageStored, text=text)
+        alice.send_offline("bob", "three")
+        refused = wait_for(alice, C.MessageNotStored)
+        assert refused.text == "three" and "mailbox is full" in refused.reason and "Nothing already stored" \
+            in refused.reason
+        assert [e.text for e in alice.pending()] == ["one", "two"]
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        assert [wait_for(bob, C.MessageReceived).text for _ in range(2)] == ["one", "two"]
+        alice.close()
+        bob.close()
+
+
+def test_stored_messages_to_an_online_user_are_handed_over_at_once(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        bob = _published(logged_in_client(server, tmp_path / "bob", "bob"))
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        alice.send_offline("bob", "straight through")
+        assert wait_for(alice, C.MessageStored).online is True
+        assert wait_for(bob, C.MessageReceived).text == "straight through"
+        assert wait_for(alice, C.MessageDelivered).text == "straight through"
+        alice.close()
+        bob.close()
+
+
+def test_live_messages_are_receipted_end_to_end(tmp_path):
+    from server_fixtures import chat_pair
+
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = chat_pair(server, tmp_path)
+        alice.send_message("bob", "live one")
+        assert wait_for(bob, C.MessageReceived).text == "live one"
+        assert wait_for(alice, C.MessageDelivered).text == "live one"
+        assert alice.pending() == []
+        alice.close()
+        bob.close()
+
+
+def test_a_changed_identity_holds_stored_messages_until_accept(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        alice.send_offline("bob", "before reinstall")
+        wait_for(alice, C.MessageStored)
+        alice.close()
+        bob = _published(logged_in_client(server, tmp_path / "bob", "bob", register=False))
+        assert wait_for(bob, C.MessageReceived).text == "before reinstall"
+        bob.close()  # bob has now pinned alice's key
+        alice2 = logged_in_client(server, tmp_path / "alice-new", "alice", register=False)  # a reinstall: new key
+        alice2.send_offline("bob", "after reinstall")
+        wait_for(alice2, C.MessageStored)
+        alice2.close()
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        warning = wait_for(bob, C.SecurityWarning, peer="alice")
+        assert "identity key changed" in warning.text
+        assert [m.payload for m in server.storage.queued_for("bob", 0, 10)] != []  # kept, not acknowledged
+        assert bob.accept_identity("alice")
+        assert wait_for(bob, C.MessageReceived).text == "after reinstall"
+        bob.close()
+
+
+def test_the_server_refuses_malformed_prekeys(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice = _published(logged_in_client(server, tmp_path / "alice", "alice"))
+        alice._send(P.PublishPrekeys(signed_prekey=b"x" * 10, one_time=b""))
+        assert "Malformed prekeys" in wait_for(alice, C.ServerNotice).text
+        alice.close()
+
+
+def test_writing_to_a_user_without_prekeys_says_so(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        server.storage.create_user("old", "x" * 60, b"\x01" * 32)
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        with pytest.raises(C.MessageRefused, match="no keys for offline messages"):
+            alice.send_offline("old", "hello?")
+        alice.close()
+
+
+def test_the_password_is_needed_for_the_prekeys(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        bob = _published(logged_in_client(server, tmp_path / "bob", "bob"))
+        store = bob.mailbox.store
+        assert store is not None and store.path.exists()
+        assert PASSWORD.encode() not in store.path.read_bytes()
+        bob.close()
