@@ -37,6 +37,7 @@ from errors import (
     InvalidCredentials,
     InvalidPassword,
     InvalidUsername,
+    MessageRefused,
     ProtocolError,
     SecureIMError,
     ServerKeyMismatch,
@@ -59,6 +60,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "/to": ("/to USER", "talk to USER (several conversations can be open at once)",
             "Messages you type go to USER from now on; the prompt shows who that is."),
     "/who": ("/who", "list who is online", ""),
+    "/pending": ("/pending", "list your messages of this session that are not delivered yet",
+                 "A message to someone offline is stored (encrypted end to end) by the server until they log "
+                 "in; \"delivered\" comes from their client, which the server cannot fake."),
     "/unread": ("/unread", "show which conversations have messages you have not seen",
                 "Messages from a conversation other than the current one are marked with * and ring "
                 "the terminal bell (--no-bell to silence); /to USER marks them read."),
@@ -198,6 +202,11 @@ class ChatCompleter(Completer):
                 yield Completion(name, start_position=-len(word))
 
 
+def _preview(text: str, width: int = 40) -> str:
+    one = " ".join(C.sanitize_lines(text))
+    return one if len(one) <= width else one[:width - 1] + "…"
+
+
 def _arrow() -> str:
     try:
         "→".encode(sys.stdout.encoding or "ascii")
@@ -288,6 +297,16 @@ class ChatUI:
         if isinstance(event, C.DirectRequested):
             return (f"[CLIENT]: {peer} asks for a direct connection (peer to peer: each of you sees the "
                     f"other's address); /direct {peer} to accept.")
+        if isinstance(event, C.MessageStored):
+            if event.online:
+                return None  # handed over at once: "delivered" follows
+            return f"[CLIENT]: Stored for {peer} (offline); it will be delivered when {peer} logs in."
+        if isinstance(event, C.MessageNotStored):
+            return f"[CLIENT]: Not stored for {peer}: {C.sanitize(event.reason, 300)}"
+        if isinstance(event, C.MessageDelivered):
+            if not event.stored:
+                return None  # live messages: /pending lists the ones without a receipt
+            return f"[CLIENT]: Delivered to {peer}: {_preview(event.text)}"
         if isinstance(event, C.MessageUndelivered):
             return f"[CLIENT]: Not delivered to {peer} (no acknowledgement): {C.sanitize(event.text, 200)}"
         if isinstance(event, C.PeerOnline):
@@ -297,7 +316,8 @@ class ChatUI:
         if isinstance(event, C.PeerOffline):
             with self._lock:
                 self.online.discard(peer)
-            return "[CLIENT]: Destination user is offline." if is_dest else f"[CLIENT]: {peer} is offline."
+            return ("[CLIENT]: Destination user is offline; what you type is stored for them until they log in."
+                    if is_dest else f"[CLIENT]: {peer} is offline.")
         if isinstance(event, C.PeerUnknown):
             return f"[CLIENT]: Destination user {peer} does not exist; type /to USER to choose another."
         if isinstance(event, C.ConversationReady):
@@ -426,10 +446,11 @@ class ChatUI:
         # Right after /to the key exchange may still be running: wait for it (bounded), never drop the line.
         if not self.client.has_conversation(dest) and not self.client.wait_conversation(dest):
             presence = self.client.presence(dest)
+            if presence == C.PRESENCE_OFFLINE:
+                self._send_offline(dest, text)
+                return
             if presence == C.PRESENCE_UNKNOWN:
                 why = f"{shown} does not exist; type /to USER to choose another"
-            elif presence == C.PRESENCE_OFFLINE:
-                why = f"{shown} is offline; you will be told when {shown} is back"
             elif presence == C.PRESENCE_REFUSED:
                 why = f"you refused {shown}'s new identity key (check /verify {shown}, then /accept {shown})"
             elif presence == C.PRESENCE_ONLINE:
@@ -446,6 +467,30 @@ class ChatUI:
             return
         me = f"{self.client.username}{self.arrow}{shown}"
         self.term.say("\n".join(f"[{me}]: {line}" for line in C.sanitize_lines(text)))
+
+    def _send_offline(self, dest: str, text: str) -> None:
+        """Store and forward: sealed end to end from the peer's prekeys; the server keeps it."""
+        shown = C.sanitize(dest, 64)
+        try:
+            self.client.send_offline(dest, text)
+        except ValueError as exc:  # too long
+            self.term.say(f"[CLIENT]: {exc}")
+            return
+        except MessageRefused as exc:
+            self.term.say(f"[CLIENT]: Not sent: {C.sanitize(str(exc), 300)}")
+            return
+        me = f"{self.client.username}{self.arrow}{shown}"
+        self.term.say("\n".join(f"[{me}]: {line}" for line in C.sanitize_lines(text)))
+
+    def _pending(self) -> None:
+        waiting = self.client.pending()
+        if not waiting:
+            self.term.say("[CLIENT]: Every message you sent this session has been delivered.")
+            return
+        self.term.say(f"[CLIENT]: Not delivered yet ({len(waiting)}):")
+        for entry in waiting:
+            when = time.strftime("%H:%M", time.localtime(entry.at))
+            self.term.say(f"[CLIENT]:   {when} to {C.sanitize(entry.peer, 64)} ({entry.state}): {_preview(entry.text)}")
 
     def _show_history(self, peer: str, limit: int, *, opening: bool = False) -> None:
         """The last ``limit`` lines with ``peer``, each with its own date and time."""
@@ -555,6 +600,8 @@ class ChatUI:
             self.client.who()
         elif cmd == "/unread":
             self._unread()
+        elif cmd == "/pending":
+            self._pending()
         elif cmd == "/to":
             self._switch_to(arg)
         elif cmd == "/fingerprint":

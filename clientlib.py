@@ -437,6 +437,7 @@ _AUTH_ERRORS = {
 # The client
 # =============================================================================
 PRESENCE_ONLINE, PRESENCE_OFFLINE, PRESENCE_UNKNOWN, PRESENCE_REFUSED = "online", "offline", "unknown", "refused"
+PUBLISH_WAIT_S = 3.0         # close() waits this long at most for prekeys still being published
 KEY_EXCHANGE_WAIT_S = 10.0   # how long a message waits for its conversation to be keyed
 
 
@@ -1318,7 +1319,7 @@ class ChatClient:
         if presence == PRESENCE_UNKNOWN:
             return f"{peer} does not exist"
         if presence == PRESENCE_OFFLINE:
-            return f"{peer} is offline (this server does not keep messages for offline users)"
+            return f"{peer} is offline (a message to them is stored until they log in)"
         if presence == PRESENCE_REFUSED:
             return f"{peer}'s identity key changed and was refused (check the safety number, then accept it)"
         if presence == PRESENCE_ONLINE:
@@ -1491,6 +1492,10 @@ class ChatClient:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Say Goodbye, half-close, and wait (bounded) until the server has let go of us."""
+        if self.mailbox.store is not None and self.username is not None and not self.closed.is_set():
+            # A client that quits right after its first login has prekeys on their way: let them land
+            # (bounded), or nobody can write to this user while they are away.
+            self.mailbox.published.wait(min(timeout_s, PUBLISH_WAIT_S))
         self._stop.set()
         try:
             self._close_connection(timeout_s)
