@@ -757,7 +757,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     send.add_argument("user_to", metavar="USER", help="who gets the message")
     send.add_argument("text", metavar="TEXT", help="the message (- reads it from stdin)")
     send.add_argument("--wait-delivered", action="store_true",
-                      help="wait for an end-to-end delivery receipt (not supported by this protocol yet: exit 2)")
+                      help="also wait (at most 60 s) for the recipient's end-to-end delivery receipt; exit 1 without one")
     _common_options(send, sub=True)
     receive = commands.add_parser("receive", help="log in and print messages as they arrive",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -530,6 +530,7 @@ class ChatClient:
         self.receipts = receipts          # answer every message that opens with an end-to-end receipt
         self.mailbox = offline.Mailbox(self)
         self._early: list = []            # frames that came in the same read as AuthOk
+        self._last_sent: offline.Outgoing | None = None
 
     @property
     def server_id(self) -> str:
@@ -1245,7 +1246,7 @@ class ChatClient:
             raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
         if self.mailbox.store is None and not self.persist_identity:
             raise MessageRefused("This client keeps no prekeys (persist_identity=False): it cannot write offline.")
-        self.mailbox.send_text(peer, text, e2e.new_msg_id())
+        self._last_sent = self.mailbox.send_text(peer, text, e2e.new_msg_id())
         return self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
 
     def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None") -> int | None:
@@ -1256,7 +1257,7 @@ class ChatClient:
                 raise ConnectionClosed(f"No open conversation with {peer}; they may be offline.")
             payload = conv.seal(text, msg_id)
             cid = conv.id
-        self.mailbox.sent_live(peer, text, msg_id)
+        self._last_sent = self.mailbox.sent_live(peer, text, msg_id)
         row = self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
         if self.is_direct(peer):
             with self._direct_lock:
@@ -1281,16 +1282,18 @@ class ChatClient:
                 raise
         return row
 
-    def send_confirmed(self, peer: str, text: str, timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S) -> None:
-        """Open the conversation if needed, send, and return once the server has accepted the message.
+    def send_confirmed(self, peer: str, text: str,
+                       timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S) -> "offline.Outgoing":
+        """Open the conversation if needed, send, and return once the server has accepted the message
+        (relayed to the peer's connection) or, the peer being offline, stored it for them.
 
-        The protocol has no positive answer to a relayed message, only an Error frame when it
-        is refused (peer offline).  So a WhoRequest follows the message as a barrier: the
-        server handles one session's frames in order, so once the WhoResponse is in, any
-        refusal has arrived.  :class:`MessageRefused` with the server's reason if there was
-        one (or if the conversation cannot be opened); :class:`ConnectionClosed` on a lost
-        connection or no answer in time.  This is "accepted by the server", never "delivered":
-        end-to-end receipts are not in the protocol yet.
+        A relayed message has no positive answer, only an Error frame when it is refused.  So a
+        WhoRequest follows it as a barrier: the server handles one session's frames in order, so
+        once the WhoResponse is in, any refusal has arrived.  A stored message is answered by a
+        StoreResult.  :class:`MessageRefused` with the server's reason if there was one (or if
+        the conversation cannot be opened); :class:`ConnectionClosed` on a lost connection or no
+        answer in time.  The returned entry's ``receipted`` event is set once the peer's client
+        sends its end-to-end receipt (``state`` is then "delivered").
         """
         peer = P.normalize_username(peer)
         if peer == self.username:
@@ -1301,15 +1304,33 @@ class ChatClient:
                 raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
             self.open_conversation(peer)
             if not self.wait_conversation(peer, min(KEY_EXCHANGE_WAIT_S, timeout_s)):
-                raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
+                if self.presence(peer) != PRESENCE_OFFLINE:
+                    raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
+                return self._store_confirmed(peer, text, deadline)
         barrier = _Barrier()
         row = self._send_sealed(peer, text, barrier)
+        entry = self._last_sent
         if not barrier.done.wait(max(0.0, deadline - time.monotonic())):
             raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
         if row is not None and self.history is not None:
             self.history.set_state(row, H.STATE_REFUSED if barrier.refusals else H.STATE_ACCEPTED)
         if barrier.refusals:
             raise MessageRefused(f"Not sent to {peer}: {barrier.refusals[0]}")
+        assert entry is not None
+        return entry
+
+    def _store_confirmed(self, peer: str, text: str, deadline: float) -> "offline.Outgoing":
+        row = self.send_offline(peer, text)
+        entry = self._last_sent
+        assert entry is not None
+        if not entry.answered.wait(max(0.0, deadline - time.monotonic())):
+            raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
+        entry = self.mailbox.entry(entry.msg_id) or entry
+        if row is not None and self.history is not None:
+            self.history.set_state(row, H.STATE_REFUSED if entry.state == offline.REFUSED else H.STATE_ACCEPTED)
+        if entry.state == offline.REFUSED:
+            raise MessageRefused(f"Not sent to {peer}: {entry.reason}")
+        return entry
 
     def why_not_ready(self, peer: str) -> str:
         """Why there is no conversation with ``peer``, in words (after :meth:`wait_conversation`)."""

@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import crypto_utils as cu
 import e2e
@@ -53,6 +53,8 @@ class Outgoing:
     stored: bool = False                 # went through the server's queue
     reason: str = ""
     retried: bool = False                # resealed once after its offline key expired
+    answered: threading.Event = field(default_factory=threading.Event, repr=False)   # stored or refused
+    receipted: threading.Event = field(default_factory=threading.Event, repr=False)  # delivered
     store: P.Store | None = None         # kept until the server answers: a resend repeats it exactly
 
 
@@ -118,9 +120,11 @@ class Mailbox:
         self.client._send(entry.store)
         return entry
 
-    def sent_live(self, peer: str, text: str, msg_id: bytes) -> None:
+    def sent_live(self, peer: str, text: str, msg_id: bytes) -> Outgoing:
+        entry = Outgoing(msg_id, peer, text, time.time(), SENT)
         with self.lock:
-            self._remember(Outgoing(msg_id, peer, text, time.time(), SENT))
+            self._remember(entry)
+        return entry
 
     def _remember(self, entry: Outgoing) -> None:
         self.outbox[entry.msg_id] = entry
@@ -135,6 +139,11 @@ class Mailbox:
         for store in again:
             self.client._send(store)
         return len(again)
+
+    def entry(self, msg_id: bytes) -> Outgoing | None:
+        """The newest state of a sent message (a reseal replaces its entry)."""
+        with self.lock:
+            return self.outbox.get(msg_id)
 
     def pending(self) -> list[Outgoing]:
         with self.lock:
@@ -186,6 +195,7 @@ class Mailbox:
         if retry:
             self._job(("resend", entry))
             return
+        entry.answered.set()
         self.client._stored_event(entry)
 
     # -- receiving --------------------------------------------------------------------
@@ -251,6 +261,7 @@ class Mailbox:
                 entry = self.outbox.get(msg_id)
                 if entry is not None and entry.peer == peer and entry.state != DELIVERED:
                     entry.state = DELIVERED
+                    entry.receipted.set()
                     delivered.append(entry)
         for entry in delivered:
             self.client._delivered_event(entry)
@@ -311,6 +322,7 @@ class Mailbox:
         except (SecureIMError, ValueError) as exc:
             with self.lock:
                 entry.state, entry.reason = REFUSED, str(exc)
+            entry.answered.set()
             self.client._stored_event(entry)
             return
         log.debug("stored message resealed (%s)", again.state)

@@ -28,8 +28,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_KEY_MISMATCH, EXIT_LOGIN_FAILED = 0, 1, 2,
 PASSWORD_ENV, USER_ENV = "SECUREIM_PASSWORD", "SECUREIM_USER"
 SEND_TIMEOUT_S = 40.0            # key exchange (10 s) plus the server's answer (30 s)
 JSON_SCHEMA = 1                  # the "v" of every JSON line
-WAIT_DELIVERED_REFUSAL = ("--wait-delivered needs end-to-end delivery receipts, which this server and protocol "
-                          "do not support yet; without it, send waits until the server accepted the message.")
+WAIT_DELIVERED_S = 60.0   # send --wait-delivered: how long the recipient's receipt is waited for
 
 
 class UsageError(ConfigError):
@@ -98,7 +97,7 @@ def _history_entry(client: C.ChatClient, entry) -> dict:
 
 _EVENTS: dict[type, tuple[str, Callable]] = {
     C.MessageReceived: ("message", lambda e: {"from": e.peer, "text": e.text, "sent_at": e.sent_at,
-                                              "direct": e.direct}),
+                                              "direct": e.direct, "stored": e.stored_at is not None}),
     C.PeerOnline: ("presence", lambda e: {"peer": e.peer, "status": "online"}),
     C.PeerOffline: ("presence", lambda e: {"peer": e.peer, "status": "offline"}),
     C.PeerUnknown: ("presence", lambda e: {"peer": e.peer, "status": "unknown"}),
@@ -116,6 +115,9 @@ _EVENTS: dict[type, tuple[str, Callable]] = {
     C.Reconnecting: ("reconnecting", lambda e: {"attempt": e.attempt, "reason": e.reason}),
     C.Reconnected: ("reconnected", lambda e: {"server": e.server, "attempts": e.attempts}),
     C.HistoryUnavailable: ("history_unavailable", lambda e: {"reason": e.reason}),
+    C.MessageStored: ("stored", lambda e: {"to": e.peer, "text": e.text, "online": e.online}),
+    C.MessageNotStored: ("not_stored", lambda e: {"to": e.peer, "text": e.text, "reason": e.reason}),
+    C.MessageDelivered: ("delivered", lambda e: {"to": e.peer, "text": e.text, "stored": e.stored}),
     C.Disconnected: ("disconnected", lambda e: {"reason": e.reason}),
 }
 
@@ -217,28 +219,41 @@ def run_command(make_client: Callable[[], C.ChatClient], args, out: Output,
             client.close()
 
 
-def send_one(client: C.ChatClient, peer: str, text: str, out: Output, **echo) -> bool:
-    """Send and wait until the server accepted it; one "sent" event or one error."""
+def send_one(client: C.ChatClient, peer: str, text: str, out: Output, *, wait_delivered: bool = False,
+             **echo) -> bool:
+    """Send and wait until the server accepted (or stored) it; with ``wait_delivered``, also
+    until the recipient's end-to-end receipt (bounded: WAIT_DELIVERED_S).  One "sent" event
+    (and one "delivered") or one error."""
     try:
-        client.send_confirmed(peer, text)
+        entry = client.send_confirmed(peer, text)
     except (MessageRefused, ConnectionClosed, ValueError, AuthError) as exc:
         out.error(str(exc), to=peer, **echo)
         return False
+    name = P.normalize_username(peer)
+    state = "stored" if entry.stored else "accepted"
     if out.json_mode:
-        out.event("sent", to=P.normalize_username(peer), state="accepted", **echo)
+        out.event("sent", to=name, state=state, **echo)
+    elif entry.stored:
+        out.say(f"Stored for {name} (offline); it is delivered when {name} logs in.")
+    if not wait_delivered:
+        return True
+    if not entry.receipted.wait(WAIT_DELIVERED_S):
+        out.error(f"No delivery receipt from {name} within {WAIT_DELIVERED_S:.0f} s (the message is {state}).",
+                  to=peer, **echo)
+        return False
+    if out.json_mode:
+        out.event("delivered", to=name, **echo)
     return True
 
 
 def run_send(make_client, args, out: Output) -> int:
-    if args.wait_delivered:
-        out.error(WAIT_DELIVERED_REFUSAL, exit=EXIT_USAGE)
-        return EXIT_USAGE
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text:
         out.error("Nothing to send (an empty text).", exit=EXIT_USAGE)
         return EXIT_USAGE
     return run_command(make_client, args, out,
-                       lambda client: EXIT_OK if send_one(client, args.user_to, text, out) else EXIT_ERROR,
+                       lambda client: EXIT_OK if send_one(client, args.user_to, text, out,
+                                                          wait_delivered=args.wait_delivered) else EXIT_ERROR,
                        interrupted=EXIT_ERROR)
 
 

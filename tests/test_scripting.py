@@ -194,11 +194,20 @@ def test_a_wrong_password_gives_exit_4(server, tmp_path):
             if json.loads(line)["event"] == "error"] == [4]
 
 
-def test_sending_to_an_offline_user_is_exit_1_with_the_reason(server, tmp_path):
+def test_sending_to_an_offline_user_stores_it_and_wait_delivered_needs_the_receipt(server, tmp_path):
     registered(server, tmp_path / "alice", "alice", PW_A)
     registered(server, tmp_path / "bob", "bob", PW_B)
-    done = run_cli(server, tmp_path / "alice", "send", "bob", "anyone?", "--user", "alice")
-    assert done.returncode == 1 and "bob is offline" in done.stderr
+    done = run_cli(server, tmp_path / "alice", "--json", "send", "bob", "anyone?", "--user", "alice")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["state"] for line in done.stdout.splitlines()
+            if json.loads(line)["event"] == "sent"] == ["stored"]
+    bob = peer(server, tmp_path / "bob", "bob", PW_B, register=False)
+    assert wait_for(bob, C.MessageReceived).text == "anyone?"
+    delivered = run_cli(server, tmp_path / "alice", "--json", "send", "bob", "are you there?", "--user", "alice",
+                        "--wait-delivered")
+    assert delivered.returncode == 0, delivered.stderr
+    assert [json.loads(line)["event"] for line in delivered.stdout.splitlines()][-2:] == ["sent", "delivered"]
+    bob.close()
     nobody = run_cli(server, tmp_path / "alice", "--json", "send", "zed", "anyone?", "--user", "alice")
     assert nobody.returncode == 1
     assert "zed does not exist" in json.loads(nobody.stdout.splitlines()[-1])["error"]
@@ -218,8 +227,6 @@ def test_usage_errors_are_exit_2(server, tmp_path):
     assert no_user.returncode == 2 and "--user" in no_user.stderr
     no_password = run_cli(server, tmp_path / "alice", "send", "bob", "x", "--user", "alice", password=None)
     assert no_password.returncode == 2 and "SECUREIM_PASSWORD" in no_password.stderr
-    receipts = run_cli(server, tmp_path / "alice", "send", "bob", "x", "--user", "alice", "--wait-delivered")
-    assert receipts.returncode == 2 and "delivery receipts" in receipts.stderr
     bad_host = run_cli(server, tmp_path / "alice", "--host", "a,,b", "send", "bob", "x")
     assert bad_host.returncode == 2 and "--host" in bad_host.stderr
 
