@@ -1050,7 +1050,7 @@ class ChatService:
         except AuthError:
             session.send(P.PeerStatus(peer=msg.peer, online=False, known=False))
             return
-        if peer == me:
+        if peer == session.username:
             session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="You cannot write to yourself."))
             return
         now = time.monotonic()
@@ -1086,12 +1086,12 @@ class ChatService:
     def _store(self, session: Session, msg: P.Store) -> None:
         me = session.username
         assert me is not None and session.identity_key is not None
-        conv = self.storage.get_conversation(msg.conversation_id)
-        if conv is None or me not in conv.members:
+        known = self.storage.get_conversation(msg.conversation_id)
+        if known is None or me not in known.members:
             session.send(P.StoreResult(conversation_id=msg.conversation_id, msg_ref=msg.msg_ref,
                                        status=P.StoreStatus.REFUSED, reason="No such conversation."))
             return
-        recipient = conv.members[1] if conv.members[0] == me else conv.members[0]
+        recipient = known.members[1] if known.members[0] == me else known.members[0]
         status, _qid = self.storage.enqueue(
             D.QueuedMessage(0, recipient, me, msg.conversation_id, msg.generation, msg.msg_ref, session.identity_key,
                             msg.payload, time.time(), None),

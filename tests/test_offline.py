@@ -150,3 +150,91 @@ def test_the_password_is_needed_for_the_prekeys(tmp_path):
         assert store is not None and store.path.exists()
         assert PASSWORD.encode() not in store.path.read_bytes()
         bob.close()
+
+
+def test_a_server_replaying_a_stored_message_gets_it_acknowledged_and_never_shown_twice(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        alice.send_offline("bob", "only once")
+        wait_for(alice, C.MessageStored)
+        (original,) = server.storage.queued_for("bob", 0, 10)
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        assert wait_for(bob, C.MessageReceived).text == "only once"
+        bob.close()
+        # The server (or whoever has its database) stores the same ciphertext again, as new.
+        from dataclasses import replace
+
+        server.storage.enqueue(replace(original, msg_ref=b"\x07" * 16), 1000, 1 << 20)
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        bob.who()
+        events = []
+        while not isinstance(e := wait_for(bob, object), C.WhoList):
+            events.append(e)
+        assert not [e for e in events if isinstance(e, (C.MessageReceived, C.MessageRejected))], events
+        bob.who()  # the Ack went before the first answer was read: this answer follows its handling
+        wait_for(bob, C.WhoList)
+        assert server.storage.queued_for("bob", 0, 10) == []   # acknowledged all the same
+        alice.close()
+        bob.close()
+
+
+def test_a_receipt_only_marks_messages_sent_to_its_sender():
+    class Stub:
+        def __init__(self):
+            self.events = []
+
+        def _delivered_event(self, entry):
+            self.events.append(entry.text)
+
+    box = __import__("offline").Mailbox(Stub())
+    msg_id = b"\x01" * 16
+    box.sent_live("bob", "for bob", msg_id)
+    box.on_receipt("carol", (msg_id,))          # carol cannot confirm what bob received
+    assert [e.text for e in box.pending()] == ["for bob"] and box.client.events == []
+    box.on_receipt("bob", (msg_id,))
+    assert box.pending() == [] and box.client.events == ["for bob"]
+
+
+def test_offline_opens_are_rate_limited_per_session(tmp_path):
+    with running_server(tmp_path / "srv", offline_opens_per_minute=3) as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        for _ in range(3):
+            alice._barrier_after(P.OfflineOpen(peer="bob")).done.wait(10)
+        barrier = alice._barrier_after(P.OfflineOpen(peer="bob"))
+        assert barrier.done.wait(10) and "Too many offline conversations" in barrier.refusals[0]
+        assert server.storage.prekey_status("bob").one_time_left == 97   # the refused one took none
+        alice.close()
+
+
+def test_a_new_identity_key_drops_the_prekeys_signed_by_the_old_one(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        assert server.storage.prekey_status("bob").signed_id is not None
+        fresh = logged_in_client(server, tmp_path / "bob-elsewhere", "bob", register=False, persist_identity=False)
+        fresh.who()
+        wait_for(fresh, C.WhoList)
+        status = server.storage.prekey_status("bob")
+        assert status.signed_id is None and status.one_time_left == 0
+        fresh.close()
+
+
+def test_storing_into_someone_elses_conversation_is_refused(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        alice.send_offline("bob", "ours")
+        wait_for(alice, C.MessageStored)
+        (row,) = server.storage.queued_for("bob", 0, 10)
+        carol = logged_in_client(server, tmp_path / "carol", "carol")
+        results = []
+        carol.mailbox.on_store_result = results.append
+        carol._send(P.Store(conversation_id=row.conversation_id, generation=row.generation, msg_ref=b"\x09" * 16,
+                            payload=row.payload))
+        carol.who()
+        wait_for(carol, C.WhoList)
+        assert [(r.status, r.reason) for r in results] == [(P.StoreStatus.REFUSED, "No such conversation.")]
+        assert len(server.storage.queued_for("bob", 0, 10)) == 1
+        alice.close()
+        carol.close()

@@ -88,16 +88,42 @@ def test_the_signed_prekey_alone_works_when_one_time_prekeys_are_exhausted_and_i
         restarted.open(bob.ctx(alice, kdc), first)
 
 
+def _server_tries(payload: bytes, kdc: bytes, alice, bob) -> list[str]:
+    """Every root the server can compute from what it holds (the KDC key, the public bundle, the
+    header, the identities, zero or public values standing in for the DH and ML-KEM secrets),
+    tried on the payload; returns what opened."""
+    header = payload[:K.INIT.size]
+    signed = bob.server_signed
+    spk_x, spk_ek = signed[4:36], signed[36:36 + 1184]
+    publics = [spk_x, header[17:49], bytes(32)]
+    candidates = [[], [bytes(32)], [bytes(32)] * 2, [bytes(32)] * 3] + [[p] for p in publics] \
+        + [[a, b] for a in publics for b in publics] + [[spk_ek[:32]]]
+    ids = (cu.public_bytes(alice), cu.public_bytes(bob.identity))
+    opened = []
+    for secrets in candidates:
+        root = K._root(kdc, secrets, CID, GEN, "alice", "bob", ids, header)
+        chain = e2e._Chain(K._chain_key(root, "alice", "bob"))
+        _n, message_key = chain.step()
+        try:
+            opened.append(K._cipher(SUITE, message_key).open(payload[K.INIT.size + 8:],
+                                                             K._aad(CID, "alice", "bob", header, 0)).decode("latin-1"))
+        except DecryptionFailed:
+            pass
+    return opened
+
+
 def test_the_server_alone_cannot_open_a_stored_message(tmp_path):
-    """Everything the server has (the KDC key, the public bundle, the stored bytes) without
-    Bob's private prekeys: a "recipient" with a prekey store of its own gets nowhere."""
+    """Everything the server has (the KDC key, the public bundle, the stored bytes, the
+    identities) without Bob's private prekeys: no derivation it can make opens the message,
+    and a "recipient" with a prekey store of its own gets nowhere either."""
     bob = Bob(tmp_path / "bob")
     out, alice, kdc = alice_to(bob)
     payload = text(out, "secret")
+    assert b"secret" not in payload
+    assert _server_tries(payload, kdc, alice, bob) == []
     mallory = Bob(tmp_path / "mallory", identity=bob.identity)
     with pytest.raises(DecryptionFailed):
         mallory.inbound.open(mallory.ctx(alice, kdc), payload)
-    assert b"secret" not in payload
 
 
 def test_the_kdc_key_is_an_input_too(tmp_path):

@@ -65,7 +65,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="e2e-freshness-window",
         file="e2e.py",
-        find="if abs(self._clock() - sent_at) > FRESHNESS_WINDOW_S:",
+        find="if abs(self._clock() - opened.sent_at) > FRESHNESS_WINDOW_S:",
         replace="if False:",
         tests=(f"{E2E}::test_too_old_and_future_messages_are_refused",),
         why="Messages older (or later) than 10 minutes are refused: without it, held-back messages are shown late.",
