@@ -277,3 +277,25 @@ def test_workers_share_the_port_and_their_users_chat(cluster, tmp_path, mysql_da
         assert wait_for(first, C.MessageReceived).text == "hi"
     for c in clients:
         c.close()
+
+
+# =============================================================================
+# Store and forward across nodes (issue 12)
+# =============================================================================
+def test_a_stored_message_reaches_its_recipient_on_another_node(cluster, tmp_path):
+    n1, n2 = cluster.node(), cluster.node()
+    bob = _client(n2, tmp_path / "bob", "bob")
+    assert bob.mailbox.published.wait(20)
+    bob.close()
+    alice = _client(n1, tmp_path / "alice", "alice")
+    alice.send_offline("bob", "stored on node 1")
+    assert wait_for(alice, C.MessageStored).online is False
+    bob = _client(n2, tmp_path / "bob", "bob", register=False)     # logs in on the other node
+    assert wait_for(bob, C.MessageReceived, timeout=20).text == "stored on node 1"
+    assert wait_for(alice, C.MessageDelivered, timeout=20).text == "stored on node 1"
+    _who(alice, ("alice", "bob"))
+    alice.send_offline("bob", "while you are on node 2")             # online elsewhere: the nudge crosses NATS
+    assert wait_for(alice, C.MessageStored).online is True
+    assert wait_for(bob, C.MessageReceived, timeout=20).text == "while you are on node 2"
+    alice.close()
+    bob.close()
