@@ -134,7 +134,7 @@ class Terminal:
         self.completions = lambda: []  # (words) for Tab
         self._session = None       # login and destination prompts: what was typed stays on screen
         self._chat_session = None  # the chat line: erased when sent, shown again as an output line
-        self._kept = ""            # the chat line's text when a prompt was interrupted: typed again for you
+        self._kept: dict[int, str] = {}   # per prompt session: its text when interrupted, typed again for you
         if self.interactive:
             from prompt_toolkit import PromptSession
             from prompt_toolkit.key_binding import KeyBindings
@@ -169,8 +169,7 @@ class Terminal:
     def ask(self, prompt, *, secret: bool = False, chat: bool = False) -> str:
         session = self._chat_session if chat and not secret else self._session
         if session is not None:
-            default, self._kept = (self._kept, "") if session is self._chat_session else ("", self._kept)
-            return session.prompt(prompt, is_password=secret, default=default)
+            return session.prompt(prompt, is_password=secret, default=self._kept.pop(id(session), ""))
         text = prompt() if callable(prompt) else prompt
         if secret:
             return getpass.getpass(text)
@@ -181,8 +180,8 @@ class Terminal:
         return line.rstrip("\n")
 
     def interrupt(self, exception: type[BaseException] = EOFError) -> None:
-        """End the prompt being shown (from another thread): it raises ``exception``.  A half-typed
-        chat line is kept: the next chat prompt starts with it."""
+        """End the prompt being shown (from another thread): it raises ``exception``.  What was typed
+        is kept: the next prompt of the same kind starts with it."""
         for session in (self._session, self._chat_session):
             app = session.app if session is not None else None
             if app is not None and app.is_running and app.loop is not None:
@@ -190,8 +189,7 @@ class Terminal:
 
     def _end_prompt(self, session, exception: type[BaseException]) -> None:  # on the prompt's own loop
         if session.app.is_running:
-            if session is self._chat_session:
-                self._kept = session.app.current_buffer.text
+            self._kept[id(session)] = session.app.current_buffer.text
             session.app.exit(exception=exception())
 
     def refresh(self) -> None:
@@ -801,21 +799,25 @@ def password_problem(password: str) -> str | None:
 
 
 class LoginWindow:
-    """Watches the connection while the user is at a prompt of the login dialogue.
+    """Watches the connection while a prompt of the login dialogue waits.
 
     Nothing reads the socket before login, so without this a server that ended the login at
     its login grace (server.py --login-grace, 120 s by default; it just closes) is noticed only
     after the user has typed a name and a password.  While a prompt waits, a thread waits on
-    the socket (without reading: wait_hangup peeks) and says so at once; the answer then
+    the socket (without reading: wait_hangup peeks); when the server has closed it, the thread
+    interrupts the prompt, and the main thread says so and shows the prompt again with what
+    was typed (only the main thread writes while prompt_toolkit runs).  The answer then
     reconnects (a new handshake) and the dialogue goes on where it was.  Each prompt has its
-    own watcher and its own stop flag, set before the login reads the socket: a watcher still
-    waiting then sees the server's answer, finds its flag set, and says nothing.
+    own watcher and stop flag, set before the login reads the socket: a watcher still waiting
+    then sees the server's answer, finds its flag set, and does nothing.
     """
 
     def __init__(self, client: C.ChatClient, term: Terminal) -> None:
         self.client, self.term = client, term
         self.opened_at = time.monotonic()
         self.lapsed = threading.Event()
+        self._told = threading.Event()
+        self._tell_lock = threading.Lock()
 
     def _wait(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -823,22 +825,41 @@ class LoginWindow:
                 if stop.is_set():
                     return
                 self.lapsed.set()
-                self.term.say(f"[CLIENT]: The server closed the login after {round(time.monotonic() - self.opened_at)} s "
-                              "of waiting; press Enter to reconnect.")
+                if not self.term.interactive:  # plain lines: no prompt to interrupt, print it here
+                    self._tell()
+                    return
+                while not self._told.is_set() and not stop.is_set():  # until the main thread has said it
+                    self.term.interrupt(PromptInterrupted)
+                    self._told.wait(LOGIN_WATCH_POLL_S)
                 return
+
+    def _tell(self) -> None:
+        with self._tell_lock:
+            if self._told.is_set():
+                return
+            self._told.set()
+        self.term.say(f"[CLIENT]: The server closed the login after {round(time.monotonic() - self.opened_at)} s "
+                      "of waiting; press Enter to reconnect.")
 
     def ask(self, prompt: str, *, secret: bool = False) -> str:
         """The user's answer, on a live connection: one the server closed meanwhile is made again."""
         stop = threading.Event()
         threading.Thread(target=self._wait, args=(stop,), name="login-window", daemon=True).start()
         try:
-            answer = self.term.ask(prompt, secret=secret)
+            while True:
+                try:
+                    answer = self.term.ask(prompt, secret=secret)
+                    break
+                except PromptInterrupted:
+                    self._tell()
         finally:
             stop.set()
         if self.lapsed.is_set():
-            self.lapsed.clear()
+            self._tell()
             self.client.connect()   # a new handshake; the server's key is checked again
             self.opened_at = time.monotonic()
+            self.lapsed.clear()
+            self._told.clear()
             self.term.say(f"[CLIENT]: Reconnected to {self.client.node_id}.")
         return answer
 
@@ -1094,8 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
         term.say(f"[CLIENT]: {exc}")
         return EXIT_ERROR
     try:
-        with term.patch_stdout():  # the login window's notice comes from another thread
-            code = _session(client, term)
+        code = _session(client, term)
     except (EOFError, KeyboardInterrupt):
         return EXIT_OK
     if code is not None:

@@ -43,10 +43,10 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="terminal-prompt-interrupted-on-reconnect",
         file="client.py",
-        find="                self._kept = session.app.current_buffer.text\n",
-        replace="                pass\n",
+        find="            self._kept[id(session)] = session.app.current_buffer.text\n",
+        replace="            pass\n",
         tests=(f"{_RC}::test_a_refused_ticket_asks_to_log_in_again_and_no_ends_it",),
-        why="an interrupted chat prompt loses the half-typed line.",
+        why="an interrupted prompt loses what was typed: the half-typed chat line, or the name at the login prompt.",
     ),
     Mutation(
         name="terminal-refused-ticket-ends-without-asking",
