@@ -9,6 +9,11 @@ Scripts use ``client.py send USER TEXT``, ``client.py receive`` and ``--json``
 (scripting.py; docs/CLIENT.md).  Exit codes: 0 normal exit (sent), 1 error
 (server unreachable, connection lost, message refused), 2 usage, 3 the server's
 identity key did not match, 4 login failed.
+
+The terminal stays when the connection drops (docs/CLIENT.md, "When the connection
+drops"): it resumes with the session ticket, queues what is typed meanwhile, and
+ends only on /quit, Ctrl-D, a final failure, or a refused ticket the user does
+not replace with a new login.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ from errors import (
     ServiceUnavailable,
     UsernameTaken,
 )
+from e2e import MAX_TEXT_BYTES
 from protocol import DEFAULT_PORT, MAX_PASSWORD_BYTES
+from tickets import TICKET_LIFETIME_S
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_KEY_MISMATCH, EXIT_LOGIN_FAILED = (
     S.EXIT_OK, S.EXIT_ERROR, S.EXIT_USAGE, S.EXIT_KEY_MISMATCH, S.EXIT_LOGIN_FAILED)
@@ -54,6 +61,14 @@ DELETE_ANSWER_TIMEOUT_S = 30.0   # bcrypt on a busy server; the answer normally 
 MAX_PASSWORD_TRIES = 3
 MIN_PASSWORD_BYTES = 8   # the server's rule (auth.MIN_PASSWORD_BYTES); it checks again
 PASSWORD_RULE = f"Passwords are {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} characters."
+# A lost connection (docs/CLIENT.md, "When the connection drops"): the library resumes with the session
+# ticket on the next server of --host, waiting before try k a random time up to
+# min(C.RECONNECT_MAX_DELAY_S, C.RECONNECT_BASE_DELAY_S * 2^(k-1)) (full jitter), for as long as the
+# ticket can still be valid: no ticket outlives TICKET_LIFETIME_S, and a refused one asks to log in again.
+TERMINAL_RECONNECT_WINDOW_S = float(TICKET_LIFETIME_S)
+TERMINAL_RECONNECT_ATTEMPTS = 20_000   # not the bound that ends it: at 4 s a try on average, the window is
+MAX_QUEUED_LINES = 100                 # lines typed while disconnected, each at most MAX_TEXT_BYTES
+LOGIN_WATCH_POLL_S = 0.25              # how soon the login watcher lets go of the socket for a login
 
 # name -> (usage, one-line summary, more help or "").  /help COMMAND shows one entry.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -102,6 +117,18 @@ def help_text() -> str:
 HELP = help_text()
 
 
+class PromptInterrupted(Exception):
+    """Another thread ended the prompt: the session needs the main thread (it ended, or its ticket was refused)."""
+
+
+class _Leave(Exception):
+    """The chat loop ends with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class Terminal:
     """Prompts and output: prompt_toolkit on a terminal, plain lines otherwise."""
 
@@ -111,6 +138,7 @@ class Terminal:
         self.completions = lambda: []  # (words) for Tab
         self._session = None       # login and destination prompts: what was typed stays on screen
         self._chat_session = None  # the chat line: erased when sent, shown again as an output line
+        self._kept: dict[int, str] = {}   # per prompt session: its text when interrupted, typed again for you
         if self.interactive:
             from prompt_toolkit import PromptSession
             from prompt_toolkit.key_binding import KeyBindings
@@ -145,7 +173,7 @@ class Terminal:
     def ask(self, prompt, *, secret: bool = False, chat: bool = False) -> str:
         session = self._chat_session if chat and not secret else self._session
         if session is not None:
-            return session.prompt(prompt, is_password=secret)
+            return session.prompt(prompt, is_password=secret, default=self._kept.pop(id(session), ""))
         text = prompt() if callable(prompt) else prompt
         if secret:
             return getpass.getpass(text)
@@ -155,12 +183,18 @@ class Terminal:
             raise EOFError()
         return line.rstrip("\n")
 
-    def interrupt(self) -> None:
-        """End the prompt being shown (from another thread): it raises EOFError."""
+    def interrupt(self, exception: type[BaseException] = EOFError) -> None:
+        """End the prompt being shown (from another thread): it raises ``exception``.  What was typed
+        is kept: the next prompt of the same kind starts with it."""
         for session in (self._session, self._chat_session):
             app = session.app if session is not None else None
             if app is not None and app.is_running and app.loop is not None:
-                app.loop.call_soon_threadsafe(lambda app=app: app.exit(exception=EOFError()) if app.is_running else None)
+                app.loop.call_soon_threadsafe(self._end_prompt, session, exception)
+
+    def _end_prompt(self, session, exception: type[BaseException]) -> None:  # on the prompt's own loop
+        if session.app.is_running:
+            self._kept[id(session)] = session.app.current_buffer.text
+            session.app.exit(exception=exception())
 
     def refresh(self) -> None:
         """Draw the prompt again (its text changed: unread conversations)."""
@@ -204,33 +238,50 @@ class ChatCompleter(Completer):
 
 def _preview(text: str, width: int = 40) -> str:
     one = " ".join(C.sanitize_lines(text))
-    return one if len(one) <= width else one[:width - 1] + "…"
+    return one if len(one) <= width else one[:width - 1] + _shown_or("…", "...")
+
+
+def _shown_or(fancy: str, plain: str) -> str:
+    try:
+        fancy.encode(sys.stdout.encoding or "ascii")
+        return fancy
+    except (UnicodeEncodeError, LookupError):
+        return plain
 
 
 def _arrow() -> str:
-    try:
-        "→".encode(sys.stdout.encoding or "ascii")
-        return "→"
-    except (UnicodeEncodeError, LookupError):
-        return "->"
+    return _shown_or("→", "->")
 
 
 class ChatUI:
-    def __init__(self, client: C.ChatClient, term: Terminal, prefer_direct: bool = False) -> None:
+    def __init__(self, client: C.ChatClient, term: Terminal, prefer_direct: bool = False,
+                 relogin=None) -> None:
         self.client = client
         self.term = term
         self.prefer_direct = prefer_direct
+        self.relogin = relogin     # (the old client) -> a new logged-in client, or None: after a refused ticket
         self.destination: str | None = None
         self.lost: str | None = None
         self.arrow = _arrow()
+        self.ellipsis = _shown_or("…", "...")
         self._lock = threading.Lock()
         self.unread: dict[str, int] = {}
         self.online: set[str] = set()
         self.deleted = False
         self._history_due: str | None = None   # the destination whose last lines follow its status
         self._deletion_answered = threading.Event()
-        self._printer = threading.Thread(target=self._print_events, name="events", daemon=True)
+        # A lost connection (guarded by _lock): offline until Reconnected; then each conversation in
+        # rekeying waits for its ConversationReady; lines typed meanwhile wait in queued, in order.
+        self.offline = False
+        self.expired = False       # the ticket was refused: the main thread asks to log in again
+        self.rekeying: set[str] = set()
+        self.queued: list[tuple[str, str]] = []   # (peer, text), oldest first
+        self._order = threading.Lock()   # held while a line goes out: the queued ones first, each once
+        self._printer = self._new_printer()
         term.completions = self._names
+
+    def _new_printer(self) -> threading.Thread:
+        return threading.Thread(target=self._print_events, args=(self.client,), name="events", daemon=True)
 
     def _names(self) -> list[str]:
         with self._lock:
@@ -243,12 +294,14 @@ class ChatUI:
         with self._lock:
             news = [f"{peer}:{n}" for peer, n in sorted(self.unread.items())]
         activity = f" (act: {', '.join(news)})" if news else ""
-        return f"[{self.client.username}{self.arrow}{self.destination}]{activity}> "
+        state = " (reconnecting)" if self.offline else ""
+        return f"[{self.client.username}{self.arrow}{self.destination}]{activity}{state}> "
 
     # -- incoming events ------------------------------------------------------------
-    def _print_events(self) -> None:
+    def _print_events(self, client: C.ChatClient) -> None:
+        """One client's events; a new login after a refused ticket starts a new printer."""
         while True:
-            event = self.client.next_event(timeout=None)
+            event = client.next_event(timeout=None)
             if isinstance(event, C.AccountDeletion):
                 self.term.say(f"[CLIENT]: {event.reason}")
                 self.deleted = event.deleted
@@ -257,15 +310,40 @@ class ChatUI:
             if isinstance(event, C.Disconnected) and self.deleted:
                 return  # the server closes after a deletion: a normal end
             if isinstance(event, C.Disconnected):
-                self.lost = event.reason
-                self.term.say(f"[CLIENT]: Connection to the server lost: {C.sanitize(event.reason)}")
-                self.term.interrupt()
+                with self._lock:
+                    self.offline = True
+                    if event.ticket_refused:  # only the password goes on: the main thread asks
+                        self.expired = True
+                    else:
+                        self.lost = event.reason
+                if not event.ticket_refused:
+                    self.term.say(f"[CLIENT]: Connection to the server lost: {C.sanitize(event.reason)}")
+                self.term.interrupt(PromptInterrupted)
                 return
             line = self._describe(event)
             if line:
                 self.term.say(line)
                 self.term.refresh()
             self._history_after_status(event)
+            self._after_reconnect(event)
+
+    def _after_reconnect(self, event) -> None:
+        """A conversation that is keyed again takes its queued lines; one that cannot be stops holding new ones."""
+        peer = getattr(event, "peer", None)
+        if isinstance(event, C.ConversationReady):
+            self._flush(event.peer)
+        elif isinstance(event, C.PeerOffline):
+            self._flush(event.peer, offline=True)  # offline now: the queued lines are stored for them
+        elif isinstance(event, C.SecurityWarning):
+            with self._lock:
+                self.rekeying.discard(peer)  # "Not sent: ... refused" again; the queued lines wait
+        elif isinstance(event, C.PeerUnknown):
+            with self._lock:
+                self.rekeying.discard(peer)
+                dropped = [text for p, text in self.queued if p == peer]
+                self.queued = [(p, text) for p, text in self.queued if p != peer]
+            if dropped:
+                self.term.say(f"[CLIENT]: {len(dropped)} queued line(s) for {C.sanitize(peer, 64)} were not sent.")
 
     def _history_after_status(self, event) -> None:
         if not isinstance(event, (C.PeerOnline, C.PeerOffline, C.PeerUnknown)):
@@ -344,6 +422,19 @@ class ChatUI:
             return f"[CLIENT]: Server: {event.text}"
         if isinstance(event, C.HistoryUnavailable):
             return f"[CLIENT]: {C.sanitize(event.reason)}"
+        if isinstance(event, C.Reconnecting):
+            if self.deleted:
+                return None
+            with self._lock:
+                self.offline = True
+            if event.attempt != 1:  # one line per outage, not one per try
+                return None
+            return f"[CLIENT]: Connection lost ({C.sanitize(event.reason, 200).rstrip('.')}); reconnecting{self.ellipsis}"
+        if isinstance(event, C.Reconnected):
+            with self._lock:
+                self.offline = False  # the conversations are asked for again: each is keyed anew
+                self.rekeying = {p for p in [self.destination, *(p for p, _t in self.queued)] if p}
+            return f"[CLIENT]: Reconnected to {C.sanitize(event.server, 300)}."
         return None
 
     # -- the chat loop ---------------------------------------------------------------
@@ -351,29 +442,80 @@ class ChatUI:
         self._printer.start()
         with self.term.patch_stdout():
             try:
-                while self.destination is None:
-                    name = self.term.ask("[CLIENT]: Destination: ").strip()
-                    if name.startswith("/"):
-                        if self._command(name) is not None:
-                            return EXIT_OK
-                    elif name:
-                        self._switch_to(name)
-                while True:
-                    line = self.term.ask(self.prompt, chat=True)
-                    if self.lost is not None:
-                        return EXIT_ERROR
-                    if line.startswith("//"):
-                        self._send(line[1:])
-                    elif line.startswith("/"):
-                        if self._command(line.strip()) is not None:
-                            return EXIT_OK
-                    elif line.strip():
-                        self._send(line)
+                code = self._chat()
+            except _Leave as leave:
+                code = leave.code
             except (EOFError, KeyboardInterrupt):
-                return EXIT_ERROR if self.lost is not None else EXIT_OK
-            except (ConnectionClosed, ProtocolError) as exc:
+                code = EXIT_ERROR if self.lost is not None else EXIT_OK
+            except ProtocolError as exc:
                 self.term.say(f"[CLIENT]: Connection to the server lost: {exc}")
-                return EXIT_ERROR
+                code = EXIT_ERROR
+            with self._lock:
+                unsent = len(self.queued)
+            if unsent:
+                self.term.say(f"[CLIENT]: {unsent} queued line(s) were not sent.")
+            return code
+
+    def _chat(self) -> int:
+        while self.destination is None:
+            name = self._read("[CLIENT]: Destination: ").strip()
+            if name.startswith("/"):
+                if self._command(name) is not None:
+                    return EXIT_OK
+            elif name:
+                self._switch_to(name)
+        while True:
+            line = self._read(self.prompt, chat=True)
+            try:
+                if line.startswith("//"):
+                    self._send(line[1:])
+                elif line.startswith("/"):
+                    if self._command(line.strip()) is not None:
+                        return EXIT_OK
+                elif line.strip():
+                    self._send(line)
+            except ConnectionClosed as exc:  # a command while reconnecting: the session goes on
+                self.term.say(f"[CLIENT]: {C.sanitize(str(exc))}")
+
+    def _read(self, prompt, *, chat: bool = False) -> str:
+        """The next line typed.  Raises _Leave when the session is over: lost for good, or a refused
+        ticket that the user does not replace with a new login (asked here, on the main thread)."""
+        while True:
+            self._settle()
+            try:
+                line = self.term.ask(prompt, chat=chat)
+            except PromptInterrupted:  # the printer needs us: lost, or the ticket was refused
+                continue
+            self._settle()  # without a terminal the line was read before we could ask: it comes after
+            return line
+
+    def _settle(self) -> None:
+        if self.lost is not None:
+            raise _Leave(EXIT_ERROR)
+        while self.expired:
+            answer = self.term.ask("[CLIENT]: Your session expired; log in again? (y/n): ").strip().lower()
+            if answer not in ("y", "yes"):
+                raise _Leave(EXIT_OK)
+            client = self.relogin(self.client) if self.relogin is not None else None
+            if client is not None:
+                self._take_over(client)
+
+    def _take_over(self, client: C.ChatClient) -> None:
+        """A new login after a refused ticket: same destination, same queued lines, a new printer."""
+        self.client = client
+        with self._lock:
+            self.expired = self.offline = False
+            self.rekeying = {p for p in [self.destination, *(p for p, _t in self.queued)] if p}
+            peers = sorted(self.rekeying)
+        self._printer = self._new_printer()
+        self._printer.start()
+        for peer in peers:
+            try:
+                client.open_conversation(peer)
+            except ConnectionClosed:
+                break  # lost again: the reconnect reopens what it wanted
+        if self.destination is not None:
+            self.term.say(f"[CLIENT]: Now talking to {C.sanitize(self.destination, 64)}.")
 
     def _identity_command(self, cmd: str, peer: str) -> None:
         shown = C.sanitize(peer, 64)
@@ -435,19 +577,83 @@ class ChatUI:
         else:
             with self._lock:
                 self._history_due = name  # shown after the server's answer, which comes first
-            self.client.open_conversation(name)
+            try:
+                self.client.open_conversation(name)
+            except ConnectionClosed:  # asked for again by the reconnect (it reopens what is wanted)
+                self.term.say(f"[CLIENT]: Now talking to {C.sanitize(name, 64)}; the conversation opens once "
+                              "reconnected.")
+
+    def _must_queue(self, dest: str) -> bool:
+        """Not connected, or the conversation is not keyed again after a reconnect, or lines wait before it."""
+        with self._lock:
+            return (self.offline or dest in self.rekeying or any(p == dest for p, _t in self.queued)
+                    or self.client.reconnecting)
+
+    def _queue(self, dest: str, text: str) -> None:
+        with self._lock:
+            full = len(self.queued) >= MAX_QUEUED_LINES
+            if not full:
+                self.queued.append((dest, text))
+            offline = self.offline or self.client.reconnecting
+        if full:
+            self.term.say(f"[CLIENT]: Not sent: {MAX_QUEUED_LINES} lines are already waiting to be sent.")
+        elif offline:
+            self.term.say("[CLIENT]: Queued (not connected); it will be sent after reconnecting.")
+        else:
+            self.term.say(f"[CLIENT]: Queued (the conversation with {C.sanitize(dest, 64)} is not ready yet); "
+                          "it will be sent when it is.")
+
+    def _flush(self, peer: str, *, offline: bool = False) -> None:
+        """The conversation with ``peer`` is keyed (or ``peer`` is offline, so the lines are stored
+        for them): its queued lines go, in order, each once."""
+        with self._order:
+            with self._lock:
+                self.rekeying.discard(peer)
+            while True:
+                with self._lock:
+                    at = next((i for i, (p, _t) in enumerate(self.queued) if p == peer), None)
+                    if at is None:
+                        return
+                    _peer, text = self.queued.pop(at)
+                try:
+                    if offline:
+                        self.client.send_offline(peer, text)
+                    else:
+                        self.client.send_message(peer, text)
+                except ConnectionClosed:  # lost again: it waits for the next reconnect, still first
+                    with self._lock:
+                        self.queued.insert(at, (peer, text))
+                    return
+                except MessageRefused as exc:
+                    self.term.say(f"[CLIENT]: Not sent: {C.sanitize(str(exc), 300)}")
+                    continue
+                self._echo(peer, text)
+
+    def _echo(self, peer: str, text: str) -> None:
+        me = f"{self.client.username}{self.arrow}{C.sanitize(peer, 64)}"
+        self.term.say("\n".join(f"[{me}]: {line}" for line in C.sanitize_lines(text)))
 
     def _send(self, text: str) -> None:
         dest = self.destination
         if dest is None:
             self.term.say("[CLIENT]: Choose a destination first: /to USER")
             return
+        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+            self.term.say(f"[CLIENT]: Messages are limited to {MAX_TEXT_BYTES} bytes.")
+            return
+        if self._must_queue(dest):
+            self._queue(dest, text)
+            return
         shown = C.sanitize(dest, 64)
         # Right after /to the key exchange may still be running: wait for it (bounded), never drop the line.
         if not self.client.has_conversation(dest) and not self.client.wait_conversation(dest):
+            if self._must_queue(dest):  # the connection dropped meanwhile
+                self._queue(dest, text)
+                return
             presence = self.client.presence(dest)
             if presence == C.PRESENCE_OFFLINE:
-                self._send_offline(dest, text)
+                with self._order:
+                    self._send_offline(dest, text)
                 return
             if presence == C.PRESENCE_UNKNOWN:
                 why = f"{shown} does not exist; type /to USER to choose another"
@@ -460,17 +666,25 @@ class ChatUI:
                 why = f"there is no conversation with {shown}; type /to {shown}"
             self.term.say(f"[CLIENT]: Not sent: {why}.")
             return
-        try:
-            self.client.send_message(dest, text)
-        except ValueError as exc:  # too long
-            self.term.say(f"[CLIENT]: {exc}")
-            return
-        me = f"{self.client.username}{self.arrow}{shown}"
-        self.term.say("\n".join(f"[{me}]: {line}" for line in C.sanitize_lines(text)))
+        with self._order:
+            if self._must_queue(dest):  # queued lines go first
+                self._queue(dest, text)
+                return
+            try:
+                self.client.send_message(dest, text)
+            except ValueError as exc:  # too long
+                self.term.say(f"[CLIENT]: {exc}")
+                return
+            except ConnectionClosed:  # never handed to the server: it goes after the reconnect, once
+                self._queue(dest, text)
+                return
+        self._echo(dest, text)
 
     def _send_offline(self, dest: str, text: str) -> None:
         """Store and forward: sealed end to end from the peer's prekeys; the server keeps it."""
-        shown = C.sanitize(dest, 64)
+        if self._must_queue(dest):  # queued lines go first
+            self._queue(dest, text)
+            return
         try:
             self.client.send_offline(dest, text)
         except ValueError as exc:  # too long
@@ -479,8 +693,10 @@ class ChatUI:
         except MessageRefused as exc:
             self.term.say(f"[CLIENT]: Not sent: {C.sanitize(str(exc), 300)}")
             return
-        me = f"{self.client.username}{self.arrow}{shown}"
-        self.term.say("\n".join(f"[{me}]: {line}" for line in C.sanitize_lines(text)))
+        except ConnectionClosed:  # never handed to the server: it goes after the reconnect, once
+            self._queue(dest, text)
+            return
+        self._echo(dest, text)
 
     def _pending(self) -> None:
         waiting = self.client.pending()
@@ -643,12 +859,79 @@ def password_problem(password: str) -> str | None:
     return None
 
 
-def _register(client: C.ChatClient, term: Terminal, username: str, password: str) -> bool:
+class LoginWindow:
+    """Watches the connection while a prompt of the login dialogue waits.
+
+    Nothing reads the socket before login, so without this a server that ended the login at
+    its login grace (server.py --login-grace, 120 s by default; it just closes) is noticed only
+    after the user has typed a name and a password.  While a prompt waits, a thread waits on
+    the socket (without reading: wait_hangup peeks); when the server has closed it, the thread
+    interrupts the prompt, and the main thread says so and shows the prompt again with what
+    was typed (only the main thread writes while prompt_toolkit runs).  The answer then
+    reconnects (a new handshake) and the dialogue goes on where it was.  Each prompt has its
+    own watcher and stop flag, set before the login reads the socket: a watcher still waiting
+    then sees the server's answer, finds its flag set, and does nothing.
+    """
+
+    def __init__(self, client: C.ChatClient, term: Terminal) -> None:
+        self.client, self.term = client, term
+        self.opened_at = time.monotonic()
+        self.lapsed = threading.Event()
+        self._told = threading.Event()
+        self._tell_lock = threading.Lock()
+
+    def _wait(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if self.client.wait_hangup(LOGIN_WATCH_POLL_S):
+                if stop.is_set():
+                    return
+                self.lapsed.set()
+                if not self.term.interactive:  # plain lines: no prompt to interrupt, print it here
+                    self._tell()
+                    return
+                while not self._told.is_set() and not stop.is_set():  # until the main thread has said it
+                    self.term.interrupt(PromptInterrupted)
+                    self._told.wait(LOGIN_WATCH_POLL_S)
+                return
+
+    def _tell(self) -> None:
+        with self._tell_lock:
+            if self._told.is_set():
+                return
+            self._told.set()
+        self.term.say(f"[CLIENT]: The server closed the login after {round(time.monotonic() - self.opened_at)} s "
+                      "of waiting; press Enter to reconnect.")
+
+    def ask(self, prompt: str, *, secret: bool = False) -> str:
+        """The user's answer, on a live connection: one the server closed meanwhile is made again."""
+        stop = threading.Event()
+        threading.Thread(target=self._wait, args=(stop,), name="login-window", daemon=True).start()
+        try:
+            while True:
+                try:
+                    answer = self.term.ask(prompt, secret=secret)
+                    break
+                except PromptInterrupted:
+                    self._tell()
+        finally:
+            stop.set()
+        if self.lapsed.is_set():
+            self._tell()
+            self.client.connect()   # a new handshake; the server's key is checked again
+            self.opened_at = time.monotonic()
+            self.lapsed.clear()
+            self._told.clear()
+            self.term.say(f"[CLIENT]: Reconnected to {self.client.node_id}.")
+        return answer
+
+
+def _register(client: C.ChatClient, term: Terminal, username: str, password: str,
+              window: LoginWindow) -> bool:
     """Create the account; a short or mistyped password asks for the password again, not the name."""
     for _ in range(MAX_PASSWORD_TRIES):
         problem = password_problem(password)
         if problem is None:
-            if term.ask("[CLIENT]: Confirm password: ", secret=True) == password:
+            if window.ask("[CLIENT]: Confirm password: ", secret=True) == password:
                 try:
                     client.register(username, password)
                 except UsernameTaken:
@@ -662,19 +945,27 @@ def _register(client: C.ChatClient, term: Terminal, username: str, password: str
             else:
                 problem = "The passwords do not match."
         term.say(f"[CLIENT]: {problem} Type the password again ({PASSWORD_RULE.lower()[:-1]}).")
-        password = term.ask("[CLIENT]: Password: ", secret=True)
+        password = window.ask("[CLIENT]: Password: ", secret=True)
     term.say("[CLIENT]: The account was not created.")
     return False
 
 
-def log_in(client: C.ChatClient, term: Terminal) -> bool:
-    """The design-000 login dialogue; True once logged in."""
-    term.say(f"[CLIENT]: Log in, or type a new name to create an account. {PASSWORD_RULE}")
+def log_in(client: C.ChatClient, term: Terminal, *, username: str | None = None) -> bool:
+    """The design-000 login dialogue; True once logged in.  ``username``: ask only its password
+    first (logging in again after a refused ticket)."""
+    return _login_dialogue(client, term, LoginWindow(client, term), username)
+
+
+def _login_dialogue(client: C.ChatClient, term: Terminal, window: LoginWindow, known: str | None) -> bool:
+    if known is None:
+        term.say(f"[CLIENT]: Log in, or type a new name to create an account. {PASSWORD_RULE}")
+    else:
+        term.say(f"[CLIENT]: Log in again as {C.sanitize(known, 64)}.")
     for _ in range(MAX_LOGIN_ROUNDS):
-        username = term.ask("[CLIENT]: Username: ").strip()
+        username, known = known or window.ask("[CLIENT]: Username: ").strip(), None
         if not username:
             continue
-        password = term.ask("[CLIENT]: Password: ", secret=True)
+        password = window.ask("[CLIENT]: Password: ", secret=True)
         try:
             client.login(username, password)
             return True
@@ -689,11 +980,11 @@ def log_in(client: C.ChatClient, term: Terminal) -> bool:
         except (InvalidUsername, InvalidPassword, AuthError) as exc:
             term.say(f"[CLIENT]: {exc}")
             continue
-        answer = term.ask(f"[CLIENT]: Create a new account named '{C.sanitize(username, 64)}'? (y/n): ")
+        answer = window.ask(f"[CLIENT]: Create a new account named '{C.sanitize(username, 64)}'? (y/n): ")
         if answer.strip().lower() not in ("y", "yes"):
             continue
         try:
-            if _register(client, term, username, password):
+            if _register(client, term, username, password, window):
                 return True
         except InvalidUsername as exc:
             term.say(f"[CLIENT]: {exc}")
@@ -784,11 +1075,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def client_factory(args, home: Path):
+def client_factory(args, home: Path, *, stays: bool = False):
+    """``stays``: the terminal's client, which resumes a lost connection for as long as its ticket
+    can be valid (TERMINAL_RECONNECT_*); scripts end on a lost connection instead."""
+    reconnect = dict(auto_reconnect=True, reconnect_attempts=TERMINAL_RECONNECT_ATTEMPTS,
+                     reconnect_max_s=TERMINAL_RECONNECT_WINDOW_S) if stays else {}
+
     def make() -> C.ChatClient:
         return C.ChatClient(servers=args.servers, home=home, group=args.group,
                             server_fingerprint=args.server_fingerprint, history=not args.no_history,
-                            history_max_messages=args.history_max, history_max_age_days=args.history_days)
+                            history_max_messages=args.history_max, history_max_age_days=args.history_days,
+                            **reconnect)
     return make
 
 
@@ -812,28 +1109,23 @@ def run_script(args) -> int:
         return EXIT_USAGE
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.command is not None or args.json:
-        return run_script(args)
-    term = Terminal(timestamps=not args.no_timestamps, bell=not args.no_bell)
-    try:
-        home = C.check_home(args.home if args.home is not None else C.default_home())
-        client = client_factory(args, home)()
-    except ConfigError as exc:
-        term.say(f"[CLIENT]: {exc}")
-        return EXIT_ERROR
+def _key_mismatch(term: Terminal, client: C.ChatClient, exc: ServerKeyMismatch) -> int:
+    term.say("[CLIENT]: @@@ WARNING: THE SERVER'S IDENTITY KEY DOES NOT MATCH! @@@")
+    term.say("[CLIENT]: Someone may be impersonating the server (a man-in-the-middle attack),")
+    term.say("[CLIENT]: or the server's key was replaced.")
+    term.say(f"[CLIENT]: {exc}")
+    term.say(f"[CLIENT]: Refusing to connect. If the change is expected, remove the line for "
+             f"{client.server_id} from {client.known_servers.path}.")
+    return EXIT_KEY_MISMATCH
+
+
+def _connect(client: C.ChatClient, term: Terminal) -> int | None:
+    """Connect and say how it went; the exit code if it failed."""
     term.say("[CLIENT]: Connecting to server...")
     try:
         client.connect()
     except ServerKeyMismatch as exc:
-        term.say("[CLIENT]: @@@ WARNING: THE SERVER'S IDENTITY KEY DOES NOT MATCH! @@@")
-        term.say("[CLIENT]: Someone may be impersonating the server (a man-in-the-middle attack),")
-        term.say("[CLIENT]: or the server's key was replaced.")
-        term.say(f"[CLIENT]: {exc}")
-        term.say(f"[CLIENT]: Refusing to connect. If the change is expected, remove the line for "
-                 f"{client.server_id} from {client.known_servers.path}.")
-        return EXIT_KEY_MISMATCH
+        return _key_mismatch(term, client, exc)
     except HandshakeFailed as exc:
         term.say(f"[CLIENT]: Could not connect securely to {client.node_id}: {exc}")
         return EXIT_ERROR
@@ -844,25 +1136,69 @@ def main(argv: list[str] | None = None) -> int:
     if client.first_contact:
         term.say(f"[CLIENT]: First contact with {client.server_id}; its identity key "
                  f"{client.server_fingerprint} is now remembered (trust on first use).")
+    return None
+
+
+def _session(client: C.ChatClient, term: Terminal, *, username: str | None = None) -> int | None:
+    """Connect and log in (and start receiving); the exit code if that did not happen."""
+    code = _connect(client, term)
+    if code is not None:
+        return code
     try:
-        if not log_in(client, term):
+        if not log_in(client, term, username=username):
             client.close()
             return EXIT_LOGIN_FAILED
     except (EOFError, KeyboardInterrupt):
         client.close()
-        return EXIT_OK
+        raise
+    except ServerKeyMismatch as exc:  # the login window reconnected to another key
+        client.close()
+        return _key_mismatch(term, client, exc)
     except (ConnectionClosed, ServiceUnavailable, ProtocolError) as exc:
         term.say(f"[CLIENT]: {exc}")
         client.close()
         return EXIT_ERROR
     term.say("[CLIENT]: User logged in successfully.")
     client.start()
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command is not None or args.json:
+        return run_script(args)
+    term = Terminal(timestamps=not args.no_timestamps, bell=not args.no_bell)
+    try:
+        home = C.check_home(args.home if args.home is not None else C.default_home())
+        make = client_factory(args, home, stays=True)
+        client = make()
+    except ConfigError as exc:
+        term.say(f"[CLIENT]: {exc}")
+        return EXIT_ERROR
+    try:
+        code = _session(client, term)
+    except (EOFError, KeyboardInterrupt):
+        return EXIT_OK
+    if code is not None:
+        return code
     if args.direct:
         client.enable_direct()
+
+    def relogin(old: C.ChatClient) -> C.ChatClient | None:
+        """The ticket was refused: a new connection and the password, as the same user."""
+        old.close(timeout_s=2)
+        new = make()
+        if _session(new, term, username=old.username) is not None:
+            return None
+        if args.direct:
+            new.enable_direct()
+        return new
+
+    ui = ChatUI(client, term, prefer_direct=args.direct, relogin=relogin)
     try:
-        code = ChatUI(client, term, prefer_direct=args.direct).run()
+        code = ui.run()
     finally:
-        client.close()
+        ui.client.close()
     if code == EXIT_OK:
         term.say("[CLIENT]: Goodbye.")
     return code

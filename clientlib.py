@@ -25,6 +25,7 @@ import os
 import queue
 import random
 import re
+import select
 import socket
 import threading
 import time
@@ -412,7 +413,11 @@ class HistoryUnavailable:
 
 @dataclass(frozen=True)
 class Disconnected:
+    """The connection ended for good.  ``ticket_refused``: auto_reconnect's resume was refused
+    (the ticket expired, or a password change ended it): only a login with the password goes on."""
+
     reason: str
+    ticket_refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -550,7 +555,9 @@ class ChatClient:
 
         The servers are tried in order from ``start_at``; one that cannot be reached or drops
         the connection is skipped.  A key mismatch is never skipped: it is raised at once.
+        A connection still held (one the server closed at its login deadline) is dropped first.
         """
+        self._drop_socket()
         failures = []
         for i in range(len(self.servers)):
             index = (start_at + i) % len(self.servers)
@@ -577,6 +584,25 @@ class ChatClient:
         except ConnectionClosed:
             self._drop_socket()
             raise
+
+    def wait_hangup(self, timeout_s: float) -> bool:
+        """Before login nothing reads the connection: True as soon as the server has ended it
+        (its login grace ran out; or it sent something, which before login is only ever a
+        farewell before it closes), False while it is still open after ``timeout_s``.
+        Reads nothing: a login that follows finds every byte."""
+        sock = self.sock
+        if sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], timeout_s)
+            if not readable:
+                return False
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # reset, or closed meanwhile
+            return True
+        return True
 
     def _drop_socket(self) -> None:
         sock, self.sock = self.sock, None
@@ -651,6 +677,11 @@ class ChatClient:
             self._check_not_reconnecting()
         with self._send_lock:
             self._send_locked(msg)
+
+    @property
+    def reconnecting(self) -> bool:
+        """auto_reconnect: the connection was lost and is being resumed; sending raises ConnectionClosed."""
+        return self._reconnecting.is_set()
 
     def _check_not_reconnecting(self) -> None:
         if self._reconnecting.is_set():
@@ -826,6 +857,7 @@ class ChatClient:
     def _connection_ended(self, reason: str, goodbye: bool) -> None:
         """``goodbye``: the server ended this session on purpose while staying up (probably)."""
         self._fail_barriers(f"the connection was lost before the server answered ({reason})")
+        ticket_refused = False
         if (self.auto_reconnect and not self._stop.is_set() and self._ticket is not None
                 and (not goodbye or not self._node_reachable())):
             self._reconnecting.set()
@@ -833,9 +865,9 @@ class ChatClient:
             self._reconnecting.clear()
             if failure is None:
                 return
-            reason = failure
+            reason, ticket_refused = failure, self._ticket is None  # _reconnect forgets a refused ticket
         if not self.closed.is_set() and not self._stop.is_set():
-            self._emit(Disconnected(reason))
+            self._emit(Disconnected(reason, ticket_refused))
         self.closed.set()
         with self._state_changed:  # nobody waits for a conversation on a dead connection
             self._state_changed.notify_all()
@@ -863,7 +895,10 @@ class ChatClient:
             self._emit(Reconnecting(attempt, reason))
             try:
                 self.resume()
-            except (ServerKeyMismatch, AuthError) as exc:  # never retried: a security event, or the ticket is void
+            except ServerKeyMismatch as exc:  # never retried: a security event
+                return f"Reconnecting failed: {exc}"
+            except AuthError as exc:  # never retried: the ticket is void (expired, or a password change ended it)
+                self._ticket = None
                 return f"Reconnecting failed: {exc}"
             except (ConnectionClosed, ProtocolError, ServiceUnavailable) as exc:
                 reason = str(exc)

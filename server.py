@@ -78,7 +78,7 @@ class ServerConfig:
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     cipher: str = cu.DEFAULT_SUITE
     bcrypt_cost: int = DEFAULT_BCRYPT_COST
-    login_grace_s: float = 30.0          # OpenSSH LoginGraceTime is 120 s; a chat login is quicker
+    login_grace_s: float = 120.0         # OpenSSH LoginGraceTime; the terminal client says at once when it ends
     max_auth_tries: int = 6              # OpenSSH MaxAuthTries
     rekey_after_messages: int = 1000     # conversation key lifetime, in relayed messages
     rekey_after_s: float = 3600.0        # ... and in time
@@ -1574,7 +1574,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--bcrypt-cost", type=int, default=DEFAULT_BCRYPT_COST, help="bcrypt cost for new passwords (4-31)")
     p.add_argument("--rekey-messages", type=int, default=1000, help="new conversation key after N messages")
     p.add_argument("--rekey-minutes", type=float, default=60.0, help="new conversation key after N minutes")
-    p.add_argument("--login-grace", type=float, default=30.0, help="seconds from connect to logged in")
+    p.add_argument("--login-grace", type=float, default=120.0, help="seconds from connect to logged in")
     p.add_argument("--puzzle", choices=["off", "auto", "always"], default="auto",
                    help="client puzzle before any DH work: auto = only under load")
     p.add_argument("--puzzle-bits", type=int, default=16, help="base puzzle difficulty in bits (0-22)")

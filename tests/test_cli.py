@@ -211,16 +211,19 @@ def test_escape_sequences_from_peers_are_neutralised(server, tmp_path):
     quit_client(alice)
 
 
-def test_server_gone_mid_chat_is_said_plainly(tmp_path):
+def test_server_gone_mid_chat_is_said_plainly_and_the_client_stays(tmp_path):
+    """Issue 12: the terminal no longer exits to the shell; it says so and keeps trying (the
+    reconnect itself: tests/test_cli_reconnect.py).  /quit still leaves at once."""
     srv = ServerProcess(tmp_path / "srvdata")
     alice = spawn_client(srv, tmp_path / "alice")
     login_flow(alice, "alice", PW_A, new=True)
     alice.expect_exact("[CLIENT]: Destination:")
     srv.stop()
-    alice.expect_exact("[CLIENT]: Connection to the server lost")
+    alice.expect(r"\[CLIENT\]: Connection lost \([^\r\n]+\); reconnecting")
+    alice.sendline("/quit")
     alice.expect(pexpect.EOF)
     alice.close()
-    assert alice.exitstatus == 1
+    assert alice.exitstatus == 0
     assert "Traceback" not in alice.before
 
 
