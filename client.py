@@ -394,7 +394,8 @@ class ChatUI:
         if isinstance(event, C.PeerOffline):
             with self._lock:
                 self.online.discard(peer)
-            return ("[CLIENT]: Destination user is offline; what you type is stored for them until they log in."
+            return ("[CLIENT]: Destination user is offline.\n"
+                    f"[CLIENT]: What you type now is stored for {peer} until they log in."
                     if is_dest else f"[CLIENT]: {peer} is offline.")
         if isinstance(event, C.PeerUnknown):
             return f"[CLIENT]: Destination user {peer} does not exist; type /to USER to choose another."

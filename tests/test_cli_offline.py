@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import sqlite3
 
+import pexpect
 import pytest
 from cli_helpers import ServerProcess, login_flow, quit_client, spawn_client
 
@@ -56,3 +58,39 @@ def test_three_messages_to_an_offline_user_arrive_in_order_once_and_say_delivere
     bob.expect_exact("Goodbye.")
     assert not any(t in bob.before for t in SECRETS)   # once: acknowledged and deleted
     quit_client(alice)
+
+
+def test_stored_messages_survive_a_server_restart_and_the_senders_screen_says_delivered(tmp_path):
+    """issue 12, first Done-when: bob registers and leaves; alice sends three; the server is
+    restarted (alice's terminal stays and reconnects); bob logs in and sees exactly those three,
+    in order, once; alice's screen then says delivered."""
+    srv = ServerProcess(tmp_path / "srvdata")
+    try:
+        bob = spawn_client(srv, tmp_path / "bob")
+        login_flow(bob, "bob", PW_B, new=True)
+        assert quit_client(bob) == 0
+        alice = spawn_client(srv, tmp_path / "alice")
+        login_flow(alice, "alice", PW_A, new=True)
+        alice.expect_exact("[CLIENT]: Destination:")
+        alice.sendline("bob")
+        alice.expect_exact("[CLIENT]: Destination user is offline.")
+        for text in SECRETS:
+            alice.sendline(text)
+            alice.expect_exact("[CLIENT]: Stored for bob (offline)")
+        srv.stop()
+        alice.expect("reconnecting")
+        srv = ServerProcess(srv.data_dir, "--port", str(srv.port))
+        alice.expect_exact(f"[CLIENT]: Reconnected to 127.0.0.1:{srv.port}.", timeout=30)
+        bob = spawn_client(srv, tmp_path / "bob")
+        bob.logfile_read = io.StringIO()
+        login_flow(bob, "bob", PW_B, new=False)
+        for text in SECRETS:
+            alice.expect_exact(f"[CLIENT]: Delivered to bob: {text[:39]}")  # so bob has shown all three
+        bob.sendline("/quit")
+        bob.expect(pexpect.EOF)
+        whole = bob.logfile_read.getvalue()
+        assert [whole.count(f"[alice]: {t}") for t in SECRETS] == [1, 1, 1]
+        assert whole.index(SECRETS[0]) < whole.index(SECRETS[1]) < whole.index(SECRETS[2])
+        quit_client(alice)
+    finally:
+        srv.stop()
