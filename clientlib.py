@@ -777,6 +777,7 @@ class ChatClient:
         for peer in sorted(wanted):
             self.open_conversation(peer)
         self.mailbox.resend_unanswered()  # stores the server may not have seen: the same bytes again
+        self.mailbox.after_reconnect()    # live messages with no receipt go again once keyed (or stored)
         return True
 
     @property
@@ -988,6 +989,7 @@ class ChatClient:
                 if self._links is not None:
                     self._links.close(peer)
             self._emit(PeerOffline(peer))
+            self.mailbox.resend_due(peer, live=False)  # what died with a connection is stored for them
             return
         with self._state_lock:
             # Only an unasked notice means the peer (re)connected: a new session of the peer
@@ -1074,7 +1076,10 @@ class ChatClient:
         if opened.kind == e2e.BODY_RECEIPT:
             self.mailbox.on_receipt(sender, opened.receipts)
             return
-        self._received(MessageReceived(sender, opened.text, opened.sent_at, direct=direct, stored_at=stored_at))
+        if self.mailbox.seen_before(sender, opened.msg_id):
+            log.debug("a message resent after a reconnect was shown already")
+        else:
+            self._received(MessageReceived(sender, opened.text, opened.sent_at, direct=direct, stored_at=stored_at))
         if self.receipts:
             self.mailbox.receipt(sender, opened.msg_id)
 
@@ -1172,6 +1177,7 @@ class ChatClient:
             self._send(P.Relay(conversation_id=conv.id, payload=reply))
         elif not was_ready and generation is not None:
             assert self.peer_trust is not None
+            self.mailbox.resend_due(peer, live=True)   # what may have died with the last connection goes first
             self._emit(ConversationReady(peer, generation, self._opened_by_peer.get(peer, False),
                                          self.peer_trust.is_verified(peer)))
 
@@ -1284,16 +1290,18 @@ class ChatClient:
         self._last_sent = self.mailbox.send_text(peer, text, e2e.new_msg_id())
         return self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
 
-    def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None") -> int | None:
-        msg_id = e2e.new_msg_id()
+    def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None", *,
+                     resend: "offline.Outgoing | None" = None) -> int | None:
+        """Seal and send live; the outbox entry and the history row are written only once the
+        message has gone (a line that never left is queued by the terminal and written then).
+        ``resend``: the same message again, under its own id (the peer shows it once)."""
+        msg_id = resend.msg_id if resend is not None else e2e.new_msg_id()
         with self._state_lock:
             conv = self.conversations.get(peer)
             if conv is None or not conv.ready:
                 raise ConnectionClosed(f"No open conversation with {peer}; they may be offline.")
             payload = conv.seal(text, msg_id)
             cid = conv.id
-        self._last_sent = self.mailbox.sent_live(peer, text, msg_id)
-        row = self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
         if self.is_direct(peer):
             with self._direct_lock:
                 assert self._links is not None
@@ -1302,20 +1310,22 @@ class ChatClient:
             self._sendto(datagrams)
             if barrier is not None:
                 barrier.done.set()  # nothing to wait for: the direct link acknowledges by itself
-            return row
-        if barrier is None:
+        elif barrier is None:
             self._send(P.Relay(conversation_id=cid, payload=payload))
-            return row
-        self._check_not_reconnecting()
-        with self._send_lock:  # the barrier is queued before the message goes: its refusal cannot come first
-            self._who_waiters.append(barrier)
-            try:
-                self._send_locked(P.Relay(conversation_id=cid, payload=payload))
-                self._send_locked(P.WhoRequest())
-            except ConnectionClosed:
-                self._who_waiters.remove(barrier)
-                raise
-        return row
+        else:
+            self._check_not_reconnecting()
+            with self._send_lock:  # the barrier is queued before the message goes: its refusal cannot come first
+                self._who_waiters.append(barrier)
+                try:
+                    self._send_locked(P.Relay(conversation_id=cid, payload=payload))
+                    self._send_locked(P.WhoRequest())
+                except ConnectionClosed:
+                    self._who_waiters.remove(barrier)
+                    raise
+        if resend is not None:
+            return None
+        self._last_sent = self.mailbox.sent_live(peer, text, msg_id)
+        return self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
 
     def send_confirmed(self, peer: str, text: str,
                        timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S) -> "offline.Outgoing":

@@ -38,6 +38,7 @@ OPEN_TIMEOUT_S = 15.0       # waiting for an offline key (a database write and a
 MAX_OUTBOX = 1000           # sent messages remembered until delivered (oldest delivered ones go first)
 MAX_HELD = 1000             # stored messages held while their sender's changed identity waits for /accept
 MAX_RECEIPT_JOBS = 10000
+MAX_SEEN_IDS = 10000        # ids of messages shown, so a resend after a reconnect is shown once
 
 # Outgoing states
 SENDING, SENT, STORED, HANDED, DELIVERED, REFUSED = "sending", "sent", "stored", "handed over", "delivered", "refused"
@@ -53,6 +54,7 @@ class Outgoing:
     stored: bool = False                 # went through the server's queue
     reason: str = ""
     retried: bool = False                # resealed once after its offline key expired
+    resend_due: bool = False             # live, no receipt when the connection dropped: send it again
     answered: threading.Event = field(default_factory=threading.Event, repr=False)   # stored or refused
     receipted: threading.Event = field(default_factory=threading.Event, repr=False)  # delivered
     store: P.Store | None = None         # kept until the server answers: a resend repeats it exactly
@@ -71,6 +73,7 @@ class Mailbox:
         self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
         self._thread: threading.Thread | None = None
         self.published = threading.Event()   # the server holds a current bundle of ours (tests wait on it)
+        self._seen: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
 
     # -- setup ------------------------------------------------------------------------
     def open_store(self, home, username: str, server_id: str, password: str) -> None:
@@ -144,6 +147,36 @@ class Mailbox:
         """The newest state of a sent message (a reseal replaces its entry)."""
         with self.lock:
             return self.outbox.get(msg_id)
+
+    def seen_before(self, peer: str, msg_id: bytes) -> bool:
+        """Whether ``peer``'s message ``msg_id`` was shown already (then it is not shown again)."""
+        key = (peer, msg_id)
+        with self.lock:
+            if key in self._seen:
+                return True
+            self._seen[key] = None
+            while len(self._seen) > MAX_SEEN_IDS:
+                self._seen.popitem(last=False)
+            return False
+
+    def after_reconnect(self) -> None:
+        """Live messages with no receipt may have died with the connection: each goes again, under
+        its own id, once its conversation is keyed again (or stored, the peer being offline)."""
+        with self.lock:
+            for entry in self.outbox.values():
+                if entry.state == SENT:
+                    entry.resend_due = True
+
+    def resend_due(self, peer: str, *, live: bool) -> None:
+        with self.lock:
+            due = [e for e in self.outbox.values() if e.peer == peer and e.resend_due and e.state == SENT]
+            for entry in due:
+                entry.resend_due = False
+        for entry in due:
+            if live:
+                self._resend_live(entry)   # now, before anything typed after the reconnect
+            else:
+                self._job(("resend", entry))
 
     def pending(self) -> list[Outgoing]:
         with self.lock:
@@ -315,10 +348,16 @@ class Mailbox:
         except (SecureIMError, ValueError) as exc:
             log.info("a receipt to a peer was not sent: %s", exc)
 
+    def _resend_live(self, entry: Outgoing) -> None:
+        try:
+            self.client._send_sealed(entry.peer, entry.text, None, resend=entry)
+        except SecureIMError as exc:  # lost again: the next reconnect marks it again
+            log.info("a message was not resent: %s", exc)
+
     def _resend(self, entry: Outgoing) -> None:
         """The offline key of that generation had expired: seal again under a new one, once."""
         try:
-            again = self.send_text(entry.peer, entry.text, entry.msg_id, retried=True)
+            again = self.send_text(entry.peer, entry.text, entry.msg_id, retried=entry.stored)
         except (SecureIMError, ValueError) as exc:
             with self.lock:
                 entry.state, entry.reason = REFUSED, str(exc)

@@ -238,3 +238,59 @@ def test_storing_into_someone_elses_conversation_is_refused(tmp_path):
         assert len(server.storage.queued_for("bob", 0, 10)) == 1
         alice.close()
         carol.close()
+
+
+def _drop_next_message_from(server, who: str):
+    """The server loses the next end-to-end message (not key shares) that ``who`` relays."""
+    armed = {"on": True}
+    original = server.service._relay
+
+    def spy(service, session, msg):
+        if armed["on"] and session.username == who and msg.payload[:1] == b"\x02":
+            armed["on"] = False
+            return None
+        return original(session, msg)
+
+    server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: spy}
+    return armed
+
+
+def test_a_live_message_lost_with_the_connection_is_sent_again_after_the_reconnect_and_shown_once(tmp_path):
+    from server_fixtures import chat_pair
+
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = chat_pair(server, tmp_path)
+        armed = _drop_next_message_from(server, "alice")
+        alice.send_message("bob", "lost with the server")
+        bob.who()
+        wait_for(bob, C.WhoList)
+        assert not armed["on"] and [e.text for e in alice.pending()] == ["lost with the server"]
+        alice.resume()                                    # the connection dropped; the ticket brings it back
+        assert wait_for(bob, C.MessageReceived, timeout=20).text == "lost with the server"
+        assert wait_for(alice, C.MessageDelivered, timeout=20).text == "lost with the server"
+        alice.send_message("bob", "and the next one")
+        assert wait_for(bob, C.MessageReceived).text == "and the next one"
+        alice.close()
+        bob.close()
+
+
+def test_a_message_whose_receipt_was_lost_is_resent_but_shown_once(tmp_path):
+    from server_fixtures import chat_pair
+
+    with running_server(tmp_path / "srv") as server:
+        alice, bob = chat_pair(server, tmp_path)
+        armed = _drop_next_message_from(server, "bob")    # bob's receipt is lost
+        alice.send_message("bob", "arrived, receipt lost")
+        assert wait_for(bob, C.MessageReceived).text == "arrived, receipt lost"
+        for _ in range(50):  # the receipt goes from bob's mailbox thread: round trips until it went
+            if not armed["on"]:
+                break
+            bob.who()
+            wait_for(bob, C.WhoList)
+        assert not armed["on"] and len(alice.pending()) == 1
+        alice.resume()
+        assert wait_for(alice, C.MessageDelivered, timeout=20).text == "arrived, receipt lost"
+        alice.send_message("bob", "after")
+        assert wait_for(bob, C.MessageReceived).text == "after"   # nothing shown twice in between
+        alice.close()
+        bob.close()

@@ -139,4 +139,20 @@ MUTATIONS: list[Mutation] = [
         tests=(OFF + "test_a_new_identity_key_drops_the_prekeys_signed_by_the_old_one",),
         why="senders keep getting prekeys signed by a key the user no longer has (refused, or worse, trusted).",
     ),
+    Mutation(
+        name="resent-message-shown-twice",
+        file="clientlib.py",
+        find="if self.mailbox.seen_before(sender, opened.msg_id):",
+        replace="if False:",
+        tests=(OFF + "test_a_message_whose_receipt_was_lost_is_resent_but_shown_once",),
+        why="a message resent after a reconnect (its receipt was lost) is shown twice.",
+    ),
+    Mutation(
+        name="lost-live-message-not-resent",
+        file="offline.py",
+        find="                if entry.state == SENT:\n                    entry.resend_due = True",
+        replace="                if entry.state == SENT:\n                    pass",
+        tests=(OFF + "test_a_live_message_lost_with_the_connection_is_sent_again_after_the_reconnect_and_shown_once",),
+        why="a message that died with the connection (no receipt) is silently lost.",
+    ),
 ]
