@@ -1090,6 +1090,11 @@ class ChatClient:
             self._emit(MessageStored(entry.peer, entry.text, online=entry.state == offline.HANDED))
 
     def _delivered_event(self, entry: "offline.Outgoing") -> None:
+        if self.history is not None and entry.row is not None:
+            try:
+                self.history.set_state(entry.row, H.STATE_DELIVERED)
+            except HistoryError as exc:
+                log.info("the history could not mark a message delivered: %s", exc)
         self._emit(MessageDelivered(entry.peer, entry.text, entry.stored))
 
     def _barrier_after(self, msg: P.Message) -> "_Barrier":
@@ -1287,8 +1292,9 @@ class ChatClient:
             raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
         if self.mailbox.store is None and not self.persist_identity:
             raise MessageRefused("This client keeps no prekeys (persist_identity=False): it cannot write offline.")
-        self._last_sent = self.mailbox.send_text(peer, text, e2e.new_msg_id())
-        return self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
+        entry = self._last_sent = self.mailbox.send_text(peer, text, e2e.new_msg_id())
+        entry.row = self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
+        return entry.row
 
     def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None", *,
                      resend: "offline.Outgoing | None" = None) -> int | None:
@@ -1324,8 +1330,9 @@ class ChatClient:
                     raise
         if resend is not None:
             return None
-        self._last_sent = self.mailbox.sent_live(peer, text, msg_id)
-        return self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
+        entry = self._last_sent = self.mailbox.sent_live(peer, text, msg_id)
+        entry.row = self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
+        return entry.row
 
     def send_confirmed(self, peer: str, text: str,
                        timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S) -> "offline.Outgoing":

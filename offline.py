@@ -55,6 +55,7 @@ class Outgoing:
     reason: str = ""
     retried: bool = False                # resealed once after its offline key expired
     resend_due: bool = False             # live, no receipt when the connection dropped: send it again
+    row: int | None = None               # its row in the local history (marked delivered on the receipt)
     answered: threading.Event = field(default_factory=threading.Event, repr=False)   # stored or refused
     receipted: threading.Event = field(default_factory=threading.Event, repr=False)  # delivered
     store: P.Store | None = None         # kept until the server answers: a resend repeats it exactly

@@ -294,3 +294,18 @@ def test_a_message_whose_receipt_was_lost_is_resent_but_shown_once(tmp_path):
         assert wait_for(bob, C.MessageReceived).text == "after"   # nothing shown twice in between
         alice.close()
         bob.close()
+
+
+def test_the_history_marks_receipted_messages_delivered(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice", history=True)
+        alice.send_offline("bob", "kept in the history")
+        wait_for(alice, C.MessageStored)
+        assert [e.state for e in alice.history_page("bob").entries] == ["sent"]
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        wait_for(bob, C.MessageReceived)
+        wait_for(alice, C.MessageDelivered)
+        assert [e.state for e in alice.history_page("bob").entries] == ["delivered"]
+        alice.close()
+        bob.close()
