@@ -385,7 +385,7 @@ def test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets():
                                                          bob._aad("alice", "bob", generation, counter))
         except Exception:  # noqa: BLE001 - any failure to open counts as "could not read"
             return None
-        return body[8:].decode()
+        return body[e2e.BODY_HEADER.size:].decode()
 
     zeros = bytes(32)
     assert attempt(e2e.derive_root(kdc_key, dh, (ss_alice, ss_bob), transcript)) == "meet at noon"  # control
