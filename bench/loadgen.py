@@ -11,6 +11,7 @@ the report shows whether the generator or the server was the bottleneck.
     python bench/loadgen.py capacity --clients 1000
     python bench/loadgen.py handshake --logins 200
     python bench/loadgen.py storm --clients 1000
+    python bench/loadgen.py store --clients 10 --recipients 10 --messages 100   # offline queue, then drain
     python bench/loadgen.py relay --clients 100 --server-workers 2     # server.py --workers 2
     python bench/loadgen.py relay --clients 100 --nodes 3              # 3 nodes, pairs across nodes
     python bench/loadgen.py storm --clients 1000 --nodes 3             # kill a node, its clients resume
@@ -1058,6 +1059,104 @@ def run_storm(args) -> dict:
 
 
 # =============================================================================
+# =============================================================================
+# Store and forward: messages for users who are offline, then their login drains the queue
+# =============================================================================
+def run_store(args) -> dict:
+    """``--clients`` senders write ``--messages`` each to ``--recipients`` users who are offline
+    (sealed from their prekeys, kept in the queue); then every recipient logs in and takes its
+    queue.  Senders keep ``--window`` stores unanswered at most.  No receipts (see BenchClient)."""
+    server = deployment(args, bcrypt_cost=args.relay_bcrypt_cost)
+    home = Path(tempfile.mkdtemp(prefix="secureim-bench-store-"))
+    clients: list[C.ChatClient] = []
+    try:
+        shape = server.shape()
+        host, port = server.host, server.port
+        names = [f"r{i}" for i in range(args.recipients)]
+        for name in names:  # a real client (prekeys on disk), then away
+            c = C.ChatClient(host, port, home=home / name, timeout_s=60, receipts=False)
+            c.connect()
+            c.register(name, PASSWORD)
+            c.start()
+            if not c.mailbox.published.wait(30):
+                raise RuntimeError(f"{name} did not publish its prekeys")
+            c.close()
+        senders = [connect_client(host, port, home / f"s{i}", f"s{i}") for i in range(args.clients)]
+        clients += senders
+        total = args.clients * args.messages
+        stored, errors = [0], []
+        lock = threading.Lock()
+
+        def write(i: int, sender: C.ChatClient) -> None:
+            in_flight = 0
+            try:
+                for n in range(args.messages):
+                    sender.send_offline(names[(i + n) % len(names)], relay_padding(args.payload))
+                    in_flight += 1
+                    while in_flight >= args.window or (n == args.messages - 1 and in_flight):
+                        e = sender.next_event(timeout=args.timeout)
+                        if isinstance(e, (C.MessageStored, C.MessageNotStored)):
+                            in_flight -= 1
+                            with lock:
+                                stored[0] += isinstance(e, C.MessageStored)
+                        elif e is None:
+                            raise RuntimeError("no answer to a store")
+            except Exception as exc:  # noqa: BLE001 - reported in the result
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        cpu0, t0 = server.cpu_s(), time.monotonic()
+        threads = [threading.Thread(target=write, args=(i, s)) for i, s in enumerate(senders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.timeout)
+        t1, cpu1 = time.monotonic(), server.cpu_s()
+        rss_after_store = server.rss_kib()
+        received = [0]
+
+        def drain(name: str) -> None:
+            c = C.ChatClient(host, port, home=home / name, timeout_s=60, receipts=False)
+            c.connect()
+            c.login(name, PASSWORD)
+            clients.append(c)
+            want = total // len(names) + (1 if names.index(name) < total % len(names) else 0)
+            got = 0
+            c.start()
+            deadline = time.monotonic() + args.timeout
+            while got < want and time.monotonic() < deadline:
+                e = c.next_event(timeout=max(0.1, deadline - time.monotonic()))
+                if isinstance(e, C.MessageReceived):
+                    got += 1
+            with lock:
+                received[0] += got
+
+        cpu2, t2 = server.cpu_s(), time.monotonic()
+        threads = [threading.Thread(target=drain, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.timeout)
+        t3, cpu3 = time.monotonic(), server.cpu_s()
+    finally:
+        for c in clients:
+            try:
+                c.close(timeout_s=2)
+            except Exception:  # noqa: BLE001 - best effort at the end
+                pass
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    return {"mode": "store", **shape, "senders": args.clients, "recipients": args.recipients,
+            "messages": total, "payload_bytes": args.payload, "window": args.window,
+            "stored": stored[0], "store_s": round(t1 - t0, 3),
+            "stores_per_s": round(stored[0] / (t1 - t0), 1) if t1 > t0 else 0.0,
+            "server_cpu_us_per_store": round((cpu1 - cpu0) / stored[0] * 1e6, 1) if stored[0] else None,
+            "server_rss_mib_after_store": round(rss_after_store / 1024, 1),
+            "delivered": received[0], "drain_s": round(t3 - t2, 3),
+            "delivered_per_s": round(received[0] / (t3 - t2), 1) if t3 > t2 else 0.0,
+            "server_cpu_us_per_delivery": round((cpu3 - cpu2) / received[0] * 1e6, 1) if received[0] else None,
+            "errors": errors[:10]}
+
+
 def print_table(result: dict) -> None:
     rows = result.get("rows", [result])
     for row in rows:
@@ -1069,11 +1168,12 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["relay", "capacity", "handshake", "storm"])
+    p.add_argument("mode", choices=["relay", "capacity", "handshake", "storm", "store"])
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--messages", type=int, default=200, help="relay: messages per sender")
     p.add_argument("--window", type=int, default=8, help="relay: messages in flight per sender")
     p.add_argument("--payload", type=int, default=100, help="relay: message size in bytes")
+    p.add_argument("--recipients", type=int, default=10, help="store: offline users written to")
     p.add_argument("--logins", type=int, default=100, help="handshake: logins per phase")
     p.add_argument("--bcrypt-cost", type=int, default=12, help="handshake: the configured cost (4 is also run)")
     p.add_argument("--relay-bcrypt-cost", type=int, default=4, help="relay: the server's bcrypt cost")
@@ -1099,7 +1199,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes > 1 and args.mode not in ("relay", "storm"):
         p.error("--nodes is for relay and storm")
     raise_nofile()  # every client is a socket: as many files as the hard limit allows (capacity checks)
-    run = {"relay": run_relay, "capacity": run_capacity, "handshake": run_handshake, "storm": run_storm}[args.mode]
+    run = {"relay": run_relay, "capacity": run_capacity, "handshake": run_handshake, "storm": run_storm,
+           "store": run_store}[args.mode]
     result = run(args)
     result["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
     print(f"secureim {args.mode} benchmark")

@@ -102,3 +102,9 @@ def test_relay_path_harness_runs():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "relay_path.py"), "--messages", "50", "--batch", "4"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "us per relayed message" in out.stdout
+
+
+def test_store_smoke(tmp_path):
+    r = _run(tmp_path, "store", "--clients", "2", "--recipients", "2", "--messages", "10")
+    assert r["stored"] == r["messages"] == 20 and r["delivered"] == 20 and r["errors"] == []
+    assert r["stores_per_s"] > 0 and r["server_cpu_us_per_store"] is not None
