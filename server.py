@@ -772,17 +772,24 @@ class ChatService:
             log.warning("session bookkeeping failed: %s", exc)
 
     # -- presence and the KDC ------------------------------------------------------
+    @staticmethod
+    def _peer_named(session: Session, raw: str, refusal: str) -> str | None:
+        """``raw`` as a username, or None once the session has been told why not (invalid, or itself)."""
+        try:
+            peer = normalize_username(raw)
+        except AuthError:
+            session.send(P.PeerStatus(peer=raw, online=False, known=False))
+            return None
+        if peer == session.username:
+            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason=refusal))
+            return None
+        return peer
+
     def _open(self, session: Session, msg: P.OpenConversation) -> None:
         me = session.username
         assert me is not None
-        try:
-            peer = normalize_username(msg.peer)
-        except AuthError:
-            session.send(P.PeerStatus(peer=msg.peer, online=False, known=False))
-            return
-        if peer == me:
-            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST,
-                                 reason="You cannot open a conversation with yourself."))
+        peer = self._peer_named(session, msg.peer, "You cannot open a conversation with yourself.")
+        if peer is None:
             return
         peer_session = self.registry.session_of(peer)
         if peer_session is None and not self.cluster.is_remote(peer):
@@ -1045,13 +1052,8 @@ class ChatService:
         conversation; the key also waits, sealed, for the peer (docs/PROTOCOL.md section 15)."""
         me = session.username
         assert me is not None
-        try:
-            peer = normalize_username(msg.peer)
-        except AuthError:
-            session.send(P.PeerStatus(peer=msg.peer, online=False, known=False))
-            return
-        if peer == session.username:
-            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="You cannot write to yourself."))
+        peer = self._peer_named(session, msg.peer, "You cannot write to yourself.")
+        if peer is None:
             return
         now = time.monotonic()
         while session.offline_opens and now - session.offline_opens[0] > 60.0:

@@ -389,7 +389,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="server-no-conversation-with-oneself",
         file="server.py",
-        find="        if peer == me:\n",
+        find="        if peer == session.username:\n",
         replace="        if False:\n",
         tests=(f"{ATTACKS}::test_A33_relay_to_oneself_and_to_nobody",),
         why="A conversation with oneself is refused (the KDC would hand one user both ends).",
