@@ -1058,6 +1058,7 @@ class ChatClient:
                 self._presence[peer] = PRESENCE_REFUSED
                 self._state_changed.notify_all()
             self._pending_keys().put(peer, key)  # so /accept works after a restart too
+            self.mailbox.forget_outbound(peer)
             if not again:
                 self._emit(SecurityWarning(peer, str(exc)))
             return False
@@ -1182,6 +1183,7 @@ class ChatClient:
             self._send(P.Relay(conversation_id=conv.id, payload=reply))
         elif not was_ready and generation is not None:
             assert self.peer_trust is not None
+            self.mailbox.forget_outbound(peer)         # live now: a later offline message starts afresh
             self.mailbox.resend_due(peer, live=True)   # what may have died with the last connection goes first
             self._emit(ConversationReady(peer, generation, self._opened_by_peer.get(peer, False),
                                          self.peer_trust.is_verified(peer)))
@@ -1217,6 +1219,7 @@ class ChatClient:
                 del self._presence[peer]
         self.peer_trust.accept(peer, key)
         self._pending_keys().remove(peer)
+        self.mailbox.forget_outbound(peer)
         self.mailbox.release_held(peer)  # stored messages that waited for this decision
         self.open_conversation(peer)
         return True
@@ -1543,6 +1546,7 @@ class ChatClient:
             self.identities.save(self.username, new_password, self.identity)
         if self.history is not None:
             self.history.change_password(new_password)
+        self.mailbox.change_password(new_password)  # the private prekeys, sealed again
 
     def who(self) -> None:
         """Ask who is online; the answer comes as a WhoList event."""
@@ -1568,6 +1572,10 @@ class ChatClient:
             # (bounded), or nobody can write to this user while they are away.
             self.mailbox.published.wait(min(timeout_s, PUBLISH_WAIT_S))
         self._stop.set()
+        try:
+            self.mailbox.save()
+        except OSError as exc:
+            log.warning("the prekey store could not be saved: %s", exc)
         try:
             self._close_connection(timeout_s)
         finally:

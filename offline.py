@@ -38,7 +38,8 @@ OPEN_TIMEOUT_S = 15.0       # waiting for an offline key (a database write and a
 MAX_OUTBOX = 1000           # sent messages remembered until delivered (oldest delivered ones go first)
 MAX_HELD = 1000             # stored messages held while their sender's changed identity waits for /accept
 MAX_RECEIPT_JOBS = 10000
-MAX_SEEN_IDS = 10000        # ids of messages shown, so a resend after a reconnect is shown once
+MAX_SEEN_IDS = K.MAX_SEEN_IDS   # ids of messages shown, so a resend after a reconnect is shown once
+OUTBOUND_MAX_AGE_S = 24 * 3600.0  # an offline session to a peer is used this long at most, then a new one
 
 # Outgoing states
 SENDING, SENT, STORED, HANDED, DELIVERED, REFUSED = "sending", "sent", "stored", "handed over", "delivered", "refused"
@@ -67,7 +68,7 @@ class Mailbox:
         self.lock = threading.RLock()
         self.store: K.PrekeyStore | None = None
         self.inbound: K.InboundSessions | None = None
-        self.outbound: dict[str, K.OutboundSession] = {}
+        self.outbound: dict[str, tuple[K.OutboundSession, float]] = {}   # peer -> (session, made at)
         self.outbox: collections.OrderedDict[bytes, Outgoing] = collections.OrderedDict()
         self.held: dict[str, list[P.StoredMessage]] = {}
         self._open_failure: dict[str, str] = {}
@@ -80,6 +81,30 @@ class Mailbox:
     def open_store(self, home, username: str, server_id: str, password: str) -> None:
         self.store = K.PrekeyStore(home, username, server_id, password)
         self.inbound = K.InboundSessions(self.store)
+        with self.lock:
+            for item in self.store.seen_ids:
+                peer, _, text = item.partition("|")
+                try:
+                    self._seen[(peer, cu.b64decode(text))] = None
+                except SecureIMError:
+                    continue
+
+    def change_password(self, password: str) -> None:
+        if self.store is not None:
+            with self.lock:
+                self.store.change_password(password)
+
+    def save(self) -> None:
+        """At close: what only memory knew (the ids of messages shown) goes into the sealed store."""
+        if self.store is not None:
+            with self.lock:
+                self.store.save()
+
+    def forget_outbound(self, peer: str) -> None:
+        """A live conversation is up, or the peer's identity was changed or accepted: the next
+        offline message starts from a fresh bundle (and a fresh identity check)."""
+        with self.lock:
+            self.outbound.pop(peer, None)
 
     def on_prekey_status(self, msg: P.PrekeyStatus) -> None:
         """Top up one-time prekeys and renew the signed prekey when due (the receiver thread)."""
@@ -96,14 +121,16 @@ class Mailbox:
     # -- sending ----------------------------------------------------------------------
     def _outbound_for(self, peer: str) -> K.OutboundSession:
         with self.lock:
-            out = self.outbound.get(peer)
-        if out is not None:
-            return out
+            held = self.outbound.get(peer)
+            if held is not None and time.monotonic() - held[1] < OUTBOUND_MAX_AGE_S:
+                return held[0]
+            self.outbound.pop(peer, None)
         barrier = self.client._barrier_after(P.OfflineOpen(peer=peer))
         if not barrier.done.wait(OPEN_TIMEOUT_S):
             raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
         with self.lock:
-            out = self.outbound.get(peer)
+            held = self.outbound.get(peer)
+            out = held[0] if held is not None else None
             failure = self._open_failure.pop(peer, None)
         if out is None:
             raise MessageRefused(failure or (barrier.refusals[0] if barrier.refusals
@@ -158,6 +185,8 @@ class Mailbox:
             self._seen[key] = None
             while len(self._seen) > MAX_SEEN_IDS:
                 self._seen.popitem(last=False)
+            if self.store is not None:  # saved with the store's next write (and at close)
+                self.store.seen_ids = [f"{p}|{cu.b64encode(i)}" for p, i in self._seen]
             return False
 
     def after_reconnect(self) -> None:
@@ -206,7 +235,7 @@ class Mailbox:
             client._emit(client._security_warning(peer, str(exc)))
             return
         with self.lock:
-            self.outbound[peer] = out
+            self.outbound[peer] = (out, time.monotonic())
 
     def on_store_result(self, msg: P.StoreResult) -> None:
         with self.lock:
@@ -258,16 +287,22 @@ class Mailbox:
                 held = self.held.setdefault(sender, [])
                 if len(held) < MAX_HELD:
                     held.append(msg)
+            self._defer(msg)   # it stays on the server, and the messages behind it come on
+            return
+        if len(msg.key) != suite.key_bytes:  # the server lost its key: nothing to decide here
+            client._emit(client._rejected(sender, f"A stored message from {sender} came without its key; it "
+                                                  "stays on the server for the next login."))
+            self._defer(msg)
             return
         ctx = K.StoredContext(client.username, client.identity, sender, msg.sender_identity, msg.conversation_id,
                               msg.generation, msg.key, suite)
         with self.lock:
             try:
-                opened = self.inbound.open(ctx, msg.payload)
+                opened = self.inbound.open(ctx, msg.payload, digest=digest)
                 failure = None
-            except DecryptionFailed as exc:
+            except DecryptionFailed as exc:   # it will never open: said, and not asked for again
                 opened, failure = None, str(exc)
-            self.store.mark_processed(digest)
+                self.store.mark_processed(digest)
         self._ack(msg)
         if opened is None:
             client._emit(client._rejected(sender, failure or "A stored message could not be opened."))
@@ -280,6 +315,12 @@ class Mailbox:
         for msg in held:
             self.on_stored(msg)
         return len(held)
+
+    def _defer(self, msg: P.StoredMessage) -> None:
+        try:
+            self.client._send(P.Defer(queue_id=msg.queue_id))
+        except ConnectionClosed:
+            pass
 
     def _ack(self, msg: P.StoredMessage) -> None:
         try:

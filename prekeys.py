@@ -59,10 +59,13 @@ RETIRED_PREKEY_KEEP_S = 45 * 24 * 3600       # an old one still opens messages s
 MAX_SIGNED_KEPT = 8
 ONE_TIME_TARGET = 100                        # topped up to this many on the server...
 ONE_TIME_LOW = 50                            # ...when fewer than this are left
-MAX_ONE_TIME_KEPT = 200                      # private one-time keys kept here (the server keeps as many)
-MAX_SEEN_PER_SIGNED = 20000                  # inits under the signed prekey alone, remembered against replay
+MAX_ONE_TIME_KEPT = 1000                     # private one-time keys kept here (handed out, not used yet): the
+                                             # oldest go first, and any older than RETIRED_PREKEY_KEEP_S
+MAX_SEEN_PER_SIGNED = 5000                   # inits under the signed prekey alone, remembered against replay
 MAX_PROCESSED = 4000                         # stored messages already handled (a redelivery is acked, not shown)
-MAX_INBOUND_SESSIONS = 256                   # offline sessions from peers, in memory
+MAX_SEEN_IDS = 4000                          # ids of messages shown (a resend after a reconnect is shown once)
+MAX_INBOUND_SESSIONS = 256                   # offline sessions from peers, kept (sealed) in the store
+MAX_INBOUND_SKIPPED = 200                    # skipped-message keys kept per offline session
 STORED_MAX_AGE_S = RETIRED_PREKEY_KEEP_S     # a stored message older than this is refused
 STORE_FORMAT = 1
 
@@ -204,8 +207,10 @@ class PrekeyStore:
         self._clock = clock
         self.signed: list[_Signed] = []
         self.one_time: dict[int, bytes] = {}
+        self.one_time_at: dict[int, float] = {}   # when each one-time key was made
         self.processed: list[str] = []
-        self.next_id = 1
+        self.inbound: dict[str, dict] = {}       # offline sessions peers started (InboundSessions)
+        self.seen_ids: list[str] = []            # ids of messages shown (offline.Mailbox.seen_before)
         self.created = False       # a new store: whatever the server holds for us is stale
         doc = None
         if self.path.exists():
@@ -233,14 +238,18 @@ class PrekeyStore:
             self.signed = [_Signed(s["id"], cu.b64decode(s["x"]), cu.b64decode(s["kem"]), s["created"],
                                    s.get("retired"), list(s.get("seen", []))) for s in state["signed"]]
             self.one_time = {int(k): cu.b64decode(v) for k, v in state["one_time"].items()}
+            self.one_time_at = {int(k): float(v) for k, v in state.get("one_time_at", {}).items()}
             self.processed = list(state.get("processed", []))
-            self.next_id = int(state["next_id"])
+            self.inbound = dict(state.get("inbound", {}))
+            self.seen_ids = list(state.get("seen_ids", []))
         except (ValueError, KeyError, TypeError, InvalidTag, SecureIMError):
             return False
         return True
 
     def save(self) -> None:
-        state = {"next_id": self.next_id, "processed": self.processed[-MAX_PROCESSED:],
+        state = {"processed": self.processed[-MAX_PROCESSED:], "inbound": self.inbound,
+                 "seen_ids": self.seen_ids[-MAX_SEEN_IDS:],
+                 "one_time_at": {str(k): v for k, v in self.one_time_at.items()},
                  "signed": [{"id": s.id, "x": cu.b64encode(s.x25519), "kem": cu.b64encode(s.kem_seed),
                              "created": s.created, "retired": s.retired, "seen": s.seen[-MAX_SEEN_PER_SIGNED:]}
                             for s in self.signed],
@@ -256,10 +265,21 @@ class PrekeyStore:
             json.dump(doc, fh)
         os.replace(tmp, self.path)
 
+    def change_password(self, password: str) -> None:
+        """Seal the store again under a new password (``/passwd``): a new salt, a new key."""
+        self._salt = cu.random_bytes(16)
+        self._key = Scrypt(salt=self._salt, length=32, n=e2e.SCRYPT_N, r=e2e.SCRYPT_R,
+                           p=e2e.SCRYPT_P).derive(password.encode("utf-8"))
+        self.save()
+
     def _new_id(self) -> int:
-        key_id = self.next_id
-        self.next_id = self.next_id + 1 if self.next_id < 0xFFFFFFFF else 1
-        return key_id
+        """A random non-zero id no key here has: a store made again (a lost file, another device)
+        never reuses the id of a prekey that senders still hold."""
+        used = set(self.one_time) | {s.id for s in self.signed}
+        while True:
+            key_id = int.from_bytes(cu.random_bytes(4), "big")
+            if key_id and key_id not in used:
+                return key_id
 
     def current_signed(self) -> _Signed | None:
         live = [s for s in self.signed if s.retired is None]
@@ -291,30 +311,42 @@ class PrekeyStore:
         self.signed = self.signed[-MAX_SIGNED_KEPT:]
         if replace:
             self.one_time.clear()
+            self.one_time_at.clear()
             server_one_time = 0
+        # Handed out but never used: kept for messages on their way, not forever.
+        for key_id in [k for k in self.one_time if now - self.one_time_at.get(k, now) > RETIRED_PREKEY_KEEP_S]:
+            self._drop_one_time(key_id)
         one_time = b""
         if server_one_time < ONE_TIME_LOW:
-            for _ in range(min(ONE_TIME_TARGET - server_one_time, MAX_ONE_TIME_KEPT - len(self.one_time))):
+            for _ in range(ONE_TIME_TARGET - server_one_time):
                 key_id = self._new_id()
                 private = X25519PrivateKey.generate()
                 self.one_time[key_id] = private.private_bytes_raw()
+                self.one_time_at[key_id] = now
                 public = private.public_key().public_bytes_raw()
                 one_time += ONE_TIME.pack(key_id, public,
                                           identity.sign(_prekey_text("one-time prekey", self.username, key_id, public)))
+            while len(self.one_time) > MAX_ONE_TIME_KEPT:   # the oldest handed-out ones go first
+                self._drop_one_time(min(self.one_time, key=lambda k: self.one_time_at.get(k, 0.0)))
         if not signed_entry and not one_time:
             return None
         self.created = False
         self.save()
         return signed_entry, one_time, replace
 
+    def _drop_one_time(self, key_id: int) -> None:
+        self.one_time.pop(key_id, None)
+        self.one_time_at.pop(key_id, None)
+
     def already_processed(self, digest: bytes) -> bool:
         text = cu.b64encode(digest)
         return any(cu.constant_time_equal(text.encode(), seen.encode()) for seen in self.processed[-MAX_PROCESSED:])
 
-    def mark_processed(self, digest: bytes) -> None:
+    def mark_processed(self, digest: bytes, *, save: bool = True) -> None:
         self.processed.append(cu.b64encode(digest))
         del self.processed[:-MAX_PROCESSED]
-        self.save()
+        if save:
+            self.save()
 
 
 # =============================================================================
@@ -322,9 +354,20 @@ class PrekeyStore:
 # =============================================================================
 @dataclass
 class _Inbound:
-    header: bytes
+    header_hash: bytes
     chain: e2e._Chain
     skipped: dict[int, bytes] = field(default_factory=dict)
+
+    def to_doc(self, now: float) -> dict:
+        return {"header": cu.b64encode(self.header_hash), "chain": cu.b64encode(self.chain.key),
+                "index": self.chain.index, "at": now,
+                "skipped": {str(k): cu.b64encode(v) for k, v in list(self.skipped.items())[-MAX_INBOUND_SKIPPED:]}}
+
+    @classmethod
+    def from_doc(cls, doc: dict) -> "_Inbound":
+        chain = e2e._Chain(cu.b64decode(doc["chain"]))
+        chain.index = int(doc["index"])
+        return cls(cu.b64decode(doc["header"]), chain, {int(k): cu.b64decode(v) for k, v in doc["skipped"].items()})
 
 
 @dataclass(frozen=True)
@@ -346,10 +389,26 @@ class InboundSessions:
     def __init__(self, store: PrekeyStore, *, clock=time.time) -> None:
         self.store = store
         self._clock = clock
-        self._sessions: dict[tuple[str, int, int], _Inbound] = {}
 
-    def open(self, ctx: StoredContext, payload: bytes) -> e2e.Opened:
-        """Open one stored payload; DecryptionFailed with a reason on anything wrong (nothing changes then)."""
+    @staticmethod
+    def _key(peer: str, cid: int, generation: int) -> str:
+        return f"{peer}|{cid}|{generation}"
+
+    def _session(self, key: str) -> _Inbound | None:
+        doc = self.store.inbound.get(key)
+        if doc is None:
+            return None
+        try:
+            return _Inbound.from_doc(doc)
+        except (KeyError, TypeError, ValueError, SecureIMError):
+            return None
+
+    def open(self, ctx: StoredContext, payload: bytes, *, digest: bytes | None = None) -> e2e.Opened:
+        """Open one stored payload; DecryptionFailed with a reason on anything wrong (nothing changes then).
+
+        The session's state (chain key and position, skipped keys) is kept in the sealed store,
+        so later messages of the same session open after this client restarts too; ``digest``
+        is remembered as processed in the same write."""
         if len(payload) < INIT.size + COUNTER.size or payload[0] != KIND_INIT:
             raise DecryptionFailed(f"A stored message from {ctx.peer} was malformed and was refused.")
         header = payload[:INIT.size]
@@ -357,11 +416,11 @@ class InboundSessions:
         (counter,) = COUNTER.unpack_from(payload, INIT.size)
         if generation != ctx.generation or len(ctx.kdc_key) != ctx.suite.key_bytes:
             raise DecryptionFailed(f"A stored message from {ctx.peer} came with the wrong key and was refused.")
-        key = (ctx.peer, ctx.cid, generation)
-        session = self._sessions.get(key)
+        key = self._key(ctx.peer, ctx.cid, generation)
+        session = self._session(key)
         commit_new = None
         if session is not None:
-            if not cu.constant_time_equal(session.header, header):
+            if not cu.constant_time_equal(session.header_hash, cu.sha256(header)):
                 raise DecryptionFailed(f"A stored message from {ctx.peer} claimed a session that does not match "
                                        "and was refused.")
         else:
@@ -374,15 +433,20 @@ class InboundSessions:
             raise DecryptionFailed(f"A stored message from {ctx.peer} failed its integrity check and was "
                                    "discarded.") from None
         opened = e2e.parse_body(body, ctx.peer)
-        if not -STORED_MAX_AGE_S <= self._clock() - opened.sent_at <= e2e.FRESHNESS_WINDOW_S:
+        if not -e2e.FRESHNESS_WINDOW_S <= self._clock() - opened.sent_at <= STORED_MAX_AGE_S:
             raise DecryptionFailed(f"A stored message from {ctx.peer} was too old (or dated in the future) and "
                                    "was refused.")
         if commit_new is not None:
             commit_new()          # the one-time prekey is deleted (or the ephemeral key remembered) only now
-            self._sessions[key] = session
-            while len(self._sessions) > MAX_INBOUND_SESSIONS:
-                del self._sessions[next(iter(self._sessions))]
         commit_chain()
+        inbound = self.store.inbound
+        inbound.pop(key, None)
+        inbound[key] = session.to_doc(self._clock())
+        while len(inbound) > MAX_INBOUND_SESSIONS:   # the least recently used session goes
+            del inbound[min(inbound, key=lambda k: inbound[k].get("at", 0.0))]
+        if digest is not None:
+            self.store.mark_processed(digest, save=False)
+        self.store.save()
         return opened
 
     def _start(self, ctx: StoredContext, header: bytes, spk_id: int, opk_id: int, e_pub: bytes, ciphertext: bytes,
@@ -420,15 +484,14 @@ class InboundSessions:
         secrets.append(kem.decapsulate(ciphertext))
         root = _root(ctx.kdc_key, secrets, ctx.cid, ctx.generation, ctx.peer, ctx.me,
                      (cu.public_bytes(ctx.identity), ctx.peer_identity), header)
-        session = _Inbound(header, e2e._Chain(_chain_key(root, ctx.peer, ctx.me)))
+        session = _Inbound(cu.sha256(header), e2e._Chain(_chain_key(root, ctx.peer, ctx.me)))
 
-        def commit() -> None:
+        def commit() -> None:   # the caller saves the store
             if opk_id:
-                store.one_time.pop(opk_id, None)   # used once: its private key is gone
+                store._drop_one_time(opk_id)   # used once: its private key is gone
             else:
                 signed.seen.append(seen)
                 del signed.seen[:-MAX_SEEN_PER_SIGNED]
-            store.save()
 
         return session, commit
 
@@ -452,7 +515,7 @@ class InboundSessions:
         def commit() -> None:
             session.chain.key, session.chain.index = trial.key, trial.index
             session.skipped.update(skipped)
-            while len(session.skipped) > e2e.MAX_SKIPPED_KEYS:
+            while len(session.skipped) > MAX_INBOUND_SKIPPED:
                 del session.skipped[next(iter(session.skipped))]
 
         return message_key, commit

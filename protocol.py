@@ -654,6 +654,14 @@ class Ack(Message):
     queue_id: int = wire(Kind.U64)
 
 
+@message(0x88)
+class Defer(Message):
+    """Client to server: keep ``queue_id`` (its sender's identity waits for /accept, or its key is
+    missing), send it again at the next login, and count it no longer against the window."""
+
+    queue_id: int = wire(Kind.U64)
+
+
 class ErrorCode(enum.IntEnum):
     PROTOCOL = 1
     NOT_AUTHENTICATED = 2
@@ -826,7 +834,7 @@ _SESSION_FROM_SERVER_AUTH = {PeerStatus, ConversationKey, Deliver, WhoResponse, 
 _SESSION_FROM_CLIENT_AUTH |= {DeleteAccount}
 _SESSION_FROM_SERVER_AUTH |= {AccountDeleted}
 # Store and forward (section 15).
-_SESSION_FROM_CLIENT_AUTH |= {PublishPrekeys, OfflineOpen, Store, Ack}
+_SESSION_FROM_CLIENT_AUTH |= {PublishPrekeys, OfflineOpen, Store, Ack, Defer}
 _SESSION_FROM_SERVER_AUTH |= {PrekeyStatus, OfflineKey, StoreResult, StoredMessage}
 
 RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {

@@ -108,7 +108,8 @@ class ServerConfig:
     queue_max_messages: int = 1000
     queue_max_bytes: int = 10 << 20
     queue_max_age_s: float = 30 * 86400.0
-    offline_opens_per_minute: int = 30   # each takes one of the peer's one-time prekeys
+    offline_opens_per_minute: int = 30   # each takes one of the peer's one-time prekeys (per session...)
+    offline_opens_per_recipient_per_minute: int = 60   # ...and per recipient, whoever asks (per node)
 
     @property
     def database_url(self) -> str:
@@ -120,7 +121,8 @@ class ServerConfig:
 # =============================================================================
 QUEUE_WINDOW = 64            # stored messages in flight to one session (unacknowledged) at most
 QUEUE_EXPIRY_EVERY_S = 3600.0
-MAX_ONE_TIME_PREKEYS = 200   # kept per user (prekeys.MAX_ONE_TIME_KEPT)
+MAX_ONE_TIME_PREKEYS = 200   # kept per user on the server
+MAX_TRACKED_RECIPIENTS = 100_000  # recipients whose recent offline opens are counted (oldest forgotten)
 LINGER_S = 1.0               # after a farewell: read (and drop) what still arrives, then close
 MAX_INBOX_ITEMS = 256        # a session's unprocessed input past this: stop reading its socket
 MAX_INBOX_BYTES = 256 * 1024  # ... or past this many raw bytes (before login a read is not yet framed)
@@ -517,6 +519,8 @@ class ChatService:
         ticket_key = ticket_key or load_or_create_ticket_key(Path(config.data_dir))
         self.tickets = TicketIssuer(ticket_key)
         self._kdc_lock = threading.Lock()
+        self._opens_for: dict[str, deque] = {}  # recipient -> times of recent OfflineOpens for them
+        self._opens_lock = threading.Lock()
         # The KDC keys of offline conversations wait in the database sealed under this (every node has it).
         self._offline_keys = AESGCM(cu.hkdf(ticket_key, salt=None, info=cu.label("offline kdc keys at rest"),
                                             length=32))
@@ -1055,14 +1059,10 @@ class ChatService:
         peer = self._peer_named(session, msg.peer, "You cannot write to yourself.")
         if peer is None:
             return
-        now = time.monotonic()
-        while session.offline_opens and now - session.offline_opens[0] > 60.0:
-            session.offline_opens.popleft()
-        if len(session.offline_opens) >= self.config.offline_opens_per_minute:
-            session.send(P.Error(code=P.ErrorCode.RATE_LIMITED, reason="Too many offline conversations opened in "
-                                                                     "a minute; try again shortly."))
+        refusal = self._offline_open_refused(session, peer)
+        if refusal is not None:
+            session.send(P.Error(code=P.ErrorCode.RATE_LIMITED, reason=refusal))
             return
-        session.offline_opens.append(now)
         identity = self.storage.get_identity_key(peer)
         if identity is None:
             session.send(P.PeerStatus(peer=peer, online=False, known=False))
@@ -1084,6 +1084,26 @@ class ChatService:
                                   key=key, peer_identity=identity, signed_prekey=signed,
                                   one_time_prekey=one_time or b""))
         del key
+
+    def _offline_open_refused(self, session: Session, peer: str) -> str | None:
+        """Each OfflineOpen takes one of the peer's one-time prekeys: at most so many a minute per
+        session, and per recipient whoever asks (on this node); None when this one may go."""
+        now = time.monotonic()
+        with self._opens_lock:
+            mine = session.offline_opens
+            theirs = self._opens_for.setdefault(peer, deque())
+            for times in (mine, theirs):
+                while times and now - times[0] > 60.0:
+                    times.popleft()
+            if len(mine) >= self.config.offline_opens_per_minute:
+                return "Too many offline conversations opened in a minute; try again shortly."
+            if len(theirs) >= self.config.offline_opens_per_recipient_per_minute:
+                return f"Too many offline conversations with {peer} were opened in a minute; try again shortly."
+            mine.append(now)
+            theirs.append(now)
+            while len(self._opens_for) > MAX_TRACKED_RECIPIENTS:
+                self._opens_for.pop(next(iter(self._opens_for)))
+        return None
 
     def _store(self, session: Session, msg: P.Store) -> None:
         me = session.username
@@ -1152,6 +1172,14 @@ class ChatService:
                 session.queue_sent_upto = row.id
                 session.queue_in_flight += 1
 
+    def _defer(self, session: Session, msg: P.Defer) -> None:
+        """The client keeps the message for later (a changed identity awaiting /accept): it stays
+        stored, comes again at the next login, and no longer holds up the messages behind it."""
+        with session.queue_lock:
+            if 0 < msg.queue_id <= session.queue_sent_upto:
+                session.queue_in_flight = max(0, session.queue_in_flight - 1)
+        self.push_queue(session)
+
     def _ack(self, session: Session, msg: P.Ack) -> None:
         me = session.username
         assert me is not None
@@ -1191,7 +1219,7 @@ class ChatService:
                  P.DirectRequest: _direct_request, P.ChangePassword: _change_password}
     _HANDLERS[P.DeleteAccount] = _delete_account
     _HANDLERS.update({P.PublishPrekeys: _publish_prekeys, P.OfflineOpen: _offline_open, P.Store: _store,
-                      P.Ack: _ack})
+                      P.Ack: _ack, P.Defer: _defer})
 
 
 # =============================================================================

@@ -309,3 +309,77 @@ def test_the_history_marks_receipted_messages_delivered(tmp_path):
         assert [e.state for e in alice.history_page("bob").entries] == ["delivered"]
         alice.close()
         bob.close()
+
+
+def test_a_second_message_of_the_same_offline_session_opens_at_the_next_login(tmp_path):
+    """The recipient logs in and out between two messages of one offline session: its state is kept
+    (sealed) with the prekeys, so the second opens too, and is not taken for a replay."""
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        alice.send_offline("bob", "first, then bob leaves")
+        wait_for(alice, C.MessageStored)
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        assert wait_for(bob, C.MessageReceived).text == "first, then bob leaves"
+        bob.close()
+        alice.send_offline("bob", "second, same session")
+        wait_for(alice, C.MessageStored)
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        assert wait_for(bob, C.MessageReceived).text == "second, same session"
+        alice.close()
+        bob.close()
+
+
+def test_stored_messages_still_open_after_the_recipient_changed_the_password(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        bob = _published(logged_in_client(server, tmp_path / "bob", "bob"))
+        bob.change_password(PASSWORD, "a brand new password")
+        bob.close()
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        alice.send_offline("bob", "after your password change")
+        wait_for(alice, C.MessageStored)
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False, password="a brand new password")
+        assert wait_for(bob, C.MessageReceived).text == "after your password change"
+        alice.close()
+        bob.close()
+
+
+def test_messages_held_for_an_identity_decision_do_not_hold_up_the_others(tmp_path, monkeypatch):
+    import server as S
+
+    monkeypatch.setattr(S, "QUEUE_WINDOW", 2)
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        mallory = logged_in_client(server, tmp_path / "mallory", "mallory")
+        mallory.send_offline("bob", "hello from mallory")
+        wait_for(mallory, C.MessageStored)
+        mallory.close()
+        bob = _published(logged_in_client(server, tmp_path / "bob", "bob", register=False))
+        wait_for(bob, C.MessageReceived)     # bob pins mallory's key
+        bob.close()
+        again = logged_in_client(server, tmp_path / "mallory-new", "mallory", register=False)  # a new key
+        for i in range(4):
+            again.send_offline("bob", f"held {i}")
+            wait_for(again, C.MessageStored)
+        again.close()
+        carol = logged_in_client(server, tmp_path / "carol", "carol")
+        carol.send_offline("bob", "carol's, behind them")
+        wait_for(carol, C.MessageStored)
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        assert wait_for(bob, C.MessageReceived, timeout=20).text == "carol's, behind them"
+        assert len(server.storage.queued_for("bob", 0, 10)) == 4   # mallory's wait for /accept, not lost
+        carol.close()
+        bob.close()
+
+
+def test_the_ids_of_messages_shown_are_remembered_across_a_restart(tmp_path):
+    class Stub:
+        identity = None
+
+    box = __import__("offline").Mailbox(Stub())
+    box.open_store(tmp_path, "bob", "srv", "pw")
+    assert box.seen_before("alice", b"\x05" * 16) is False
+    box.save()
+    again = __import__("offline").Mailbox(Stub())
+    again.open_store(tmp_path, "bob", "srv", "pw")
+    assert again.seen_before("alice", b"\x05" * 16) is True

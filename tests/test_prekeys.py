@@ -67,13 +67,24 @@ def test_a_one_time_prekey_is_used_once_and_a_replay_is_refused(tmp_path):
     assert bob.inbound.open(bob.ctx(alice, kdc), first).text == "hello"
     assert len(bob.store.one_time) == before - 1
     with pytest.raises(DecryptionFailed, match="replayed"):
-        bob.inbound.open(bob.ctx(alice, kdc), first)      # the same client: the chain moved on
-    fresh = Bob.__new__(Bob)                               # a restarted client: the same store on disk
-    fresh.__dict__.update(bob.__dict__)
-    fresh.store = K.PrekeyStore(tmp_path, "bob", "srv", "bob password")
-    fresh.inbound = K.InboundSessions(fresh.store)
+        bob.inbound.open(bob.ctx(alice, kdc), first)      # the chain moved on
+    restarted = K.PrekeyStore(tmp_path, "bob", "srv", "bob password")
+    with pytest.raises(DecryptionFailed, match="replayed"):
+        K.InboundSessions(restarted).open(bob.ctx(alice, kdc), first)   # a restarted client: the same
+    restarted.inbound.clear()                              # even with the session itself forgotten
     with pytest.raises(DecryptionFailed, match="one-time prekey that was already used"):
-        fresh.inbound.open(fresh.ctx(alice, kdc), first)
+        K.InboundSessions(restarted).open(bob.ctx(alice, kdc), first)
+
+
+def test_a_later_message_of_a_session_opens_after_the_recipient_restarts(tmp_path):
+    bob = Bob(tmp_path)
+    out, alice, kdc = alice_to(bob)
+    first, second, third = text(out, "one"), text(out, "two"), text(out, "three")
+    assert bob.inbound.open(bob.ctx(alice, kdc), first).text == "one"
+    restarted = K.InboundSessions(K.PrekeyStore(tmp_path, "bob", "srv", "bob password"))
+    assert restarted.open(bob.ctx(alice, kdc), third).text == "three"    # skipped "two": its key is kept
+    again = K.InboundSessions(K.PrekeyStore(tmp_path, "bob", "srv", "bob password"))
+    assert again.open(bob.ctx(alice, kdc), second).text == "two"
 
 
 def test_the_signed_prekey_alone_works_when_one_time_prekeys_are_exhausted_and_is_not_replayable(tmp_path):
@@ -83,9 +94,47 @@ def test_the_signed_prekey_alone_works_when_one_time_prekeys_are_exhausted_and_i
     first = text(out, "fallback")
     assert first[9:13] == b"\0\0\0\0"                      # one-time prekey id 0: none used
     assert bob.inbound.open(bob.ctx(alice, kdc), first).text == "fallback"
-    restarted = K.InboundSessions(K.PrekeyStore(tmp_path, "bob", "srv", "bob password"))
+    store = K.PrekeyStore(tmp_path, "bob", "srv", "bob password")
+    store.inbound.clear()                                  # a restarted client that forgot the session
     with pytest.raises(DecryptionFailed, match="replayed"):
-        restarted.open(bob.ctx(alice, kdc), first)
+        K.InboundSessions(store).open(bob.ctx(alice, kdc), first)
+
+
+def test_stored_messages_may_be_old_but_not_from_the_future(tmp_path):
+    bob = Bob(tmp_path)
+    out, alice, kdc = alice_to(bob)
+    now = bob.inbound._clock()
+    for age in (3600, 44 * 86400):
+        out._clock = lambda a=age: now - a
+        assert bob.inbound.open(bob.ctx(alice, kdc), text(out, f"{age} s old")).text == f"{age} s old"
+    out._clock = lambda: now + 3600
+    with pytest.raises(DecryptionFailed, match="too old"):
+        bob.inbound.open(bob.ctx(alice, kdc), text(out, "from the future"))
+
+
+def test_a_new_prekey_store_never_reuses_an_id(tmp_path):
+    first = Bob(tmp_path / "a")
+    again = Bob(tmp_path / "b", identity=first.identity)   # a lost store made again
+    ids = lambda b: {K.SIGNED.unpack(b.server_signed)[0]} | {K.ONE_TIME.unpack(e)[0] for e in b.server_one_time}
+    assert not ids(first) & ids(again)
+
+
+def test_the_prekey_store_moves_to_a_new_password(tmp_path):
+    bob = Bob(tmp_path)
+    keys = dict(bob.store.one_time)
+    bob.store.change_password("a new password")
+    assert K.PrekeyStore(tmp_path, "bob", "srv", "a new password").one_time == keys
+    assert K.PrekeyStore(tmp_path, "bob", "srv", "bob password").created
+
+
+def test_one_time_prekeys_handed_out_and_never_used_do_not_stop_the_top_up(tmp_path):
+    identity = Ed25519PrivateKey.generate()
+    store = K.PrekeyStore(tmp_path, "bob", "srv", "pw")
+    spk = K.SIGNED.unpack(store.plan_publish(identity, 0, 0)[0])[0]
+    for _ in range(20):                                    # every bundle taken, no message ever sent
+        plan = store.plan_publish(identity, 0, spk)
+        assert plan is not None and len(plan[1]) == K.ONE_TIME_TARGET * K.ONE_TIME.size
+    assert len(store.one_time) == K.MAX_ONE_TIME_KEPT
 
 
 def _server_tries(payload: bytes, kdc: bytes, alice, bob) -> list[str]:
