@@ -72,6 +72,7 @@ class Mailbox:
         self.outbox: collections.OrderedDict[bytes, Outgoing] = collections.OrderedDict()
         self.held: dict[str, list[P.StoredMessage]] = {}
         self._open_failure: dict[str, str] = {}
+        self._answered: dict[str, K.OutboundSession] = {}   # the answer to the OfflineOpen in flight
         self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
         self._thread: threading.Thread | None = None
         self.published = threading.Event()   # the server holds a current bundle of ours (tests wait on it)
@@ -129,8 +130,9 @@ class Mailbox:
         if not barrier.done.wait(OPEN_TIMEOUT_S):
             raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
         with self.lock:
-            held = self.outbound.get(peer)
-            out = held[0] if held is not None else None
+            # This request's own answer: a live conversation that came up meanwhile may have
+            # dropped the cached session already (forget_outbound), but this one was asked for.
+            out = self._answered.pop(peer, None)
             failure = self._open_failure.pop(peer, None)
         if out is None:
             raise MessageRefused(failure or (barrier.refusals[0] if barrier.refusals
@@ -236,6 +238,7 @@ class Mailbox:
             return
         with self.lock:
             self.outbound[peer] = (out, time.monotonic())
+            self._answered[peer] = out
 
     def on_store_result(self, msg: P.StoreResult) -> None:
         with self.lock:
@@ -381,7 +384,12 @@ class Mailbox:
         try:
             if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):
                 return
-            out = self._outbound_for(peer)
+            try:
+                out = self._outbound_for(peer)
+            except MessageRefused:
+                if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):  # it came up meanwhile
+                    return
+                raise
             with self.lock:
                 msg_id = e2e.new_msg_id()
                 payload = out.seal(e2e.BODY_RECEIPT, msg_id, content)

@@ -383,3 +383,21 @@ def test_the_ids_of_messages_shown_are_remembered_across_a_restart(tmp_path):
     again = __import__("offline").Mailbox(Stub())
     again.open_store(tmp_path, "bob", "srv", "pw")
     assert again.seen_before("alice", b"\x05" * 16) is True
+
+
+def test_an_offline_open_answered_while_a_live_conversation_comes_up_is_still_used(tmp_path):
+    """The race behind a lost receipt: the OfflineKey arrives, then a ConversationReady drops the
+    cached offline session before the waiting sender reads it; the answer it asked for is used."""
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        original = alice.mailbox.on_offline_key
+
+        def racing(msg):
+            original(msg)
+            alice.mailbox.forget_outbound(msg.peer)   # what ConversationReady does, in between
+
+        alice.mailbox.on_offline_key = racing
+        alice.send_offline("bob", "still sent")
+        assert wait_for(alice, C.MessageStored).text == "still sent"
+        alice.close()

@@ -188,4 +188,12 @@ MUTATIONS: list[Mutation] = [
         tests=(OFF + "test_stored_messages_still_open_after_the_recipient_changed_the_password",),
         why="after /passwd the prekey store no longer opens: everything stored for the user is lost.",
     ),
+    Mutation(
+        name="offline-open-answer-dropped-by-a-race",
+        file="offline.py",
+        find="            out = self._answered.pop(peer, None)\n",
+        replace="            held = self.outbound.get(peer)\n            out = held[0] if held is not None else None\n",
+        tests=(OFF + "test_an_offline_open_answered_while_a_live_conversation_comes_up_is_still_used",),
+        why="a live conversation coming up while a stored message (or receipt) waits for its bundle loses it.",
+    ),
 ]
