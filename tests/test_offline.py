@@ -367,6 +367,8 @@ def test_messages_held_for_an_identity_decision_do_not_hold_up_the_others(tmp_pa
         wait_for(carol, C.MessageStored)
         bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
         assert wait_for(bob, C.MessageReceived, timeout=20).text == "carol's, behind them"
+        bob.who()  # its Ack went before this request: once the answer is in, the server has handled it
+        wait_for(bob, C.WhoList)
         assert len(server.storage.queued_for("bob", 0, 10)) == 4   # mallory's wait for /accept, not lost
         carol.close()
         bob.close()
