@@ -21,6 +21,9 @@ def unstamped(lines: list[str]) -> list[str]:
     return [SERVER_STAMP.sub("", line) for line in lines]
 
 
+LIVE_SERVERS: list["ServerProcess"] = []   # stopped after every test, whatever happened (conftest.py)
+
+
 class ServerProcess:
     """``python server.py --port 0``; ready once it prints "Ready to accept connections."."""
 
@@ -31,6 +34,7 @@ class ServerProcess:
              "--bcrypt-cost", "4", *extra],
             stdin=subprocess.DEVNULL,  # never the developer's terminal: no server console in tests
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(data_dir.parent))
+        LIVE_SERVERS.append(self)
         self.lines: list[str] = []
         for line in self._read_until("[SERVER]: Ready to accept connections."):
             m = re.search(r"Listening on ([\d.]+):(\d+)", line)

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(__file__).resolve().parent / "vectors"
 sys.path.insert(0, str(ROOT))
@@ -52,3 +54,17 @@ def wycheproof_id(case) -> str:
 
 
 os.environ.setdefault("SECUREIM_TEST", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_server_process_outlives_its_test():
+    """A test that fails half way (a timeout in pexpect, a mutation) still stops the servers it
+    started, so none is left running to load the machine for the tests after it."""
+    yield
+    import cli_helpers
+
+    while cli_helpers.LIVE_SERVERS:
+        server = cli_helpers.LIVE_SERVERS.pop()
+        if server.proc.poll() is None:
+            server.stop()
+
