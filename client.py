@@ -793,9 +793,8 @@ class ChatUI:
                 self._queue(dest, text)
                 return
             presence = self.client.presence(dest)
-            if presence == C.PRESENCE_OFFLINE:
-                with self._order:
-                    self._send_offline(dest, text)
+            if presence == C.PRESENCE_OFFLINE:  # stored for them (sealed from their prekeys)
+                self._hand_over(dest, text, self.client.send_offline)
                 return
             if presence == C.PRESENCE_UNKNOWN:
                 why = f"{shown} does not exist; type /to USER to choose another"
@@ -808,36 +807,26 @@ class ChatUI:
                 why = f"there is no conversation with {shown}; type /to {shown}"
             self.term.say(f"[CLIENT]: Not sent: {why}.")
             return
+        self._hand_over(dest, text, self.client.send_message)
+
+    def _hand_over(self, dest: str, text: str, send) -> None:
+        """``send`` (live, or stored for an offline peer) after the lines already waiting; a line
+        that never reached the server is queued and goes after the reconnect, once."""
         with self._order:
             if self._must_queue(dest):  # queued lines go first
                 self._queue(dest, text)
                 return
             try:
-                self.client.send_message(dest, text)
+                send(dest, text)
             except ValueError as exc:  # too long
                 self.term.say(f"[CLIENT]: {exc}")
                 return
-            except ConnectionClosed:  # never handed to the server: it goes after the reconnect, once
+            except MessageRefused as exc:
+                self.term.say(f"[CLIENT]: Not sent: {C.sanitize(str(exc), 300)}")
+                return
+            except ConnectionClosed:
                 self._queue(dest, text)
                 return
-        self._echo(dest, text)
-
-    def _send_offline(self, dest: str, text: str) -> None:
-        """Store and forward: sealed end to end from the peer's prekeys; the server keeps it."""
-        if self._must_queue(dest):  # queued lines go first
-            self._queue(dest, text)
-            return
-        try:
-            self.client.send_offline(dest, text)
-        except ValueError as exc:  # too long
-            self.term.say(f"[CLIENT]: {exc}")
-            return
-        except MessageRefused as exc:
-            self.term.say(f"[CLIENT]: Not sent: {C.sanitize(str(exc), 300)}")
-            return
-        except ConnectionClosed:  # never handed to the server: it goes after the reconnect, once
-            self._queue(dest, text)
-            return
         self._echo(dest, text)
 
     def _pending(self) -> None:

@@ -331,6 +331,38 @@ class _Generation:
     direct: tuple[bytes, bytes] | None = None   # (send, recv) keys for direct mode's datagram layer
 
 
+def next_message_key(chain: _Chain, counter: int, skipped: dict, tag, peer: str, max_stored: int,
+                     what: str = "message"):
+    """The receiving side of a hash ratchet: the key of message ``counter`` on ``chain`` and a
+    commit function; nothing changes before it runs (a message that fails to open costs nothing).
+
+    Keys of messages skipped on the way are kept in ``skipped`` under ``tag(n)`` (at most
+    ``max_stored``, the oldest dropped first) for messages that arrive late; each is deleted
+    once used.  Used by live conversations and by offline sessions (prekeys.py)."""
+    key = tag(counter)
+    if key in skipped:
+        return skipped[key], lambda: skipped.pop(key, None)
+    if counter < chain.index:
+        raise DecryptionFailed(f"A replayed {what} from {peer} was refused.")
+    if counter - chain.index > MAX_SKIP:
+        raise DecryptionFailed(f"A {what} from {peer} skipped more than {MAX_SKIP} messages and was refused.")
+    trial = _Chain(chain.key)
+    trial.index = chain.index
+    new = {}
+    while trial.index < counter:
+        idx, mk = trial.step()
+        new[tag(idx)] = mk
+    _idx, message_key = trial.step()
+
+    def commit() -> None:
+        chain.key, chain.index = trial.key, trial.index
+        skipped.update(new)
+        while len(skipped) > max_stored:
+            del skipped[next(iter(skipped))]  # the oldest go first
+
+    return message_key, commit
+
+
 class E2ESession:
     """The end-to-end state of one conversation with one peer."""
 
@@ -509,30 +541,8 @@ class E2ESession:
     def _receive_key(self, gen: _Generation, counter: int):
         """The message key for ``counter`` and a commit function (nothing changes before it runs)."""
         assert gen.recv is not None
-        key = (gen.number, counter)
-        if key in self._skipped:
-            return self._skipped[key], lambda: self._skipped.pop(key, None)
-        if counter < gen.recv.index:
-            raise DecryptionFailed(f"A replayed message from {self.peer} was refused.")
-        if counter - gen.recv.index > MAX_SKIP:
-            raise DecryptionFailed(f"A message from {self.peer} skipped more than {MAX_SKIP} messages and was "
-                                   "refused.")
-        trial = _Chain(gen.recv.key)
-        trial.index = gen.recv.index
-        skipped = {}
-        while trial.index < counter:
-            idx, mk = trial.step()
-            skipped[(gen.number, idx)] = mk
-        _idx, message_key = trial.step()
-
-        def commit() -> None:
-            assert gen.recv is not None
-            gen.recv.key, gen.recv.index = trial.key, trial.index
-            self._skipped.update(skipped)
-            while len(self._skipped) > MAX_SKIPPED_KEYS:
-                del self._skipped[next(iter(self._skipped))]  # the oldest go first
-
-        return message_key, commit
+        return next_message_key(gen.recv, counter, self._skipped, lambda n: (gen.number, n), self.peer,
+                                MAX_SKIPPED_KEYS)
 
     def _drop_generation(self, number: int) -> None:
         self._generations.pop(number, None)

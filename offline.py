@@ -188,7 +188,7 @@ class Mailbox:
             while len(self._seen) > MAX_SEEN_IDS:
                 self._seen.popitem(last=False)
             if self.store is not None:  # saved with the store's next write (and at close)
-                self.store.seen_ids = [f"{p}|{cu.b64encode(i)}" for p, i in self._seen]
+                self.store.seen_ids.append(f"{peer}|{cu.b64encode(msg_id)}")
             return False
 
     def after_reconnect(self) -> None:
@@ -257,7 +257,7 @@ class Mailbox:
                 elif msg.status == P.StoreStatus.HANDED_OVER:
                     entry.state = HANDED
                 else:
-                    entry.state, entry.reason = REFUSED, client_text(msg.reason)
+                    entry.state, entry.reason = REFUSED, msg.reason
         if retry:
             self._job(("resend", entry))
             return
@@ -416,8 +416,3 @@ class Mailbox:
             return
         log.debug("stored message resealed (%s)", again.state)
 
-
-def client_text(reason: str) -> str:
-    from clientlib import sanitize
-
-    return sanitize(reason, 512)

@@ -30,6 +30,7 @@ key) for as long as the signed prekey is kept, so it is not accepted twice eithe
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import struct
@@ -208,9 +209,11 @@ class PrekeyStore:
         self.signed: list[_Signed] = []
         self.one_time: dict[int, bytes] = {}
         self.one_time_at: dict[int, float] = {}   # when each one-time key was made
-        self.processed: list[str] = []
+        self.processed: collections.deque[str] = collections.deque(maxlen=MAX_PROCESSED)
+        self._processed_set: set[str] = set()
         self.inbound: dict[str, dict] = {}       # offline sessions peers started (InboundSessions)
-        self.seen_ids: list[str] = []            # ids of messages shown (offline.Mailbox.seen_before)
+        # ids of messages shown, "peer|b64(id)", oldest first (offline.Mailbox.seen_before)
+        self.seen_ids: collections.deque[str] = collections.deque(maxlen=MAX_SEEN_IDS)
         self.created = False       # a new store: whatever the server holds for us is stale
         doc = None
         if self.path.exists():
@@ -239,16 +242,16 @@ class PrekeyStore:
                                    s.get("retired"), list(s.get("seen", []))) for s in state["signed"]]
             self.one_time = {int(k): cu.b64decode(v) for k, v in state["one_time"].items()}
             self.one_time_at = {int(k): float(v) for k, v in state.get("one_time_at", {}).items()}
-            self.processed = list(state.get("processed", []))
+            self.processed.extend(state.get("processed", []))
+            self._processed_set = set(self.processed)
             self.inbound = dict(state.get("inbound", {}))
-            self.seen_ids = list(state.get("seen_ids", []))
+            self.seen_ids.extend(state.get("seen_ids", []))
         except (ValueError, KeyError, TypeError, InvalidTag, SecureIMError):
             return False
         return True
 
     def save(self) -> None:
-        state = {"processed": self.processed[-MAX_PROCESSED:], "inbound": self.inbound,
-                 "seen_ids": self.seen_ids[-MAX_SEEN_IDS:],
+        state = {"processed": list(self.processed), "inbound": self.inbound, "seen_ids": list(self.seen_ids),
                  "one_time_at": {str(k): v for k, v in self.one_time_at.items()},
                  "signed": [{"id": s.id, "x": cu.b64encode(s.x25519), "kem": cu.b64encode(s.kem_seed),
                              "created": s.created, "retired": s.retired, "seen": s.seen[-MAX_SEEN_PER_SIGNED:]}
@@ -339,12 +342,15 @@ class PrekeyStore:
         self.one_time_at.pop(key_id, None)
 
     def already_processed(self, digest: bytes) -> bool:
-        text = cu.b64encode(digest)
-        return any(cu.constant_time_equal(text.encode(), seen.encode()) for seen in self.processed[-MAX_PROCESSED:])
+        """A digest of a (public) payload, not a secret: a set lookup."""
+        return cu.b64encode(digest) in self._processed_set
 
     def mark_processed(self, digest: bytes, *, save: bool = True) -> None:
-        self.processed.append(cu.b64encode(digest))
-        del self.processed[:-MAX_PROCESSED]
+        if len(self.processed) == MAX_PROCESSED:
+            self._processed_set.discard(self.processed[0])   # the deque drops it on the append
+        text = cu.b64encode(digest)
+        self.processed.append(text)
+        self._processed_set.add(text)
         if save:
             self.save()
 
@@ -425,7 +431,8 @@ class InboundSessions:
                                        "and was refused.")
         else:
             session, commit_new = self._start(ctx, header, spk_id, opk_id, e_pub, ciphertext, signature)
-        message_key, commit_chain = self._message_key(ctx.peer, session, counter)
+        message_key, commit_chain = e2e.next_message_key(session.chain, counter, session.skipped, lambda n: n,
+                                                         ctx.peer, MAX_INBOUND_SKIPPED, "stored message")
         try:
             body = _cipher(ctx.suite, message_key).open(payload[INIT.size + COUNTER.size:],
                                                        _aad(ctx.cid, ctx.peer, ctx.me, header, counter))
@@ -494,28 +501,3 @@ class InboundSessions:
                 del signed.seen[:-MAX_SEEN_PER_SIGNED]
 
         return session, commit
-
-    @staticmethod
-    def _message_key(peer: str, session: _Inbound, counter: int):
-        if counter in session.skipped:
-            return session.skipped[counter], lambda: session.skipped.pop(counter, None)
-        if counter < session.chain.index:
-            raise DecryptionFailed(f"A replayed stored message from {peer} was refused.")
-        if counter - session.chain.index > e2e.MAX_SKIP:
-            raise DecryptionFailed(f"A stored message from {peer} skipped more than {e2e.MAX_SKIP} messages and "
-                                   "was refused.")
-        trial = e2e._Chain(session.chain.key)
-        trial.index = session.chain.index
-        skipped = {}
-        while trial.index < counter:
-            idx, mk = trial.step()
-            skipped[idx] = mk
-        _idx, message_key = trial.step()
-
-        def commit() -> None:
-            session.chain.key, session.chain.index = trial.key, trial.index
-            session.skipped.update(skipped)
-            while len(session.skipped) > MAX_INBOUND_SKIPPED:
-                del session.skipped[next(iter(session.skipped))]
-
-        return message_key, commit

@@ -40,8 +40,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="e2e-skipped-key-not-deleted",
         file="e2e.py",
-        find="return self._skipped[key], lambda: self._skipped.pop(key, None)",
-        replace="return self._skipped[key], lambda: None",
+        find="return skipped[key], lambda: skipped.pop(key, None)",
+        replace="return skipped[key], lambda: None",
         tests=(f"{E2E}::test_a_replayed_out_of_order_message_is_refused",),
         why="A skipped message's key is deleted once used: kept, a replayed out-of-order message is shown again.",
     ),
@@ -73,7 +73,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="e2e-max-skip",
         file="e2e.py",
-        find="if counter - gen.recv.index > MAX_SKIP:",
+        find="if counter - chain.index > MAX_SKIP:",
         replace="if False:",
         tests=(f"{E2E}::test_out_of_order_within_the_bound_and_refused_beyond",),
         why="A message may skip at most MAX_SKIP keys: unbounded, one forged counter costs the receiver 2^64 steps.",
