@@ -529,7 +529,7 @@ class ChatClient:
         self._udp: socket.socket | None = None
         self._links: direct.DirectLinks | None = None
         self._direct_lock = threading.Lock()
-        self._direct_sent: dict[tuple[str, int], str] = {}
+        self._direct_sent: dict[tuple[str, int], str | None] = {}   # None: a receipt
         self._udp_thread: threading.Thread | None = None
         # Store and forward (offline.py, docs/PROTOCOL.md section 15).
         self.receipts = receipts          # answer every message that opens with an end-to-end receipt
@@ -1085,8 +1085,8 @@ class ChatClient:
             self.mailbox.receipt(sender, opened.msg_id)
 
     def _stored_event(self, entry: "offline.Outgoing") -> None:
-        if entry.state == offline.REFUSED:
-            self._emit(MessageNotStored(entry.peer, entry.text, entry.reason))
+        if entry.state == offline.REFUSED:  # the server's reason, or our own
+            self._emit(MessageNotStored(entry.peer, entry.text, sanitize(entry.reason, 512)))
         else:
             self._emit(MessageStored(entry.peer, entry.text, online=entry.state == offline.HANDED))
 
@@ -1120,6 +1120,13 @@ class ChatClient:
                 return False
             payload = conv.seal_body(body_type, e2e.new_msg_id(), content)
             cid = conv.id
+        if self.is_direct(peer):  # over the direct link, as the messages it answers: the server sees none
+            with self._direct_lock:
+                assert self._links is not None
+                message_id, datagrams = self._links.send(peer, payload, _now_ms())
+                self._direct_sent[(peer, message_id)] = None   # a receipt: nothing to say if it is lost
+            self._sendto(datagrams)
+            return True
         self._send(P.Relay(conversation_id=cid, payload=payload))
         return True
 
@@ -1503,7 +1510,8 @@ class ChatClient:
         elif isinstance(event, direct.LinkUndelivered):
             with self._direct_lock:
                 text = self._direct_sent.pop((event.peer, event.message_id), "")
-            self._emit(MessageUndelivered(event.peer, text))
+            if text is not None:
+                self._emit(MessageUndelivered(event.peer, text))
         elif isinstance(event, direct.LinkMessage):
             with self._state_lock:
                 conv = self.conversations.get(event.peer)

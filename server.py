@@ -122,6 +122,7 @@ class ServerConfig:
 QUEUE_WINDOW = 64            # stored messages in flight to one session (unacknowledged) at most
 QUEUE_EXPIRY_EVERY_S = 3600.0
 MAX_ONE_TIME_PREKEYS = 200   # kept per user on the server
+MAX_DB_ID = 2 ** 63 - 1      # row ids in SQLite and MySQL are signed 64-bit: a larger u64 names nothing
 MAX_TRACKED_RECIPIENTS = 100_000  # recipients whose recent offline opens are counted (oldest forgotten)
 LINGER_S = 1.0               # after a farewell: read (and drop) what still arrives, then close
 MAX_INBOX_ITEMS = 256        # a session's unprocessed input past this: stop reading its socket
@@ -1108,7 +1109,7 @@ class ChatService:
     def _store(self, session: Session, msg: P.Store) -> None:
         me = session.username
         assert me is not None and session.identity_key is not None
-        known = self.storage.get_conversation(msg.conversation_id)
+        known = self.storage.get_conversation(msg.conversation_id) if msg.conversation_id <= MAX_DB_ID else None
         if known is None or me not in known.members:
             session.send(P.StoreResult(conversation_id=msg.conversation_id, msg_ref=msg.msg_ref,
                                        status=P.StoreStatus.REFUSED, reason="No such conversation."))
@@ -1183,7 +1184,7 @@ class ChatService:
     def _ack(self, session: Session, msg: P.Ack) -> None:
         me = session.username
         assert me is not None
-        if self.storage.ack_queued(me, msg.queue_id):
+        if msg.queue_id <= MAX_DB_ID and self.storage.ack_queued(me, msg.queue_id):
             with session.queue_lock:
                 session.queue_in_flight = max(0, session.queue_in_flight - 1)
             self.push_queue(session)

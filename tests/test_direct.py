@@ -262,6 +262,8 @@ def test_direct_mode_keeps_message_data_off_the_server(tmp_path):
         bob.send_message("alice", "and back")
         got = wait_for(alice, C.MessageReceived)
         assert (got.text, got.direct) == ("and back", True)
+        assert wait_for(alice, C.MessageDelivered).text == "peer to peer"   # the receipts came back direct too
+        assert wait_for(bob, C.MessageDelivered).text == "and back"
         assert len(relayed) == before  # the server relayed nothing once the link was up
         alice.close()
         bob.close()

@@ -403,3 +403,31 @@ def test_an_offline_open_answered_while_a_live_conversation_comes_up_is_still_us
         alice.send_offline("bob", "still sent")
         assert wait_for(alice, C.MessageStored).text == "still sent"
         alice.close()
+
+
+def test_bad_store_and_forward_frames_get_clear_answers_and_disturb_nobody(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        _away(server, tmp_path / "bob", "bob")
+        alice = logged_in_client(server, tmp_path / "alice", "alice")
+        for bad in (P.OfflineOpen(peer="alice"), P.OfflineOpen(peer="no such user"),
+                    P.PublishPrekeys(signed_prekey=b"", one_time=b"\0" * P.ONE_TIME_PREKEY_BYTES),
+                    P.PublishPrekeys(signed_prekey=b"", one_time=b"x" * 7),
+                    P.Ack(queue_id=2 ** 63), P.Defer(queue_id=0), P.Defer(queue_id=2 ** 63)):
+            alice._send(bad)
+        results = []
+        alice.mailbox.on_store_result = results.append
+        alice._send(P.Store(conversation_id=99, generation=1, msg_ref=b"\1" * 16, payload=b"junk"))
+        alice._send(P.Store(conversation_id=2 ** 64 - 1, generation=1, msg_ref=b"\2" * 16, payload=b"junk"))
+        alice.who()
+        seen = []
+        while not isinstance(e := wait_for(alice, object), C.WhoList):
+            seen.append(e)
+        reasons = [e.text for e in seen if isinstance(e, C.ServerNotice)]
+        assert any("yourself" in r for r in reasons) and any("id 0 is reserved" in r for r in reasons)
+        assert any("Malformed prekeys" in r for r in reasons)
+        assert [e.peer for e in seen if isinstance(e, C.PeerUnknown)] == ["no such user"]
+        assert [(r.status, r.reason) for r in results] == [(P.StoreStatus.REFUSED, "No such conversation.")] * 2
+        del alice.mailbox.on_store_result                         # the real handler again
+        alice.send_offline("bob", "still served")               # the session and the server go on
+        assert wait_for(alice, C.MessageStored).text == "still served"
+        alice.close()

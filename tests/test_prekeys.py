@@ -238,3 +238,26 @@ def test_stored_messages_too_old_are_refused(tmp_path):
     out._clock = lambda: 0.0  # sent in 1970
     with pytest.raises(DecryptionFailed, match="too old"):
         bob.inbound.open(bob.ctx(alice, kdc), text(out, "ancient"))
+
+
+def test_random_and_mutated_stored_payloads_are_only_ever_refused(tmp_path):
+    import random
+
+    bob = Bob(tmp_path)
+    out, alice, kdc = alice_to(bob)
+    good = text(out, "the real one")
+    rng = random.Random(12)
+    before = (dict(bob.store.one_time), dict(bob.store.inbound))
+    for i in range(300):   # bounded: truncations, bit flips, random bytes
+        if i % 3 == 0:
+            payload = good[:rng.randrange(len(good))]
+        elif i % 3 == 1:
+            flip = bytearray(good)
+            flip[rng.randrange(len(flip))] ^= 1 << rng.randrange(8)
+            payload = bytes(flip)
+        else:
+            payload = bytes([K.KIND_INIT]) + rng.randbytes(rng.randrange(2000))
+        with pytest.raises(DecryptionFailed):
+            bob.inbound.open(bob.ctx(alice, kdc), payload)
+    assert (dict(bob.store.one_time), dict(bob.store.inbound)) == before   # nothing spent by what failed
+    assert bob.inbound.open(bob.ctx(alice, kdc), good).text == "the real one"
