@@ -161,9 +161,8 @@ class Mailbox:
 
     def _remember(self, entry: Outgoing) -> None:
         self.outbox[entry.msg_id] = entry
-        while len(self.outbox) > MAX_OUTBOX:
-            done = next((k for k, e in self.outbox.items() if e.state in (DELIVERED, REFUSED)), None)
-            del self.outbox[done if done is not None else next(iter(self.outbox))]
+        while len(self.outbox) > MAX_OUTBOX:   # delivered ones are gone already: the oldest goes
+            self.outbox.popitem(last=False)
 
     def resend_unanswered(self) -> int:
         """After a reconnect: every Store the server did not answer goes again, byte for byte."""
@@ -341,6 +340,7 @@ class Mailbox:
                     entry.state = DELIVERED
                     entry.receipted.set()
                     delivered.append(entry)
+                    del self.outbox[msg_id]   # done: the outbox keeps what may still need us
         for entry in delivered:
             self.client._delivered_event(entry)
 
