@@ -28,6 +28,8 @@ from pathlib import Path
 from prompt_toolkit.completion import Completer, Completion
 
 import clientlib as C
+import room_client as RC
+import rooms as R
 import history as H
 import protocol as P
 import scripting as S
@@ -44,6 +46,7 @@ from errors import (
     InvalidUsername,
     MessageRefused,
     ProtocolError,
+    RoomError,
     SecureIMError,
     ServerKeyMismatch,
     ServiceUnavailable,
@@ -72,8 +75,19 @@ LOGIN_WATCH_POLL_S = 0.25              # how soon the login watcher lets go of t
 
 # name -> (usage, one-line summary, more help or "").  /help COMMAND shows one entry.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "/to": ("/to USER", "talk to USER (several conversations can be open at once)",
-            "Messages you type go to USER from now on; the prompt shows who that is."),
+    "/to": ("/to USER", "talk to USER, or in #ROOM (several conversations can be open at once)",
+            "Messages you type go to USER (or to every member of #ROOM) from now on; the prompt shows where."),
+    "/rooms": ("/rooms", "list the rooms you are in", ""),
+    "/create": ("/create #ROOM", "make a room (you are its admin); then /invite people",
+                "Room names are '#' and 1 to 32 of a-z, 0-9, '_' and '-'. Messages in a room are encrypted "
+                "end to end with each member's own sender key; the server relays what it cannot read."),
+    "/invite": ("/invite #ROOM USER", "add USER to #ROOM (its admin only)",
+                "Every member's client checks your signature on the change and shows it. USER cannot read "
+                "what was said in #ROOM before."),
+    "/remove": ("/remove #ROOM USER", "remove USER from #ROOM (its admin only)",
+                "USER's client cannot read anything said in #ROOM afterwards: every member makes a new key."),
+    "/leave": ("/leave #ROOM", "leave #ROOM (its admin's /leave closes it for everyone)", ""),
+    "/members": ("/members #ROOM", "list the members of #ROOM, as your client verified them", ""),
     "/who": ("/who", "list who is online", ""),
     "/pending": ("/pending", "list your messages of this session that are not delivered yet",
                  "A message to someone offline is stored (encrypted end to end) by the server until they log "
@@ -103,6 +117,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "/quit": ("/quit", "leave (Ctrl-D on an empty line leaves too)", ""),
 }
 USER_COMMANDS = frozenset(name for name, (usage, _s, _m) in COMMANDS.items() if "USER" in usage)
+ROOM_COMMANDS = frozenset(name for name, (usage, _s, _m) in COMMANDS.items() if "#ROOM" in usage)
 
 
 def help_text() -> str:
@@ -496,6 +511,8 @@ class ChatUI:
     def _describe(self, event) -> str | None:
         peer = C.sanitize(getattr(event, "peer", "") or "", 64)
         is_dest = peer == self.destination
+        if isinstance(event, (RC.RoomMessageReceived, RC.RoomNotice, RC.RoomWarning)):
+            return self._describe_room(event)
         if isinstance(event, C.MessageReceived):
             mark = ""
             if self.destination is not None and not is_dest:  # news from another conversation
@@ -571,9 +588,26 @@ class ChatUI:
         if isinstance(event, C.Reconnected):
             with self._lock:
                 self.offline = False  # the conversations are asked for again: each is keyed anew
-                self.rekeying = {p for p in [self.destination, *(p for p, _t in self.queued)] if p}
+                self.rekeying = {p for p in [self.destination, *(p for p, _t in self.queued)]
+                                 if p and not p.startswith("#")}
             return f"[CLIENT]: Reconnected to {C.sanitize(event.server, 300)}."
         return None
+
+    def _describe_room(self, event) -> str:
+        room = C.sanitize(event.room, 40)
+        if isinstance(event, RC.RoomMessageReceived):
+            sender = C.sanitize(event.sender, 64)
+            mark = ""
+            if self.destination is not None and room != self.destination:
+                with self._lock:
+                    self.unread[room] = self.unread.get(room, 0) + 1
+                mark = "* "
+                self.term.ring()
+            # Every line carries the room and the sender: a line inside cannot pass for another's.
+            return "\n".join(f"{mark}[{room} {sender}]: {line}" for line in C.sanitize_lines(event.text))
+        if isinstance(event, RC.RoomWarning):
+            return f"[CLIENT]: @@@ {C.sanitize(event.text, 600)}"
+        return f"[CLIENT]: {C.sanitize(event.text, 600)}"
 
     # -- the chat loop ---------------------------------------------------------------
     def run(self) -> int:
@@ -700,6 +734,9 @@ class ChatUI:
         return self.deleted
 
     def _switch_to(self, name: str) -> None:
+        if name.strip().startswith("#"):
+            self._switch_to_room(name)
+            return
         try:
             name = P.normalize_username(name)
         except InvalidUsername as exc:
@@ -724,6 +761,77 @@ class ChatUI:
             except ConnectionClosed:  # asked for again by the reconnect (it reopens what is wanted)
                 self.term.say(f"[CLIENT]: Now talking to {C.sanitize(name, 64)}; the conversation opens once "
                               "reconnected.")
+
+    def _switch_to_room(self, name: str) -> None:
+        try:
+            name = R.normalize_room(name)
+            members = self.client.rooms.members(name)
+        except RoomError as exc:
+            self.term.say(f"[CLIENT]: {exc}")
+            return
+        self.destination = name
+        with self._lock:
+            self.unread.pop(name, None)
+        self.term.say(f"[CLIENT]: Now talking in {name} ({len(members)} members: {', '.join(members)}).")
+
+    def _send_room(self, room: str, text: str) -> None:
+        if self.offline or self.client.reconnecting:
+            self.term.say("[CLIENT]: Not sent: not connected; type it again once reconnected.")
+            return
+        try:
+            sent = self.client.rooms.send(room, text)
+        except (RoomError, MessageRefused, ValueError) as exc:
+            self.term.say(f"[CLIENT]: Not sent to {room}: {C.sanitize(str(exc), 300)}")
+            return
+        self._echo(room, text)
+        if sent.stored:
+            self.term.say(f"[CLIENT]: Stored for {sent.stored} offline member(s) of {room}; they get it when they "
+                          "log in.")
+        if sent.note:
+            self.term.say(f"[CLIENT]: {C.sanitize(sent.note, 300)}")
+
+    def _room_command(self, cmd: str, arg: str) -> None:
+        rooms = self.client.rooms
+        words = arg.split()
+        need = 2 if cmd in ("/invite", "/remove") else 1
+        if len(words) != need:
+            self.term.say(f"[CLIENT]: Usage: {COMMANDS[cmd][0]} ({COMMANDS[cmd][1]})")
+            return
+        try:
+            room = R.normalize_room(words[0])
+            if cmd == "/create":
+                rooms.create(room)
+                self.term.say(f"[CLIENT]: You created {room}; you are its admin. /invite {room} USER adds "
+                              f"people, /to {room} talks there.")
+            elif cmd == "/invite":
+                user = P.normalize_username(words[1])
+                rooms.invite(room, user)
+                self.term.say(f"[CLIENT]: You added {user} to {room}.")
+            elif cmd == "/remove":
+                user = P.normalize_username(words[1])
+                rooms.remove(room, user)
+                self.term.say(f"[CLIENT]: You removed {user} from {room}; what is said there from now on is "
+                              "sealed under new keys they do not have.")
+            elif cmd == "/leave":
+                self.term.say(f"[CLIENT]: {rooms.leave(room)}")
+                if self.destination == room:
+                    self.destination = None
+                    self.term.say("[CLIENT]: Choose a destination: /to USER or /to #ROOM")
+            else:
+                members = rooms.members(room)
+                admin = rooms.admin_of(room)
+                self.term.say(f"[CLIENT]: {room} ({len(members)}): "
+                              + ", ".join(f"{m} (admin)" if m == admin else m for m in members))
+        except (RoomError, InvalidUsername, ConnectionClosed) as exc:
+            self.term.say(f"[CLIENT]: {C.sanitize(str(exc), 300)}")
+
+    def _rooms(self) -> None:
+        mine = self.client.rooms.my_rooms()
+        if not mine:
+            self.term.say("[CLIENT]: You are in no rooms; /create #ROOM makes one.")
+            return
+        self.term.say("[CLIENT]: Your rooms: " + ", ".join(
+            f"{r} ({len(self.client.rooms.members(r))})" for r in mine))
 
     def _must_queue(self, dest: str) -> bool:
         """Not connected, or the conversation is not keyed again after a reconnect, or lines wait before it."""
@@ -782,6 +890,9 @@ class ChatUI:
             return
         if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
             self.term.say(f"[CLIENT]: Messages are limited to {MAX_TEXT_BYTES} bytes.")
+            return
+        if dest.startswith("#"):
+            self._send_room(dest, text)
             return
         if self._must_queue(dest):
             self._queue(dest, text)
@@ -949,6 +1060,10 @@ class ChatUI:
             self._unread()
         elif cmd == "/pending":
             self._pending()
+        elif cmd == "/rooms":
+            self._rooms()
+        elif cmd in ROOM_COMMANDS:
+            self._room_command(cmd, arg)
         elif cmd == "/to":
             self._switch_to(arg)
         elif cmd == "/fingerprint":

@@ -39,6 +39,7 @@ import crypto_utils as cu
 import direct
 import e2e
 import offline
+import room_client
 import history as H
 import protocol as P
 from errors import (
@@ -534,6 +535,7 @@ class ChatClient:
         # Store and forward (offline.py, docs/PROTOCOL.md section 15).
         self.receipts = receipts          # answer every message that opens with an end-to-end receipt
         self.mailbox = offline.Mailbox(self)
+        self.rooms = room_client.RoomsClient(self)
         self._early: list = []            # frames that came in the same read as AuthOk
         self._last_sent: offline.Outgoing | None = None
 
@@ -737,6 +739,7 @@ class ChatClient:
         self.peer_trust = e2e.PeerTrust(self.home, ok.username, self.server_id)
         if self.persist_identity and self.mailbox.store is None:
             self.mailbox.open_store(self.home, ok.username, self.server_id, password)
+            self.rooms.load()
         if self.history_enabled and self.history is None:
             try:
                 self.history = H.History.open(self.home, ok.username, self.server_id, password,
@@ -967,6 +970,14 @@ class ChatClient:
             self.mailbox.on_offline_key(msg)
         elif isinstance(msg, P.PrekeyStatus):
             self.mailbox.on_prekey_status(msg)
+        elif isinstance(msg, P.RoomMessage):
+            self.rooms.on_message(msg)
+        elif isinstance(msg, P.RoomChanged):
+            self.rooms.on_changed(msg)
+        elif isinstance(msg, P.RoomSendResult):
+            self.rooms.on_send_result(msg)
+        elif isinstance(msg, P.RoomResult):
+            self.rooms.on_result(msg)
 
     def _on_peer_status(self, msg: P.PeerStatus) -> None:
         peer = msg.peer
@@ -1076,6 +1087,9 @@ class ChatClient:
         """An end-to-end message opened (live, direct or stored): show it, or mark what it receipts."""
         if opened.kind == e2e.BODY_RECEIPT:
             self.mailbox.on_receipt(sender, opened.receipts)
+            return
+        if opened.kind == e2e.BODY_SENDER_KEY:   # a room's sender key (room_client.py): nothing to show
+            self.rooms.on_sender_key(sender, opened.content)
             return
         if self.mailbox.seen_before(sender, opened.msg_id):
             log.debug("a message resent after a reconnect was shown already")

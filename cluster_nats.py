@@ -538,7 +538,7 @@ class NatsCluster(Cluster):
     async def _h_deliver(self, sender: bytes, body: bytes, _msg) -> None:
         name, inner = unpack_fields(body, 2)
         msg = P.decode_message(inner)
-        if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage)):
+        if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)):
             raise SecureIMError(f"a {type(msg).__name__} is not delivered across nodes")
         session = self.service.registry.session_of(name.decode())
         if isinstance(msg, P.StoredMessage):  # a nudge: messages were stored for them; the queue is in the database
@@ -546,6 +546,9 @@ class NatsCluster(Cluster):
                 self.service.run_slow(self.service.push_queue, session)
             return
         if session is not None and session.send(msg):
+            return
+        if isinstance(msg, P.RoomMessage):  # they left this node meanwhile: the copy waits in their queue
+            self.service.run_slow(self.service.room_copy_to_queue, name.decode(), msg, self.identity_of(msg.sender))
             return
         if isinstance(msg, P.Deliver):  # gone from here in the meantime: the sender hears it was not delivered
             bounce = P.Error(code=P.ErrorCode.PEER_OFFLINE,

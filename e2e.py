@@ -52,6 +52,8 @@ MESSAGE_HEADER = struct.Struct(">BIQ")         # kind, generation, counter
 BODY_HEADER = struct.Struct(">QB16s")          # sent_at (ms since the epoch), body type, message id
 BODY_TEXT = 1        # UTF-8 text
 BODY_RECEIPT = 2     # delivery receipt: the 16-byte ids of messages this client opened
+BODY_SENDER_KEY = 3  # a room sender key (rooms.py), sent to each member over the pairwise session
+MAX_SENDER_KEY_BYTES = 256
 MSG_ID_BYTES = 16
 MAX_RECEIPT_IDS = 64
 
@@ -80,6 +82,7 @@ class Opened:
     sent_at: float
     text: str = ""
     receipts: tuple[bytes, ...] = ()
+    content: bytes = b""            # BODY_SENDER_KEY: the distribution (rooms.py parses it)
 
 
 def new_msg_id() -> bytes:
@@ -91,6 +94,8 @@ def pack_body(body_type: int, msg_id: bytes, content: bytes, now: float) -> byte
         raise ValueError(f"Messages are limited to {MAX_TEXT_BYTES} bytes.")
     if body_type == BODY_RECEIPT and (len(content) % MSG_ID_BYTES or len(content) > MAX_RECEIPT_IDS * MSG_ID_BYTES):
         raise ValueError("A receipt lists 1 to 64 message ids.")
+    if body_type == BODY_SENDER_KEY and not 0 < len(content) <= MAX_SENDER_KEY_BYTES:
+        raise ValueError("A malformed sender key.")
     if len(msg_id) != MSG_ID_BYTES:
         raise ValueError("A message id is 16 bytes.")
     return BODY_HEADER.pack(int(now * 1000), body_type, msg_id) + content
@@ -118,6 +123,8 @@ def parse_body(body: bytes, peer: str) -> Opened:
             and len(content) <= MAX_RECEIPT_IDS * MSG_ID_BYTES:
         ids = tuple(content[i:i + MSG_ID_BYTES] for i in range(0, len(content), MSG_ID_BYTES))
         return Opened(BODY_RECEIPT, msg_id, sent_ms / 1000.0, receipts=ids)
+    elif body_type == BODY_SENDER_KEY and 0 < len(content) <= MAX_SENDER_KEY_BYTES:
+        return Opened(BODY_SENDER_KEY, msg_id, sent_ms / 1000.0, content=content)
     raise DecryptionFailed(f"A message from {peer} was malformed and was discarded.")
 
 

@@ -156,3 +156,15 @@ class HistoryLocked(HistoryError):
 
 class MessageRefused(SecureIMError):
     """The server did not accept the message (the peer is offline, or the conversation is gone)."""
+
+
+class RoomError(SecureIMError):
+    """A room operation was refused (unknown room, not a member, not the admin, full...)."""
+
+
+class InvalidRoomName(RoomError):
+    """That room name is not allowed."""
+
+
+class ChangeRefused(RoomError):
+    """A membership change did not verify (a bad signature, a broken chain, a rule broken) and was refused."""

@@ -59,6 +59,8 @@ class ServerMetrics:
                                        "Time from a Relay read to its Deliver queued for the peer (one relay in 16 is timed)",
                                        buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1),
                                        registry=r)
+        self.room_copies = Counter("secureim_room_copies", "Room message copies sent live or queued, all rooms",
+                                   registry=r)
         self.kicks = Counter("secureim_kicks", "Sessions ended by an administrator or a ban", registry=r)
         self.audit_failures = Counter("secureim_audit_write_failures", "Audit rows that could not be written",
                                       registry=r)

@@ -379,22 +379,28 @@ class Mailbox:
             for peer, ids in receipts.items():
                 self._send_receipt(peer, ids)
 
+    def send_body(self, peer: str, body_type: int, content: bytes) -> bytes:
+        """Seal ``content`` in the offline session with ``peer`` and Store it (a receipt, a room's
+        sender key): kept by the server until the peer's client acknowledges it.  Its reference."""
+        out = self._outbound_for(peer)
+        with self.lock:
+            msg_id = e2e.new_msg_id()
+            payload = out.seal(body_type, msg_id, content)
+        self.client._send(P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id,
+                                  payload=payload))
+        return msg_id
+
     def _send_receipt(self, peer: str, ids: list[bytes]) -> None:
         content = e2e.receipt_content(ids[:e2e.MAX_RECEIPT_IDS])
         try:
             if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):
                 return
             try:
-                out = self._outbound_for(peer)
+                self.send_body(peer, e2e.BODY_RECEIPT, content)
             except MessageRefused:
                 if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):  # it came up meanwhile
                     return
                 raise
-            with self.lock:
-                msg_id = e2e.new_msg_id()
-                payload = out.seal(e2e.BODY_RECEIPT, msg_id, content)
-            self.client._send(P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id,
-                                      payload=payload))
         except (SecureIMError, ValueError) as exc:
             log.info("a receipt to a peer was not sent: %s", exc)
 

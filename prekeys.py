@@ -214,6 +214,7 @@ class PrekeyStore:
         self.inbound: dict[str, dict] = {}       # offline sessions peers started (InboundSessions)
         # ids of messages shown, "peer|b64(id)", oldest first (offline.Mailbox.seen_before)
         self.seen_ids: collections.deque[str] = collections.deque(maxlen=MAX_SEEN_IDS)
+        self.rooms: dict[str, dict] = {}         # room name -> its sealed state (rooms.RoomSession.to_dict)
         self.created = False       # a new store: whatever the server holds for us is stale
         doc = None
         if self.path.exists():
@@ -246,12 +247,14 @@ class PrekeyStore:
             self._processed_set = set(self.processed)
             self.inbound = dict(state.get("inbound", {}))
             self.seen_ids.extend(state.get("seen_ids", []))
+            self.rooms = dict(state.get("rooms", {}))
         except (ValueError, KeyError, TypeError, InvalidTag, SecureIMError):
             return False
         return True
 
     def save(self) -> None:
         state = {"processed": list(self.processed), "inbound": self.inbound, "seen_ids": list(self.seen_ids),
+                 "rooms": self.rooms,
                  "one_time_at": {str(k): v for k, v in self.one_time_at.items()},
                  "signed": [{"id": s.id, "x": cu.b64encode(s.x25519), "kem": cu.b64encode(s.kem_seed),
                              "created": s.created, "retired": s.retired, "seen": s.seen[-MAX_SEEN_PER_SIGNED:]}

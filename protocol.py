@@ -662,6 +662,95 @@ class Defer(Message):
     queue_id: int = wire(Kind.U64)
 
 
+# --- group rooms (section 16; type codes 0x90-0x9F) --------------------------------
+MAX_CHANGE_BYTES = 40 * 1024        # a signed membership change lists every member (rooms.HARD_MAX_MEMBERS)
+MAX_ROOM_NAME_BYTES = 33
+
+
+@message(0x90)
+class RoomCreate(Message):
+    """Client to server: a new room; ``change`` is its creation, signed by the creator (rooms.py)."""
+
+    change: bytes = wire(Kind.BYTES, max_len=MAX_CHANGE_BYTES)
+
+
+@message(0x91)
+class RoomChange(Message):
+    """Client to server: add, remove (the admin), leave (a member) or close (the admin), signed."""
+
+    room_id: int = wire(Kind.U64)
+    change: bytes = wire(Kind.BYTES, max_len=MAX_CHANGE_BYTES)
+
+
+class RoomStatus(enum.IntEnum):
+    OK = 1            # done: committed, and sent to every member
+    STALE = 2         # the room changed meanwhile (``epoch`` is its epoch now): the change waits in the queue
+    REFUSED = 3       # not done: the reason says why (unknown room, not the admin, full, unknown user...)
+
+
+@message(0x92)
+class RoomResult(Message):
+    """The answer to RoomCreate, RoomChange; on OK the room's handle, the new epoch, and its room key."""
+
+    room: str = wire(Kind.TEXT, max_len=MAX_ROOM_NAME_BYTES)
+    room_id: int = wire(Kind.U64)
+    epoch: int = wire(Kind.U32)
+    status: int = wire(Kind.U8)
+    suite: int = wire(Kind.U8)
+    key: bytes = wire(Kind.BYTES, max_len=64)
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
+
+
+@message(0x93)
+class RoomSend(Message):
+    """Client to server: ``payload`` (sealed end to end, rooms.py) for every other member of the room."""
+
+    room_id: int = wire(Kind.U64)
+    epoch: int = wire(Kind.U32)
+    msg_ref: bytes = wire(Kind.BYTES, exact=MSG_REF_BYTES, max_len=MSG_REF_BYTES)
+    payload: bytes = wire(Kind.BYTES, max_len=MAX_PAYLOAD_BYTES)
+
+
+@message(0x94)
+class RoomSendResult(Message):
+    """The answer to RoomSend: sent (to so many online, stored for so many), stale, or refused."""
+
+    room_id: int = wire(Kind.U64)
+    msg_ref: bytes = wire(Kind.BYTES, exact=MSG_REF_BYTES, max_len=MSG_REF_BYTES)
+    status: int = wire(Kind.U8)
+    epoch: int = wire(Kind.U32)
+    online: int = wire(Kind.U32)
+    stored: int = wire(Kind.U32)
+    reason: str = wire(Kind.TEXT, max_len=MAX_REASON_BYTES)
+
+
+@message(0x95)
+class RoomMessage(Message):
+    """Server to client: a room message, live (``queue_id`` 0) or stored (acknowledged with Ack;
+    ``key`` is then the room key of its epoch)."""
+
+    queue_id: int = wire(Kind.U64)
+    room_id: int = wire(Kind.U64)
+    sender: str = wire(Kind.TEXT, max_len=MAX_USERNAME_BYTES)
+    epoch: int = wire(Kind.U32)
+    key: bytes = wire(Kind.BYTES, max_len=64)
+    stored_at_ms: int = wire(Kind.U64)
+    payload: bytes = wire(Kind.BYTES, max_len=MAX_PAYLOAD_BYTES)
+
+
+@message(0x96)
+class RoomChanged(Message):
+    """Server to client, through the queue (acknowledged with Ack): a signed membership change, the
+    identity key of whoever made it, and the room key of the new epoch (none for who left it)."""
+
+    queue_id: int = wire(Kind.U64)
+    room_id: int = wire(Kind.U64)
+    suite: int = wire(Kind.U8)
+    key: bytes = wire(Kind.BYTES, max_len=64)
+    actor_identity: bytes = wire(Kind.BYTES, exact=32, max_len=32)
+    change: bytes = wire(Kind.BYTES, max_len=MAX_CHANGE_BYTES)
+
+
 class ErrorCode(enum.IntEnum):
     PROTOCOL = 1
     NOT_AUTHENTICATED = 2
@@ -836,6 +925,9 @@ _SESSION_FROM_SERVER_AUTH |= {AccountDeleted}
 # Store and forward (section 15).
 _SESSION_FROM_CLIENT_AUTH |= {PublishPrekeys, OfflineOpen, Store, Ack, Defer}
 _SESSION_FROM_SERVER_AUTH |= {PrekeyStatus, OfflineKey, StoreResult, StoredMessage}
+# Group rooms (section 16).
+_SESSION_FROM_CLIENT_AUTH |= {RoomCreate, RoomChange, RoomSend}
+_SESSION_FROM_SERVER_AUTH |= {RoomResult, RoomSendResult, RoomMessage, RoomChanged}
 
 RECEIVE_TABLE: dict[tuple[Role, State], frozenset] = {
     (Role.SERVER, State.AWAITING_CLIENT_HELLO): frozenset({ClientHello}),

@@ -47,6 +47,8 @@ from cluster import SIGNED_IN_ELSEWHERE, Cluster, LocalCluster
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import database as D
+import rooms as R
+from room_service import RoomService
 from database import Storage, open_storage
 from errors import (
     AccountLocked,
@@ -108,8 +110,10 @@ class ServerConfig:
     queue_max_messages: int = 1000
     queue_max_bytes: int = 10 << 20
     queue_max_age_s: float = 30 * 86400.0
-    offline_opens_per_minute: int = 30   # each takes one of the peer's one-time prekeys (per session...)
+    offline_opens_per_minute: int = 300  # each takes one of the peer's one-time prekeys (per session: a room's
+    #                                      sender key goes to every member, so a room of 256 is one burst)...
     offline_opens_per_recipient_per_minute: int = 60   # ...and per recipient, whoever asks (per node)
+    room_max_members: int = R.DEFAULT_MAX_MEMBERS        # docs/PROTOCOL.md section 16
 
     @property
     def database_url(self) -> str:
@@ -164,6 +168,7 @@ class Session:
         self.queue_sent_upto = 0
         self.queue_in_flight = 0
         self.offline_opens: deque = deque()  # when this session last asked for prekey bundles
+        self.room_ops: deque = deque()       # when this session last changed a room's members
 
     def send(self, msg: P.Message) -> bool:
         """Seal and queue ``msg``; False if this session is gone."""
@@ -505,8 +510,8 @@ def _loggable(raw: str) -> str:
 # =============================================================================
 # The service: what each message means
 # =============================================================================
-class ChatService:
-    """Login, presence, KDC and relay.  No sockets; tests drive it directly."""
+class ChatService(RoomService):
+    """Login, presence, KDC and relay (rooms: room_service.py).  No sockets; tests drive it directly."""
 
     def __init__(self, storage: Storage, config: ServerConfig,
                  announce: Callable[[str], None] = lambda line: None, *, ticket_key: bytes | None = None) -> None:
@@ -525,6 +530,7 @@ class ChatService:
         # The KDC keys of offline conversations wait in the database sealed under this (every node has it).
         self._offline_keys = AESGCM(cu.hkdf(ticket_key, salt=None, info=cu.label("offline kdc keys at rest"),
                                             length=32))
+        self._init_rooms(ticket_key)
         # Operating the server (moderation.py, metrics.py): bans, kicks, the audit log, counters.
         self.metrics = ServerMetrics()
         self.address_bans = AddressBans()
@@ -1157,6 +1163,12 @@ class ChatService:
             if room < QUEUE_WINDOW // 2:
                 return  # enough in flight: acknowledgements bring the rest
             for row in self.storage.queued_for(me, session.queue_sent_upto, room):
+                if row.kind:   # a room message or membership change (room_service.py)
+                    if not session.send(self.room_row_message(me, row)):
+                        return
+                    session.queue_sent_upto = row.id
+                    session.queue_in_flight += 1
+                    continue
                 key = b""
                 if row.wrapped_key is not None and len(row.wrapped_key) > 12:
                     try:
@@ -1221,6 +1233,8 @@ class ChatService:
     _HANDLERS[P.DeleteAccount] = _delete_account
     _HANDLERS.update({P.PublishPrekeys: _publish_prekeys, P.OfflineOpen: _offline_open, P.Store: _store,
                       P.Ack: _ack, P.Defer: _defer})
+    _HANDLERS.update({P.RoomCreate: RoomService._room_create, P.RoomChange: RoomService._room_change,
+                      P.RoomSend: RoomService._room_send})
 
 
 # =============================================================================
@@ -1645,6 +1659,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="bytes of stored messages kept for one offline user at most, in MiB")
     p.add_argument("--queue-max-days", type=float, default=30.0, metavar="DAYS",
                    help="stored messages unread this long are deleted")
+    p.add_argument("--room-max-members", type=int, default=R.DEFAULT_MAX_MEMBERS, metavar="N",
+                   help=f"members one room may have (1-{R.HARD_MAX_MEMBERS})")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for each worker
     return p
 
@@ -1696,6 +1712,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not 1 <= args.queue_max_messages <= 1_000_000 or not 0 < args.queue_max_mib <= 4096 \
             or not 0 < args.queue_max_days <= 3650:
         raise ConfigError("--queue-max-messages is 1-1000000, --queue-max-mib 0-4096, --queue-max-days 0-3650.")
+    if not 1 <= args.room_max_members <= R.HARD_MAX_MEMBERS:
+        raise ConfigError(f"--room-max-members is 1-{R.HARD_MAX_MEMBERS}.")
     if args.cluster_url is not None:
         if not args.cluster_url.startswith(("nats://", "tls://")):
             raise ConfigError("--cluster takes a NATS URL: nats://HOST:PORT")
@@ -1719,7 +1737,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         identity_key_file=args.identity_key, node_name=args.node_name[:64],
                         queue_max_messages=args.queue_max_messages,
                         queue_max_bytes=int(args.queue_max_mib * (1 << 20)),
-                        queue_max_age_s=args.queue_max_days * 86400.0)
+                        queue_max_age_s=args.queue_max_days * 86400.0,
+                        room_max_members=args.room_max_members)
 
 
 class LinePrinter:

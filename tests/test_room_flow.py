@@ -1,0 +1,150 @@
+"""Group rooms through a real server with library clients (issue 13, docs/PROTOCOL.md section 16)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+import protocol as P
+import room_client as RC
+import rooms as R
+from errors import RoomError
+from room_helpers import any_key_opens
+from server_fixtures import logged_in_client, running_server, wait_for
+
+
+def _published(client):
+    assert client.mailbox.published.wait(20), "the client did not publish its prekeys"
+    return client
+
+
+def _team(server, tmp_path, names=("alice", "bob", "carol")):
+    clients = {n: _published(logged_in_client(server, tmp_path / n, n)) for n in names}
+    alice = clients["alice"]
+    alice.rooms.create("#team")
+    for name in names[1:]:
+        alice.rooms.invite("#team", name)
+        wait_for(clients[name], RC.RoomNotice, timeout=15, room="#team")
+    return clients
+
+
+def _drain_notices(client, count):
+    return [wait_for(client, RC.RoomNotice, timeout=15) for _ in range(count)]
+
+
+def test_three_members_each_reach_the_other_two_and_membership_is_verified(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        c = _team(server, tmp_path)
+        alice, bob, carol = c["alice"], c["bob"], c["carol"]
+        assert alice.rooms.members("#team") == ("alice", "bob", "carol")
+        assert bob.rooms.members("#team") == ("alice", "bob", "carol")   # bob saw carol's addition too
+        for sender in (alice, bob, carol):
+            sent = sender.rooms.send("#team", f"hello from {sender.username}")
+            assert sent.online == 2 and sent.stored == 0
+            for other in (alice, bob, carol):
+                if other is not sender:
+                    got = wait_for(other, RC.RoomMessageReceived, timeout=15)
+                    assert (got.room, got.sender, got.text) == ("#team", sender.username,
+                                                                f"hello from {sender.username}")
+        assert server.storage.get_room("#team").members == ("alice", "bob", "carol")
+        for client in c.values():
+            client.close()
+
+
+def test_a_removed_member_gets_nothing_more_and_an_offline_member_gets_it_later(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        c = _team(server, tmp_path)
+        alice, bob, carol = c["alice"], c["bob"], c["carol"]
+        alice.rooms.send("#team", "before")
+        wait_for(carol, RC.RoomMessageReceived, text="before", timeout=15)
+        wait_for(bob, RC.RoomMessageReceived, text="before", timeout=15)
+        kept = R.RoomSession.from_dict("carol", carol.rooms.rooms["#team"].to_dict())
+        alice.rooms.remove("#team", "carol")
+        assert wait_for(carol, RC.RoomNotice, timeout=15).text == "alice removed you from #team."
+        assert wait_for(bob, RC.RoomNotice, timeout=15).text == "alice removed carol from #team."
+        assert carol.rooms.my_rooms() == []
+        bob.close()
+        sent = alice.rooms.send("#team", "after carol, while bob is away")
+        assert (sent.online, sent.stored) == (0, 1)
+        rows = sqlite3.connect(server.storage.path).execute(
+            "SELECT recipient, payload FROM message_queue WHERE kind = 1").fetchall()
+        assert [r[0] for r in rows] == ["bob"]
+        assert not any_key_opens(kept, "alice", bytes(rows[0][1]))
+        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
+        got = wait_for(bob, RC.RoomMessageReceived, timeout=20)
+        assert (got.text, got.stored_at is not None) == ("after carol, while bob is away", True)
+        with pytest.raises(RoomError):
+            carol.rooms.send("#team", "still here?")
+        for client in (alice, bob, carol):
+            client.close()
+
+
+def test_only_the_admin_changes_members_and_mistakes_get_clear_answers(tmp_path):
+    with running_server(tmp_path / "srv", room_max_members=3) as server:
+        c = _team(server, tmp_path, ("alice", "bob", "carol"))
+        alice, bob = c["alice"], c["bob"]
+        with pytest.raises(RoomError, match="Only #team's admin"):
+            bob.rooms.invite("#team", "dave")
+        with pytest.raises(RoomError, match="full"):
+            alice.rooms.invite("#team", "dave")
+        with pytest.raises(RoomError, match="not in #nope"):
+            alice.rooms.send("#nope", "x")
+        alice.rooms.remove("#team", "carol")
+        wait_for(c["carol"], RC.RoomNotice, timeout=15, text="alice removed you from #team.")
+        with pytest.raises(RoomError, match="already exists"):
+            c["carol"].rooms.create("#team")
+        with pytest.raises(RoomError, match="no user"):
+            alice.rooms.invite("#team", "nobody")
+        assert bob.rooms.leave("#team") == "You left #team."
+        assert wait_for(alice, RC.RoomNotice, text="bob left #team.", timeout=15)
+        for client in c.values():
+            client.close()
+
+
+def test_a_change_forged_by_the_server_is_refused_loudly(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        c = _team(server, tmp_path, ("alice", "bob"))
+        alice, bob = c["alice"], c["bob"]
+        mallory = _published(logged_in_client(server, tmp_path / "mallory", "mallory"))
+        room = server.storage.get_room("#team")
+        forged = R.make_change(mallory.identity, action=R.ADD, uid=room.uid, room="#team", epoch=room.epoch + 1,
+                               at_ms=1, prev_head=room.head, actor="alice", target="mallory", admin="alice",
+                               members=[*room.members, "mallory"])
+        # The server itself writes it in: the member list, the queue, a key for mallory.
+        status, _ = server.storage.change_room(room.id, room.epoch, forged.head, add="mallory", change=forged.blob,
+                                               wrapped_key=None, actor="alice",
+                                               actor_identity=server.storage.get_identity_key("alice"),
+                                               msg_ref=b"f" * 16, now=1.0)
+        assert status == "ok"
+        for user in ("alice", "bob", "mallory"):
+            server.service._nudge_queue(user)
+        warning = wait_for(bob, RC.RoomWarning, timeout=15)
+        assert "forged" in warning.text and "#team" in warning.text
+        assert bob.rooms.members("#team") == ("alice", "bob")
+        assert "mallory" not in alice.rooms.members("#team")
+        wait_for(alice, RC.RoomWarning, timeout=15)
+        # The server's room is now ahead of every honest client: nothing is sent into it, and the
+        # sender keys only ever go to the members the clients verified.
+        with pytest.raises(RoomError, match="refused or has not received"):
+            alice.rooms.send("#team", "mallory must not read this")
+        assert alice.rooms.rooms["#team"].own.sent_to == {"bob"}   # never mallory
+        events = []
+        while (e := mallory.next_event(timeout=2)) is not None:
+            events.append(e)
+        assert not [e for e in events if isinstance(e, RC.RoomMessageReceived)]
+        assert mallory.rooms.my_rooms() == []   # the forged change did not name a signature mallory could use
+        for client in (alice, bob, mallory):
+            client.close()
+
+
+def test_bad_room_frames_are_refused_without_harm(tmp_path):
+    with running_server(tmp_path / "srv") as server:
+        alice = _published(logged_in_client(server, tmp_path / "alice", "alice"))
+        for msg in (P.RoomCreate(change=b"junk"), P.RoomChange(room_id=2 ** 64 - 1, change=b""),
+                    P.RoomSend(room_id=0, epoch=0, msg_ref=b"r" * 16, payload=b"x"),
+                    P.RoomSend(room_id=2 ** 64 - 1, epoch=9, msg_ref=b"r" * 16, payload=b"x")):
+            alice._send(msg)
+        alice.rooms.create("#ok")
+        assert alice.rooms.my_rooms() == ["#ok"]
+        alice.close()
