@@ -1163,27 +1163,24 @@ class ChatService(RoomService):
             if room < QUEUE_WINDOW // 2:
                 return  # enough in flight: acknowledgements bring the rest
             for row in self.storage.queued_for(me, session.queue_sent_upto, room):
-                if row.kind:   # a room message or membership change (room_service.py)
-                    if not session.send(self.room_row_message(me, row)):
-                        return
-                    session.queue_sent_upto = row.id
-                    session.queue_in_flight += 1
-                    continue
-                key = b""
-                if row.wrapped_key is not None and len(row.wrapped_key) > 12:
-                    try:
-                        key = self._offline_keys.decrypt(row.wrapped_key[:12], row.wrapped_key[12:],
-                                                         self._wrap_aad(me, row.conversation_id, row.generation))
-                    except Exception:  # noqa: BLE001 - InvalidTag: another service's key; the client says so
-                        key = b""
-                sent = session.send(P.StoredMessage(
-                    queue_id=row.id, conversation_id=row.conversation_id, sender=row.sender,
-                    suite=self.suite.suite_id, generation=row.generation, key=key,
-                    sender_identity=row.sender_identity, stored_at_ms=int(row.stored_at * 1000), payload=row.payload))
+                sent = session.send(self.room_row_message(me, row) if row.kind else self._stored_message(me, row))
                 if not sent:
                     return
                 session.queue_sent_upto = row.id
                 session.queue_in_flight += 1
+
+    def _stored_message(self, me: str, row: D.QueuedMessage) -> P.StoredMessage:
+        key = b""
+        if row.wrapped_key is not None and len(row.wrapped_key) > 12:
+            try:
+                key = self._offline_keys.decrypt(row.wrapped_key[:12], row.wrapped_key[12:],
+                                                 self._wrap_aad(me, row.conversation_id, row.generation))
+            except Exception:  # noqa: BLE001 - InvalidTag: another service's key; the client says so
+                key = b""
+        return P.StoredMessage(queue_id=row.id, conversation_id=row.conversation_id, sender=row.sender,
+                               suite=self.suite.suite_id, generation=row.generation, key=key,
+                               sender_identity=row.sender_identity, stored_at_ms=int(row.stored_at * 1000),
+                               payload=row.payload)
 
     def _defer(self, session: Session, msg: P.Defer) -> None:
         """The client keeps the message for later (a changed identity awaiting /accept): it stays

@@ -138,6 +138,45 @@ def test_a_change_forged_by_the_server_is_refused_loudly(tmp_path):
             client.close()
 
 
+def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
+    """Server side: a change not signed by its actor is not committed; a removed member's send is
+    not fanned out; the removed member's copy of the change carries no key of the new epoch."""
+    import queue as Q
+
+    import database as D
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    with running_server(tmp_path / "srv") as server:
+        c = _team(server, tmp_path)
+        alice, carol = c["alice"], c["carol"]
+        room = server.storage.get_room("#team")
+        bad = R.make_change(Ed25519PrivateKey.generate(), action=R.ADD, uid=room.uid, room="#team",
+                            epoch=room.epoch + 1, at_ms=1, prev_head=room.head, actor="alice", target="mallory",
+                            admin="alice", members=[*room.members, "mallory"])
+        with pytest.raises(RoomError, match="not signed"):
+            alice.rooms._request(P.RoomChange(room_id=room.id, change=bad.blob), "")
+        assert server.storage.get_room("#team").epoch == room.epoch
+        alice.rooms.remove("#team", "carol")
+        wait_for(carol, RC.RoomNotice, timeout=15)
+        after = server.storage.get_room("#team")
+        waiter: Q.Queue = Q.Queue()
+        carol.rooms._sends[b"c" * 16] = waiter
+        carol._send(P.RoomSend(room_id=room.id, epoch=after.epoch, msg_ref=b"c" * 16, payload=b"x" * 100))
+        answer = waiter.get(timeout=15)
+        assert answer.status == P.RoomStatus.REFUSED and "not a member" in answer.reason
+        blob = sqlite3.connect(server.storage.path).execute(
+            "SELECT change_blob FROM room_changes WHERE room_id = ? AND epoch = ?", (room.id, after.epoch)).fetchone()[0]
+        removal = R.parse_change(bytes(blob))
+        assert (removal.action, removal.target) == (R.REMOVE, "carol")
+        key = server.service.suite.generate_key()
+        row = D.QueuedMessage(1, "carol", "alice", 0, after.epoch, b"r" * 16, b"\x01" * 32, removal.blob, 1.0,
+                              server.service._seal_room_key(room.id, after.epoch, key), room_id=room.id, kind=2)
+        assert server.service.room_row_message("carol", row).key == b""   # who is removed gets no new key
+        assert server.service.room_row_message("bob", row).key == key
+        for client in c.values():
+            client.close()
+
+
 def test_bad_room_frames_are_refused_without_harm(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice = _published(logged_in_client(server, tmp_path / "alice", "alice"))

@@ -165,6 +165,11 @@ def test_changes_must_follow_in_order_without_gaps_or_forks(team, people):
                                members=["alice", "bob"])
     with pytest.raises(ChangeRefused, match="does not follow"):
         b.apply(wrong_list, None)
+    off_chain = R.make_change(alice.key, action=R.REMOVE, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=9,
+                              prev_head=first.prev_head, actor="alice", target="dave", admin="alice",
+                              members=["alice", "bob", "carol"])
+    with pytest.raises(ChangeRefused, match="does not follow the last one"):
+        b.apply(off_chain, None)
 
 
 def test_a_change_from_another_room_is_refused(team, people):
@@ -211,6 +216,14 @@ def test_sender_keys_for_a_future_epoch_wait_and_stale_or_foreign_ones_are_refus
     assert [s for s, _ in b.take_pending()] == ["alice"]
     with pytest.raises(ChangeRefused, match="not a member"):
         b.receive_distribution("mallory", content)
+
+
+def test_the_servers_room_key_is_an_input_of_every_message_key(team):
+    a, b, _c = team
+    payload = a.seal("needs the room key", e2e.new_msg_id(), NOW)
+    with pytest.raises(DecryptionFailed, match="integrity"):
+        b.open("alice", payload, now=NOW, kdc_key=cu.random_bytes(32))
+    assert b.open("alice", payload, now=NOW).text == "needs the room key"
 
 
 def test_a_stored_message_may_be_old_but_not_from_the_future(team):

@@ -41,7 +41,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="bus-deliver-any-message",
         file="cluster_nats.py",
-        find="if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage)):",
+        find="if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)):",
         replace="if False:",
         tests=(BUS + "test_a_deliver_frame_carries_only_what_may_cross_nodes",),
         why="A DELIVER frame smuggles any message to a user (a ConversationKey, an AuthOk) past the KDC's rules.",
