@@ -116,7 +116,21 @@ class QueuedMessage:
     sender_identity: bytes  # the sender's identity key when it was stored
     payload: bytes          # the end-to-end payload, opaque to the server
     stored_at: float
-    wrapped_key: bytes | None  # the KDC key of (conversation, generation), sealed under the server's key
+    wrapped_key: bytes | None  # the KDC key of (conversation, generation), or of (room, epoch), sealed by the server
+    room_id: int = 0        # a room row's room (conversation_id is then 0 and generation the room's epoch)
+    kind: int = 0           # KIND_PAIR, KIND_ROOM_MESSAGE or KIND_ROOM_CHANGE
+
+
+@dataclass(frozen=True)
+class Room:
+    """A group room as the server keeps it (rooms.py): routing and the head of its signed change log."""
+    id: int
+    name: str
+    uid: bytes                 # the room's random 16-byte id, named in every change
+    admin: str
+    epoch: int                 # 1 at the creation, +1 per change
+    head: bytes                # the 32-byte hash of the latest change
+    members: tuple[str, ...]   # sorted by name
 
 
 @dataclass(frozen=True)
@@ -126,8 +140,25 @@ class PrekeyStatus:
     signed_at: float | None
 
 
-# enqueue() answers
+# enqueue() answers (room_enqueue() answers the first four per recipient)
 STORED, DUPLICATE, FULL_MESSAGES, FULL_BYTES, NO_KEY = "stored", "duplicate", "full_messages", "full_bytes", "no_key"
+# change_room() answers
+ROOM_OK, ROOM_STALE, ROOM_GONE = "ok", "stale", "gone"
+# message_queue.kind
+KIND_PAIR, KIND_ROOM_MESSAGE, KIND_ROOM_CHANGE = 0, 1, 2
+
+# Bounds of the room columns (schema.sql): checked before any statement, so bad input is a
+# ValueError on both backends instead of a truncation on one and a stored oddity on the other.
+MAX_ROOM_NAME_CHARS = 33
+MAX_USERNAME_CHARS = 32
+ROOM_UID_BYTES = 16
+ROOM_HEAD_BYTES = 32
+MSG_REF_BYTES = 16
+MAX_IDENTITY_BYTES = 32        # message_queue.sender_identity
+MAX_WRAPPED_KEY_BYTES = 128    # room_keys.wrapped
+MAX_BLOB_BYTES = (1 << 24) - 1  # MEDIUMBLOB: a change or a payload
+MAX_EPOCH = (1 << 32) - 1      # INT UNSIGNED
+MAX_DB_ID = (1 << 63) - 1      # SQLite integers are signed 64-bit
 
 BAN_KINDS = ("user", "address")
 MAX_AUDIT_DETAIL = 200
@@ -282,7 +313,9 @@ class Storage:
         raise NotImplementedError
 
     def delete_user(self, username: str) -> bool:
-        """Remove the account and everything kept for it (conversations, lockouts, sessions)."""
+        """Remove the account and everything kept for it (conversations, lockouts, sessions, stored
+        messages to or from it, its room memberships, and the rooms it administers with their members,
+        changes and keys).  Rows already queued for the other members of those rooms stay."""
         raise NotImplementedError
 
     def list_lockouts(self, now: float) -> list[Lockout]:
@@ -337,14 +370,72 @@ class Storage:
         raise NotImplementedError
 
     def queued_for(self, recipient: str, after_id: int, limit: int) -> list[QueuedMessage]:
-        """The recipient's stored messages after ``after_id``, oldest first, with their KDC keys."""
+        """The recipient's stored messages after ``after_id``, oldest first (pair and room rows in one id
+        order), with their KDC keys: a pair row's from offline_keys; a room row's is the room key of
+        (room_id, generation), None once that key is gone.  A change row (KIND_ROOM_CHANGE) carries the key
+        only if the recipient is a member now and joined at or before that epoch: the change that removed
+        someone reaches them without the key of the epoch they are no longer in."""
         raise NotImplementedError
 
     def ack_queued(self, recipient: str, message_id: int) -> bool:
-        """The recipient's client has the message: delete it (and its key once no message needs it)."""
+        """The recipient's client has the message: delete it (and, for a pair row, its key once no message
+        needs it; a room key is left to expire_queue)."""
         raise NotImplementedError
 
     def expire_queue(self, before: float) -> int:
+        """Delete pair and room-message rows stored before ``before`` (change rows never expire: a member
+        must not miss a change), offline keys no row needs, and room keys older than ``before`` of an epoch
+        past (or of a room gone) that no row needs.  Returns how many queued rows went."""
+        raise NotImplementedError
+
+    # -- group rooms (rooms.py, docs/PROTOCOL.md section 16) ------------------------------
+    def create_room(self, name: str, uid: bytes, admin: str, head: bytes, change: bytes, wrapped_key: bytes,
+                    msg_ref: bytes, admin_identity: bytes, now: float) -> int | None:
+        """A new room at epoch 1, its admin its only member (joined_epoch 1), the change in the log, the key
+        of epoch 1, and the change queued (kind 2, sender=admin, sender_identity=admin_identity, msg_ref) for
+        the admin; in one transaction.  Returns the room id, or None if the name is taken.  ValueError on
+        input out of bounds, or if ``msg_ref`` is already queued from the admin to the admin."""
+        raise NotImplementedError
+
+    def get_room(self, name: str) -> Room | None:
+        """The room of that name (None for a name that cannot be one)."""
+        raise NotImplementedError
+
+    def get_room_by_id(self, room_id: int) -> Room | None:
+        raise NotImplementedError
+
+    def rooms_of(self, username: str) -> list[Room]:
+        """The rooms ``username`` is a member of, by name."""
+        raise NotImplementedError
+
+    def change_room(self, room_id: int, expected_epoch: int, head: bytes, *, add: str | None = None,
+                    remove: str | None = None, close: bool = False, change: bytes, wrapped_key: bytes | None,
+                    actor: str, actor_identity: bytes, msg_ref: bytes, now: float) -> tuple[str, int]:
+        """One membership change, atomically: if the room is gone -> (ROOM_GONE, 0); if its epoch is not
+        expected_epoch -> (ROOM_STALE, current epoch); else epoch+1, head=head, add (joined_epoch = new
+        epoch) or remove the member, the change in room_changes, wrapped_key (if not None) in room_keys for
+        the new epoch, and the change queued (kind 2, generation = new epoch, payload = change, sender =
+        actor, sender_identity = actor_identity, msg_ref) for every member after the change and for the
+        removed user; with close=True the change is queued for all who were members and the room row, its
+        members, changes and keys are deleted (the name is free again; queued rows stay).  Change rows
+        ignore the queue bounds (a member must never miss a change).  Returns (ROOM_OK, new epoch).
+
+        Exactly one of add, remove and close.  ValueError (nothing changed) on input out of bounds, on
+        adding a member, removing a non-member or the admin (close the room instead), or on a msg_ref
+        already queued from ``actor`` to one of the recipients."""
+        raise NotImplementedError
+
+    def room_enqueue(self, room_id: int, epoch: int, sender: str, sender_identity: bytes, msg_ref: bytes,
+                     payload: bytes, recipients: list[str], now: float, max_messages: int, max_bytes: int
+                     ) -> dict[str, str]:
+        """A room message (kind 1, generation = epoch) for each of ``recipients`` (the server passes those
+        offline); each recipient's bound counts all their rows, change rows included, as in enqueue().  Per
+        recipient: STORED, DUPLICATE (the same sender and msg_ref already queued for them), FULL_MESSAGES or
+        FULL_BYTES.  One transaction; membership is the caller's to check."""
+        raise NotImplementedError
+
+    def room_key(self, room_id: int, epoch: int) -> bytes | None:
+        """The room key of that epoch, sealed by the server; None if there is none (any more)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -355,6 +446,115 @@ def _pair(user_a: str, user_b: str) -> tuple[str, str]:
     if user_a == user_b:
         raise DatabaseError("A conversation needs two different users.")
     return (user_a, user_b) if user_a < user_b else (user_b, user_a)
+
+
+# --- rooms: bounds and answers shared by both backends ---------------------------------
+def _is_name(value: object, max_chars: int) -> bool:
+    """A room or user name the room tables can hold: 1..max_chars printable ASCII, no space and no comma
+    (sp_room_enqueue takes its recipients comma-separated)."""
+    return (isinstance(value, str) and 1 <= len(value) <= max_chars and value.isascii() and value.isprintable()
+            and " " not in value and "," not in value)
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_name(value: object, max_chars: int, what: str) -> None:
+    if not _is_name(value, max_chars):
+        raise ValueError(f"{what} must be 1 to {max_chars} printable ASCII characters without spaces or commas.")
+
+
+def _check_bytes(value: object, what: str, low: int, high: int) -> None:
+    if not isinstance(value, bytes) or not low <= len(value) <= high:
+        size = f"{low} bytes" if low == high else f"{low} to {high} bytes"
+        raise ValueError(f"{what} must be {size}.")
+
+
+def _check_room_id(room_id: object) -> None:
+    if not _is_int(room_id, 1, MAX_DB_ID):
+        raise ValueError("A room id is a positive 63-bit integer.")
+
+
+def _check_epoch(epoch: object) -> None:
+    if not _is_int(epoch, 0, MAX_EPOCH):
+        raise ValueError("A room epoch is a 32-bit unsigned integer.")
+
+
+def _check_sender(sender: object, identity: object, msg_ref: object) -> None:
+    _check_name(sender, MAX_USERNAME_CHARS, "A sender's name")
+    _check_bytes(identity, "A sender's identity key", 1, MAX_IDENTITY_BYTES)
+    _check_bytes(msg_ref, "A message reference", MSG_REF_BYTES, MSG_REF_BYTES)
+
+
+def _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity) -> None:
+    _check_name(name, MAX_ROOM_NAME_CHARS, "A room name")
+    _check_bytes(uid, "A room uid", ROOM_UID_BYTES, ROOM_UID_BYTES)
+    _check_bytes(head, "A room head", ROOM_HEAD_BYTES, ROOM_HEAD_BYTES)
+    _check_bytes(change, "A room change", 1, MAX_BLOB_BYTES)
+    _check_bytes(wrapped_key, "A wrapped room key", 1, MAX_WRAPPED_KEY_BYTES)
+    _check_sender(admin, admin_identity, msg_ref)
+
+
+def _check_change_room(expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity,
+                       msg_ref) -> None:
+    _check_epoch(expected_epoch)
+    _check_bytes(head, "A room head", ROOM_HEAD_BYTES, ROOM_HEAD_BYTES)
+    if (add is not None) + (remove is not None) + bool(close) != 1:
+        raise ValueError("A room change adds a member, removes one or closes the room: exactly one of them.")
+    if add is not None:
+        _check_name(add, MAX_USERNAME_CHARS, "The name of the member to add")
+    if remove is not None:
+        _check_name(remove, MAX_USERNAME_CHARS, "The name of the member to remove")
+    _check_bytes(change, "A room change", 1, MAX_BLOB_BYTES)
+    if wrapped_key is not None:
+        _check_bytes(wrapped_key, "A wrapped room key", 1, MAX_WRAPPED_KEY_BYTES)
+    _check_sender(actor, actor_identity, msg_ref)
+
+
+# Why a room write was refused with nothing changed: the code both backends answer, and its words.
+_ROOM_REFUSALS = {
+    "member": "{add} is already a member of the room.",
+    "not_member": "{remove} is not a member of the room.",
+    "admin": "The admin cannot be removed from the room; close it instead.",
+    "ref_used": "That message reference is already queued from {actor}; a change needs a fresh one.",
+    "epoch_full": "The room's epoch cannot grow any further.",
+}
+
+
+def _refuse(code: str, **names: object) -> ValueError:
+    return ValueError(_ROOM_REFUSALS[code].format(**names))
+
+
+def _rooms_from_rows(rows) -> list[Room]:
+    """Rooms from rows of (id, name, uid, admin, epoch, head, member or None), one row per member."""
+    found: dict[int, tuple[tuple, list[str]]] = {}
+    for r in rows:
+        _, members = found.setdefault(int(r[0]), ((int(r[0]), r[1], bytes(r[2]), r[3], int(r[4]), bytes(r[5])), []))
+        if r[6] is not None:
+            members.append(r[6])
+    rooms = [Room(*fields, tuple(sorted(members))) for fields, members in found.values()]
+    return sorted(rooms, key=lambda room: room.name)
+
+
+def _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients) -> list[str]:
+    """room_enqueue()'s input checked; its recipients once each, sorted: the order the rows are locked in,
+    so two room messages in flight never wait on each other in a circle."""
+    _check_room_id(room_id)
+    _check_epoch(epoch)
+    _check_sender(sender, sender_identity, msg_ref)
+    _check_bytes(payload, "A room message", 1, MAX_BLOB_BYTES)
+    if isinstance(recipients, (str, bytes)):
+        raise ValueError("The recipients of a room message are a list of names.")
+    for recipient in recipients:
+        _check_name(recipient, MAX_USERNAME_CHARS, "A recipient's name")
+    return sorted(set(recipients))
+
+
+def _check_pair_row(msg: QueuedMessage) -> None:
+    if msg.kind != KIND_PAIR or msg.room_id != 0:
+        raise ValueError("enqueue() stores one-to-one messages; room rows go through room_enqueue() and "
+                         "change_room().")
 
 
 # =============================================================================
@@ -458,11 +658,52 @@ CREATE TABLE IF NOT EXISTS message_queue (
     sender_identity BLOB NOT NULL,
     payload         BLOB NOT NULL,
     stored_at       REAL NOT NULL,
+    room_id         INTEGER NOT NULL DEFAULT 0,
+    kind            INTEGER NOT NULL DEFAULT 0,
     UNIQUE (recipient, sender, msg_ref)
 );
 CREATE INDEX IF NOT EXISTS ix_queue_recipient ON message_queue (recipient, id);
 CREATE INDEX IF NOT EXISTS ix_queue_stored_at ON message_queue (stored_at);
+-- AUTOINCREMENT: a closed room's id is never reused, so rows still queued for it never meet another room's keys.
+CREATE TABLE IF NOT EXISTS rooms (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT NOT NULL UNIQUE,
+    uid        BLOB NOT NULL,
+    admin      TEXT NOT NULL,
+    epoch      INTEGER NOT NULL,
+    head       BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_rooms_admin ON rooms (admin);
+CREATE TABLE IF NOT EXISTS room_members (
+    room_id      INTEGER NOT NULL,
+    username     TEXT NOT NULL,
+    joined_epoch INTEGER NOT NULL,
+    PRIMARY KEY (room_id, username)
+);
+CREATE INDEX IF NOT EXISTS ix_room_members_username ON room_members (username);
+CREATE TABLE IF NOT EXISTS room_changes (
+    room_id     INTEGER NOT NULL,
+    epoch       INTEGER NOT NULL,
+    actor       TEXT NOT NULL,
+    change_blob BLOB NOT NULL,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (room_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS room_keys (
+    room_id    INTEGER NOT NULL,
+    epoch      INTEGER NOT NULL,
+    wrapped    BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (room_id, epoch)
+);
 """
+# Columns added after the first release: (table, column, definition), added on open where missing.
+_SQLITE_ADDED_COLUMNS = (
+    ("users", "ticket_epoch", "INTEGER NOT NULL DEFAULT 0"),     # password changes
+    ("message_queue", "room_id", "INTEGER NOT NULL DEFAULT 0"),  # group rooms
+    ("message_queue", "kind", "INTEGER NOT NULL DEFAULT 0"),
+)
 OFFLINE_KEY_GRACE_S = 24 * 3600.0  # an acknowledged key is kept this long: the sender may still be writing
 ADMIN_ACTION_KEEP_S = 3600.0  # the servers poll every second; an hour of actions is plenty
 
@@ -483,9 +724,12 @@ class SQLiteStorage(Storage):
         self._pool = _Pool(self._connect)
         with self._pool.connection() as conn:  # executescript manages its own transaction
             conn.executescript(_SQLITE_SCHEMA)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
-            if "ticket_epoch" not in columns:  # a database from before password changes
-                conn.execute("ALTER TABLE users ADD COLUMN ticket_epoch INTEGER NOT NULL DEFAULT 0")
+        with self._tx() as conn:  # one writer: two servers opening an old file at once add each column once
+            for table, column, definition in _SQLITE_ADDED_COLUMNS:
+                # Names from the constant above, never from input: a column name cannot be a parameter.
+                if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            conn.execute("CREATE INDEX IF NOT EXISTS ix_queue_room ON message_queue (room_id, generation)")
 
     def _connect(self) -> sqlite3.Connection:
         if self.path != ":memory:" and not Path(self.path).exists():
@@ -705,6 +949,12 @@ class SQLiteStorage(Storage):
             conn.execute("DELETE FROM one_time_prekeys WHERE username = ?", (username,))
             conn.execute("DELETE FROM offline_keys WHERE recipient = ? OR sender = ?", (username, username))
             conn.execute("DELETE FROM message_queue WHERE recipient = ? OR sender = ?", (username, username))
+            conn.execute("DELETE FROM room_keys WHERE room_id IN (SELECT id FROM rooms WHERE admin = ?)", (username,))
+            conn.execute("DELETE FROM room_changes WHERE room_id IN (SELECT id FROM rooms WHERE admin = ?)",
+                         (username,))
+            conn.execute("DELETE FROM room_members WHERE room_id IN (SELECT id FROM rooms WHERE admin = ?) "
+                         "OR username = ?", (username, username))
+            conn.execute("DELETE FROM rooms WHERE admin = ?", (username,))
         return gone
 
     def list_lockouts(self, now: float) -> list[Lockout]:
@@ -796,6 +1046,7 @@ class SQLiteStorage(Storage):
                          (recipient, conversation_id, generation, sender, wrapped, now))
 
     def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
+        _check_pair_row(msg)
         with self._tx() as conn:  # BEGIN IMMEDIATE: one writer at a time, so the bound holds
             row = conn.execute("SELECT id FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
                                (msg.recipient, msg.sender, msg.msg_ref)).fetchone()
@@ -822,32 +1073,185 @@ class SQLiteStorage(Storage):
         with self._tx() as conn:
             rows = conn.execute(
                 "SELECT q.id, q.recipient, q.sender, q.conversation_id, q.generation, q.msg_ref, q.sender_identity, "
-                "q.payload, q.stored_at, k.wrapped FROM message_queue q LEFT JOIN offline_keys k "
-                "ON k.recipient = q.recipient AND k.conversation_id = q.conversation_id AND k.generation = q.generation "
+                "q.payload, q.stored_at, CASE WHEN q.kind = 0 THEN k.wrapped ELSE r.wrapped END, q.room_id, q.kind "
+                "FROM message_queue q LEFT JOIN offline_keys k "
+                "ON q.kind = 0 AND k.recipient = q.recipient AND k.conversation_id = q.conversation_id "
+                "AND k.generation = q.generation "
+                "LEFT JOIN room_keys r ON q.kind <> 0 AND r.room_id = q.room_id AND r.epoch = q.generation "
+                "AND (q.kind = 1 OR EXISTS (SELECT 1 FROM room_members m WHERE m.room_id = q.room_id "
+                "AND m.username = q.recipient AND m.joined_epoch <= q.generation)) "
                 "WHERE q.recipient = ? AND q.id > ? ORDER BY q.id LIMIT ?", (recipient, after_id, limit)).fetchall()
         return [QueuedMessage(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bytes(r[6]), bytes(r[7]), r[8],
-                              bytes(r[9]) if r[9] is not None else None) for r in rows]
+                              bytes(r[9]) if r[9] is not None else None, r[10], r[11]) for r in rows]
 
     def ack_queued(self, recipient: str, message_id: int) -> bool:
         with self._tx() as conn:
-            row = conn.execute("SELECT conversation_id, generation FROM message_queue WHERE id = ? AND recipient = ?",
-                               (message_id, recipient)).fetchone()
+            row = conn.execute("SELECT conversation_id, generation, kind FROM message_queue WHERE id = ? "
+                               "AND recipient = ?", (message_id, recipient)).fetchone()
             if row is None:
                 return False
             conn.execute("DELETE FROM message_queue WHERE id = ?", (message_id,))
-            conn.execute("DELETE FROM offline_keys WHERE recipient = ? AND conversation_id = ? AND generation = ? "
-                         "AND NOT EXISTS (SELECT 1 FROM message_queue WHERE recipient = ? AND conversation_id = ? "
-                         "AND generation = ?) AND created_at < ?",
-                         (recipient, row[0], row[1], recipient, row[0], row[1], time.time() - OFFLINE_KEY_GRACE_S))
+            if row[2] == KIND_PAIR:  # a room key is shared by the room: expire_queue decides when it goes
+                conn.execute("DELETE FROM offline_keys WHERE recipient = ? AND conversation_id = ? AND generation = ? "
+                             "AND NOT EXISTS (SELECT 1 FROM message_queue WHERE recipient = ? AND conversation_id = ? "
+                             "AND generation = ? AND kind = 0) AND created_at < ?",
+                             (recipient, row[0], row[1], recipient, row[0], row[1], time.time() - OFFLINE_KEY_GRACE_S))
             return True
 
     def expire_queue(self, before: float) -> int:
         with self._tx() as conn:
-            gone = conn.execute("DELETE FROM message_queue WHERE stored_at < ?", (before,)).rowcount
+            gone = conn.execute("DELETE FROM message_queue WHERE stored_at < ? AND kind <> 2", (before,)).rowcount
             conn.execute("DELETE FROM offline_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM message_queue q "
                          "WHERE q.recipient = offline_keys.recipient AND q.conversation_id = offline_keys.conversation_id "
-                         "AND q.generation = offline_keys.generation)", (before,))
+                         "AND q.generation = offline_keys.generation AND q.kind = 0)", (before,))
+            conn.execute("DELETE FROM room_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM rooms r "
+                         "WHERE r.id = room_keys.room_id AND r.epoch <= room_keys.epoch) AND NOT EXISTS (SELECT 1 "
+                         "FROM message_queue q WHERE q.room_id = room_keys.room_id AND q.generation = room_keys.epoch "
+                         "AND q.kind <> 0)", (before,))
         return gone
+
+    # -- group rooms ------------------------------------------------------------------
+    def _ref_used(self, conn: sqlite3.Connection, sender: str, msg_ref: bytes, recipients) -> bool:
+        return any(conn.execute("SELECT 1 FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
+                                (recipient, sender, msg_ref)).fetchone() for recipient in recipients)
+
+    def _queue_change(self, conn: sqlite3.Connection, room_id: int, epoch: int, recipients, actor: str,
+                      identity: bytes, msg_ref: bytes, change: bytes, now: float) -> None:
+        conn.executemany("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+                         "sender_identity, payload, stored_at, room_id, kind) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, 2)",
+                         [(recipient, actor, epoch, msg_ref, identity, change, now, room_id)
+                          for recipient in recipients])
+
+    def create_room(self, name: str, uid: bytes, admin: str, head: bytes, change: bytes, wrapped_key: bytes,
+                    msg_ref: bytes, admin_identity: bytes, now: float) -> int | None:
+        _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity)
+        with self._tx() as conn:  # BEGIN IMMEDIATE: nobody takes the name between the look and the insert
+            if conn.execute("SELECT 1 FROM rooms WHERE name = ?", (name,)).fetchone():
+                return None
+            if self._ref_used(conn, admin, msg_ref, [admin]):
+                raise _refuse("ref_used", actor=admin)
+            room_id = conn.execute("INSERT INTO rooms (name, uid, admin, epoch, head, created_at) "
+                                   "VALUES (?, ?, ?, 1, ?, ?)", (name, uid, admin, head, now)).lastrowid
+            conn.execute("INSERT INTO room_members (room_id, username, joined_epoch) VALUES (?, ?, 1)",
+                         (room_id, admin))
+            conn.execute("INSERT INTO room_changes (room_id, epoch, actor, change_blob, created_at) "
+                         "VALUES (?, 1, ?, ?, ?)", (room_id, admin, change, now))
+            conn.execute("INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (?, 1, ?, ?)",
+                         (room_id, wrapped_key, now))
+            self._queue_change(conn, room_id, 1, [admin], admin, admin_identity, msg_ref, change, now)
+        return int(room_id)
+
+    def get_room(self, name: str) -> Room | None:
+        if not _is_name(name, MAX_ROOM_NAME_CHARS):
+            return None
+        with self._tx() as conn:
+            rows = conn.execute("SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, m.username FROM rooms r "
+                                "LEFT JOIN room_members m ON m.room_id = r.id WHERE r.name = ?", (name,)).fetchall()
+        rooms = _rooms_from_rows(rows)
+        return rooms[0] if rooms else None
+
+    def get_room_by_id(self, room_id: int) -> Room | None:
+        if not _is_int(room_id, 1, MAX_DB_ID):
+            return None
+        with self._tx() as conn:
+            rows = conn.execute("SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, m.username FROM rooms r "
+                                "LEFT JOIN room_members m ON m.room_id = r.id WHERE r.id = ?", (room_id,)).fetchall()
+        rooms = _rooms_from_rows(rows)
+        return rooms[0] if rooms else None
+
+    def rooms_of(self, username: str) -> list[Room]:
+        if not _is_name(username, MAX_USERNAME_CHARS):
+            return []
+        with self._tx() as conn:
+            rows = conn.execute("SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, all_m.username "
+                                "FROM room_members me JOIN rooms r ON r.id = me.room_id "
+                                "JOIN room_members all_m ON all_m.room_id = r.id WHERE me.username = ?",
+                                (username,)).fetchall()
+        return _rooms_from_rows(rows)
+
+    def change_room(self, room_id: int, expected_epoch: int, head: bytes, *, add: str | None = None,
+                    remove: str | None = None, close: bool = False, change: bytes, wrapped_key: bytes | None,
+                    actor: str, actor_identity: bytes, msg_ref: bytes, now: float) -> tuple[str, int]:
+        _check_change_room(expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity,
+                           msg_ref)
+        if not _is_int(room_id, 1, MAX_DB_ID):
+            return ROOM_GONE, 0
+        with self._tx() as conn:  # BEGIN IMMEDIATE: the epoch read here is the one written below
+            row = conn.execute("SELECT epoch, admin FROM rooms WHERE id = ?", (room_id,)).fetchone()
+            if row is None:
+                return ROOM_GONE, 0
+            epoch, admin = int(row[0]), row[1]
+            if epoch != expected_epoch:
+                return ROOM_STALE, epoch
+            members = {r[0] for r in conn.execute("SELECT username FROM room_members WHERE room_id = ?",
+                                                  (room_id,))}
+            if add is not None and add in members:
+                raise _refuse("member", add=add)
+            if remove is not None and remove not in members:
+                raise _refuse("not_member", remove=remove)
+            if remove is not None and remove == admin:
+                raise _refuse("admin")
+            if epoch >= MAX_EPOCH:
+                raise _refuse("epoch_full")
+            # Every member after the change and the one removed: the members before plus the one added.
+            recipients = sorted(members | ({add} if add is not None else set()))
+            if self._ref_used(conn, actor, msg_ref, recipients):
+                raise _refuse("ref_used", actor=actor)
+            new_epoch = epoch + 1
+            self._queue_change(conn, room_id, new_epoch, recipients, actor, actor_identity, msg_ref, change, now)
+            if close:
+                conn.execute("DELETE FROM room_keys WHERE room_id = ?", (room_id,))
+                conn.execute("DELETE FROM room_changes WHERE room_id = ?", (room_id,))
+                conn.execute("DELETE FROM room_members WHERE room_id = ?", (room_id,))
+                conn.execute("DELETE FROM rooms WHERE id = ?", (room_id,))
+                return ROOM_OK, new_epoch
+            conn.execute("UPDATE rooms SET epoch = ?, head = ? WHERE id = ?", (new_epoch, head, room_id))
+            if add is not None:
+                conn.execute("INSERT INTO room_members (room_id, username, joined_epoch) VALUES (?, ?, ?)",
+                             (room_id, add, new_epoch))
+            if remove is not None:
+                conn.execute("DELETE FROM room_members WHERE room_id = ? AND username = ?", (room_id, remove))
+            conn.execute("INSERT INTO room_changes (room_id, epoch, actor, change_blob, created_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (room_id, new_epoch, actor, change, now))
+            if wrapped_key is not None:
+                conn.execute("INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (?, ?, ?, ?)",
+                             (room_id, new_epoch, wrapped_key, now))
+        return ROOM_OK, new_epoch
+
+    def room_enqueue(self, room_id: int, epoch: int, sender: str, sender_identity: bytes, msg_ref: bytes,
+                     payload: bytes, recipients: list[str], now: float, max_messages: int, max_bytes: int
+                     ) -> dict[str, str]:
+        targets = _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients)
+        answers: dict[str, str] = {}
+        if not targets:
+            return answers
+        with self._tx() as conn:  # BEGIN IMMEDIATE: one writer at a time, so every bound holds
+            for recipient in targets:
+                if conn.execute("SELECT 1 FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
+                                (recipient, sender, msg_ref)).fetchone():
+                    answers[recipient] = DUPLICATE
+                    continue
+                count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM message_queue "
+                                           "WHERE recipient = ?", (recipient,)).fetchone()
+                if count >= max_messages:
+                    answers[recipient] = FULL_MESSAGES
+                elif size + len(payload) > max_bytes:
+                    answers[recipient] = FULL_BYTES
+                else:
+                    conn.execute("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+                                 "sender_identity, payload, stored_at, room_id, kind) "
+                                 "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, 1)",
+                                 (recipient, sender, epoch, msg_ref, sender_identity, payload, now, room_id))
+                    answers[recipient] = STORED
+        return answers
+
+    def room_key(self, room_id: int, epoch: int) -> bytes | None:
+        if not (_is_int(room_id, 1, MAX_DB_ID) and _is_int(epoch, 0, MAX_EPOCH)):
+            return None
+        with self._tx() as conn:
+            row = conn.execute("SELECT wrapped FROM room_keys WHERE room_id = ? AND epoch = ?",
+                               (room_id, epoch)).fetchone()
+        return bytes(row[0]) if row else None
 
     def close(self) -> None:
         self._pool.close()
@@ -1136,13 +1540,14 @@ class MySQLStorage(Storage):
         self._call("sp_put_offline_key", recipient, conversation_id, generation, sender, wrapped, now)
 
     def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
+        _check_pair_row(msg)
         row = self._call("sp_enqueue", msg.recipient, msg.sender, msg.conversation_id, msg.generation, msg.msg_ref,
                          msg.sender_identity, msg.payload, msg.stored_at, max_messages, max_bytes)[0]
         return str(row[0]), int(row[1])
 
     def queued_for(self, recipient: str, after_id: int, limit: int) -> list[QueuedMessage]:
         return [QueuedMessage(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), bytes(r[5]), bytes(r[6]), bytes(r[7]),
-                              float(r[8]), bytes(r[9]) if r[9] is not None else None)
+                              float(r[8]), bytes(r[9]) if r[9] is not None else None, int(r[10]), int(r[11]))
                 for r in self._call("sp_queued_for", recipient, after_id, limit)]
 
     def ack_queued(self, recipient: str, message_id: int) -> bool:
@@ -1150,6 +1555,68 @@ class MySQLStorage(Storage):
 
     def expire_queue(self, before: float) -> int:
         return int(self._call("sp_expire_queue", before)[0][0])
+
+    # -- group rooms ------------------------------------------------------------------
+    def create_room(self, name: str, uid: bytes, admin: str, head: bytes, change: bytes, wrapped_key: bytes,
+                    msg_ref: bytes, admin_identity: bytes, now: float) -> int | None:
+        _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity)
+        status, room_id = self._call("sp_create_room", name, uid, admin, head, change, wrapped_key, msg_ref,
+                                     admin_identity, now)[0]
+        if status == "taken":
+            return None
+        if status != "ok":
+            raise _refuse(status, actor=admin)
+        return int(room_id)
+
+    def get_room(self, name: str) -> Room | None:
+        if not _is_name(name, MAX_ROOM_NAME_CHARS):
+            return None
+        rooms = _rooms_from_rows(self._call("sp_get_room", name))
+        return rooms[0] if rooms else None
+
+    def get_room_by_id(self, room_id: int) -> Room | None:
+        if not _is_int(room_id, 1, MAX_DB_ID):
+            return None
+        rooms = _rooms_from_rows(self._call("sp_get_room_by_id", room_id))
+        return rooms[0] if rooms else None
+
+    def rooms_of(self, username: str) -> list[Room]:
+        if not _is_name(username, MAX_USERNAME_CHARS):
+            return []
+        return _rooms_from_rows(self._call("sp_rooms_of", username))
+
+    def change_room(self, room_id: int, expected_epoch: int, head: bytes, *, add: str | None = None,
+                    remove: str | None = None, close: bool = False, change: bytes, wrapped_key: bytes | None,
+                    actor: str, actor_identity: bytes, msg_ref: bytes, now: float) -> tuple[str, int]:
+        _check_change_room(expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity,
+                           msg_ref)
+        if not _is_int(room_id, 1, MAX_DB_ID):
+            return ROOM_GONE, 0
+        status, epoch = self._call("sp_change_room", room_id, expected_epoch, head, add, remove, 1 if close else 0,
+                                   change, wrapped_key, actor, actor_identity, msg_ref, now)[0]
+        if status in (ROOM_OK, ROOM_STALE, ROOM_GONE):
+            return str(status), int(epoch)
+        raise _refuse(status, add=add, remove=remove, actor=actor)
+
+    def room_enqueue(self, room_id: int, epoch: int, sender: str, sender_identity: bytes, msg_ref: bytes,
+                     payload: bytes, recipients: list[str], now: float, max_messages: int, max_bytes: int
+                     ) -> dict[str, str]:
+        targets = _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients)
+        if not targets:
+            return {}
+        # Names never hold a comma (checked above): the procedure splits the list on them.
+        (statuses,) = self._call("sp_room_enqueue", room_id, epoch, sender, sender_identity, msg_ref, payload,
+                                 ",".join(targets), now, max_messages, max_bytes)[0]
+        answers = str(statuses).split(",")
+        if len(answers) != len(targets):
+            raise DatabaseError("sp_room_enqueue answered for another number of recipients than it was given.")
+        return dict(zip(targets, answers))
+
+    def room_key(self, room_id: int, epoch: int) -> bytes | None:
+        if not (_is_int(room_id, 1, MAX_DB_ID) and _is_int(epoch, 0, MAX_EPOCH)):
+            return None
+        rows = self._call("sp_room_key", room_id, epoch)
+        return bytes(rows[0][0]) if rows else None
 
     def close(self) -> None:
         self._pool.close()

@@ -132,9 +132,55 @@ CREATE TABLE IF NOT EXISTS message_queue (
     sender_identity VARBINARY(32) NOT NULL,
     payload         MEDIUMBLOB NOT NULL,
     stored_at       DOUBLE NOT NULL,
+    -- kind 0: a one-to-one message; 1: a room message; 2: a room membership change.  A room row has
+    -- conversation_id 0 and the room's epoch as its generation.  (Older databases: sp_add_queue_rooms.)
+    room_id         BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    kind            TINYINT UNSIGNED NOT NULL DEFAULT 0,
     UNIQUE KEY uq_queue_ref (recipient, sender, msg_ref),
     KEY ix_queue_recipient (recipient, id),
-    KEY ix_queue_stored_at (stored_at)
+    KEY ix_queue_stored_at (stored_at),
+    KEY ix_queue_room (room_id, generation)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+-- Group rooms (rooms.py, docs/PROTOCOL.md section 16).  The server keeps routing, the signed
+-- membership log (opaque: the clients verify it) and, per epoch, the room's KDC key sealed under
+-- the server's key.  AUTO_INCREMENT ids are never reused, so rows still queued for a closed room
+-- never meet another room's keys.
+CREATE TABLE IF NOT EXISTS rooms (
+    id         BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    name       VARCHAR(33) NOT NULL,
+    uid        VARBINARY(16) NOT NULL,
+    admin      VARCHAR(32) NOT NULL,
+    epoch      INT UNSIGNED NOT NULL,
+    head       VARBINARY(32) NOT NULL,
+    created_at DOUBLE NOT NULL,
+    UNIQUE KEY uq_rooms_name (name),
+    KEY ix_rooms_admin (admin)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+CREATE TABLE IF NOT EXISTS room_members (
+    room_id      BIGINT UNSIGNED NOT NULL,
+    username     VARCHAR(32) NOT NULL,
+    joined_epoch INT UNSIGNED NOT NULL,
+    PRIMARY KEY (room_id, username),
+    KEY ix_room_members_username (username)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+CREATE TABLE IF NOT EXISTS room_changes (
+    room_id     BIGINT UNSIGNED NOT NULL,
+    epoch       INT UNSIGNED NOT NULL,
+    actor       VARCHAR(32) NOT NULL,
+    change_blob MEDIUMBLOB NOT NULL,
+    created_at  DOUBLE NOT NULL,
+    PRIMARY KEY (room_id, epoch)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+CREATE TABLE IF NOT EXISTS room_keys (
+    room_id    BIGINT UNSIGNED NOT NULL,
+    epoch      INT UNSIGNED NOT NULL,
+    wrapped    VARBINARY(128) NOT NULL,
+    created_at DOUBLE NOT NULL,
+    PRIMARY KEY (room_id, epoch)
 ) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
 
 DELIMITER //
@@ -378,6 +424,12 @@ BEGIN
     DELETE FROM one_time_prekeys WHERE username = p_username;
     DELETE FROM offline_keys WHERE recipient = p_username OR sender = p_username;
     DELETE FROM message_queue WHERE recipient = p_username OR sender = p_username;
+    -- Its memberships, and the rooms it administers (rows already queued for their members stay).
+    DELETE FROM room_keys WHERE room_id IN (SELECT id FROM rooms WHERE admin = p_username);
+    DELETE FROM room_changes WHERE room_id IN (SELECT id FROM rooms WHERE admin = p_username);
+    DELETE FROM room_members WHERE room_id IN (SELECT id FROM rooms WHERE admin = p_username)
+        OR username = p_username;
+    DELETE FROM rooms WHERE admin = p_username;
     COMMIT;
     SELECT v_gone AS deleted;
 END //
@@ -496,6 +548,26 @@ BEGIN
     END IF;
 END //
 
+-- Group rooms: databases from before them get the queue's room columns and index
+-- (MySQL 8 has no ADD COLUMN IF NOT EXISTS).
+DROP PROCEDURE IF EXISTS sp_add_queue_rooms //
+CREATE PROCEDURE sp_add_queue_rooms()
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()
+                   AND TABLE_NAME = 'message_queue' AND COLUMN_NAME = 'room_id') THEN
+        ALTER TABLE message_queue ADD COLUMN room_id BIGINT UNSIGNED NOT NULL DEFAULT 0;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()
+                   AND TABLE_NAME = 'message_queue' AND COLUMN_NAME = 'kind') THEN
+        ALTER TABLE message_queue ADD COLUMN kind TINYINT UNSIGNED NOT NULL DEFAULT 0;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()
+                   AND TABLE_NAME = 'message_queue' AND INDEX_NAME = 'ix_queue_room') THEN
+        ALTER TABLE message_queue ADD KEY ix_queue_room (room_id, generation);
+    END IF;
+END //
+CALL sp_add_queue_rooms() //
+
 DROP PROCEDURE IF EXISTS sp_put_offline_key //
 CREATE PROCEDURE sp_put_offline_key(IN p_recipient VARCHAR(32), IN p_conversation_id BIGINT UNSIGNED,
                                     IN p_generation INT UNSIGNED, IN p_sender VARCHAR(32),
@@ -557,10 +629,19 @@ END //
 DROP PROCEDURE IF EXISTS sp_queued_for //
 CREATE PROCEDURE sp_queued_for(IN p_recipient VARCHAR(32), IN p_after_id BIGINT UNSIGNED, IN p_limit INT)
 BEGIN
+    -- Pair and room rows in one id order.  A pair row's key is its offline key; a room row's is the
+    -- room key of its epoch, and a change row's only for a member who joined by then: the change that
+    -- removed someone reaches them without the key of the epoch they are no longer in.
     SELECT q.id, q.recipient, q.sender, q.conversation_id, q.generation, q.msg_ref, q.sender_identity, q.payload,
-           q.stored_at, k.wrapped
-      FROM message_queue q LEFT JOIN offline_keys k
-        ON k.recipient = q.recipient AND k.conversation_id = q.conversation_id AND k.generation = q.generation
+           q.stored_at, IF(q.kind = 0, k.wrapped, r.wrapped) AS wrapped, q.room_id, q.kind
+      FROM message_queue q
+      LEFT JOIN offline_keys k
+        ON q.kind = 0 AND k.recipient = q.recipient AND k.conversation_id = q.conversation_id
+       AND k.generation = q.generation
+      LEFT JOIN room_keys r
+        ON q.kind <> 0 AND r.room_id = q.room_id AND r.epoch = q.generation
+       AND (q.kind = 1 OR EXISTS (SELECT 1 FROM room_members m WHERE m.room_id = q.room_id
+                                  AND m.username = q.recipient AND m.joined_epoch <= q.generation))
      WHERE q.recipient = p_recipient AND q.id > p_after_id
      ORDER BY q.id LIMIT p_limit;
 END //
@@ -570,16 +651,20 @@ CREATE PROCEDURE sp_ack_queued(IN p_recipient VARCHAR(32), IN p_id BIGINT UNSIGN
 BEGIN
     DECLARE v_cid BIGINT UNSIGNED DEFAULT NULL;
     DECLARE v_gen INT UNSIGNED DEFAULT NULL;
+    DECLARE v_kind TINYINT UNSIGNED DEFAULT NULL;
     DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
     START TRANSACTION;
-    SELECT conversation_id, generation INTO v_cid, v_gen FROM message_queue
+    SELECT conversation_id, generation, kind INTO v_cid, v_gen, v_kind FROM message_queue
      WHERE id = p_id AND recipient = p_recipient FOR UPDATE;
     IF v_cid IS NOT NULL THEN
         DELETE FROM message_queue WHERE id = p_id;
-        DELETE FROM offline_keys WHERE recipient = p_recipient AND conversation_id = v_cid AND generation = v_gen
-           AND created_at < p_key_before
-           AND NOT EXISTS (SELECT 1 FROM message_queue WHERE recipient = p_recipient AND conversation_id = v_cid
-                           AND generation = v_gen);
+        -- A room key is the room's, not this recipient's: sp_expire_queue decides when it goes.
+        IF v_kind = 0 THEN
+            DELETE FROM offline_keys WHERE recipient = p_recipient AND conversation_id = v_cid AND generation = v_gen
+               AND created_at < p_key_before
+               AND NOT EXISTS (SELECT 1 FROM message_queue WHERE recipient = p_recipient AND conversation_id = v_cid
+                               AND generation = v_gen AND kind = 0);
+        END IF;
     END IF;
     COMMIT;
     SELECT v_cid IS NOT NULL AS acked;
@@ -588,13 +673,224 @@ END //
 DROP PROCEDURE IF EXISTS sp_expire_queue //
 CREATE PROCEDURE sp_expire_queue(IN p_before DOUBLE)
 BEGIN
+    -- Change rows (kind 2) never expire: a member must not miss a change.  A room key goes once it is
+    -- old, of an epoch past (or of a room gone), and no queued row needs it.
     DECLARE v_gone INT DEFAULT 0;
-    DELETE FROM message_queue WHERE stored_at < p_before;
+    DELETE FROM message_queue WHERE stored_at < p_before AND kind <> 2;
     SET v_gone = ROW_COUNT();
     DELETE k FROM offline_keys k WHERE k.created_at < p_before AND NOT EXISTS (
         SELECT 1 FROM message_queue q WHERE q.recipient = k.recipient AND q.conversation_id = k.conversation_id
-           AND q.generation = k.generation);
+           AND q.generation = k.generation AND q.kind = 0);
+    DELETE k FROM room_keys k WHERE k.created_at < p_before
+       AND NOT EXISTS (SELECT 1 FROM rooms r WHERE r.id = k.room_id AND r.epoch <= k.epoch)
+       AND NOT EXISTS (SELECT 1 FROM message_queue q WHERE q.room_id = k.room_id AND q.generation = k.epoch
+                          AND q.kind <> 0);
     SELECT v_gone AS n;
+END //
+
+-- Group rooms (rooms.py).  Refusals answer a code (database._ROOM_REFUSALS) with nothing changed.
+DROP PROCEDURE IF EXISTS sp_create_room //
+CREATE PROCEDURE sp_create_room(IN p_name VARCHAR(33), IN p_uid VARBINARY(16), IN p_admin VARCHAR(32),
+                                IN p_head VARBINARY(32), IN p_change MEDIUMBLOB, IN p_wrapped VARBINARY(128),
+                                IN p_msg_ref VARBINARY(16), IN p_identity VARBINARY(32), IN p_now DOUBLE)
+proc: BEGIN
+    -- Returns (status, id): ok and the new room's id, taken, or ref_used.
+    DECLARE v_id BIGINT UNSIGNED DEFAULT NULL;
+    DECLARE v_taken TINYINT DEFAULT 0;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    -- The unique name decides a race: the second insert waits for the first and then finds the name taken
+    -- (a look before the insert would leave both waiting on each other's gap lock).
+    BEGIN
+        DECLARE EXIT HANDLER FOR 1062 SET v_taken = 1;
+        INSERT INTO rooms (name, uid, admin, epoch, head, created_at)
+        VALUES (p_name, p_uid, p_admin, 1, p_head, p_now);
+    END;
+    IF v_taken THEN
+        ROLLBACK;
+        SELECT 'taken' AS status, 0 AS id;
+        LEAVE proc;
+    END IF;
+    SET v_id = LAST_INSERT_ID();
+    IF EXISTS (SELECT 1 FROM message_queue WHERE recipient = p_admin AND sender = p_admin
+               AND msg_ref = p_msg_ref) THEN
+        ROLLBACK;
+        SELECT 'ref_used' AS status, 0 AS id;
+        LEAVE proc;
+    END IF;
+    INSERT INTO room_members (room_id, username, joined_epoch) VALUES (v_id, p_admin, 1);
+    INSERT INTO room_changes (room_id, epoch, actor, change_blob, created_at)
+    VALUES (v_id, 1, p_admin, p_change, p_now);
+    INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (v_id, 1, p_wrapped, p_now);
+    INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, sender_identity, payload,
+                               stored_at, room_id, kind)
+    VALUES (p_admin, p_admin, 0, 1, p_msg_ref, p_identity, p_change, p_now, v_id, 2);
+    COMMIT;
+    SELECT 'ok' AS status, v_id AS id;
+END //
+
+DROP PROCEDURE IF EXISTS sp_get_room //
+CREATE PROCEDURE sp_get_room(IN p_name VARCHAR(33))
+BEGIN
+    -- One row per member.
+    SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, m.username
+      FROM rooms r LEFT JOIN room_members m ON m.room_id = r.id
+     WHERE r.name = p_name;
+END //
+
+DROP PROCEDURE IF EXISTS sp_get_room_by_id //
+CREATE PROCEDURE sp_get_room_by_id(IN p_room_id BIGINT UNSIGNED)
+BEGIN
+    SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, m.username
+      FROM rooms r LEFT JOIN room_members m ON m.room_id = r.id
+     WHERE r.id = p_room_id;
+END //
+
+DROP PROCEDURE IF EXISTS sp_rooms_of //
+CREATE PROCEDURE sp_rooms_of(IN p_username VARCHAR(32))
+BEGIN
+    -- One row per (room of the user, member of that room).
+    SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, all_m.username
+      FROM room_members me
+      JOIN rooms r ON r.id = me.room_id
+      JOIN room_members all_m ON all_m.room_id = r.id
+     WHERE me.username = p_username;
+END //
+
+DROP PROCEDURE IF EXISTS sp_change_room //
+CREATE PROCEDURE sp_change_room(IN p_room_id BIGINT UNSIGNED, IN p_expected INT UNSIGNED, IN p_head VARBINARY(32),
+                                IN p_add VARCHAR(32), IN p_remove VARCHAR(32), IN p_close TINYINT,
+                                IN p_change MEDIUMBLOB, IN p_wrapped VARBINARY(128), IN p_actor VARCHAR(32),
+                                IN p_identity VARBINARY(32), IN p_msg_ref VARBINARY(16), IN p_now DOUBLE)
+proc: BEGIN
+    -- One membership change (exactly one of add, remove, close; database.py checks that).  Returns
+    -- (status, epoch): ok and the new epoch, stale and the current one, gone, or a refusal code.
+    DECLARE v_epoch INT UNSIGNED DEFAULT NULL;
+    DECLARE v_admin VARCHAR(32) DEFAULT NULL;
+    DECLARE v_new INT UNSIGNED DEFAULT NULL;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    START TRANSACTION;
+    -- One change per room at a time: the room's row is the lock.
+    SELECT epoch, admin INTO v_epoch, v_admin FROM rooms WHERE id = p_room_id FOR UPDATE;
+    IF v_epoch IS NULL THEN
+        COMMIT;
+        SELECT 'gone' AS status, 0 AS epoch;
+        LEAVE proc;
+    END IF;
+    IF v_epoch <> p_expected THEN
+        COMMIT;
+        SELECT 'stale' AS status, v_epoch AS epoch;
+        LEAVE proc;
+    END IF;
+    IF p_add IS NOT NULL AND EXISTS (SELECT 1 FROM room_members WHERE room_id = p_room_id AND username = p_add) THEN
+        COMMIT;
+        SELECT 'member' AS status, v_epoch AS epoch;
+        LEAVE proc;
+    END IF;
+    IF p_remove IS NOT NULL AND NOT EXISTS (SELECT 1 FROM room_members WHERE room_id = p_room_id
+                                            AND username = p_remove) THEN
+        COMMIT;
+        SELECT 'not_member' AS status, v_epoch AS epoch;
+        LEAVE proc;
+    END IF;
+    IF p_remove IS NOT NULL AND p_remove = v_admin THEN
+        COMMIT;
+        SELECT 'admin' AS status, v_epoch AS epoch;
+        LEAVE proc;
+    END IF;
+    IF v_epoch >= 4294967295 THEN
+        COMMIT;
+        SELECT 'epoch_full' AS status, v_epoch AS epoch;
+        LEAVE proc;
+    END IF;
+    IF EXISTS (SELECT 1 FROM message_queue WHERE sender = p_actor AND msg_ref = p_msg_ref
+               AND (recipient = p_add OR recipient IN (SELECT username FROM room_members WHERE room_id = p_room_id)))
+    THEN
+        COMMIT;
+        SELECT 'ref_used' AS status, v_epoch AS epoch;
+        LEAVE proc;
+    END IF;
+    SET v_new = v_epoch + 1;
+    IF p_add IS NOT NULL THEN
+        INSERT INTO room_members (room_id, username, joined_epoch) VALUES (p_room_id, p_add, v_new);
+    END IF;
+    -- The change for every member after it and the one it removes (still listed here); change rows
+    -- ignore the queue bounds: a member must never miss a change.
+    INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, sender_identity, payload,
+                               stored_at, room_id, kind)
+    SELECT username, p_actor, 0, v_new, p_msg_ref, p_identity, p_change, p_now, p_room_id, 2
+      FROM room_members WHERE room_id = p_room_id ORDER BY username;
+    IF p_close THEN
+        DELETE FROM room_keys WHERE room_id = p_room_id;
+        DELETE FROM room_changes WHERE room_id = p_room_id;
+        DELETE FROM room_members WHERE room_id = p_room_id;
+        DELETE FROM rooms WHERE id = p_room_id;
+    ELSE
+        UPDATE rooms SET epoch = v_new, head = p_head WHERE id = p_room_id;
+        IF p_remove IS NOT NULL THEN
+            DELETE FROM room_members WHERE room_id = p_room_id AND username = p_remove;
+        END IF;
+        INSERT INTO room_changes (room_id, epoch, actor, change_blob, created_at)
+        VALUES (p_room_id, v_new, p_actor, p_change, p_now);
+        IF p_wrapped IS NOT NULL THEN
+            INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (p_room_id, v_new, p_wrapped, p_now);
+        END IF;
+    END IF;
+    COMMIT;
+    SELECT 'ok' AS status, v_new AS epoch;
+END //
+
+DROP PROCEDURE IF EXISTS sp_room_enqueue //
+CREATE PROCEDURE sp_room_enqueue(IN p_room_id BIGINT UNSIGNED, IN p_epoch INT UNSIGNED, IN p_sender VARCHAR(32),
+                                 IN p_identity VARBINARY(32), IN p_msg_ref VARBINARY(16), IN p_payload MEDIUMBLOB,
+                                 IN p_recipients MEDIUMTEXT, IN p_now DOUBLE, IN p_max_messages INT,
+                                 IN p_max_bytes BIGINT)
+BEGIN
+    -- One room message for each recipient (comma-separated, sorted: the order their rows are locked in).
+    -- Returns one row: the statuses, comma-separated in the recipients' order (stored, duplicate,
+    -- full_messages or full_bytes), each bound counted over all the recipient's rows as in sp_enqueue.
+    DECLARE v_rest MEDIUMTEXT DEFAULT '';
+    DECLARE v_recipient VARCHAR(32) DEFAULT NULL;
+    DECLARE v_status VARCHAR(16) DEFAULT NULL;
+    DECLARE v_statuses MEDIUMTEXT DEFAULT '';
+    DECLARE v_lock BIGINT UNSIGNED DEFAULT NULL;
+    DECLARE v_count INT DEFAULT 0;
+    DECLARE v_bytes BIGINT DEFAULT 0;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    SET v_rest = p_recipients;
+    START TRANSACTION;
+    WHILE v_rest <> '' DO
+        SET v_recipient = SUBSTRING_INDEX(v_rest, ',', 1);
+        SET v_rest = IF(LOCATE(',', v_rest) > 0, SUBSTRING(v_rest, LOCATE(',', v_rest) + 1), '');
+        -- One writer per recipient at a time, as in sp_enqueue: the recipient's user row is the lock.
+        SELECT id INTO v_lock FROM users WHERE username = v_recipient FOR UPDATE;
+        IF EXISTS (SELECT 1 FROM message_queue WHERE recipient = v_recipient AND sender = p_sender
+                   AND msg_ref = p_msg_ref) THEN
+            SET v_status = 'duplicate';
+        ELSE
+            SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) INTO v_count, v_bytes
+              FROM message_queue WHERE recipient = v_recipient;
+            IF v_count >= p_max_messages THEN
+                SET v_status = 'full_messages';
+            ELSEIF v_bytes + LENGTH(p_payload) > p_max_bytes THEN
+                SET v_status = 'full_bytes';
+            ELSE
+                INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, sender_identity,
+                                           payload, stored_at, room_id, kind)
+                VALUES (v_recipient, p_sender, 0, p_epoch, p_msg_ref, p_identity, p_payload, p_now, p_room_id, 1);
+                SET v_status = 'stored';
+            END IF;
+        END IF;
+        SET v_statuses = IF(v_statuses = '', v_status, CONCAT(v_statuses, ',', v_status));
+    END WHILE;
+    COMMIT;
+    SELECT v_statuses AS statuses;
+END //
+
+DROP PROCEDURE IF EXISTS sp_room_key //
+CREATE PROCEDURE sp_room_key(IN p_room_id BIGINT UNSIGNED, IN p_epoch INT UNSIGNED)
+BEGIN
+    SELECT wrapped FROM room_keys WHERE room_id = p_room_id AND epoch = p_epoch;
 END //
 
 DELIMITER ;
