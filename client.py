@@ -981,6 +981,9 @@ class ChatUI:
         if self.destination is None:
             self.term.say("[CLIENT]: Choose a conversation first: /to USER")
             return
+        if self.destination.startswith("#"):
+            self.term.say("[CLIENT]: The local history keeps one-to-one conversations only; rooms are not kept.")
+            return
         if arg and not (arg.isdigit() and 1 <= int(arg) <= 10_000):
             self.term.say("[CLIENT]: Usage: /history [N], N from 1 to 10000.")
             return

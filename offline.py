@@ -242,7 +242,10 @@ class Mailbox:
     def on_store_result(self, msg: P.StoreResult) -> None:
         with self.lock:
             entry = self.outbox.get(msg.msg_ref)
-            if entry is None or entry.state != SENDING:
+            if entry is None:
+                self.client.rooms.on_key_stored(msg)   # a room's sender key (or a receipt): not in the outbox
+                return
+            if entry.state != SENDING:
                 return  # the answer to a resend that was answered already
             if msg.status == P.StoreStatus.NO_KEY and not entry.retried:
                 self.outbound.pop(entry.peer, None)

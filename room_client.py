@@ -82,6 +82,7 @@ class RoomsClient:
         self._results: queue.Queue = queue.Queue(maxsize=8)
         self._op_lock = threading.Lock()        # one membership request in flight at a time
         self._sends: dict[bytes, queue.Queue] = {}
+        self._key_refs: dict[bytes, tuple[str, int, str]] = {}   # Store ref -> (room, epoch, member)
         self._held: list[tuple[str, P.RoomMessage]] = []
 
     # -- state at rest ------------------------------------------------------------------
@@ -290,7 +291,7 @@ class RoomsClient:
         failed = []
         for peer in missing:
             try:
-                self.client.mailbox.send_body(peer, e2e.BODY_SENDER_KEY, content)
+                ref = self.client.mailbox.send_body(peer, e2e.BODY_SENDER_KEY, content)
             except (MessageRefused, ValueError, SecureIMError) as exc:
                 if isinstance(exc, ConnectionClosed):
                     raise
@@ -299,10 +300,25 @@ class RoomsClient:
                 continue
             with self.lock:
                 room.mark_sent([peer])
+                self._key_refs[ref] = (room.name, room.epoch, peer)
+                while len(self._key_refs) > 4 * R.HARD_MAX_MEMBERS:
+                    self._key_refs.pop(next(iter(self._key_refs)))
         if failed:
             return (f"{', '.join(failed)} cannot read it yet (no end-to-end session could be opened: "
                     "they have never logged in, or changed their key); they get your key with your next message.")
         return ""
+
+    def on_key_stored(self, msg: P.StoreResult) -> None:
+        """The server's answer to a Store of a sender key: refused (a full mailbox, an expired
+        offline key) means that member lacks it, so the next message sends it again."""
+        with self.lock:
+            entry = self._key_refs.pop(msg.msg_ref, None)
+            if entry is None or msg.status in (P.StoreStatus.STORED, P.StoreStatus.HANDED_OVER):
+                return
+            name, epoch, peer = entry
+            room = self.rooms.get(name)
+            if room is not None and room.own is not None and room.own.epoch == epoch:
+                room.own.sent_to.discard(peer)
 
     def on_send_result(self, msg: P.RoomSendResult) -> None:
         with self.lock:
@@ -402,8 +418,10 @@ class RoomsClient:
             except ChangeRefused as exc:
                 log.info("%s", exc)
                 return
-            retry = [(r, m) for r, m in self._held if r == name and m.sender == sender]
-            self._held = [(r, m) for r, m in self._held if not (r == name and m.sender == sender)]
+            retry = []
+            if status == "ok":   # (a key for a later epoch: what is held waits for that change)
+                retry = [(r, m) for r, m in self._held if r == name and m.sender == sender]
+                self._held = [(r, m) for r, m in self._held if not (r == name and m.sender == sender)]
         self._save()
         if status == "ok":
             for _room, held in retry:

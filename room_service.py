@@ -109,13 +109,14 @@ class RoomService:
         return False
 
     def _checked_change(self, session, blob: bytes) -> R.Change | None:
+        change = None
         try:
             change = R.parse_change(blob)
             if change.actor != session.username:
                 raise ChangeRefused("A change must be made (and signed) by you.")
             R.verify_signature(change, session.identity_key)
-        except ChangeRefused as exc:
-            self._room_result(session, "", P.RoomStatus.REFUSED, str(exc))
+        except ChangeRefused as exc:   # the answer names the room when the change does (the client waits on it)
+            self._room_result(session, change.room if change else "", P.RoomStatus.REFUSED, str(exc))
             return None
         if self._room_ops_refused(session):
             self._room_result(session, change.room, P.RoomStatus.REFUSED,
@@ -185,6 +186,10 @@ class RoomService:
             self._room_result(session, room.name, P.RoomStatus.REFUSED, f"There is no user {change.target}.",
                               room_id=room.id)
             return
+        if change.action == R.ADD and len(self.storage.rooms_of(change.target)) >= MAX_ROOMS_PER_USER:
+            self._room_result(session, room.name, P.RoomStatus.REFUSED,
+                              f"{change.target} is in {MAX_ROOMS_PER_USER} rooms already.", room_id=room.id)
+            return
         epoch = room.epoch + 1
         key = self.suite.generate_key() if change.action != R.CLOSE else b""
         status, now_epoch = self.storage.change_room(
@@ -203,7 +208,9 @@ class RoomService:
             return
         self.audit(f"room_{R.ACTION_NAMES[change.action]}", me, session.source,
                    f"{room.name} {change.target}".strip())
-        self._room_result(session, room.name, P.RoomStatus.OK, room_id=room.id, epoch=epoch, key=key)
+        leaving = change.action in (R.LEAVE, R.CLOSE)   # who leaves gets no key of the epoch without them
+        self._room_result(session, room.name, P.RoomStatus.OK, room_id=room.id, epoch=epoch,
+                          key=b"" if leaving else key)
         for user in sorted(set(room.members) | {change.target} - {""}):
             self._nudge_queue(user)
 

@@ -58,6 +58,8 @@ def test_a_team_room_in_three_terminals_then_a_removal_and_a_member_offline(serv
                 other.expect_exact(f"[#team {name}]: hello from {name}")
     bob.sendline("/members #team")
     bob.expect_exact("[CLIENT]: #team (3): alice (admin), bob, carol")
+    bob.sendline("/history")
+    bob.expect_exact("[CLIENT]: The local history keeps one-to-one conversations only; rooms are not kept.")
     carol.sendline("/rooms")
     carol.expect_exact("[CLIENT]: Your rooms: #team (3)")
 

@@ -96,7 +96,10 @@ def test_only_the_admin_changes_members_and_mistakes_get_clear_answers(tmp_path)
             c["carol"].rooms.create("#team")
         with pytest.raises(RoomError, match="no user"):
             alice.rooms.invite("#team", "nobody")
-        assert bob.rooms.leave("#team") == "You left #team."
+        mine = bob.rooms.rooms["#team"]
+        leave = mine.next_change(bob.identity, R.LEAVE, "bob", 1)
+        answer = bob.rooms._request(P.RoomChange(room_id=mine.room_id, change=leave.blob), "#team")
+        assert answer.status == P.RoomStatus.OK and answer.key == b""   # no key of the epoch without bob
         assert wait_for(alice, RC.RoomNotice, text="bob left #team.", timeout=15)
         for client in c.values():
             client.close()
@@ -154,7 +157,7 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
                             epoch=room.epoch + 1, at_ms=1, prev_head=room.head, actor="alice", target="mallory",
                             admin="alice", members=[*room.members, "mallory"])
         with pytest.raises(RoomError, match="not signed"):
-            alice.rooms._request(P.RoomChange(room_id=room.id, change=bad.blob), "")
+            alice.rooms._request(P.RoomChange(room_id=room.id, change=bad.blob), "#team")  # answered by name
         assert server.storage.get_room("#team").epoch == room.epoch
         alice.rooms.remove("#team", "carol")
         wait_for(carol, RC.RoomNotice, timeout=15)

@@ -69,8 +69,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="queue-bound-ignored-mysql",
         file="schema.sql",
-        find="    IF v_count >= p_max_messages THEN",
-        replace="    IF FALSE THEN",
+        find="      FROM message_queue WHERE recipient = p_recipient;\n    IF v_count >= p_max_messages THEN",
+        replace="      FROM message_queue WHERE recipient = p_recipient;\n    IF FALSE THEN",
         tests=(QS + "test_the_bounds_refuse_new_messages_and_keep_the_stored_ones[mysql]",),
         why="the MySQL procedure stores past the bound.",
     ),

@@ -100,7 +100,7 @@ MUTATIONS: list[Mutation] = [
         why="the KDC's room key no longer counts: a leaked sender key alone opens the room's messages.",
     ),
     Mutation(
-        name="rooms-stored-age-unchecked",
+        name="rooms-live-freshness-unchecked",
         file="rooms.py",
         find="            fresh = abs(age) <= e2e.FRESHNESS_WINDOW_S",
         replace="            fresh = True",
@@ -138,6 +138,14 @@ MUTATIONS: list[Mutation] = [
         replace="                pass",
         tests=(FLOW + "test_the_server_refuses_what_the_clients_would_refuse",),
         why="the KDC hands the removed member the room key of the epoch that removed them.",
+    ),
+    Mutation(
+        name="rooms-leaver-gets-the-new-key",
+        file="room_service.py",
+        find="                          key=b\"\" if leaving else key)",
+        replace="                          key=key)",
+        tests=(FLOW + "test_only_the_admin_changes_members_and_mistakes_get_clear_answers",),
+        why="the answer to a leave hands the member who leaves the room key of the epoch without them.",
     ),
     Mutation(
         name="rooms-client-sends-keys-to-the-servers-list",
