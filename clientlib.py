@@ -1579,6 +1579,12 @@ class ChatClient:
         raw = password.encode("utf-8")
         if len(raw) > P.MAX_PASSWORD_BYTES or len(confirm.encode("utf-8")) > P.MAX_USERNAME_BYTES:
             raise InvalidPassword("That is not your password or username.")
+        if confirm == self.username and self.rooms.my_rooms():
+            # The server cannot sign a change: this client leaves its rooms itself (closing the ones it
+            # administers) before the account goes, once the password is known to be right.
+            if self.identity is None or self.identities.load(self.username, password) is None:
+                raise InvalidPassword("Wrong password; nothing was deleted and you are still in your rooms.")
+            self.rooms.leave_all()
         self._send(P.DeleteAccount(password=raw, confirm=confirm))
 
     def next_event(self, timeout: float | None = None):

@@ -172,6 +172,16 @@ class RoomsClient:
         self._change(room, R.LEAVE, self.client.username)
         return f"You left {room.name}."
 
+    def leave_all(self) -> list[str]:
+        """Leave every room (closing those this client administers): before the account is deleted."""
+        said = []
+        for name in self.my_rooms():
+            try:
+                said.append(self.leave(name))
+            except RoomError as exc:
+                said.append(f"{name}: {exc}")
+        return said
+
     def _change(self, room: R.RoomSession, action: int, target: str) -> None:
         me = self.client.username
         if action in (R.ADD, R.REMOVE, R.CLOSE) and room.admin != me:

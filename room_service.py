@@ -36,6 +36,7 @@ ROOM_CHANGES_PER_MINUTE = 60     # membership changes one session may make
 MAX_ROOMS_PER_USER = R.MAX_ROOMS
 MAX_DB_ID = 2 ** 63 - 1          # as server.MAX_DB_ID: a larger u64 names no row
 KIND_PAIR, KIND_ROOM_MESSAGE, KIND_ROOM_CHANGE = 0, 1, 2   # message_queue.kind
+NO_USER = "no_user"              # database.room_enqueue: the recipient's account was deleted
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ class RoomService:
                     stored += 1
                     if status == D.STORED:
                         self._nudge_queue(member)   # online after all (a login this very moment)
-                else:
+                elif status != NO_USER:              # an account deleted (still listed until removed)
                     full.append(member)
         self.metrics.room_copies.inc(online + stored)
         reason = f"Not stored for {', '.join(full)}: their mailbox is full." if full else ""

@@ -112,7 +112,9 @@ class ServerConfig:
     queue_max_age_s: float = 30 * 86400.0
     offline_opens_per_minute: int = 300  # each takes one of the peer's one-time prekeys (per session: a room's
     #                                      sender key goes to every member, so a room of 256 is one burst)...
-    offline_opens_per_recipient_per_minute: int = 60   # ...and per recipient, whoever asks (per node)
+    offline_opens_per_recipient_per_minute: int = 300  # ...and per recipient, whoever asks (per node): every
+    #                                      member of a new room opens one to each other (the signed prekey
+    #                                      serves once the one-time prekeys run out, as in Signal)
     room_max_members: int = R.DEFAULT_MAX_MEMBERS        # docs/PROTOCOL.md section 16
 
     @property

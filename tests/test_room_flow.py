@@ -190,3 +190,28 @@ def test_bad_room_frames_are_refused_without_harm(tmp_path):
         alice.rooms.create("#ok")
         assert alice.rooms.my_rooms() == ["#ok"]
         alice.close()
+
+
+def test_deleting_an_account_leaves_its_rooms_first_with_signed_changes(tmp_path):
+    import clientlib as C
+    from errors import InvalidPassword
+    from server_fixtures import PASSWORD
+
+    with running_server(tmp_path / "srv") as server:
+        c = _team(server, tmp_path)
+        alice, bob = c["alice"], c["bob"]
+        bob.rooms.create("#bobs")
+        bob.rooms.invite("#bobs", "alice")
+        wait_for(alice, RC.RoomNotice, timeout=15, text="bob added you to #bobs (members: alice, bob).")
+        with pytest.raises(InvalidPassword, match="still in your rooms"):
+            bob.delete_account("not the password", "bob")
+        assert bob.rooms.my_rooms() == ["#bobs", "#team"]
+        bob.delete_account(PASSWORD, "bob")
+        assert wait_for(bob, C.AccountDeletion, timeout=20).deleted
+        notices = {wait_for(alice, RC.RoomNotice, timeout=15).text for _ in range(2)}
+        assert notices == {"bob left #team.", "bob closed #bobs."}
+        assert alice.rooms.my_rooms() == ["#team"] and alice.rooms.members("#team") == ("alice", "carol")
+        assert server.storage.get_room("#team").members == ("alice", "carol")
+        assert server.storage.get_room("#bobs") is None
+        for client in c.values():
+            client.close()
