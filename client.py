@@ -514,12 +514,7 @@ class ChatUI:
         if isinstance(event, (RC.RoomMessageReceived, RC.RoomNotice, RC.RoomWarning)):
             return self._describe_room(event)
         if isinstance(event, C.MessageReceived):
-            mark = ""
-            if self.destination is not None and not is_dest:  # news from another conversation
-                with self._lock:
-                    self.unread[peer] = self.unread.get(peer, 0) + 1
-                mark = "* "
-                self.term.ring()
+            mark = self._news_from(peer)
             # Every line of a message carries the sender: a line inside it cannot pass for another's.
             return "\n".join(f"{mark}[{peer}]: {line}" for line in C.sanitize_lines(event.text))
         if isinstance(event, C.DirectReady):
@@ -593,16 +588,21 @@ class ChatUI:
             return f"[CLIENT]: Reconnected to {C.sanitize(event.server, 300)}."
         return None
 
+    def _news_from(self, where: str) -> str:
+        """A message from ``where`` (a user or a #room): marked, counted and rung when it is not
+        the current destination."""
+        if self.destination is None or where == self.destination:
+            return ""
+        with self._lock:
+            self.unread[where] = self.unread.get(where, 0) + 1
+        self.term.ring()
+        return "* "
+
     def _describe_room(self, event) -> str:
         room = C.sanitize(event.room, 40)
         if isinstance(event, RC.RoomMessageReceived):
             sender = C.sanitize(event.sender, 64)
-            mark = ""
-            if self.destination is not None and room != self.destination:
-                with self._lock:
-                    self.unread[room] = self.unread.get(room, 0) + 1
-                mark = "* "
-                self.term.ring()
+            mark = self._news_from(room)
             # Every line carries the room and the sender: a line inside cannot pass for another's.
             return "\n".join(f"{mark}[{room} {sender}]: {line}" for line in C.sanitize_lines(event.text))
         if isinstance(event, RC.RoomWarning):
