@@ -826,12 +826,11 @@ class ChatUI:
             self.term.say(f"[CLIENT]: {C.sanitize(str(exc), 300)}")
 
     def _rooms(self) -> None:
-        mine = self.client.rooms.my_rooms()
+        mine = self.client.rooms.summary()
         if not mine:
             self.term.say("[CLIENT]: You are in no rooms; /create #ROOM makes one.")
             return
-        self.term.say("[CLIENT]: Your rooms: " + ", ".join(
-            f"{r} ({len(self.client.rooms.members(r))})" for r in mine))
+        self.term.say("[CLIENT]: Your rooms: " + ", ".join(f"{r} ({n})" for r, n in mine))
 
     def _must_queue(self, dest: str) -> bool:
         """Not connected, or the conversation is not keyed again after a reconnect, or lines wait before it."""

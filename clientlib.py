@@ -1083,13 +1083,14 @@ class ChatClient:
         return MessageRejected(sanitize(peer, 64), reason)
 
     def _opened(self, sender: str, opened: e2e.Opened, *, stored_at: float | None = None,
-                direct: bool = False) -> None:
-        """An end-to-end message opened (live, direct or stored): show it, or mark what it receipts."""
+                direct: bool = False, identity: bytes | None = None) -> None:
+        """An end-to-end message opened (live, direct or stored): show it, or mark what it receipts.
+        ``identity``: the sender's identity key the session was with (a room checks it against its roster)."""
         if opened.kind == e2e.BODY_RECEIPT:
             self.mailbox.on_receipt(sender, opened.receipts)
             return
         if opened.kind == e2e.BODY_SENDER_KEY:   # a room's sender key (room_client.py): nothing to show
-            self.rooms.on_sender_key(sender, opened.content)
+            self.rooms.on_sender_key(sender, opened.content, identity)
             return
         if self.mailbox.seen_before(sender, opened.msg_id):
             log.debug("a message resent after a reconnect was shown already")
@@ -1174,7 +1175,7 @@ class ChatClient:
         if opened is None:
             self._emit(MessageRejected(sender, failure))
         else:
-            self._opened(sender, opened)
+            self._opened(sender, opened, identity=conv.peer_identity)
 
     def _received(self, event: MessageReceived) -> None:
         if self.history is not None:
@@ -1536,7 +1537,7 @@ class ChatClient:
             if opened is None:
                 self._emit(MessageRejected(event.peer, f"A direct message from {event.peer} was discarded."))
             else:
-                self._opened(event.peer, opened, direct=True)
+                self._opened(event.peer, opened, direct=True, identity=conv.peer_identity)
 
     def change_password(self, old_password: str, new_password: str) -> None:
         """Change this account's password (docs/PROTOCOL.md section 13).

@@ -312,7 +312,7 @@ class Mailbox:
         if opened is None:
             client._emit(client._rejected(sender, failure or "A stored message could not be opened."))
             return
-        client._opened(sender, opened, stored_at=msg.stored_at_ms / 1000.0)
+        client._opened(sender, opened, stored_at=msg.stored_at_ms / 1000.0, identity=msg.sender_identity)
 
     def release_held(self, peer: str) -> int:
         with self.lock:
@@ -382,10 +382,13 @@ class Mailbox:
             for peer, ids in receipts.items():
                 self._send_receipt(peer, ids)
 
-    def send_body(self, peer: str, body_type: int, content: bytes) -> bytes:
+    def send_body(self, peer: str, body_type: int, content: bytes, *, expect_identity: bytes | None = None) -> bytes:
         """Seal ``content`` in the offline session with ``peer`` and Store it (a receipt, a room's
-        sender key): kept by the server until the peer's client acknowledges it.  Its reference."""
+        sender key): kept by the server until the peer's client acknowledges it.  Its reference.
+        ``expect_identity``: only if the session is with that identity key (a room's roster)."""
         out = self._outbound_for(peer)
+        if expect_identity is not None and not cu.constant_time_equal(out.peer_identity, expect_identity):
+            raise MessageRefused(f"{peer}'s identity key is not the one the room's admin vouched for")
         with self.lock:
             msg_id = e2e.new_msg_id()
             payload = out.seal(body_type, msg_id, content)

@@ -157,6 +157,7 @@ class OutboundSession:
         if len(kdc_key) != suite.key_bytes:
             raise CryptoError("The server sent an unusable conversation key.")
         self.me, self.peer, self.id, self.generation, self.suite = me, peer, cid, generation, suite
+        self.peer_identity = peer_identity
         self._clock = clock
         ephemeral = X25519PrivateKey.generate()
         e_pub = ephemeral.public_key().public_bytes_raw()
@@ -215,6 +216,7 @@ class PrekeyStore:
         # ids of messages shown, "peer|b64(id)", oldest first (offline.Mailbox.seen_before)
         self.seen_ids: collections.deque[str] = collections.deque(maxlen=MAX_SEEN_IDS)
         self.rooms: dict[str, dict] = {}         # room name -> its sealed state (rooms.RoomSession.to_dict)
+        self.rooms_left: dict[str, int] = {}     # b64(room uid) -> the epoch at which our membership ended
         self.created = False       # a new store: whatever the server holds for us is stale
         doc = None
         if self.path.exists():
@@ -248,13 +250,14 @@ class PrekeyStore:
             self.inbound = dict(state.get("inbound", {}))
             self.seen_ids.extend(state.get("seen_ids", []))
             self.rooms = dict(state.get("rooms", {}))
+            self.rooms_left = dict(state.get("rooms_left", {}))
         except (ValueError, KeyError, TypeError, InvalidTag, SecureIMError):
             return False
         return True
 
     def save(self) -> None:
         state = {"processed": list(self.processed), "inbound": self.inbound, "seen_ids": list(self.seen_ids),
-                 "rooms": self.rooms,
+                 "rooms": self.rooms, "rooms_left": self.rooms_left,
                  "one_time_at": {str(k): v for k, v in self.one_time_at.items()},
                  "signed": [{"id": s.id, "x": cu.b64encode(s.x25519), "kem": cu.b64encode(s.kem_seed),
                              "created": s.created, "retired": s.retired, "seen": s.seen[-MAX_SEEN_PER_SIGNED:]}

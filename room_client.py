@@ -29,7 +29,10 @@ from errors import ChangeRefused, ConnectionClosed, DecryptionFailed, MessageRef
 
 log = logging.getLogger("secureim.rooms")
 
-MAX_HELD = 200              # room messages waiting for their sender key
+MAX_HELD = 200              # room messages waiting for their sender key...
+MAX_HELD_PER_SENDER = 20    # ...at most this many from one member...
+HELD_FOR_S = 600.0          # ...for at most this long (the freshness window)
+MAX_LEFT = 1024             # rooms whose end of membership is remembered (an older add is a replay)
 SEND_TIMEOUT_S = 30.0
 STALE_RETRIES = 3
 REPLY_TIMEOUT_S = 30.0
@@ -83,7 +86,8 @@ class RoomsClient:
         self._op_lock = threading.Lock()        # one membership request in flight at a time
         self._sends: dict[bytes, queue.Queue] = {}
         self._key_refs: dict[bytes, tuple[str, int, str]] = {}   # Store ref -> (room, epoch, member)
-        self._held: list[tuple[str, P.RoomMessage]] = []
+        self._held: list[tuple[str, P.RoomMessage, float]] = []     # (room, message, held since)
+        self.left: dict[str, int] = {}        # b64(uid) -> the epoch at which this client's membership ended
 
     # -- state at rest ------------------------------------------------------------------
     def load(self) -> None:
@@ -92,6 +96,7 @@ class RoomsClient:
             return
         with self.lock:
             self.rooms = R.load_rooms(self.client.username, store.rooms)
+            self.left = {k: int(v) for k, v in store.rooms_left.items()}
 
     def _save(self) -> None:
         mailbox = self.client.mailbox
@@ -99,6 +104,7 @@ class RoomsClient:
             return
         with mailbox.lock, self.lock:
             mailbox.store.rooms = {name: room.to_dict() for name, room in self.rooms.items()}
+            mailbox.store.rooms_left = dict(self.left)
             mailbox.store.save()
 
     def _by_id(self, room_id: int) -> R.RoomSession | None:
@@ -111,6 +117,11 @@ class RoomsClient:
 
     def members(self, name: str) -> tuple[str, ...]:
         return self._room(name).members
+
+    def summary(self) -> list[tuple[str, int]]:
+        """(room, member count) of every room, in one look (a change cannot slip between)."""
+        with self.lock:
+            return [(name, len(self.rooms[name].members)) for name in sorted(self.rooms)]
 
     def admin_of(self, name: str) -> str:
         return self._room(name).admin
@@ -133,13 +144,14 @@ class RoomsClient:
                 raise RoomError(f"You are in {R.MAX_ROOMS} rooms; leave one first.")
         change = R.make_change(client.identity, action=R.CREATE, uid=cu.random_bytes(R.UID_BYTES), room=name,
                                epoch=1, at_ms=int(time.time() * 1000), prev_head=R.ZERO_HEAD, actor=client.username,
-                               target="", admin=client.username, members=[client.username])
+                               target="", admin=client.username,
+                               roster=[(client.username, cu.public_bytes(client.identity))])
         result = self._request(P.RoomCreate(change=change.blob), name)
         suite = self._suite(result.suite, result.key)
         with self.lock:
             if name not in self.rooms:   # (the queued copy of the creation may have come first)
                 room = R.RoomSession.first_contact(client.username, change, cu.public_bytes(client.identity),
-                                                   result.suite, my_identity=cu.public_bytes(client.identity))
+                                                   result.suite)
                 self.rooms[name] = room
             room = self.rooms[name]
             room.room_id = result.room_id
@@ -152,7 +164,28 @@ class RoomsClient:
         room = self._room(name)
         if user in room.members:
             raise RoomError(f"{user} is in {room.name} already.")
-        self._change(room, R.ADD, user)
+        if room.admin != self.client.username:
+            raise RoomError(f"Only {room.name}'s admin ({room.admin}) can do that.")
+        self._change(room, R.ADD, user, self._identity_for(user))
+
+    def _identity_for(self, user: str) -> bytes:
+        """The identity key this client vouches for when it adds ``user``: the one pinned for them,
+        or (first contact) the one the server's KDC gives with their prekeys, pinned now."""
+        client = self.client
+        pinned = client.peer_trust.pinned(user) if client.peer_trust is not None else None
+        if pinned is None:
+            try:
+                client.mailbox.forget_outbound(user)
+                client.mailbox._outbound_for(user)     # OfflineOpen: checked and pinned on its way in
+            except MessageRefused as exc:
+                if client.presence(user) == "unknown":
+                    raise RoomError(f"There is no user {user}.") from None
+                raise RoomError(f"{user} cannot be added: {_clean(str(exc))}") from None
+            pinned = client.peer_trust.pinned(user)
+        if pinned is None or user in client._changed_identity:
+            raise RoomError(f"{user}'s identity key changed; compare safety numbers (/verify {user}) and "
+                            f"/accept {user} first.")
+        return pinned
 
     def remove(self, name: str, user: str) -> None:
         user = P.normalize_username(user)
@@ -182,14 +215,15 @@ class RoomsClient:
                 said.append(f"{name}: {exc}")
         return said
 
-    def _change(self, room: R.RoomSession, action: int, target: str) -> None:
+    def _change(self, room: R.RoomSession, action: int, target: str, target_identity: bytes | None = None) -> None:
         me = self.client.username
         if action in (R.ADD, R.REMOVE, R.CLOSE) and room.admin != me:
             raise RoomError(f"Only {room.name}'s admin ({room.admin}) can do that.")
         for _attempt in range(STALE_RETRIES):
             with self.lock:
                 try:
-                    change = room.next_change(self.client.identity, action, target, int(time.time() * 1000))
+                    change = room.next_change(self.client.identity, action, target, int(time.time() * 1000),
+                                              target_identity)
                 except ChangeRefused as exc:
                     raise RoomError(str(exc)) from None
                 room_id, epoch = room.room_id, room.epoch
@@ -204,10 +238,10 @@ class RoomsClient:
             with self.lock:
                 gone = room.name not in self.rooms
                 if not gone and room.epoch < change.epoch:
-                    applied = room.apply(change, cu.public_bytes(self.client.identity),
-                                         result.key if self._suite(result.suite, result.key) else None)
+                    applied = room.apply(change, result.key if self._suite(result.suite, result.key) else None)
                     if applied is not None and applied.me_gone:
                         self.rooms.pop(room.name, None)
+                        self._left(room, change.epoch)
                     else:
                         room.set_kdc_key(change.epoch, result.key)
                     self.changed.notify_all()
@@ -260,11 +294,13 @@ class RoomsClient:
             raise ValueError(f"Messages are limited to {e2e.MAX_TEXT_BYTES} bytes.")
         msg_id = e2e.new_msg_id()
         note = ""
-        for _attempt in range(STALE_RETRIES):
-            note = self._distribute(room) or note
+        for _attempt in range(STALE_RETRIES + 2):
+            note, own = self._distribute(room)
             with self.lock:
                 if room.name not in self.rooms:
                     raise RoomError(f"You are no longer in {room.name}.")
+                if room.own is not own:   # the room changed while the key went out: the new one goes first
+                    continue
                 try:
                     payload = room.seal(text, msg_id, time.time())
                 except SecureIMError as exc:
@@ -294,14 +330,17 @@ class RoomsClient:
                             _clean(result.reason) or note)
         raise RoomError(f"{room.name} kept changing while the message was sent; it was not sent.")
 
-    def _distribute(self, room: R.RoomSession) -> str:
-        """This epoch's sender key to every verified member who does not have it yet."""
+    def _distribute(self, room: R.RoomSession):
+        """This epoch's sender key to every verified member who does not have it yet, each over
+        a pairwise session with the identity key the roster gives them.  (a note, the key sent)."""
         with self.lock:
             content, missing = room.distribution()
+            own, roster = room.own, dict(room.roster)
         failed = []
         for peer in missing:
             try:
-                ref = self.client.mailbox.send_body(peer, e2e.BODY_SENDER_KEY, content)
+                ref = self.client.mailbox.send_body(peer, e2e.BODY_SENDER_KEY, content,
+                                                    expect_identity=roster[peer])
             except (MessageRefused, ValueError, SecureIMError) as exc:
                 if isinstance(exc, ConnectionClosed):
                     raise
@@ -309,14 +348,15 @@ class RoomsClient:
                 failed.append(peer)
                 continue
             with self.lock:
-                room.mark_sent([peer])
-                self._key_refs[ref] = (room.name, room.epoch, peer)
+                own.sent_to.add(peer)
+                self._key_refs[ref] = (room.name, own.epoch, peer)
                 while len(self._key_refs) > 4 * R.HARD_MAX_MEMBERS:
                     self._key_refs.pop(next(iter(self._key_refs)))
         if failed:
-            return (f"{', '.join(failed)} cannot read it yet (no end-to-end session could be opened: "
-                    "they have never logged in, or changed their key); they get your key with your next message.")
-        return ""
+            return (f"{', '.join(failed)} cannot read it yet (no end-to-end session with the key the admin "
+                    "vouched for could be opened: they have never logged in, or changed their key); they get "
+                    "your key with your next message."), own
+        return "", own
 
     def on_key_stored(self, msg: P.StoreResult) -> None:
         """The server's answer to a Store of a sender key: refused (a full mailbox, an expired
@@ -329,6 +369,8 @@ class RoomsClient:
             room = self.rooms.get(name)
             if room is not None and room.own is not None and room.own.epoch == epoch:
                 room.own.sent_to.discard(peer)
+        if msg.status == P.StoreStatus.NO_KEY:   # that offline session's key is gone: a new one next time
+            self.client.mailbox.forget_outbound(peer)
 
     def on_send_result(self, msg: P.RoomSendResult) -> None:
         with self.lock:
@@ -347,8 +389,12 @@ class RoomsClient:
 
     # -- receiving -------------------------------------------------------------------------
     def on_changed(self, msg: P.RoomChanged) -> None:
-        """A membership change from the queue (receiver thread): verify, apply, show; then Ack."""
+        """A membership change from the queue (receiver thread): verify, apply, show; then Ack.
+        Every key it is checked with comes from this client's verified roster (or, for a room it
+        joins, from the add itself, whose admin key is then held to the key pinned for the admin);
+        ``msg.actor_identity`` (the server's word) decides nothing."""
         client = self.client
+        me, my_key = client.username, cu.public_bytes(client.identity)
         try:
             change = R.parse_change(msg.change)
         except ChangeRefused as exc:
@@ -356,51 +402,55 @@ class RoomsClient:
             self._ack(msg.queue_id)
             return
         kdc = msg.key if self._suite(msg.suite, msg.key) else None
-        warning = notice = None
         with self.lock:
             room = self.rooms.get(change.room)
-            try:
-                if room is not None and room.uid != change.uid:
-                    raise ChangeRefused(f"A change to another room named {change.room} was refused: this client "
-                                        f"is in {change.room} already (the server may be trying to swap it).")
-                if room is None:
-                    if change.action in (R.CLOSE, R.REMOVE, R.LEAVE):
-                        self._ack(msg.queue_id)    # about a room this client is no longer in
-                        return
-                    if change.actor != client.username and not client._trust_peer(change.actor,
-                                                                                   msg.actor_identity):
-                        raise ChangeRefused(f"{change.actor}'s identity key changed, so a change to {change.room} "
-                                            f"said to be by {change.actor} was refused (see /verify, /accept).")
-                    room = R.RoomSession.first_contact(client.username, change, msg.actor_identity, msg.suite,
-                                                       my_identity=cu.public_bytes(client.identity))
-                    room.room_id = msg.room_id
-                    if kdc:
-                        room.set_kdc_key(change.epoch, kdc)
+            joining = room is None
+            left_at = self.left.get(cu.b64encode(change.uid), 0)
+            count = len(self.rooms)
+        try:
+            if joining:
+                if change.action in (R.CLOSE, R.REMOVE, R.LEAVE):
+                    self._ack(msg.queue_id)    # about a room this client is no longer in
+                    return
+                if count >= R.MAX_ROOMS:
+                    raise ChangeRefused(f"You are in {R.MAX_ROOMS} rooms: an add to {change.room} was refused "
+                                        "(leave a room first).")
+                room = R.RoomSession.first_contact(me, change, my_key, msg.suite, left_at)
+                # Verified with the key the add gives the admin: it must be the one pinned for them (or
+                # is pinned now, on first contact), outside our lock (trust takes the mailbox's).
+                if change.admin != me and not client._trust_peer(change.admin, room.admin_identity):
+                    raise ChangeRefused(f"The add to {change.room} is signed with a key for {change.admin} other "
+                                        f"than the one you know; it was refused (see /verify {change.admin}).")
+                room.room_id = msg.room_id
+                if kdc:
+                    room.set_kdc_key(change.epoch, kdc)
+                with self.lock:
+                    if change.room in self.rooms:   # came in meanwhile (our own creation's answer)
+                        return self._ack(msg.queue_id)
                     self.rooms[change.room] = room
-                    notice = (f"{change.actor} added you to {change.room} (members: {', '.join(room.members)})."
-                              if change.action == R.ADD else None)
-                else:
-                    identity = None
-                    if change.action == R.LEAVE:
-                        if change.actor != client.username and not client._trust_peer(change.actor,
-                                                                                   msg.actor_identity):
-                            raise ChangeRefused(f"{change.actor}'s identity key changed, so their leaving "
-                                                f"{change.room} was refused (see /verify, /accept).")
-                        identity = msg.actor_identity
-                    applied = room.apply(change, identity, kdc)
-                    room.room_id = msg.room_id or room.room_id
+                    self.changed.notify_all()
+                notice = (f"{change.actor} added you to {change.room} (members: {', '.join(room.members)})."
+                          if change.action == R.ADD else None)
+            else:
+                with self.lock:
+                    if room.uid != change.uid:
+                        raise ChangeRefused(f"A change to another room named {change.room} was refused: this "
+                                            f"client is in {change.room} already (the server may be trying to "
+                                            "swap it).")
+                    if msg.room_id and room.room_id and msg.room_id != room.room_id:
+                        log.info("a change named another handle for a room; the first one is kept")
+                    applied = room.apply(change, kdc)
+                    notice = None
                     if applied is not None:
                         notice = applied.text
                         if applied.me_gone:
                             self.rooms.pop(room.name, None)
-                            notice = {R.CLOSE: applied.text}.get(change.action, notice)
-                        if change.action == R.REMOVE and change.target == client.username:
+                            self._left(room, change.epoch)
+                        if change.action == R.REMOVE and change.target == me:
                             notice = f"{change.actor} removed you from {change.room}."
-                self.changed.notify_all()
-            except ChangeRefused as exc:
-                warning = str(exc)
-        if warning is not None:
-            client._emit(RoomWarning(change.room, f"WARNING: {warning}"))
+                    self.changed.notify_all()
+        except ChangeRefused as exc:
+            client._emit(RoomWarning(change.room, f"WARNING: {exc}"))
             self._ack(msg.queue_id)
             return
         self._save()
@@ -409,33 +459,55 @@ class RoomsClient:
             client._emit(RoomNotice(change.room, notice))
         with self.lock:
             early = room.take_pending() if room.name in self.rooms else []
-        for sender, content in early:
-            self.on_sender_key(sender, content)
+        for sender, content, identity in early:
+            self.on_sender_key(sender, content, identity)
 
-    def on_sender_key(self, sender: str, content: bytes) -> None:
-        """A member's sender key, opened from the pairwise session with ``sender``."""
+    def _left(self, room: R.RoomSession, epoch: int) -> None:
+        """Remember where this client's membership of ``room`` ended (an older add is a replay)."""
+        self.left[cu.b64encode(room.uid)] = epoch
+        while len(self.left) > MAX_LEFT:
+            self.left.pop(next(iter(self.left)))
+
+    def on_sender_key(self, sender: str, content: bytes, identity: bytes | None) -> None:
+        """A member's sender key, opened from the pairwise session with ``sender`` (``identity``)."""
         try:
             name = R.distribution_room(content)
         except ChangeRefused as exc:
             log.info("%s", exc)
             return
+        warning = None
         with self.lock:
             room = self.rooms.get(name)
             if room is None:
                 return
             try:
-                status = room.receive_distribution(sender, content)
+                status = room.receive_distribution(sender, content, identity)
+            except R.SplitHistory as exc:
+                status, warning = "refused", str(exc)
             except ChangeRefused as exc:
                 log.info("%s", exc)
                 return
             retry = []
             if status == "ok":   # (a key for a later epoch: what is held waits for that change)
-                retry = [(r, m) for r, m in self._held if r == name and m.sender == sender]
-                self._held = [(r, m) for r, m in self._held if not (r == name and m.sender == sender)]
+                retry = [m for r, m, _t in self._held if r == name and m.sender == sender]
+                self._held = [h for h in self._held if not (h[0] == name and h[1].sender == sender)]
+        if warning:
+            self.client._emit(RoomWarning(name, warning))
+            return
         self._save()
-        if status == "ok":
-            for _room, held in retry:
-                self.on_message(held)
+        for held in retry:
+            self.on_message(held)
+
+    def _hold(self, room: R.RoomSession, msg: P.RoomMessage) -> bool:
+        """Keep a message whose sender key is on its way (bounded per sender and in time)."""
+        now = time.monotonic()
+        self._held = [h for h in self._held if now - h[2] < HELD_FOR_S]
+        if not room.awaiting_key(msg.sender, msg.payload) or \
+                sum(1 for h in self._held if h[1].sender == msg.sender) >= MAX_HELD_PER_SENDER:
+            return False
+        self._held.append((room.name, msg, now))
+        del self._held[:-MAX_HELD]
+        return True
 
     def on_message(self, msg: P.RoomMessage) -> None:
         client = self.client
@@ -456,8 +528,7 @@ class RoomsClient:
                                             kdc_key=kdc), ""
             except DecryptionFailed as exc:
                 opened, failure = None, str(exc)
-                if room.awaiting_key(sender, msg.payload) and len(self._held) < MAX_HELD:
-                    self._held.append((room.name, msg))
+                if self._hold(room, msg):
                     if msg.queue_id:
                         self._defer(msg.queue_id)   # the server keeps it until it opens here
                     return

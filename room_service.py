@@ -132,6 +132,8 @@ class RoomService:
             return
         try:
             R.check_rules(change, None, None)
+            if not cu.constant_time_equal(change.identity_of(me) or b"", session.identity_key):
+                raise ChangeRefused("A room's creation must list your own identity key.")
         except ChangeRefused as exc:
             self._room_result(session, change.room, P.RoomStatus.REFUSED, str(exc))
             return
@@ -156,20 +158,15 @@ class RoomService:
 
     def _room_change(self, session, msg: P.RoomChange) -> None:
         me = session.username
-        cached = self._room(msg.room_id, fresh=True)
-        if cached is None or me not in cached.members:
-            try:   # the answer names the room the change names, so the client matches it
-                name = R.parse_change(msg.change).room
-            except ChangeRefused:
-                name = ""
-            self._room_result(session, name, P.RoomStatus.REFUSED,
-                              f"No such room as {name or 'that'}, or you are not a member of it.",
-                              room_id=msg.room_id)
-            return
-        room = cached.room
-        change = self._checked_change(session, msg.change)
+        change = self._checked_change(session, msg.change)   # parsed, signed, rate-limited: then the database
         if change is None:
             return
+        cached = self._room(msg.room_id, fresh=True)
+        if cached is None or me not in cached.members:
+            self._room_result(session, change.room, P.RoomStatus.REFUSED,
+                              f"No such room as {change.room}, or you are not a member of it.", room_id=msg.room_id)
+            return
+        room = cached.room
         if change.uid != room.uid or change.room != room.name:
             self._room_result(session, room.name, P.RoomStatus.REFUSED, "That change is for another room.",
                               room_id=room.id)
@@ -179,14 +176,23 @@ class RoomService:
                               "change waiting for you comes first.", room_id=room.id, epoch=room.epoch)
             return
         try:
-            R.check_rules(change, room.members, room.admin, self.config.room_max_members)
+            # The server knows the members' names; each client checks the keys in its own roster.
+            R.check_rules(change, [(m, b"") for m in room.members], room.admin, self.config.room_max_members,
+                          names_only=True)
         except ChangeRefused as exc:
             self._room_result(session, room.name, P.RoomStatus.REFUSED, str(exc), room_id=room.id)
             return
-        if change.action == R.ADD and self.storage.get_identity_key(change.target) is None:
-            self._room_result(session, room.name, P.RoomStatus.REFUSED, f"There is no user {change.target}.",
-                              room_id=room.id)
-            return
+        if change.action == R.ADD:
+            registered = self.storage.get_identity_key(change.target)
+            if registered is None:
+                self._room_result(session, room.name, P.RoomStatus.REFUSED, f"There is no user {change.target}.",
+                                  room_id=room.id)
+                return
+            if not cu.constant_time_equal(change.identity_of(change.target) or b"", registered):
+                self._room_result(session, room.name, P.RoomStatus.REFUSED,
+                                  f"The identity key you vouch for is not {change.target}'s (they have a new one: "
+                                  f"compare safety numbers with /verify {change.target}).", room_id=room.id)
+                return
         if change.action == R.ADD and len(self.storage.rooms_of(change.target)) >= MAX_ROOMS_PER_USER:
             self._room_result(session, room.name, P.RoomStatus.REFUSED,
                               f"{change.target} is in {MAX_ROOMS_PER_USER} rooms already.", room_id=room.id)
@@ -224,6 +230,12 @@ class RoomService:
             session.send(P.RoomSendResult(room_id=msg.room_id, msg_ref=msg.msg_ref, status=status, epoch=epoch,
                                           online=online, stored=stored, reason=reason))
 
+        if len(msg.payload) < R.MIN_MESSAGE_BYTES:
+            answer(P.RoomStatus.REFUSED, "A malformed room message was refused.")
+            return
+        if session.room_sends is not None and not session.room_sends.allow(""):
+            answer(P.RoomStatus.REFUSED, "Too many room messages at once; slow down.")
+            return
         cached = self._room(msg.room_id)
         if cached is not None and me in cached.members and msg.epoch != cached.room.epoch:
             cached = self._room(msg.room_id, fresh=True)   # another node's change, not seen here yet?
@@ -267,7 +279,7 @@ class RoomService:
         """A live copy sent to another node found its member gone: it is queued for them instead."""
         if sender_identity is None:
             sender_identity = self.storage.get_identity_key(msg.sender)
-        if sender_identity is None:
+        if sender_identity is None or len(msg.payload) < R.MIN_MESSAGE_BYTES:
             return
         ref = cu.sha256(msg.payload)[:P.MSG_REF_BYTES]   # the same copy again is not stored twice
         results = self.storage.room_enqueue(msg.room_id, msg.epoch, msg.sender, sender_identity, ref, msg.payload,

@@ -7,10 +7,12 @@ to the server:
   signed by the identity key of whoever made it: the admin for create, add, remove and
   close, the member who goes for a leave.  Every change names the room's random
   ``uid``, its epoch (1 for the creation, +1 per change), the head hash of the change
-  before it and the complete member list after it.  :meth:`RoomState.apply` accepts a
-  change only if all of that follows from the state this client already verified, so a
-  server cannot add a member unseen, drop a change, reorder two, or replay one from
-  another room (another uid) or another epoch.
+  before it and the complete **roster** after it: every member's name *and identity
+  key*, as the admin vouches for them.  :meth:`RoomSession.apply` accepts a change
+  only if all of that follows from the state this client already verified, and checks
+  its signature with the key the roster gives its author (never one the server
+  sends), so a server cannot add a member unseen, forge a leave, drop a change,
+  reorder two, or replay one from another room (another uid) or another epoch.
 - **The KDC layer**: for every epoch the server makes a fresh room key and hands it to
   the members it knows (seed design 000, as per conversation).  Every message key is
   also derived from it: a member the server removed cannot open what follows even with
@@ -41,15 +43,18 @@ ROOM_RE = re.compile(r"#[a-z0-9_-]{1,32}")
 ROOM_RULES = "Room names are '#' and 1 to 32 characters: letters a-z, digits, '_' or '-'."
 MAX_ROOM_NAME_BYTES = 33
 DEFAULT_MAX_MEMBERS = 256
-HARD_MAX_MEMBERS = 1024          # the wire limit: a change lists every member (about 34 KiB at most)
+HARD_MAX_MEMBERS = 512           # the wire limit: a change lists every member and key (about 34 KiB)
 UID_BYTES = 16
 HEAD_BYTES = 32
 ZERO_HEAD = bytes(HEAD_BYTES)
 MAX_KEPT_EPOCHS = 8              # epochs whose keys are kept for messages still on their way
 MAX_KEYS_PER_SENDER = 4          # sender keys kept per member and epoch (a restart makes a new one)
 MAX_ROOM_SKIPPED = 2000          # skipped message keys kept per room
-MAX_PENDING = 64                 # sender keys that arrived before the change they belong to
+MAX_PENDING = 64                 # sender keys that arrived before the change they belong to...
+MAX_PENDING_PER_SENDER = 2       # ...at most this many from one member...
+MAX_PENDING_AHEAD = 2            # ...and for at most this many epochs past this client's
 MAX_ROOMS = 256                  # rooms one client keeps
+IDENTITY_BYTES = 32
 
 # --- membership changes -------------------------------------------------------------
 CREATE, ADD, REMOVE, LEAVE, CLOSE = 1, 2, 3, 4, 5
@@ -66,6 +71,7 @@ _DISTRIBUTION = struct.Struct(">16sI32s8sI32s32s")  # uid, epoch, head, key id, 
 ROOM_MESSAGE_KIND = 0x10
 _MESSAGE_HEADER = struct.Struct(">BI8sI")            # kind, epoch, key id, counter
 MESSAGE_CONTEXT = b"secureim/v1 room message\x00"
+MIN_MESSAGE_BYTES = _MESSAGE_HEADER.size + SIGNATURE_BYTES   # shorter is never a room message
 
 
 def normalize_room(raw: str) -> str:
@@ -116,9 +122,16 @@ class Change:
     actor: str
     target: str
     admin: str
-    members: tuple[str, ...]
+    roster: tuple[tuple[str, bytes], ...]   # (member, identity key), by name
     signature: bytes
     blob: bytes
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(name for name, _key in self.roster)
+
+    def identity_of(self, name: str) -> bytes | None:
+        return next((key for member, key in self.roster if member == name), None)
 
     @property
     def signed_part(self) -> bytes:
@@ -135,15 +148,19 @@ def change_head(blob: bytes) -> bytes:
 
 
 def make_change(identity: Ed25519PrivateKey, *, action: int, uid: bytes, room: str, epoch: int, at_ms: int,
-                prev_head: bytes, actor: str, target: str, admin: str, members) -> Change:
-    """Encode and sign a change with ``identity`` (the actor's identity key)."""
+                prev_head: bytes, actor: str, target: str, admin: str, roster) -> Change:
+    """Encode and sign a change with ``identity`` (the actor's identity key); ``roster`` is
+    every member after it as (name, identity key)."""
     out = bytearray(_CHANGE_FIXED.pack(CHANGE_VERSION, action, uid, epoch, at_ms, prev_head))
     for name in (room, actor, target, admin):
         _put_name(out, name)
-    members = tuple(sorted(members))
-    out += _COUNT.pack(len(members))
-    for name in members:
+    roster = tuple(sorted(roster))
+    out += _COUNT.pack(len(roster))
+    for name, key in roster:
         _put_name(out, name)
+        if len(key) != IDENTITY_BYTES:
+            raise ValueError("an identity key is 32 bytes")
+        out += key
     signature = identity.sign(CHANGE_CONTEXT + bytes(out))
     return parse_change(bytes(out) + signature)
 
@@ -158,38 +175,43 @@ def parse_change(blob: bytes) -> Change:
     (count,) = _COUNT.unpack(cur.take(_COUNT.size))
     if count > HARD_MAX_MEMBERS:
         raise ChangeRefused("A membership change listing too many members was refused.")
-    members = tuple(cur.name() for _ in range(count))
+    roster = tuple((cur.name(), cur.take(IDENTITY_BYTES)) for _ in range(count))
+    members = [name for name, _key in roster]
     if cur.pos != len(cur.data) or version != CHANGE_VERSION or action not in ACTION_NAMES or epoch < 1:
         raise ChangeRefused("A malformed membership change was refused.")
-    if not ROOM_RE.fullmatch(room) or list(members) != sorted(set(members)):
+    if not ROOM_RE.fullmatch(room) or members != sorted(set(members)):
         raise ChangeRefused("A malformed membership change was refused.")
     for name in (actor, admin, *members) + ((target,) if target else ()):
         if not _USER_RE.fullmatch(name):
             raise ChangeRefused("A malformed membership change was refused.")
-    return Change(action, uid, room, epoch, at_ms, prev, actor, target, admin, members,
+    return Change(action, uid, room, epoch, at_ms, prev, actor, target, admin, roster,
                   blob[-SIGNATURE_BYTES:], blob)
 
 
 _USER_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")   # protocol.USERNAME_RE (no import cycle)
 
 
-def expected_members(action: int, before: tuple[str, ...], target: str) -> tuple[str, ...]:
+def expected_roster(action: int, before, target: str, target_identity: bytes | None):
+    """The roster after ``action`` on ``before`` (an add brings ``target_identity``)."""
     if action == ADD:
-        return tuple(sorted(set(before) | {target}))
+        return tuple(sorted([*before, (target, target_identity or b"")]))
     if action in (REMOVE, LEAVE):
-        return tuple(m for m in before if m != target)
+        return tuple((m, k) for m, k in before if m != target)
     return ()
 
 
-def check_rules(change: Change, before: tuple[str, ...] | None, admin: str | None,
-                max_members: int = HARD_MAX_MEMBERS) -> None:
-    """Who may make ``change`` on top of ``before`` (None: the creation); ChangeRefused if not."""
+def check_rules(change: Change, before, admin: str | None, max_members: int = HARD_MAX_MEMBERS, *,
+                names_only: bool = False) -> None:
+    """Who may make ``change`` on top of roster ``before`` (None: the creation); ChangeRefused if not.
+    ``names_only``: the server's check, which knows the members' names but not the keys clients
+    were vouched (each client checks the keys against its own verified roster)."""
     a, who = change.action, change.actor
     if before is None:
         if a != CREATE or change.epoch != 1 or change.prev_head != ZERO_HEAD or who != change.admin \
                 or change.members != (who,) or change.target:
             raise ChangeRefused(f"A change that does not create {change.room} was refused.")
         return
+    before_names = tuple(m for m, _k in before)
     if a == CREATE:
         raise ChangeRefused(f"A second creation of {change.room} was refused.")
     if change.admin != admin:
@@ -197,17 +219,23 @@ def check_rules(change: Change, before: tuple[str, ...] | None, admin: str | Non
     if a in (ADD, REMOVE, CLOSE) and who != admin:
         raise ChangeRefused(f"Only the admin of {change.room} ({admin}) may {ACTION_NAMES[a]} members; "
                             f"a change made by {who} was refused.")
-    if a == ADD and (not change.target or change.target in before):
+    if a == ADD and (not change.target or change.target in before_names):
         raise ChangeRefused(f"A change adding {change.target or 'nobody'} to {change.room} was refused.")
-    if a == ADD and len(before) + 1 > max_members:
+    if a == ADD and len(before_names) + 1 > max_members:
         raise ChangeRefused(f"{change.room} is full ({max_members} members).")
-    if a in (REMOVE, LEAVE) and (change.target not in before or change.target == admin):
+    if a in (REMOVE, LEAVE) and (change.target not in before_names or change.target == admin):
         raise ChangeRefused(f"A change removing {change.target or 'nobody'} from {change.room} was refused.")
     if a == LEAVE and who != change.target:
         raise ChangeRefused(f"{who} cannot make {change.target} leave {change.room}; the change was refused.")
     if a == CLOSE and change.target:
         raise ChangeRefused(f"A malformed closing of {change.room} was refused.")
-    if change.members != expected_members(a, before, change.target):
+    expected = expected_roster(a, before, change.target, change.identity_of(change.target))
+    if names_only:
+        follows = change.members == tuple(m for m, _k in expected)
+    else:
+        follows = len(change.roster) == len(expected) and all(
+            m == n and cu.constant_time_equal(k, e) for (m, k), (n, e) in zip(change.roster, expected))
+    if not follows:
         raise ChangeRefused(f"A change to {change.room} whose member list does not follow was refused.")
 
 
@@ -238,8 +266,16 @@ def describe(change: Change) -> str:
 @dataclass
 class _Epoch:
     head: bytes
-    members: tuple[str, ...]
+    roster: tuple[tuple[str, bytes], ...]
     kdc_key: bytes | None = None
+    at_ms: int = 0                # when the change that began it was made (its author's clock)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(name for name, _key in self.roster)
+
+    def identity_of(self, name: str) -> bytes | None:
+        return next((key for member, key in self.roster if member == name), None)
 
 
 @dataclass
@@ -278,7 +314,7 @@ class RoomSession:
         self.epochs: dict[int, _Epoch] = {}
         self.received: dict[tuple[str, int, bytes], _Received] = {}    # (sender, epoch, key id)
         self.skipped: dict[tuple[str, int, bytes, int], bytes] = {}    # (sender, epoch, key id, n) -> key
-        self.pending: list[tuple[str, bytes]] = []                     # (sender, distribution) too early
+        self.pending: list[tuple[str, bytes, bytes | None]] = []       # (sender, distribution, identity) early
         self.own: _Own | None = None
 
     @property
@@ -286,28 +322,45 @@ class RoomSession:
         current = self.epochs.get(self.epoch)
         return current.members if current else ()
 
+    @property
+    def roster(self) -> tuple[tuple[str, bytes], ...]:
+        current = self.epochs.get(self.epoch)
+        return current.roster if current else ()
+
     # -- membership ----------------------------------------------------------------
     @classmethod
-    def first_contact(cls, me: str, change: Change, actor_identity: bytes, suite_id: int,
-                      my_identity: bytes | None = None) -> "RoomSession":
-        """A room this client has no state for: its own creation, or the change that added it
-        (the admin's signed snapshot of the member list: trust in the admin's key, pinned)."""
+    def first_contact(cls, me: str, change: Change, my_identity: bytes, suite_id: int,
+                      left_at: int = 0) -> "RoomSession":
+        """A room this client has no state for: its own creation, or the admin's signed add of
+        *this* client (its name and its identity key), newer than any change that ended an
+        earlier membership of the same room (``left_at``): a replayed old add is refused.  The
+        admin's key is the one the add's roster gives the admin; the caller then checks it
+        against the key pinned for the admin."""
+        mine = change.identity_of(me)
+        if mine is None or not cu.constant_time_equal(mine, my_identity):
+            raise ChangeRefused(f"A change adding someone else's key as {me} to {change.room} was refused "
+                                "(an add meant for another device of yours, or a forgery).")
         if change.action == CREATE:
             check_rules(change, None, None)
-            if change.admin != me or my_identity is None or not cu.constant_time_equal(actor_identity, my_identity):
+            if change.admin != me:
                 raise ChangeRefused(f"A creation of {change.room} this client did not make was refused.")
         elif change.action != ADD or change.target != me or change.actor != change.admin \
-                or me not in change.members or change.admin not in change.members:
+                or change.identity_of(change.admin) is None:
             raise ChangeRefused(f"A change to {change.room}, a room this client is not in, was refused.")
-        verify_signature(change, actor_identity)
-        room = cls(me, change.uid, change.room, change.admin, actor_identity, suite_id)
+        if change.epoch <= left_at:
+            raise ChangeRefused(f"An old change adding you to {change.room} (from before you left it or were "
+                                "removed) was replayed, and refused.")
+        admin_identity = change.identity_of(change.admin)
+        verify_signature(change, admin_identity)
+        room = cls(me, change.uid, change.room, change.admin, admin_identity, suite_id)
         room._advance(change)
         return room
 
-    def apply(self, change: Change, actor_identity: bytes | None, kdc_key: bytes | None = None) -> Applied | None:
+    def apply(self, change: Change, kdc_key: bytes | None = None) -> Applied | None:
         """Verify and apply the next change; None if it is one already applied (a redelivery).
-        ``actor_identity``: the pinned key of the actor (for a leave; admin changes use the
-        admin's key this room was joined with).  ChangeRefused, state untouched, if it fails."""
+        Its signature is checked with the key the verified roster gives its author (the admin, or
+        the member who leaves), never one the server names.  ChangeRefused, state untouched, if
+        anything fails."""
         if change.uid != self.uid or change.room != self.name:
             raise ChangeRefused(f"A change for another room was offered as {self.name}'s and refused.")
         if change.epoch <= self.epoch:
@@ -325,8 +378,9 @@ class RoomSession:
                                 "was refused (a change was withheld).")
         if not cu.constant_time_equal(change.prev_head, self.head):
             raise ChangeRefused(f"A change to {self.name} that does not follow the last one was refused.")
-        check_rules(change, self.members, self.admin)
-        key = self.admin_identity if change.action in (ADD, REMOVE, CLOSE) else actor_identity
+        check_rules(change, self.roster, self.admin)
+        key = self.admin_identity if change.action in (ADD, REMOVE, CLOSE) else \
+            self.epochs[self.epoch].identity_of(change.actor)
         if key is None:
             raise ChangeRefused(f"A change to {self.name} by an unknown key was refused.")
         verify_signature(change, key)
@@ -336,7 +390,7 @@ class RoomSession:
 
     def _advance(self, change: Change, kdc_key: bytes | None = None) -> None:
         self.epoch, self.head = change.epoch, change.head
-        self.epochs[change.epoch] = _Epoch(change.head, change.members, kdc_key)
+        self.epochs[change.epoch] = _Epoch(change.head, change.roster, kdc_key, change.at_ms)
         for old in sorted(self.epochs)[:-MAX_KEPT_EPOCHS]:
             self._drop_epoch(old)
         self.own = None   # a new epoch: a new sender key, made when this client next writes
@@ -353,13 +407,17 @@ class RoomSession:
         if info is not None and key:
             info.kdc_key = key
 
-    def next_change(self, identity: Ed25519PrivateKey, action: int, target: str, at_ms: int) -> Change:
-        """The change this client (admin, or a leaving member) would make next, signed."""
-        members = expected_members(action, self.members, target)
+    def next_change(self, identity: Ed25519PrivateKey, action: int, target: str, at_ms: int,
+                    target_identity: bytes | None = None) -> Change:
+        """The change this client (admin, or a leaving member) would make next, signed; an add
+        vouches for ``target_identity`` as the newcomer's key."""
+        if action == ADD and (target_identity is None or len(target_identity) != IDENTITY_BYTES):
+            raise ChangeRefused(f"Adding {target} needs {target}'s identity key.")
+        roster = expected_roster(action, self.roster, target, target_identity)
         change = make_change(identity, action=action, uid=self.uid, room=self.name, epoch=self.epoch + 1,
                              at_ms=at_ms, prev_head=self.head, actor=self.me, target=target, admin=self.admin,
-                             members=members)
-        check_rules(change, self.members, self.admin)
+                             roster=roster)
+        check_rules(change, self.roster, self.admin)
         return change
 
     # -- sender keys ------------------------------------------------------------------
@@ -385,22 +443,38 @@ class RoomSession:
         if self.own is not None:
             self.own.sent_to.update(members)
 
-    def receive_distribution(self, sender: str, content: bytes) -> str:
-        """A member's sender key (authenticated by the pairwise session with ``sender``).
-        Returns "ok", or "later" when its epoch is not verified here yet; ChangeRefused otherwise."""
+    def receive_distribution(self, sender: str, content: bytes, sender_identity: bytes | None) -> str:
+        """A member's sender key, opened from the pairwise session with ``sender`` whose identity
+        key is ``sender_identity``: it must be the key the roster gives ``sender``.  Returns "ok",
+        "later" (its epoch is not verified here yet: kept, bounded), or "known" (a copy of a key
+        held already: ignored, so a chain never goes back); ChangeRefused otherwise."""
         uid, epoch, head, key_id, counter, chain_key, signing = _parse_distribution(content, self.name)
         if uid != self.uid:
             raise ChangeRefused(f"A sender key from {sender} for another {self.name} was refused.")
         info = self.epochs.get(epoch)
         if info is None:
-            if epoch > self.epoch:
-                if len(self.pending) < MAX_PENDING:
-                    self.pending.append((sender, content))
+            if self.epoch < epoch <= self.epoch + MAX_PENDING_AHEAD:
+                if sum(1 for p in self.pending if p[0] == sender) < MAX_PENDING_PER_SENDER:
+                    self.pending.append((sender, content, sender_identity))
+                    del self.pending[:-MAX_PENDING]
                 return "later"
-            raise ChangeRefused(f"A sender key from {sender} for a past state of {self.name} was ignored.")
-        if not cu.constant_time_equal(info.head, head) or sender not in info.members or sender == self.me:
+            raise ChangeRefused(f"A sender key from {sender} for a state of {self.name} this client does not "
+                                "keep was ignored.")
+        vouched = info.identity_of(sender)
+        if sender == self.me or vouched is None:
             raise ChangeRefused(f"A sender key from {sender}, who is not a member of {self.name} as this client "
                                 "knows it, was refused.")
+        if not cu.constant_time_equal(info.head, head):
+            raise SplitHistory(f"WARNING: {sender}'s client knows another history of {self.name} than this one "
+                               "(the server showed members different changes); its sender key was refused.")
+        if sender_identity is None or not cu.constant_time_equal(sender_identity, vouched):
+            raise ChangeRefused(f"A sender key said to be from {sender} came from a key other than the one "
+                                f"{self.admin} vouched for in {self.name}; it was refused.")
+        if epoch < self.epoch and sender not in self.members:
+            raise ChangeRefused(f"A new sender key from {sender}, who is no longer in {self.name}, for an "
+                                "earlier state of it was refused.")
+        if (sender, epoch, key_id) in self.received:
+            return "known"   # a second copy (resent after a refused store): it must not rewind the chain
         chain = e2e._Chain(chain_key)
         chain.index = counter
         self.received[(sender, epoch, key_id)] = _Received(chain, signing)
@@ -409,10 +483,10 @@ class RoomSession:
             del self.received[old]
         return "ok"
 
-    def take_pending(self) -> list[tuple[str, bytes]]:
+    def take_pending(self) -> list[tuple[str, bytes, bytes | None]]:
         """Sender keys that came early and whose epoch may be verified now."""
-        ready = [(s, c) for s, c in self.pending if _epoch_of(c) <= self.epoch]
-        self.pending = [(s, c) for s, c in self.pending if _epoch_of(c) > self.epoch]
+        ready = [p for p in self.pending if _epoch_of(p[1]) <= self.epoch]
+        self.pending = [p for p in self.pending if _epoch_of(p[1]) > self.epoch]
         return ready
 
     def awaiting_key(self, sender: str, payload: bytes) -> bool:
@@ -423,7 +497,7 @@ class RoomSession:
         _kind, epoch, key_id, _counter = _MESSAGE_HEADER.unpack_from(payload)
         info = self.epochs.get(epoch)
         return (sender, epoch, key_id) not in self.received and (
-            epoch > self.epoch or (info is not None and sender in info.members))
+            self.epoch < epoch <= self.epoch + MAX_PENDING_AHEAD or (info is not None and sender in info.members))
 
     # -- messages ------------------------------------------------------------------------
     def _aad(self, sender: str, header: bytes) -> bytes:
@@ -491,6 +565,12 @@ class RoomSession:
         if not fresh:
             raise DecryptionFailed(f"A message from {sender} in {self.name} was too old (or dated in the future) "
                                    "and was refused.")
+        if epoch < self.epoch and sender not in self.members:
+            # under an earlier epoch from someone who has gone since: only what they sent before
+            ended = self.epochs.get(epoch + 1)
+            if ended is None or opened.sent_at * 1000 > ended.at_ms + e2e.FRESHNESS_WINDOW_S * 1000:
+                raise DecryptionFailed(f"A message from {sender}, who is no longer in {self.name}, dated after "
+                                       "they went, was refused.")
         commit()
         return opened
 
@@ -499,30 +579,37 @@ class RoomSession:
         b = cu.b64encode
         return {"uid": b(self.uid), "name": self.name, "admin": self.admin, "admin_identity": b(self.admin_identity),
                 "suite": self.suite_id, "room_id": self.room_id, "epoch": self.epoch, "head": b(self.head),
-                "epochs": {str(n): {"head": b(e.head), "members": list(e.members),
-                                    "kdc": b(e.kdc_key) if e.kdc_key else ""} for n, e in self.epochs.items()},
+                "epochs": {str(n): {"head": b(e.head), "roster": [[m, b(k)] for m, k in e.roster],
+                                    "kdc": b(e.kdc_key) if e.kdc_key else "", "at": e.at_ms}
+                           for n, e in self.epochs.items()},
                 "received": [[s, n, b(k), b(r.chain.key), r.chain.index, b(r.signing)]
                              for (s, n, k), r in self.received.items()],
                 "skipped": [[s, n, b(k), c, b(v)] for (s, n, k, c), v in self.skipped.items()],
-                "pending": [[s, b(c)] for s, c in self.pending]}
+                "pending": [[s, b(c), b(i) if i else ""] for s, c, i in self.pending]}
 
     @classmethod
     def from_dict(cls, me: str, doc: dict) -> "RoomSession":
         d = cu.b64decode
         room = cls(me, d(doc["uid"]), doc["name"], doc["admin"], d(doc["admin_identity"]), int(doc["suite"]))
         room.room_id, room.epoch, room.head = int(doc["room_id"]), int(doc["epoch"]), d(doc["head"])
-        room.epochs = {int(n): _Epoch(d(e["head"]), tuple(e["members"]), d(e["kdc"]) if e["kdc"] else None)
+        room.epochs = {int(n): _Epoch(d(e["head"]), tuple((m, d(k)) for m, k in e["roster"]),
+                                      d(e["kdc"]) if e["kdc"] else None, int(e.get("at", 0)))
                        for n, e in doc["epochs"].items()}
         for s, n, k, chain_key, index, signing in doc["received"]:
             chain = e2e._Chain(d(chain_key))
             chain.index = int(index)
             room.received[(s, int(n), d(k))] = _Received(chain, d(signing))
         room.skipped = {(s, int(n), d(k), int(c)): d(v) for s, n, k, c, v in doc["skipped"]}
-        room.pending = [(s, d(c)) for s, c in doc.get("pending", [])]
+        room.pending = [(s, d(c), d(i) if i else None) for s, c, i in doc.get("pending", [])]
         return room
 
 
 STORED_MAX_AGE_S = 45 * 24 * 3600.0   # as stored one-to-one messages (prekeys.STORED_MAX_AGE_S)
+
+
+class SplitHistory(ChangeRefused):
+    """A member's sender key names another head for the same epoch: the server showed members
+    different histories.  Shown as a warning, not only logged."""
 
 
 def _parse_distribution(content: bytes, expect_name: str | None = None):

@@ -116,6 +116,8 @@ class ServerConfig:
     #                                      member of a new room opens one to each other (the signed prekey
     #                                      serves once the one-time prekeys run out, as in Signal)
     room_max_members: int = R.DEFAULT_MAX_MEMBERS        # docs/PROTOCOL.md section 16
+    room_sends_per_s: float = 50.0       # room messages one session may send (a token bucket, burst x4):
+    #                                      each one is a copy for every other member
 
     @property
     def database_url(self) -> str:
@@ -171,6 +173,7 @@ class Session:
         self.queue_in_flight = 0
         self.offline_opens: deque = deque()  # when this session last asked for prekey bundles
         self.room_ops: deque = deque()       # when this session last changed a room's members
+        self.room_sends: SourceRateLimiter | None = None   # room messages (each fans out): set at login
 
     def send(self, msg: P.Message) -> bool:
         """Seal and queue ``msg``; False if this session is gone."""
@@ -656,6 +659,9 @@ class ChatService(RoomService):
         except DatabaseError:
             log.exception("database error")
             session.send(P.Error(code=P.ErrorCode.UNAVAILABLE, reason="Internal database error; try again later."))
+        except ValueError as exc:   # the storage refused out-of-bounds input a handler let through
+            log.warning("a %s was refused by the storage: %s", type(msg).__name__, exc)
+            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="That request was malformed and was refused."))
 
     # -- accounts ------------------------------------------------------------------
     def _auth(self, session: Session, msg: P.Login | P.Register) -> None:
@@ -745,6 +751,8 @@ class ChatService(RoomService):
             # Decision: a new login replaces the old session (docs/PROTOCOL.md, section 7).
             old.close(SIGNED_IN_ELSEWHERE)
         assert session.identity_key is not None
+        rate = self.config.room_sends_per_s
+        session.room_sends = SourceRateLimiter(rate, max(1, int(rate * 4)))
         self.cluster.user_online(username, session.login_at, session.identity_key)  # other nodes drop theirs
         session.send(P.AuthOk(username=username, created=created,
                               ticket=self.tickets.issue(username, session.identity_key, epoch)))
@@ -1660,6 +1668,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="stored messages unread this long are deleted")
     p.add_argument("--room-max-members", type=int, default=R.DEFAULT_MAX_MEMBERS, metavar="N",
                    help=f"members one room may have (1-{R.HARD_MAX_MEMBERS})")
+    p.add_argument("--room-sends-per-second", type=float, default=50.0, metavar="N",
+                   help="room messages one session may send a second (bursts of 4x); each is copied to every "
+                        "other member")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for each worker
     return p
 
@@ -1713,6 +1724,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--queue-max-messages is 1-1000000, --queue-max-mib 0-4096, --queue-max-days 0-3650.")
     if not 1 <= args.room_max_members <= R.HARD_MAX_MEMBERS:
         raise ConfigError(f"--room-max-members is 1-{R.HARD_MAX_MEMBERS}.")
+    if not 0 < args.room_sends_per_second <= 100_000:
+        raise ConfigError("--room-sends-per-second is more than 0 and at most 100000.")
     if args.cluster_url is not None:
         if not args.cluster_url.startswith(("nats://", "tls://")):
             raise ConfigError("--cluster takes a NATS URL: nats://HOST:PORT")
@@ -1737,7 +1750,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         queue_max_messages=args.queue_max_messages,
                         queue_max_bytes=int(args.queue_max_mib * (1 << 20)),
                         queue_max_age_s=args.queue_max_days * 86400.0,
-                        room_max_members=args.room_max_members)
+                        room_max_members=args.room_max_members, room_sends_per_s=args.room_sends_per_second)
 
 
 class LinePrinter:

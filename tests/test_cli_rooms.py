@@ -112,7 +112,8 @@ def test_a_member_added_by_the_server_is_refused_and_shown_as_a_warning(server, 
     room = storage.get_room("#team")
     forged = R.make_change(Ed25519PrivateKey.generate(), action=R.ADD, uid=room.uid, room="#team",
                            epoch=room.epoch + 1, at_ms=1, prev_head=room.head, actor="alice", target="mallory",
-                           admin="alice", members=[*room.members, "mallory"])
+                           admin="alice", roster=[*((m, storage.get_identity_key(m)) for m in room.members),
+                                       ("mallory", storage.get_identity_key("mallory"))])
     status, _ = storage.change_room(room.id, room.epoch, forged.head, add="mallory", change=forged.blob,
                                     wrapped_key=None, actor="alice", actor_identity=storage.get_identity_key("alice"),
                                     msg_ref=b"f" * 16, now=1.0)

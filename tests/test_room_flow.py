@@ -84,6 +84,7 @@ def test_only_the_admin_changes_members_and_mistakes_get_clear_answers(tmp_path)
     with running_server(tmp_path / "srv", room_max_members=3) as server:
         c = _team(server, tmp_path, ("alice", "bob", "carol"))
         alice, bob = c["alice"], c["bob"]
+        c["dave"] = _published(logged_in_client(server, tmp_path / "dave", "dave"))
         with pytest.raises(RoomError, match="Only #team's admin"):
             bob.rooms.invite("#team", "dave")
         with pytest.raises(RoomError, match="full"):
@@ -113,7 +114,8 @@ def test_a_change_forged_by_the_server_is_refused_loudly(tmp_path):
         room = server.storage.get_room("#team")
         forged = R.make_change(mallory.identity, action=R.ADD, uid=room.uid, room="#team", epoch=room.epoch + 1,
                                at_ms=1, prev_head=room.head, actor="alice", target="mallory", admin="alice",
-                               members=[*room.members, "mallory"])
+                               roster=[*((m, server.storage.get_identity_key(m)) for m in room.members),
+                                       ("mallory", server.storage.get_identity_key("mallory"))])
         # The server itself writes it in: the member list, the queue, a key for mallory.
         status, _ = server.storage.change_room(room.id, room.epoch, forged.head, add="mallory", change=forged.blob,
                                                wrapped_key=None, actor="alice",
@@ -155,9 +157,15 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
         room = server.storage.get_room("#team")
         bad = R.make_change(Ed25519PrivateKey.generate(), action=R.ADD, uid=room.uid, room="#team",
                             epoch=room.epoch + 1, at_ms=1, prev_head=room.head, actor="alice", target="mallory",
-                            admin="alice", members=[*room.members, "mallory"])
+                            admin="alice", roster=[*((m, server.storage.get_identity_key(m)) for m in room.members),
+                                       ("mallory", b"\x01" * 32)])
         with pytest.raises(RoomError, match="not signed"):
             alice.rooms._request(P.RoomChange(room_id=room.id, change=bad.blob), "#team")  # answered by name
+        assert server.storage.get_room("#team").epoch == room.epoch
+        _published(logged_in_client(server, tmp_path / "dave", "dave")).close()
+        wrong_key = alice.rooms.rooms["#team"].next_change(alice.identity, R.ADD, "dave", 2, b"\x02" * 32)
+        with pytest.raises(RoomError, match="not dave's"):
+            alice.rooms._request(P.RoomChange(room_id=room.id, change=wrong_key.blob), "#team")
         assert server.storage.get_room("#team").epoch == room.epoch
         alice.rooms.remove("#team", "carol")
         wait_for(carol, RC.RoomNotice, timeout=15)

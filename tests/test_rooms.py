@@ -31,25 +31,31 @@ def people():
 
 def _create(alice: User, name: str = "#team") -> tuple[R.RoomSession, R.Change]:
     change = R.make_change(alice.key, action=R.CREATE, uid=cu.random_bytes(16), room=name, epoch=1, at_ms=1,
-                           prev_head=R.ZERO_HEAD, actor="alice", target="", admin="alice", members=["alice"])
-    room = R.RoomSession.first_contact("alice", change, alice.pub, SUITE, my_identity=alice.pub)
+                           prev_head=R.ZERO_HEAD, actor="alice", target="", admin="alice",
+                           roster=[("alice", alice.pub)])
+    room = R.RoomSession.first_contact("alice", change, alice.pub, SUITE)
     room.set_kdc_key(1, cu.random_bytes(32))
     return room, change
 
 
 def _join(admin_room: R.RoomSession, admin: User, newcomer: User, kdc: bytes) -> tuple[R.RoomSession, R.Change]:
-    change = admin_room.next_change(admin.key, R.ADD, newcomer.name, 2)
-    admin_room.apply(change, admin.pub, kdc)
-    room = R.RoomSession.first_contact(newcomer.name, change, admin.pub, SUITE)
+    change = admin_room.next_change(admin.key, R.ADD, newcomer.name, 2, newcomer.pub)
+    admin_room.apply(change, kdc)
+    room = R.RoomSession.first_contact(newcomer.name, change, newcomer.pub, SUITE)
     room.set_kdc_key(change.epoch, kdc)
     return room, change
+
+
+def _key_of(room: R.RoomSession) -> bytes:
+    """The identity key the room's roster gives its own client (as its pairwise session shows it)."""
+    return room.epochs[room.epoch].identity_of(room.me)
 
 
 def _give_keys(sender_room: R.RoomSession, *receivers: R.RoomSession) -> None:
     content, missing = sender_room.distribution()
     for room in receivers:
         assert room.me in missing
-        assert room.receive_distribution(sender_room.me, content) == "ok"
+        assert room.receive_distribution(sender_room.me, content, _key_of(sender_room)) == "ok"
     sender_room.mark_sent([r.me for r in receivers])
 
 
@@ -60,7 +66,7 @@ def team(people):
     b, ch_b = _join(a, people["alice"], people["bob"], cu.random_bytes(32))
     kdc3 = cu.random_bytes(32)
     c, ch_c = _join(a, people["alice"], people["carol"], kdc3)
-    b.apply(ch_c, None, kdc3)
+    b.apply(ch_c, kdc3)
     for sender in (a, b, c):
         _give_keys(sender, *[r for r in (a, b, c) if r is not sender])
     return a, b, c
@@ -99,9 +105,9 @@ def test_a_removed_member_cannot_read_what_follows_even_keeping_every_key(team, 
     kept = R.RoomSession.from_dict("carol", c.to_dict())      # carol keeps everything (a bad client)
     removal = a.next_change(people["alice"].key, R.REMOVE, "carol", 3)
     kdc4 = cu.random_bytes(32)
-    a.apply(removal, people["alice"].pub, kdc4)
-    assert b.apply(removal, None, kdc4).text == "alice removed carol from #team."
-    applied = c.apply(removal, None)
+    a.apply(removal, kdc4)
+    assert b.apply(removal, kdc4).text == "alice removed carol from #team."
+    applied = c.apply(removal)
     assert applied.me_gone
     _give_keys(a, b)
     content, missing = a.distribution()
@@ -119,7 +125,7 @@ def test_a_member_who_joins_cannot_read_what_was_sent_before(team, people):
     a, b, _c = team
     before = a.seal("before dave", e2e.new_msg_id(), NOW)
     d, ch = _join(a, people["alice"], people["dave"], cu.random_bytes(32))
-    b.apply(ch, None, a.epochs[ch.epoch].kdc_key)
+    b.apply(ch, a.epochs[ch.epoch].kdc_key)
     _give_keys(a, b, d)
     with pytest.raises(DecryptionFailed):
         d.open("alice", before, now=NOW)
@@ -132,52 +138,58 @@ def test_a_forged_add_is_refused_and_changes_nothing(team, people):
     mallory = people["mallory"]
     forged = R.make_change(mallory.key, action=R.ADD, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=5,
                            prev_head=b.head, actor="alice", target="mallory", admin="alice",
-                           members=[*b.members, "mallory"])
+                           roster=[*b.roster, ("mallory", mallory.pub)])
     before = b.to_dict()
     with pytest.raises(ChangeRefused, match="forged"):
-        b.apply(forged, mallory.pub)   # whatever key the server claims, the admin's pinned key decides
+        b.apply(forged)   # whatever key the server claims, the admin's pinned key decides
     assert b.to_dict() == before
     # Nor may a member add anyone, even signing correctly with their own key.
     by_bob = R.make_change(people["bob"].key, action=R.ADD, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=5,
                            prev_head=b.head, actor="bob", target="mallory", admin="alice",
-                           members=[*b.members, "mallory"])
+                           roster=[*b.roster, ("mallory", mallory.pub)])
     with pytest.raises(ChangeRefused, match="Only the admin"):
-        b.apply(by_bob, people["bob"].pub)
+        b.apply(by_bob)
 
 
 def test_changes_must_follow_in_order_without_gaps_or_forks(team, people):
     a, b, _c = team
     alice = people["alice"]
-    first = a.next_change(alice.key, R.ADD, "dave", 1)
-    a.apply(first, alice.pub, b"k" * 32)
+    first = a.next_change(alice.key, R.ADD, "dave", 1, people["dave"].pub)
+    a.apply(first, b"k" * 32)
     second = a.next_change(alice.key, R.REMOVE, "dave", 2)
     with pytest.raises(ChangeRefused, match="withheld"):
-        b.apply(second, None)
-    b.apply(first, None)
-    assert b.apply(first, None) is None                  # a redelivery: nothing new
+        b.apply(second)
+    b.apply(first)
+    assert b.apply(first) is None                  # a redelivery: nothing new
     fork = R.make_change(alice.key, action=R.ADD, uid=b.uid, room="#team", epoch=first.epoch, at_ms=9,
                          prev_head=first.prev_head, actor="alice", target="mallory", admin="alice",
-                         members=[*first.members[:0], "alice", "bob", "carol", "mallory"])
+                         roster=[*a.epochs[first.epoch - 1].roster, ("mallory", people["mallory"].pub)])
     with pytest.raises(ChangeRefused, match="different histories"):
-        b.apply(fork, None)
+        b.apply(fork)
     wrong_list = R.make_change(alice.key, action=R.REMOVE, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=9,
                                prev_head=b.head, actor="alice", target="dave", admin="alice",
-                               members=["alice", "bob"])
+                               roster=[e for e in b.roster if e[0] in ("alice", "bob")])
     with pytest.raises(ChangeRefused, match="does not follow"):
-        b.apply(wrong_list, None)
+        b.apply(wrong_list)
+    swapped = R.make_change(alice.key, action=R.REMOVE, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=9,
+                            prev_head=b.head, actor="alice", target="dave", admin="alice",
+                            roster=[(m, people["mallory"].pub if m == "carol" else k) for m, k in b.roster
+                                    if m != "dave"])
+    with pytest.raises(ChangeRefused, match="does not follow"):
+        b.apply(swapped)     # the admin cannot quietly give a member another key either
     off_chain = R.make_change(alice.key, action=R.REMOVE, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=9,
                               prev_head=first.prev_head, actor="alice", target="dave", admin="alice",
-                              members=["alice", "bob", "carol"])
+                              roster=[e for e in b.roster if e[0] != "dave"])
     with pytest.raises(ChangeRefused, match="does not follow the last one"):
-        b.apply(off_chain, None)
+        b.apply(off_chain)
 
 
 def test_a_change_from_another_room_is_refused(team, people):
     a, b, _c = team
     other, _ = _create(people["alice"], "#team")   # same name, another uid (a room made again)
-    replayed = other.next_change(people["alice"].key, R.ADD, "mallory", 1)
+    replayed = other.next_change(people["alice"].key, R.ADD, "mallory", 1, people["mallory"].pub)
     with pytest.raises(ChangeRefused, match="another room"):
-        b.apply(replayed, None)
+        b.apply(replayed)
 
 
 def test_a_message_from_another_room_does_not_open(team, people):
@@ -193,29 +205,31 @@ def test_a_message_from_another_room_does_not_open(team, people):
 def test_leave_is_signed_by_who_leaves_and_the_admin_cannot_leave_but_closes(team, people):
     a, b, c = team
     leave = b.next_change(people["bob"].key, R.LEAVE, "bob", 3)
+    forged = R.make_change(people["mallory"].key, action=R.LEAVE, uid=c.uid, room="#team", epoch=c.epoch + 1,
+                           at_ms=3, prev_head=c.head, actor="bob", target="bob", admin="alice",
+                           roster=[e for e in c.roster if e[0] != "bob"])
     with pytest.raises(ChangeRefused, match="not signed"):
-        c.apply(leave, people["mallory"].pub)
-    assert c.apply(leave, people["bob"].pub).text == "bob left #team."
+        c.apply(forged)      # checked with the key the roster gives bob, whatever the server says
+    assert c.apply(leave).text == "bob left #team."
     with pytest.raises(ChangeRefused):
         a.next_change(people["alice"].key, R.LEAVE, "alice", 4)
+    a.apply(leave)
     close = a.next_change(people["alice"].key, R.CLOSE, "", 4)
-    a.apply(leave, people["bob"].pub)
-    close = a.next_change(people["alice"].key, R.CLOSE, "", 4)
-    applied = c.apply(close, None)
+    applied = c.apply(close)
     assert applied.me_gone and applied.text == "alice closed #team."
 
 
 def test_sender_keys_for_a_future_epoch_wait_and_stale_or_foreign_ones_are_refused(team, people):
     a, b, c = team
     alice = people["alice"]
-    add = a.next_change(alice.key, R.ADD, "dave", 1)
-    a.apply(add, alice.pub, b"k" * 32)
+    add = a.next_change(alice.key, R.ADD, "dave", 1, people["dave"].pub)
+    a.apply(add, b"k" * 32)
     content, _missing = a.distribution()
-    assert b.receive_distribution("alice", content) == "later"
-    b.apply(add, None, b"k" * 32)
-    assert [s for s, _ in b.take_pending()] == ["alice"]
+    assert b.receive_distribution("alice", content, people["alice"].pub) == "later"
+    b.apply(add, b"k" * 32)
+    assert [p[0] for p in b.take_pending()] == ["alice"]
     with pytest.raises(ChangeRefused, match="not a member"):
-        b.receive_distribution("mallory", content)
+        b.receive_distribution("mallory", content, people["mallory"].pub)
 
 
 def test_the_servers_room_key_is_an_input_of_every_message_key(team):
@@ -249,8 +263,8 @@ def test_a_sender_key_is_never_reused_across_epochs_or_restarts(team, people):
     first = a.own_key()
     again = R.RoomSession.from_dict("alice", a.to_dict())   # the sender's own key is not kept at rest
     assert again.own_key().key_id != first.key_id and again.own_key().chain.key != first.chain.key
-    add = a.next_change(people["alice"].key, R.ADD, "dave", 1)
-    a.apply(add, people["alice"].pub, b"k" * 32)
+    add = a.next_change(people["alice"].key, R.ADD, "dave", 1, people["dave"].pub)
+    a.apply(add, b"k" * 32)
     assert a.own_key().key_id != first.key_id
 
 
@@ -262,3 +276,109 @@ def test_malformed_changes_and_messages_are_refused_cleanly(team):
     for junk in (b"", b"\x10" + bytes(80), bytes(200)):
         with pytest.raises(DecryptionFailed):
             b.open("alice", junk, now=time.time())
+
+
+def test_the_server_cannot_forge_this_clients_own_leave(team, people):
+    a, b, c = team
+    forged = R.make_change(people["mallory"].key, action=R.LEAVE, uid=b.uid, room="#team", epoch=b.epoch + 1,
+                           at_ms=3, prev_head=b.head, actor="bob", target="bob", admin="alice",
+                           roster=[e for e in b.roster if e[0] != "bob"])
+    with pytest.raises(ChangeRefused, match="not signed"):
+        b.apply(forged)
+    assert "bob" in b.members
+
+
+def test_a_first_contact_must_name_this_clients_own_key_and_another_admin(people):
+    alice, bob, mallory = people["alice"], people["bob"], people["mallory"]
+    a, _ = _create(alice)
+    add = a.next_change(alice.key, R.ADD, "bob", 2, mallory.pub)       # the admin vouched another key as bob
+    with pytest.raises(ChangeRefused, match="someone else's key"):
+        R.RoomSession.first_contact("bob", add, bob.pub, SUITE)
+    # The server invents a room "administered" by bob himself, signed with its own key.
+    fake = R.make_change(mallory.key, action=R.ADD, uid=cu.random_bytes(16), room="#ops", epoch=2, at_ms=1,
+                         prev_head=R.ZERO_HEAD, actor="bob", target="bob", admin="bob",
+                         roster=[("bob", bob.pub), ("eve", mallory.pub)])
+    with pytest.raises(ChangeRefused):
+        R.RoomSession.first_contact("bob", fake, bob.pub, SUITE)
+    create = R.make_change(mallory.key, action=R.CREATE, uid=cu.random_bytes(16), room="#ops", epoch=1,
+                           at_ms=1, prev_head=R.ZERO_HEAD, actor="bob", target="", admin="bob",
+                           roster=[("bob", bob.pub)])
+    with pytest.raises(ChangeRefused, match="not signed"):
+        R.RoomSession.first_contact("bob", create, bob.pub, SUITE)
+
+
+def test_an_old_add_replayed_after_a_removal_is_refused(team, people):
+    a, b, c = team
+    alice, carol = people["alice"], people["carol"]
+    joined = [ch for ch in (a.epochs[e] for e in sorted(a.epochs))]   # carol joined at epoch 3
+    assert joined[-1].members == ("alice", "bob", "carol")
+    old_add_epoch = c.epoch
+    removal = a.next_change(alice.key, R.REMOVE, "carol", 4)
+    a.apply(removal, cu.random_bytes(32))
+    assert c.apply(removal).me_gone
+    # carol's client records where its membership ended; the server replays the add of epoch 3.
+    replay = R.make_change(alice.key, action=R.ADD, uid=a.uid, room="#team", epoch=old_add_epoch, at_ms=2,
+                           prev_head=a.epochs[old_add_epoch - 1].head, actor="alice", target="carol", admin="alice",
+                           roster=a.epochs[old_add_epoch].roster)
+    with pytest.raises(ChangeRefused, match="replayed"):
+        R.RoomSession.first_contact("carol", replay, carol.pub, SUITE, left_at=removal.epoch)
+    again = a.next_change(alice.key, R.ADD, "carol", 5, carol.pub)     # a real new add is newer: it joins
+    a.apply(again, cu.random_bytes(32))
+    assert R.RoomSession.first_contact("carol", again, carol.pub, SUITE, left_at=removal.epoch).epoch == again.epoch
+
+
+def test_a_removed_member_cannot_post_into_an_earlier_epoch(team, people):
+    a, b, c = team
+    alice = people["alice"]
+    early = c.seal("before I went", e2e.new_msg_id(), NOW - 60)
+    removal = a.next_change(alice.key, R.REMOVE, "carol", int(NOW * 1000))
+    kdc = cu.random_bytes(32)
+    a.apply(removal, kdc)
+    b.apply(removal, kdc)
+    assert b.open("carol", early, now=NOW).text == "before I went"     # sent before: still shown
+    late = c.seal("after I went", e2e.new_msg_id(), NOW + R.e2e.FRESHNESS_WINDOW_S + 5)
+    with pytest.raises(DecryptionFailed, match="no longer in"):
+        b.open("carol", late, now=NOW + R.e2e.FRESHNESS_WINDOW_S + 5)
+    c2 = R.RoomSession.from_dict("carol", c.to_dict())
+    c2.own = None
+    content, _ = c2.distribution()           # a brand-new key of the old epoch, from carol
+    with pytest.raises(ChangeRefused, match="no longer in"):
+        b.receive_distribution("carol", content, people["carol"].pub)
+
+
+def test_a_second_copy_of_a_sender_key_does_not_rewind_its_chain(team, people):
+    a, b, _c = team
+    content, _ = a.distribution()
+    first = a.seal("pay bob 100", e2e.new_msg_id(), NOW)
+    assert b.open("alice", first, now=NOW).text == "pay bob 100"
+    assert b.receive_distribution("alice", content, people["alice"].pub) == "known"
+    with pytest.raises(DecryptionFailed, match="replayed"):
+        b.open("alice", first, now=NOW)
+
+
+def test_sender_keys_are_taken_only_from_the_key_the_admin_vouched_for(team, people):
+    a, b, _c = team
+    a.own = None
+    content, _ = a.distribution()
+    with pytest.raises(ChangeRefused, match="other than the one"):
+        b.receive_distribution("alice", content, people["mallory"].pub)
+    with pytest.raises(ChangeRefused, match="other than the one"):
+        b.receive_distribution("alice", content, None)
+
+
+def test_early_sender_keys_are_bounded_per_sender_and_in_how_far_ahead(team, people):
+    a, b, _c = team
+    alice = people["alice"]
+    for n in range(1, 6):   # a future epoch's key, five times from one member: two are kept
+        probe = R.RoomSession.from_dict("alice", a.to_dict())
+        probe.epoch += 1
+        probe.epochs[probe.epoch] = probe.epochs[a.epoch]
+        content, _ = probe.distribution()
+        assert b.receive_distribution("alice", content, alice.pub) == "later"
+    assert len(b.pending) == R.MAX_PENDING_PER_SENDER
+    far = R.RoomSession.from_dict("alice", a.to_dict())
+    far.epoch += 100
+    far.epochs[far.epoch] = far.epochs[a.epoch]
+    content, _ = far.distribution()
+    with pytest.raises(ChangeRefused):
+        b.receive_distribution("alice", content, alice.pub)
