@@ -140,8 +140,9 @@ class PrekeyStatus:
     signed_at: float | None
 
 
-# enqueue() answers (room_enqueue() answers the first four per recipient)
+# enqueue() answers (room_enqueue() answers the first four per recipient, and NO_USER)
 STORED, DUPLICATE, FULL_MESSAGES, FULL_BYTES, NO_KEY = "stored", "duplicate", "full_messages", "full_bytes", "no_key"
+NO_USER = "no_user"  # room_enqueue(): the recipient has no account (deleted, still listed in a room)
 # change_room() answers
 ROOM_OK, ROOM_STALE, ROOM_GONE = "ok", "stale", "gone"
 # message_queue.kind
@@ -219,7 +220,9 @@ class Storage:
     backend = "abstract"
 
     def create_user(self, username: str, password_hash: str, identity_key: bytes | None = None) -> bool:
-        """Create the user; False if the name is taken."""
+        """Create the user; False if the name is taken, by an account or by a deleted account still listed
+        as a member of a room (a "ghost", until the room's admin removes it with a signed change): a
+        newcomer under that name would otherwise receive the copies and room keys meant for the member."""
         raise NotImplementedError
 
     def get_identity_key(self, username: str) -> bytes | None:
@@ -313,9 +316,13 @@ class Storage:
         raise NotImplementedError
 
     def delete_user(self, username: str) -> bool:
-        """Remove the account and everything kept for it (conversations, lockouts, sessions, stored
-        messages to or from it, its room memberships, and the rooms it administers with their members,
-        changes and keys).  Rows already queued for the other members of those rooms stay."""
+        """Remove the account and everything kept for it: conversations, lockouts, sessions, prekeys,
+        offline keys, its one-to-one messages to and from it, its room messages, and everything queued for
+        it.  Rooms are not edited (a membership change is signed by a client; the server cannot make one):
+        the user stays listed in room_members (a "ghost", whose name create_user() refuses, until the admin
+        removes it with a signed change), the rooms it administers stay with their members, changes and
+        keys, and the change rows it made that are queued for others stay (each is a link in every
+        member's chain).  False if there was no such account."""
         raise NotImplementedError
 
     def list_lockouts(self, now: float) -> list[Lockout]:
@@ -385,7 +392,9 @@ class Storage:
     def expire_queue(self, before: float) -> int:
         """Delete pair and room-message rows stored before ``before`` (change rows never expire: a member
         must not miss a change), offline keys no row needs, and room keys older than ``before`` of an epoch
-        past (or of a room gone) that no row needs.  Returns how many queued rows went."""
+        past (or of a room gone, closed) that no queued row needs: no room message of that epoch, and no
+        change row of it that queued_for() would hand the key with (its recipient a member who joined by
+        then; never so for a closed room).  Returns how many queued rows went."""
         raise NotImplementedError
 
     # -- group rooms (rooms.py, docs/PROTOCOL.md section 16) ------------------------------
@@ -416,9 +425,12 @@ class Storage:
         epoch) or remove the member, the change in room_changes, wrapped_key (if not None) in room_keys for
         the new epoch, and the change queued (kind 2, generation = new epoch, payload = change, sender =
         actor, sender_identity = actor_identity, msg_ref) for every member after the change and for the
-        removed user; with close=True the change is queued for all who were members and the room row, its
-        members, changes and keys are deleted (the name is free again; queued rows stay).  Change rows
-        ignore the queue bounds (a member must never miss a change).  Returns (ROOM_OK, new epoch).
+        removed user, each only if they have an account (nothing is queued for a ghost); with close=True
+        the change is queued for all who were members and the room row, its members and changes are
+        deleted (the name is free again) but not its room keys: the room messages still queued for members
+        who were away still come with their key, and expire_queue() drops the keys once no row needs them.
+        Change rows ignore the queue bounds (a member must never miss a change).  Returns (ROOM_OK, new
+        epoch).
 
         Exactly one of add, remove and close.  ValueError (nothing changed) on input out of bounds, on
         adding a member, removing a non-member or the admin (close the room instead), or on a msg_ref
@@ -430,12 +442,14 @@ class Storage:
                      ) -> dict[str, str]:
         """A room message (kind 1, generation = epoch) for each of ``recipients`` (the server passes those
         offline); each recipient's bound counts all their rows, change rows included, as in enqueue().  Per
-        recipient: STORED, DUPLICATE (the same sender and msg_ref already queued for them), FULL_MESSAGES or
+        recipient: NO_USER (no account: deleted, and still listed until the admin removes it; nothing is
+        queued), STORED, DUPLICATE (the same sender and msg_ref already queued for them), FULL_MESSAGES or
         FULL_BYTES.  One transaction; membership is the caller's to check."""
         raise NotImplementedError
 
     def room_key(self, room_id: int, epoch: int) -> bytes | None:
-        """The room key of that epoch, sealed by the server; None if there is none (any more)."""
+        """The room key of that epoch, sealed by the server; None if there is none (any more).  A closed
+        room's keys are still there until expire_queue() drops them."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -761,10 +775,11 @@ class SQLiteStorage(Storage):
                 raise
 
     def create_user(self, username: str, password_hash: str, identity_key: bytes | None = None) -> bool:
-        with self._tx() as conn:
+        with self._tx() as conn:  # BEGIN IMMEDIATE: no room changes between the look and the insert
             cur = conn.execute(
-                "INSERT OR IGNORE INTO users (username, password_hash, created_at, identity_key) VALUES (?, ?, ?, ?)",
-                (username, password_hash, time.time(), identity_key))
+                "INSERT OR IGNORE INTO users (username, password_hash, created_at, identity_key) "
+                "SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM room_members WHERE username = ?)",
+                (username, password_hash, time.time(), identity_key, username))
             return cur.rowcount == 1
 
     def get_identity_key(self, username: str) -> bytes | None:
@@ -948,13 +963,10 @@ class SQLiteStorage(Storage):
             conn.execute("DELETE FROM signed_prekeys WHERE username = ?", (username,))
             conn.execute("DELETE FROM one_time_prekeys WHERE username = ?", (username,))
             conn.execute("DELETE FROM offline_keys WHERE recipient = ? OR sender = ?", (username, username))
-            conn.execute("DELETE FROM message_queue WHERE recipient = ? OR sender = ?", (username, username))
-            conn.execute("DELETE FROM room_keys WHERE room_id IN (SELECT id FROM rooms WHERE admin = ?)", (username,))
-            conn.execute("DELETE FROM room_changes WHERE room_id IN (SELECT id FROM rooms WHERE admin = ?)",
-                         (username,))
-            conn.execute("DELETE FROM room_members WHERE room_id IN (SELECT id FROM rooms WHERE admin = ?) "
-                         "OR username = ?", (username, username))
-            conn.execute("DELETE FROM rooms WHERE admin = ?", (username,))
+            # Everything queued for it, and all it sent but its room changes queued for others; rooms and
+            # memberships stay as signed (a ghost, until the admin removes it).
+            conn.execute("DELETE FROM message_queue WHERE recipient = ? OR (sender = ? AND kind <> 2)",
+                         (username, username))
         return gone
 
     def list_lockouts(self, now: float) -> list[Lockout]:
@@ -1104,10 +1116,13 @@ class SQLiteStorage(Storage):
             conn.execute("DELETE FROM offline_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM message_queue q "
                          "WHERE q.recipient = offline_keys.recipient AND q.conversation_id = offline_keys.conversation_id "
                          "AND q.generation = offline_keys.generation AND q.kind = 0)", (before,))
+            # A key is needed while queued_for() would hand it with a row (the same condition as there).
             conn.execute("DELETE FROM room_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM rooms r "
                          "WHERE r.id = room_keys.room_id AND r.epoch <= room_keys.epoch) AND NOT EXISTS (SELECT 1 "
                          "FROM message_queue q WHERE q.room_id = room_keys.room_id AND q.generation = room_keys.epoch "
-                         "AND q.kind <> 0)", (before,))
+                         "AND (q.kind = 1 OR (q.kind = 2 AND EXISTS (SELECT 1 FROM room_members m "
+                         "WHERE m.room_id = q.room_id AND m.username = q.recipient "
+                         "AND m.joined_epoch <= q.generation))))", (before,))
         return gone
 
     # -- group rooms ------------------------------------------------------------------
@@ -1117,9 +1132,12 @@ class SQLiteStorage(Storage):
 
     def _queue_change(self, conn: sqlite3.Connection, room_id: int, epoch: int, recipients, actor: str,
                       identity: bytes, msg_ref: bytes, change: bytes, now: float) -> None:
+        """The change for each recipient who has an account: nothing is queued for a ghost (its name could
+        be registered again once the admin removes it, and the rows would reach the newcomer)."""
         conn.executemany("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
-                         "sender_identity, payload, stored_at, room_id, kind) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, 2)",
-                         [(recipient, actor, epoch, msg_ref, identity, change, now, room_id)
+                         "sender_identity, payload, stored_at, room_id, kind) SELECT ?, ?, 0, ?, ?, ?, ?, ?, ?, 2 "
+                         "WHERE EXISTS (SELECT 1 FROM users WHERE username = ?)",
+                         [(recipient, actor, epoch, msg_ref, identity, change, now, room_id, recipient)
                           for recipient in recipients])
 
     def create_room(self, name: str, uid: bytes, admin: str, head: bytes, change: bytes, wrapped_key: bytes,
@@ -1138,7 +1156,9 @@ class SQLiteStorage(Storage):
                          "VALUES (?, 1, ?, ?, ?)", (room_id, admin, change, now))
             conn.execute("INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (?, 1, ?, ?)",
                          (room_id, wrapped_key, now))
-            self._queue_change(conn, room_id, 1, [admin], admin, admin_identity, msg_ref, change, now)
+            conn.execute("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+                         "sender_identity, payload, stored_at, room_id, kind) VALUES (?, ?, 0, 1, ?, ?, ?, ?, ?, 2)",
+                         (admin, admin, msg_ref, admin_identity, change, now, room_id))
         return int(room_id)
 
     def get_room(self, name: str) -> Room | None:
@@ -1199,8 +1219,7 @@ class SQLiteStorage(Storage):
                 raise _refuse("ref_used", actor=actor)
             new_epoch = epoch + 1
             self._queue_change(conn, room_id, new_epoch, recipients, actor, actor_identity, msg_ref, change, now)
-            if close:
-                conn.execute("DELETE FROM room_keys WHERE room_id = ?", (room_id,))
+            if close:  # the room keys stay: rows still queued need them (expire_queue drops them)
                 conn.execute("DELETE FROM room_changes WHERE room_id = ?", (room_id,))
                 conn.execute("DELETE FROM room_members WHERE room_id = ?", (room_id,))
                 conn.execute("DELETE FROM rooms WHERE id = ?", (room_id,))
@@ -1227,6 +1246,9 @@ class SQLiteStorage(Storage):
             return answers
         with self._tx() as conn:  # BEGIN IMMEDIATE: one writer at a time, so every bound holds
             for recipient in targets:
+                if not conn.execute("SELECT 1 FROM users WHERE username = ?", (recipient,)).fetchone():
+                    answers[recipient] = NO_USER
+                    continue
                 if conn.execute("SELECT 1 FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
                                 (recipient, sender, msg_ref)).fetchone():
                     answers[recipient] = DUPLICATE

@@ -189,8 +189,13 @@ DROP PROCEDURE IF EXISTS sp_create_user //
 CREATE PROCEDURE sp_create_user(IN p_username VARCHAR(32), IN p_hash VARCHAR(100),
                                 IN p_identity VARBINARY(64))
 BEGIN
-    -- Inserts only if the name is free; returns 1 if created, 0 if taken.
-    INSERT IGNORE INTO users (username, password_hash, identity_key) VALUES (p_username, p_hash, p_identity);
+    -- Inserts only if the name is free: no account has it, and no deleted account still listed in a room
+    -- (a ghost, until the room's admin removes it with a signed change: a newcomer under its name would get
+    -- the copies and room keys meant for it).  One statement: the look at room_members (a locking read
+    -- inside INSERT ... SELECT) and the insert are atomic.  Returns 1 if created, 0 if taken.
+    INSERT IGNORE INTO users (username, password_hash, identity_key)
+    SELECT p_username, p_hash, p_identity FROM DUAL
+     WHERE NOT EXISTS (SELECT 1 FROM room_members WHERE username = p_username);
     SELECT ROW_COUNT() AS created;
 END //
 
@@ -423,13 +428,12 @@ BEGIN
     DELETE FROM signed_prekeys WHERE username = p_username;
     DELETE FROM one_time_prekeys WHERE username = p_username;
     DELETE FROM offline_keys WHERE recipient = p_username OR sender = p_username;
-    DELETE FROM message_queue WHERE recipient = p_username OR sender = p_username;
-    -- Its memberships, and the rooms it administers (rows already queued for their members stay).
-    DELETE FROM room_keys WHERE room_id IN (SELECT id FROM rooms WHERE admin = p_username);
-    DELETE FROM room_changes WHERE room_id IN (SELECT id FROM rooms WHERE admin = p_username);
-    DELETE FROM room_members WHERE room_id IN (SELECT id FROM rooms WHERE admin = p_username)
-        OR username = p_username;
-    DELETE FROM rooms WHERE admin = p_username;
+    -- Everything queued for it, and all it sent but its room changes queued for others (each is a link in
+    -- every member's chain).  Rooms are not edited: a membership change is signed by a client, never made
+    -- by the server.  The account stays listed where it was a member (a ghost, whose name sp_create_user
+    -- refuses, until the admin removes it), and the rooms it administers stay with their members, changes
+    -- and keys.
+    DELETE FROM message_queue WHERE recipient = p_username OR (sender = p_username AND kind <> 2);
     COMMIT;
     SELECT v_gone AS deleted;
 END //
@@ -674,7 +678,8 @@ DROP PROCEDURE IF EXISTS sp_expire_queue //
 CREATE PROCEDURE sp_expire_queue(IN p_before DOUBLE)
 BEGIN
     -- Change rows (kind 2) never expire: a member must not miss a change.  A room key goes once it is
-    -- old, of an epoch past (or of a room gone), and no queued row needs it.
+    -- old, of an epoch past (or of a room gone: closed rooms keep their keys until here), and no queued
+    -- row needs it: no room message of that epoch, and no change row that sp_queued_for would hand it with.
     DECLARE v_gone INT DEFAULT 0;
     DELETE FROM message_queue WHERE stored_at < p_before AND kind <> 2;
     SET v_gone = ROW_COUNT();
@@ -684,7 +689,9 @@ BEGIN
     DELETE k FROM room_keys k WHERE k.created_at < p_before
        AND NOT EXISTS (SELECT 1 FROM rooms r WHERE r.id = k.room_id AND r.epoch <= k.epoch)
        AND NOT EXISTS (SELECT 1 FROM message_queue q WHERE q.room_id = k.room_id AND q.generation = k.epoch
-                          AND q.kind <> 0);
+                          AND (q.kind = 1 OR (q.kind = 2 AND EXISTS (
+                              SELECT 1 FROM room_members m WHERE m.room_id = q.room_id AND m.username = q.recipient
+                                 AND m.joined_epoch <= q.generation))));
     SELECT v_gone AS n;
 END //
 
@@ -814,14 +821,17 @@ proc: BEGIN
     IF p_add IS NOT NULL THEN
         INSERT INTO room_members (room_id, username, joined_epoch) VALUES (p_room_id, p_add, v_new);
     END IF;
-    -- The change for every member after it and the one it removes (still listed here); change rows
-    -- ignore the queue bounds: a member must never miss a change.
+    -- The change for every member after it and the one it removes (still listed here), each only if they
+    -- have an account (nothing is queued for a ghost); change rows ignore the queue bounds: a member must
+    -- never miss a change.
     INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, sender_identity, payload,
                                stored_at, room_id, kind)
-    SELECT username, p_actor, 0, v_new, p_msg_ref, p_identity, p_change, p_now, p_room_id, 2
-      FROM room_members WHERE room_id = p_room_id ORDER BY username;
+    SELECT m.username, p_actor, 0, v_new, p_msg_ref, p_identity, p_change, p_now, p_room_id, 2
+      FROM room_members m JOIN users u ON u.username = m.username
+     WHERE m.room_id = p_room_id ORDER BY m.username;
     IF p_close THEN
-        DELETE FROM room_keys WHERE room_id = p_room_id;
+        -- The room keys stay: the room messages still queued for members who were away need them
+        -- (sp_expire_queue drops them once no row does).
         DELETE FROM room_changes WHERE room_id = p_room_id;
         DELETE FROM room_members WHERE room_id = p_room_id;
         DELETE FROM rooms WHERE id = p_room_id;
@@ -847,8 +857,9 @@ CREATE PROCEDURE sp_room_enqueue(IN p_room_id BIGINT UNSIGNED, IN p_epoch INT UN
                                  IN p_max_bytes BIGINT)
 BEGIN
     -- One room message for each recipient (comma-separated, sorted: the order their rows are locked in).
-    -- Returns one row: the statuses, comma-separated in the recipients' order (stored, duplicate,
-    -- full_messages or full_bytes), each bound counted over all the recipient's rows as in sp_enqueue.
+    -- Returns one row: the statuses, comma-separated in the recipients' order (no_user: no account, nothing
+    -- queued; stored, duplicate, full_messages or full_bytes), each bound counted over all the recipient's
+    -- rows as in sp_enqueue.
     DECLARE v_rest MEDIUMTEXT DEFAULT '';
     DECLARE v_recipient VARCHAR(32) DEFAULT NULL;
     DECLARE v_status VARCHAR(16) DEFAULT NULL;
@@ -863,9 +874,12 @@ BEGIN
         SET v_recipient = SUBSTRING_INDEX(v_rest, ',', 1);
         SET v_rest = IF(LOCATE(',', v_rest) > 0, SUBSTRING(v_rest, LOCATE(',', v_rest) + 1), '');
         -- One writer per recipient at a time, as in sp_enqueue: the recipient's user row is the lock.
+        SET v_lock = NULL;
         SELECT id INTO v_lock FROM users WHERE username = v_recipient FOR UPDATE;
-        IF EXISTS (SELECT 1 FROM message_queue WHERE recipient = v_recipient AND sender = p_sender
-                   AND msg_ref = p_msg_ref) THEN
+        IF v_lock IS NULL THEN
+            SET v_status = 'no_user';
+        ELSEIF EXISTS (SELECT 1 FROM message_queue WHERE recipient = v_recipient AND sender = p_sender
+                       AND msg_ref = p_msg_ref) THEN
             SET v_status = 'duplicate';
         ELSE
             SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) INTO v_count, v_bytes

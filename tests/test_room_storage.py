@@ -12,7 +12,8 @@ import pytest
 from db_fixtures import mysql_admin, mysql_url
 
 from database import (DUPLICATE, FULL_BYTES, FULL_MESSAGES, KIND_PAIR, KIND_ROOM_CHANGE, KIND_ROOM_MESSAGE,
-                      NO_KEY, ROOM_GONE, ROOM_OK, ROOM_STALE, STORED, QueuedMessage, SQLiteStorage, open_storage)
+                      NO_KEY, NO_USER, ROOM_GONE, ROOM_OK, ROOM_STALE, STORED, QueuedMessage, SQLiteStorage,
+                      open_storage)
 
 USERS = ("alice", "bob", "carol", "dave")
 IDENTITY = {name: bytes([i + 1]) * 32 for i, name in enumerate(USERS)}
@@ -129,8 +130,8 @@ def race(target, args_list) -> tuple[list[threading.Thread], list]:
 
 
 def rows_kept_for(storage, request, room_id: int) -> dict[str, int]:
-    """How many rows each room table still holds for ``room_id``, read past the API (a closed or deleted
-    room must leave none behind, not even rows that no query would show)."""
+    """How many rows each room table still holds for ``room_id``, read past the API (a closed room must
+    leave nothing behind but its keys, and those only until expire_queue: not even rows no query would show)."""
     tables = ("rooms", "room_members", "room_changes", "room_keys")
     if storage.backend == "sqlite":
         with closing(sqlite3.connect(storage.path)) as conn:
@@ -255,9 +256,12 @@ def test_closing_queues_the_change_for_all_members_and_frees_the_name(storage, r
         assert changes_for(storage, user)[-1] == (r, 4, b"change-4")
     assert storage.get_room("#team") is None and storage.get_room_by_id(r) is None
     assert all(storage.rooms_of(u) == [] for u in USERS)
-    assert all(storage.room_key(r, e) is None for e in (1, 2, 3, 4))
-    assert set(rows_kept_for(storage, request, r).values()) == {0}
-    # The queued rows stay (the members still have to learn of the close), now without keys.
+    # The room, its members and its changes go; its keys stay for the rows still queued (expire_queue's
+    # to drop), and a close starts no epoch with a key.
+    assert rows_kept_for(storage, request, r) == {"rooms": 0, "room_members": 0, "room_changes": 0, "room_keys": 3}
+    assert [storage.room_key(r, e) for e in (1, 2, 3, 4)] == [b"key-1", b"key-2", b"key-3", None]
+    # The queued change rows stay (the members still have to learn of the close), without keys: nobody is a
+    # member of a closed room.
     assert [(m.generation, m.wrapped_key) for m in storage.queued_for("bob", 0, 100)] == [(2, None), (3, None),
                                                                                         (4, None)]
     again = create(storage, tag="create-again")
@@ -482,21 +486,115 @@ def test_expiry_keeps_change_rows_and_the_keys_still_needed(storage):
     assert storage.room_key(r, 4) == b"key-4"  # the current epoch's key stays, needed by a row or not
 
 
-def test_deleting_a_user_removes_their_memberships_and_the_rooms_they_administer(storage, request):
+def test_closing_keeps_the_room_keys_for_the_messages_still_queued_until_expiry(storage, request):
+    r = create(storage)
+    change(storage, r, 1, add="bob")
+    change(storage, r, 2, add="carol")
+    say(storage, r, 2, "m2", ["bob"], b"at-2", now=100.0)
+    say(storage, r, 3, "m3", ["bob", "carol"], b"at-3", now=100.0)
+    say(storage, r, 3, "late", ["carol"], b"late", now=300.0)
+    assert change(storage, r, 3, close=True) == (ROOM_OK, 4)
+    # bob and carol were away: their room messages still come with the key of their epoch.
+    assert [(m.payload, m.wrapped_key) for m in storage.queued_for("bob", 0, 100) if m.kind == KIND_ROOM_MESSAGE] \
+        == [(b"at-2", b"key-2"), (b"at-3", b"key-3")]
+    assert [(m.payload, m.wrapped_key) for m in storage.queued_for("carol", 0, 100)
+            if m.kind == KIND_ROOM_MESSAGE] == [(b"at-3", b"key-3"), (b"late", b"key-3")]
+    assert storage.expire_queue(before=50.0) == 0  # the keys are not older than that: all stay
+    assert [storage.room_key(r, e) for e in (1, 2, 3)] == [b"key-1", b"key-2", b"key-3"]
+    # At 200 the messages stored at 100 go; carol's "late" (300) still needs key 3.  The change rows still
+    # queued need no key: a change row of a closed room is never handed one.
+    assert storage.expire_queue(before=200.0) == 3
+    assert [storage.room_key(r, e) for e in (1, 2, 3)] == [None, None, b"key-3"]
+    assert [m.wrapped_key for m in storage.queued_for("carol", 0, 100) if m.kind == KIND_ROOM_MESSAGE] == [b"key-3"]
+    (late,) = [m for m in storage.queued_for("carol", 0, 100) if m.kind == KIND_ROOM_MESSAGE]
+    assert storage.ack_queued("carol", late.id)
+    assert storage.room_key(r, 3) == b"key-3"  # an ack leaves room keys to expire_queue
+    assert storage.expire_queue(before=200.0) == 0
+    assert storage.room_key(r, 3) is None
+    assert set(rows_kept_for(storage, request, r).values()) == {0}
+    assert changes_for(storage, "bob")[-1] == (r, 4, b"change-4")  # the close itself is still queued
+
+
+def test_deleting_a_user_keeps_their_rooms_memberships_and_changes_for_others(storage, request):
     mine = create(storage, "#mine", "alice")
     change(storage, mine, 1, add="bob")
+    change(storage, mine, 2, add="carol")
     theirs = create(storage, "#theirs", "bob")
     change(storage, theirs, 1, actor="bob", add="alice")
     change(storage, theirs, 2, actor="bob", add="carol")
+    say(storage, theirs, 3, "from-alice", ["bob", "carol"], b"alice-says")          # her room messages: go
+    say(storage, theirs, 3, "to-alice", ["alice", "carol"], b"bob-says", sender="bob")  # to her: goes; to carol stays
+    cid = storage.open_conversation("alice", "bob")
+    for sender, recipient in (("alice", "bob"), ("bob", "alice")):                 # pair rows both ways: go
+        storage.put_offline_key(recipient, cid, 1, sender, b"pair-key", 100.0)
+        pair = QueuedMessage(0, recipient, sender, cid, 1, ref("pair"), IDENTITY[sender], b"pair-ct", 100.0, None)
+        assert storage.enqueue(pair, BIG, BIG)[0] == STORED
+    storage.set_signed_prekey("alice", 1, b"signed", 1.0)
+    rooms_before = (storage.get_room("#mine"), storage.get_room("#theirs"))
+    keys_before = [storage.room_key(room, e) for room in (mine, theirs) for e in (1, 2, 3)]
+
     assert storage.delete_user("alice")
-    assert storage.get_room("#mine") is None and storage.room_key(mine, 1) is None
-    assert set(rows_kept_for(storage, request, mine).values()) == {0}
-    assert rows_kept_for(storage, request, theirs)["room_members"] == 2
-    assert storage.rooms_of("alice") == [] and [r.name for r in storage.rooms_of("bob")] == ["#theirs"]
-    assert storage.get_room("#theirs").members == ("bob", "carol")
+    assert not storage.delete_user("alice")
+    # The rooms are as signed: alice still listed (a ghost) in both, her own room whole, every key there.
+    assert (storage.get_room("#mine"), storage.get_room("#theirs")) == rooms_before
+    assert storage.get_room("#mine").members == storage.get_room("#theirs").members == ("alice", "bob", "carol")
+    assert [r.name for r in storage.rooms_of("alice")] == ["#mine", "#theirs"]
+    assert [storage.room_key(room, e) for room in (mine, theirs) for e in (1, 2, 3)] == keys_before
+    assert rows_kept_for(storage, request, mine) == {"rooms": 1, "room_members": 3, "room_changes": 3, "room_keys": 3}
+    # Everything queued for her goes, and all she sent but her changes queued for the others.
     assert storage.queued_for("alice", 0, 100) == []
-    assert [m.sender for m in storage.queued_for("bob", 0, 100)] == ["bob"] * 3  # alice's rows to bob went with her
-    assert create(storage, "#mine", "bob") is not None
+    assert [(m.kind, m.sender, m.room_id, m.generation, m.wrapped_key) for m in storage.queued_for("bob", 0, 100)] == [
+        (KIND_ROOM_CHANGE, "alice", mine, 2, b"key-2"), (KIND_ROOM_CHANGE, "alice", mine, 3, b"key-3"),
+        (KIND_ROOM_CHANGE, "bob", theirs, 1, b"key-1"), (KIND_ROOM_CHANGE, "bob", theirs, 2, b"key-2"),
+        (KIND_ROOM_CHANGE, "bob", theirs, 3, b"key-3")]
+    assert [(m.kind, m.sender, m.room_id, m.payload) for m in storage.queued_for("carol", 0, 100)] == [
+        (KIND_ROOM_CHANGE, "alice", mine, b"change-3"), (KIND_ROOM_CHANGE, "bob", theirs, b"change-3"),
+        (KIND_ROOM_MESSAGE, "bob", theirs, b"bob-says")]
+    assert storage.take_prekey_bundle("alice") == (None, None) and storage.get_conversation(cid) is None
+    # The admin of #theirs can still change it; the ghost gets nothing queued, the others the change.
+    assert change(storage, theirs, 3, actor="bob", add="dave") == (ROOM_OK, 4)
+    assert storage.queued_for("alice", 0, 100) == [] and changes_for(storage, "dave") == [(theirs, 4, b"change-4")]
+    assert create(storage, "#mine", "bob") is None  # her room, and its name, stay
+
+
+def test_a_ghosts_name_cannot_be_registered_until_the_admin_removes_it(storage):
+    r = create(storage)
+    change(storage, r, 1, add="bob")
+    other = create(storage, "#other", "carol")
+    change(storage, other, 1, actor="carol", add="bob")
+    assert storage.delete_user("bob")
+    assert storage.get_password_hash("bob") is None
+    assert storage.create_user("bob", "y" * 60, b"\xbb" * 32) is False  # listed in both rooms
+    assert storage.get_password_hash("bob") is None and storage.count_users() == 3
+    assert storage.create_user("erin", "y" * 60) is True             # other names are unaffected
+    # alice removes the ghost with her signed change.  Nothing is queued for the ghost itself: a newcomer
+    # under the name would get it.
+    assert change(storage, r, 2, remove="bob") == (ROOM_OK, 3)
+    assert storage.queued_for("bob", 0, 100) == []
+    assert storage.create_user("bob", "y" * 60) is False             # still listed in #other
+    assert change(storage, other, 2, actor="carol", remove="bob") == (ROOM_OK, 3)
+    assert storage.create_user("bob", "y" * 60, b"\xbb" * 32) is True
+    assert storage.get_identity_key("bob") == b"\xbb" * 32
+    # The newcomer inherits nothing of the member it replaces.
+    assert storage.rooms_of("bob") == [] and storage.queued_for("bob", 0, 100) == []
+    assert storage.create_user("bob", "z" * 60) is False             # and is an account like any other
+    # An admin cannot be removed: a deleted admin's name stays taken while the room is there.
+    assert storage.delete_user("alice")
+    assert storage.create_user("alice", "y" * 60) is False
+    assert storage.get_room("#team").admin == "alice"
+
+
+def test_a_room_message_to_a_recipient_with_no_account_is_not_queued(storage):
+    r = create(storage)
+    change(storage, r, 1, add="bob")
+    change(storage, r, 2, add="carol")
+    assert storage.delete_user("carol")
+    assert say(storage, r, 3, "m1", ["bob", "carol", "zed"]) == {"bob": STORED, "carol": NO_USER, "zed": NO_USER}
+    assert say(storage, r, 3, "m1", ["carol", "bob"]) == {"bob": DUPLICATE, "carol": NO_USER}
+    assert storage.queued_for("carol", 0, 100) == [] and storage.queued_for("zed", 0, 100) == []
+    assert NO_USER == "no_user"
+    # A bound of 0 would refuse anyone with an account: a missing account is said first.
+    assert say(storage, r, 3, "m2", ["carol"], max_messages=0) == {"carol": NO_USER}
 
 
 # --- older databases -----------------------------------------------------------------------
@@ -526,7 +624,8 @@ def test_a_sqlite_database_from_before_rooms_gets_the_queue_columns_on_open(tmp_
         assert {"room_id", "kind"} <= columns and "ix_queue_room" in indexes
         (old,) = store.queued_for("bob", 0, 100)
         assert (old.payload, old.conversation_id, old.room_id, old.kind) == (b"old-ct", 7, 0, KIND_PAIR)
-        store.create_user("alice", "h", IDENTITY["alice"])
+        for name in ("alice", "bob"):  # a change is queued only for who has an account
+            store.create_user(name, "h", IDENTITY[name])
         r = create(store)
         assert change(store, r, 1, add="bob") == (ROOM_OK, 2)
         assert [m.kind for m in store.queued_for("bob", 0, 100)] == [KIND_PAIR, KIND_ROOM_CHANGE]
@@ -567,6 +666,8 @@ def test_a_mysql_database_from_before_rooms_gets_the_queue_columns_back(mysql_da
             assert (old.payload, old.room_id, old.kind, old.wrapped_key) == (b"old-ct", 0, KIND_PAIR, b"pair-key")
             store.apply_schema()  # once more: nothing to add
             assert queue_shape() == (columns, indexes)
+            for name in ("alice", "bob"):  # a change is queued only for who has an account
+                store.create_user(name, "h", IDENTITY[name])
             r = create(store)
             assert change(store, r, 1, add="bob") == (ROOM_OK, 2)
             assert [m.kind for m in store.queued_for("bob", 0, 100)] == [KIND_PAIR, KIND_ROOM_CHANGE]
