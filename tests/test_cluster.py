@@ -299,3 +299,34 @@ def test_a_stored_message_reaches_its_recipient_on_another_node(cluster, tmp_pat
     assert wait_for(bob, C.MessageReceived, timeout=20).text == "while you are on node 2"
     alice.close()
     bob.close()
+
+
+def test_a_room_spans_nodes_live_and_stored(cluster, tmp_path):
+    """issue 13: members on different nodes; a change made on one node reaches the others'
+    members, a message goes live over the bus, and the copy for a member away is stored."""
+    import room_client as RC
+
+    n1, n2 = cluster.node(), cluster.node()
+    carol = _client(n2, tmp_path / "carol", "carol")
+    assert carol.mailbox.published.wait(20)
+    carol.close()
+    alice = _client(n1, tmp_path / "alice", "alice")
+    bob = _client(n2, tmp_path / "bob", "bob")
+    assert alice.mailbox.published.wait(20) and bob.mailbox.published.wait(20)
+    _who(alice, ("alice", "bob"))
+    alice.rooms.create("#span")
+    alice.rooms.invite("#span", "bob")
+    alice.rooms.invite("#span", "carol")
+    assert wait_for(bob, RC.RoomNotice, timeout=20).text == "alice added you to #span (members: alice, bob)."
+    assert wait_for(bob, RC.RoomNotice, timeout=20).text == "alice added carol to #span."
+    sent = alice.rooms.send("#span", "across the bus")
+    assert (sent.online, sent.stored) == (1, 1)
+    got = wait_for(bob, RC.RoomMessageReceived, timeout=20)
+    assert (got.sender, got.text, got.stored_at) == ("alice", "across the bus", None)
+    bob.rooms.send("#span", "back from node 2")
+    assert wait_for(alice, RC.RoomMessageReceived, timeout=20).text == "back from node 2"
+    carol = _client(n2, tmp_path / "carol", "carol", register=False)   # (its identity is filed per service address)
+    texts = [wait_for(carol, RC.RoomMessageReceived, timeout=20).text for _ in range(2)]
+    assert texts == ["across the bus", "back from node 2"]
+    for client in (alice, bob, carol):
+        client.close()
