@@ -12,6 +12,7 @@ the report shows whether the generator or the server was the bottleneck.
     python bench/loadgen.py handshake --logins 200
     python bench/loadgen.py storm --clients 1000
     python bench/loadgen.py store --clients 10 --recipients 10 --messages 100   # offline queue, then drain
+    python bench/loadgen.py room --members 100 --messages 1000 [--senders 4] [--offline K]   # room fan-out
     python bench/loadgen.py relay --clients 100 --server-workers 2     # server.py --workers 2
     python bench/loadgen.py relay --clients 100 --nodes 3              # 3 nodes, pairs across nodes
     python bench/loadgen.py storm --clients 1000 --nodes 3             # kill a node, its clients resume
@@ -38,6 +39,7 @@ import resource
 import secrets
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import clientlib as C  # noqa: E402
+import protocol as P  # noqa: E402
+from errors import RoomError  # noqa: E402
 
 PASSWORD = "benchmark-password"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -121,8 +125,12 @@ def _proc_cpu(pid: int) -> tuple[float, float]:
 
 
 def _proc_status(pid: int, field: str) -> int:
+    return _proc_status_path(Path(f"/proc/{pid}/status"), field)
+
+
+def _proc_status_path(path: Path, field: str) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in path.read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -252,6 +260,19 @@ class ServerUnderTest:
     def threads(self) -> int:
         return sum(_proc_status(p, "Threads") for p in self.pids())
 
+    def context_switches(self) -> int:
+        """Voluntary and involuntary context switches so far, every thread of every process."""
+        n = 0
+        for pid in self.pids():
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                n += _proc_status_path(task / "status", "voluntary_ctxt_switches")
+                n += _proc_status_path(task / "status", "nonvoluntary_ctxt_switches")
+        return n
+
     def nofile_limits(self) -> list[int | None]:
         return [_proc_nofile(p) for p in self.pids()]
 
@@ -375,6 +396,9 @@ class Deployment:
 
     def threads(self) -> int:
         return sum(n.threads() for n in self.alive())
+
+    def context_switches(self) -> int:
+        return sum(n.context_switches() for n in self.alive())
 
     def processes(self) -> int:
         return sum(len(n.pids()) for n in self.alive())
@@ -1157,6 +1181,364 @@ def run_store(args) -> dict:
             "errors": errors[:10]}
 
 
+# =============================================================================
+# Room fan-out: one message, every other member a copy (issue 13)
+# =============================================================================
+ROOM_NAME = "#bench"
+ROOM_HEADER = struct.Struct(">HId")  # sender index, sequence number, sent at (wall clock): the test payload's head
+ROOM_SETTLE_S = 15.0                 # at most this long for the server to go quiet after the membership setup
+
+
+def room_padding(payload_bytes: int) -> bytes:
+    """The payload after its header: fixed bytes, checked on every copy (a copy altered or cut fails)."""
+    n = max(0, payload_bytes - ROOM_HEADER.size)
+    seed = hashlib.sha256(b"secureim room bench").digest()
+    return (seed * (n // len(seed) + 1))[:n]
+
+
+class RoomBenchClient(BenchClient):
+    """A ChatClient whose live copies of the bench room's messages are counted where they come in.
+
+    The benchmark's senders put opaque test bytes in RoomSend (the server never reads a room
+    payload), so a copy is counted and checked in ``_dispatch`` (after the session record is
+    opened and decoded, before the room layer would try a sender key on it).  Everything else,
+    membership changes included, goes to the real room client."""
+
+    bench = None  # the worker's _RoomTally, once the room exists
+
+    def _dispatch(self, msg) -> None:
+        bench = self.bench
+        if bench is not None:
+            kind = type(msg)
+            if kind is P.RoomMessage and msg.room_id == bench.room_id and not msg.queue_id:
+                bench.copy(self, msg)
+                return
+            if kind is P.RoomSendResult and msg.room_id == bench.room_id:
+                bench.answer(self, msg)
+                return
+        super()._dispatch(msg)
+
+
+class _RoomTally:
+    """Per worker: what the bench room's copies and answers were (each client's counts on itself:
+    only its own receiver thread writes them, so no lock on the per-copy path)."""
+
+    def __init__(self, room_id: int, epoch: int, senders: list[str], messages: int, payload_bytes: int,
+                 recv_slots, member_index: dict[str, int]) -> None:
+        self.room_id, self.epoch, self.senders, self.messages = room_id, epoch, senders, messages
+        self.pad = room_padding(payload_bytes)
+        self.recv_slots, self.member_index = recv_slots, member_index
+
+    def attach(self, c: "RoomBenchClient") -> None:
+        c.copies = c.duplicates = c.disorder = c.corrupted = 0
+        c.seen = [bytearray(self.messages) for _ in self.senders]
+        c.expect_next = [0] * len(self.senders)
+        c.latencies = []
+        c.last_copy_at = 0.0
+        c.slot = self.member_index[c.username]
+        c.answers = c.answers_ok = c.answered_online = c.answered_stored = 0
+        c.answer_reasons = []
+        c.sent = 0
+        c.answer_cond = threading.Condition()
+        c.bench = self
+
+    def copy(self, c: "RoomBenchClient", msg) -> None:
+        payload = msg.payload
+        try:
+            s, k, sent_at = ROOM_HEADER.unpack_from(payload)
+            intact = (s < len(self.senders) and k < self.messages and msg.sender == self.senders[s]
+                      and msg.epoch == self.epoch and payload[ROOM_HEADER.size:] == self.pad)
+        except struct.error:
+            intact = False
+        if not intact:
+            c.corrupted += 1
+            return
+        seen = c.seen[s]
+        if seen[k]:
+            c.duplicates += 1
+            return
+        seen[k] = 1
+        if k != c.expect_next[s]:
+            c.disorder += 1
+        c.expect_next[s] = k + 1
+        now = time.time()
+        c.latencies.append(now - sent_at)
+        c.last_copy_at = now
+        c.copies += 1
+        self.recv_slots[c.slot] = c.copies
+
+    def answer(self, c: "RoomBenchClient", msg) -> None:
+        with c.answer_cond:
+            c.answers += 1
+            if msg.status == P.RoomStatus.OK:
+                c.answers_ok += 1
+                c.answered_online += msg.online
+                c.answered_stored += msg.stored
+                if msg.reason and len(c.answer_reasons) < 5:
+                    c.answer_reasons.append(msg.reason[:200])
+            elif len(c.answer_reasons) < 5:
+                c.answer_reasons.append(f"status {msg.status}: {msg.reason[:200]}")
+            c.answer_cond.notify_all()
+
+
+def room_worker(endpoints, w, workers, plan, sync, shared, results, timeout_s):
+    home = Path(tempfile.mkdtemp(prefix="bench-room-"))
+    try:
+        _room_worker(endpoints, w, workers, plan, sync, shared, results, timeout_s, home)
+    except BaseException as exc:  # reported to the parent at once, not found by its timeout
+        for barrier in sync["barriers"]:
+            barrier.abort()
+        results.put({"error": f"room worker {w}: {exc!r}"})
+        raise
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _room_admin(admin: C.ChatClient, others: list[str], deadline: float) -> tuple[int, int]:
+    """Create the room and invite every other member through the real API (signed changes, each one
+    verified by every member).  One session may make 60 changes a minute (room_service): past that
+    the admin waits for the minute, bounded by the deadline."""
+    admin.rooms.create(ROOM_NAME)
+    for user in others:
+        while True:
+            try:
+                admin.rooms.invite(ROOM_NAME, user)
+                break
+            except RoomError as exc:
+                if "Too many room changes" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+    room = admin.rooms.rooms[ROOM_NAME]
+    return room.room_id, room.epoch
+
+
+def _room_worker(endpoints, w, workers, plan, sync, shared, results, timeout_s, home):
+    registered, ready, go = sync["barriers"]
+    deadline = time.monotonic() + timeout_s
+    names, senders, offline = plan["names"], plan["senders"], set(plan["offline"])
+    messages, window, payload_bytes = plan["messages"], plan["window"], plan["payload_bytes"]
+    per_msg = len(names) - 1 - len(offline)  # live copies of one message: every other member online
+    mine = [n for i, n in enumerate(names) if i % workers == w]
+    clients: dict[str, RoomBenchClient] = {}
+    for name in mine:
+        host, port = endpoints[0]
+        for attempt in range(50):  # bounded retries, as connect_client
+            try:
+                # A real client with its store on disk: the prekeys it publishes are how the admin
+                # learns (and vouches for) the identity key it adds to the room's roster.
+                c = RoomBenchClient(host, port, home=home / name, timeout_s=60, receipts=False)
+                c.connect()
+                c.register(name, PASSWORD)
+                c.start()
+                break
+            except (C.ConnectionClosed, OSError):
+                if attempt == 49:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        clients[name] = c
+    for name, c in clients.items():
+        if not c.mailbox.published.wait(max(1.0, deadline - time.monotonic())):
+            raise TimeoutError(f"{name} did not publish its prekeys")
+    for name in offline & set(clients):
+        clients.pop(name).close(timeout_s=2)  # a member who is away: every message is queued for them
+    registered.wait(timeout=timeout_s)
+    if w == 0:
+        room_id, epoch = _room_admin(clients[names[0]], names[1:], deadline)
+        shared["room"][0], shared["room"][1] = room_id, epoch
+        sync["room_ready"].set()
+    else:
+        while not sync["room_ready"].wait(timeout=0.5):  # bounded: the deadline, or another worker failed
+            if ready.broken or time.monotonic() > deadline:
+                raise TimeoutError("the room was not made (in time)")
+    room_id, epoch = shared["room"][0], shared["room"][1]
+    # Every member here has verified every change up to the last one (the chain from the admin's key).
+    for name, c in clients.items():
+        while True:
+            room = c.rooms.rooms.get(ROOM_NAME)
+            if room is not None and room.epoch >= epoch:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not see the room's last change (epoch {epoch})")
+            time.sleep(0.05)
+    tally = _RoomTally(room_id, epoch, senders, messages, payload_bytes, shared["recv"],
+                       {n: i for i, n in enumerate(names)})
+    for c in clients.values():
+        tally.attach(c)
+    ready.wait(timeout=timeout_s)
+    go.wait(timeout=timeout_s)
+    cpu0, t0 = cpu_self_s(), time.time()
+    recv, sent_slots = shared["recv"], shared["sent"]
+    limit = window * len(senders) * per_msg  # live copies on their way at most, over every sender
+    failures: list[str] = []
+    progress = {"copies": 0, "at": time.monotonic()}
+
+    def stalled() -> bool:  # no copy arrived anywhere for STALL_S: what is missing is lost, not late
+        total = sum(recv)
+        if total != progress["copies"]:
+            progress["copies"], progress["at"] = total, time.monotonic()
+        return time.monotonic() - progress["at"] > STALL_S
+
+    def send_all(s: int, c: RoomBenchClient) -> None:
+        pad = room_padding(payload_bytes)
+        try:
+            for k in range(messages):
+                with c.answer_cond:  # this sender's answers: at most ``window`` outstanding
+                    while c.sent - c.answers >= window and time.monotonic() < deadline:
+                        c.answer_cond.wait(timeout=1)
+                while sum(sent_slots) * per_msg - sum(recv) > limit:  # every member keeps up
+                    if time.monotonic() >= deadline or stalled():
+                        raise TimeoutError(f"stalled after {k} sent")
+                    time.sleep(0.001)
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"out of time after {k} sent")
+                ref = struct.pack(">HI10x", s, k)
+                payload = ROOM_HEADER.pack(s, k, time.time()) + pad
+                with c.answer_cond:
+                    c.sent += 1
+                c._send(P.RoomSend(room_id=room_id, epoch=epoch, msg_ref=ref, payload=payload))
+                sent_slots[s] = k + 1
+        except Exception as exc:  # noqa: BLE001 - reported in the result, not fatal to the others
+            failures.append(f"{senders[s]}: {exc!r}")
+
+    threads = [threading.Thread(target=send_all, args=(s, clients[n]))
+               for s, n in enumerate(senders) if n in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(1, deadline - time.monotonic()))
+    t_sent = time.time()
+    # Every copy for the members here arrives, unless it is lost (bounded: the deadline, or STALL_S
+    # with nothing arriving anywhere); then every answer of the senders here.
+    total = len(senders) * messages
+    want = {n: total - (messages if n in senders else 0) for n in clients}
+    while any(c.copies < want[n] for n, c in clients.items()):
+        if time.monotonic() >= deadline or stalled():
+            break
+        time.sleep(0.01)
+    for c in clients.values():
+        with c.answer_cond:
+            while c.answers < c.sent and time.monotonic() < deadline:
+                c.answer_cond.wait(timeout=1)
+    cs = list(clients.values())
+    last = max([c.last_copy_at for c in cs] + [t0])
+    results.put({"t0": t0, "t_sent": t_sent, "t1": last, "cpu_s": cpu_self_s() - cpu0,
+                 "sent": sum(c.sent for c in cs), "copies": sum(c.copies for c in cs),
+                 "expected": sum(want.values()), "duplicates": sum(c.duplicates for c in cs),
+                 "out_of_order": sum(c.disorder for c in cs), "corrupted": sum(c.corrupted for c in cs),
+                 "answers": sum(c.answers for c in cs), "answers_ok": sum(c.answers_ok for c in cs),
+                 "answered_online": sum(c.answered_online for c in cs),
+                 "answered_stored": sum(c.answered_stored for c in cs),
+                 "answer_reasons": [r for c in cs for r in c.answer_reasons][:10],
+                 "latencies": [x for c in cs for x in c.latencies], "failures": failures})
+    for c in cs:
+        c.close(timeout_s=2)
+
+
+def run_room(args) -> dict:
+    """``--members`` users in one room (made and filled through the real room API); ``--senders``
+    of them send ``--messages`` each; every other online member gets a copy of every message.
+    ``--offline K``: K members are away, so each message is also queued K times."""
+    members, offline_n = args.members, args.offline
+    if members < 2:
+        raise SystemExit("room: --members is at least 2")
+    if not 0 <= offline_n <= members - 2:
+        raise SystemExit("room: --offline is 0 to members - 2 (the admin and one other stay)")
+    import rooms as R
+
+    if args.payload_bytes < max(R.MIN_MESSAGE_BYTES, ROOM_HEADER.size):
+        raise SystemExit(f"room: --payload-bytes is at least {R.MIN_MESSAGE_BYTES} (the server refuses shorter)")
+    senders_n = max(1, min(args.senders, members - offline_n))
+    names = [f"m{i}" for i in range(members)]
+    plan = {"names": names, "senders": names[:senders_n], "offline": names[members - offline_n:] if offline_n else [],
+            "messages": args.messages, "window": args.window, "payload_bytes": args.payload_bytes}
+    # The server's limit on room messages per session (a token bucket) would decide the rate: set
+    # past anything two cores reach, so the figures are the fan-out's own.
+    args.server_arg = ["--room-sends-per-second", "100000", *args.server_arg]
+    server = deployment(args, bcrypt_cost=args.relay_bcrypt_cost)
+    server.check_nofile(members + FD_MARGIN)
+    workers = max(1, min(args.workers, members))
+    sync = {"barriers": (mp.Barrier(workers + 1), mp.Barrier(workers + 1), mp.Barrier(workers + 1)),
+            "room_ready": mp.Event()}
+    shared = {"room": mp.RawArray("q", 2), "recv": mp.RawArray("q", members), "sent": mp.RawArray("q", members)}
+    results = mp.Queue()
+    procs = []
+    registered, ready, go = sync["barriers"]
+    try:
+        shape = server.shape()
+        for w in range(workers):
+            p = mp.Process(target=room_worker, args=(server.endpoints(), w, workers, plan, sync, shared, results,
+                                                    args.timeout))
+            p.start()
+            procs.append(p)
+        s0 = time.monotonic()
+        try:
+            registered.wait(timeout=args.timeout)
+            t_registered = time.monotonic()
+            ready.wait(timeout=args.timeout)
+            setup_s = time.monotonic() - s0
+            # The membership setup queued every change for every member (their Acks are database
+            # work): the measurement starts once the server has gone quiet (bounded).
+            quiet = False
+            settle_end = time.monotonic() + ROOM_SETTLE_S
+            while time.monotonic() < settle_end:
+                c0 = server.cpu_s()
+                time.sleep(0.5)
+                if server.cpu_s() - c0 <= 0.02:
+                    quiet = True
+                    break
+            go.wait(timeout=args.timeout)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"a generator process failed: {results.get(timeout=10).get('error', '?')}") from None
+        (u0, k0), cpu0, cs0 = server.cpu_split(), server.cpu_s(), server.context_switches()
+        outs = [_get(results, args.timeout + 60) for _ in range(workers)]
+        (u1, k1), cpu1, cs1 = server.cpu_split(), server.cpu_s(), server.context_switches()
+        rss = server.rss_kib()
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        server.stop()
+    lat = [x for o in outs for x in o["latencies"]]
+    copies = sum(o["copies"] for o in outs)
+    sent = sum(o["sent"] for o in outs)
+    stored = sum(o["answered_stored"] for o in outs)
+    t0, t1 = min(o["t0"] for o in outs), max(o["t1"] for o in outs)
+    duration = t1 - t0
+    cpu = cpu1 - cpu0
+    delivered = copies + stored  # live copies counted by the members, plus the queued ones the server reported
+    return {"mode": "room", "members": members, "senders": senders_n, "offline": offline_n,
+            "messages_per_sender": args.messages, "window": args.window, "payload_bytes": args.payload_bytes,
+            "cipher": args.cipher, **shape, "generator_processes": workers,
+            "setup_s": round(setup_s, 1), "register_s": round(t_registered - s0, 1),
+            "server_quiet_before_run": quiet,
+            "messages_sent": sent, "copies_per_message_live": members - 1 - offline_n,
+            "copies_expected": sum(o["expected"] for o in outs), "copies_received": copies,
+            "lost": sum(o["expected"] for o in outs) - copies,
+            "duplicates": sum(o["duplicates"] for o in outs), "out_of_order": sum(o["out_of_order"] for o in outs),
+            "corrupted": sum(o["corrupted"] for o in outs),
+            "answers_ok": sum(o["answers_ok"] for o in outs), "answers": sum(o["answers"] for o in outs),
+            "answered_online": sum(o["answered_online"] for o in outs), "stored_copies": stored,
+            "answer_reasons": [r for o in outs for r in o["answer_reasons"]][:10],
+            "send_failures": [f for o in outs for f in o["failures"]][:10],
+            "duration_s": round(duration, 3),
+            "send_s": round(max(o["t_sent"] for o in outs) - t0, 3),
+            "msgs_per_s": round(sent / duration, 1) if duration > 0 else 0.0,
+            "copies_per_s": round(copies / duration, 1) if duration > 0 else 0.0,
+            "latency_ms": {p: round(percentile(lat, p) * 1000, 2) for p in (50, 95, 99)} | {
+                "max": round(max(lat) * 1000, 2) if lat else None},
+            "server_cpu_s": round(cpu, 3), "server_user_s": round(u1 - u0, 3), "server_system_s": round(k1 - k0, 3),
+            "server_cpu_us_per_copy": round(cpu / delivered * 1e6, 1) if delivered else None,
+            "server_cpu_us_per_message": round(cpu / sent * 1e6, 1) if sent else None,
+            # Every server thread's context switches over the run (a worker thread handing the GIL
+            # or a lock to another, the loop waking): per delivered copy.
+            "server_context_switches_per_copy": round((cs1 - cs0) / delivered, 2) if delivered else None,
+            "generator_cpu_s": round(sum(o["cpu_s"] for o in outs), 3),
+            "generator_cpu_us_per_copy": round(sum(o["cpu_s"] for o in outs) / copies * 1e6, 1) if copies else None,
+            "server_rss_mib": round(rss / 1024, 1)}
+
+
 def print_table(result: dict) -> None:
     rows = result.get("rows", [result])
     for row in rows:
@@ -1168,12 +1550,18 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["relay", "capacity", "handshake", "storm", "store"])
+    p.add_argument("mode", choices=["relay", "capacity", "handshake", "storm", "store", "room"])
     p.add_argument("--clients", type=int, default=100)
-    p.add_argument("--messages", type=int, default=200, help="relay: messages per sender")
-    p.add_argument("--window", type=int, default=8, help="relay: messages in flight per sender")
+    p.add_argument("--messages", type=int, default=200, help="relay, store, room: messages per sender")
+    p.add_argument("--window", type=int, default=8, help="relay, store, room: messages in flight per sender")
     p.add_argument("--payload", type=int, default=100, help="relay: message size in bytes")
     p.add_argument("--recipients", type=int, default=10, help="store: offline users written to")
+    p.add_argument("--members", type=int, default=100, help="room: members of the one room")
+    p.add_argument("--senders", type=int, default=4, help="room: members who send (--messages each)")
+    p.add_argument("--payload-bytes", type=int, default=249,
+                   help="room: the opaque RoomSend payload (249: a 100-byte text sealed for a 3des room)")
+    p.add_argument("--offline", type=int, default=0, metavar="K",
+                   help="room: K members logged out, so every message is also queued K times")
     p.add_argument("--logins", type=int, default=100, help="handshake: logins per phase")
     p.add_argument("--bcrypt-cost", type=int, default=12, help="handshake: the configured cost (4 is also run)")
     p.add_argument("--relay-bcrypt-cost", type=int, default=4, help="relay: the server's bcrypt cost")
@@ -1200,7 +1588,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--nodes is for relay and storm")
     raise_nofile()  # every client is a socket: as many files as the hard limit allows (capacity checks)
     run = {"relay": run_relay, "capacity": run_capacity, "handshake": run_handshake, "storm": run_storm,
-           "store": run_store}[args.mode]
+           "store": run_store, "room": run_room}[args.mode]
     result = run(args)
     result["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
     print(f"secureim {args.mode} benchmark")

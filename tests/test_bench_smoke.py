@@ -108,3 +108,21 @@ def test_store_smoke(tmp_path):
     r = _run(tmp_path, "store", "--clients", "2", "--recipients", "2", "--messages", "10")
     assert r["stored"] == r["messages"] == 20 and r["delivered"] == 20 and r["errors"] == []
     assert r["stores_per_s"] > 0 and r["server_cpu_us_per_store"] is not None
+
+
+def test_room_smoke(tmp_path):
+    r = _run(tmp_path, "room", "--members", "5", "--messages", "10")
+    assert r["members"] == 5 and r["senders"] == 4 and r["messages_sent"] == 40
+    # Every copy arrived once, in order, intact: 4 senders x 10 messages x the 4 other members.
+    assert r["copies_expected"] == r["copies_received"] == 160 and r["lost"] == 0
+    assert r["duplicates"] == r["out_of_order"] == r["corrupted"] == 0 and r["send_failures"] == []
+    assert r["answers_ok"] == 40 and r["answered_online"] == 160 and r["stored_copies"] == 0
+    assert r["msgs_per_s"] > 0 and r["copies_per_s"] > 0 and r["server_cpu_s"] >= 0
+    assert r["server_cpu_us_per_copy"] is not None and r["latency_ms"]["99"] > 0
+
+
+def test_room_smoke_with_members_away(tmp_path):
+    r = _run(tmp_path, "room", "--members", "5", "--messages", "5", "--senders", "2", "--offline", "2")
+    # 2 senders x 5 messages: live to the 2 other online members, queued for the 2 away.
+    assert r["copies_received"] == r["copies_expected"] == 2 * 5 * 2 and r["lost"] == 0
+    assert r["stored_copies"] == 2 * 5 * 2 and r["answers_ok"] == 10 and r["answer_reasons"] == []
