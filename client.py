@@ -122,8 +122,9 @@ ROOM_COMMANDS = frozenset(name for name, (usage, _s, _m) in COMMANDS.items() if 
 
 def help_text() -> str:
     lines = ["[CLIENT]: Commands (case does not matter; Tab completes commands and names):"]
-    lines += [f"  {usage:<16}{summary}" for usage, summary, _more in COMMANDS.values()]
-    lines += ["  //text          send a line that starts with /",
+    width = max(len(usage) for usage, _s, _m in COMMANDS.values()) + 2
+    lines += [f"  {usage:<{width}}{summary}" for usage, summary, _more in COMMANDS.values()]
+    lines += [f"  {'//text':<{width}}send a line that starts with /",
               "Anything else is sent to the current destination. Ctrl-C clears the line.",
               "Direct mode shows your address to the peer: see /help direct."]
     return "\n".join(lines)
@@ -438,7 +439,7 @@ class ChatUI:
     def _names(self) -> list[str]:
         with self._lock:
             names = self.online | set(self.unread)
-        names |= set(self.client.open_conversations())
+        names |= set(self.client.open_conversations()) | set(self.client.rooms.my_rooms())
         names.discard(self.client.username or "")
         return sorted(names)
 
@@ -447,6 +448,8 @@ class ChatUI:
             news = [f"{peer}:{n}" for peer, n in sorted(self.unread.items())]
         activity = f" (act: {', '.join(news)})" if news else ""
         state = " (reconnecting)" if self.offline else ""
+        if self.destination is None:   # the room talked in was left, closed or removed us
+            return f"[CLIENT]{activity}{state} Destination: "
         return f"[{self.client.username}{self.arrow}{self.destination}]{activity}{state}> "
 
     # -- incoming events ------------------------------------------------------------
@@ -547,6 +550,8 @@ class ChatUI:
                     f"[CLIENT]: What you type now is stored for {peer} until they log in."
                     if is_dest else f"[CLIENT]: {peer} is offline.")
         if isinstance(event, C.PeerUnknown):
+            if not is_dest:   # (the answer to an /invite's key lookup: the command says it)
+                return None
             return f"[CLIENT]: Destination user {peer} does not exist; type /to USER to choose another."
         if isinstance(event, C.ConversationReady):
             if self.prefer_direct:
@@ -607,7 +612,23 @@ class ChatUI:
             return "\n".join(f"{mark}[{room} {sender}]: {line}" for line in C.sanitize_lines(event.text))
         if isinstance(event, RC.RoomWarning):
             return f"[CLIENT]: @@@ {C.sanitize(event.text, 600)}"
-        return f"[CLIENT]: {C.sanitize(event.text, 600)}"
+        line = f"[CLIENT]: {C.sanitize(event.text, 600)}"
+        if event.gone:
+            return line + self._room_gone(room)
+        if event.joined:
+            line += f" Type /to {room} to talk there."
+        return line
+
+    def _room_gone(self, room: str) -> str:
+        """This client is no longer in ``room``: its unread mark goes, and if it was the destination
+        the prompt asks for another.  Returns what to add to the notice."""
+        with self._lock:
+            self.unread.pop(room, None)
+        if self.destination != room:
+            return ""
+        self.destination = None
+        self.term.refresh()
+        return "\n[CLIENT]: Choose a destination: a USER or a #ROOM."
 
     # -- the chat loop ---------------------------------------------------------------
     def run(self) -> int:
@@ -644,6 +665,8 @@ class ChatUI:
                 elif line.startswith("/"):
                     if self._command(line.strip()) is not None:
                         return EXIT_OK
+                elif line.strip() and self.destination is None:
+                    self._switch_to(line.strip())   # asked for a destination again (a room went)
                 elif line.strip():
                     self._send(line)
             except ConnectionClosed as exc:  # a command while reconnecting: the session goes on
@@ -767,6 +790,9 @@ class ChatUI:
             name = R.normalize_room(name)
             members = self.client.rooms.members(name)
         except RoomError as exc:
+            with self._lock:
+                self.unread.pop(R.normalize_room(name) if R.ROOM_RE.fullmatch(name.strip().lower()) else name,
+                                None)
             self.term.say(f"[CLIENT]: {exc}")
             return
         self.destination = name
@@ -813,10 +839,7 @@ class ChatUI:
                 self.term.say(f"[CLIENT]: You removed {user} from {room}; what is said there from now on is "
                               "sealed under new keys they do not have.")
             elif cmd == "/leave":
-                self.term.say(f"[CLIENT]: {rooms.leave(room)}")
-                if self.destination == room:
-                    self.destination = None
-                    self.term.say("[CLIENT]: Choose a destination: /to USER or /to #ROOM")
+                self.term.say(f"[CLIENT]: {rooms.leave(room)}{self._room_gone(room)}")
             else:
                 members = rooms.members(room)
                 admin = rooms.admin_of(room)
@@ -885,7 +908,7 @@ class ChatUI:
     def _send(self, text: str) -> None:
         dest = self.destination
         if dest is None:
-            self.term.say("[CLIENT]: Choose a destination first: /to USER")
+            self.term.say("[CLIENT]: Choose a destination first: /to USER or /to #ROOM")
             return
         if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
             self.term.say(f"[CLIENT]: Messages are limited to {MAX_TEXT_BYTES} bytes.")
@@ -989,6 +1012,9 @@ class ChatUI:
         self._show_history(self.destination, int(arg) if arg else HISTORY_DEFAULT_LINES)
 
     def _forget(self, peer: str) -> None:
+        if peer.startswith("#"):
+            self.term.say("[CLIENT]: The local history keeps one-to-one conversations only; rooms are not kept.")
+            return
         shown = C.sanitize(peer, 64)
         if self.client.history is None:
             self.term.say("[CLIENT]: No history is kept in this session; nothing to forget.")

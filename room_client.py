@@ -58,6 +58,8 @@ class RoomNotice:
     """A verified membership change (or what happened to this client's own membership)."""
     room: str
     text: str
+    gone: bool = False      # this client is no longer in the room (removed, or the room closed)
+    joined: bool = False    # this client was just added
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,7 @@ class RoomsClient:
                     self.changed.notify_all()
                 notice = (f"{change.actor} added you to {change.room} (members: {', '.join(room.members)})."
                           if change.action == R.ADD else None)
+                gone, joined = False, change.action == R.ADD
             else:
                 with self.lock:
                     if room.uid != change.uid:
@@ -440,14 +443,18 @@ class RoomsClient:
                     if msg.room_id and room.room_id and msg.room_id != room.room_id:
                         log.info("a change named another handle for a room; the first one is kept")
                     applied = room.apply(change, kdc)
-                    notice = None
-                    if applied is not None:
+                    notice, gone, joined = None, False, False
+                    if applied is not None and change.actor != me:   # (our own: the command said it)
                         notice = applied.text
                         if applied.me_gone:
                             self.rooms.pop(room.name, None)
                             self._left(room, change.epoch)
+                            gone = True
                         if change.action == R.REMOVE and change.target == me:
                             notice = f"{change.actor} removed you from {change.room}."
+                    elif applied is not None and applied.me_gone:   # our own leave or close, queued first
+                        self.rooms.pop(room.name, None)
+                        self._left(room, change.epoch)
                     self.changed.notify_all()
         except ChangeRefused as exc:
             client._emit(RoomWarning(change.room, f"WARNING: {exc}"))
@@ -456,7 +463,7 @@ class RoomsClient:
         self._save()
         self._ack(msg.queue_id)
         if notice:
-            client._emit(RoomNotice(change.room, notice))
+            client._emit(RoomNotice(change.room, notice, gone=gone, joined=joined))
         with self.lock:
             early = room.take_pending() if room.name in self.rooms else []
         for sender, content, identity in early:

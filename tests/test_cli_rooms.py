@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import sqlite3
 
@@ -33,6 +34,9 @@ def _user(server, tmp_path, name: str, *, new: bool = True):
 
 def _team(server, tmp_path):
     alice, bob, carol = (_user(server, tmp_path, n) for n in ("alice", "bob", "carol"))
+    alice.logfile_read = io.StringIO()   # everything alice's screen shows from here
+    alice.sendline("/invite #team zed")
+    alice.expect_exact("[CLIENT]: You are not in #team")
     alice.sendline("/create #team")
     alice.expect_exact("[CLIENT]: You created #team; you are its admin.")
     alice.sendline("/invite #team bob")
@@ -70,6 +74,8 @@ def test_a_team_room_in_three_terminals_then_a_removal_and_a_member_offline(serv
     alice.expect_exact("[CLIENT]: You removed carol from #team;")
     bob.expect_exact("[CLIENT]: alice removed carol from #team.")
     carol.expect_exact("[CLIENT]: alice removed you from #team.")
+    carol.expect_exact("[CLIENT]: Choose a destination: a USER or a #ROOM.")   # she was talking there
+    carol.expect_exact("[CLIENT] Destination:")
 
     assert quit_client(bob) == 0          # bob is offline while alice writes
     alice.sendline("the plan, after carol")
@@ -94,6 +100,16 @@ def test_a_team_room_in_three_terminals_then_a_removal_and_a_member_offline(serv
 
     bob = _user(server, tmp_path, "bob", new=False)
     bob.expect_exact("[#team alice]: the plan, after carol")
+    alice.sendline("/invite #team zed")
+    alice.expect_exact("[CLIENT]: There is no user zed.")
+    alice.sendline("/leave #team")
+    alice.expect_exact("[CLIENT]: You closed #team: it is gone for every member.")
+    alice.expect_exact("[CLIENT] Destination:")
+    alice.sendline("bob")                       # the prompt takes a destination again
+    alice.expect_exact("[CLIENT]: Destination user is online.")
+    shown = alice.logfile_read.getvalue()
+    assert "alice added bob to #team." not in shown and "alice removed carol" not in shown  # said once: "You ..."
+    assert "Destination user zed" not in shown
     for child in (alice, bob, carol):
         assert quit_client(child) == 0
 
