@@ -222,6 +222,18 @@ class RoomService:
             self._nudge_queue(user)
 
     # -- messages --------------------------------------------------------------------------
+    def room_send_is_fast(self, session, msg: P.RoomSend) -> bool:
+        """Whether ``msg`` can be handled on the loop thread: its room is in the cache for its epoch
+        and every other member is online here or on another node, so the fan-out reads and writes
+        no database (otherwise a worker takes it, in the session's order)."""
+        with self._room_cache_lock:
+            hit = self._room_cache.get(msg.room_id)
+        if hit is None or time.monotonic() - hit.at >= ROOM_CACHE_S or hit.room.epoch != msg.epoch \
+                or session.username not in hit.members:
+            return False
+        online, remote = self.registry.online, self.cluster.is_remote
+        return all(m in online or remote(m) for m in hit.members if m != session.username)
+
     def _room_send(self, session, msg: P.RoomSend) -> None:
         """One payload to every other member: live where they are online, queued where not."""
         me = session.username
@@ -259,6 +271,15 @@ class RoomService:
                 online += 1
             else:
                 offline.append(member)
+        if offline and self.loop is not None and threading.get_ident() == self.loop_thread_id:
+            # someone left between room_send_is_fast and here: their copy is queued by a worker
+            self.run_slow(self._room_store, session, msg, room, offline, online, answer)
+            return
+        self._room_store(session, msg, room, offline, online, answer)
+
+    def _room_store(self, session, msg: P.RoomSend, room: D.Room, offline: list, online: int, answer) -> None:
+        """Queue the copies for the members who are away, then answer the sender."""
+        me = session.username
         stored, full = 0, []
         if offline:
             results = self.storage.room_enqueue(room.id, room.epoch, me, session.identity_key, msg.msg_ref,

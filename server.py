@@ -1462,7 +1462,7 @@ class Server:
         for i, event in enumerate(events or ()):
             if session.closed.is_set():
                 return
-            if type(event) not in FAST_MESSAGES:
+            if not self._fast(session, event):
                 session.inbox.extend(events[i:])  # the rest in order, behind the slow one
                 self._pump(session)
                 return
@@ -1485,7 +1485,7 @@ class Server:
                 if events is None:
                     return
                 inbox.extendleft(reversed(events))
-            elif type(item) in FAST_MESSAGES:
+            elif self._fast(session, item):
                 self._handle(session, item)
             elif isinstance(item, P.Message):
                 self._to_worker(session, self._work_message, item)
@@ -1498,6 +1498,12 @@ class Server:
             elif len(inbox) < INBOX_RESUME_ITEMS and session.inbox_bytes <= MAX_INBOX_BYTES \
                     and not link.transport.is_closing():
                 link.transport.resume_reading()
+
+    def _fast(self, session: Session, msg) -> bool:
+        """Handled on the loop thread (no database, no slow crypto): relays, /who, and a room message
+        whose room and members are known here (room_service.room_send_is_fast)."""
+        kind = type(msg)
+        return kind in FAST_MESSAGES or (kind is P.RoomSend and self.service.room_send_is_fast(session, msg))
 
     def _open_records(self, session: Session, data: bytes) -> list | None:
         """The messages in ``data`` (an established session's records), or None after a protocol error."""

@@ -223,3 +223,27 @@ def test_deleting_an_account_leaves_its_rooms_first_with_signed_changes(tmp_path
         assert server.storage.get_room("#bobs") is None
         for client in c.values():
             client.close()
+
+
+def test_a_room_message_is_fanned_out_on_the_loop_only_when_no_database_is_needed(tmp_path):
+    """The fast path (room_service.room_send_is_fast): the room cached for its epoch and every
+    other member online; with a member away a worker takes it, and queues their copy."""
+    with running_server(tmp_path / "srv") as server:
+        _published(logged_in_client(server, tmp_path / "dave", "dave")).close()   # away from the start
+        c = _team(server, tmp_path, ("alice", "bob", "carol"))
+        alice = c["alice"]
+        alice.rooms.send("#team", "warms the cache")
+        room = alice.rooms.rooms["#team"]
+        session = server.service.registry.session_of("alice")
+
+        def probe(epoch):
+            return P.RoomSend(room_id=room.room_id, epoch=epoch, msg_ref=b"p" * 16, payload=b"x" * 100)
+
+        assert server.service.room_send_is_fast(session, probe(room.epoch))
+        assert not server.service.room_send_is_fast(session, probe(room.epoch + 1))   # not cached: a worker
+        alice.rooms.invite("#team", "dave")
+        sent = alice.rooms.send("#team", "dave is away")
+        assert (sent.online, sent.stored) == (2, 1)
+        assert not server.service.room_send_is_fast(session, probe(room.epoch))
+        for client in c.values():
+            client.close()

@@ -204,6 +204,15 @@ MUTATIONS: list[Mutation] = [
         why="the server commits an add vouching for a key that is not the user's registered one.",
     ),
     Mutation(
+        name="rooms-fast-path-with-members-away",
+        file="room_service.py",
+        find="        return all(m in online or remote(m) for m in hit.members if m != session.username)",
+        replace="        return True",
+        tests=(FLOW + "test_a_room_message_is_fanned_out_on_the_loop_only_when_no_database_is_needed",),
+        why="a room message with members away is handled on the loop thread: their copies' database "
+            "writes stall every connection.",
+    ),
+    Mutation(
         name="rooms-client-sends-keys-to-the-servers-list",
         file="rooms.py",
         find="        missing = [m for m in info.members if m != self.me and m not in own.sent_to]",
