@@ -277,7 +277,7 @@ class Mailbox:
             suite = cu.suite_by_id(msg.suite)
         except SecureIMError:
             client._emit(client._rejected(msg.sender, "A stored message with a malformed header was discarded."))
-            self._ack(msg)
+            self.ack(msg.queue_id)
             return
         if self.store is None or self.inbound is None:
             return  # no prekeys on this client (it cannot open anything stored): leave it on the server
@@ -285,19 +285,19 @@ class Mailbox:
         with self.lock:
             seen = self.store.already_processed(digest)
         if seen:
-            self._ack(msg)  # delivered again (a lost acknowledgement, or a replay): shown once only
+            self.ack(msg.queue_id)  # delivered again (a lost acknowledgement, or a replay): shown once only
             return
         if not client._trust_peer(sender, msg.sender_identity):
             with self.lock:  # held, unacknowledged, until /accept (or the next login)
                 held = self.held.setdefault(sender, [])
                 if len(held) < MAX_HELD:
                     held.append(msg)
-            self._defer(msg)   # it stays on the server, and the messages behind it come on
+            self.defer(msg.queue_id)   # it stays on the server, and the messages behind it come on
             return
         if len(msg.key) != suite.key_bytes:  # the server lost its key: nothing to decide here
             client._emit(client._rejected(sender, f"A stored message from {sender} came without its key; it "
                                                   "stays on the server for the next login."))
-            self._defer(msg)
+            self.defer(msg.queue_id)
             return
         ctx = K.StoredContext(client.username, client.identity, sender, msg.sender_identity, msg.conversation_id,
                               msg.generation, msg.key, suite)
@@ -308,7 +308,7 @@ class Mailbox:
             except DecryptionFailed as exc:   # it will never open: said, and not asked for again
                 opened, failure = None, str(exc)
                 self.store.mark_processed(digest)
-        self._ack(msg)
+        self.ack(msg.queue_id)
         if opened is None:
             client._emit(client._rejected(sender, failure or "A stored message could not be opened."))
             return
@@ -321,15 +321,19 @@ class Mailbox:
             self.on_stored(msg)
         return len(held)
 
-    def _defer(self, msg: P.StoredMessage) -> None:
+    def defer(self, queue_id: int) -> None:
+        """Keep queued row ``queue_id`` on the server, for the next login (a room's held messages too)."""
         try:
-            self.client._send(P.Defer(queue_id=msg.queue_id))
+            self.client._send(P.Defer(queue_id=queue_id))
         except ConnectionClosed:
             pass
 
-    def _ack(self, msg: P.StoredMessage) -> None:
+    def ack(self, queue_id: int) -> None:
+        """Queued row ``queue_id`` reached this client: the server deletes it (0: a live frame, nothing)."""
+        if not queue_id:
+            return
         try:
-            self.client._send(P.Ack(queue_id=msg.queue_id))
+            self.client._send(P.Ack(queue_id=queue_id))
         except ConnectionClosed:
             pass  # not acknowledged: it comes again after the reconnect, and is recognised then
 

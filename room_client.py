@@ -401,7 +401,7 @@ class RoomsClient:
             change = R.parse_change(msg.change)
         except ChangeRefused as exc:
             client._emit(RoomWarning("", f"WARNING: {exc}"))
-            self._ack(msg.queue_id)
+            self.client.mailbox.ack(msg.queue_id)
             return
         kdc = msg.key if self._suite(msg.suite, msg.key) else None
         with self.lock:
@@ -412,7 +412,7 @@ class RoomsClient:
         try:
             if joining:
                 if change.action in (R.CLOSE, R.REMOVE, R.LEAVE):
-                    self._ack(msg.queue_id)    # about a room this client is no longer in
+                    self.client.mailbox.ack(msg.queue_id)    # about a room this client is no longer in
                     return
                 if count >= R.MAX_ROOMS:
                     raise ChangeRefused(f"You are in {R.MAX_ROOMS} rooms: an add to {change.room} was refused "
@@ -428,7 +428,8 @@ class RoomsClient:
                     room.set_kdc_key(change.epoch, kdc)
                 with self.lock:
                     if change.room in self.rooms:   # came in meanwhile (our own creation's answer)
-                        return self._ack(msg.queue_id)
+                        self.client.mailbox.ack(msg.queue_id)
+                        return
                     self.rooms[change.room] = room
                     self.changed.notify_all()
                 notice = (f"{change.actor} added you to {change.room} (members: {', '.join(room.members)})."
@@ -458,10 +459,10 @@ class RoomsClient:
                     self.changed.notify_all()
         except ChangeRefused as exc:
             client._emit(RoomWarning(change.room, f"WARNING: {exc}"))
-            self._ack(msg.queue_id)
+            self.client.mailbox.ack(msg.queue_id)
             return
         self._save()
-        self._ack(msg.queue_id)
+        self.client.mailbox.ack(msg.queue_id)
         if notice:
             client._emit(RoomNotice(change.room, notice, gone=gone, joined=joined))
         with self.lock:
@@ -521,13 +522,13 @@ class RoomsClient:
         try:
             sender = P.normalize_username(msg.sender)
         except SecureIMError:
-            self._ack(msg.queue_id)
+            self.client.mailbox.ack(msg.queue_id)
             return
         stored_at = msg.stored_at_ms / 1000.0 if msg.queue_id else None
         with self.lock:
             room = self._by_id(msg.room_id)
             if room is None:
-                self._ack(msg.queue_id)   # a room this client left (or never verified): nothing to open it with
+                self.client.mailbox.ack(msg.queue_id)   # a room this client left (or never verified): nothing to open it with
                 return
             kdc = msg.key if self._suite(room.suite_id, msg.key) else None
             try:
@@ -537,29 +538,16 @@ class RoomsClient:
                 opened, failure = None, str(exc)
                 if self._hold(room, msg):
                     if msg.queue_id:
-                        self._defer(msg.queue_id)   # the server keeps it until it opens here
+                        self.client.mailbox.defer(msg.queue_id)   # the server keeps it until it opens here
                     return
         if opened is None:
-            self._ack(msg.queue_id)
+            self.client.mailbox.ack(msg.queue_id)
             client._emit(RoomWarning(room.name, failure))
             return
         self._save()
-        self._ack(msg.queue_id)
+        self.client.mailbox.ack(msg.queue_id)
         client._emit(RoomMessageReceived(room.name, sender, opened.text, opened.sent_at,
                                          stored_at))
-
-    def _ack(self, queue_id: int) -> None:
-        if queue_id:
-            try:
-                self.client._send(P.Ack(queue_id=queue_id))
-            except ConnectionClosed:
-                pass
-
-    def _defer(self, queue_id: int) -> None:
-        try:
-            self.client._send(P.Defer(queue_id=queue_id))
-        except ConnectionClosed:
-            pass
 
 
 class _Stale(Exception):

@@ -34,9 +34,6 @@ ROOM_CACHE_S = 10.0              # a room's members are read again at least this
 MAX_CACHED_ROOMS = 10_000
 ROOM_CHANGES_PER_MINUTE = 60     # membership changes one session may make
 MAX_ROOMS_PER_USER = R.MAX_ROOMS
-MAX_DB_ID = 2 ** 63 - 1          # as server.MAX_DB_ID: a larger u64 names no row
-KIND_PAIR, KIND_ROOM_MESSAGE, KIND_ROOM_CHANGE = 0, 1, 2   # message_queue.kind
-NO_USER = "no_user"              # database.room_enqueue: the recipient's account was deleted
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ class RoomService:
             hit = self._room_cache.get(room_id)
         if hit is not None and not fresh and now - hit.at < ROOM_CACHE_S:
             return hit
-        room = self.storage.get_room_by_id(room_id) if 0 < room_id <= MAX_DB_ID else None
+        room = self.storage.get_room_by_id(room_id) if 0 < room_id <= D.MAX_DB_ID else None
         with self._room_cache_lock:
             if room is None:
                 self._room_cache.pop(room_id, None)
@@ -290,7 +287,7 @@ class RoomService:
                     stored += 1
                     if status == D.STORED:
                         self._nudge_queue(member)   # online after all (a login this very moment)
-                elif status != NO_USER:              # an account deleted (still listed until removed)
+                elif status != D.NO_USER:              # an account deleted (still listed until removed)
                     full.append(member)
         self.metrics.room_copies.inc(online + stored)
         reason = f"Not stored for {', '.join(full)}: their mailbox is full." if full else ""
@@ -312,7 +309,7 @@ class RoomService:
     # -- the queue: what a stored room row becomes on the wire --------------------------------
     def room_row_message(self, me: str, row: D.QueuedMessage) -> P.Message:
         key = self._open_room_key(row.room_id, row.generation, row.wrapped_key)
-        if row.kind == KIND_ROOM_MESSAGE:
+        if row.kind == D.KIND_ROOM_MESSAGE:
             return P.RoomMessage(queue_id=row.id, room_id=row.room_id, sender=row.sender, epoch=row.generation,
                                  key=key, stored_at_ms=int(row.stored_at * 1000), payload=row.payload)
         self.forget_room(row.room_id)   # a change: this node's copy of the members is stale

@@ -36,12 +36,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import crypto_utils as cu
 import e2e
+import prekeys as K
+import protocol as P
 from errors import ChangeRefused, CryptoError, DecryptionFailed, InvalidRoomName, SecureIMError
 
 # --- names and bounds -------------------------------------------------------------
 ROOM_RE = re.compile(r"#[a-z0-9_-]{1,32}")
 ROOM_RULES = "Room names are '#' and 1 to 32 characters: letters a-z, digits, '_' or '-'."
-MAX_ROOM_NAME_BYTES = 33
 DEFAULT_MAX_MEMBERS = 256
 HARD_MAX_MEMBERS = 512           # the wire limit: a change lists every member and key (about 34 KiB)
 UID_BYTES = 16
@@ -182,13 +183,10 @@ def parse_change(blob: bytes) -> Change:
     if not ROOM_RE.fullmatch(room) or members != sorted(set(members)):
         raise ChangeRefused("A malformed membership change was refused.")
     for name in (actor, admin, *members) + ((target,) if target else ()):
-        if not _USER_RE.fullmatch(name):
+        if not P.USERNAME_RE.fullmatch(name):
             raise ChangeRefused("A malformed membership change was refused.")
     return Change(action, uid, room, epoch, at_ms, prev, actor, target, admin, roster,
                   blob[-SIGNATURE_BYTES:], blob)
-
-
-_USER_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")   # protocol.USERNAME_RE (no import cycle)
 
 
 def expected_roster(action: int, before, target: str, target_identity: bytes | None):
@@ -561,7 +559,7 @@ class RoomSession:
         if stored_at is None:
             fresh = abs(age) <= e2e.FRESHNESS_WINDOW_S
         else:
-            fresh = opened.sent_at <= stored_at + e2e.FRESHNESS_WINDOW_S and age <= STORED_MAX_AGE_S
+            fresh = opened.sent_at <= stored_at + e2e.FRESHNESS_WINDOW_S and age <= K.STORED_MAX_AGE_S
         if not fresh:
             raise DecryptionFailed(f"A message from {sender} in {self.name} was too old (or dated in the future) "
                                    "and was refused.")
@@ -604,9 +602,6 @@ class RoomSession:
         return room
 
 
-STORED_MAX_AGE_S = 45 * 24 * 3600.0   # as stored one-to-one messages (prekeys.STORED_MAX_AGE_S)
-
-
 class SplitHistory(ChangeRefused):
     """A member's sender key names another head for the same epoch: the server showed members
     different histories.  Shown as a warning, not only logged."""
@@ -636,13 +631,6 @@ def distribution_room(content: bytes) -> str:
     if not ROOM_RE.fullmatch(name):
         raise ChangeRefused("A malformed sender key was refused.")
     return name
-
-
-def message_epoch(payload: bytes) -> int | None:
-    """The epoch a room message claims (routing only: nothing is trusted from it)."""
-    if len(payload) < _MESSAGE_HEADER.size or payload[0] != ROOM_MESSAGE_KIND:
-        return None
-    return _MESSAGE_HEADER.unpack_from(payload)[1]
 
 
 def load_rooms(me: str, docs: dict) -> dict[str, RoomSession]:

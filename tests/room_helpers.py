@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import crypto_utils as cu
 import e2e
 import rooms as R
 from errors import SecureIMError
@@ -42,5 +41,3 @@ def rooms_in_store(home, username: str, server_id: str, password: str) -> dict[s
     store = K.PrekeyStore(home, username, server_id, password)
     return R.load_rooms(username, store.rooms)
 
-
-__all__ = ["any_key_opens", "rooms_in_store", "cu"]
