@@ -382,3 +382,42 @@ def test_early_sender_keys_are_bounded_per_sender_and_in_how_far_ahead(team, peo
     content, _ = far.distribution()
     with pytest.raises(ChangeRefused):
         b.receive_distribution("alice", content, alice.pub)
+
+
+def test_random_bytes_never_escape_as_anything_but_a_refusal(team):
+    """Whatever the server sends (a change, a sender key, a message), the sans-IO core answers with
+    ChangeRefused or DecryptionFailed and changes nothing."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    a, b, _c = team
+    before = b.to_dict()
+    content, _ = a.distribution()
+    message = a.seal("x", e2e.new_msg_id(), NOW)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.binary(max_size=400), st.integers(0, 400), st.integers(0, 255))
+    def run(junk, at, flip):
+        for blob in (junk, _flip(content, at, flip), _flip(message, at, flip)):
+            try:
+                b.apply(R.parse_change(blob))
+            except ChangeRefused:
+                pass
+            try:
+                b.receive_distribution("alice", blob, b"\x00" * 32)
+            except ChangeRefused:
+                pass
+            try:
+                b.open("alice", blob, now=NOW)
+            except DecryptionFailed:
+                pass
+
+    run()
+    assert b.to_dict() == before
+
+
+def _flip(data: bytes, at: int, value: int) -> bytes:
+    if not data:
+        return data
+    i = at % len(data)
+    return data[:i] + bytes([data[i] ^ (value or 1)]) + data[i + 1:]
