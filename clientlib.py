@@ -1105,13 +1105,14 @@ class ChatClient:
         else:
             self._emit(MessageStored(entry.peer, entry.text, online=entry.state == offline.HANDED))
 
-    def _delivered_event(self, entry: "offline.Outgoing") -> None:
+    def _delivered_event(self, entry: "offline.Outgoing", *, emit: bool = True) -> None:
         if self.history is not None and entry.row is not None:
             try:
                 self.history.set_state(entry.row, H.STATE_DELIVERED)
             except HistoryError as exc:
                 log.info("the history could not mark a message delivered: %s", exc)
-        self._emit(MessageDelivered(entry.peer, entry.text, entry.stored))
+        if emit:
+            self._emit(MessageDelivered(entry.peer, entry.text, entry.stored))
 
     def _barrier_after(self, msg: P.Message) -> "_Barrier":
         """Send ``msg`` and a WhoRequest: the barrier is done once every answer to ``msg`` is in."""
@@ -1316,7 +1317,14 @@ class ChatClient:
         if self.presence(peer) in (PRESENCE_UNKNOWN, PRESENCE_REFUSED):
             raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
         entry = self._last_sent = self.mailbox.send_text(peer, text, e2e.new_msg_id())
-        entry.row = self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
+        return self._record_sent(entry)
+
+    def _record_sent(self, entry: "offline.Outgoing") -> int | None:
+        """Write a message that has gone into the history.  Its receipt may have come meanwhile
+        (on another thread): whichever of the two sees the other's write marks the row delivered."""
+        entry.row = self.history.record(entry.peer, H.OUTGOING, entry.text, state=H.STATE_SENT) if self.history else None
+        if entry.state == offline.DELIVERED and entry.row is not None:
+            self._delivered_event(entry, emit=False)
         return entry.row
 
     def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None", *,
@@ -1354,8 +1362,7 @@ class ChatClient:
         if resend is not None:
             return None
         entry = self._last_sent = self.mailbox.sent_live(peer, text, msg_id)
-        entry.row = self.history.record(peer, H.OUTGOING, text, state=H.STATE_SENT) if self.history else None
-        return entry.row
+        return self._record_sent(entry)
 
     def send_confirmed(self, peer: str, text: str,
                        timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S) -> "offline.Outgoing":

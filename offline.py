@@ -38,6 +38,7 @@ OPEN_TIMEOUT_S = 15.0       # waiting for an offline key (a database write and a
 MAX_OUTBOX = 1000           # sent messages remembered until delivered (oldest delivered ones go first)
 MAX_HELD = 1000             # stored messages held while their sender's changed identity waits for /accept
 MAX_RECEIPT_JOBS = 10000
+MAX_EARLY_RECEIPTS = 256   # receipts that overtook the bookkeeping of the message they answer
 MAX_SEEN_IDS = K.MAX_SEEN_IDS   # ids of messages shown, so a resend after a reconnect is shown once
 OUTBOUND_MAX_AGE_S = 24 * 3600.0  # an offline session to a peer is used this long at most, then a new one
 
@@ -77,6 +78,9 @@ class Mailbox:
         self._thread: threading.Thread | None = None
         self.published = threading.Event()   # the server holds a current bundle of ours (tests wait on it)
         self._seen: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
+        # A live message is written into the outbox once it has gone; over a fast link (direct UDP on
+        # one machine) its receipt can come back first.  Such receipts wait here, bounded, for sent_live.
+        self._early: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
 
     # -- setup ------------------------------------------------------------------------
     def open_store(self, home, username: str, server_id: str, password: str) -> None:
@@ -154,9 +158,18 @@ class Mailbox:
         return entry
 
     def sent_live(self, peer: str, text: str, msg_id: bytes) -> Outgoing:
+        """A live message has gone: remembered until its receipt, or delivered at once when the
+        receipt overtook it (see on_receipt)."""
         entry = Outgoing(msg_id, peer, text, time.time(), SENT)
         with self.lock:
-            self._remember(entry)
+            early = self._early.pop((peer, msg_id), False) is None
+            if early:
+                entry.state = DELIVERED
+                entry.receipted.set()
+            else:
+                self._remember(entry)
+        if early:
+            self.client._delivered_event(entry)
         return entry
 
     def _remember(self, entry: Outgoing) -> None:
@@ -343,7 +356,11 @@ class Mailbox:
         with self.lock:
             for msg_id in ids:
                 entry = self.outbox.get(msg_id)
-                if entry is not None and entry.peer == peer and entry.state != DELIVERED:
+                if entry is None:   # perhaps not written yet (sent_live): kept a while, bounded
+                    self._early[(peer, msg_id)] = None
+                    while len(self._early) > MAX_EARLY_RECEIPTS:
+                        self._early.popitem(last=False)
+                elif entry.peer == peer and entry.state != DELIVERED:
                     entry.state = DELIVERED
                     entry.receipted.set()
                     delivered.append(entry)

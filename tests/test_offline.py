@@ -196,6 +196,30 @@ def test_a_receipt_only_marks_messages_sent_to_its_sender():
     assert box.pending() == [] and box.client.events == ["for bob"]
 
 
+def test_a_receipt_that_overtakes_its_message_still_marks_it_delivered():
+    """Over direct UDP on one machine the peer's receipt can come back before the sender has written
+    the message into its outbox; it waits (bounded) and delivers the message once it is written."""
+    class Stub:
+        def __init__(self):
+            self.events = []
+
+        def _delivered_event(self, entry):
+            self.events.append(entry.text)
+
+    offline = __import__("offline")
+    box = offline.Mailbox(Stub())
+    first, second, third = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
+    box.on_receipt("bob", (first,))
+    box.on_receipt("carol", (second,))         # carol's receipt for a message to bob counts for nothing
+    entry = box.sent_live("bob", "for bob", first)
+    assert entry.state == offline.DELIVERED and entry.receipted.is_set()
+    assert box.pending() == [] and box.client.events == ["for bob"]
+    assert box.sent_live("bob", "again", second).state == offline.SENT
+    box.on_receipt("bob", (third,) + tuple(bytes([4, i]) * 8 for i in range(offline.MAX_EARLY_RECEIPTS)))
+    assert box.sent_live("bob", "long ago", third).state == offline.SENT   # bounded: the oldest went
+    assert box.client.events == ["for bob"]
+
+
 def test_offline_opens_are_rate_limited_per_session(tmp_path):
     with running_server(tmp_path / "srv", offline_opens_per_minute=3) as server:
         _away(server, tmp_path / "bob", "bob")
