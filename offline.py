@@ -63,6 +63,18 @@ class Outgoing:
     store: P.Store | None = None         # kept until the server answers: a resend repeats it exactly
 
 
+def _keep_bounded(kept: collections.OrderedDict, key, value, limit: int) -> None:
+    """Add ``key`` to an insertion-ordered memory of at most ``limit`` items: the oldest go."""
+    kept[key] = value
+    while len(kept) > limit:
+        kept.popitem(last=False)
+
+
+def _mark_delivered(entry: Outgoing) -> None:
+    entry.state = DELIVERED
+    entry.receipted.set()
+
+
 class Mailbox:
     def __init__(self, client) -> None:
         self.client = client
@@ -162,10 +174,10 @@ class Mailbox:
         receipt overtook it (see on_receipt)."""
         entry = Outgoing(msg_id, peer, text, time.time(), SENT)
         with self.lock:
-            early = self._early.pop((peer, msg_id), False) is None
+            early = (peer, msg_id) in self._early
             if early:
-                entry.state = DELIVERED
-                entry.receipted.set()
+                del self._early[(peer, msg_id)]
+                _mark_delivered(entry)
             else:
                 self._remember(entry)
         if early:
@@ -173,9 +185,7 @@ class Mailbox:
         return entry
 
     def _remember(self, entry: Outgoing) -> None:
-        self.outbox[entry.msg_id] = entry
-        while len(self.outbox) > MAX_OUTBOX:   # delivered ones are gone already: the oldest goes
-            self.outbox.popitem(last=False)
+        _keep_bounded(self.outbox, entry.msg_id, entry, MAX_OUTBOX)   # delivered ones are gone already
 
     def resend_unanswered(self) -> int:
         """After a reconnect: every Store the server did not answer goes again, byte for byte."""
@@ -196,9 +206,7 @@ class Mailbox:
         with self.lock:
             if key in self._seen:
                 return True
-            self._seen[key] = None
-            while len(self._seen) > MAX_SEEN_IDS:
-                self._seen.popitem(last=False)
+            _keep_bounded(self._seen, key, None, MAX_SEEN_IDS)
             if self.store is not None:  # saved with the store's next write (and at close)
                 self.store.seen_ids.append(f"{peer}|{cu.b64encode(msg_id)}")
             return False
@@ -357,12 +365,9 @@ class Mailbox:
             for msg_id in ids:
                 entry = self.outbox.get(msg_id)
                 if entry is None:   # perhaps not written yet (sent_live): kept a while, bounded
-                    self._early[(peer, msg_id)] = None
-                    while len(self._early) > MAX_EARLY_RECEIPTS:
-                        self._early.popitem(last=False)
+                    _keep_bounded(self._early, (peer, msg_id), None, MAX_EARLY_RECEIPTS)
                 elif entry.peer == peer and entry.state != DELIVERED:
-                    entry.state = DELIVERED
-                    entry.receipted.set()
+                    _mark_delivered(entry)
                     delivered.append(entry)
                     del self.outbox[msg_id]   # done: the outbox keeps what may still need us
         for entry in delivered:
