@@ -841,12 +841,20 @@ class ChatClient:
                 events, early = (early, None) if early else (self._recv_events(sock, proto), None)
                 if connection != self._connection:
                     return  # resume() replaced this connection: nothing of it is news any more
+                # A Goodbye is taken first: what came before it in the same read is still shown,
+                # but an answer it asks for fails on the closed session, and that failure must
+                # not pass for a lost connection (auto_reconnect would undo a kick).
+                bye = next((i for i, e in enumerate(events) if isinstance(e, P.Goodbye)), None)
+                if bye is not None:
+                    reason = f"the server closed the session: {sanitize(events[bye].reason, 512)}"
+                    goodbye, going_away = True, events[bye].reason in NODE_SHUTDOWN_REASONS
+                    events = events[:bye]
                 for event in events:
-                    if isinstance(event, P.Goodbye):
-                        reason, goodbye = f"the server closed the session: {sanitize(event.reason, 512)}", True
-                        going_away = event.reason in NODE_SHUTDOWN_REASONS
-                        break
-                    self._dispatch(event)
+                    try:
+                        self._dispatch(event)
+                    except ConnectionClosed:
+                        if not goodbye:
+                            raise
                 if goodbye or proto.state is P.State.CLOSED:
                     reason = reason if goodbye else proto.close_reason or "closed"
                     break

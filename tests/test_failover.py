@@ -7,6 +7,7 @@ ticket key) and one SQLite database, as the nodes of a cluster share theirs.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from contextlib import ExitStack
 
@@ -149,6 +150,33 @@ def test_a_kick_from_a_node_that_is_up_is_not_undone_by_reconnecting(tmp_path):
         assert "kicked for the test" in seen[-1].reason
         assert not any(isinstance(e, C.Reconnecting) for e in seen)
         assert alice.resume()  # coming back by hand still works: a kick is not a ban
+        alice.close()
+
+
+def test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick(tmp_path):
+    """The CI race: the kick arrives in the same read as a message the client answers (here a
+    prekey top-up).  The answer fails on the closed session, and that failure must not be taken
+    for a lost connection, which would be failed over and undo the kick."""
+    import protocol as P
+    with running_server(tmp_path / "srv") as server:
+        alice = _client([server.server_address], tmp_path / "a", "alice", auto_reconnect=True)
+        assert alice.mailbox.published.wait(10)
+        session = server.service.registry.session_of("alice")
+        done = threading.Event()
+
+        def top_up_then_kick():  # one loop callback: both frames leave in one write
+            session.send(P.PrekeyStatus(one_time_left=0, signed_prekey_id=0, signed_prekey_age_s=0))
+            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="a notice after it"))
+            session.close("kicked for the test")
+            done.set()
+
+        server.loop.call_soon_threadsafe(top_up_then_kick)
+        assert done.wait(5)
+        seen = _events_until(alice, C.Disconnected)
+        assert seen[-1].reason == "the server closed the session: kicked for the test"
+        assert not any(isinstance(e, C.Reconnecting) for e in seen)
+        # What came before the kick in that read is still shown, after the failed answer.
+        assert any(isinstance(e, C.ServerNotice) and e.text == "a notice after it" for e in seen)
         alice.close()
 
 
