@@ -58,6 +58,7 @@ class Outgoing:
     retried: bool = False                # resealed once after its offline key expired
     resend_due: bool = False             # live, no receipt when the connection dropped: send it again
     row: int | None = None               # its row in the local history (marked delivered on the receipt)
+    receipt_early: bool = False          # the peer's receipt came before the server's StoreResult
     answered: threading.Event = field(default_factory=threading.Event, repr=False)   # stored or refused
     receipted: threading.Event = field(default_factory=threading.Event, repr=False)  # delivered
     store: P.Store | None = None         # kept until the server answers: a resend repeats it exactly
@@ -268,21 +269,28 @@ class Mailbox:
                 return
             if entry.state != SENDING:
                 return  # the answer to a resend that was answered already
-            if msg.status == P.StoreStatus.NO_KEY and not entry.retried:
+            entry.store = None
+            # A receipt that came first is the peer's word that it has the message: final.
+            retry = msg.status == P.StoreStatus.NO_KEY and not entry.retried and not entry.receipt_early
+            if retry:
                 self.outbound.pop(entry.peer, None)
-                entry.store = None
-                retry = True
+            elif msg.status == P.StoreStatus.STORED:
+                entry.state = STORED
+            elif msg.status == P.StoreStatus.HANDED_OVER:
+                entry.state = HANDED
             else:
-                retry = False
-                entry.store = None
-                if msg.status == P.StoreStatus.STORED:
-                    entry.state = STORED
-                elif msg.status == P.StoreStatus.HANDED_OVER:
-                    entry.state = HANDED
-                else:
-                    entry.state, entry.reason = REFUSED, msg.reason
+                entry.state, entry.reason = REFUSED, msg.reason
         if retry:
             self._job(("resend", entry))
+            return
+        if entry.receipt_early:  # both are said, in their order: stored (or handed over), delivered
+            if entry.state != REFUSED:
+                self.client._stored_event(entry)
+            with self.lock:
+                _mark_delivered(entry)
+                self.outbox.pop(entry.msg_id, None)
+            self.client._delivered_event(entry)
+            entry.answered.set()
             return
         entry.answered.set()
         self.client._stored_event(entry)
@@ -366,6 +374,8 @@ class Mailbox:
                 entry = self.outbox.get(msg_id)
                 if entry is None:   # perhaps not written yet (sent_live): kept a while, bounded
                     _keep_bounded(self._early, (peer, msg_id), None, MAX_EARLY_RECEIPTS)
+                elif entry.peer == peer and entry.state == SENDING:
+                    entry.receipt_early = True   # its StoreResult is still on the way and says it
                 elif entry.peer == peer and entry.state != DELIVERED:
                     _mark_delivered(entry)
                     delivered.append(entry)

@@ -220,6 +220,35 @@ def test_a_receipt_that_overtakes_its_message_still_marks_it_delivered():
     assert box.client.events == ["for bob"]
 
 
+def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
+    """The server hands a stored message to a recipient who is online before it answers the
+    sender; the recipient's receipt can come back first.  It must neither be lost nor lose the
+    answer: the sender is told stored (handed over), then delivered, and its wait ends."""
+    class Stub:
+        def __init__(self):
+            self.events = []
+
+        def _stored_event(self, entry):
+            self.events.append(("stored", entry.state))
+
+        def _delivered_event(self, entry):
+            self.events.append(("delivered", entry.text))
+
+    offline = __import__("offline")
+    box = offline.Mailbox(Stub())
+    ref = b"\x05" * 16
+    entry = offline.Outgoing(ref, "bob", "to bob", 0.0, offline.SENDING, stored=True)
+    box._remember(entry)
+    box.on_receipt("carol", (ref,))             # not carol's message: nothing
+    box.on_receipt("bob", (ref,))
+    assert box.client.events == [] and not entry.answered.is_set() and box.entry(ref) is entry
+    box.on_store_result(P.StoreResult(conversation_id=1, msg_ref=ref, status=P.StoreStatus.HANDED_OVER,
+                                      reason=""))
+    assert box.client.events == [("stored", offline.HANDED), ("delivered", "to bob")]
+    assert entry.answered.is_set() and entry.receipted.is_set() and entry.state == offline.DELIVERED
+    assert box.pending() == [] and box.entry(ref) is None
+
+
 def test_offline_opens_are_rate_limited_per_session(tmp_path):
     with running_server(tmp_path / "srv", offline_opens_per_minute=3) as server:
         _away(server, tmp_path / "bob", "bob")
