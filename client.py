@@ -733,9 +733,11 @@ class ChatUI:
             self.term.say(f"[CLIENT]: {shown} is now marked as verified." if ok
                           else f"[CLIENT]: You have no key for {shown} to verify.")
         else:
-            ok = self.client.accept_identity(peer)
+            ok = self.client.accept_identity(peer, reopen=False)
             self.term.say(f"[CLIENT]: Accepted {shown}'s new identity key; reopening the conversation." if ok
                           else f"[CLIENT]: {shown}'s identity key has not changed; nothing to accept.")
+            if ok:  # said first: the "Conversation ... is ready" line it brings comes after it
+                self.client.open_conversation(peer)
 
     def _delete_account(self) -> bool:
         """True once the server has deleted the account (the client then leaves)."""

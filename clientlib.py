@@ -757,6 +757,11 @@ class ChatClient:
         that is still open: the old receiver is woken and stays silent (it belongs to an
         older connection), so it never reads the new socket nor reports the old one lost.
         """
+        self._after_resume(self._resume_session())
+        return True
+
+    def _resume_session(self) -> set[str]:
+        """resume()'s first half: a new session with the ticket.  The conversations to ask for again."""
         if self._ticket is None or self.identity is None:
             raise AuthError("No session ticket; log in with the password.")
         with self._resume_lock:
@@ -775,13 +780,16 @@ class ChatClient:
             self._authenticate(P.Resume(ticket=self._ticket, identity_key=cu.public_bytes(self.identity)))
             self._reconnecting.clear()
             self.start()
+        return wanted
+
+    def _after_resume(self, wanted: set[str]) -> None:
+        """resume()'s second half, on the new session: what the old one left unfinished."""
         if self._udp is not None:
             self.enable_direct()  # a new session has a new ticket key
         for peer in sorted(wanted):
             self.open_conversation(peer)
         self.mailbox.resend_unanswered()  # stores the server may not have seen: the same bytes again
         self.mailbox.after_reconnect()    # live messages with no receipt go again once keyed (or stored)
-        return True
 
     @property
     def identity_fingerprint(self) -> str | None:
@@ -906,7 +914,7 @@ class ChatClient:
                 break
             self._emit(Reconnecting(attempt, reason))
             try:
-                self.resume()
+                wanted = self._resume_session()
             except ServerKeyMismatch as exc:  # never retried: a security event
                 return f"Reconnecting failed: {exc}"
             except AuthError as exc:  # never retried: the ticket is void (expired, or a password change ended it)
@@ -918,7 +926,12 @@ class ChatClient:
             if self._stop.is_set():  # close() was called while we reconnected
                 self.close()
                 return None
+            # Said before the conversations are asked for again: their ConversationReady comes after.
             self._emit(Reconnected(self.node_id, attempt))
+            try:
+                self._after_resume(wanted)
+            except (ConnectionClosed, ProtocolError) as exc:  # the new connection's receiver reports it
+                log.info("after reconnecting: %s", exc)
             return None
         return f"Gave up reconnecting: {reason}"
 
@@ -1237,9 +1250,10 @@ class ChatClient:
             return None
         return e2e.safety_number(self.username, cu.public_bytes(self.identity), peer, key)
 
-    def accept_identity(self, peer: str) -> bool:
+    def accept_identity(self, peer: str, *, reopen: bool = True) -> bool:
         """Accept ``peer``'s changed identity key (the one last presented, remembered across
-        restarts of this client), then open the conversation again."""
+        restarts of this client), then open the conversation again (``reopen=False``: the caller
+        does, once it has said so, so that its line comes before the ConversationReady)."""
         assert self.peer_trust is not None
         key = self._changed_key(peer)
         if key is None:
@@ -1252,7 +1266,8 @@ class ChatClient:
         self._pending_keys().remove(peer)
         self.mailbox.forget_outbound(peer)
         self.mailbox.release_held(peer)  # stored messages that waited for this decision
-        self.open_conversation(peer)
+        if reopen:
+            self.open_conversation(peer)
         return True
 
     def mark_verified(self, peer: str) -> bool:
@@ -1416,7 +1431,7 @@ class ChatClient:
         if not entry.answered.wait(max(0.0, deadline - time.monotonic())):
             raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
         entry = self.mailbox.entry(entry.msg_id) or entry
-        if row is not None and self.history is not None:
+        if row is not None and self.history is not None and entry.state != offline.DELIVERED:
             self.history.set_state(row, H.STATE_REFUSED if entry.state == offline.REFUSED else H.STATE_ACCEPTED)
         if entry.state == offline.REFUSED:
             raise MessageRefused(f"Not sent to {peer}: {entry.reason}")

@@ -340,7 +340,10 @@ def handle_command(client: C.ChatClient, line: str, out: Output) -> bool:
             out.event("forgotten", peer=peer, count=client.forget(peer), **echo)
         elif cmd == "accept":  # the only way a changed identity key is accepted: explicitly
             peer = P.normalize_username(_text_field(doc, "peer"))
-            out.event("accepted", peer=peer, changed=client.accept_identity(peer), **echo)
+            changed = client.accept_identity(peer, reopen=False)
+            out.event("accepted", peer=peer, changed=changed, **echo)
+            if changed:  # said first: its conversation_ready comes after it
+                client.open_conversation(peer)
         elif cmd == "verify":
             peer = P.normalize_username(_text_field(doc, "peer"))
             out.event("safety_number", peer=peer, number=client.safety_number(peer),
