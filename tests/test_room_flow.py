@@ -38,6 +38,7 @@ def test_three_members_each_reach_the_other_two_and_membership_is_verified(tmp_p
         c = _team(server, tmp_path)
         alice, bob, carol = c["alice"], c["bob"], c["carol"]
         assert alice.rooms.members("#team") == ("alice", "bob", "carol")
+        wait_for(bob, RC.RoomNotice, timeout=15, text="alice added carol to #team.")
         assert bob.rooms.members("#team") == ("alice", "bob", "carol")   # bob saw carol's addition too
         for sender in (alice, bob, carol):
             sent = sender.rooms.send("#team", f"hello from {sender.username}")

@@ -63,7 +63,10 @@ def peer(server, home, name, password, *, register=True, **kw) -> C.ChatClient:
 
 
 def registered(server, home, name, password) -> None:
-    peer(server, home, name, password).close()
+    """A user who has logged in once and left, with prekeys on the server (so they can be written to)."""
+    client = peer(server, home, name, password)
+    assert client.mailbox.published.wait(20), "the client did not publish its prekeys"
+    client.close()
 
 
 class JsonProcess:
