@@ -247,6 +247,8 @@ def test_metrics_answer_and_move_with_a_chat(tmp_path):
         for i in range(20):
             a.send_message("bob", f"hello {i}")
             wait_for(b, clientlib.MessageReceived, text=f"hello {i}")
+        for i in range(20):  # bob's receipts are relayed too: none may be in flight during the scrape
+            wait_for(a, clientlib.MessageDelivered, text=f"hello {i}")
         after = _scrape(port)
         assert _metric(after, "secureim_messages_relayed_total") >= _metric(before, "secureim_messages_relayed_total") + 3
         assert _metric(after, 'secureim_logins_total{result="ok"}') == _metric(before, 'secureim_logins_total{result="ok"}') + 2

@@ -76,7 +76,7 @@ def test_connect_skips_a_dead_server_and_pins_the_service(tmp_path):
         client = C.ChatClient(servers=[dead, server.server_address], home=tmp_path / "a")
         started = time.monotonic()
         client.connect()
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 10   # a loaded machine's handshake, not a dead node's timeout
         assert client.node_id == "%s:%d" % server.server_address
         lines = (tmp_path / "a" / "known_servers").read_text().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"{dead[0]}:{dead[1]} ")  # under the service id
