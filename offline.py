@@ -87,6 +87,10 @@ class Mailbox:
         self.held: dict[str, list[P.StoredMessage]] = {}
         self._open_failure: dict[str, str] = {}
         self._answered: dict[str, K.OutboundSession] = {}   # the answer to the OfflineOpen in flight
+        # One OfflineOpen in flight per peer: a second one's answer would overwrite the first's in
+        # _answered.  Another thread that wants the same peer waits for it and takes its session.
+        self._opening: set[str] = set()
+        self._open_done = threading.Condition(self.lock)
         self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
         self._thread: threading.Thread | None = None
         self.published = threading.Event()   # the server holds a current bundle of ours (tests wait on it)
@@ -138,19 +142,33 @@ class Mailbox:
 
     # -- sending ----------------------------------------------------------------------
     def _outbound_for(self, peer: str) -> K.OutboundSession:
+        deadline = time.monotonic() + OPEN_TIMEOUT_S
         with self.lock:
-            held = self.outbound.get(peer)
-            if held is not None and time.monotonic() - held[1] < OUTBOUND_MAX_AGE_S:
-                return held[0]
+            while True:
+                held = self.outbound.get(peer)
+                if held is not None and time.monotonic() - held[1] < OUTBOUND_MAX_AGE_S:
+                    return held[0]
+                if peer not in self._opening:
+                    break
+                left = deadline - time.monotonic()   # another thread's open to this peer: wait for it
+                if left <= 0:
+                    raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
+                self._open_done.wait(left)
             self.outbound.pop(peer, None)
-        barrier = self.client._barrier_after(P.OfflineOpen(peer=peer))
-        if not barrier.done.wait(OPEN_TIMEOUT_S):
-            raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
-        with self.lock:
-            # This request's own answer: a live conversation that came up meanwhile may have
-            # dropped the cached session already (forget_outbound), but this one was asked for.
-            out = self._answered.pop(peer, None)
-            failure = self._open_failure.pop(peer, None)
+            self._opening.add(peer)
+        try:
+            barrier = self.client._barrier_after(P.OfflineOpen(peer=peer))
+            if not barrier.done.wait(OPEN_TIMEOUT_S):
+                raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
+            with self.lock:
+                # This request's own answer: a live conversation that came up meanwhile may have
+                # dropped the cached session already (forget_outbound), but this one was asked for.
+                out = self._answered.pop(peer, None)
+                failure = self._open_failure.pop(peer, None)
+        finally:
+            with self.lock:
+                self._opening.discard(peer)
+                self._open_done.notify_all()
         if out is None:
             raise MessageRefused(failure or (barrier.refusals[0] if barrier.refusals
                                              else f"no offline conversation with {peer} could be opened"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
@@ -247,6 +248,66 @@ def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
     assert box.client.events == [("stored", offline.HANDED), ("delivered", "to bob")]
     assert entry.answered.is_set() and entry.receipted.is_set() and entry.state == offline.DELIVERED
     assert box.pending() == [] and box.entry(ref) is None
+
+
+def test_two_threads_opening_to_one_peer_share_one_open():
+    """Two OfflineOpens in flight to one peer would overwrite each other's answer (one of the two
+    senders then fails with a spurious refusal); the second thread waits for the first's session."""
+    import threading
+    offline = __import__("offline")
+
+    class Barrier:
+        def __init__(self):
+            self.done, self.refusals = threading.Event(), []
+
+    class Stub:
+        node_id = "test"
+
+        def __init__(self):
+            self.opens, self.second_open = [], threading.Event()
+
+        def _barrier_after(self, msg):
+            self.opens.append(Barrier())
+            if len(self.opens) > 1:
+                self.second_open.set()
+            return self.opens[-1]
+
+    box = offline.Mailbox(Stub())
+    waiting = threading.Event()
+
+    class SpyCondition:   # says when a thread waits for another's open
+        def __init__(self, real):
+            self.real = real
+
+        def wait(self, timeout):
+            waiting.set()
+            return self.real.wait(timeout)
+
+        def notify_all(self):
+            self.real.notify_all()
+
+    box._open_done = SpyCondition(box._open_done)
+    got = {}
+    first = threading.Thread(target=lambda: got.__setitem__("first", box._outbound_for("bob")), daemon=True)
+    first.start()
+    deadline = time.monotonic() + 10
+    while not box.client.opens and time.monotonic() < deadline:
+        first.join(0.01)
+    assert len(box.client.opens) == 1
+    second = threading.Thread(target=lambda: got.__setitem__("second", box._outbound_for("bob")), daemon=True)
+    second.start()
+    deadline = time.monotonic() + 10
+    while not (waiting.is_set() or box.client.second_open.is_set()) and time.monotonic() < deadline:
+        second.join(0.01)
+    assert waiting.is_set() and len(box.client.opens) == 1   # no second OfflineOpen went
+    session = object()
+    with box.lock:   # the answer, as on_offline_key keeps it
+        box.outbound["bob"] = (session, time.monotonic())
+        box._answered["bob"] = session
+    box.client.opens[0].done.set()
+    first.join(10)
+    second.join(10)
+    assert got == {"first": session, "second": session}
 
 
 def test_offline_opens_are_rate_limited_per_session(tmp_path):
