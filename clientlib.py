@@ -1503,6 +1503,8 @@ class ChatClient:
             return
         channel = direct.DatagramChannel(conv.suite, *keys)
         with self._direct_lock:
+            if self._links.is_up(msg.peer):
+                return  # checked again under the lock: the peer's HELLO may have brought it up just now
             datagrams = self._links.start(msg.peer, (msg.host, msg.port), channel, generation or 0, msg.ticket,
                                           _now_ms())
         self._sendto(datagrams)
