@@ -42,13 +42,19 @@ def test_validation_refuses_duplicates_missing_and_repeated_find_text(tmp_path):
                ("catalog_a.py", Mutation("gone", "guard.py", "x >= 0", "True", ("tests/test_guard.py",), "")),
                ("catalog_a.py", Mutation("twice", "guard.py", "x", "y", ("tests/test_guard.py",), "")),
                ("catalog_a.py", Mutation("no-file", "nope.py", "x", "y", ("tests/test_guard.py",), "")),
-               ("catalog_a.py", Mutation("no-tests", "guard.py", "return", "return", (), ""))]
+               ("catalog_a.py", Mutation("no-tests", "guard.py", "return", "return", (), "")),
+               # matched inside a deeper line, the replacement leaves a file that cannot run: the
+               # tests would fail on the import and "kill" a mutation that switched nothing off
+               ("catalog_a.py", Mutation("bad-indent", "guard.py", "return x > 0\n",
+                                         "return True\n        pass\n", ("tests/test_guard.py",), ""))]
     problems = "\n".join(runner.validate(entries, root=repo))
     assert "also used in catalog_a.py" in problems
     assert "gone: find text occurs 0 times" in problems
     assert "twice: find text occurs 2 times" in problems
     assert "no-file: nope.py does not exist" in problems
     assert "no-tests: names no tests" in problems and "replace equals find" in problems
+    assert "bad-indent: the mutated guard.py does not compile" in problems
+    assert "m: the mutated" not in problems
 
 
 def test_killed_survived_and_error_are_told_apart(tmp_path):

@@ -64,7 +64,7 @@ MUTATIONS: list[Mutation] = [
         name="passwd-old-password-unchecked",
         file="auth.py",
         find="        self.login(username, old_password, source)\n",
-        replace="            pass\n",
+        replace="        pass\n",
         tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),
         why="anyone at an unlocked terminal changes the password without knowing it, and locks the owner out.",
     ),

@@ -241,8 +241,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="offline-open-answer-dropped-by-a-race",
         file="offline.py",
-        find="            out = self._answered.pop(peer, None)\n",
-        replace="            held = self.outbound.get(peer)\n            out = held[0] if held is not None else None\n",
+        find="                out = self._answered.pop(peer, None)\n",
+        replace="                held = self.outbound.get(peer)\n                out = held[0] if held is not None else None\n",
         tests=(OFF + "test_an_offline_open_answered_while_a_live_conversation_comes_up_is_still_used",),
         why="a live conversation coming up while a stored message (or receipt) waits for its bundle loses it.",
     ),

@@ -100,9 +100,15 @@ def validate(mutations: list, root: Path = ROOT) -> list[str]:
         if not path.is_file():
             problems.append(f"{where}: {m.file} does not exist")
             continue
-        count = path.read_text(encoding="utf-8").count(m.find)
+        source = path.read_text(encoding="utf-8")
+        count = source.count(m.find)
         if count != 1:
             problems.append(f"{where}: find text occurs {count} times in {m.file} (exactly once is required)")
+        elif m.file.endswith(".py"):
+            try:  # a find that matches inside a deeper-indented line leaves a file that cannot run
+                compile(source.replace(m.find, m.replace, 1), m.file, "exec")
+            except SyntaxError as exc:
+                problems.append(f"{where}: the mutated {m.file} does not compile ({exc.msg}, line {exc.lineno})")
         for test in m.tests:
             test_file = test.split("::", 1)[0]
             if not (root / test_file).is_file():
