@@ -225,6 +225,8 @@ class History:
             entry = self._open_row(row_id, *row) if row else None
             if entry is None:
                 return False
+            if entry.state == STATE_DELIVERED and state != STATE_DELIVERED:
+                return False  # final: the peer's receipt said so (a late 'accepted' must not undo it)
             nonce, sealed = self._seal(row[0], row[1], {"peer": entry.peer, "dir": entry.direction,
                                                         "text": entry.text, "state": state})
             self._db.execute("UPDATE messages SET nonce = ?, sealed = ? WHERE id = ?", (nonce, sealed, row_id))

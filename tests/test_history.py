@@ -27,6 +27,10 @@ def test_rows_come_back_in_order_with_direction_time_and_state(hist):
     hist.record("bob", H.INCOMING, "hi alice", state=H.STATE_RECEIVED)
     hist.record("carol", H.OUTGOING, "not for bob", state=H.STATE_SENT)
     assert hist.set_state(first, H.STATE_ACCEPTED)
+    delivered = hist.record("carol", H.OUTGOING, "receipted", state=H.STATE_SENT)
+    assert hist.set_state(delivered, H.STATE_DELIVERED)
+    assert not hist.set_state(delivered, H.STATE_ACCEPTED)   # a late store answer cannot undo a receipt
+    assert [e.state for e in hist.last("carol", 10).entries] == ["sent", "delivered"]
     page = hist.last("bob", 10)
     assert [(e.direction, e.text, e.state) for e in page.entries] == [
         ("out", "hello bob", "accepted"), ("in", "hi alice", "received")]
