@@ -882,9 +882,9 @@ class ChatClient:
                 and (not goodbye or not self._node_reachable())):
             self._reconnecting.set()
             failure = self._reconnect(reason)
-            self._reconnecting.clear()
-            if failure is None:
+            if failure is None:  # _resume_session cleared it; a newer connection's loss may have set it since
                 return
+            self._reconnecting.clear()
             reason, ticket_refused = failure, self._ticket is None  # _reconnect forgets a refused ticket
         if not self.closed.is_set() and not self._stop.is_set():
             self._emit(Disconnected(reason, ticket_refused))

@@ -155,6 +155,8 @@ class Mailbox:
                     raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
                 self._open_done.wait(left)
             self.outbound.pop(peer, None)
+            self._answered.pop(peer, None)       # a late answer to an open that timed out is not ours
+            self._open_failure.pop(peer, None)
             self._opening.add(peer)
         try:
             barrier = self.client._barrier_after(P.OfflineOpen(peer=peer))

@@ -310,6 +310,29 @@ def test_two_threads_opening_to_one_peer_share_one_open():
     assert got == {"first": session, "second": session}
 
 
+def test_a_late_answer_to_an_open_that_timed_out_is_not_taken_by_the_next():
+    """An OfflineKey that came after its asker gave up stays behind; the next open to that peer,
+    refused this time (say the peer's identity changed), must fail, not take the old session."""
+    from errors import MessageRefused
+    offline = __import__("offline")
+
+    class Barrier:
+        def __init__(self):
+            self.done, self.refusals = __import__("threading").Event(), ["refused for the test"]
+            self.done.set()
+
+    class Stub:
+        node_id = "test"
+
+        def _barrier_after(self, msg):
+            return Barrier()
+
+    box = offline.Mailbox(Stub())
+    box._answered["bob"] = object()   # the late answer to an earlier open
+    with pytest.raises(MessageRefused, match="refused for the test"):
+        box._outbound_for("bob")
+
+
 def test_offline_opens_are_rate_limited_per_session(tmp_path):
     with running_server(tmp_path / "srv", offline_opens_per_minute=3) as server:
         _away(server, tmp_path / "bob", "bob")
