@@ -1431,7 +1431,7 @@ class ChatClient:
         if not entry.answered.wait(max(0.0, deadline - time.monotonic())):
             raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
         entry = self.mailbox.entry(entry.msg_id) or entry
-        if row is not None and self.history is not None and entry.state != offline.DELIVERED:
+        if row is not None and self.history is not None:  # a row already 'delivered' stays so (History)
             self.history.set_state(row, H.STATE_REFUSED if entry.state == offline.REFUSED else H.STATE_ACCEPTED)
         if entry.state == offline.REFUSED:
             raise MessageRefused(f"Not sent to {peer}: {entry.reason}")

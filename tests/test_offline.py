@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 
 import pytest
 
 import clientlib as C
+import offline
 import protocol as P
 from server_fixtures import PASSWORD, logged_in_client, running_server, wait_for
 
@@ -188,7 +190,7 @@ def test_a_receipt_only_marks_messages_sent_to_its_sender():
         def _delivered_event(self, entry):
             self.events.append(entry.text)
 
-    box = __import__("offline").Mailbox(Stub())
+    box = offline.Mailbox(Stub())
     msg_id = b"\x01" * 16
     box.sent_live("bob", "for bob", msg_id)
     box.on_receipt("carol", (msg_id,))          # carol cannot confirm what bob received
@@ -207,7 +209,6 @@ def test_a_receipt_that_overtakes_its_message_still_marks_it_delivered():
         def _delivered_event(self, entry):
             self.events.append(entry.text)
 
-    offline = __import__("offline")
     box = offline.Mailbox(Stub())
     first, second, third = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
     box.on_receipt("bob", (first,))
@@ -235,7 +236,6 @@ def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
         def _delivered_event(self, entry):
             self.events.append(("delivered", entry.text))
 
-    offline = __import__("offline")
     box = offline.Mailbox(Stub())
     ref = b"\x05" * 16
     entry = offline.Outgoing(ref, "bob", "to bob", 0.0, offline.SENDING, stored=True)
@@ -250,29 +250,30 @@ def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
     assert box.pending() == [] and box.entry(ref) is None
 
 
+class _OpeningClient:
+    """What Mailbox._outbound_for needs of its client: each OfflineOpen is recorded with its
+    barrier (clientlib's own), answered by the test; ``progress`` is set at every open."""
+    node_id = "test"
+
+    def __init__(self, refusal: str | None = None):
+        self.opens: list[C._Barrier] = []
+        self.progress = threading.Event()
+        self.refusal = refusal
+
+    def _barrier_after(self, msg):
+        barrier = C._Barrier()
+        if self.refusal is not None:   # answered at once, with this refusal and no session
+            barrier.refusals.append(self.refusal)
+            barrier.done.set()
+        self.opens.append(barrier)
+        self.progress.set()
+        return barrier
+
+
 def test_two_threads_opening_to_one_peer_share_one_open():
     """Two OfflineOpens in flight to one peer would overwrite each other's answer (one of the two
     senders then fails with a spurious refusal); the second thread waits for the first's session."""
-    import threading
-    offline = __import__("offline")
-
-    class Barrier:
-        def __init__(self):
-            self.done, self.refusals = threading.Event(), []
-
-    class Stub:
-        node_id = "test"
-
-        def __init__(self):
-            self.opens, self.second_open = [], threading.Event()
-
-        def _barrier_after(self, msg):
-            self.opens.append(Barrier())
-            if len(self.opens) > 1:
-                self.second_open.set()
-            return self.opens[-1]
-
-    box = offline.Mailbox(Stub())
+    box = offline.Mailbox(_OpeningClient())
     waiting = threading.Event()
 
     class SpyCondition:   # says when a thread waits for another's open
@@ -281,6 +282,7 @@ def test_two_threads_opening_to_one_peer_share_one_open():
 
         def wait(self, timeout):
             waiting.set()
+            box.client.progress.set()
             return self.real.wait(timeout)
 
         def notify_all(self):
@@ -290,15 +292,12 @@ def test_two_threads_opening_to_one_peer_share_one_open():
     got = {}
     first = threading.Thread(target=lambda: got.__setitem__("first", box._outbound_for("bob")), daemon=True)
     first.start()
-    deadline = time.monotonic() + 10
-    while not box.client.opens and time.monotonic() < deadline:
-        first.join(0.01)
+    assert box.client.progress.wait(10)
     assert len(box.client.opens) == 1
+    box.client.progress.clear()
     second = threading.Thread(target=lambda: got.__setitem__("second", box._outbound_for("bob")), daemon=True)
     second.start()
-    deadline = time.monotonic() + 10
-    while not (waiting.is_set() or box.client.second_open.is_set()) and time.monotonic() < deadline:
-        second.join(0.01)
+    assert box.client.progress.wait(10)   # it waits for the first, or (wrongly) opens a second
     assert waiting.is_set() and len(box.client.opens) == 1   # no second OfflineOpen went
     session = object()
     with box.lock:   # the answer, as on_offline_key keeps it
@@ -313,23 +312,9 @@ def test_two_threads_opening_to_one_peer_share_one_open():
 def test_a_late_answer_to_an_open_that_timed_out_is_not_taken_by_the_next():
     """An OfflineKey that came after its asker gave up stays behind; the next open to that peer,
     refused this time (say the peer's identity changed), must fail, not take the old session."""
-    from errors import MessageRefused
-    offline = __import__("offline")
-
-    class Barrier:
-        def __init__(self):
-            self.done, self.refusals = __import__("threading").Event(), ["refused for the test"]
-            self.done.set()
-
-    class Stub:
-        node_id = "test"
-
-        def _barrier_after(self, msg):
-            return Barrier()
-
-    box = offline.Mailbox(Stub())
+    box = offline.Mailbox(_OpeningClient(refusal="refused for the test"))
     box._answered["bob"] = object()   # the late answer to an earlier open
-    with pytest.raises(MessageRefused, match="refused for the test"):
+    with pytest.raises(C.MessageRefused, match="refused for the test"):
         box._outbound_for("bob")
 
 
@@ -515,11 +500,11 @@ def test_the_ids_of_messages_shown_are_remembered_across_a_restart(tmp_path):
     class Stub:
         identity = None
 
-    box = __import__("offline").Mailbox(Stub())
+    box = offline.Mailbox(Stub())
     box.open_store(tmp_path, "bob", "srv", "pw")
     assert box.seen_before("alice", b"\x05" * 16) is False
     box.save()
-    again = __import__("offline").Mailbox(Stub())
+    again = offline.Mailbox(Stub())
     again.open_store(tmp_path, "bob", "srv", "pw")
     assert again.seen_before("alice", b"\x05" * 16) is True
 
