@@ -182,15 +182,18 @@ def test_a_server_replaying_a_stored_message_gets_it_acknowledged_and_never_show
         bob.close()
 
 
+class _DeliveryClient:
+    """What a Mailbox needs of its client for receipts: the texts it reports delivered, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def _delivered_event(self, entry):
+        self.events.append(entry.text)
+
+
 def test_a_receipt_only_marks_messages_sent_to_its_sender():
-    class Stub:
-        def __init__(self):
-            self.events = []
-
-        def _delivered_event(self, entry):
-            self.events.append(entry.text)
-
-    box = offline.Mailbox(Stub())
+    box = offline.Mailbox(_DeliveryClient())
     msg_id = b"\x01" * 16
     box.sent_live("bob", "for bob", msg_id)
     box.on_receipt("carol", (msg_id,))          # carol cannot confirm what bob received
@@ -202,14 +205,7 @@ def test_a_receipt_only_marks_messages_sent_to_its_sender():
 def test_a_receipt_that_overtakes_its_message_still_marks_it_delivered():
     """Over direct UDP on one machine the peer's receipt can come back before the sender has written
     the message into its outbox; it waits (bounded) and delivers the message once it is written."""
-    class Stub:
-        def __init__(self):
-            self.events = []
-
-        def _delivered_event(self, entry):
-            self.events.append(entry.text)
-
-    box = offline.Mailbox(Stub())
+    box = offline.Mailbox(_DeliveryClient())
     first, second, third = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
     box.on_receipt("bob", (first,))
     box.on_receipt("carol", (second,))         # carol's receipt for a message to bob counts for nothing
