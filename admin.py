@@ -32,7 +32,7 @@ from protocol import normalize_username
 
 EXIT_OK, EXIT_UNAVAILABLE, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_DATA_DIR = "secureim-data"
-TEMPORARY_PASSWORD_BYTES = 12      # 16 URL-safe characters, 96 bits
+TEMPORARY_PASSWORD_BYTES = 12  # 16 URL-safe characters, 96 bits
 MAX_AUDIT_ROWS = 10_000
 
 
@@ -67,7 +67,9 @@ def parse_since(text: str, now: float | None = None) -> float:
     try:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise BadInput(f"Bad --since {text[:40]!r}: use a duration (1h, 7d) or a UTC date (2026-11-22T10:30).") from None
+        raise BadInput(
+            f"Bad --since {text[:40]!r}: use a duration (1h, 7d) or a UTC date (2026-11-22T10:30)."
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
@@ -78,7 +80,7 @@ class AdminOps:
 
     def __init__(self, storage: Storage, actor: str, *, bcrypt_cost: int = DEFAULT_BCRYPT_COST) -> None:
         self.storage = storage
-        self.actor = actor[:64]          # recorded as the source of admin actions in the audit log
+        self.actor = actor[:64]  # recorded as the source of admin actions in the audit log
         self.bcrypt_cost = bcrypt_cost
 
     def existing_user(self, raw: str) -> str:
@@ -98,9 +100,17 @@ class AdminOps:
         now = time.time()
         online = {s.username for s in self.storage.list_sessions()}
         banned = {b.target for b in self.storage.active_bans(now, kind="user")}
-        rows = [(u.username, _when(u.created_at), _when(u.last_login_at), "yes" if u.username in online else "no",
-                 "yes" if u.locked else "no", "yes" if u.username in banned else "no")
-                for u in self.storage.list_users(now)]
+        rows = [
+            (
+                u.username,
+                _when(u.created_at),
+                _when(u.last_login_at),
+                "yes" if u.username in online else "no",
+                "yes" if u.locked else "no",
+                "yes" if u.username in banned else "no",
+            )
+            for u in self.storage.list_users(now)
+        ]
         return _table(("USER", "CREATED (UTC)", "LAST LOGIN (UTC)", "ONLINE", "LOCKED", "BANNED"), rows)
 
     def sessions(self) -> list[str]:
@@ -108,13 +118,18 @@ class AdminOps:
         return _table(("USER", "FROM", "SINCE (UTC)", "NODE"), rows)
 
     def bans(self) -> list[str]:
-        rows = [(b.kind, b.target, describe_until(b.until), b.reason) for b in self.storage.active_bans(time.time())]
+        rows = [
+            (b.kind, b.target, describe_until(b.until), b.reason)
+            for b in self.storage.active_bans(time.time())
+        ]
         return _table(("KIND", "TARGET", "UNTIL", "REASON"), rows)
 
     def lockouts(self) -> list[str]:
         now = time.time()
-        rows = [(x.username, x.source, x.failures, f"{max(0, int(x.locked_until - now))} s")
-                for x in self.storage.list_lockouts(now)]
+        rows = [
+            (x.username, x.source, x.failures, f"{max(0, int(x.locked_until - now))} s")
+            for x in self.storage.list_lockouts(now)
+        ]
         return _table(("USER", "FROM", "FAILURES", "LOCKED FOR"), rows)
 
     def audit(self, user: str | None, since: str | None, limit: int) -> list[str]:
@@ -127,15 +142,18 @@ class AdminOps:
             except InvalidUsername:
                 raise BadInput(f"Bad username {_clean(user, 40)!r}.") from None
         start = parse_since(since) if since else 0.0
-        rows = [(_when(e.at), e.event, e.username or "-", e.source or "-", e.detail)
-                for e in self.storage.audit_events(name, start, limit)]
+        rows = [
+            (_when(e.at), e.event, e.username or "-", e.source or "-", e.detail)
+            for e in self.storage.audit_events(name, start, limit)
+        ]
         return _table(("TIME (UTC)", "EVENT", "USER", "SOURCE", "DETAIL"), rows)
 
     # -- acting -----------------------------------------------------------------------
     def kick(self, raw: str, reason: str = "") -> str:
         name = self.existing_user(raw)
-        self.storage.post_admin_action("kick", name, "An administrator disconnected you"
-                                       + (f": {reason}." if reason else "."))
+        self.storage.post_admin_action(
+            "kick", name, "An administrator disconnected you" + (f": {reason}." if reason else ".")
+        )
         self._audit("kick", name, reason)
         return f"Kicked {name}: every server sharing this database ends their session within a second."
 
@@ -146,7 +164,9 @@ class AdminOps:
         self.storage.set_ban("user", name, until, reason)
         ban = self.storage.user_ban(name, time.time())
         self.storage.post_admin_action("kick", name, ban_message(ban) if ban else "You were banned.")
-        self._audit("ban", name, (f"{int(seconds)} s" if seconds else "no end") + (f": {reason}" if reason else ""))
+        self._audit(
+            "ban", name, (f"{int(seconds)} s" if seconds else "no end") + (f": {reason}" if reason else "")
+        )
         return f"Banned {name} {describe_until(until)}; any session of theirs ends within a second."
 
     def unban(self, raw: str) -> str:
@@ -161,8 +181,13 @@ class AdminOps:
         until = time.time() + seconds if seconds else 0.0
         self.storage.set_ban("address", network, until, reason)
         self.storage.post_admin_action("address", "", "")
-        self._audit("ban_address", "", f"{network} " + (f"{int(seconds)} s" if seconds else "no end")
-                    + (f": {reason}" if reason else ""))
+        self._audit(
+            "ban_address",
+            "",
+            f"{network} "
+            + (f"{int(seconds)} s" if seconds else "no end")
+            + (f": {reason}" if reason else ""),
+        )
         return f"Banned {network} {describe_until(until)}; sessions from it end within a second."
 
     def unban_address(self, cidr: str) -> str:
@@ -174,14 +199,17 @@ class AdminOps:
     def reset_password(self, raw: str, new_password: str | None = None) -> tuple[str, str]:
         """Set a new password (given, or a random temporary one), end the user's tickets and session."""
         name = self.existing_user(raw)
-        password = new_password if new_password is not None else secrets.token_urlsafe(TEMPORARY_PASSWORD_BYTES)
+        password = (
+            new_password if new_password is not None else secrets.token_urlsafe(TEMPORARY_PASSWORD_BYTES)
+        )
         if len(password.encode("utf-8")) < MIN_PASSWORD_BYTES:
             raise BadInput(f"Passwords must be at least {MIN_PASSWORD_BYTES} characters.")
         self.storage.set_password_hash(name, hash_password(password.encode("utf-8"), self.bcrypt_cost))
-        self.storage.bump_ticket_epoch(name)             # every resumption ticket issued so far is void
+        self.storage.bump_ticket_epoch(name)  # every resumption ticket issued so far is void
         self.storage.clear_all_login_failures(name)
-        self.storage.post_admin_action("kick", name, "An administrator reset your password; "
-                                                     "log in again with the new one.")
+        self.storage.post_admin_action(
+            "kick", name, "An administrator reset your password; log in again with the new one."
+        )
         self._audit("reset_password", name)
         return name, password
 
@@ -190,8 +218,10 @@ class AdminOps:
         self.storage.delete_user(name)
         self.storage.post_admin_action("kick", name, "Your account was deleted by an administrator.")
         self._audit("delete_user", name)
-        return (f"Deleted {name}: the account, its conversations, lockouts, tickets and session rows. "
-                "(This version keeps no offline message queue or group memberships.)")
+        return (
+            f"Deleted {name}: the account, its conversations, lockouts, tickets and session rows. "
+            "(This version keeps no offline message queue or group memberships.)"
+        )
 
     def unlock(self, raw: str) -> str:
         name = self.existing_user(raw)
@@ -212,11 +242,18 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="server.py admin", description="Operate a secureim server through its database.")
-    p.add_argument("--db", dest="db_url", default=None,
-                   help="the server's --db URL (default: SQLite in the data dir)")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SECUREIM_DATA_DIR", DEFAULT_DATA_DIR)),
-                   help=f"the server's --data-dir (default ./{DEFAULT_DATA_DIR})")
-    p.add_argument("--bcrypt-cost", type=int, default=DEFAULT_BCRYPT_COST, help="bcrypt cost for reset passwords")
+    p.add_argument(
+        "--db", dest="db_url", default=None, help="the server's --db URL (default: SQLite in the data dir)"
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("SECUREIM_DATA_DIR", DEFAULT_DATA_DIR)),
+        help=f"the server's --data-dir (default ./{DEFAULT_DATA_DIR})",
+    )
+    p.add_argument(
+        "--bcrypt-cost", type=int, default=DEFAULT_BCRYPT_COST, help="bcrypt cost for reset passwords"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("users", help="every account: created, last login, online, locked, banned")
     sub.add_parser("sessions", help="who is connected, from where, since when, on which node")
@@ -227,7 +264,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     c.add_argument("--reason", default="", help="shown to the user")
     c = sub.add_parser("ban", help="ban USER (ends their session; refuses their logins)")
     c.add_argument("user")
-    c.add_argument("--for", dest="duration", default=None, metavar="DURATION", help="30m, 1h, 7d, 2w (default: no end)")
+    c.add_argument(
+        "--for", dest="duration", default=None, metavar="DURATION", help="30m, 1h, 7d, 2w (default: no end)"
+    )
     c.add_argument("--reason", default="", help="shown to the user")
     c = sub.add_parser("unban", help="lift USER's ban")
     c.add_argument("user")
@@ -239,7 +278,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     c.add_argument("cidr")
     c = sub.add_parser("reset-password", help="give USER a new password; ends their tickets and session")
     c.add_argument("user")
-    c.add_argument("--ask", action="store_true", help="type the new password instead of printing a random one")
+    c.add_argument(
+        "--ask", action="store_true", help="type the new password instead of printing a random one"
+    )
     c = sub.add_parser("delete-user", help="delete USER and everything kept for them")
     c.add_argument("user")
     c.add_argument("--yes", action="store_true", help="do not ask for the typed confirmation")
@@ -312,8 +353,10 @@ def run(args: argparse.Namespace, storage: Storage) -> int:
         name, password = ops.reset_password(args.user, _ask_password() if args.ask else None)
         lines = [f"New password set for {name}; their tickets and session are ended."]
         if not args.ask:
-            lines += [f"Temporary password: {password}",
-                      "Give it to them over a trusted channel; they should change it after logging in."]
+            lines += [
+                f"Temporary password: {password}",
+                "Give it to them over a trusted channel; they should change it after logging in.",
+            ]
     else:  # pragma: no cover - argparse only lets the commands above through
         raise BadInput(f"Unknown command {cmd!r}.")
     for line in lines:
@@ -329,8 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "health":
             return _health(args.metrics_port)
         url = args.db_url or f"sqlite:///{Path(args.data_dir) / 'secureim.db'}"
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-            raise BadInput(f"No database at {url[len('sqlite:///'):]}; give the server's --data-dir or --db.")
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+            raise BadInput(
+                f"No database at {url[len('sqlite:///') :]}; give the server's --data-dir or --db."
+            )
         storage = open_storage(url, apply_schema=False)  # the server applied it; never under its feet
     except BadInput as exc:
         print(f"admin: {exc}", file=sys.stderr)
@@ -340,10 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     try:
         return run(args, storage)
-    except ConfigError as exc:       # unknown user, bad duration, bad network
+    except ConfigError as exc:  # unknown user, bad duration, bad network
         print(f"admin: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except SecureIMError as exc:     # the database went away
+    except SecureIMError as exc:  # the database went away
         print(f"admin: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except (EOFError, KeyboardInterrupt):

@@ -92,24 +92,35 @@ def check_password(password: bytes, stored_hash: str) -> bool:
 class AuthService:
     """Registration and login against a :class:`database.Storage`."""
 
-    def __init__(self, storage: Storage, *, bcrypt_cost: int = DEFAULT_BCRYPT_COST,
-                 max_failures: int = MAX_FAILURES, lock_s: float = LOCK_S,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        bcrypt_cost: int = DEFAULT_BCRYPT_COST,
+        max_failures: int = MAX_FAILURES,
+        lock_s: float = LOCK_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.storage = storage
         self.bcrypt_cost = bcrypt_cost
         self.max_failures = max_failures
         self.lock_s = lock_s
         self.clock = clock
-        self._bcrypt = ThreadPoolExecutor(max_workers=BCRYPT_WORKERS, thread_name_prefix="bcrypt",
-                                          initializer=_lower_priority, initargs=(BCRYPT_NICE,))
+        self._bcrypt = ThreadPoolExecutor(
+            max_workers=BCRYPT_WORKERS,
+            thread_name_prefix="bcrypt",
+            initializer=_lower_priority,
+            initargs=(BCRYPT_NICE,),
+        )
         # Unknown users are checked against this, so they take as long as real ones.
         self._dummy_hash = hash_password(b"secureim dummy password", bcrypt_cost)
 
     def _check(self, password: bytes, stored_hash: str) -> bool:
         return self._bcrypt.submit(check_password, password, stored_hash).result()
 
-    def register(self, raw_username: str, password: bytes, source: str = "",
-                 identity_key: bytes | None = None) -> str:
+    def register(
+        self, raw_username: str, password: bytes, source: str = "", identity_key: bytes | None = None
+    ) -> str:
         username = normalize_username(raw_username)
         if len(password) < MIN_PASSWORD_BYTES:
             raise InvalidPassword(f"Passwords must be at least {MIN_PASSWORD_BYTES} characters.")
@@ -140,7 +151,9 @@ class AuthService:
             if failures.failures:
                 self.storage.clear_login_failures(username, source)
             return username
-        after = self.storage.record_login_failure(username, source, self.clock(), self.max_failures, self.lock_s)
+        after = self.storage.record_login_failure(
+            username, source, self.clock(), self.max_failures, self.lock_s
+        )
         if after.locked_until > now:
             raise AccountLocked(math.ceil(after.locked_until - self.clock()))
         raise InvalidCredentials()

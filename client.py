@@ -57,62 +57,100 @@ from protocol import DEFAULT_PORT, MAX_PASSWORD_BYTES
 from tickets import TICKET_LIFETIME_S
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_KEY_MISMATCH, EXIT_LOGIN_FAILED = (
-    S.EXIT_OK, S.EXIT_ERROR, S.EXIT_USAGE, S.EXIT_KEY_MISMATCH, S.EXIT_LOGIN_FAILED)
+    S.EXIT_OK,
+    S.EXIT_ERROR,
+    S.EXIT_USAGE,
+    S.EXIT_KEY_MISMATCH,
+    S.EXIT_LOGIN_FAILED,
+)
 HISTORY_DEFAULT_LINES = 20
 MAX_LOGIN_ROUNDS = 6
-DELETE_ANSWER_TIMEOUT_S = 30.0   # bcrypt on a busy server; the answer normally takes well under a second
+DELETE_ANSWER_TIMEOUT_S = 30.0  # bcrypt on a busy server; the answer normally takes well under a second
 MAX_PASSWORD_TRIES = 3
-MIN_PASSWORD_BYTES = 8   # the server's rule (auth.MIN_PASSWORD_BYTES); it checks again
+MIN_PASSWORD_BYTES = 8  # the server's rule (auth.MIN_PASSWORD_BYTES); it checks again
 PASSWORD_RULE = f"Passwords are {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} characters."
 # A lost connection (docs/CLIENT.md, "When the connection drops"): the library resumes with the session
 # ticket on the next server of --host, waiting before try k a random time up to
 # min(C.RECONNECT_MAX_DELAY_S, C.RECONNECT_BASE_DELAY_S * 2^(k-1)) (full jitter), for as long as the
 # ticket can still be valid: no ticket outlives TICKET_LIFETIME_S, and a refused one asks to log in again.
 TERMINAL_RECONNECT_WINDOW_S = float(TICKET_LIFETIME_S)
-TERMINAL_RECONNECT_ATTEMPTS = 20_000   # not the bound that ends it: at 4 s a try on average, the window is
-MAX_QUEUED_LINES = 100                 # lines typed while disconnected, each at most MAX_TEXT_BYTES
-LOGIN_WATCH_POLL_S = 0.25              # how soon the login watcher lets go of the socket for a login
+TERMINAL_RECONNECT_ATTEMPTS = 20_000  # not the bound that ends it: at 4 s a try on average, the window is
+MAX_QUEUED_LINES = 100  # lines typed while disconnected, each at most MAX_TEXT_BYTES
+LOGIN_WATCH_POLL_S = 0.25  # how soon the login watcher lets go of the socket for a login
 
 # name -> (usage, one-line summary, more help or "").  /help COMMAND shows one entry.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "/to": ("/to USER", "talk to USER, or in #ROOM (several conversations can be open at once)",
-            "Messages you type go to USER (or to every member of #ROOM) from now on; the prompt shows where."),
+    "/to": (
+        "/to USER",
+        "talk to USER, or in #ROOM (several conversations can be open at once)",
+        "Messages you type go to USER (or to every member of #ROOM) from now on; the prompt shows where.",
+    ),
     "/rooms": ("/rooms", "list the rooms you are in", ""),
-    "/create": ("/create #ROOM", "make a room (you are its admin); then /invite people",
-                "Room names are '#' and 1 to 32 of a-z, 0-9, '_' and '-'. Messages in a room are encrypted "
-                "end to end with each member's own sender key; the server relays what it cannot read."),
-    "/invite": ("/invite #ROOM USER", "add USER to #ROOM (its admin only)",
-                "Every member's client checks your signature on the change and shows it. USER cannot read "
-                "what was said in #ROOM before."),
-    "/remove": ("/remove #ROOM USER", "remove USER from #ROOM (its admin only)",
-                "USER's client cannot read anything said in #ROOM afterwards: every member makes a new key."),
+    "/create": (
+        "/create #ROOM",
+        "make a room (you are its admin); then /invite people",
+        "Room names are '#' and 1 to 32 of a-z, 0-9, '_' and '-'. Messages in a room are encrypted "
+        "end to end with each member's own sender key; the server relays what it cannot read.",
+    ),
+    "/invite": (
+        "/invite #ROOM USER",
+        "add USER to #ROOM (its admin only)",
+        "Every member's client checks your signature on the change and shows it. USER cannot read "
+        "what was said in #ROOM before.",
+    ),
+    "/remove": (
+        "/remove #ROOM USER",
+        "remove USER from #ROOM (its admin only)",
+        "USER's client cannot read anything said in #ROOM afterwards: every member makes a new key.",
+    ),
     "/leave": ("/leave #ROOM", "leave #ROOM (its admin's /leave closes it for everyone)", ""),
     "/members": ("/members #ROOM", "list the members of #ROOM, as your client verified them", ""),
     "/who": ("/who", "list who is online", ""),
-    "/pending": ("/pending", "list your messages of this session that are not delivered yet",
-                 "A message to someone offline is stored (encrypted end to end) by the server until they log "
-                 "in; \"delivered\" comes from their client, which the server cannot fake."),
-    "/unread": ("/unread", "show which conversations have messages you have not seen",
-                "Messages from a conversation other than the current one are marked with * and ring "
-                "the terminal bell (--no-bell to silence); /to USER marks them read."),
-    "/direct": ("/direct USER", "talk to USER peer to peer over UDP (the server no longer carries the messages)",
-                "Direct mode shows your IP address and a UDP port to USER (and USER's to you); the "
-                "messages stay encrypted end to end. Also accepts USER's request for a direct link."),
+    "/pending": (
+        "/pending",
+        "list your messages of this session that are not delivered yet",
+        "A message to someone offline is stored (encrypted end to end) by the server until they log "
+        'in; "delivered" comes from their client, which the server cannot fake.',
+    ),
+    "/unread": (
+        "/unread",
+        "show which conversations have messages you have not seen",
+        "Messages from a conversation other than the current one are marked with * and ring "
+        "the terminal bell (--no-bell to silence); /to USER marks them read.",
+    ),
+    "/direct": (
+        "/direct USER",
+        "talk to USER peer to peer over UDP (the server no longer carries the messages)",
+        "Direct mode shows your IP address and a UDP port to USER (and USER's to you); the "
+        "messages stay encrypted end to end. Also accepts USER's request for a direct link.",
+    ),
     "/mode": ("/mode USER", "show whether the conversation with USER is direct or relayed", ""),
     "/fingerprint": ("/fingerprint", "show the server's and your own identity fingerprints", ""),
     "/verify": ("/verify USER", "show the safety number to compare with USER (in person or by phone)", ""),
     "/verified": ("/verified USER", "mark USER as verified, after the safety numbers matched", ""),
-    "/accept": ("/accept USER", "accept USER's changed identity key (after checking /verify USER)",
-                "Works at any time after the warning, also after this client was restarted."),
-    "/history": ("/history [N]", f"show the last N lines (default {HISTORY_DEFAULT_LINES}) of this conversation",
-                 "The history is kept under --home, encrypted under a key only your password opens; "
-                 "--no-history keeps nothing."),
+    "/accept": (
+        "/accept USER",
+        "accept USER's changed identity key (after checking /verify USER)",
+        "Works at any time after the warning, also after this client was restarted.",
+    ),
+    "/history": (
+        "/history [N]",
+        f"show the last N lines (default {HISTORY_DEFAULT_LINES}) of this conversation",
+        "The history is kept under --home, encrypted under a key only your password opens; "
+        "--no-history keeps nothing.",
+    ),
     "/forget": ("/forget USER", "erase the local history of the conversation with USER", ""),
-    "/passwd": ("/passwd", "change your password (the old one is asked first)",
-                "Every saved login (resumption ticket) of your account ends; this session goes on."),
-    "/delete-account": ("/delete-account", "delete your account on the server (asks your password and a typed "
-                        "confirmation)", "Your account, your conversations and your saved logins on the server end; "
-                        "the files under --home stay."),
+    "/passwd": (
+        "/passwd",
+        "change your password (the old one is asked first)",
+        "Every saved login (resumption ticket) of your account ends; this session goes on.",
+    ),
+    "/delete-account": (
+        "/delete-account",
+        "delete your account on the server (asks your password and a typed confirmation)",
+        "Your account, your conversations and your saved logins on the server end; "
+        "the files under --home stay.",
+    ),
     "/help": ("/help [COMMAND]", "this help, or help for one command", ""),
     "/quit": ("/quit", "leave (Ctrl-D on an empty line leaves too)", ""),
 }
@@ -124,9 +162,11 @@ def help_text() -> str:
     lines = ["[CLIENT]: Commands (case does not matter; Tab completes commands and names):"]
     width = max(len(usage) for usage, _s, _m in COMMANDS.values()) + 2
     lines += [f"  {usage:<{width}}{summary}" for usage, summary, _more in COMMANDS.values()]
-    lines += [f"  {'//text':<{width}}send a line that starts with /",
-              "Anything else is sent to the current destination. Ctrl-C clears the line.",
-              "Direct mode shows your address to the peer: see /help direct."]
+    lines += [
+        f"  {'//text':<{width}}send a line that starts with /",
+        "Anything else is sent to the current destination. Ctrl-C clears the line.",
+        "Direct mode shows your address to the peer: see /help direct.",
+    ]
     return "\n".join(lines)
 
 
@@ -152,15 +192,15 @@ class Terminal:
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
         self.timestamps, self.bell = timestamps, bell
         self.completions = lambda: []  # (words) for Tab
-        self._session = None       # login and destination prompts: what was typed stays on screen
+        self._session = None  # login and destination prompts: what was typed stays on screen
         self._chat_session = None  # the chat line: erased when sent, shown again as an output line
-        self._kept: dict[int, str] = {}   # per prompt session: its text when interrupted, typed again for you
+        self._kept: dict[int, str] = {}  # per prompt session: its text when interrupted, typed again for you
         # Output while prompts come and go (see _emit): the prompt on screen, from its first draw
         # until prompt() returns, as (session, app, loop); the text not written yet, oldest first.
         self._out_lock = threading.RLock()
         self._live = None
         self._pending: list[str] = []
-        self._flush_due = False   # a flush is scheduled on the live prompt's loop
+        self._flush_due = False  # a flush is scheduled on the live prompt's loop
         self._stdout = sys.stdout  # the terminal itself, also while the chat replaces sys.stdout
         if self.interactive:
             from prompt_toolkit import PromptSession
@@ -175,9 +215,13 @@ class Terminal:
             self._session = PromptSession(completer=ChatCompleter(self), complete_while_typing=False)
             # While typing, a long line scrolls sideways instead of growing the input area past
             # the window (which garbled long pastes); once sent it is printed whole, and wraps.
-            self._chat_session = PromptSession(key_bindings=keys, completer=ChatCompleter(self),
-                                               complete_while_typing=False, erase_when_done=True,
-                                               wrap_lines=False)
+            self._chat_session = PromptSession(
+                key_bindings=keys,
+                completer=ChatCompleter(self),
+                complete_while_typing=False,
+                erase_when_done=True,
+                wrap_lines=False,
+            )
 
     def _stamp(self) -> str:
         return time.strftime("%H:%M ") if self.timestamps else ""
@@ -208,8 +252,12 @@ class Terminal:
         session = self._chat_session if chat and not secret else self._session
         if session is not None:
             try:
-                return session.prompt(prompt, is_password=secret, default=self._kept.pop(id(session), ""),
-                                      pre_run=lambda: self._shown(session, cancel_if))
+                return session.prompt(
+                    prompt,
+                    is_password=secret,
+                    default=self._kept.pop(id(session), ""),
+                    pre_run=lambda: self._shown(session, cancel_if),
+                )
             finally:
                 with self._out_lock:  # the prompt is gone (its loop closed): write what waits, here
                     self._live, self._flush_due = None, False
@@ -281,7 +329,7 @@ class Terminal:
         app = session.app
         stale = getattr(app, "_running_in_terminal_f", None)
         if stale is not None and not stale.done():  # left by a run_in_terminal of an earlier run (its
-            app._running_in_terminal_f = None        # loop is closed): it would block every later one
+            app._running_in_terminal_f = None  # loop is closed): it would block every later one
             app._running_in_terminal = False
         with self._out_lock:
             self._write_pending()
@@ -391,7 +439,7 @@ class ChatCompleter(Completer):
 
 def _preview(text: str, width: int = 40) -> str:
     one = " ".join(C.sanitize_lines(text))
-    return one if len(one) <= width else one[:width - 1] + _shown_or("…", "...")
+    return one if len(one) <= width else one[: width - 1] + _shown_or("…", "...")
 
 
 def _shown_or(fancy: str, plain: str) -> str:
@@ -407,12 +455,13 @@ def _arrow() -> str:
 
 
 class ChatUI:
-    def __init__(self, client: C.ChatClient, term: Terminal, prefer_direct: bool = False,
-                 relogin=None) -> None:
+    def __init__(
+        self, client: C.ChatClient, term: Terminal, prefer_direct: bool = False, relogin=None
+    ) -> None:
         self.client = client
         self.term = term
         self.prefer_direct = prefer_direct
-        self.relogin = relogin     # (the old client) -> a new logged-in client, or None: after a refused ticket
+        self.relogin = relogin  # (the old client) -> a new logged-in client, or None: after a refused ticket
         self.destination: str | None = None
         self.lost: str | None = None
         self.arrow = _arrow()
@@ -421,15 +470,15 @@ class ChatUI:
         self.unread: dict[str, int] = {}
         self.online: set[str] = set()
         self.deleted = False
-        self._history_due: str | None = None   # the destination whose last lines follow its status
+        self._history_due: str | None = None  # the destination whose last lines follow its status
         self._deletion_answered = threading.Event()
         # A lost connection (guarded by _lock): offline until Reconnected; then each conversation in
         # rekeying waits for its ConversationReady; lines typed meanwhile wait in queued, in order.
         self.offline = False
-        self.expired = False       # the ticket was refused: the main thread asks to log in again
+        self.expired = False  # the ticket was refused: the main thread asks to log in again
         self.rekeying: set[str] = set()
-        self.queued: list[tuple[str, str]] = []   # (peer, text), oldest first
-        self._order = threading.Lock()   # held while a line goes out: the queued ones first, each once
+        self.queued: list[tuple[str, str]] = []  # (peer, text), oldest first
+        self._order = threading.Lock()  # held while a line goes out: the queued ones first, each once
         self._printer = self._new_printer()
         term.completions = self._names
 
@@ -448,7 +497,7 @@ class ChatUI:
             news = [f"{peer}:{n}" for peer, n in sorted(self.unread.items())]
         activity = f" (act: {', '.join(news)})" if news else ""
         state = " (reconnecting)" if self.offline else ""
-        if self.destination is None:   # the room talked in was left, closed or removed us
+        if self.destination is None:  # the room talked in was left, closed or removed us
             return f"[CLIENT]{activity}{state} Destination: "
         return f"[{self.client.username}{self.arrow}{self.destination}]{activity}{state}> "
 
@@ -498,7 +547,9 @@ class ChatUI:
                 dropped = [text for p, text in self.queued if p == peer]
                 self.queued = [(p, text) for p, text in self.queued if p != peer]
             if dropped:
-                self.term.say(f"[CLIENT]: {len(dropped)} queued line(s) for {C.sanitize(peer, 64)} were not sent.")
+                self.term.say(
+                    f"[CLIENT]: {len(dropped)} queued line(s) for {C.sanitize(peer, 64)} were not sent."
+                )
 
     def _history_after_status(self, event) -> None:
         if not isinstance(event, (C.PeerOnline, C.PeerOffline, C.PeerUnknown)):
@@ -525,8 +576,10 @@ class ChatUI:
         if isinstance(event, C.DirectFallback):
             return f"[CLIENT]: No direct connection to {peer} ({C.sanitize(event.reason)}); using the relay."
         if isinstance(event, C.DirectRequested):
-            return (f"[CLIENT]: {peer} asks for a direct connection (peer to peer: each of you sees the "
-                    f"other's address); /direct {peer} to accept.")
+            return (
+                f"[CLIENT]: {peer} asks for a direct connection (peer to peer: each of you sees the "
+                f"other's address); /direct {peer} to accept."
+            )
         if isinstance(event, C.MessageStored):
             if event.online:
                 return None  # handed over at once: "delivered" follows
@@ -546,11 +599,14 @@ class ChatUI:
         if isinstance(event, C.PeerOffline):
             with self._lock:
                 self.online.discard(peer)
-            return ("[CLIENT]: Destination user is offline.\n"
-                    f"[CLIENT]: What you type now is stored for {peer} until they log in."
-                    if is_dest else f"[CLIENT]: {peer} is offline.")
+            return (
+                "[CLIENT]: Destination user is offline.\n"
+                f"[CLIENT]: What you type now is stored for {peer} until they log in."
+                if is_dest
+                else f"[CLIENT]: {peer} is offline."
+            )
         if isinstance(event, C.PeerUnknown):
-            if not is_dest:   # (the answer to an /invite's key lookup: the command says it)
+            if not is_dest:  # (the answer to an /invite's key lookup: the command says it)
                 return None
             return f"[CLIENT]: Destination user {peer} does not exist; type /to USER to choose another."
         if isinstance(event, C.ConversationReady):
@@ -563,9 +619,11 @@ class ChatUI:
                 return f"[CLIENT]: {peer} opened a conversation with you ({trust}); type /to {peer} to reply."
             return f"[CLIENT]: Conversation with {peer} is ready (encrypted end to end; {trust})."
         if isinstance(event, C.SecurityWarning):
-            return (f"[CLIENT]: @@@ SECURITY WARNING about {peer} @@@\n"
-                    f"[CLIENT]: {C.sanitize(event.text)}\n"
-                    f"[CLIENT]: Messages from and to {peer} are refused until then.")
+            return (
+                f"[CLIENT]: @@@ SECURITY WARNING about {peer} @@@\n"
+                f"[CLIENT]: {C.sanitize(event.text)}\n"
+                f"[CLIENT]: Messages from and to {peer} are refused until then."
+            )
         if isinstance(event, C.MessageRejected):
             return f"[CLIENT]: {C.sanitize(event.reason)}"
         if isinstance(event, C.WhoList):
@@ -588,8 +646,11 @@ class ChatUI:
         if isinstance(event, C.Reconnected):
             with self._lock:
                 self.offline = False  # the conversations are asked for again: each is keyed anew
-                self.rekeying = {p for p in [self.destination, *(p for p, _t in self.queued)]
-                                 if p and not p.startswith("#")}
+                self.rekeying = {
+                    p
+                    for p in [self.destination, *(p for p, _t in self.queued)]
+                    if p and not p.startswith("#")
+                }
             return f"[CLIENT]: Reconnected to {C.sanitize(event.server, 300)}."
         return None
 
@@ -666,7 +727,7 @@ class ChatUI:
                     if self._command(line.strip()) is not None:
                         return EXIT_OK
                 elif line.strip() and self.destination is None:
-                    self._switch_to(line.strip())   # asked for a destination again (a room went)
+                    self._switch_to(line.strip())  # asked for a destination again (a room went)
                 elif line.strip():
                     self._send(line)
             except ConnectionClosed as exc:  # a command while reconnecting: the session goes on
@@ -726,16 +787,24 @@ class ChatUI:
             state = "verified" if self.client.is_verified(peer) else "not verified"
             self.term.say(f"[CLIENT]: Safety number with {shown} ({state}):")
             self.term.say(f"[CLIENT]:     {number}")
-            self.term.say(f"[CLIENT]: Compare it with {shown} in person or by phone; if it matches, type "
-                          f"/verified {shown}.")
+            self.term.say(
+                f"[CLIENT]: Compare it with {shown} in person or by phone; if it matches, type "
+                f"/verified {shown}."
+            )
         elif cmd == "/verified":
             ok = self.client.mark_verified(peer)
-            self.term.say(f"[CLIENT]: {shown} is now marked as verified." if ok
-                          else f"[CLIENT]: You have no key for {shown} to verify.")
+            self.term.say(
+                f"[CLIENT]: {shown} is now marked as verified."
+                if ok
+                else f"[CLIENT]: You have no key for {shown} to verify."
+            )
         else:
             ok = self.client.accept_identity(peer, reopen=False)
-            self.term.say(f"[CLIENT]: Accepted {shown}'s new identity key; reopening the conversation." if ok
-                          else f"[CLIENT]: {shown}'s identity key has not changed; nothing to accept.")
+            self.term.say(
+                f"[CLIENT]: Accepted {shown}'s new identity key; reopening the conversation."
+                if ok
+                else f"[CLIENT]: {shown}'s identity key has not changed; nothing to accept."
+            )
             if ok:  # said first: the "Conversation ... is ready" line it brings comes after it
                 self.client.open_conversation(peer)
 
@@ -784,8 +853,10 @@ class ChatUI:
             try:
                 self.client.open_conversation(name)
             except ConnectionClosed:  # asked for again by the reconnect (it reopens what is wanted)
-                self.term.say(f"[CLIENT]: Now talking to {C.sanitize(name, 64)}; the conversation opens once "
-                              "reconnected.")
+                self.term.say(
+                    f"[CLIENT]: Now talking to {C.sanitize(name, 64)}; the conversation opens once "
+                    "reconnected."
+                )
 
     def _switch_to_room(self, name: str) -> None:
         try:
@@ -793,8 +864,9 @@ class ChatUI:
             members = self.client.rooms.members(name)
         except RoomError as exc:
             with self._lock:
-                self.unread.pop(R.normalize_room(name) if R.ROOM_RE.fullmatch(name.strip().lower()) else name,
-                                None)
+                self.unread.pop(
+                    R.normalize_room(name) if R.ROOM_RE.fullmatch(name.strip().lower()) else name, None
+                )
             self.term.say(f"[CLIENT]: {exc}")
             return
         self.destination = name
@@ -813,8 +885,10 @@ class ChatUI:
             return
         self._echo(room, text)
         if sent.stored:
-            self.term.say(f"[CLIENT]: Stored for {sent.stored} offline member(s) of {room}; they get it when they "
-                          "log in.")
+            self.term.say(
+                f"[CLIENT]: Stored for {sent.stored} offline member(s) of {room}; they get it when they "
+                "log in."
+            )
         if sent.note:
             self.term.say(f"[CLIENT]: {C.sanitize(sent.note, 300)}")
 
@@ -829,8 +903,10 @@ class ChatUI:
             room = R.normalize_room(words[0])
             if cmd == "/create":
                 rooms.create(room)
-                self.term.say(f"[CLIENT]: You created {room}; you are its admin. /invite {room} USER adds "
-                              f"people, /to {room} talks there.")
+                self.term.say(
+                    f"[CLIENT]: You created {room}; you are its admin. /invite {room} USER adds "
+                    f"people, /to {room} talks there."
+                )
             elif cmd == "/invite":
                 user = P.normalize_username(words[1])
                 rooms.invite(room, user)
@@ -838,15 +914,19 @@ class ChatUI:
             elif cmd == "/remove":
                 user = P.normalize_username(words[1])
                 rooms.remove(room, user)
-                self.term.say(f"[CLIENT]: You removed {user} from {room}; what is said there from now on is "
-                              "sealed under new keys they do not have.")
+                self.term.say(
+                    f"[CLIENT]: You removed {user} from {room}; what is said there from now on is "
+                    "sealed under new keys they do not have."
+                )
             elif cmd == "/leave":
                 self.term.say(f"[CLIENT]: {rooms.leave(room)}{self._room_gone(room)}")
             else:
                 members = rooms.members(room)
                 admin = rooms.admin_of(room)
-                self.term.say(f"[CLIENT]: {room} ({len(members)}): "
-                              + ", ".join(f"{m} (admin)" if m == admin else m for m in members))
+                self.term.say(
+                    f"[CLIENT]: {room} ({len(members)}): "
+                    + ", ".join(f"{m} (admin)" if m == admin else m for m in members)
+                )
         except (RoomError, InvalidUsername, ConnectionClosed) as exc:
             self.term.say(f"[CLIENT]: {C.sanitize(str(exc), 300)}")
 
@@ -860,8 +940,12 @@ class ChatUI:
     def _must_queue(self, dest: str) -> bool:
         """Not connected, or the conversation is not keyed again after a reconnect, or lines wait before it."""
         with self._lock:
-            return (self.offline or dest in self.rekeying or any(p == dest for p, _t in self.queued)
-                    or self.client.reconnecting)
+            return (
+                self.offline
+                or dest in self.rekeying
+                or any(p == dest for p, _t in self.queued)
+                or self.client.reconnecting
+            )
 
     def _queue(self, dest: str, text: str) -> None:
         with self._lock:
@@ -874,8 +958,10 @@ class ChatUI:
         elif offline:
             self.term.say("[CLIENT]: Queued (not connected); it will be sent after reconnecting.")
         else:
-            self.term.say(f"[CLIENT]: Queued (the conversation with {C.sanitize(dest, 64)} is not ready yet); "
-                          "it will be sent when it is.")
+            self.term.say(
+                f"[CLIENT]: Queued (the conversation with {C.sanitize(dest, 64)} is not ready yet); "
+                "it will be sent when it is."
+            )
 
     def _flush(self, peer: str, *, offline: bool = False) -> None:
         """The conversation with ``peer`` is keyed (or ``peer`` is offline, so the lines are stored
@@ -936,8 +1022,10 @@ class ChatUI:
             elif presence == C.PRESENCE_REFUSED:
                 why = f"you refused {shown}'s new identity key (check /verify {shown}, then /accept {shown})"
             elif presence == C.PRESENCE_ONLINE:
-                why = (f"{shown}'s client did not complete the key exchange; if your identity key changed "
-                       f"(a new device), {shown} must first accept it with /accept {self.client.username}")
+                why = (
+                    f"{shown}'s client did not complete the key exchange; if your identity key changed "
+                    f"(a new device), {shown} must first accept it with /accept {self.client.username}"
+                )
             else:
                 why = f"there is no conversation with {shown}; type /to {shown}"
             self.term.say(f"[CLIENT]: Not sent: {why}.")
@@ -972,14 +1060,17 @@ class ChatUI:
         self.term.say(f"[CLIENT]: Not delivered yet ({len(waiting)}):")
         for entry in waiting:
             when = time.strftime("%H:%M", time.localtime(entry.at))
-            self.term.say(f"[CLIENT]:   {when} to {C.sanitize(entry.peer, 64)} ({entry.state}): {_preview(entry.text)}")
+            self.term.say(
+                f"[CLIENT]:   {when} to {C.sanitize(entry.peer, 64)} ({entry.state}): {_preview(entry.text)}"
+            )
 
     def _show_history(self, peer: str, limit: int, *, opening: bool = False) -> None:
         """The last ``limit`` lines with ``peer``, each with its own date and time."""
         if self.client.history is None:
             if not opening:
-                self.term.say("[CLIENT]: No history is kept in this session (--no-history, or it could not be "
-                              "opened).")
+                self.term.say(
+                    "[CLIENT]: No history is kept in this session (--no-history, or it could not be opened)."
+                )
             return
         page = self.client.history_page(peer, limit)
         shown = C.sanitize(peer, 64)
@@ -998,15 +1089,19 @@ class ChatUI:
             lines += [f"  {when} [{who}]: {line}{mark}" for line in C.sanitize_lines(entry.text)]
         self.term.say("\n".join(lines), stamped=False)
         if page.damaged:
-            self.term.say(f"[CLIENT]: {page.damaged} line(s) of the history failed their integrity check and "
-                          "were not shown.")
+            self.term.say(
+                f"[CLIENT]: {page.damaged} line(s) of the history failed their integrity check and "
+                "were not shown."
+            )
 
     def _history_command(self, arg: str) -> None:
         if self.destination is None:
             self.term.say("[CLIENT]: Choose a conversation first: /to USER")
             return
         if self.destination.startswith("#"):
-            self.term.say("[CLIENT]: The local history keeps one-to-one conversations only; rooms are not kept.")
+            self.term.say(
+                "[CLIENT]: The local history keeps one-to-one conversations only; rooms are not kept."
+            )
             return
         if arg and not (arg.isdigit() and 1 <= int(arg) <= 10_000):
             self.term.say("[CLIENT]: Usage: /history [N], N from 1 to 10000.")
@@ -1015,7 +1110,9 @@ class ChatUI:
 
     def _forget(self, peer: str) -> None:
         if peer.startswith("#"):
-            self.term.say("[CLIENT]: The local history keeps one-to-one conversations only; rooms are not kept.")
+            self.term.say(
+                "[CLIENT]: The local history keeps one-to-one conversations only; rooms are not kept."
+            )
             return
         shown = C.sanitize(peer, 64)
         if self.client.history is None:
@@ -1034,8 +1131,11 @@ class ChatUI:
         if not news:
             self.term.say("[CLIENT]: No unread messages.")
         else:
-            self.term.say("[CLIENT]: Unread: " + ", ".join(f"{peer} ({n})" for peer, n in news)
-                          + "; /to USER to read and reply.")
+            self.term.say(
+                "[CLIENT]: Unread: "
+                + ", ".join(f"{peer} ({n})" for peer, n in news)
+                + "; /to USER to read and reply."
+            )
 
     def _help(self, arg: str) -> None:
         if not arg:
@@ -1070,8 +1170,10 @@ class ChatUI:
         except (AuthError, ServiceUnavailable) as exc:
             self.term.say(f"[CLIENT]: {exc} The password was not changed.")
         else:
-            self.term.say("[CLIENT]: Password changed. Every saved login (session ticket) of your account has "
-                          "ended; use the new password from now on.")
+            self.term.say(
+                "[CLIENT]: Password changed. Every saved login (session ticket) of your account has "
+                "ended; use the new password from now on."
+            )
 
     def _command(self, line: str) -> int | None:
         """Run a /command; returns an exit code to leave, or None to go on."""
@@ -1098,7 +1200,9 @@ class ChatUI:
             self._switch_to(arg)
         elif cmd == "/fingerprint":
             self.term.say(f"[CLIENT]: Server {self.client.server_id}: {self.client.server_fingerprint}")
-            self.term.say(f"[CLIENT]: Your identity ({self.client.username}): {self.client.identity_fingerprint}")
+            self.term.say(
+                f"[CLIENT]: Your identity ({self.client.username}): {self.client.identity_fingerprint}"
+            )
         elif cmd == "/passwd":
             self._passwd()
         elif cmd == "/history":
@@ -1120,8 +1224,10 @@ class ChatUI:
         elif cmd in ("/verify", "/verified", "/accept"):
             self._identity_command(cmd, arg.lower())
         else:
-            self.term.say(f"[CLIENT]: Unknown command {C.sanitize(cmd, 32)}; type /help (or //text to send "
-                          f"a line that starts with /).")
+            self.term.say(
+                f"[CLIENT]: Unknown command {C.sanitize(cmd, 32)}; type /help (or //text to send "
+                f"a line that starts with /)."
+            )
         return None
 
 
@@ -1175,8 +1281,10 @@ class LoginWindow:
             if self._told.is_set():
                 return
             self._told.set()
-        self.term.say(f"[CLIENT]: The server closed the login after {round(time.monotonic() - self.opened_at)} s "
-                      "of waiting; press Enter to reconnect.")
+        self.term.say(
+            f"[CLIENT]: The server closed the login after {round(time.monotonic() - self.opened_at)} s "
+            "of waiting; press Enter to reconnect."
+        )
 
     def ask(self, prompt: str, *, secret: bool = False) -> str:
         """The user's answer, on a live connection: one the server closed meanwhile is made again."""
@@ -1193,7 +1301,7 @@ class LoginWindow:
             stop.set()
         if self.lapsed.is_set():
             self._tell()
-            self.client.connect()   # a new handshake; the server's key is checked again
+            self.client.connect()  # a new handshake; the server's key is checked again
             self.opened_at = time.monotonic()
             self.lapsed.clear()
             self._told.clear()
@@ -1201,8 +1309,9 @@ class LoginWindow:
         return answer
 
 
-def _register(client: C.ChatClient, term: Terminal, username: str, password: str,
-              window: LoginWindow) -> bool:
+def _register(
+    client: C.ChatClient, term: Terminal, username: str, password: str, window: LoginWindow
+) -> bool:
     """Create the account; a short or mistyped password asks for the password again, not the name."""
     for _ in range(MAX_PASSWORD_TRIES):
         problem = password_problem(password)
@@ -1282,52 +1391,107 @@ def _common_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     """The options every mode takes; a subcommand's copies default to 'not given' so that
     ``client.py --json send ...`` and ``client.py send --json ...`` mean the same."""
     d = (lambda value: argparse.SUPPRESS) if sub else (lambda value: value)
-    p.add_argument("--host", default=d("127.0.0.1"),
-                   help="server address; several servers of one service as a,b,c or h1:p1,h2:p2 "
-                        f"(at most {C.MAX_SERVERS}; tried in order, the first names the service)")
-    p.add_argument("--port", type=_port, default=d(DEFAULT_PORT), help="server port (1-65535) for hosts without one")
-    p.add_argument("--home", type=Path, default=d(None),
-                   help="where this client keeps its files; one per user when several share a machine "
-                        "(None: $SECUREIM_HOME or ~/.secureim)")
-    p.add_argument("--server-fingerprint", default=d(None), metavar="SHA256:...",
-                   help="the server's identity fingerprint; refuse any other key")
-    p.add_argument("--group", default=d(DEFAULT_GROUP), choices=list(GROUPS),
-                   help="Diffie-Hellman group to propose")
-    p.add_argument("--user", default=d(None), help=f"your username, for send, receive and --json (or ${S.USER_ENV})")
-    p.add_argument("--password-file", default=d(None), metavar="FILE",
-                   help=f"read the password from the first line of FILE (mode 600); or ${S.PASSWORD_ENV}; "
-                        "never an argument")
+    p.add_argument(
+        "--host",
+        default=d("127.0.0.1"),
+        help="server address; several servers of one service as a,b,c or h1:p1,h2:p2 "
+        f"(at most {C.MAX_SERVERS}; tried in order, the first names the service)",
+    )
+    p.add_argument(
+        "--port", type=_port, default=d(DEFAULT_PORT), help="server port (1-65535) for hosts without one"
+    )
+    p.add_argument(
+        "--home",
+        type=Path,
+        default=d(None),
+        help="where this client keeps its files; one per user when several share a machine "
+        "(None: $SECUREIM_HOME or ~/.secureim)",
+    )
+    p.add_argument(
+        "--server-fingerprint",
+        default=d(None),
+        metavar="SHA256:...",
+        help="the server's identity fingerprint; refuse any other key",
+    )
+    p.add_argument(
+        "--group", default=d(DEFAULT_GROUP), choices=list(GROUPS), help="Diffie-Hellman group to propose"
+    )
+    p.add_argument(
+        "--user", default=d(None), help=f"your username, for send, receive and --json (or ${S.USER_ENV})"
+    )
+    p.add_argument(
+        "--password-file",
+        default=d(None),
+        metavar="FILE",
+        help=f"read the password from the first line of FILE (mode 600); or ${S.PASSWORD_ENV}; "
+        "never an argument",
+    )
     p.add_argument("--password", default=d(None), help=argparse.SUPPRESS)  # only to refuse it clearly
-    p.add_argument("--json", action="store_true", default=d(False),
-                   help="one JSON object per line on stdout for every event; commands as JSON lines on stdin")
-    p.add_argument("--no-history", action="store_true", default=d(False),
-                   help="keep no local history this session (write nothing)")
-    p.add_argument("--history-max", type=int, default=d(H.DEFAULT_MAX_PER_CONVERSATION), metavar="N",
-                   help="keep at most N messages per conversation")
-    p.add_argument("--history-days", type=float, default=d(H.DEFAULT_MAX_AGE_DAYS), metavar="DAYS",
-                   help="keep messages for at most DAYS days")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=d(False),
+        help="one JSON object per line on stdout for every event; commands as JSON lines on stdin",
+    )
+    p.add_argument(
+        "--no-history",
+        action="store_true",
+        default=d(False),
+        help="keep no local history this session (write nothing)",
+    )
+    p.add_argument(
+        "--history-max",
+        type=int,
+        default=d(H.DEFAULT_MAX_PER_CONVERSATION),
+        metavar="N",
+        help="keep at most N messages per conversation",
+    )
+    p.add_argument(
+        "--history-days",
+        type=float,
+        default=d(H.DEFAULT_MAX_AGE_DAYS),
+        metavar="DAYS",
+        help="keep messages for at most DAYS days",
+    )
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="secureim terminal client; `send` and `receive` for scripts.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="secureim terminal client; `send` and `receive` for scripts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _common_options(p, sub=False)
-    p.add_argument("--direct", action="store_true",
-                   help="prefer direct (peer-to-peer UDP) conversations, which show your address to the "
-                        "peer; falls back to the relay")
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="prefer direct (peer-to-peer UDP) conversations, which show your address to the "
+        "peer; falls back to the relay",
+    )
     p.add_argument("--no-timestamps", action="store_true", help="no HH:MM time before each line")
-    p.add_argument("--no-bell", action="store_true",
-                   help="no terminal bell for messages from a conversation other than the current one")
+    p.add_argument(
+        "--no-bell",
+        action="store_true",
+        help="no terminal bell for messages from a conversation other than the current one",
+    )
     commands = p.add_subparsers(dest="command", metavar="{send,receive}")
-    send = commands.add_parser("send", help="log in, send one message, wait until the server accepted it, exit",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    send = commands.add_parser(
+        "send",
+        help="log in, send one message, wait until the server accepted it, exit",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     send.add_argument("user_to", metavar="USER", help="who gets the message")
     send.add_argument("text", metavar="TEXT", help="the message (- reads it from stdin)")
-    send.add_argument("--wait-delivered", action="store_true",
-                      help="also wait (at most 60 s) for the recipient's end-to-end delivery receipt; exit 1 without one")
+    send.add_argument(
+        "--wait-delivered",
+        action="store_true",
+        help="also wait (at most 60 s) for the recipient's end-to-end delivery receipt; exit 1 without one",
+    )
     _common_options(send, sub=True)
-    receive = commands.add_parser("receive", help="log in and print messages as they arrive",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    receive = commands.add_parser(
+        "receive",
+        help="log in and print messages as they arrive",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     receive.add_argument("--timeout", type=float, default=None, metavar="S", help="stop after S seconds")
     receive.add_argument("--count", type=int, default=None, metavar="N", help="stop after N messages")
     _common_options(receive, sub=True)
@@ -1340,8 +1504,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     if args.password is not None:
-        parser.error(f"a password is never given as an argument (ps shows it to everyone); use "
-                     f"${S.PASSWORD_ENV}, --password-file FILE, or the prompt")
+        parser.error(
+            f"a password is never given as an argument (ps shows it to everyone); use "
+            f"${S.PASSWORD_ENV}, --password-file FILE, or the prompt"
+        )
     try:
         args.servers = C.parse_servers(args.host, args.port)
     except ConfigError as exc:
@@ -1354,14 +1520,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def client_factory(args, home: Path, *, stays: bool = False):
     """``stays``: the terminal's client, which resumes a lost connection for as long as its ticket
     can be valid (TERMINAL_RECONNECT_*); scripts end on a lost connection instead."""
-    reconnect = dict(auto_reconnect=True, reconnect_attempts=TERMINAL_RECONNECT_ATTEMPTS,
-                     reconnect_max_s=TERMINAL_RECONNECT_WINDOW_S) if stays else {}
+    reconnect = (
+        dict(
+            auto_reconnect=True,
+            reconnect_attempts=TERMINAL_RECONNECT_ATTEMPTS,
+            reconnect_max_s=TERMINAL_RECONNECT_WINDOW_S,
+        )
+        if stays
+        else {}
+    )
 
     def make() -> C.ChatClient:
-        return C.ChatClient(servers=args.servers, home=home, group=args.group,
-                            server_fingerprint=args.server_fingerprint, history=not args.no_history,
-                            history_max_messages=args.history_max, history_max_age_days=args.history_days,
-                            **reconnect)
+        return C.ChatClient(
+            servers=args.servers,
+            home=home,
+            group=args.group,
+            server_fingerprint=args.server_fingerprint,
+            history=not args.no_history,
+            history_max_messages=args.history_max,
+            history_max_age_days=args.history_days,
+            **reconnect,
+        )
+
     return make
 
 
@@ -1390,8 +1570,10 @@ def _key_mismatch(term: Terminal, client: C.ChatClient, exc: ServerKeyMismatch) 
     term.say("[CLIENT]: Someone may be impersonating the server (a man-in-the-middle attack),")
     term.say("[CLIENT]: or the server's key was replaced.")
     term.say(f"[CLIENT]: {exc}")
-    term.say(f"[CLIENT]: Refusing to connect. If the change is expected, remove the line for "
-             f"{client.server_id} from {client.known_servers.path}.")
+    term.say(
+        f"[CLIENT]: Refusing to connect. If the change is expected, remove the line for "
+        f"{client.server_id} from {client.known_servers.path}."
+    )
     return EXIT_KEY_MISMATCH
 
 
@@ -1410,8 +1592,10 @@ def _connect(client: C.ChatClient, term: Terminal) -> int | None:
         return EXIT_ERROR
     term.say("[CLIENT]: Connection successful.")
     if client.first_contact:
-        term.say(f"[CLIENT]: First contact with {client.server_id}; its identity key "
-                 f"{client.server_fingerprint} is now remembered (trust on first use).")
+        term.say(
+            f"[CLIENT]: First contact with {client.server_id}; its identity key "
+            f"{client.server_fingerprint} is now remembered (trust on first use)."
+        )
     return None
 
 

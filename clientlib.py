@@ -67,12 +67,12 @@ CONNECT_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 30.0
 KNOWN_SERVERS_FILE = "known_servers"
 EVENT_QUEUE_MAX = 10000
-MAX_SERVERS = 16                 # --host a,b,c: more is a typo or a misuse, not a cluster
-NODE_CONNECT_TIMEOUT_S = 3.0     # with several servers a dead one is skipped this quickly
-RECONNECT_ATTEMPTS = 8           # auto_reconnect: at most this many tries...
-RECONNECT_MAX_S = 60.0           # ...within this long
-RECONNECT_BASE_DELAY_S = 0.25    # the first wait is up to this (full jitter), doubling each try...
-RECONNECT_MAX_DELAY_S = 8.0      # ...up to this
+MAX_SERVERS = 16  # --host a,b,c: more is a typo or a misuse, not a cluster
+NODE_CONNECT_TIMEOUT_S = 3.0  # with several servers a dead one is skipped this quickly
+RECONNECT_ATTEMPTS = 8  # auto_reconnect: at most this many tries...
+RECONNECT_MAX_S = 60.0  # ...within this long
+RECONNECT_BASE_DELAY_S = 0.25  # the first wait is up to this (full jitter), doubling each try...
+RECONNECT_MAX_DELAY_S = 8.0  # ...up to this
 # Goodbye reasons of a node that is going away (server.Server.shutdown's): failed over at once.
 # The protocol's Goodbye has no code; any other Goodbye (a kick, a ban, a login from another
 # place) is failed over only if the node no longer takes connections.
@@ -119,7 +119,9 @@ def sanitize(text: str, max_chars: int = 4096) -> str:
     out = []
     for ch in text[:max_chars]:
         cat = unicodedata.category(ch)
-        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS):
+        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (
+            cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS
+        ):
             out.append(_escape(ch))
         else:
             out.append(ch)
@@ -316,12 +318,13 @@ class MessageReceived:
     text: str
     sent_at: float
     direct: bool = False
-    stored_at: float | None = None   # it waited in the server's queue (it was sent while we were away)
+    stored_at: float | None = None  # it waited in the server's queue (it was sent while we were away)
 
 
 @dataclass(frozen=True)
 class MessageStored:
     """The server keeps a message for ``peer`` (``online``: and handed it to their client now)."""
+
     peer: str
     text: str
     online: bool
@@ -330,6 +333,7 @@ class MessageStored:
 @dataclass(frozen=True)
 class MessageNotStored:
     """The server refused to keep a message (a full mailbox, an unknown conversation)."""
+
     peer: str
     text: str
     reason: str
@@ -338,6 +342,7 @@ class MessageNotStored:
 @dataclass(frozen=True)
 class MessageDelivered:
     """``peer``'s client opened the message: an end-to-end receipt the server cannot forge."""
+
     peer: str
     text: str
     stored: bool
@@ -386,7 +391,7 @@ class WhoList:
 @dataclass(frozen=True)
 class ServerNotice:
     text: str
-    code: int = 0        # the Error frame's code (protocol.ErrorCode), 0 for none
+    code: int = 0  # the Error frame's code (protocol.ErrorCode), 0 for none
 
 
 @dataclass(frozen=True)
@@ -442,9 +447,14 @@ _AUTH_ERRORS = {
 # =============================================================================
 # The client
 # =============================================================================
-PRESENCE_ONLINE, PRESENCE_OFFLINE, PRESENCE_UNKNOWN, PRESENCE_REFUSED = "online", "offline", "unknown", "refused"
-PUBLISH_WAIT_S = 3.0         # close() waits this long at most for prekeys still being published
-KEY_EXCHANGE_WAIT_S = 10.0   # how long a message waits for its conversation to be keyed
+PRESENCE_ONLINE, PRESENCE_OFFLINE, PRESENCE_UNKNOWN, PRESENCE_REFUSED = (
+    "online",
+    "offline",
+    "unknown",
+    "refused",
+)
+PUBLISH_WAIT_S = 3.0  # close() waits this long at most for prekeys still being published
+KEY_EXCHANGE_WAIT_S = 10.0  # how long a message waits for its conversation to be keyed
 
 
 class _Barrier:
@@ -457,15 +467,27 @@ class _Barrier:
 
 
 class ChatClient:
-    def __init__(self, host: str | None = None, port: int | None = None, *,
-                 servers: list[tuple[str, int]] | None = None, home: Path | None = None,
-                 group: str = P.DEFAULT_GROUP, suites: tuple[str, ...] = cu.SUITE_NAMES,
-                 server_fingerprint: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S,
-                 persist_identity: bool = True, reply_timeout_s: float = REPLY_TIMEOUT_S,
-                 auto_reconnect: bool = False, reconnect_attempts: int = RECONNECT_ATTEMPTS,
-                 reconnect_max_s: float = RECONNECT_MAX_S, history: bool = False,
-                 history_max_messages: int = H.DEFAULT_MAX_PER_CONVERSATION,
-                 history_max_age_days: float = H.DEFAULT_MAX_AGE_DAYS, receipts: bool = True) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        servers: list[tuple[str, int]] | None = None,
+        home: Path | None = None,
+        group: str = P.DEFAULT_GROUP,
+        suites: tuple[str, ...] = cu.SUITE_NAMES,
+        server_fingerprint: str | None = None,
+        timeout_s: float = CONNECT_TIMEOUT_S,
+        persist_identity: bool = True,
+        reply_timeout_s: float = REPLY_TIMEOUT_S,
+        auto_reconnect: bool = False,
+        reconnect_attempts: int = RECONNECT_ATTEMPTS,
+        reconnect_max_s: float = RECONNECT_MAX_S,
+        history: bool = False,
+        history_max_messages: int = H.DEFAULT_MAX_PER_CONVERSATION,
+        history_max_age_days: float = H.DEFAULT_MAX_AGE_DAYS,
+        receipts: bool = True,
+    ) -> None:
         """``ChatClient(host, port)`` or ``ChatClient(servers=[(host, port), ...])``: the nodes of
         one service, tried in order; the first is the service id the server key is pinned under.
 
@@ -484,7 +506,7 @@ class ChatClient:
         self.servers: tuple[tuple[str, int], ...] = tuple((str(h), int(p)) for h, p in servers)
         if not 1 <= len(self.servers) <= MAX_SERVERS or len(set(self.servers)) != len(self.servers):
             raise ConfigError(f"Between 1 and {MAX_SERVERS} servers, none twice.")
-        self._node = 0                               # the index of the server now in use
+        self._node = 0  # the index of the server now in use
         self.host, self.port = self.servers[0]
         self.auto_reconnect = auto_reconnect
         self.reconnect_attempts, self.reconnect_max_s = reconnect_attempts, reconnect_max_s
@@ -509,34 +531,36 @@ class ChatClient:
         self.persist_identity = persist_identity
         self.identity: Ed25519PrivateKey | None = None
         self.peer_trust: e2e.PeerTrust | None = None
-        self._changed_identity: dict[str, bytes] = {}   # peer -> new key awaiting /accept
+        self._changed_identity: dict[str, bytes] = {}  # peer -> new key awaiting /accept
         self._opened_by_peer: dict[str, bool] = {}
         self._wanted: set[str] = set()
         self._pending_open: set[str] = set()
-        self._auto_reopen: set[str] = set()        # reopened on a notice: its answer is not news
-        self._presence: dict[str, str] = {}        # peer -> PRESENCE_* (what the server last said)
+        self._auto_reopen: set[str] = set()  # reopened on a notice: its answer is not news
+        self._presence: dict[str, str] = {}  # peer -> PRESENCE_* (what the server last said)
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._state_changed = threading.Condition(self._state_lock)
         self._password_reply: queue.Queue = queue.Queue(maxsize=1)
         self._receiver: threading.Thread | None = None
         self.closed = threading.Event()
-        self._stop = threading.Event()               # close() was called: never reconnect again
+        self._stop = threading.Event()  # close() was called: never reconnect again
         self._reconnecting = threading.Event()
-        self._connection = 0                         # bumped on every (re)connection: older receivers stay silent
+        self._connection = 0  # bumped on every (re)connection: older receivers stay silent
         self._resume_lock = threading.Lock()
-        self._who_waiters: collections.deque = collections.deque()  # per WhoRequest in flight: None or a _Barrier
+        self._who_waiters: collections.deque = (
+            collections.deque()
+        )  # per WhoRequest in flight: None or a _Barrier
         # Direct mode (docs/PROTOCOL.md section 12): off until enable_direct().
         self._udp: socket.socket | None = None
         self._links: direct.DirectLinks | None = None
         self._direct_lock = threading.Lock()
-        self._direct_sent: dict[tuple[str, int], str | None] = {}   # None: a receipt
+        self._direct_sent: dict[tuple[str, int], str | None] = {}  # None: a receipt
         self._udp_thread: threading.Thread | None = None
         # Store and forward (offline.py, docs/PROTOCOL.md section 15).
-        self.receipts = receipts          # answer every message that opens with an end-to-end receipt
+        self.receipts = receipts  # answer every message that opens with an end-to-end receipt
         self.mailbox = offline.Mailbox(self)
         self.rooms = room_client.RoomsClient(self)
-        self._early: list = []            # frames that came in the same read as AuthOk
+        self._early: list = []  # frames that came in the same read as AuthOk
         self._last_sent: offline.Outgoing | None = None
 
     @property
@@ -635,8 +659,10 @@ class ChatClient:
         if self.pinned_fingerprint is not None:
             if not cu.constant_time_equal(got.encode(), self.pinned_fingerprint.encode()):
                 self.close()
-                raise ServerKeyMismatch(f"The server at {self.node_id} presented {got}, "
-                                        f"but {self.pinned_fingerprint} was expected.")
+                raise ServerKeyMismatch(
+                    f"The server at {self.node_id} presented {got}, "
+                    f"but {self.pinned_fingerprint} was expected."
+                )
         known = self.known_servers.lookup(self.server_id)
         if known is None:
             self.known_servers.remember(self.server_id, key)
@@ -644,8 +670,10 @@ class ChatClient:
         elif not cu.constant_time_equal(known, key):
             self.close()
             service = "it" if self.node_id == self.server_id else f"the service {self.server_id}"
-            raise ServerKeyMismatch(f"The server at {self.node_id} presented {got}, but this client "
-                                    f"knows {service} as {cu.fingerprint(known)} ({self.known_servers.path}).")
+            raise ServerKeyMismatch(
+                f"The server at {self.node_id} presented {got}, but this client "
+                f"knows {service} as {cu.fingerprint(known)} ({self.known_servers.path})."
+            )
 
     def _sendall(self, data: bytes) -> None:
         if not data:
@@ -669,8 +697,9 @@ class ChatClient:
             raise ConnectionClosed(f"The connection to {self.node_id} was lost: {exc}.") from None
         if not data:
             reason = proto.close_reason
-            raise ConnectionClosed(f"The server at {self.node_id} closed the connection"
-                                   + (f" ({reason})." if reason else "."))
+            raise ConnectionClosed(
+                f"The server at {self.node_id} closed the connection" + (f" ({reason})." if reason else ".")
+            )
         with self._send_lock:
             return proto.receive_data(data)
 
@@ -687,13 +716,16 @@ class ChatClient:
 
     def _check_not_reconnecting(self) -> None:
         if self._reconnecting.is_set():
-            raise ConnectionClosed(f"The connection to {self.server_id} was lost; reconnecting. Try again "
-                                   "in a moment.")
+            raise ConnectionClosed(
+                f"The connection to {self.server_id} was lost; reconnecting. Try again in a moment."
+            )
 
     def _send_locked(self, msg: P.Message) -> None:
         if self.proto.state is P.State.CLOSED:  # the server ended the session (or we did)
-            raise ConnectionClosed(f"The session with {self.server_id} is closed"
-                                   + (f": {self.proto.close_reason}." if self.proto.close_reason else "."))
+            raise ConnectionClosed(
+                f"The session with {self.server_id} is closed"
+                + (f": {self.proto.close_reason}." if self.proto.close_reason else ".")
+            )
         self._sendall(self.proto.send(msg))
 
     def _send_who(self) -> None:
@@ -718,8 +750,9 @@ class ChatClient:
         identity = self.identities.load(name, password) if self.persist_identity else None
         created = identity is None
         identity = identity or Ed25519PrivateKey.generate()
-        ok = self._authenticate(P.Login(username=name, password=password.encode("utf-8"),
-                                        identity_key=cu.public_bytes(identity)))
+        ok = self._authenticate(
+            P.Login(username=name, password=password.encode("utf-8"), identity_key=cu.public_bytes(identity))
+        )
         self._logged_in(ok, password, identity, save=created)
         return ok
 
@@ -727,8 +760,11 @@ class ChatClient:
         """Create the account with a new identity key made here; it never leaves this machine."""
         name = P.normalize_username(username)
         identity = Ed25519PrivateKey.generate()
-        ok = self._authenticate(P.Register(username=name, password=password.encode("utf-8"),
-                                           identity_key=cu.public_bytes(identity)))
+        ok = self._authenticate(
+            P.Register(
+                username=name, password=password.encode("utf-8"), identity_key=cu.public_bytes(identity)
+            )
+        )
         self._logged_in(ok, password, identity, save=True)
         return ok
 
@@ -742,9 +778,14 @@ class ChatClient:
             self.rooms.load()
         if self.history_enabled and self.history is None:
             try:
-                self.history = H.History.open(self.home, ok.username, self.server_id, password,
-                                              max_per_conversation=self._history_limits[0],
-                                              max_age_days=self._history_limits[1])
+                self.history = H.History.open(
+                    self.home,
+                    ok.username,
+                    self.server_id,
+                    password,
+                    max_per_conversation=self._history_limits[0],
+                    max_age_days=self._history_limits[1],
+                )
             except HistoryError as exc:
                 self._emit(HistoryUnavailable(str(exc)))
 
@@ -766,7 +807,7 @@ class ChatClient:
             raise AuthError("No session ticket; log in with the password.")
         with self._resume_lock:
             wanted = set(self._wanted)
-            self._connection += 1          # first: the old receiver, once woken, knows it is stale
+            self._connection += 1  # first: the old receiver, once woken, knows it is stale
             self._drop_socket()
             if self._receiver is not None and self._receiver is not threading.current_thread():
                 self._receiver.join(timeout=5)
@@ -789,7 +830,7 @@ class ChatClient:
         for peer in sorted(wanted):
             self.open_conversation(peer)
         self.mailbox.resend_unanswered()  # stores the server may not have seen: the same bytes again
-        self.mailbox.after_reconnect()    # live messages with no receipt go again once keyed (or stored)
+        self.mailbox.after_reconnect()  # live messages with no receipt go again once keyed (or stored)
 
     @property
     def identity_fingerprint(self) -> str | None:
@@ -807,7 +848,7 @@ class ChatClient:
                 if isinstance(event, P.AuthOk):
                     self.username = event.username
                     self._ticket = event.ticket or None
-                    self._early = events[i + 1:]  # the prekey status, stored messages: after start()
+                    self._early = events[i + 1 :]  # the prekey status, stored messages: after start()
                     return event
                 if isinstance(event, P.AuthFailed):
                     self._raise_auth_failed(event)
@@ -822,9 +863,11 @@ class ChatClient:
         if event.code == P.AuthCode.TOO_MANY_ATTEMPTS:
             # The server's reason ends with its own "Too many attempts..." sentence: say each thing once.
             first = reason.split(" Too many attempts", 1)[0].strip()
-            raise ConnectionClosed((f"{first}\n" if first else "")
-                                   + "Too many attempts on this connection; the server closed it. "
-                                   "Start the client again to try once more.")
+            raise ConnectionClosed(
+                (f"{first}\n" if first else "")
+                + "Too many attempts on this connection; the server closed it. "
+                "Start the client again to try once more."
+            )
         raise _AUTH_ERRORS.get(event.code, AuthError)(reason)
 
     # -- after login ---------------------------------------------------------------
@@ -835,13 +878,18 @@ class ChatClient:
         assert self.sock is not None
         self.sock.settimeout(None)
         early, self._early = self._early, []
-        receiver = threading.Thread(target=self._receive_loop, args=(self.sock, self.proto, self._connection, early),
-                                    name="receiver", daemon=True)
+        receiver = threading.Thread(
+            target=self._receive_loop,
+            args=(self.sock, self.proto, self._connection, early),
+            name="receiver",
+            daemon=True,
+        )
         receiver.start()
         self._receiver = receiver  # only once started: close() may join it from another thread
 
-    def _receive_loop(self, sock: socket.socket, proto: P.ClientProtocol, connection: int,
-                      early: list | None = None) -> None:
+    def _receive_loop(
+        self, sock: socket.socket, proto: P.ClientProtocol, connection: int, early: list | None = None
+    ) -> None:
         """Read one connection until it ends; only the current connection may report its end."""
         reason, goodbye, going_away = "closed", False, False
         try:
@@ -878,8 +926,12 @@ class ChatClient:
         """``goodbye``: the server ended this session on purpose while staying up (probably)."""
         self._fail_barriers(f"the connection was lost before the server answered ({reason})")
         ticket_refused = False
-        if (self.auto_reconnect and not self._stop.is_set() and self._ticket is not None
-                and (not goodbye or not self._node_reachable())):
+        if (
+            self.auto_reconnect
+            and not self._stop.is_set()
+            and self._ticket is not None
+            and (not goodbye or not self._node_reachable())
+        ):
             self._reconnecting.set()
             failure = self._reconnect(reason)
             if failure is None:  # _resume_session cleared it; a newer connection's loss may have set it since
@@ -917,7 +969,9 @@ class ChatClient:
                 wanted = self._resume_session()
             except ServerKeyMismatch as exc:  # never retried: a security event
                 return f"Reconnecting failed: {exc}"
-            except AuthError as exc:  # never retried: the ticket is void (expired, or a password change ended it)
+            except (
+                AuthError
+            ) as exc:  # never retried: the ticket is void (expired, or a password change ended it)
                 self._ticket = None
                 return f"Reconnecting failed: {exc}"
             except (ConnectionClosed, ProtocolError, ServiceUnavailable) as exc:
@@ -1059,8 +1113,9 @@ class ChatClient:
         with self._state_lock:
             conv = self.conversations.get(peer)
             if conv is None or conv.id != msg.conversation_id or conv.peer_identity != msg.peer_identity:
-                conv = e2e.E2ESession(self.username, self.identity, peer, msg.peer_identity,
-                                      msg.conversation_id, suite)
+                conv = e2e.E2ESession(
+                    self.username, self.identity, peer, msg.peer_identity, msg.conversation_id, suite
+                )
                 self.conversations[peer] = conv
                 self._opened_by_peer[peer] = peer not in self._wanted
             try:
@@ -1103,20 +1158,29 @@ class ChatClient:
     def _rejected(peer: str, reason: str) -> "MessageRejected":
         return MessageRejected(sanitize(peer, 64), reason)
 
-    def _opened(self, sender: str, opened: e2e.Opened, *, stored_at: float | None = None,
-                direct: bool = False, identity: bytes | None = None) -> None:
+    def _opened(
+        self,
+        sender: str,
+        opened: e2e.Opened,
+        *,
+        stored_at: float | None = None,
+        direct: bool = False,
+        identity: bytes | None = None,
+    ) -> None:
         """An end-to-end message opened (live, direct or stored): show it, or mark what it receipts.
         ``identity``: the sender's identity key the session was with (a room checks it against its roster)."""
         if opened.kind == e2e.BODY_RECEIPT:
             self.mailbox.on_receipt(sender, opened.receipts)
             return
-        if opened.kind == e2e.BODY_SENDER_KEY:   # a room's sender key (room_client.py): nothing to show
+        if opened.kind == e2e.BODY_SENDER_KEY:  # a room's sender key (room_client.py): nothing to show
             self.rooms.on_sender_key(sender, opened.content, identity)
             return
         if self.mailbox.seen_before(sender, opened.msg_id):
             log.debug("a message resent after a reconnect was shown already")
         else:
-            self._received(MessageReceived(sender, opened.text, opened.sent_at, direct=direct, stored_at=stored_at))
+            self._received(
+                MessageReceived(sender, opened.text, opened.sent_at, direct=direct, stored_at=stored_at)
+            )
         if self.receipts:
             self.mailbox.receipt(sender, opened.msg_id)
 
@@ -1161,7 +1225,7 @@ class ChatClient:
             with self._direct_lock:
                 assert self._links is not None
                 message_id, datagrams = self._links.send(peer, payload, _now_ms())
-                self._direct_sent[(peer, message_id)] = None   # a receipt: nothing to say if it is lost
+                self._direct_sent[(peer, message_id)] = None  # a receipt: nothing to say if it is lost
             self._sendto(datagrams)
             return True
         self._send(P.Relay(conversation_id=cid, payload=payload))
@@ -1184,7 +1248,9 @@ class ChatClient:
                 # from before we dropped the conversation: a share carries no message
                 log.debug("discarded a key share or message outside a conversation")
                 return
-            self._emit(MessageRejected(sanitize(sender, 64), "A message for an unknown conversation was discarded."))
+            self._emit(
+                MessageRejected(sanitize(sender, 64), "A message for an unknown conversation was discarded.")
+            )
             return
         if msg.payload[0] in e2e.SHARE_KINDS:
             self._on_share(conv, msg.payload)
@@ -1210,7 +1276,7 @@ class ChatClient:
             was_ready = conv.ready
             reply = None
             try:
-                reply = conv.receive_share(payload)   # a share is answered with our ML-KEM reply
+                reply = conv.receive_share(payload)  # a share is answered with our ML-KEM reply
                 generation = conv.current
                 warning = None
             except e2e.StaleShare:
@@ -1227,10 +1293,13 @@ class ChatClient:
             self._send(P.Relay(conversation_id=conv.id, payload=reply))
         elif not was_ready and generation is not None:
             assert self.peer_trust is not None
-            self.mailbox.forget_outbound(peer)         # live now: a later offline message starts afresh
-            self.mailbox.resend_due(peer, live=True)   # what may have died with the last connection goes first
-            self._emit(ConversationReady(peer, generation, self._opened_by_peer.get(peer, False),
-                                         self.peer_trust.is_verified(peer)))
+            self.mailbox.forget_outbound(peer)  # live now: a later offline message starts afresh
+            self.mailbox.resend_due(peer, live=True)  # what may have died with the last connection goes first
+            self._emit(
+                ConversationReady(
+                    peer, generation, self._opened_by_peer.get(peer, False), self.peer_trust.is_verified(peer)
+                )
+            )
 
     # -- identities of peers --------------------------------------------------------
     def _pending_keys(self) -> "PendingKeys":
@@ -1306,8 +1375,11 @@ class ChatClient:
                 conv = self.conversations.get(peer)
                 if conv is not None and conv.ready:
                     return True
-                if self.closed.is_set() or self._presence.get(peer) in (PRESENCE_OFFLINE, PRESENCE_UNKNOWN,
-                                                                        PRESENCE_REFUSED):
+                if self.closed.is_set() or self._presence.get(peer) in (
+                    PRESENCE_OFFLINE,
+                    PRESENCE_UNKNOWN,
+                    PRESENCE_REFUSED,
+                ):
                     return False
                 if conv is None and peer not in self._pending_open:
                     return False
@@ -1345,13 +1417,18 @@ class ChatClient:
     def _record_sent(self, entry: "offline.Outgoing") -> int | None:
         """Write a message that has gone into the history.  Its receipt may have come meanwhile
         (on another thread): whichever of the two sees the other's write marks the row delivered."""
-        entry.row = self.history.record(entry.peer, H.OUTGOING, entry.text, state=H.STATE_SENT) if self.history else None
+        entry.row = (
+            self.history.record(entry.peer, H.OUTGOING, entry.text, state=H.STATE_SENT)
+            if self.history
+            else None
+        )
         if entry.state == offline.DELIVERED and entry.row is not None:
             self._delivered_event(entry, emit=False)
         return entry.row
 
-    def _send_sealed(self, peer: str, text: str, barrier: "_Barrier | None", *,
-                     resend: "offline.Outgoing | None" = None) -> int | None:
+    def _send_sealed(
+        self, peer: str, text: str, barrier: "_Barrier | None", *, resend: "offline.Outgoing | None" = None
+    ) -> int | None:
         """Seal and send live; the outbox entry and the history row are written only once the
         message has gone (a line that never left is queued by the terminal and written then).
         ``resend``: the same message again, under its own id (the peer shows it once)."""
@@ -1374,7 +1451,9 @@ class ChatClient:
             self._send(P.Relay(conversation_id=cid, payload=payload))
         else:
             self._check_not_reconnecting()
-            with self._send_lock:  # the barrier is queued before the message goes: its refusal cannot come first
+            with (
+                self._send_lock
+            ):  # the barrier is queued before the message goes: its refusal cannot come first
                 self._who_waiters.append(barrier)
                 try:
                     self._send_locked(P.Relay(conversation_id=cid, payload=payload))
@@ -1387,8 +1466,9 @@ class ChatClient:
         entry = self._last_sent = self.mailbox.sent_live(peer, text, msg_id)
         return self._record_sent(entry)
 
-    def send_confirmed(self, peer: str, text: str,
-                       timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S) -> "offline.Outgoing":
+    def send_confirmed(
+        self, peer: str, text: str, timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S
+    ) -> "offline.Outgoing":
         """Open the conversation if needed, send, and return once the server has accepted the message
         (relayed to the peer's connection) or, the peer being offline, stored it for them.
 
@@ -1405,7 +1485,9 @@ class ChatClient:
             raise MessageRefused("That is you; messages go to someone else.")
         deadline = time.monotonic() + timeout_s
         if not self.has_conversation(peer):
-            if self.presence(peer) == PRESENCE_REFUSED:  # asking again would only start a key exchange we refuse
+            if (
+                self.presence(peer) == PRESENCE_REFUSED
+            ):  # asking again would only start a key exchange we refuse
                 raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
             self.open_conversation(peer)
             if not self.wait_conversation(peer, min(KEY_EXCHANGE_WAIT_S, timeout_s)):
@@ -1432,7 +1514,9 @@ class ChatClient:
             raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
         entry = self.mailbox.entry(entry.msg_id) or entry
         if row is not None and self.history is not None:  # a row already 'delivered' stays so (History)
-            self.history.set_state(row, H.STATE_REFUSED if entry.state == offline.REFUSED else H.STATE_ACCEPTED)
+            self.history.set_state(
+                row, H.STATE_REFUSED if entry.state == offline.REFUSED else H.STATE_ACCEPTED
+            )
         if entry.state == offline.REFUSED:
             raise MessageRefused(f"Not sent to {peer}: {entry.reason}")
         return entry
@@ -1505,8 +1589,9 @@ class ChatClient:
         with self._direct_lock:
             if self._links.is_up(msg.peer):
                 return  # checked again under the lock: the peer's HELLO may have brought it up just now
-            datagrams = self._links.start(msg.peer, (msg.host, msg.port), channel, generation or 0, msg.ticket,
-                                          _now_ms())
+            datagrams = self._links.start(
+                msg.peer, (msg.host, msg.port), channel, generation or 0, msg.ticket, _now_ms()
+            )
         self._sendto(datagrams)
 
     def _channel_for(self, initiator: str, conversation_id: int, generation: int):

@@ -53,13 +53,15 @@ class Cluster:
         """Send ``msg`` to ``username`` on their node; False if not remote or unreachable now."""
         return False
 
-    def send_key(self, username: str, members: tuple[str, str], generation: int,
-                 msg: "P.ConversationKey") -> bool:
+    def send_key(
+        self, username: str, members: tuple[str, str], generation: int, msg: "P.ConversationKey"
+    ) -> bool:
         """A KDC key for a remote member; their node learns the conversation too."""
         return False
 
-    def direct_offer(self, peer: str, initiator: str, host: str, port: int,
-                     conversation_id: int) -> "P.DirectOffer | str":
+    def direct_offer(
+        self, peer: str, initiator: str, host: str, port: int, conversation_id: int
+    ) -> "P.DirectOffer | str":
         """Ask ``peer``'s node for a direct-mode offer; the offer, or why not."""
         return f"{peer} is offline."
 

@@ -48,22 +48,22 @@ log = logging.getLogger("secureim.cluster")
 
 FRAME_VERSION = 1
 HEARTBEAT_S = 1.0
-NODE_TIMEOUT_S = 4.0            # a node not heard for this long is gone: its users are offline
-CONNECT_TIMEOUT_S = 5.0          # at start: NATS must answer within this, else the server refuses to start
+NODE_TIMEOUT_S = 4.0  # a node not heard for this long is gone: its users are offline
+CONNECT_TIMEOUT_S = 5.0  # at start: NATS must answer within this, else the server refuses to start
 DIRECT_TIMEOUT_S = 3.0
 MAX_FRAME_AGE_S = 60.0
-PING_INTERVAL_S = 2               # nats-py's default is 120 s: a dead link would look alive for minutes
-LINK_STUCK_S = 3.0               # down this long although NATS may be back: a fresh connection
-SNAPSHOT_CHUNK = 2000            # users per SNAPSHOT frame (each ~80 bytes: well under NATS' 1 MiB)
+PING_INTERVAL_S = 2  # nats-py's default is 120 s: a dead link would look alive for minutes
+LINK_STUCK_S = 3.0  # down this long although NATS may be back: a fresh connection
+SNAPSHOT_CHUNK = 2000  # users per SNAPSHOT frame (each ~80 bytes: well under NATS' 1 MiB)
 MAX_PREFIX_CHARS = 64
 MAX_REMOTE_USERS = 2_000_000
-MAX_SEEN_STREAMS = 10_000        # (sender, subject) pairs whose sequence numbers are remembered
-DROP_LOG_EVERY_S = 1.0           # at most one "dropped a frame" warning a second (the rest counted)
+MAX_SEEN_STREAMS = 10_000  # (sender, subject) pairs whose sequence numbers are remembered
+DROP_LOG_EVERY_S = 1.0  # at most one "dropped a frame" warning a second (the rest counted)
 BUS_KEY_LABEL = "cluster bus"
 
 # Frame types
 ONLINE, OFFLINE, HEARTBEAT, SYNC, SNAPSHOT, DELIVER, KEY, DIRECT = range(1, 9)
-_HEAD = struct.Struct(">B16sQd")     # type, sender incarnation, sequence, sent at (wall clock)
+_HEAD = struct.Struct(">B16sQd")  # type, sender incarnation, sequence, sent at (wall clock)
 _FIELD = struct.Struct(">I")
 
 
@@ -85,7 +85,7 @@ def unpack_fields(data: bytes, count: int | None = None) -> list[bytes]:
         offset += _FIELD.size
         if offset + n > len(data):
             raise SecureIMError("truncated bus frame")
-        fields.append(data[offset:offset + n])
+        fields.append(data[offset : offset + n])
         offset += n
     if count is not None and len(fields) != count:
         raise SecureIMError("wrong number of fields in a bus frame")
@@ -93,11 +93,16 @@ def unpack_fields(data: bytes, count: int | None = None) -> list[bytes]:
 
 
 def check_prefix(prefix: str) -> str:
-    ok = prefix and len(prefix) <= MAX_PREFIX_CHARS and all(
-        part and all(c.isalnum() or c in "-_" for c in part) for part in prefix.split("."))
+    ok = (
+        prefix
+        and len(prefix) <= MAX_PREFIX_CHARS
+        and all(part and all(c.isalnum() or c in "-_" for c in part) for part in prefix.split("."))
+    )
     if not ok:
-        raise ConfigError(f"--cluster-prefix {prefix!r}: use letters, digits, '-', '_' and dots "
-                          f"(at most {MAX_PREFIX_CHARS} characters).")
+        raise ConfigError(
+            f"--cluster-prefix {prefix!r}: use letters, digits, '-', '_' and dots "
+            f"(at most {MAX_PREFIX_CHARS} characters)."
+        )
     return prefix
 
 
@@ -108,7 +113,7 @@ def _aad(subject: str) -> bytes:
 
 @dataclass
 class RemoteUser:
-    node: bytes          # the incarnation id of the node they are on
+    node: bytes  # the incarnation id of the node they are on
     login_at: float
     identity_key: bytes
 
@@ -144,7 +149,7 @@ class BusCodec:
         if abs(time.time() - sent_at) > MAX_FRAME_AGE_S:
             raise SecureIMError("a stale bus frame (replayed, or a clock far off)")
         if not tracked:  # a reply: its subject is a one-time inbox, bound as associated data
-            return kind, sender, plain[_HEAD.size:]
+            return kind, sender, plain[_HEAD.size :]
         key = (sender, subject)
         if seq <= self._seen.get(key, 0):
             raise SecureIMError("a replayed or duplicate bus frame")
@@ -152,7 +157,7 @@ class BusCodec:
         self._seen.move_to_end(key)
         if len(self._seen) > MAX_SEEN_STREAMS:  # bounded: forget the least recently heard sender
             self._seen.popitem(last=False)
-        return kind, sender, plain[_HEAD.size:]
+        return kind, sender, plain[_HEAD.size :]
 
 
 class NatsCluster(Cluster):
@@ -166,8 +171,8 @@ class NatsCluster(Cluster):
         self.node_name = node_name
         self.codec = BusCodec(key, self.incarnation)
         self.presence_subject = f"{self.prefix}.presence"
-        self.remote: dict[str, RemoteUser] = {}       # loop thread only
-        self.nodes: dict[bytes, float] = {}           # incarnation -> last heard (monotonic)
+        self.remote: dict[str, RemoteUser] = {}  # loop thread only
+        self.nodes: dict[bytes, float] = {}  # incarnation -> last heard (monotonic)
         self._snapshots: dict[tuple[bytes, bytes], set[str]] = {}  # (node, snapshot id) -> names so far
         self._out: deque = deque()
         self._out_ready: asyncio.Event | None = None
@@ -206,8 +211,9 @@ class NatsCluster(Cluster):
         try:
             await asyncio.wait_for(self._open_link(), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise ConfigError(f"Cannot reach the cluster bus at {self.url}: no answer within "
-                              f"{CONNECT_TIMEOUT_S:.0f} s") from None
+            raise ConfigError(
+                f"Cannot reach the cluster bus at {self.url}: no answer within {CONNECT_TIMEOUT_S:.0f} s"
+            ) from None
         self._tasks = [asyncio.ensure_future(self._publisher()), asyncio.ensure_future(self._heartbeats())]
         log.info("joined the cluster at %s as node %s", self.url, self.node_id)
 
@@ -229,11 +235,19 @@ class NatsCluster(Cluster):
                 await self._on_reconnected()
 
         nc = await nats.connect(
-            servers=[self.url], name=f"secureim {self.node_name}", allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
-            ping_interval=PING_INTERVAL_S, max_outstanding_pings=3,  # a silently dead link in seconds
+            servers=[self.url],
+            name=f"secureim {self.node_name}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=3,  # a silently dead link in seconds
             pending_size=0,  # never buffer while disconnected: a late delivery is a surprise
-            disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=self._on_error)
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=self._on_error,
+        )
         try:
             await nc.subscribe(self.presence_subject, cb=self._on_frame)
             await nc.subscribe(self.node_subject(self.incarnation), cb=self._on_frame)
@@ -293,7 +307,9 @@ class NatsCluster(Cluster):
             return  # already said
         self.connected_since = None
         self.lost_at = time.monotonic()
-        log.warning("lost the cluster bus at %s; reconnecting (users on other nodes are unreachable)", self.url)
+        log.warning(
+            "lost the cluster bus at %s; reconnecting (users on other nodes are unreachable)", self.url
+        )
 
     async def _on_reconnected(self) -> None:
         self.connected_since = time.monotonic()
@@ -364,11 +380,16 @@ class NatsCluster(Cluster):
         session = self.service.registry.session_of(username)
         if session is None or session.login_at != login_at or identity_key is None:
             return  # it ended before this ran: its OFFLINE (or nothing) is what others must hear
-        self._publish(self.presence_subject, ONLINE,
-                      pack_fields(username.encode(), struct.pack(">d", login_at), identity_key))
+        self._publish(
+            self.presence_subject,
+            ONLINE,
+            pack_fields(username.encode(), struct.pack(">d", login_at), identity_key),
+        )
 
     def user_offline(self, username: str, login_at: float) -> None:
-        self._publish(self.presence_subject, OFFLINE, pack_fields(username.encode(), struct.pack(">d", login_at)))
+        self._publish(
+            self.presence_subject, OFFLINE, pack_fields(username.encode(), struct.pack(">d", login_at))
+        )
 
     def is_remote(self, username: str) -> bool:
         return username in self.remote
@@ -384,26 +405,39 @@ class NatsCluster(Cluster):
         entry = self.remote.get(username)
         if entry is None:
             return False
-        return self._publish(self.node_subject(entry.node), DELIVER, pack_fields(username.encode(), msg.encode()))
+        return self._publish(
+            self.node_subject(entry.node), DELIVER, pack_fields(username.encode(), msg.encode())
+        )
 
-    def send_key(self, username: str, members: tuple[str, str], generation: int, msg: P.ConversationKey) -> bool:
+    def send_key(
+        self, username: str, members: tuple[str, str], generation: int, msg: P.ConversationKey
+    ) -> bool:
         entry = self.remote.get(username)
         if entry is None:
             return False
-        return self._publish(self.node_subject(entry.node), KEY,
-                             pack_fields(username.encode(), members[0].encode(), members[1].encode(),
-                                         msg.encode()))
+        return self._publish(
+            self.node_subject(entry.node),
+            KEY,
+            pack_fields(username.encode(), members[0].encode(), members[1].encode(), msg.encode()),
+        )
 
     def direct_offer(self, peer: str, initiator: str, host: str, port: int, conversation_id: int):
         entry = self.remote.get(peer)
         if entry is None or not self.connected:
             return f"{peer} is offline." if entry is None else f"{peer} is temporarily unreachable."
         subject = self.direct_subject(entry.node)
-        body = pack_fields(peer.encode(), initiator.encode(), host.encode(), str(port).encode(),
-                           str(conversation_id).encode())
+        body = pack_fields(
+            peer.encode(),
+            initiator.encode(),
+            host.encode(),
+            str(port).encode(),
+            str(conversation_id).encode(),
+        )
 
         async def ask():  # on the loop thread: the codec's state is the loop's alone
-            reply = await self.nc.request(subject, self.codec.seal(subject, DIRECT, body), timeout=DIRECT_TIMEOUT_S)
+            reply = await self.nc.request(
+                subject, self.codec.seal(subject, DIRECT, body), timeout=DIRECT_TIMEOUT_S
+            )
             return self.codec.open(reply.subject, reply.data, tracked=False)[2]
 
         try:
@@ -437,8 +471,12 @@ class NatsCluster(Cluster):
             now = time.monotonic()
             if now - self._last_drop_log >= DROP_LOG_EVERY_S:  # a flood of junk must not flood the log
                 self._last_drop_log = now
-                log.warning("dropped a cluster frame on %s: %s (%d dropped so far)", msg.subject, exc,
-                            self.frames_dropped)
+                log.warning(
+                    "dropped a cluster frame on %s: %s (%d dropped so far)",
+                    msg.subject,
+                    exc,
+                    self.frames_dropped,
+                )
         except Exception:  # noqa: BLE001 - one bad frame must never end the subscription
             log.exception("error handling a cluster frame")
 
@@ -492,7 +530,9 @@ class NatsCluster(Cluster):
         Conversations with the session there end, and their peers here re-open with this one."""
         if self.remote.pop(username, None) is None:
             return
-        self.service.notify(username, self.service.registry.drop_conversations(username, watch=False), online=True)
+        self.service.notify(
+            username, self.service.registry.drop_conversations(username, watch=False), online=True
+        )
 
     async def _h_heartbeat(self, sender: bytes, body: bytes, _msg) -> None:
         if sender not in self._known_nodes:
@@ -507,9 +547,12 @@ class NatsCluster(Cluster):
         self._send_snapshot(self.node_subject(sender))
 
     def _send_snapshot(self, subject: str) -> None:
-        users = [(name, s.login_at, s.identity_key) for name, s in list(self.service.registry.online.items())
-                 if s.identity_key is not None]
-        chunks = [users[i:i + SNAPSHOT_CHUNK] for i in range(0, len(users), SNAPSHOT_CHUNK)] or [[]]
+        users = [
+            (name, s.login_at, s.identity_key)
+            for name, s in list(self.service.registry.online.items())
+            if s.identity_key is not None
+        ]
+        chunks = [users[i : i + SNAPSHOT_CHUNK] for i in range(0, len(users), SNAPSHOT_CHUNK)] or [[]]
         snapshot_id = cu.random_bytes(8)  # two snapshots from one node never mix
         for index, chunk in enumerate(chunks):
             last = b"1" if index == len(chunks) - 1 else b"0"
@@ -538,22 +581,33 @@ class NatsCluster(Cluster):
     async def _h_deliver(self, sender: bytes, body: bytes, _msg) -> None:
         name, inner = unpack_fields(body, 2)
         msg = P.decode_message(inner)
-        if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)):
+        if not isinstance(
+            msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)
+        ):
             raise SecureIMError(f"a {type(msg).__name__} is not delivered across nodes")
         session = self.service.registry.session_of(name.decode())
-        if isinstance(msg, P.StoredMessage):  # a nudge: messages were stored for them; the queue is in the database
+        if isinstance(
+            msg, P.StoredMessage
+        ):  # a nudge: messages were stored for them; the queue is in the database
             if session is not None:
                 self.service.run_slow(self.service.push_queue, session)
             return
         if session is not None and session.send(msg):
             return
         if isinstance(msg, P.RoomMessage):  # they left this node meanwhile: the copy waits in their queue
-            self.service.run_slow(self.service.room_copy_to_queue, name.decode(), msg, self.identity_of(msg.sender))
+            self.service.run_slow(
+                self.service.room_copy_to_queue, name.decode(), msg, self.identity_of(msg.sender)
+            )
             return
-        if isinstance(msg, P.Deliver):  # gone from here in the meantime: the sender hears it was not delivered
-            bounce = P.Error(code=P.ErrorCode.PEER_OFFLINE,
-                             reason=f"{name.decode()} is offline; message not delivered.")
-            self._publish(self.node_subject(sender), DELIVER, pack_fields(msg.sender.encode(), bounce.encode()))
+        if isinstance(
+            msg, P.Deliver
+        ):  # gone from here in the meantime: the sender hears it was not delivered
+            bounce = P.Error(
+                code=P.ErrorCode.PEER_OFFLINE, reason=f"{name.decode()} is offline; message not delivered."
+            )
+            self._publish(
+                self.node_subject(sender), DELIVER, pack_fields(msg.sender.encode(), bounce.encode())
+            )
 
     async def _h_key(self, sender: bytes, body: bytes, _msg) -> None:
         name, first, second, inner = unpack_fields(body, 4)
@@ -575,7 +629,9 @@ class NatsCluster(Cluster):
         if isinstance(answer, str):
             answer = P.DirectUnavailable(peer=peer, reason=answer)
         if msg.reply:
-            await self.nc.publish(msg.reply, self.codec.seal(msg.reply, DIRECT, answer.encode(), tracked=False))
+            await self.nc.publish(
+                msg.reply, self.codec.seal(msg.reply, DIRECT, answer.encode(), tracked=False)
+            )
 
     def _expire_nodes(self) -> None:
         """Nodes silent for NODE_TIMEOUT_S are gone (SIGKILL, a crash): their users are offline.
@@ -590,11 +646,19 @@ class NatsCluster(Cluster):
                 self._known_nodes.discard(node)
                 gone = [name for name, e in self.remote.items() if e.node == node]
                 if gone:
-                    log.warning("cluster node %s went silent; %d of its users are offline", node.hex()[:16],
-                                len(gone))
+                    log.warning(
+                        "cluster node %s went silent; %d of its users are offline", node.hex()[:16], len(gone)
+                    )
                 for name in gone:
                     self._remote_offline(name, node, None)
 
-    _HANDLERS = {ONLINE: _h_online, OFFLINE: _h_offline, HEARTBEAT: _h_heartbeat, SYNC: _h_sync,
-                 SNAPSHOT: _h_snapshot, DELIVER: _h_deliver, KEY: _h_key, DIRECT: _h_direct}
-
+    _HANDLERS = {
+        ONLINE: _h_online,
+        OFFLINE: _h_offline,
+        HEARTBEAT: _h_heartbeat,
+        SYNC: _h_sync,
+        SNAPSHOT: _h_snapshot,
+        DELIVER: _h_deliver,
+        KEY: _h_key,
+        DIRECT: _h_direct,
+    }

@@ -44,10 +44,10 @@ class ServerConsole:
         while True:
             try:
                 line = self.stream.readline(MAX_LINE_CHARS + 1)
-            except (OSError, ValueError):   # stdin closed under us
+            except (OSError, ValueError):  # stdin closed under us
                 return
             if not line:
-                return                       # end of input: the console stops, the server goes on
+                return  # end of input: the console stops, the server goes on
             try:
                 self.execute(line.strip())
             except Exception:  # noqa: BLE001 - a console command must never take the server down

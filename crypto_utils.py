@@ -53,7 +53,7 @@ ED25519_SIGNATURE_BYTES = 64
 # ML-KEM-768 sizes, FIPS 203 table 3 (k = 3, du = 10, dv = 4).
 MLKEM768_ENCAPSULATION_KEY_BYTES = 1184
 MLKEM768_CIPHERTEXT_BYTES = 1088
-MLKEM768_SEED_BYTES = 64        # d || z (FIPS 203 algorithm 16, ML-KEM.KeyGen_internal)
+MLKEM768_SEED_BYTES = 64  # d || z (FIPS 203 algorithm 16, ML-KEM.KeyGen_internal)
 MLKEM_SHARED_SECRET_BYTES = 32
 
 
@@ -121,12 +121,27 @@ def set_des_parity(key: bytes) -> bytes:
 
 
 # The 4 weak and 12 semi-weak DES keys (SP 800-67r2 section 3.3.2), parity set.
-DES_WEAK_KEYS = frozenset(bytes.fromhex(k) for k in (
-    "0101010101010101", "FEFEFEFEFEFEFEFE", "E0E0E0E0F1F1F1F1", "1F1F1F1F0E0E0E0E",
-    "011F011F010E010E", "1F011F010E010E01", "01E001E001F101F1", "E001E001F101F101",
-    "01FE01FE01FE01FE", "FE01FE01FE01FE01", "1FE01FE00EF10EF1", "E01FE01FF10EF10E",
-    "1FFE1FFE0EFE0EFE", "FE1FFE1FFE0EFE0E", "E0FEE0FEF1FEF1FE", "FEE0FEE0FEF1FEF1",
-))
+DES_WEAK_KEYS = frozenset(
+    bytes.fromhex(k)
+    for k in (
+        "0101010101010101",
+        "FEFEFEFEFEFEFEFE",
+        "E0E0E0E0F1F1F1F1",
+        "1F1F1F1F0E0E0E0E",
+        "011F011F010E010E",
+        "1F011F010E010E01",
+        "01E001E001F101F1",
+        "E001E001F101F101",
+        "01FE01FE01FE01FE",
+        "FE01FE01FE01FE01",
+        "1FE01FE00EF10EF1",
+        "E01FE01FF10EF10E",
+        "1FFE1FFE0EFE0EFE",
+        "FE1FFE1FFE0EFE0E",
+        "E0FEE0FEF1FEF1FE",
+        "FEE0FEE0FEF1FEF1",
+    )
+)
 
 
 def check_tdes_key(key: bytes) -> None:
@@ -183,8 +198,9 @@ class _PyDesTripleDesCbc:
         self._key = key
 
     def _cipher(self, iv: bytes):
-        return self._pydes.triple_des(self._key, self._pydes.CBC, iv, pad=None,
-                                      padmode=self._pydes.PAD_NORMAL)
+        return self._pydes.triple_des(
+            self._key, self._pydes.CBC, iv, pad=None, padmode=self._pydes.PAD_NORMAL
+        )
 
     def encrypt(self, iv: bytes, data: bytes) -> bytes:
         return self._cipher(iv).encrypt(data)
@@ -459,8 +475,9 @@ def load_identity(path: Path) -> Ed25519PrivateKey:
         raise ConfigError(f"Identity key {path} does not exist.")
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"Identity key {path} is accessible by others "
-                          f"(mode {oct(mode & 0o777)}); run: chmod 600 {path}")
+        raise ConfigError(
+            f"Identity key {path} is accessible by others (mode {oct(mode & 0o777)}); run: chmod 600 {path}"
+        )
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
@@ -477,8 +494,9 @@ def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
         return load_identity(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
@@ -503,8 +521,10 @@ _MLKEM_AVAILABLE: bool | None = None
 
 
 def _mlkem_unsupported() -> ConfigError:
-    return ConfigError("This cryptography/OpenSSL build has no ML-KEM-768; "
-                       "install cryptography 47 or later built with ML-KEM support.")
+    return ConfigError(
+        "This cryptography/OpenSSL build has no ML-KEM-768; "
+        "install cryptography 47 or later built with ML-KEM support."
+    )
 
 
 class MLKEM768KeyPair:
@@ -521,7 +541,9 @@ class MLKEM768KeyPair:
         if seed is not None and len(seed) != MLKEM768_SEED_BYTES:
             raise InvalidKey(f"An ML-KEM-768 seed is {MLKEM768_SEED_BYTES} bytes, not {len(seed)}.")
         try:
-            self._key = MLKEM768PrivateKey.generate() if seed is None else MLKEM768PrivateKey.from_seed_bytes(seed)
+            self._key = (
+                MLKEM768PrivateKey.generate() if seed is None else MLKEM768PrivateKey.from_seed_bytes(seed)
+            )
         except UnsupportedAlgorithm:
             raise _mlkem_unsupported() from None
         self.encapsulation_key = self._key.public_key().public_bytes_raw()
@@ -547,15 +569,19 @@ def mlkem768_encapsulate(encapsulation_key: bytes) -> tuple[bytes, bytes]:
     The key is refused unless it is exactly 1,184 bytes and every coefficient is
     reduced modulo q (FIPS 203 section 7.2, the encapsulation key modulus check).
     """
-    if not isinstance(encapsulation_key, (bytes, bytearray)) or \
-            len(encapsulation_key) != MLKEM768_ENCAPSULATION_KEY_BYTES:
+    if (
+        not isinstance(encapsulation_key, (bytes, bytearray))
+        or len(encapsulation_key) != MLKEM768_ENCAPSULATION_KEY_BYTES
+    ):
         raise InvalidKemValue(
-            f"An ML-KEM-768 encapsulation key is exactly {MLKEM768_ENCAPSULATION_KEY_BYTES} bytes.")
+            f"An ML-KEM-768 encapsulation key is exactly {MLKEM768_ENCAPSULATION_KEY_BYTES} bytes."
+        )
     try:
         public = MLKEM768PublicKey.from_public_bytes(bytes(encapsulation_key))
     except UnsupportedAlgorithm:
         raise _mlkem_unsupported() from None
     except ValueError:  # right size, so the modulus check failed
-        raise InvalidKemValue("The ML-KEM-768 encapsulation key is malformed "
-                              "(a coefficient is not reduced modulo q).") from None
+        raise InvalidKemValue(
+            "The ML-KEM-768 encapsulation key is malformed (a coefficient is not reduced modulo q)."
+        ) from None
     return public.encapsulate()

@@ -66,16 +66,16 @@ class AuditEvent:
 
 @dataclass(frozen=True)
 class Ban:
-    kind: str          # "user" or "address"
-    target: str        # a username, or a network in CIDR form
-    until: float       # 0 = until unbanned
+    kind: str  # "user" or "address"
+    target: str  # a username, or a network in CIDR form
+    until: float  # 0 = until unbanned
     reason: str
 
 
 @dataclass(frozen=True)
 class AdminAction:
     id: int
-    action: str        # "kick" (ban, reset and delete post one too), or "address" (re-read address bans)
+    action: str  # "kick" (ban, reset and delete post one too), or "address" (re-read address bans)
     username: str
     reason: str
 
@@ -107,30 +107,34 @@ class Lockout:
 @dataclass(frozen=True)
 class QueuedMessage:
     """One stored message (docs/PROTOCOL.md section 15): ciphertext and routing only."""
+
     id: int
     recipient: str
     sender: str
     conversation_id: int
     generation: int
-    msg_ref: bytes          # the sender's 16-byte reference: a resend of the same message is not stored twice
+    msg_ref: bytes  # the sender's 16-byte reference: a resend of the same message is not stored twice
     sender_identity: bytes  # the sender's identity key when it was stored
-    payload: bytes          # the end-to-end payload, opaque to the server
+    payload: bytes  # the end-to-end payload, opaque to the server
     stored_at: float
-    wrapped_key: bytes | None  # the KDC key of (conversation, generation), or of (room, epoch), sealed by the server
-    room_id: int = 0        # a room row's room (conversation_id is then 0 and generation the room's epoch)
-    kind: int = 0           # KIND_PAIR, KIND_ROOM_MESSAGE or KIND_ROOM_CHANGE
+    wrapped_key: (
+        bytes | None
+    )  # the KDC key of (conversation, generation), or of (room, epoch), sealed by the server
+    room_id: int = 0  # a room row's room (conversation_id is then 0 and generation the room's epoch)
+    kind: int = 0  # KIND_PAIR, KIND_ROOM_MESSAGE or KIND_ROOM_CHANGE
 
 
 @dataclass(frozen=True)
 class Room:
     """A group room as the server keeps it (rooms.py): routing and the head of its signed change log."""
+
     id: int
     name: str
-    uid: bytes                 # the room's random 16-byte id, named in every change
+    uid: bytes  # the room's random 16-byte id, named in every change
     admin: str
-    epoch: int                 # 1 at the creation, +1 per change
-    head: bytes                # the 32-byte hash of the latest change
-    members: tuple[str, ...]   # sorted by name
+    epoch: int  # 1 at the creation, +1 per change
+    head: bytes  # the 32-byte hash of the latest change
+    members: tuple[str, ...]  # sorted by name
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,13 @@ class PrekeyStatus:
 
 
 # enqueue() answers (room_enqueue() answers the first four per recipient, and NO_USER)
-STORED, DUPLICATE, FULL_MESSAGES, FULL_BYTES, NO_KEY = "stored", "duplicate", "full_messages", "full_bytes", "no_key"
+STORED, DUPLICATE, FULL_MESSAGES, FULL_BYTES, NO_KEY = (
+    "stored",
+    "duplicate",
+    "full_messages",
+    "full_bytes",
+    "no_key",
+)
 NO_USER = "no_user"  # room_enqueue(): the recipient has no account (deleted, still listed in a room)
 # change_room() answers
 ROOM_OK, ROOM_STALE, ROOM_GONE = "ok", "stale", "gone"
@@ -155,11 +165,11 @@ MAX_USERNAME_CHARS = 32
 ROOM_UID_BYTES = 16
 ROOM_HEAD_BYTES = 32
 MSG_REF_BYTES = 16
-MAX_IDENTITY_BYTES = 32        # message_queue.sender_identity
-MAX_WRAPPED_KEY_BYTES = 128    # room_keys.wrapped
+MAX_IDENTITY_BYTES = 32  # message_queue.sender_identity
+MAX_WRAPPED_KEY_BYTES = 128  # room_keys.wrapped
 MAX_BLOB_BYTES = (1 << 24) - 1  # MEDIUMBLOB: a change or a payload
-MAX_EPOCH = (1 << 32) - 1      # INT UNSIGNED
-MAX_DB_ID = (1 << 63) - 1      # SQLite integers are signed 64-bit
+MAX_EPOCH = (1 << 32) - 1  # INT UNSIGNED
+MAX_DB_ID = (1 << 63) - 1  # SQLite integers are signed 64-bit
 
 BAN_KINDS = ("user", "address")
 MAX_AUDIT_DETAIL = 200
@@ -260,20 +270,24 @@ class Storage:
     def get_login_failures(self, username: str, source: str) -> LoginFailures:
         raise NotImplementedError
 
-    def record_login_failure(self, username: str, source: str, now: float,
-                             max_failures: int, lock_s: float) -> LoginFailures:
+    def record_login_failure(
+        self, username: str, source: str, now: float, max_failures: int, lock_s: float
+    ) -> LoginFailures:
         raise NotImplementedError
 
     def clear_login_failures(self, username: str, source: str) -> None:
         raise NotImplementedError
 
     # -- operating the server -------------------------------------------------------
-    def audit(self, event: str, username: str = "", source: str = "", detail: str = "",
-              at: float | None = None) -> None:
+    def audit(
+        self, event: str, username: str = "", source: str = "", detail: str = "", at: float | None = None
+    ) -> None:
         """Append one audit row.  Callers never pass passwords, keys or message text."""
         raise NotImplementedError
 
-    def audit_events(self, username: str | None = None, since: float = 0.0, limit: int = 1000) -> list[AuditEvent]:
+    def audit_events(
+        self, username: str | None = None, since: float = 0.0, limit: int = 1000
+    ) -> list[AuditEvent]:
         """Audit rows, oldest first, at or after ``since`` (for one user if given)."""
         raise NotImplementedError
 
@@ -367,8 +381,9 @@ class Storage:
         """Drop the user's one-time prekeys (and the signed one: after an identity change)."""
         raise NotImplementedError
 
-    def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
-                        wrapped: bytes, now: float) -> None:
+    def put_offline_key(
+        self, recipient: str, conversation_id: int, generation: int, sender: str, wrapped: bytes, now: float
+    ) -> None:
         raise NotImplementedError
 
     def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
@@ -398,8 +413,18 @@ class Storage:
         raise NotImplementedError
 
     # -- group rooms (rooms.py, docs/PROTOCOL.md section 16) ------------------------------
-    def create_room(self, name: str, uid: bytes, admin: str, head: bytes, change: bytes, wrapped_key: bytes,
-                    msg_ref: bytes, admin_identity: bytes, now: float) -> int | None:
+    def create_room(
+        self,
+        name: str,
+        uid: bytes,
+        admin: str,
+        head: bytes,
+        change: bytes,
+        wrapped_key: bytes,
+        msg_ref: bytes,
+        admin_identity: bytes,
+        now: float,
+    ) -> int | None:
         """A new room at epoch 1, its admin its only member (joined_epoch 1), the change in the log, the key
         of epoch 1, and the change queued (kind 2, sender=admin, sender_identity=admin_identity, msg_ref) for
         the admin; in one transaction.  Returns the room id, or None if the name is taken.  ValueError on
@@ -417,9 +442,22 @@ class Storage:
         """The rooms ``username`` is a member of, by name."""
         raise NotImplementedError
 
-    def change_room(self, room_id: int, expected_epoch: int, head: bytes, *, add: str | None = None,
-                    remove: str | None = None, close: bool = False, change: bytes, wrapped_key: bytes | None,
-                    actor: str, actor_identity: bytes, msg_ref: bytes, now: float) -> tuple[str, int]:
+    def change_room(
+        self,
+        room_id: int,
+        expected_epoch: int,
+        head: bytes,
+        *,
+        add: str | None = None,
+        remove: str | None = None,
+        close: bool = False,
+        change: bytes,
+        wrapped_key: bytes | None,
+        actor: str,
+        actor_identity: bytes,
+        msg_ref: bytes,
+        now: float,
+    ) -> tuple[str, int]:
         """One membership change, atomically: if the room is gone -> (ROOM_GONE, 0); if its epoch is not
         expected_epoch -> (ROOM_STALE, current epoch); else epoch+1, head=head, add (joined_epoch = new
         epoch) or remove the member, the change in room_changes, wrapped_key (if not None) in room_keys for
@@ -437,9 +475,19 @@ class Storage:
         already queued from ``actor`` to one of the recipients."""
         raise NotImplementedError
 
-    def room_enqueue(self, room_id: int, epoch: int, sender: str, sender_identity: bytes, msg_ref: bytes,
-                     payload: bytes, recipients: list[str], now: float, max_messages: int, max_bytes: int
-                     ) -> dict[str, str]:
+    def room_enqueue(
+        self,
+        room_id: int,
+        epoch: int,
+        sender: str,
+        sender_identity: bytes,
+        msg_ref: bytes,
+        payload: bytes,
+        recipients: list[str],
+        now: float,
+        max_messages: int,
+        max_bytes: int,
+    ) -> dict[str, str]:
         """A room message (kind 1, generation = epoch) for each of ``recipients`` (the server passes those
         offline); each recipient's bound counts all their rows, change rows included, as in enqueue().  Per
         recipient: NO_USER (no account: deleted, and still listed until the admin removes it; nothing is
@@ -466,8 +514,14 @@ def _pair(user_a: str, user_b: str) -> tuple[str, str]:
 def _is_name(value: object, max_chars: int) -> bool:
     """A room or user name the room tables can hold: 1..max_chars printable ASCII, no space and no comma
     (sp_room_enqueue takes its recipients comma-separated)."""
-    return (isinstance(value, str) and 1 <= len(value) <= max_chars and value.isascii() and value.isprintable()
-            and " " not in value and "," not in value)
+    return (
+        isinstance(value, str)
+        and 1 <= len(value) <= max_chars
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+        and "," not in value
+    )
 
 
 def _is_int(value: object, low: int, high: int) -> bool:
@@ -476,7 +530,9 @@ def _is_int(value: object, low: int, high: int) -> bool:
 
 def _check_name(value: object, max_chars: int, what: str) -> None:
     if not _is_name(value, max_chars):
-        raise ValueError(f"{what} must be 1 to {max_chars} printable ASCII characters without spaces or commas.")
+        raise ValueError(
+            f"{what} must be 1 to {max_chars} printable ASCII characters without spaces or commas."
+        )
 
 
 def _check_bytes(value: object, what: str, low: int, high: int) -> None:
@@ -510,8 +566,9 @@ def _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, adm
     _check_sender(admin, admin_identity, msg_ref)
 
 
-def _check_change_room(expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity,
-                       msg_ref) -> None:
+def _check_change_room(
+    expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity, msg_ref
+) -> None:
     _check_epoch(expected_epoch)
     _check_bytes(head, "A room head", ROOM_HEAD_BYTES, ROOM_HEAD_BYTES)
     if (add is not None) + (remove is not None) + bool(close) != 1:
@@ -544,7 +601,9 @@ def _rooms_from_rows(rows) -> list[Room]:
     """Rooms from rows of (id, name, uid, admin, epoch, head, member or None), one row per member."""
     found: dict[int, tuple[tuple, list[str]]] = {}
     for r in rows:
-        _, members = found.setdefault(int(r[0]), ((int(r[0]), r[1], bytes(r[2]), r[3], int(r[4]), bytes(r[5])), []))
+        _, members = found.setdefault(
+            int(r[0]), ((int(r[0]), r[1], bytes(r[2]), r[3], int(r[4]), bytes(r[5])), [])
+        )
         if r[6] is not None:
             members.append(r[6])
     rooms = [Room(*fields, tuple(sorted(members))) for fields, members in found.values()]
@@ -567,8 +626,9 @@ def _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, rec
 
 def _check_pair_row(msg: QueuedMessage) -> None:
     if msg.kind != KIND_PAIR or msg.room_id != 0:
-        raise ValueError("enqueue() stores one-to-one messages; room rows go through room_enqueue() and "
-                         "change_room().")
+        raise ValueError(
+            "enqueue() stores one-to-one messages; room rows go through room_enqueue() and change_room()."
+        )
 
 
 # =============================================================================
@@ -714,7 +774,7 @@ CREATE TABLE IF NOT EXISTS room_keys (
 """
 # Columns added after the first release: (table, column, definition), added on open where missing.
 _SQLITE_ADDED_COLUMNS = (
-    ("users", "ticket_epoch", "INTEGER NOT NULL DEFAULT 0"),     # password changes
+    ("users", "ticket_epoch", "INTEGER NOT NULL DEFAULT 0"),  # password changes
     ("message_queue", "room_id", "INTEGER NOT NULL DEFAULT 0"),  # group rooms
     ("message_queue", "kind", "INTEGER NOT NULL DEFAULT 0"),
 )
@@ -730,9 +790,11 @@ class SQLiteStorage(Storage):
         if self.path != ":memory:":
             folder = Path(self.path).absolute().parent
             if not folder.is_dir():
-                raise ConfigError(f"The folder of the SQLite database {self.path} ({folder}) does not exist; "
-                                  f"create it first (sqlite:///relative/path.db is relative to the current "
-                                  f"folder, sqlite:////absolute/path.db has four slashes).")
+                raise ConfigError(
+                    f"The folder of the SQLite database {self.path} ({folder}) does not exist; "
+                    f"create it first (sqlite:///relative/path.db is relative to the current "
+                    f"folder, sqlite:////absolute/path.db has four slashes)."
+                )
             if Path(self.path).is_dir():
                 raise ConfigError(f"The SQLite database {self.path} is a folder, not a file.")
         self._pool = _Pool(self._connect)
@@ -779,7 +841,8 @@ class SQLiteStorage(Storage):
             cur = conn.execute(
                 "INSERT OR IGNORE INTO users (username, password_hash, created_at, identity_key) "
                 "SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM room_members WHERE username = ?)",
-                (username, password_hash, time.time(), identity_key, username))
+                (username, password_hash, time.time(), identity_key, username),
+            )
             return cur.rowcount == 1
 
     def get_identity_key(self, username: str) -> bytes | None:
@@ -807,61 +870,83 @@ class SQLiteStorage(Storage):
 
     def change_password_hash(self, username: str, password_hash: str) -> int | None:
         with self._tx() as conn:
-            conn.execute("UPDATE users SET password_hash = ?, ticket_epoch = ticket_epoch + 1 WHERE username = ?",
-                         (password_hash, username))
+            conn.execute(
+                "UPDATE users SET password_hash = ?, ticket_epoch = ticket_epoch + 1 WHERE username = ?",
+                (password_hash, username),
+            )
             row = conn.execute("SELECT ticket_epoch FROM users WHERE username = ?", (username,)).fetchone()
         return int(row[0]) if row else None
 
     def open_conversation(self, user_a: str, user_b: str) -> int:
         low, high = _pair(user_a, user_b)
         with self._tx() as conn:
-            conn.execute("INSERT OR IGNORE INTO conversations (user_low, user_high, created_at) VALUES (?, ?, ?)",
-                         (low, high, time.time()))
-            (cid,) = conn.execute("SELECT id FROM conversations WHERE user_low = ? AND user_high = ?",
-                                  (low, high)).fetchone()
-            conn.executemany("INSERT OR IGNORE INTO conversation_members (conversation_id, username) VALUES (?, ?)",
-                             [(cid, low), (cid, high)])
+            conn.execute(
+                "INSERT OR IGNORE INTO conversations (user_low, user_high, created_at) VALUES (?, ?, ?)",
+                (low, high, time.time()),
+            )
+            (cid,) = conn.execute(
+                "SELECT id FROM conversations WHERE user_low = ? AND user_high = ?", (low, high)
+            ).fetchone()
+            conn.executemany(
+                "INSERT OR IGNORE INTO conversation_members (conversation_id, username) VALUES (?, ?)",
+                [(cid, low), (cid, high)],
+            )
             return cid
 
     def record_key_generation(self, conversation_id: int) -> int:
         with self._tx() as conn:
-            conn.execute("UPDATE conversations SET key_generation = key_generation + 1, key_generated_at = ? "
-                         "WHERE id = ?", (time.time(), conversation_id))
-            row = conn.execute("SELECT key_generation FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            conn.execute(
+                "UPDATE conversations SET key_generation = key_generation + 1, key_generated_at = ? "
+                "WHERE id = ?",
+                (time.time(), conversation_id),
+            )
+            row = conn.execute(
+                "SELECT key_generation FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
         if row is None:
             raise DatabaseError(f"No conversation {conversation_id}.")
         return row[0]
 
     def get_conversation(self, conversation_id: int) -> Conversation | None:
         with self._tx() as conn:
-            row = conn.execute("SELECT id, user_low, user_high, key_generation, key_generated_at "
-                               "FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            row = conn.execute(
+                "SELECT id, user_low, user_high, key_generation, key_generated_at "
+                "FROM conversations WHERE id = ?",
+                (conversation_id,),
+            ).fetchone()
         if row is None:
             return None
         return Conversation(row[0], (row[1], row[2]), row[3], row[4])
 
     def get_login_failures(self, username: str, source: str) -> LoginFailures:
         with self._tx() as conn:
-            row = conn.execute("SELECT failures, locked_until FROM login_failures WHERE username = ? AND source = ?",
-                               (username, source)).fetchone()
+            row = conn.execute(
+                "SELECT failures, locked_until FROM login_failures WHERE username = ? AND source = ?",
+                (username, source),
+            ).fetchone()
         return LoginFailures(*row) if row else LoginFailures(0, 0.0)
 
-    def record_login_failure(self, username: str, source: str, now: float,
-                             max_failures: int, lock_s: float) -> LoginFailures:
+    def record_login_failure(
+        self, username: str, source: str, now: float, max_failures: int, lock_s: float
+    ) -> LoginFailures:
         with self._tx() as conn:
-            row = conn.execute("SELECT failures, locked_until FROM login_failures WHERE username = ? AND source = ?",
-                               (username, source)).fetchone()
+            row = conn.execute(
+                "SELECT failures, locked_until FROM login_failures WHERE username = ? AND source = ?",
+                (username, source),
+            ).fetchone()
             failures, locked_until = row if row else (0, 0.0)
             if 0 < locked_until <= now:  # a failure after an expired lock starts a fresh count
                 failures, locked_until = 0, 0.0
             failures += 1
             if failures >= max_failures and locked_until <= now:
                 locked_until = now + lock_s
-            conn.execute("INSERT INTO login_failures (username, source, failures, locked_until, updated_at) "
-                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT (username, source) DO UPDATE SET "
-                         "failures = excluded.failures, locked_until = excluded.locked_until, "
-                         "updated_at = excluded.updated_at",
-                         (username, source, failures, locked_until, now))
+            conn.execute(
+                "INSERT INTO login_failures (username, source, failures, locked_until, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (username, source) DO UPDATE SET "
+                "failures = excluded.failures, locked_until = excluded.locked_until, "
+                "updated_at = excluded.updated_at",
+                (username, source, failures, locked_until, now),
+            )
         return LoginFailures(failures, locked_until)
 
     def clear_login_failures(self, username: str, source: str) -> None:
@@ -869,19 +954,30 @@ class SQLiteStorage(Storage):
             conn.execute("DELETE FROM login_failures WHERE username = ? AND source = ?", (username, source))
 
     # -- operating the server -------------------------------------------------------
-    def audit(self, event: str, username: str = "", source: str = "", detail: str = "",
-              at: float | None = None) -> None:
+    def audit(
+        self, event: str, username: str = "", source: str = "", detail: str = "", at: float | None = None
+    ) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT INTO audit_log (at, event, username, source, detail) VALUES (?, ?, ?, ?, ?)",
-                         (time.time() if at is None else at, event[:32], username[:32], source[:64],
-                          detail[:MAX_AUDIT_DETAIL]))
+            conn.execute(
+                "INSERT INTO audit_log (at, event, username, source, detail) VALUES (?, ?, ?, ?, ?)",
+                (
+                    time.time() if at is None else at,
+                    event[:32],
+                    username[:32],
+                    source[:64],
+                    detail[:MAX_AUDIT_DETAIL],
+                ),
+            )
 
-    def audit_events(self, username: str | None = None, since: float = 0.0, limit: int = 1000) -> list[AuditEvent]:
+    def audit_events(
+        self, username: str | None = None, since: float = 0.0, limit: int = 1000
+    ) -> list[AuditEvent]:
         with self._tx() as conn:
             rows = conn.execute(
                 "SELECT at, event, username, source, detail FROM audit_log WHERE at >= ? "
                 "AND (? IS NULL OR username = ?) ORDER BY at, id LIMIT ?",
-                (since, username, username, limit)).fetchall()
+                (since, username, username, limit),
+            ).fetchall()
         return [AuditEvent(*row) for row in rows]
 
     def prune_audit(self, before: float) -> int:
@@ -890,10 +986,12 @@ class SQLiteStorage(Storage):
 
     def set_ban(self, kind: str, target: str, until: float, reason: str) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT INTO bans (kind, target, until, reason, created_at) VALUES (?, ?, ?, ?, ?) "
-                         "ON CONFLICT (kind, target) DO UPDATE SET until = excluded.until, "
-                         "reason = excluded.reason, created_at = excluded.created_at",
-                         (kind, target, until, reason[:MAX_REASON_CHARS], time.time()))
+            conn.execute(
+                "INSERT INTO bans (kind, target, until, reason, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (kind, target) DO UPDATE SET until = excluded.until, "
+                "reason = excluded.reason, created_at = excluded.created_at",
+                (kind, target, until, reason[:MAX_REASON_CHARS], time.time()),
+            )
 
     def remove_ban(self, kind: str, target: str) -> bool:
         with self._tx() as conn:
@@ -901,28 +999,38 @@ class SQLiteStorage(Storage):
 
     def active_bans(self, now: float, kind: str | None = None) -> list[Ban]:
         with self._tx() as conn:
-            rows = conn.execute("SELECT kind, target, until, reason FROM bans WHERE (until = 0 OR until > ?) "
-                                "AND (? IS NULL OR kind = ?) ORDER BY kind, target", (now, kind, kind)).fetchall()
+            rows = conn.execute(
+                "SELECT kind, target, until, reason FROM bans WHERE (until = 0 OR until > ?) "
+                "AND (? IS NULL OR kind = ?) ORDER BY kind, target",
+                (now, kind, kind),
+            ).fetchall()
         return [Ban(*row) for row in rows]
 
     def user_ban(self, username: str, now: float) -> Ban | None:
         with self._tx() as conn:
-            row = conn.execute("SELECT kind, target, until, reason FROM bans WHERE kind = 'user' AND target = ? "
-                               "AND (until = 0 OR until > ?)", (username, now)).fetchone()
+            row = conn.execute(
+                "SELECT kind, target, until, reason FROM bans WHERE kind = 'user' AND target = ? "
+                "AND (until = 0 OR until > ?)",
+                (username, now),
+            ).fetchone()
         return Ban(*row) if row else None
 
     def post_admin_action(self, action: str, username: str, reason: str) -> int:
         now = time.time()
         with self._tx() as conn:
             conn.execute("DELETE FROM admin_actions WHERE at < ?", (now - ADMIN_ACTION_KEEP_S,))
-            cur = conn.execute("INSERT INTO admin_actions (at, action, username, reason) VALUES (?, ?, ?, ?)",
-                               (now, action, username, reason[:MAX_REASON_CHARS]))
+            cur = conn.execute(
+                "INSERT INTO admin_actions (at, action, username, reason) VALUES (?, ?, ?, ?)",
+                (now, action, username, reason[:MAX_REASON_CHARS]),
+            )
             return cur.lastrowid
 
     def admin_actions_after(self, last_id: int) -> list[AdminAction]:
         with self._tx() as conn:
-            rows = conn.execute("SELECT id, action, username, reason FROM admin_actions WHERE id > ? "
-                                "ORDER BY id LIMIT 1000", (last_id,)).fetchall()
+            rows = conn.execute(
+                "SELECT id, action, username, reason FROM admin_actions WHERE id > ? ORDER BY id LIMIT 1000",
+                (last_id,),
+            ).fetchall()
         return [AdminAction(*row) for row in rows]
 
     def last_admin_action_id(self) -> int:
@@ -935,27 +1043,37 @@ class SQLiteStorage(Storage):
 
     def set_password_hash(self, username: str, password_hash: str) -> bool:
         with self._tx() as conn:
-            return conn.execute("UPDATE users SET password_hash = ? WHERE username = ?",
-                                (password_hash, username)).rowcount == 1
+            return (
+                conn.execute(
+                    "UPDATE users SET password_hash = ? WHERE username = ?", (password_hash, username)
+                ).rowcount
+                == 1
+            )
 
     def record_login(self, username: str, now: float) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT INTO account_state (username, last_login_at) VALUES (?, ?) "
-                         "ON CONFLICT (username) DO UPDATE SET last_login_at = excluded.last_login_at",
-                         (username, now))
+            conn.execute(
+                "INSERT INTO account_state (username, last_login_at) VALUES (?, ?) "
+                "ON CONFLICT (username) DO UPDATE SET last_login_at = excluded.last_login_at",
+                (username, now),
+            )
 
     def list_users(self, now: float) -> list[UserInfo]:
         with self._tx() as conn:
             rows = conn.execute(
                 "SELECT u.username, u.created_at, a.last_login_at, EXISTS (SELECT 1 FROM login_failures f "
                 "WHERE f.username = u.username AND f.locked_until > ?) FROM users u LEFT JOIN account_state a "
-                "ON a.username = u.username ORDER BY u.username", (now,)).fetchall()
+                "ON a.username = u.username ORDER BY u.username",
+                (now,),
+            ).fetchall()
         return [UserInfo(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def delete_user(self, username: str) -> bool:
         with self._tx() as conn:
             gone = conn.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount == 1
-            conn.execute("DELETE FROM conversations WHERE user_low = ? OR user_high = ?", (username, username))
+            conn.execute(
+                "DELETE FROM conversations WHERE user_low = ? OR user_high = ?", (username, username)
+            )
             conn.execute("DELETE FROM conversation_members WHERE username = ?", (username,))
             conn.execute("DELETE FROM account_state WHERE username = ?", (username,))
             conn.execute("DELETE FROM login_failures WHERE username = ?", (username,))
@@ -965,14 +1083,19 @@ class SQLiteStorage(Storage):
             conn.execute("DELETE FROM offline_keys WHERE recipient = ? OR sender = ?", (username, username))
             # Everything queued for it, and all it sent but its room changes queued for others; rooms and
             # memberships stay as signed (a ghost, until the admin removes it).
-            conn.execute("DELETE FROM message_queue WHERE recipient = ? OR (sender = ? AND kind <> 2)",
-                         (username, username))
+            conn.execute(
+                "DELETE FROM message_queue WHERE recipient = ? OR (sender = ? AND kind <> 2)",
+                (username, username),
+            )
         return gone
 
     def list_lockouts(self, now: float) -> list[Lockout]:
         with self._tx() as conn:
-            rows = conn.execute("SELECT username, source, failures, locked_until FROM login_failures "
-                                "WHERE locked_until > ? ORDER BY username, source", (now,)).fetchall()
+            rows = conn.execute(
+                "SELECT username, source, failures, locked_until FROM login_failures "
+                "WHERE locked_until > ? ORDER BY username, source",
+                (now,),
+            ).fetchall()
         return [Lockout(*row) for row in rows]
 
     def clear_all_login_failures(self, username: str) -> int:
@@ -981,20 +1104,30 @@ class SQLiteStorage(Storage):
 
     def session_started(self, node: str, username: str, source: str, since: float) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT INTO live_sessions (node, username, source, since) VALUES (?, ?, ?, ?) "
-                         "ON CONFLICT (node, username) DO UPDATE SET source = excluded.source, "
-                         "since = excluded.since", (node, username, source, since))
+            conn.execute(
+                "INSERT INTO live_sessions (node, username, source, since) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (node, username) DO UPDATE SET source = excluded.source, "
+                "since = excluded.since",
+                (node, username, source, since),
+            )
 
     def record_session_start(self, node: str, username: str, source: str, now: float, event: str) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT INTO account_state (username, last_login_at) VALUES (?, ?) "
-                         "ON CONFLICT (username) DO UPDATE SET last_login_at = excluded.last_login_at",
-                         (username, now))
-            conn.execute("INSERT INTO live_sessions (node, username, source, since) VALUES (?, ?, ?, ?) "
-                         "ON CONFLICT (node, username) DO UPDATE SET source = excluded.source, "
-                         "since = excluded.since", (node, username, source, now))
-            conn.execute("INSERT INTO audit_log (at, event, username, source, detail) VALUES (?, ?, ?, ?, '')",
-                         (now, event[:32], username[:32], source[:64]))
+            conn.execute(
+                "INSERT INTO account_state (username, last_login_at) VALUES (?, ?) "
+                "ON CONFLICT (username) DO UPDATE SET last_login_at = excluded.last_login_at",
+                (username, now),
+            )
+            conn.execute(
+                "INSERT INTO live_sessions (node, username, source, since) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (node, username) DO UPDATE SET source = excluded.source, "
+                "since = excluded.since",
+                (node, username, source, now),
+            )
+            conn.execute(
+                "INSERT INTO audit_log (at, event, username, source, detail) VALUES (?, ?, ?, ?, '')",
+                (now, event[:32], username[:32], source[:64]),
+            )
 
     def session_ended(self, node: str, username: str) -> None:
         with self._tx() as conn:
@@ -1006,42 +1139,58 @@ class SQLiteStorage(Storage):
 
     def list_sessions(self) -> list[LiveSession]:
         with self._tx() as conn:
-            rows = conn.execute("SELECT node, username, source, since FROM live_sessions "
-                                "ORDER BY username, node").fetchall()
+            rows = conn.execute(
+                "SELECT node, username, source, since FROM live_sessions ORDER BY username, node"
+            ).fetchall()
         return [LiveSession(*row) for row in rows]
 
     # -- store and forward ------------------------------------------------------------
     def set_signed_prekey(self, username: str, key_id: int, entry: bytes, now: float) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT INTO signed_prekeys (username, key_id, entry, created_at) VALUES (?, ?, ?, ?) "
-                         "ON CONFLICT (username) DO UPDATE SET key_id = excluded.key_id, entry = excluded.entry, "
-                         "created_at = excluded.created_at", (username, key_id, entry, now))
+            conn.execute(
+                "INSERT INTO signed_prekeys (username, key_id, entry, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (username) DO UPDATE SET key_id = excluded.key_id, entry = excluded.entry, "
+                "created_at = excluded.created_at",
+                (username, key_id, entry, now),
+            )
 
     def add_one_time_prekeys(self, username: str, entries: list[tuple[int, bytes]], max_kept: int) -> int:
         with self._tx() as conn:
-            (count,) = conn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?",
-                                    (username,)).fetchone()
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?", (username,)
+            ).fetchone()
             room = max(0, max_kept - count)
-            conn.executemany("INSERT OR IGNORE INTO one_time_prekeys (username, key_id, entry) VALUES (?, ?, ?)",
-                             [(username, key_id, entry) for key_id, entry in entries[:room]])
-            return conn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?",
-                                (username,)).fetchone()[0]
+            conn.executemany(
+                "INSERT OR IGNORE INTO one_time_prekeys (username, key_id, entry) VALUES (?, ?, ?)",
+                [(username, key_id, entry) for key_id, entry in entries[:room]],
+            )
+            return conn.execute(
+                "SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?", (username,)
+            ).fetchone()[0]
 
     def prekey_status(self, username: str) -> PrekeyStatus:
         with self._tx() as conn:
-            (count,) = conn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?",
-                                    (username,)).fetchone()
-            row = conn.execute("SELECT key_id, created_at FROM signed_prekeys WHERE username = ?",
-                               (username,)).fetchone()
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM one_time_prekeys WHERE username = ?", (username,)
+            ).fetchone()
+            row = conn.execute(
+                "SELECT key_id, created_at FROM signed_prekeys WHERE username = ?", (username,)
+            ).fetchone()
         return PrekeyStatus(count, row[0] if row else None, row[1] if row else None)
 
     def take_prekey_bundle(self, username: str) -> tuple[bytes | None, bytes | None]:
         with self._tx() as conn:
-            signed = conn.execute("SELECT entry FROM signed_prekeys WHERE username = ?", (username,)).fetchone()
-            one = conn.execute("SELECT key_id, entry FROM one_time_prekeys WHERE username = ? "
-                               "ORDER BY key_id LIMIT 1", (username,)).fetchone()
+            signed = conn.execute(
+                "SELECT entry FROM signed_prekeys WHERE username = ?", (username,)
+            ).fetchone()
+            one = conn.execute(
+                "SELECT key_id, entry FROM one_time_prekeys WHERE username = ? ORDER BY key_id LIMIT 1",
+                (username,),
+            ).fetchone()
             if one is not None:
-                conn.execute("DELETE FROM one_time_prekeys WHERE username = ? AND key_id = ?", (username, one[0]))
+                conn.execute(
+                    "DELETE FROM one_time_prekeys WHERE username = ? AND key_id = ?", (username, one[0])
+                )
         return (bytes(signed[0]) if signed else None), (bytes(one[1]) if one else None)
 
     def clear_prekeys(self, username: str, *, signed: bool) -> None:
@@ -1050,35 +1199,54 @@ class SQLiteStorage(Storage):
             if signed:
                 conn.execute("DELETE FROM signed_prekeys WHERE username = ?", (username,))
 
-    def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
-                        wrapped: bytes, now: float) -> None:
+    def put_offline_key(
+        self, recipient: str, conversation_id: int, generation: int, sender: str, wrapped: bytes, now: float
+    ) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT OR REPLACE INTO offline_keys (recipient, conversation_id, generation, sender, "
-                         "wrapped, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                         (recipient, conversation_id, generation, sender, wrapped, now))
+            conn.execute(
+                "INSERT OR REPLACE INTO offline_keys (recipient, conversation_id, generation, sender, "
+                "wrapped, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (recipient, conversation_id, generation, sender, wrapped, now),
+            )
 
     def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
         _check_pair_row(msg)
         with self._tx() as conn:  # BEGIN IMMEDIATE: one writer at a time, so the bound holds
-            row = conn.execute("SELECT id FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
-                               (msg.recipient, msg.sender, msg.msg_ref)).fetchone()
+            row = conn.execute(
+                "SELECT id FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
+                (msg.recipient, msg.sender, msg.msg_ref),
+            ).fetchone()
             if row is not None:
                 return DUPLICATE, row[0]
-            key = conn.execute("SELECT 1 FROM offline_keys WHERE recipient = ? AND conversation_id = ? AND "
-                               "generation = ? AND sender = ?",
-                               (msg.recipient, msg.conversation_id, msg.generation, msg.sender)).fetchone()
+            key = conn.execute(
+                "SELECT 1 FROM offline_keys WHERE recipient = ? AND conversation_id = ? AND "
+                "generation = ? AND sender = ?",
+                (msg.recipient, msg.conversation_id, msg.generation, msg.sender),
+            ).fetchone()
             if key is None:
                 return NO_KEY, 0
-            count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM message_queue "
-                                       "WHERE recipient = ?", (msg.recipient,)).fetchone()
+            count, size = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM message_queue WHERE recipient = ?",
+                (msg.recipient,),
+            ).fetchone()
             if count >= max_messages:
                 return FULL_MESSAGES, 0
             if size + len(msg.payload) > max_bytes:
                 return FULL_BYTES, 0
-            cur = conn.execute("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
-                               "sender_identity, payload, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               (msg.recipient, msg.sender, msg.conversation_id, msg.generation, msg.msg_ref,
-                                msg.sender_identity, msg.payload, msg.stored_at))
+            cur = conn.execute(
+                "INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+                "sender_identity, payload, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    msg.recipient,
+                    msg.sender,
+                    msg.conversation_id,
+                    msg.generation,
+                    msg.msg_ref,
+                    msg.sender_identity,
+                    msg.payload,
+                    msg.stored_at,
+                ),
+            )
             return STORED, int(cur.lastrowid)
 
     def queued_for(self, recipient: str, after_id: int, limit: int) -> list[QueuedMessage]:
@@ -1092,81 +1260,153 @@ class SQLiteStorage(Storage):
                 "LEFT JOIN room_keys r ON q.kind <> 0 AND r.room_id = q.room_id AND r.epoch = q.generation "
                 "AND (q.kind = 1 OR EXISTS (SELECT 1 FROM room_members m WHERE m.room_id = q.room_id "
                 "AND m.username = q.recipient AND m.joined_epoch <= q.generation)) "
-                "WHERE q.recipient = ? AND q.id > ? ORDER BY q.id LIMIT ?", (recipient, after_id, limit)).fetchall()
-        return [QueuedMessage(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bytes(r[6]), bytes(r[7]), r[8],
-                              bytes(r[9]) if r[9] is not None else None, r[10], r[11]) for r in rows]
+                "WHERE q.recipient = ? AND q.id > ? ORDER BY q.id LIMIT ?",
+                (recipient, after_id, limit),
+            ).fetchall()
+        return [
+            QueuedMessage(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                bytes(r[5]),
+                bytes(r[6]),
+                bytes(r[7]),
+                r[8],
+                bytes(r[9]) if r[9] is not None else None,
+                r[10],
+                r[11],
+            )
+            for r in rows
+        ]
 
     def ack_queued(self, recipient: str, message_id: int) -> bool:
         with self._tx() as conn:
-            row = conn.execute("SELECT conversation_id, generation, kind FROM message_queue WHERE id = ? "
-                               "AND recipient = ?", (message_id, recipient)).fetchone()
+            row = conn.execute(
+                "SELECT conversation_id, generation, kind FROM message_queue WHERE id = ? AND recipient = ?",
+                (message_id, recipient),
+            ).fetchone()
             if row is None:
                 return False
             conn.execute("DELETE FROM message_queue WHERE id = ?", (message_id,))
             if row[2] == KIND_PAIR:  # a room key is shared by the room: expire_queue decides when it goes
-                conn.execute("DELETE FROM offline_keys WHERE recipient = ? AND conversation_id = ? AND generation = ? "
-                             "AND NOT EXISTS (SELECT 1 FROM message_queue WHERE recipient = ? AND conversation_id = ? "
-                             "AND generation = ? AND kind = 0) AND created_at < ?",
-                             (recipient, row[0], row[1], recipient, row[0], row[1], time.time() - OFFLINE_KEY_GRACE_S))
+                conn.execute(
+                    "DELETE FROM offline_keys WHERE recipient = ? AND conversation_id = ? AND generation = ? "
+                    "AND NOT EXISTS (SELECT 1 FROM message_queue WHERE recipient = ? AND conversation_id = ? "
+                    "AND generation = ? AND kind = 0) AND created_at < ?",
+                    (recipient, row[0], row[1], recipient, row[0], row[1], time.time() - OFFLINE_KEY_GRACE_S),
+                )
             return True
 
     def expire_queue(self, before: float) -> int:
         with self._tx() as conn:
-            gone = conn.execute("DELETE FROM message_queue WHERE stored_at < ? AND kind <> 2", (before,)).rowcount
-            conn.execute("DELETE FROM offline_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM message_queue q "
-                         "WHERE q.recipient = offline_keys.recipient AND q.conversation_id = offline_keys.conversation_id "
-                         "AND q.generation = offline_keys.generation AND q.kind = 0)", (before,))
+            gone = conn.execute(
+                "DELETE FROM message_queue WHERE stored_at < ? AND kind <> 2", (before,)
+            ).rowcount
+            conn.execute(
+                "DELETE FROM offline_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM message_queue q "
+                "WHERE q.recipient = offline_keys.recipient AND q.conversation_id = offline_keys.conversation_id "
+                "AND q.generation = offline_keys.generation AND q.kind = 0)",
+                (before,),
+            )
             # A key is needed while queued_for() would hand it with a row (the same condition as there).
-            conn.execute("DELETE FROM room_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM rooms r "
-                         "WHERE r.id = room_keys.room_id AND r.epoch <= room_keys.epoch) AND NOT EXISTS (SELECT 1 "
-                         "FROM message_queue q WHERE q.room_id = room_keys.room_id AND q.generation = room_keys.epoch "
-                         "AND (q.kind = 1 OR (q.kind = 2 AND EXISTS (SELECT 1 FROM room_members m "
-                         "WHERE m.room_id = q.room_id AND m.username = q.recipient "
-                         "AND m.joined_epoch <= q.generation))))", (before,))
+            conn.execute(
+                "DELETE FROM room_keys WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM rooms r "
+                "WHERE r.id = room_keys.room_id AND r.epoch <= room_keys.epoch) AND NOT EXISTS (SELECT 1 "
+                "FROM message_queue q WHERE q.room_id = room_keys.room_id AND q.generation = room_keys.epoch "
+                "AND (q.kind = 1 OR (q.kind = 2 AND EXISTS (SELECT 1 FROM room_members m "
+                "WHERE m.room_id = q.room_id AND m.username = q.recipient "
+                "AND m.joined_epoch <= q.generation))))",
+                (before,),
+            )
         return gone
 
     # -- group rooms ------------------------------------------------------------------
     def _ref_used(self, conn: sqlite3.Connection, sender: str, msg_ref: bytes, recipients) -> bool:
-        return any(conn.execute("SELECT 1 FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
-                                (recipient, sender, msg_ref)).fetchone() for recipient in recipients)
+        return any(
+            conn.execute(
+                "SELECT 1 FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
+                (recipient, sender, msg_ref),
+            ).fetchone()
+            for recipient in recipients
+        )
 
-    def _queue_change(self, conn: sqlite3.Connection, room_id: int, epoch: int, recipients, actor: str,
-                      identity: bytes, msg_ref: bytes, change: bytes, now: float) -> None:
+    def _queue_change(
+        self,
+        conn: sqlite3.Connection,
+        room_id: int,
+        epoch: int,
+        recipients,
+        actor: str,
+        identity: bytes,
+        msg_ref: bytes,
+        change: bytes,
+        now: float,
+    ) -> None:
         """The change for each recipient who has an account: nothing is queued for a ghost (its name could
         be registered again once the admin removes it, and the rows would reach the newcomer)."""
-        conn.executemany("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
-                         "sender_identity, payload, stored_at, room_id, kind) SELECT ?, ?, 0, ?, ?, ?, ?, ?, ?, 2 "
-                         "WHERE EXISTS (SELECT 1 FROM users WHERE username = ?)",
-                         [(recipient, actor, epoch, msg_ref, identity, change, now, room_id, recipient)
-                          for recipient in recipients])
+        conn.executemany(
+            "INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+            "sender_identity, payload, stored_at, room_id, kind) SELECT ?, ?, 0, ?, ?, ?, ?, ?, ?, 2 "
+            "WHERE EXISTS (SELECT 1 FROM users WHERE username = ?)",
+            [
+                (recipient, actor, epoch, msg_ref, identity, change, now, room_id, recipient)
+                for recipient in recipients
+            ],
+        )
 
-    def create_room(self, name: str, uid: bytes, admin: str, head: bytes, change: bytes, wrapped_key: bytes,
-                    msg_ref: bytes, admin_identity: bytes, now: float) -> int | None:
+    def create_room(
+        self,
+        name: str,
+        uid: bytes,
+        admin: str,
+        head: bytes,
+        change: bytes,
+        wrapped_key: bytes,
+        msg_ref: bytes,
+        admin_identity: bytes,
+        now: float,
+    ) -> int | None:
         _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity)
         with self._tx() as conn:  # BEGIN IMMEDIATE: nobody takes the name between the look and the insert
             if conn.execute("SELECT 1 FROM rooms WHERE name = ?", (name,)).fetchone():
                 return None
             if self._ref_used(conn, admin, msg_ref, [admin]):
                 raise _refuse("ref_used", actor=admin)
-            room_id = conn.execute("INSERT INTO rooms (name, uid, admin, epoch, head, created_at) "
-                                   "VALUES (?, ?, ?, 1, ?, ?)", (name, uid, admin, head, now)).lastrowid
-            conn.execute("INSERT INTO room_members (room_id, username, joined_epoch) VALUES (?, ?, 1)",
-                         (room_id, admin))
-            conn.execute("INSERT INTO room_changes (room_id, epoch, actor, change_blob, created_at) "
-                         "VALUES (?, 1, ?, ?, ?)", (room_id, admin, change, now))
-            conn.execute("INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (?, 1, ?, ?)",
-                         (room_id, wrapped_key, now))
-            conn.execute("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
-                         "sender_identity, payload, stored_at, room_id, kind) VALUES (?, ?, 0, 1, ?, ?, ?, ?, ?, 2)",
-                         (admin, admin, msg_ref, admin_identity, change, now, room_id))
+            room_id = conn.execute(
+                "INSERT INTO rooms (name, uid, admin, epoch, head, created_at) VALUES (?, ?, ?, 1, ?, ?)",
+                (name, uid, admin, head, now),
+            ).lastrowid
+            conn.execute(
+                "INSERT INTO room_members (room_id, username, joined_epoch) VALUES (?, ?, 1)",
+                (room_id, admin),
+            )
+            conn.execute(
+                "INSERT INTO room_changes (room_id, epoch, actor, change_blob, created_at) "
+                "VALUES (?, 1, ?, ?, ?)",
+                (room_id, admin, change, now),
+            )
+            conn.execute(
+                "INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (?, 1, ?, ?)",
+                (room_id, wrapped_key, now),
+            )
+            conn.execute(
+                "INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+                "sender_identity, payload, stored_at, room_id, kind) VALUES (?, ?, 0, 1, ?, ?, ?, ?, ?, 2)",
+                (admin, admin, msg_ref, admin_identity, change, now, room_id),
+            )
         return int(room_id)
 
     def get_room(self, name: str) -> Room | None:
         if not _is_name(name, MAX_ROOM_NAME_CHARS):
             return None
         with self._tx() as conn:
-            rows = conn.execute("SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, m.username FROM rooms r "
-                                "LEFT JOIN room_members m ON m.room_id = r.id WHERE r.name = ?", (name,)).fetchall()
+            rows = conn.execute(
+                "SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, m.username FROM rooms r "
+                "LEFT JOIN room_members m ON m.room_id = r.id WHERE r.name = ?",
+                (name,),
+            ).fetchall()
         rooms = _rooms_from_rows(rows)
         return rooms[0] if rooms else None
 
@@ -1174,8 +1414,11 @@ class SQLiteStorage(Storage):
         if not _is_int(room_id, 1, MAX_DB_ID):
             return None
         with self._tx() as conn:
-            rows = conn.execute("SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, m.username FROM rooms r "
-                                "LEFT JOIN room_members m ON m.room_id = r.id WHERE r.id = ?", (room_id,)).fetchall()
+            rows = conn.execute(
+                "SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, m.username FROM rooms r "
+                "LEFT JOIN room_members m ON m.room_id = r.id WHERE r.id = ?",
+                (room_id,),
+            ).fetchall()
         rooms = _rooms_from_rows(rows)
         return rooms[0] if rooms else None
 
@@ -1183,17 +1426,33 @@ class SQLiteStorage(Storage):
         if not _is_name(username, MAX_USERNAME_CHARS):
             return []
         with self._tx() as conn:
-            rows = conn.execute("SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, all_m.username "
-                                "FROM room_members me JOIN rooms r ON r.id = me.room_id "
-                                "JOIN room_members all_m ON all_m.room_id = r.id WHERE me.username = ?",
-                                (username,)).fetchall()
+            rows = conn.execute(
+                "SELECT r.id, r.name, r.uid, r.admin, r.epoch, r.head, all_m.username "
+                "FROM room_members me JOIN rooms r ON r.id = me.room_id "
+                "JOIN room_members all_m ON all_m.room_id = r.id WHERE me.username = ?",
+                (username,),
+            ).fetchall()
         return _rooms_from_rows(rows)
 
-    def change_room(self, room_id: int, expected_epoch: int, head: bytes, *, add: str | None = None,
-                    remove: str | None = None, close: bool = False, change: bytes, wrapped_key: bytes | None,
-                    actor: str, actor_identity: bytes, msg_ref: bytes, now: float) -> tuple[str, int]:
-        _check_change_room(expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity,
-                           msg_ref)
+    def change_room(
+        self,
+        room_id: int,
+        expected_epoch: int,
+        head: bytes,
+        *,
+        add: str | None = None,
+        remove: str | None = None,
+        close: bool = False,
+        change: bytes,
+        wrapped_key: bytes | None,
+        actor: str,
+        actor_identity: bytes,
+        msg_ref: bytes,
+        now: float,
+    ) -> tuple[str, int]:
+        _check_change_room(
+            expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity, msg_ref
+        )
         if not _is_int(room_id, 1, MAX_DB_ID):
             return ROOM_GONE, 0
         with self._tx() as conn:  # BEGIN IMMEDIATE: the epoch read here is the one written below
@@ -1203,8 +1462,9 @@ class SQLiteStorage(Storage):
             epoch, admin = int(row[0]), row[1]
             if epoch != expected_epoch:
                 return ROOM_STALE, epoch
-            members = {r[0] for r in conn.execute("SELECT username FROM room_members WHERE room_id = ?",
-                                                  (room_id,))}
+            members = {
+                r[0] for r in conn.execute("SELECT username FROM room_members WHERE room_id = ?", (room_id,))
+            }
             if add is not None and add in members:
                 raise _refuse("member", add=add)
             if remove is not None and remove not in members:
@@ -1218,7 +1478,9 @@ class SQLiteStorage(Storage):
             if self._ref_used(conn, actor, msg_ref, recipients):
                 raise _refuse("ref_used", actor=actor)
             new_epoch = epoch + 1
-            self._queue_change(conn, room_id, new_epoch, recipients, actor, actor_identity, msg_ref, change, now)
+            self._queue_change(
+                conn, room_id, new_epoch, recipients, actor, actor_identity, msg_ref, change, now
+            )
             if close:  # the room keys stay: rows still queued need them (expire_queue drops them)
                 conn.execute("DELETE FROM room_changes WHERE room_id = ?", (room_id,))
                 conn.execute("DELETE FROM room_members WHERE room_id = ?", (room_id,))
@@ -1226,20 +1488,37 @@ class SQLiteStorage(Storage):
                 return ROOM_OK, new_epoch
             conn.execute("UPDATE rooms SET epoch = ?, head = ? WHERE id = ?", (new_epoch, head, room_id))
             if add is not None:
-                conn.execute("INSERT INTO room_members (room_id, username, joined_epoch) VALUES (?, ?, ?)",
-                             (room_id, add, new_epoch))
+                conn.execute(
+                    "INSERT INTO room_members (room_id, username, joined_epoch) VALUES (?, ?, ?)",
+                    (room_id, add, new_epoch),
+                )
             if remove is not None:
                 conn.execute("DELETE FROM room_members WHERE room_id = ? AND username = ?", (room_id, remove))
-            conn.execute("INSERT INTO room_changes (room_id, epoch, actor, change_blob, created_at) "
-                         "VALUES (?, ?, ?, ?, ?)", (room_id, new_epoch, actor, change, now))
+            conn.execute(
+                "INSERT INTO room_changes (room_id, epoch, actor, change_blob, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (room_id, new_epoch, actor, change, now),
+            )
             if wrapped_key is not None:
-                conn.execute("INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (?, ?, ?, ?)",
-                             (room_id, new_epoch, wrapped_key, now))
+                conn.execute(
+                    "INSERT INTO room_keys (room_id, epoch, wrapped, created_at) VALUES (?, ?, ?, ?)",
+                    (room_id, new_epoch, wrapped_key, now),
+                )
         return ROOM_OK, new_epoch
 
-    def room_enqueue(self, room_id: int, epoch: int, sender: str, sender_identity: bytes, msg_ref: bytes,
-                     payload: bytes, recipients: list[str], now: float, max_messages: int, max_bytes: int
-                     ) -> dict[str, str]:
+    def room_enqueue(
+        self,
+        room_id: int,
+        epoch: int,
+        sender: str,
+        sender_identity: bytes,
+        msg_ref: bytes,
+        payload: bytes,
+        recipients: list[str],
+        now: float,
+        max_messages: int,
+        max_bytes: int,
+    ) -> dict[str, str]:
         targets = _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients)
         answers: dict[str, str] = {}
         if not targets:
@@ -1249,21 +1528,28 @@ class SQLiteStorage(Storage):
                 if not conn.execute("SELECT 1 FROM users WHERE username = ?", (recipient,)).fetchone():
                     answers[recipient] = NO_USER
                     continue
-                if conn.execute("SELECT 1 FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
-                                (recipient, sender, msg_ref)).fetchone():
+                if conn.execute(
+                    "SELECT 1 FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
+                    (recipient, sender, msg_ref),
+                ).fetchone():
                     answers[recipient] = DUPLICATE
                     continue
-                count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM message_queue "
-                                           "WHERE recipient = ?", (recipient,)).fetchone()
+                count, size = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM message_queue "
+                    "WHERE recipient = ?",
+                    (recipient,),
+                ).fetchone()
                 if count >= max_messages:
                     answers[recipient] = FULL_MESSAGES
                 elif size + len(payload) > max_bytes:
                     answers[recipient] = FULL_BYTES
                 else:
-                    conn.execute("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
-                                 "sender_identity, payload, stored_at, room_id, kind) "
-                                 "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, 1)",
-                                 (recipient, sender, epoch, msg_ref, sender_identity, payload, now, room_id))
+                    conn.execute(
+                        "INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+                        "sender_identity, payload, stored_at, room_id, kind) "
+                        "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, 1)",
+                        (recipient, sender, epoch, msg_ref, sender_identity, payload, now, room_id),
+                    )
                     answers[recipient] = STORED
         return answers
 
@@ -1271,8 +1557,9 @@ class SQLiteStorage(Storage):
         if not (_is_int(room_id, 1, MAX_DB_ID) and _is_int(epoch, 0, MAX_EPOCH)):
             return None
         with self._tx() as conn:
-            row = conn.execute("SELECT wrapped FROM room_keys WHERE room_id = ? AND epoch = ?",
-                               (room_id, epoch)).fetchone()
+            row = conn.execute(
+                "SELECT wrapped FROM room_keys WHERE room_id = ? AND epoch = ?", (room_id, epoch)
+            ).fetchone()
         return bytes(row[0]) if row else None
 
     def close(self) -> None:
@@ -1305,20 +1592,39 @@ def split_sql_script(text: str) -> list[str]:
 class MySQLStorage(Storage):
     backend = "mysql"
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 3306, user: str = "root",
-                 password: str = "", database: str, create_database: bool = False,
-                 apply_schema: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 3306,
+        user: str = "root",
+        password: str = "",
+        database: str,
+        create_database: bool = False,
+        apply_schema: bool = True,
+    ) -> None:
         import pymysql  # imported here: only the MySQL backend needs it
 
         self._pymysql = pymysql
-        self._params = dict(host=host, port=port, user=user, password=password, database=database,
-                            connect_timeout=CONNECT_TIMEOUT_S, read_timeout=30, write_timeout=30,
-                            charset="utf8mb4", autocommit=True)
+        self._params = dict(
+            host=host,
+            port=port,
+            user=user,
+            password=password,
+            database=database,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=30,
+            write_timeout=30,
+            charset="utf8mb4",
+            autocommit=True,
+        )
         if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", database):
             raise ConfigError("MySQL database names may use letters, digits and _ only.")
         self._create_database_if_missing(explicit=create_database)
         self._pool = _Pool(self._connect)
-        if apply_schema:  # admin.py passes False: re-creating procedures under a running server races its calls
+        if (
+            apply_schema
+        ):  # admin.py passes False: re-creating procedures under a running server races its calls
             self.apply_schema()
 
     def _explain(self, exc: Exception) -> str:
@@ -1327,11 +1633,15 @@ class MySQLStorage(Storage):
         where = f"{self._params['host']}:{self._params['port']}"
         user, db = self._params["user"], self._params["database"]
         if code in (1045, 1698):  # ER_ACCESS_DENIED_ERROR, ER_ACCESS_DENIED_NO_PASSWORD_ERROR
-            return (f"MySQL at {where} refused user {user!r}: wrong user name or password "
-                    f"(or that user may not connect from this host).")
+            return (
+                f"MySQL at {where} refused user {user!r}: wrong user name or password "
+                f"(or that user may not connect from this host)."
+            )
         if code == 1044:  # ER_DBACCESS_DENIED_ERROR
-            return (f"MySQL user {user!r} may not use or create the database {db!r}; an administrator can run: "
-                    f"CREATE DATABASE {db}; GRANT ALL ON {db}.* TO '{user}'@'%';")
+            return (
+                f"MySQL user {user!r} may not use or create the database {db!r}; an administrator can run: "
+                f"CREATE DATABASE {db}; GRANT ALL ON {db}.* TO '{user}'@'%';"
+            )
         if code == 1049:  # ER_BAD_DB_ERROR
             return f"The MySQL database {db!r} does not exist at {where}."
         if code in (2002, 2003, 2005, 2006, 2013):  # cannot connect, unknown host, gone away, lost
@@ -1360,8 +1670,9 @@ class MySQLStorage(Storage):
                 cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
             log.warning("created the MySQL database %s", name)
         except self._pymysql.MySQLError as exc:
-            raise DatabaseUnavailable(f"The MySQL database {name!r} does not exist and could not be created: "
-                                      f"{self._explain(exc)}") from exc
+            raise DatabaseUnavailable(
+                f"The MySQL database {name!r} does not exist and could not be created: {self._explain(exc)}"
+            ) from exc
         finally:
             conn.close()
 
@@ -1451,8 +1762,9 @@ class MySQLStorage(Storage):
         rows = self._call("sp_get_login_failures", username, source)
         return LoginFailures(int(rows[0][0]), float(rows[0][1])) if rows else LoginFailures(0, 0.0)
 
-    def record_login_failure(self, username: str, source: str, now: float,
-                             max_failures: int, lock_s: float) -> LoginFailures:
+    def record_login_failure(
+        self, username: str, source: str, now: float, max_failures: int, lock_s: float
+    ) -> LoginFailures:
         rows = self._call("sp_record_login_failure", username, source, now, max_failures, lock_s)
         return LoginFailures(int(rows[0][0]), float(rows[0][1]))
 
@@ -1460,12 +1772,21 @@ class MySQLStorage(Storage):
         self._call("sp_clear_login_failures", username, source)
 
     # -- operating the server -------------------------------------------------------
-    def audit(self, event: str, username: str = "", source: str = "", detail: str = "",
-              at: float | None = None) -> None:
-        self._call("sp_audit", time.time() if at is None else at, event[:32], username[:32], source[:64],
-                   detail[:MAX_AUDIT_DETAIL])
+    def audit(
+        self, event: str, username: str = "", source: str = "", detail: str = "", at: float | None = None
+    ) -> None:
+        self._call(
+            "sp_audit",
+            time.time() if at is None else at,
+            event[:32],
+            username[:32],
+            source[:64],
+            detail[:MAX_AUDIT_DETAIL],
+        )
 
-    def audit_events(self, username: str | None = None, since: float = 0.0, limit: int = 1000) -> list[AuditEvent]:
+    def audit_events(
+        self, username: str | None = None, since: float = 0.0, limit: int = 1000
+    ) -> list[AuditEvent]:
         rows = self._call("sp_audit_events", username, since, limit)
         return [AuditEvent(float(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
 
@@ -1487,11 +1808,21 @@ class MySQLStorage(Storage):
 
     def post_admin_action(self, action: str, username: str, reason: str) -> int:
         now = time.time()
-        return int(self._call("sp_post_admin_action", now, now - ADMIN_ACTION_KEEP_S, action, username,
-                              reason[:MAX_REASON_CHARS])[0][0])
+        return int(
+            self._call(
+                "sp_post_admin_action",
+                now,
+                now - ADMIN_ACTION_KEEP_S,
+                action,
+                username,
+                reason[:MAX_REASON_CHARS],
+            )[0][0]
+        )
 
     def admin_actions_after(self, last_id: int) -> list[AdminAction]:
-        return [AdminAction(int(r[0]), r[1], r[2], r[3]) for r in self._call("sp_admin_actions_after", last_id)]
+        return [
+            AdminAction(int(r[0]), r[1], r[2], r[3]) for r in self._call("sp_admin_actions_after", last_id)
+        ]
 
     def last_admin_action_id(self) -> int:
         return int(self._call("sp_last_admin_action_id")[0][0])
@@ -1506,8 +1837,10 @@ class MySQLStorage(Storage):
         self._call("sp_record_login", username, now)
 
     def list_users(self, now: float) -> list[UserInfo]:
-        return [UserInfo(r[0], float(r[1]), float(r[2]) if r[2] is not None else None, bool(r[3]))
-                for r in self._call("sp_list_users", now)]
+        return [
+            UserInfo(r[0], float(r[1]), float(r[2]) if r[2] is not None else None, bool(r[3]))
+            for r in self._call("sp_list_users", now)
+        ]
 
     def delete_user(self, username: str) -> bool:
         return int(self._call("sp_delete_user", username)[0][0]) == 1
@@ -1547,43 +1880,87 @@ class MySQLStorage(Storage):
 
     def prekey_status(self, username: str) -> PrekeyStatus:
         row = self._call("sp_prekey_status", username)[0]
-        return PrekeyStatus(int(row[0]), int(row[1]) if row[1] is not None else None,
-                            float(row[2]) if row[2] is not None else None)
+        return PrekeyStatus(
+            int(row[0]),
+            int(row[1]) if row[1] is not None else None,
+            float(row[2]) if row[2] is not None else None,
+        )
 
     def take_prekey_bundle(self, username: str) -> tuple[bytes | None, bytes | None]:
         row = self._call("sp_take_prekey_bundle", username)[0]
-        return (bytes(row[0]) if row[0] is not None else None), (bytes(row[1]) if row[1] is not None else None)
+        return (bytes(row[0]) if row[0] is not None else None), (
+            bytes(row[1]) if row[1] is not None else None
+        )
 
     def clear_prekeys(self, username: str, *, signed: bool) -> None:
         self._call("sp_clear_prekeys", username, 1 if signed else 0)
 
-    def put_offline_key(self, recipient: str, conversation_id: int, generation: int, sender: str,
-                        wrapped: bytes, now: float) -> None:
+    def put_offline_key(
+        self, recipient: str, conversation_id: int, generation: int, sender: str, wrapped: bytes, now: float
+    ) -> None:
         self._call("sp_put_offline_key", recipient, conversation_id, generation, sender, wrapped, now)
 
     def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
         _check_pair_row(msg)
-        row = self._call("sp_enqueue", msg.recipient, msg.sender, msg.conversation_id, msg.generation, msg.msg_ref,
-                         msg.sender_identity, msg.payload, msg.stored_at, max_messages, max_bytes)[0]
+        row = self._call(
+            "sp_enqueue",
+            msg.recipient,
+            msg.sender,
+            msg.conversation_id,
+            msg.generation,
+            msg.msg_ref,
+            msg.sender_identity,
+            msg.payload,
+            msg.stored_at,
+            max_messages,
+            max_bytes,
+        )[0]
         return str(row[0]), int(row[1])
 
     def queued_for(self, recipient: str, after_id: int, limit: int) -> list[QueuedMessage]:
-        return [QueuedMessage(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), bytes(r[5]), bytes(r[6]), bytes(r[7]),
-                              float(r[8]), bytes(r[9]) if r[9] is not None else None, int(r[10]), int(r[11]))
-                for r in self._call("sp_queued_for", recipient, after_id, limit)]
+        return [
+            QueuedMessage(
+                int(r[0]),
+                r[1],
+                r[2],
+                int(r[3]),
+                int(r[4]),
+                bytes(r[5]),
+                bytes(r[6]),
+                bytes(r[7]),
+                float(r[8]),
+                bytes(r[9]) if r[9] is not None else None,
+                int(r[10]),
+                int(r[11]),
+            )
+            for r in self._call("sp_queued_for", recipient, after_id, limit)
+        ]
 
     def ack_queued(self, recipient: str, message_id: int) -> bool:
-        return bool(self._call("sp_ack_queued", recipient, message_id, time.time() - OFFLINE_KEY_GRACE_S)[0][0])
+        return bool(
+            self._call("sp_ack_queued", recipient, message_id, time.time() - OFFLINE_KEY_GRACE_S)[0][0]
+        )
 
     def expire_queue(self, before: float) -> int:
         return int(self._call("sp_expire_queue", before)[0][0])
 
     # -- group rooms ------------------------------------------------------------------
-    def create_room(self, name: str, uid: bytes, admin: str, head: bytes, change: bytes, wrapped_key: bytes,
-                    msg_ref: bytes, admin_identity: bytes, now: float) -> int | None:
+    def create_room(
+        self,
+        name: str,
+        uid: bytes,
+        admin: str,
+        head: bytes,
+        change: bytes,
+        wrapped_key: bytes,
+        msg_ref: bytes,
+        admin_identity: bytes,
+        now: float,
+    ) -> int | None:
         _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity)
-        status, room_id = self._call("sp_create_room", name, uid, admin, head, change, wrapped_key, msg_ref,
-                                     admin_identity, now)[0]
+        status, room_id = self._call(
+            "sp_create_room", name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity, now
+        )[0]
         if status == "taken":
             return None
         if status != "ok":
@@ -1607,31 +1984,81 @@ class MySQLStorage(Storage):
             return []
         return _rooms_from_rows(self._call("sp_rooms_of", username))
 
-    def change_room(self, room_id: int, expected_epoch: int, head: bytes, *, add: str | None = None,
-                    remove: str | None = None, close: bool = False, change: bytes, wrapped_key: bytes | None,
-                    actor: str, actor_identity: bytes, msg_ref: bytes, now: float) -> tuple[str, int]:
-        _check_change_room(expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity,
-                           msg_ref)
+    def change_room(
+        self,
+        room_id: int,
+        expected_epoch: int,
+        head: bytes,
+        *,
+        add: str | None = None,
+        remove: str | None = None,
+        close: bool = False,
+        change: bytes,
+        wrapped_key: bytes | None,
+        actor: str,
+        actor_identity: bytes,
+        msg_ref: bytes,
+        now: float,
+    ) -> tuple[str, int]:
+        _check_change_room(
+            expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity, msg_ref
+        )
         if not _is_int(room_id, 1, MAX_DB_ID):
             return ROOM_GONE, 0
-        status, epoch = self._call("sp_change_room", room_id, expected_epoch, head, add, remove, 1 if close else 0,
-                                   change, wrapped_key, actor, actor_identity, msg_ref, now)[0]
+        status, epoch = self._call(
+            "sp_change_room",
+            room_id,
+            expected_epoch,
+            head,
+            add,
+            remove,
+            1 if close else 0,
+            change,
+            wrapped_key,
+            actor,
+            actor_identity,
+            msg_ref,
+            now,
+        )[0]
         if status in (ROOM_OK, ROOM_STALE, ROOM_GONE):
             return str(status), int(epoch)
         raise _refuse(status, add=add, remove=remove, actor=actor)
 
-    def room_enqueue(self, room_id: int, epoch: int, sender: str, sender_identity: bytes, msg_ref: bytes,
-                     payload: bytes, recipients: list[str], now: float, max_messages: int, max_bytes: int
-                     ) -> dict[str, str]:
+    def room_enqueue(
+        self,
+        room_id: int,
+        epoch: int,
+        sender: str,
+        sender_identity: bytes,
+        msg_ref: bytes,
+        payload: bytes,
+        recipients: list[str],
+        now: float,
+        max_messages: int,
+        max_bytes: int,
+    ) -> dict[str, str]:
         targets = _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients)
         if not targets:
             return {}
         # Names never hold a comma (checked above): the procedure splits the list on them.
-        (statuses,) = self._call("sp_room_enqueue", room_id, epoch, sender, sender_identity, msg_ref, payload,
-                                 ",".join(targets), now, max_messages, max_bytes)[0]
+        (statuses,) = self._call(
+            "sp_room_enqueue",
+            room_id,
+            epoch,
+            sender,
+            sender_identity,
+            msg_ref,
+            payload,
+            ",".join(targets),
+            now,
+            max_messages,
+            max_bytes,
+        )[0]
         answers = str(statuses).split(",")
         if len(answers) != len(targets):
-            raise DatabaseError("sp_room_enqueue answered for another number of recipients than it was given.")
+            raise DatabaseError(
+                "sp_room_enqueue answered for another number of recipients than it was given."
+            )
         return dict(zip(targets, answers))
 
     def room_key(self, room_id: int, epoch: int) -> bytes | None:
@@ -1655,7 +2082,7 @@ def open_storage(url: str, *, create_database: bool = False, apply_schema: bool 
 
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "sqlite":
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path:
             raise ConfigError("A SQLite URL looks like sqlite:///path/to/file.db")
         return SQLiteStorage(path)
@@ -1664,8 +2091,13 @@ def open_storage(url: str, *, create_database: bool = False, apply_schema: bool 
         if not parsed.hostname or not database:
             raise ConfigError("A MySQL URL looks like mysql://USER[:PASS]@HOST[:PORT]/DB")
         password = urllib.parse.unquote(parsed.password or "") or os.environ.get("SECUREIM_DB_PASSWORD", "")
-        return MySQLStorage(host=parsed.hostname, port=parsed.port or 3306,
-                            user=urllib.parse.unquote(parsed.username or "root"),
-                            password=password, database=database, create_database=create_database,
-                            apply_schema=apply_schema)
+        return MySQLStorage(
+            host=parsed.hostname,
+            port=parsed.port or 3306,
+            user=urllib.parse.unquote(parsed.username or "root"),
+            password=password,
+            database=database,
+            create_database=create_database,
+            apply_schema=apply_schema,
+        )
     raise ConfigError(f"Unknown database URL scheme {parsed.scheme!r}; use sqlite:/// or mysql://")

@@ -59,7 +59,9 @@ _MODP2048_P = int(
     "98DA48361C55D39A69163FA8FD24CF5F83655D23DCA3AD961C62F356208552BB"
     "9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3B"
     "E39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF695581718"
-    "3995497CEA956AE515D2261898FA051015728E5A8AACAA68FFFFFFFFFFFFFFFF", 16)
+    "3995497CEA956AE515D2261898FA051015728E5A8AACAA68FFFFFFFFFFFFFFFF",
+    16,
+)
 
 _MODP3072_P = int(
     "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74"
@@ -73,7 +75,9 @@ _MODP3072_P = int(
     "A85521ABDF1CBA64ECFB850458DBEF0A8AEA71575D060C7DB3970F85A6E1E4C7"
     "ABF5AE8CDB0933D71E8C94E04A25619DCEE3D2261AD2EE6BF12FFA06D98A0864"
     "D87602733EC86A64521F2B18177B200CBBE117577A615D6C770988C0BAD946E2"
-    "08E24FA074E5AB3143DB5BFCE0FD108E4B82D120A93AD2CAFFFFFFFFFFFFFFFF", 16)
+    "08E24FA074E5AB3143DB5BFCE0FD108E4B82D120A93AD2CAFFFFFFFFFFFFFFFF",
+    16,
+)
 
 _MODP4096_P = int(
     "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74"
@@ -91,7 +95,9 @@ _MODP4096_P = int(
     "88719A10BDBA5B2699C327186AF4E23C1A946834B6150BDA2583E9CA2AD44CE8"
     "DBBBC2DB04DE8EF92E8EFC141FBECAA6287C59474E6BC05D99B2964FA090C3A2"
     "233BA186515BE7ED1F612970CEE2D7AFB81BDD762170481CD0069127D5B05AA9"
-    "93B4EA988D8FDDC186FFB7DC90A6C08F4DF435C934063199FFFFFFFFFFFFFFFF", 16)
+    "93B4EA988D8FDDC186FFB7DC90A6C08F4DF435C934063199FFFFFFFFFFFFFFFF",
+    16,
+)
 
 _FFDHE2048_P = int(
     "FFFFFFFFFFFFFFFFADF85458A2BB4A9AAFDC5620273D3CF1D8B9C583CE2D3695"
@@ -101,7 +107,9 @@ _FFDHE2048_P = int(
     "BC0AB182B324FB61D108A94BB2C8E3FBB96ADAB760D7F4681D4F42A3DE394DF4"
     "AE56EDE76372BB190B07A7C8EE0A6D709E02FCE1CDF7E2ECC03404CD28342F61"
     "9172FE9CE98583FF8E4F1232EEF28183C3FE3B1B4C6FAD733BB5FCBC2EC22005"
-    "C58EF1837D1683B2C6F34A26C1B2EFFA886B423861285C97FFFFFFFFFFFFFFFF", 16)
+    "C58EF1837D1683B2C6F34A26C1B2EFFA886B423861285C97FFFFFFFFFFFFFFFF",
+    16,
+)
 
 _FFDHE3072_P = int(
     "FFFFFFFFFFFFFFFFADF85458A2BB4A9AAFDC5620273D3CF1D8B9C583CE2D3695"
@@ -115,7 +123,9 @@ _FFDHE3072_P = int(
     "BC34F4DEF99C023861B46FC9D6E6C9077AD91D2691F7F7EE598CB0FAC186D91C"
     "AEFE130985139270B4130C93BC437944F4FD4452E2D74DD364F2E21E71F54BFF"
     "5CAE82AB9C9DF69EE86D2BC522363A0DABC521979B0DEADA1DBF9A42D5C4484E"
-    "0ABCD06BFA53DDEF3C1B20EE3FD59D7C25E41D2B66C62E37FFFFFFFFFFFFFFFF", 16)
+    "0ABCD06BFA53DDEF3C1B20EE3FD59D7C25E41D2B66C62E37FFFFFFFFFFFFFFFF",
+    16,
+)
 
 _FFDHE4096_P = int(
     "FFFFFFFFFFFFFFFFADF85458A2BB4A9AAFDC5620273D3CF1D8B9C583CE2D3695"
@@ -133,7 +143,9 @@ _FFDHE4096_P = int(
     "7930E9E4E58857B6AC7D5F42D69F6D187763CF1D5503400487F55BA57E31CC7A"
     "7135C886EFB4318AED6A1E012D9E6832A907600A918130C46DC778F971AD0038"
     "092999A333CB8B7A1A1DB93D7140003C2A4ECEA9F98D0ACC0A8291CDCEC97DCF"
-    "8EC9B55A7F88A46B4DB5A851F44182E1C68A007E5E655F6AFFFFFFFFFFFFFFFF", 16)
+    "8EC9B55A7F88A46B4DB5A851F44182E1C68A007E5E655F6AFFFFFFFFFFFFFFFF",
+    16,
+)
 
 
 @dataclass(frozen=True)
@@ -243,7 +255,9 @@ class ModexpOffload:
 
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(
+                    self._processes, mp_context=multiprocessing.get_context("spawn")
+                )
             pool = self._pool
             self.submitted += 1
         try:
@@ -309,16 +323,24 @@ class DiffieHellman:
 
     def __init__(self, group: str | Group = DEFAULT_GROUP, *, private: bytes | int | None = None) -> None:
         """``private`` fixes the private key (known-answer tests only); never set it otherwise."""
-        self.group = group if isinstance(group, (FiniteFieldGroup, CurveGroup, HybridGroup)) else get_group(group)
+        self.group = (
+            group if isinstance(group, (FiniteFieldGroup, CurveGroup, HybridGroup)) else get_group(group)
+        )
         self.shared_secret: bytes | None = None
         if isinstance(self.group, HybridGroup):  # the client's side; the server uses respond()
             self._mlkem = MLKEM768KeyPair()
-            self._x25519 = (X25519PrivateKey.generate() if private is None
-                            else X25519PrivateKey.from_private_bytes(bytes(private)))
+            self._x25519 = (
+                X25519PrivateKey.generate()
+                if private is None
+                else X25519PrivateKey.from_private_bytes(bytes(private))
+            )
             self.public_bytes = self._mlkem.encapsulation_key + self._x25519.public_key().public_bytes_raw()
         elif isinstance(self.group, CurveGroup):
-            self._x25519 = (X25519PrivateKey.generate() if private is None
-                            else X25519PrivateKey.from_private_bytes(bytes(private)))
+            self._x25519 = (
+                X25519PrivateKey.generate()
+                if private is None
+                else X25519PrivateKey.from_private_bytes(bytes(private))
+            )
             self.public_bytes = self._x25519.public_key().public_bytes_raw()
         else:
             bits = self.group.exponent_bits
@@ -337,8 +359,13 @@ class DiffieHellman:
         if not isinstance(peer_public, (bytes, bytearray)) or len(peer_public) != expected:
             raise InvalidPublicValue(f"A {self.group.name} public value is exactly {expected} bytes.")
         if isinstance(self.group, HybridGroup):
-            ciphertext, x_public = peer_public[:MLKEM768_CIPHERTEXT_BYTES], peer_public[MLKEM768_CIPHERTEXT_BYTES:]
-            secret = hybrid_secret(self._mlkem.decapsulate(ciphertext), _x25519_exchange(self._x25519, x_public))
+            ciphertext, x_public = (
+                peer_public[:MLKEM768_CIPHERTEXT_BYTES],
+                peer_public[MLKEM768_CIPHERTEXT_BYTES:],
+            )
+            secret = hybrid_secret(
+                self._mlkem.decapsulate(ciphertext), _x25519_exchange(self._x25519, x_public)
+            )
         elif isinstance(self.group, CurveGroup):
             secret = _x25519_exchange(self._x25519, peer_public)
         else:

@@ -31,21 +31,21 @@ from errors import DecryptionFailed
 
 VERSION = 1
 TYPE_DATA, TYPE_ACK = 1, 2
-HEADER = struct.Struct(">BBQQ")        # version, type, sequence number, timestamp (ms)
-DATA = struct.Struct(">IHH")            # message id, fragment index, fragment count
-ACK_ITEM = struct.Struct(">IH")         # message id, fragment index
+HEADER = struct.Struct(">BBQQ")  # version, type, sequence number, timestamp (ms)
+DATA = struct.Struct(">IHH")  # message id, fragment index, fragment count
+ACK_ITEM = struct.Struct(">IH")  # message id, fragment index
 
-MAX_FRAGMENT_BYTES = 1024               # plus ~60 bytes of header and tag: under 1280 (IPv6 minimum MTU)
+MAX_FRAGMENT_BYTES = 1024  # plus ~60 bytes of header and tag: under 1280 (IPv6 minimum MTU)
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_FRAGMENTS = -(-MAX_MESSAGE_BYTES // MAX_FRAGMENT_BYTES)
 MAX_ACK_ITEMS = 64
-REPLAY_WINDOW = 8192                    # WireGuard's window, in sequence numbers
-FRESHNESS_MS = 60_000                   # datagrams older (or further ahead) than this are dropped
+REPLAY_WINDOW = 8192  # WireGuard's window, in sequence numbers
+FRESHNESS_MS = 60_000  # datagrams older (or further ahead) than this are dropped
 INITIAL_RTO_MS = 200
 MAX_RTO_MS = 2_000
 MAX_RETRIES = 8
-MAX_IN_FLIGHT_MESSAGES = 256            # sender: unacknowledged messages
-MAX_PENDING_MESSAGES = 256              # receiver: messages being reassembled or waiting for order
+MAX_IN_FLIGHT_MESSAGES = 256  # sender: unacknowledged messages
+MAX_PENDING_MESSAGES = 256  # receiver: messages being reassembled or waiting for order
 MAX_PENDING_BYTES = 1 << 20
 
 
@@ -72,7 +72,7 @@ class ReplayWindow:
     def __init__(self, size: int = REPLAY_WINDOW) -> None:
         self.size = size
         self.highest = -1
-        self._bits = 0          # bit i set: sequence number (highest - i) was seen
+        self._bits = 0  # bit i set: sequence number (highest - i) was seen
 
     def check(self, seq: int) -> bool:
         """True if ``seq`` is new and inside the window (does not record it)."""
@@ -122,7 +122,7 @@ class DatagramChannel:
         self._complete: dict[int, bytes] = {}
         self._next_to_deliver = 1
         self._acks: list[tuple[int, int]] = []
-        self.dropped = 0        # datagrams refused (stranger, tampered, replayed, stale, malformed)
+        self.dropped = 0  # datagrams refused (stranger, tampered, replayed, stale, malformed)
 
     # -- sealing ------------------------------------------------------------------------
     def _seal(self, kind: int, body: bytes, now_ms: int) -> bytes:
@@ -139,12 +139,12 @@ class DatagramChannel:
         if version != VERSION or kind not in (TYPE_DATA, TYPE_ACK) or abs(now_ms - ts) > FRESHNESS_MS:
             return None
         if not self._window.check(seq):
-            return None                       # replayed, or too far behind the window
+            return None  # replayed, or too far behind the window
         try:
-            body = self._recv.open(datagram[HEADER.size:], datagram[:HEADER.size])
+            body = self._recv.open(datagram[HEADER.size :], datagram[: HEADER.size])
         except DecryptionFailed:
-            return None                       # a stranger's or a tampered datagram
-        self._window.record(seq)              # only authentic datagrams move the window
+            return None  # a stranger's or a tampered datagram
+        self._window.record(seq)  # only authentic datagrams move the window
         return kind, body
 
     # -- sending ------------------------------------------------------------------------
@@ -156,7 +156,9 @@ class DatagramChannel:
             raise ValueError("Too many direct messages waiting for acknowledgement.")
         message_id = self._next_message_id
         self._next_message_id += 1
-        chunks = [payload[i:i + MAX_FRAGMENT_BYTES] for i in range(0, len(payload), MAX_FRAGMENT_BYTES)] or [b""]
+        chunks = [
+            payload[i : i + MAX_FRAGMENT_BYTES] for i in range(0, len(payload), MAX_FRAGMENT_BYTES)
+        ] or [b""]
         out = _Outgoing(chunks, set(range(len(chunks))))
         self._outgoing[message_id] = out
         datagrams = []
@@ -227,14 +229,14 @@ class DatagramChannel:
         if len(body) < DATA.size:
             return []
         message_id, index, count = DATA.unpack_from(body)
-        chunk = body[DATA.size:]
+        chunk = body[DATA.size :]
         if not 0 < count <= MAX_FRAGMENTS or index >= count or len(chunk) > MAX_FRAGMENT_BYTES:
             return []
         self._acks.append((message_id, index))  # acknowledge even duplicates: the first ACK may be lost
         if message_id < self._next_to_deliver or message_id in self._complete:
-            return []                           # already delivered or complete: a duplicate
+            return []  # already delivered or complete: a duplicate
         if message_id >= self._next_to_deliver + MAX_PENDING_MESSAGES:
-            self._acks.pop()                    # too far ahead: not accepted, so not acknowledged
+            self._acks.pop()  # too far ahead: not accepted, so not acknowledged
             return []
         incoming = self._incoming.setdefault(message_id, _Incoming(count))
         if incoming.count != count:
@@ -260,12 +262,12 @@ class DatagramChannel:
 # Finding the peer: tickets and links (section 12.2)
 # =============================================================================
 TYPE_HELLO = 3
-HELLO = struct.Struct(">BBIH")          # version, type 3, e2e generation, ticket length
+HELLO = struct.Struct(">BBIH")  # version, type 3, e2e generation, ticket length
 HELLO_PAYLOAD = b"\x00secureim/v1 direct hello"
 KIND_CHAT = b"\x01"
 TICKET_LIFETIME_S = 30
-HELLO_TIMEOUT_MS = 3_000                # no answer by then: fall back to the relay
-_TICKET = struct.Struct(">16sQQQ")      # ticket id, issued_at, expires_at, conversation id
+HELLO_TIMEOUT_MS = 3_000  # no answer by then: fall back to the relay
+_TICKET = struct.Struct(">16sQQQ")  # ticket id, issued_at, expires_at, conversation id
 _TICKET_AAD = b"secureim/v1 direct ticket"
 MAX_SEEN_TICKETS = 10_000
 
@@ -280,14 +282,21 @@ class DirectTicket:
     expires_at: int
 
 
-def seal_ticket(key: bytes, *, initiator: str, host: str, port: int, conversation_id: int, now_s: float) -> bytes:
+def seal_ticket(
+    key: bytes, *, initiator: str, host: str, port: int, conversation_id: int, now_s: float
+) -> bytes:
     """Made by the server for the *peer*, under the key only the peer and the server share."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     now = int(now_s)
-    plain = (_TICKET.pack(cu.random_bytes(16), now, now + TICKET_LIFETIME_S, conversation_id)
-             + bytes([len(initiator)]) + initiator.encode() + bytes([len(host)]) + host.encode()
-             + port.to_bytes(2, "big"))
+    plain = (
+        _TICKET.pack(cu.random_bytes(16), now, now + TICKET_LIFETIME_S, conversation_id)
+        + bytes([len(initiator)])
+        + initiator.encode()
+        + bytes([len(host)])
+        + host.encode()
+        + port.to_bytes(2, "big")
+    )
     nonce = cu.random_bytes(12)
     return nonce + AESGCM(key).encrypt(nonce, plain, _TICKET_AAD)
 
@@ -301,11 +310,11 @@ def open_ticket(key: bytes, ticket: bytes, now_s: float) -> DirectTicket:
         tid, _issued, expires, cid = _TICKET.unpack_from(plain)
         pos = _TICKET.size
         n = plain[pos]
-        initiator = plain[pos + 1:pos + 1 + n].decode("ascii")
+        initiator = plain[pos + 1 : pos + 1 + n].decode("ascii")
         pos += 1 + n
         m = plain[pos]
-        host = plain[pos + 1:pos + 1 + m].decode("ascii")
-        port = int.from_bytes(plain[pos + 1 + m:pos + 3 + m], "big")
+        host = plain[pos + 1 : pos + 1 + m].decode("ascii")
+        port = int.from_bytes(plain[pos + 1 + m : pos + 3 + m], "big")
     except (InvalidTag, ValueError, IndexError, struct.error, UnicodeDecodeError):
         raise DecryptionFailed("A direct-mode ticket was refused.") from None
     if expires < now_s:
@@ -361,8 +370,9 @@ class DirectLinks:
         link = self._links.get(peer)
         return link is not None and link.up
 
-    def start(self, peer: str, addr: tuple, channel: DatagramChannel, generation: int, ticket: bytes,
-              now_ms: int) -> list[tuple[bytes, tuple]]:
+    def start(
+        self, peer: str, addr: tuple, channel: DatagramChannel, generation: int, ticket: bytes, now_ms: int
+    ) -> list[tuple[bytes, tuple]]:
         """Initiator: the HELLO (the peer's ticket, then a first sealed datagram)."""
         self._drop(peer)
         hello_id, (first,) = channel.send(HELLO_PAYLOAD, now_ms)
@@ -384,7 +394,7 @@ class DirectLinks:
         peer = self._by_addr.get(addr)
         link = self._links.get(peer) if peer else None
         if link is None:
-            self.refused += 1           # a stranger: nobody we set up a link with
+            self.refused += 1  # a stranger: nobody we set up a link with
             return [], []
         events, out = [], []
         for ev in link.channel.receive(datagram, now_ms):
@@ -398,25 +408,25 @@ class DirectLinks:
 
     def _on_hello(self, datagram: bytes, addr: tuple, now_ms: int, channel_for) -> tuple[list, list]:
         _v, _t, generation, n = HELLO.unpack_from(datagram)
-        ticket, first = datagram[HELLO.size:HELLO.size + n], datagram[HELLO.size + n:]
+        ticket, first = datagram[HELLO.size : HELLO.size + n], datagram[HELLO.size + n :]
         try:
             t = open_ticket(self._ticket_key, ticket, now_ms / 1000)
         except DecryptionFailed:
             self.refused += 1
             return [], []
         if t.ticket_id in self._seen_tickets:
-            self.refused += 1            # a replayed ticket
+            self.refused += 1  # a replayed ticket
             return [], []
         pending = self._links.get(t.initiator)
         if pending is not None and not pending.up and self.me < t.initiator:
-            return [], []                # both dialled at once: the smaller name's hello wins, so ours
+            return [], []  # both dialled at once: the smaller name's hello wins, so ours
         channel = channel_for(t.initiator, t.conversation_id, generation)
         if channel is None:
             self.refused += 1
             return [], []
         events = channel.receive(first, now_ms)
         if events != [Delivered(1, HELLO_PAYLOAD)]:
-            self.refused += 1            # the sender does not hold the end-to-end keys
+            self.refused += 1  # the sender does not hold the end-to-end keys
             return [], []
         self._seen_tickets[t.ticket_id] = t.expires_at
         self._expire_tickets(now_ms / 1000)

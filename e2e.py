@@ -48,23 +48,23 @@ SHARE_KINDS = frozenset({KIND_SHARE, KIND_KEM_REPLY})
 SHARE = struct.Struct(f">BI32s{cu.MLKEM768_ENCAPSULATION_KEY_BYTES}s64s")
 # kind, generation, ML-KEM-768 ciphertext to the peer's key, Ed25519 signature (1,157 bytes)
 KEM_REPLY = struct.Struct(f">BI{cu.MLKEM768_CIPHERTEXT_BYTES}s64s")
-MESSAGE_HEADER = struct.Struct(">BIQ")         # kind, generation, counter
-BODY_HEADER = struct.Struct(">QB16s")          # sent_at (ms since the epoch), body type, message id
-BODY_TEXT = 1        # UTF-8 text
-BODY_RECEIPT = 2     # delivery receipt: the 16-byte ids of messages this client opened
+MESSAGE_HEADER = struct.Struct(">BIQ")  # kind, generation, counter
+BODY_HEADER = struct.Struct(">QB16s")  # sent_at (ms since the epoch), body type, message id
+BODY_TEXT = 1  # UTF-8 text
+BODY_RECEIPT = 2  # delivery receipt: the 16-byte ids of messages this client opened
 BODY_SENDER_KEY = 3  # a room sender key (rooms.py), sent to each member over the pairwise session
 MAX_SENDER_KEY_BYTES = 256
 MSG_ID_BYTES = 16
 MAX_RECEIPT_IDS = 64
 
 # --- bounds (docs/PROTOCOL.md section 10) ------------------------------------------
-MAX_SKIP = 1000                 # messages one chain may jump ahead (libsignal: 25,000)
-MAX_SKIPPED_KEYS = 2000         # stored keys for skipped messages, per conversation (libsignal: 2,000)
-MAX_KEPT_GENERATIONS = 8        # generations kept for messages in flight across rekeys
-FRESHNESS_WINDOW_S = 600        # design 002's timestamp window: older (or that far ahead) is refused
+MAX_SKIP = 1000  # messages one chain may jump ahead (libsignal: 25,000)
+MAX_SKIPPED_KEYS = 2000  # stored keys for skipped messages, per conversation (libsignal: 2,000)
+MAX_KEPT_GENERATIONS = 8  # generations kept for messages in flight across rekeys
+FRESHNESS_WINDOW_S = 600  # design 002's timestamp window: older (or that far ahead) is refused
 MAX_TEXT_BYTES = 16 * 1024
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # about 100 ms, 32 MiB
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1  # about 100 ms, 32 MiB
 IDENTITY_FORMAT = 1
 
 
@@ -77,12 +77,13 @@ def file_component(text: str) -> str:
 @dataclass(frozen=True)
 class Opened:
     """An end-to-end message that opened: text, or a receipt for earlier messages."""
+
     kind: int
     msg_id: bytes
     sent_at: float
     text: str = ""
     receipts: tuple[bytes, ...] = ()
-    content: bytes = b""            # BODY_SENDER_KEY: the distribution (rooms.py parses it)
+    content: bytes = b""  # BODY_SENDER_KEY: the distribution (rooms.py parses it)
 
 
 def new_msg_id() -> bytes:
@@ -92,7 +93,9 @@ def new_msg_id() -> bytes:
 def pack_body(body_type: int, msg_id: bytes, content: bytes, now: float) -> bytes:
     if body_type == BODY_TEXT and len(content) > MAX_TEXT_BYTES:
         raise ValueError(f"Messages are limited to {MAX_TEXT_BYTES} bytes.")
-    if body_type == BODY_RECEIPT and (len(content) % MSG_ID_BYTES or len(content) > MAX_RECEIPT_IDS * MSG_ID_BYTES):
+    if body_type == BODY_RECEIPT and (
+        len(content) % MSG_ID_BYTES or len(content) > MAX_RECEIPT_IDS * MSG_ID_BYTES
+    ):
         raise ValueError("A receipt lists 1 to 64 message ids.")
     if body_type == BODY_SENDER_KEY and not 0 < len(content) <= MAX_SENDER_KEY_BYTES:
         raise ValueError("A malformed sender key.")
@@ -113,15 +116,19 @@ def parse_body(body: bytes, peer: str) -> Opened:
     if len(body) < BODY_HEADER.size:
         raise DecryptionFailed(f"A message from {peer} was malformed and was discarded.")
     sent_ms, body_type, msg_id = BODY_HEADER.unpack_from(body)
-    content = body[BODY_HEADER.size:]
+    content = body[BODY_HEADER.size :]
     if body_type == BODY_TEXT and len(content) <= MAX_TEXT_BYTES:
         try:
             return Opened(BODY_TEXT, msg_id, sent_ms / 1000.0, text=content.decode("utf-8"))
         except UnicodeDecodeError:
             pass
-    elif body_type == BODY_RECEIPT and content and not len(content) % MSG_ID_BYTES \
-            and len(content) <= MAX_RECEIPT_IDS * MSG_ID_BYTES:
-        ids = tuple(content[i:i + MSG_ID_BYTES] for i in range(0, len(content), MSG_ID_BYTES))
+    elif (
+        body_type == BODY_RECEIPT
+        and content
+        and not len(content) % MSG_ID_BYTES
+        and len(content) <= MAX_RECEIPT_IDS * MSG_ID_BYTES
+    ):
+        ids = tuple(content[i : i + MSG_ID_BYTES] for i in range(0, len(content), MSG_ID_BYTES))
         return Opened(BODY_RECEIPT, msg_id, sent_ms / 1000.0, receipts=ids)
     elif body_type == BODY_SENDER_KEY and 0 < len(content) <= MAX_SENDER_KEY_BYTES:
         return Opened(BODY_SENDER_KEY, msg_id, sent_ms / 1000.0, content=content)
@@ -133,9 +140,11 @@ class IdentityChanged(SecureIMError):
 
     def __init__(self, peer: str, old_fp: str, new_fp: str) -> None:
         self.peer, self.old_fp, self.new_fp = peer, old_fp, new_fp
-        super().__init__(f"{peer}'s identity key changed from {old_fp} to {new_fp}. Someone may be "
-                         f"intercepting this conversation (or {peer} reinstalled). Compare safety numbers "
-                         f"with /verify {peer}, then /accept {peer} to trust the new key.")
+        super().__init__(
+            f"{peer}'s identity key changed from {old_fp} to {new_fp}. Someone may be "
+            f"intercepting this conversation (or {peer} reinstalled). Compare safety numbers "
+            f"with /verify {peer}, then /accept {peer} to trust the new key."
+        )
 
 
 class ShareRejected(SecureIMError):
@@ -162,7 +171,9 @@ class IdentityStore:
 
     @staticmethod
     def _kek(password: str, salt: bytes) -> bytes:
-        return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(password.encode("utf-8"))
+        return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(
+            password.encode("utf-8")
+        )
 
     def load(self, username: str, password: str) -> Ed25519PrivateKey | None:
         """The stored identity, or None if there is none or the password does not open it."""
@@ -184,13 +195,23 @@ class IdentityStore:
     def save(self, username: str, password: str, key: Ed25519PrivateKey) -> None:
         from cryptography.hazmat.primitives import serialization
 
-        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
+        seed = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
         salt, nonce, public = cu.random_bytes(16), cu.random_bytes(12), cu.public_bytes(key)
         sealed = AESGCM(self._kek(password, salt)).encrypt(nonce, seed, username.encode() + public)
-        doc = {"format": IDENTITY_FORMAT, "kdf": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
-               "cipher": "aes-256-gcm", "salt": cu.b64encode(salt), "nonce": cu.b64encode(nonce),
-               "sealed": cu.b64encode(sealed), "public": cu.b64encode(public)}
+        doc = {
+            "format": IDENTITY_FORMAT,
+            "kdf": "scrypt",
+            "n": SCRYPT_N,
+            "r": SCRYPT_R,
+            "p": SCRYPT_P,
+            "cipher": "aes-256-gcm",
+            "salt": cu.b64encode(salt),
+            "nonce": cu.b64encode(nonce),
+            "sealed": cu.b64encode(sealed),
+            "public": cu.b64encode(public),
+        }
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path(username).with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -276,33 +297,52 @@ def safety_number(user_a: str, key_a: bytes, user_b: str, key_b: bytes) -> str:
         digest += len(name).to_bytes(1, "big") + name.encode() + key
     for _ in range(5200):
         digest = hashlib.sha512(digest + k1 + k2).digest()
-    groups = [int.from_bytes(digest[i * 5:(i + 1) * 5], "big") % 100000 for i in range(6)]
+    groups = [int.from_bytes(digest[i * 5 : (i + 1) * 5], "big") % 100000 for i in range(6)]
     return " ".join(f"{g:05d}" for g in groups)
 
 
 # =============================================================================
 # One conversation
 # =============================================================================
-def _share_transcript(cid: int, generation: int, sender: str, recipient: str, share: bytes,
-                      kind: int = KIND_SHARE) -> bytes:
+def _share_transcript(
+    cid: int, generation: int, sender: str, recipient: str, share: bytes, kind: int = KIND_SHARE
+) -> bytes:
     """What a share (X25519 || encapsulation key) or a KEM reply (ciphertext || SHA-256 of
     the encapsulation key it answers) is signed over; ``kind`` keeps the two apart."""
-    return (b"secureim/v1 e2e share\x00" + bytes([kind]) + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
-            + bytes([len(sender)]) + sender.encode() + bytes([len(recipient)]) + recipient.encode() + share)
+    return (
+        b"secureim/v1 e2e share\x00"
+        + bytes([kind])
+        + cid.to_bytes(8, "big")
+        + generation.to_bytes(4, "big")
+        + bytes([len(sender)])
+        + sender.encode()
+        + bytes([len(recipient)])
+        + recipient.encode()
+        + share
+    )
 
 
-def root_transcript(cid: int, generation: int, entries: list[tuple[str, bytes, bytes]],
-                    identity_keys: tuple[bytes, bytes]) -> bytes:
+def root_transcript(
+    cid: int, generation: int, entries: list[tuple[str, bytes, bytes]], identity_keys: tuple[bytes, bytes]
+) -> bytes:
     """SHA-256 over everything public: per user in name order (name, share, ciphertext sent to them)."""
-    return cu.sha256(b"secureim/v1 e2e root" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
-                     + b"".join(bytes([len(n)]) + n.encode() + share + ct for n, share, ct in sorted(entries))
-                     + b"".join(sorted(identity_keys)))
+    return cu.sha256(
+        b"secureim/v1 e2e root"
+        + cid.to_bytes(8, "big")
+        + generation.to_bytes(4, "big")
+        + b"".join(bytes([len(n)]) + n.encode() + share + ct for n, share, ct in sorted(entries))
+        + b"".join(sorted(identity_keys))
+    )
 
 
 def derive_root(kdc_key: bytes, dh: bytes, kem_secrets: tuple[bytes, bytes], transcript_hash: bytes) -> bytes:
     """The conversation root: KDC key, X25519 secret and both ML-KEM-768 secrets (fixed order)."""
-    return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,
-                   info=cu.label("e2e root x25519-mlkem768"), length=32)
+    return cu.hkdf(
+        kdc_key + dh + kem_secrets[0] + kem_secrets[1],
+        salt=transcript_hash,
+        info=cu.label("e2e root x25519-mlkem768"),
+        length=32,
+    )
 
 
 class _Chain:
@@ -312,7 +352,7 @@ class _Chain:
 
     def __init__(self, key: bytes) -> None:
         self.key = key
-        self.index = 0      # the counter of the next message on this chain
+        self.index = 0  # the counter of the next message on this chain
 
     def step(self) -> tuple[int, bytes]:
         message_key = cu.hmac_sha256(self.key, b"\x01")
@@ -327,19 +367,20 @@ class _Generation:
     number: int
     kdc_key: bytes | None
     my_private: X25519PrivateKey | None
-    my_share: bytes                              # X25519 public || ML-KEM encapsulation key
+    my_share: bytes  # X25519 public || ML-KEM encapsulation key
     my_kem: cu.MLKEM768KeyPair | None = None
-    peer_share: bytes | None = None              # verified, waiting for the peer's KEM reply
-    kem_to_peer: bytes | None = None             # the secret we encapsulated to the peer's key
-    dh: bytes | None = None                      # the X25519 secret, once the peer's share is in
+    peer_share: bytes | None = None  # verified, waiting for the peer's KEM reply
+    kem_to_peer: bytes | None = None  # the secret we encapsulated to the peer's key
+    dh: bytes | None = None  # the X25519 secret, once the peer's share is in
     ciphertext_to_peer: bytes = b""
     send: _Chain | None = None
     recv: _Chain | None = None
-    direct: tuple[bytes, bytes] | None = None   # (send, recv) keys for direct mode's datagram layer
+    direct: tuple[bytes, bytes] | None = None  # (send, recv) keys for direct mode's datagram layer
 
 
-def next_message_key(chain: _Chain, counter: int, skipped: dict, tag, peer: str, max_stored: int,
-                     what: str = "message"):
+def next_message_key(
+    chain: _Chain, counter: int, skipped: dict, tag, peer: str, max_stored: int, what: str = "message"
+):
     """The receiving side of a hash ratchet: the key of message ``counter`` on ``chain`` and a
     commit function; nothing changes before it runs (a message that fails to open costs nothing).
 
@@ -373,15 +414,24 @@ def next_message_key(chain: _Chain, counter: int, skipped: dict, tag, peer: str,
 class E2ESession:
     """The end-to-end state of one conversation with one peer."""
 
-    def __init__(self, me: str, my_identity: Ed25519PrivateKey, peer: str, peer_identity: bytes,
-                 conversation_id: int, suite: cu.Suite, *, clock=time.time) -> None:
+    def __init__(
+        self,
+        me: str,
+        my_identity: Ed25519PrivateKey,
+        peer: str,
+        peer_identity: bytes,
+        conversation_id: int,
+        suite: cu.Suite,
+        *,
+        clock=time.time,
+    ) -> None:
         self.me, self.peer, self.id, self.suite = me, peer, conversation_id, suite
         self._identity = my_identity
         self.peer_identity = peer_identity
         self._clock = clock
         self._generations: dict[int, _Generation] = {}
-        self._skipped: dict[tuple[int, int], bytes] = {}   # (generation, counter) -> message key
-        self.current: int | None = None                     # newest generation ready to send
+        self._skipped: dict[tuple[int, int], bytes] = {}  # (generation, counter) -> message key
+        self.current: int | None = None  # newest generation ready to send
 
     # -- key agreement ----------------------------------------------------------------
     def new_generation(self, generation: int, kdc_key: bytes) -> bytes:
@@ -424,16 +474,20 @@ class E2ESession:
             raise ShareRejected("An unexpected key share was refused.")
         return gen
 
-    def _receive_share(self, kind: int, generation: int, x_public: bytes, encapsulation_key: bytes,
-                       signature: bytes) -> bytes:
+    def _receive_share(
+        self, kind: int, generation: int, x_public: bytes, encapsulation_key: bytes, signature: bytes
+    ) -> bytes:
         gen = self._pending(generation)
         if gen.peer_share is not None:
             raise ShareRejected("A second key share for the same key was refused.")
         share = x_public + encapsulation_key
-        if not cu.verify_signature(self.peer_identity, signature,
-                                   _share_transcript(self.id, generation, self.peer, self.me, share)):
-            raise ShareRejected(f"{self.peer}'s key share is not signed by {self.peer}'s identity key: "
-                                "someone (the server?) tampered with it. The conversation was refused.")
+        if not cu.verify_signature(
+            self.peer_identity, signature, _share_transcript(self.id, generation, self.peer, self.me, share)
+        ):
+            raise ShareRejected(
+                f"{self.peer}'s key share is not signed by {self.peer}'s identity key: "
+                "someone (the server?) tampered with it. The conversation was refused."
+            )
         assert gen.my_private is not None
         try:
             dh = gen.my_private.exchange(X25519PublicKey.from_public_bytes(x_public))
@@ -444,9 +498,17 @@ class E2ESession:
         except InvalidKemValue as exc:
             raise ShareRejected(f"{self.peer}'s key share was refused: {exc}") from None
         gen.peer_share, gen.kem_to_peer, gen.ciphertext_to_peer, gen.dh = share, kem_secret, ciphertext, dh
-        gen.my_private = None     # the X25519 secret is computed; the private key goes
-        signature = self._identity.sign(_share_transcript(
-            self.id, generation, self.me, self.peer, ciphertext + cu.sha256(encapsulation_key), KIND_KEM_REPLY))
+        gen.my_private = None  # the X25519 secret is computed; the private key goes
+        signature = self._identity.sign(
+            _share_transcript(
+                self.id,
+                generation,
+                self.me,
+                self.peer,
+                ciphertext + cu.sha256(encapsulation_key),
+                KIND_KEM_REPLY,
+            )
+        )
         return KEM_REPLY.pack(KIND_KEM_REPLY, generation, ciphertext, signature)
 
     def _receive_kem_reply(self, kind: int, generation: int, ciphertext: bytes, signature: bytes) -> None:
@@ -455,24 +517,39 @@ class E2ESession:
             raise ShareRejected("A key reply before the key share was refused.")
         assert gen.my_kem is not None and gen.kdc_key is not None
         answered = cu.sha256(gen.my_kem.encapsulation_key)
-        if not cu.verify_signature(self.peer_identity, signature, _share_transcript(
-                self.id, generation, self.peer, self.me, ciphertext + answered, KIND_KEM_REPLY)):
-            raise ShareRejected(f"{self.peer}'s key reply is not signed by {self.peer}'s identity key: "
-                                "someone (the server?) tampered with it. The conversation was refused.")
+        if not cu.verify_signature(
+            self.peer_identity,
+            signature,
+            _share_transcript(self.id, generation, self.peer, self.me, ciphertext + answered, KIND_KEM_REPLY),
+        ):
+            raise ShareRejected(
+                f"{self.peer}'s key reply is not signed by {self.peer}'s identity key: "
+                "someone (the server?) tampered with it. The conversation was refused."
+            )
         kem_from_peer = gen.my_kem.decapsulate(ciphertext)
         # Everything in name order, so both sides build the same bytes: for each user, their
         # share (X25519 || encapsulation key) and the ciphertext that was sent *to* them.
-        entries = sorted([(self.me, gen.my_share, ciphertext, kem_from_peer),
-                          (self.peer, gen.peer_share, gen.ciphertext_to_peer, gen.kem_to_peer)])
-        transcript = root_transcript(self.id, generation, [(n, sh, ct) for n, sh, ct, _k in entries],
-                                     (cu.public_bytes(self._identity), self.peer_identity))
+        entries = sorted(
+            [
+                (self.me, gen.my_share, ciphertext, kem_from_peer),
+                (self.peer, gen.peer_share, gen.ciphertext_to_peer, gen.kem_to_peer),
+            ]
+        )
+        transcript = root_transcript(
+            self.id,
+            generation,
+            [(n, sh, ct) for n, sh, ct, _k in entries],
+            (cu.public_bytes(self._identity), self.peer_identity),
+        )
         root = derive_root(gen.kdc_key, gen.dh, (entries[0][3], entries[1][3]), transcript)
         gen.send = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.me}>{self.peer}"), length=32))
         gen.recv = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.peer}>{self.me}"), length=32))
         length = self.suite.key_bytes
-        gen.direct = (cu.hkdf(root, salt=None, info=cu.label(f"direct {self.me}>{self.peer}"), length=length),
-                      cu.hkdf(root, salt=None, info=cu.label(f"direct {self.peer}>{self.me}"), length=length))
-        gen.kdc_key = None        # forgotten once used
+        gen.direct = (
+            cu.hkdf(root, salt=None, info=cu.label(f"direct {self.me}>{self.peer}"), length=length),
+            cu.hkdf(root, salt=None, info=cu.label(f"direct {self.peer}>{self.me}"), length=length),
+        )
+        gen.kdc_key = None  # forgotten once used
         gen.my_kem = None
         gen.kem_to_peer = None
         gen.dh = None
@@ -497,8 +574,15 @@ class E2ESession:
         return self.suite.cipher(self.suite.key_from_material(material))
 
     def _aad(self, sender: str, recipient: str, generation: int, counter: int) -> bytes:
-        return (b"secureim/v1 e2e message" + self.id.to_bytes(8, "big") + bytes([len(sender)]) + sender.encode()
-                + bytes([len(recipient)]) + recipient.encode() + MESSAGE_HEADER.pack(KIND_MESSAGE, generation, counter))
+        return (
+            b"secureim/v1 e2e message"
+            + self.id.to_bytes(8, "big")
+            + bytes([len(sender)])
+            + sender.encode()
+            + bytes([len(recipient)])
+            + recipient.encode()
+            + MESSAGE_HEADER.pack(KIND_MESSAGE, generation, counter)
+        )
 
     def seal(self, text: str, msg_id: bytes | None = None) -> bytes:
         """A text message (its id: ``msg_id``, or a new random one)."""
@@ -511,7 +595,9 @@ class E2ESession:
         gen = self._generations[self.current]
         assert gen.send is not None
         counter, message_key = gen.send.step()
-        sealed = self._message_cipher(message_key).seal(body, self._aad(self.me, self.peer, gen.number, counter))
+        sealed = self._message_cipher(message_key).seal(
+            body, self._aad(self.me, self.peer, gen.number, counter)
+        )
         return MESSAGE_HEADER.pack(KIND_MESSAGE, gen.number, counter) + sealed
 
     def open(self, payload: bytes) -> tuple[str, float]:
@@ -531,15 +617,18 @@ class E2ESession:
             raise DecryptionFailed("A message under an unknown or discarded key was refused.")
         message_key, advance = self._receive_key(gen, counter)
         try:
-            body = self._message_cipher(message_key).open(payload[MESSAGE_HEADER.size:],
-                                                          self._aad(self.peer, self.me, generation, counter))
+            body = self._message_cipher(message_key).open(
+                payload[MESSAGE_HEADER.size :], self._aad(self.peer, self.me, generation, counter)
+            )
         except DecryptionFailed:
-            raise DecryptionFailed(f"A message from {self.peer} failed its integrity check and was discarded.") \
-                from None
+            raise DecryptionFailed(
+                f"A message from {self.peer} failed its integrity check and was discarded."
+            ) from None
         opened = parse_body(body, self.peer)
         if abs(self._clock() - opened.sent_at) > FRESHNESS_WINDOW_S:
-            raise DecryptionFailed(f"A message from {self.peer} was too old (or dated in the future) and was "
-                                   "refused.")
+            raise DecryptionFailed(
+                f"A message from {self.peer} was too old (or dated in the future) and was refused."
+            )
         advance()  # commit: keys are consumed only by a message that opened
         for old in [g for g in self._generations if g < generation]:
             self._drop_generation(old)  # the peer has moved past them
@@ -548,8 +637,9 @@ class E2ESession:
     def _receive_key(self, gen: _Generation, counter: int):
         """The message key for ``counter`` and a commit function (nothing changes before it runs)."""
         assert gen.recv is not None
-        return next_message_key(gen.recv, counter, self._skipped, lambda n: (gen.number, n), self.peer,
-                                MAX_SKIPPED_KEYS)
+        return next_message_key(
+            gen.recv, counter, self._skipped, lambda n: (gen.number, n), self.peer, MAX_SKIPPED_KEYS
+        )
 
     def _drop_generation(self, number: int) -> None:
         self._generations.pop(number, None)

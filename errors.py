@@ -106,8 +106,9 @@ class AccountLocked(AuthError):
 
     def __init__(self, retry_after_s: int, message: str | None = None) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(message or f"Account locked after too many failed logins; "
-                                    f"try again in {retry_after_s} seconds.")
+        super().__init__(
+            message or f"Account locked after too many failed logins; try again in {retry_after_s} seconds."
+        )
 
 
 class AccountBanned(AuthError):

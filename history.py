@@ -41,7 +41,7 @@ HISTORY_FORMAT = 1
 HISTORY_DIR = "history"
 DEFAULT_MAX_PER_CONVERSATION = 10_000
 DEFAULT_MAX_AGE_DAYS = 365.0
-SHOWN_ON_OPEN = 5                       # lines shown when a conversation is opened
+SHOWN_ON_OPEN = 5  # lines shown when a conversation is opened
 DATA_KEY_BYTES = 32
 CONVERSATION_TAG_BYTES = 16
 SALT_BYTES = 16
@@ -52,7 +52,12 @@ OUTGOING, INCOMING = "out", "in"
 # server refused it (peer offline); "received": a message from the peer.  "delivered" is kept
 # for end-to-end receipts, which this protocol does not have yet.
 STATE_SENT, STATE_ACCEPTED, STATE_REFUSED, STATE_RECEIVED, STATE_DELIVERED = (
-    "sent", "accepted", "refused", "received", "delivered")
+    "sent",
+    "accepted",
+    "refused",
+    "received",
+    "delivered",
+)
 STATES = frozenset({STATE_SENT, STATE_ACCEPTED, STATE_REFUSED, STATE_RECEIVED, STATE_DELIVERED})
 
 _SCHEMA = """
@@ -77,9 +82,9 @@ class Entry:
 
     id: int
     peer: str
-    direction: str      # OUTGOING | INCOMING
+    direction: str  # OUTGOING | INCOMING
     text: str
-    at: float           # seconds since the epoch: when it was sent (ours) or received (theirs)
+    at: float  # seconds since the epoch: when it was sent (ours) or received (theirs)
     state: str
 
 
@@ -102,8 +107,16 @@ def _kek(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 class History:
     """A user's history with one service.  Open it with :meth:`open`; thread-safe."""
 
-    def __init__(self, path: Path, db: sqlite3.Connection, owner: bytes, data_key: bytes, *,
-                 max_per_conversation: int, max_age_days: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        db: sqlite3.Connection,
+        owner: bytes,
+        data_key: bytes,
+        *,
+        max_per_conversation: int,
+        max_age_days: float,
+    ) -> None:
         self.path = path
         self._db = db
         self._owner = owner
@@ -117,12 +130,21 @@ class History:
 
     # -- opening --------------------------------------------------------------------
     @classmethod
-    def open(cls, home: Path, username: str, service_id: str, password: str, *,
-             max_per_conversation: int = DEFAULT_MAX_PER_CONVERSATION,
-             max_age_days: float = DEFAULT_MAX_AGE_DAYS) -> "History":
+    def open(
+        cls,
+        home: Path,
+        username: str,
+        service_id: str,
+        password: str,
+        *,
+        max_per_conversation: int = DEFAULT_MAX_PER_CONVERSATION,
+        max_age_days: float = DEFAULT_MAX_AGE_DAYS,
+    ) -> "History":
         """Open (or create) the history; :class:`HistoryLocked` if this password does not open it."""
         if max_per_conversation < 1 or max_age_days <= 0:
-            raise HistoryError("The history keeps at least one message per conversation for more than 0 days.")
+            raise HistoryError(
+                "The history keeps at least one message per conversation for more than 0 days."
+            )
         path = history_path(home, username, service_id)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():  # created 0600 before SQLite writes a byte
@@ -139,18 +161,29 @@ class History:
             cls._store_key(db, owner, password, data_key, first=True)
         else:
             data_key = cls._unwrap(meta, owner, password, path)
-        history = cls(path, db, owner, data_key, max_per_conversation=max_per_conversation,
-                      max_age_days=max_age_days)
+        history = cls(
+            path, db, owner, data_key, max_per_conversation=max_per_conversation, max_age_days=max_age_days
+        )
         history.prune()
         return history
 
     @staticmethod
-    def _store_key(db: sqlite3.Connection, owner: bytes, password: str, data_key: bytes, *, first: bool) -> None:
+    def _store_key(
+        db: sqlite3.Connection, owner: bytes, password: str, data_key: bytes, *, first: bool
+    ) -> None:
         n, r, p = e2e.SCRYPT_N, e2e.SCRYPT_R, e2e.SCRYPT_P
         salt, nonce = cu.random_bytes(SALT_BYTES), cu.random_bytes(cu.GCM_NONCE_BYTES)
         sealed = AESGCM(_kek(password, salt, n, r, p)).encrypt(nonce, data_key, _KEY_AAD + owner)
-        key_doc = {"kdf": "scrypt", "n": n, "r": r, "p": p, "salt": cu.b64encode(salt),
-                   "cipher": "aes-256-gcm", "nonce": cu.b64encode(nonce), "sealed": cu.b64encode(sealed)}
+        key_doc = {
+            "kdf": "scrypt",
+            "n": n,
+            "r": r,
+            "p": p,
+            "salt": cu.b64encode(salt),
+            "cipher": "aes-256-gcm",
+            "nonce": cu.b64encode(nonce),
+            "sealed": cu.b64encode(sealed),
+        }
         rows = [("key", json.dumps(key_doc))] + ([("format", str(HISTORY_FORMAT))] if first else [])
         db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", rows)
 
@@ -163,11 +196,15 @@ class History:
             if doc.get("kdf") != "scrypt" or doc.get("cipher") != "aes-256-gcm":
                 raise HistoryError(f"The history file {path} has an unknown format.")
             kek = _kek(password, cu.b64decode(doc["salt"]), int(doc["n"]), int(doc["r"]), int(doc["p"]))
-            return AESGCM(kek).decrypt(cu.b64decode(doc["nonce"]), cu.b64decode(doc["sealed"]), _KEY_AAD + owner)
+            return AESGCM(kek).decrypt(
+                cu.b64decode(doc["nonce"]), cu.b64decode(doc["sealed"]), _KEY_AAD + owner
+            )
         except InvalidTag:
-            raise HistoryLocked(f"The history in {path} is sealed under another password (changed on another "
-                                "device, or reset by an administrator); it was not opened and nothing is "
-                                "recorded. Delete the file to start a new history.") from None
+            raise HistoryLocked(
+                f"The history in {path} is sealed under another password (changed on another "
+                "device, or reset by an administrator); it was not opened and nothing is "
+                "recorded. Delete the file to start a new history."
+            ) from None
         except (KeyError, ValueError, TypeError) as exc:
             raise HistoryError(f"The history file {path} is damaged ({exc.__class__.__name__}).") from None
 
@@ -191,8 +228,9 @@ class History:
     def _open_row(self, row_id: int, tag: bytes, at_ms: int, nonce: bytes, sealed: bytes) -> Entry | None:
         try:
             doc = json.loads(self._content.decrypt(nonce, sealed, self._aad(tag, at_ms)))
-            entry = Entry(row_id, str(doc["peer"]), str(doc["dir"]), str(doc["text"]), at_ms / 1000.0,
-                          str(doc["state"]))
+            entry = Entry(
+                row_id, str(doc["peer"]), str(doc["dir"]), str(doc["text"]), at_ms / 1000.0, str(doc["state"])
+            )
         except (InvalidTag, ValueError, KeyError, TypeError):
             return None
         return entry if self._tag(entry.peer) == tag and entry.direction in (OUTGOING, INCOMING) else None
@@ -206,11 +244,15 @@ class History:
         with self._lock:
             if self._closed:  # a message that arrived while the client closed: not kept
                 return -1
-            cur = self._db.execute("INSERT INTO messages (conversation, at_ms, nonce, sealed) VALUES (?, ?, ?, ?)",
-                                   (tag, at_ms, nonce, sealed))
-            self._db.execute("DELETE FROM messages WHERE conversation = ? AND id <= (SELECT id FROM messages "
-                             "WHERE conversation = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                             (tag, tag, self.max_per_conversation))
+            cur = self._db.execute(
+                "INSERT INTO messages (conversation, at_ms, nonce, sealed) VALUES (?, ?, ?, ?)",
+                (tag, at_ms, nonce, sealed),
+            )
+            self._db.execute(
+                "DELETE FROM messages WHERE conversation = ? AND id <= (SELECT id FROM messages "
+                "WHERE conversation = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (tag, tag, self.max_per_conversation),
+            )
             return int(cur.lastrowid)
 
     def set_state(self, row_id: int, state: str) -> bool:
@@ -220,25 +262,33 @@ class History:
         with self._lock:
             if self._closed:
                 return False
-            row = self._db.execute("SELECT conversation, at_ms, nonce, sealed FROM messages WHERE id = ?",
-                                   (row_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT conversation, at_ms, nonce, sealed FROM messages WHERE id = ?", (row_id,)
+            ).fetchone()
             entry = self._open_row(row_id, *row) if row else None
             if entry is None:
                 return False
             if entry.state == STATE_DELIVERED and state != STATE_DELIVERED:
                 return False  # final: the peer's receipt said so (a late 'accepted' must not undo it)
-            nonce, sealed = self._seal(row[0], row[1], {"peer": entry.peer, "dir": entry.direction,
-                                                        "text": entry.text, "state": state})
-            self._db.execute("UPDATE messages SET nonce = ?, sealed = ? WHERE id = ?", (nonce, sealed, row_id))
+            nonce, sealed = self._seal(
+                row[0],
+                row[1],
+                {"peer": entry.peer, "dir": entry.direction, "text": entry.text, "state": state},
+            )
+            self._db.execute(
+                "UPDATE messages SET nonce = ?, sealed = ? WHERE id = ?", (nonce, sealed, row_id)
+            )
         return True
 
     def last(self, peer: str, limit: int = 20) -> Page:
         """The last ``limit`` messages with ``peer``, oldest first."""
         tag = self._tag(peer)
         with self._lock:
-            rows = self._db.execute("SELECT id, conversation, at_ms, nonce, sealed FROM messages "
-                                    "WHERE conversation = ? ORDER BY id DESC LIMIT ?",
-                                    (tag, max(0, limit))).fetchall()
+            rows = self._db.execute(
+                "SELECT id, conversation, at_ms, nonce, sealed FROM messages "
+                "WHERE conversation = ? ORDER BY id DESC LIMIT ?",
+                (tag, max(0, limit)),
+            ).fetchall()
         opened = [self._open_row(*row) for row in reversed(rows)]
         entries = tuple(e for e in opened if e is not None)
         return Page(entries, damaged=len(opened) - len(entries))

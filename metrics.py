@@ -44,40 +44,64 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Counter("secureim_connections", "TCP connections accepted", registry=r)
-        self.connections_refused = Counter("secureim_connections_refused",
-                                           "TCP connections refused by rate or connection limits", registry=r)
+        self.connections_refused = Counter(
+            "secureim_connections_refused", "TCP connections refused by rate or connection limits", registry=r
+        )
         self.logins = Counter("secureim_logins", "Login attempts by result", ["result"], registry=r)
         # Counted by the loop thread as a plain integer (no lock per message), read at scrape time.
         self.relayed_total: Callable[[], float] = lambda: 0
-        r.register(_CallbackCounter("secureim_messages_relayed", "Messages relayed to an online peer",
-                                    lambda: self.relayed_total()))
-        self.undelivered = Counter("secureim_messages_undelivered", "Relays refused: peer offline or no conversation",
-                                   registry=r)
-        self.stored = Counter("secureim_messages_stored",
-                              "Messages stored for offline users (no offline store yet: stays 0)", registry=r)
-        self.relay_latency = Histogram("secureim_relay_latency_seconds",
-                                       "Time from a Relay read to its Deliver queued for the peer (one relay in 16 is timed)",
-                                       buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1),
-                                       registry=r)
-        self.room_copies = Counter("secureim_room_copies", "Room message copies sent live or queued, all rooms",
-                                   registry=r)
+        r.register(
+            _CallbackCounter(
+                "secureim_messages_relayed",
+                "Messages relayed to an online peer",
+                lambda: self.relayed_total(),
+            )
+        )
+        self.undelivered = Counter(
+            "secureim_messages_undelivered", "Relays refused: peer offline or no conversation", registry=r
+        )
+        self.stored = Counter(
+            "secureim_messages_stored",
+            "Messages stored for offline users (no offline store yet: stays 0)",
+            registry=r,
+        )
+        self.relay_latency = Histogram(
+            "secureim_relay_latency_seconds",
+            "Time from a Relay read to its Deliver queued for the peer (one relay in 16 is timed)",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.room_copies = Counter(
+            "secureim_room_copies", "Room message copies sent live or queued, all rooms", registry=r
+        )
         self.kicks = Counter("secureim_kicks", "Sessions ended by an administrator or a ban", registry=r)
-        self.audit_failures = Counter("secureim_audit_write_failures", "Audit rows that could not be written",
-                                      registry=r)
+        self.audit_failures = Counter(
+            "secureim_audit_write_failures", "Audit rows that could not be written", registry=r
+        )
         self.open_connections = Gauge("secureim_open_connections", "Connections open now", registry=r)
         self.online_users = Gauge("secureim_online_users", "Users logged in now", registry=r)
-        self.outbox_bytes = Gauge("secureim_outbox_queued_bytes", "Bytes queued for slow readers, all sessions",
-                                  registry=r)
-        self.bcrypt_queue = Gauge("secureim_bcrypt_queue_length", "Password checks waiting for the bcrypt worker",
-                                  registry=r)
-        self.puzzle_difficulty = Gauge("secureim_puzzle_difficulty_bits", "Client puzzle bits asked now",
-                                       registry=r)
-        self.nats_connected = Gauge("secureim_nats_connected", "1 when connected to the cluster bus "
-                                    "(no cluster yet: 0)", registry=r)
+        self.outbox_bytes = Gauge(
+            "secureim_outbox_queued_bytes", "Bytes queued for slow readers, all sessions", registry=r
+        )
+        self.bcrypt_queue = Gauge(
+            "secureim_bcrypt_queue_length", "Password checks waiting for the bcrypt worker", registry=r
+        )
+        self.puzzle_difficulty = Gauge(
+            "secureim_puzzle_difficulty_bits", "Client puzzle bits asked now", registry=r
+        )
+        self.nats_connected = Gauge(
+            "secureim_nats_connected", "1 when connected to the cluster bus (no cluster yet: 0)", registry=r
+        )
 
-    def watch(self, *, open_connections: Callable[[], float], online_users: Callable[[], float],
-              outbox_bytes: Callable[[], float], bcrypt_queue: Callable[[], float],
-              puzzle_difficulty: Callable[[], float]) -> None:
+    def watch(
+        self,
+        *,
+        open_connections: Callable[[], float],
+        online_users: Callable[[], float],
+        outbox_bytes: Callable[[], float],
+        bcrypt_queue: Callable[[], float],
+        puzzle_difficulty: Callable[[], float],
+    ) -> None:
         self.open_connections.set_function(open_connections)
         self.online_users.set_function(online_users)
         self.outbox_bytes.set_function(outbox_bytes)
@@ -104,8 +128,10 @@ class MetricsEndpoint:
                     problem = f"health check failed: {exc.__class__.__name__}"
                 status = "200 OK" if problem is None else "503 Service Unavailable"
                 body = b"ok\n" if problem is None else f"unavailable: {problem}\n".encode("utf-8", "replace")
-                start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
-                                        ("Content-Length", str(len(body)))])
+                start_response(
+                    status,
+                    [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+                )
                 return [body]
             return metrics_app(environ, start_response)
 

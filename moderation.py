@@ -57,7 +57,9 @@ def parse_network(text: str) -> str:
     try:
         return str(ipaddress.ip_network(text.strip(), strict=False))
     except ValueError:
-        raise ConfigError(f"Bad network {text[:60]!r}: use CIDR, like 203.0.113.0/24 or 2001:db8::/32.") from None
+        raise ConfigError(
+            f"Bad network {text[:60]!r}: use CIDR, like 203.0.113.0/24 or 2001:db8::/32."
+        ) from None
 
 
 def describe_until(until: float) -> str:
@@ -102,7 +104,11 @@ class AddressBans:
         with self._lock:
             bans = list(self._bans)
         for network, ban in bans:
-            if address.version == network.version and address in network and (not ban.until or ban.until > now):
+            if (
+                address.version == network.version
+                and address in network
+                and (not ban.until or ban.until > now)
+            ):
                 return ban
         return None
 
@@ -110,9 +116,16 @@ class AddressBans:
 class ModerationPoller:
     """One thread per server: reads new admin actions and network bans each second, prunes the audit log hourly."""
 
-    def __init__(self, storage: Storage, address_bans: AddressBans, *,
-                 kick: Callable[[str, str], bool], kick_banned_sources: Callable[[], int],
-                 audit_retention_s: float, interval_s: float = POLL_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        address_bans: AddressBans,
+        *,
+        kick: Callable[[str, str], bool],
+        kick_banned_sources: Callable[[], int],
+        audit_retention_s: float,
+        interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
         self.storage = storage
         self.address_bans = address_bans
         self._kick = kick

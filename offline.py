@@ -34,16 +34,23 @@ from errors import ConnectionClosed, DecryptionFailed, MessageRefused, SecureIME
 
 log = logging.getLogger("secureim.offline")
 
-OPEN_TIMEOUT_S = 15.0       # waiting for an offline key (a database write and a prekey take on the server)
-MAX_OUTBOX = 1000           # sent messages remembered until delivered (oldest delivered ones go first)
-MAX_HELD = 1000             # stored messages held while their sender's changed identity waits for /accept
+OPEN_TIMEOUT_S = 15.0  # waiting for an offline key (a database write and a prekey take on the server)
+MAX_OUTBOX = 1000  # sent messages remembered until delivered (oldest delivered ones go first)
+MAX_HELD = 1000  # stored messages held while their sender's changed identity waits for /accept
 MAX_RECEIPT_JOBS = 10000
-MAX_EARLY_RECEIPTS = 256   # receipts that overtook the bookkeeping of the message they answer
-MAX_SEEN_IDS = K.MAX_SEEN_IDS   # ids of messages shown, so a resend after a reconnect is shown once
+MAX_EARLY_RECEIPTS = 256  # receipts that overtook the bookkeeping of the message they answer
+MAX_SEEN_IDS = K.MAX_SEEN_IDS  # ids of messages shown, so a resend after a reconnect is shown once
 OUTBOUND_MAX_AGE_S = 24 * 3600.0  # an offline session to a peer is used this long at most, then a new one
 
 # Outgoing states
-SENDING, SENT, STORED, HANDED, DELIVERED, REFUSED = "sending", "sent", "stored", "handed over", "delivered", "refused"
+SENDING, SENT, STORED, HANDED, DELIVERED, REFUSED = (
+    "sending",
+    "sent",
+    "stored",
+    "handed over",
+    "delivered",
+    "refused",
+)
 
 
 @dataclass
@@ -53,15 +60,15 @@ class Outgoing:
     text: str
     at: float
     state: str
-    stored: bool = False                 # went through the server's queue
+    stored: bool = False  # went through the server's queue
     reason: str = ""
-    retried: bool = False                # resealed once after its offline key expired
-    resend_due: bool = False             # live, no receipt when the connection dropped: send it again
-    row: int | None = None               # its row in the local history (marked delivered on the receipt)
-    receipt_early: bool = False          # the peer's receipt came before the server's StoreResult
-    answered: threading.Event = field(default_factory=threading.Event, repr=False)   # stored or refused
+    retried: bool = False  # resealed once after its offline key expired
+    resend_due: bool = False  # live, no receipt when the connection dropped: send it again
+    row: int | None = None  # its row in the local history (marked delivered on the receipt)
+    receipt_early: bool = False  # the peer's receipt came before the server's StoreResult
+    answered: threading.Event = field(default_factory=threading.Event, repr=False)  # stored or refused
     receipted: threading.Event = field(default_factory=threading.Event, repr=False)  # delivered
-    store: P.Store | None = None         # kept until the server answers: a resend repeats it exactly
+    store: P.Store | None = None  # kept until the server answers: a resend repeats it exactly
 
 
 def _keep_bounded(kept: collections.OrderedDict, key, value, limit: int) -> None:
@@ -82,18 +89,18 @@ class Mailbox:
         self.lock = threading.RLock()
         self.store: K.PrekeyStore | None = None
         self.inbound: K.InboundSessions | None = None
-        self.outbound: dict[str, tuple[K.OutboundSession, float]] = {}   # peer -> (session, made at)
+        self.outbound: dict[str, tuple[K.OutboundSession, float]] = {}  # peer -> (session, made at)
         self.outbox: collections.OrderedDict[bytes, Outgoing] = collections.OrderedDict()
         self.held: dict[str, list[P.StoredMessage]] = {}
         self._open_failure: dict[str, str] = {}
-        self._answered: dict[str, K.OutboundSession] = {}   # the answer to the OfflineOpen in flight
+        self._answered: dict[str, K.OutboundSession] = {}  # the answer to the OfflineOpen in flight
         # One OfflineOpen in flight per peer: a second one's answer would overwrite the first's in
         # _answered.  Another thread that wants the same peer waits for it and takes its session.
         self._opening: set[str] = set()
         self._open_done = threading.Condition(self.lock)
         self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
         self._thread: threading.Thread | None = None
-        self.published = threading.Event()   # the server holds a current bundle of ours (tests wait on it)
+        self.published = threading.Event()  # the server holds a current bundle of ours (tests wait on it)
         self._seen: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
         # A live message is written into the outbox once it has gone; over a fast link (direct UDP on
         # one machine) its receipt can come back first.  Such receipts wait here, bounded, for sent_live.
@@ -150,12 +157,12 @@ class Mailbox:
                     return held[0]
                 if peer not in self._opening:
                     break
-                left = deadline - time.monotonic()   # another thread's open to this peer: wait for it
+                left = deadline - time.monotonic()  # another thread's open to this peer: wait for it
                 if left <= 0:
                     raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
                 self._open_done.wait(left)
             self.outbound.pop(peer, None)
-            self._answered.pop(peer, None)       # a late answer to an open that timed out is not ours
+            self._answered.pop(peer, None)  # a late answer to an open that timed out is not ours
             self._open_failure.pop(peer, None)
             self._opening.add(peer)
         try:
@@ -172,8 +179,14 @@ class Mailbox:
                 self._opening.discard(peer)
                 self._open_done.notify_all()
         if out is None:
-            raise MessageRefused(failure or (barrier.refusals[0] if barrier.refusals
-                                             else f"no offline conversation with {peer} could be opened"))
+            raise MessageRefused(
+                failure
+                or (
+                    barrier.refusals[0]
+                    if barrier.refusals
+                    else f"no offline conversation with {peer} could be opened"
+                )
+            )
         return out
 
     def send_text(self, peer: str, text: str, msg_id: bytes, *, retried: bool = False) -> Outgoing:
@@ -185,7 +198,9 @@ class Mailbox:
         with self.lock:
             payload = out.seal(e2e.BODY_TEXT, msg_id, content)
             entry = Outgoing(msg_id, peer, text, time.time(), SENDING, stored=True, retried=retried)
-            entry.store = P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload)
+            entry.store = P.Store(
+                conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload
+            )
             self._remember(entry)
         self.client._send(entry.store)
         return entry
@@ -206,7 +221,7 @@ class Mailbox:
         return entry
 
     def _remember(self, entry: Outgoing) -> None:
-        _keep_bounded(self.outbox, entry.msg_id, entry, MAX_OUTBOX)   # delivered ones are gone already
+        _keep_bounded(self.outbox, entry.msg_id, entry, MAX_OUTBOX)  # delivered ones are gone already
 
     def resend_unanswered(self) -> int:
         """After a reconnect: every Store the server did not answer goes again, byte for byte."""
@@ -247,7 +262,7 @@ class Mailbox:
                 entry.resend_due = False
         for entry in due:
             if live:
-                self._resend_live(entry)   # now, before anything typed after the reconnect
+                self._resend_live(entry)  # now, before anything typed after the reconnect
             else:
                 self._job(("resend", entry))
 
@@ -270,8 +285,17 @@ class Mailbox:
             return
         try:
             bundle = K.verify_bundle(peer, msg.peer_identity, msg.signed_prekey, msg.one_time_prekey)
-            out = K.OutboundSession(client.username, client.identity, peer, msg.peer_identity, msg.conversation_id,
-                                    msg.generation, msg.key, suite, bundle)
+            out = K.OutboundSession(
+                client.username,
+                client.identity,
+                peer,
+                msg.peer_identity,
+                msg.conversation_id,
+                msg.generation,
+                msg.key,
+                suite,
+                bundle,
+            )
         except (K.BundleRejected, SecureIMError) as exc:
             with self.lock:
                 self._open_failure[peer] = str(exc)
@@ -285,7 +309,7 @@ class Mailbox:
         with self.lock:
             entry = self.outbox.get(msg.msg_ref)
             if entry is None:
-                self.client.rooms.on_key_stored(msg)   # a room's sender key (or a receipt): not in the outbox
+                self.client.rooms.on_key_stored(msg)  # a room's sender key (or a receipt): not in the outbox
                 return
             if entry.state != SENDING:
                 return  # the answer to a resend that was answered already
@@ -325,7 +349,9 @@ class Mailbox:
             sender = P.normalize_username(msg.sender)
             suite = cu.suite_by_id(msg.suite)
         except SecureIMError:
-            client._emit(client._rejected(msg.sender, "A stored message with a malformed header was discarded."))
+            client._emit(
+                client._rejected(msg.sender, "A stored message with a malformed header was discarded.")
+            )
             self.ack(msg.queue_id)
             return
         if self.store is None or self.inbound is None:
@@ -341,20 +367,33 @@ class Mailbox:
                 held = self.held.setdefault(sender, [])
                 if len(held) < MAX_HELD:
                     held.append(msg)
-            self.defer(msg.queue_id)   # it stays on the server, and the messages behind it come on
+            self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on
             return
         if len(msg.key) != suite.key_bytes:  # the server lost its key: nothing to decide here
-            client._emit(client._rejected(sender, f"A stored message from {sender} came without its key; it "
-                                                  "stays on the server for the next login."))
+            client._emit(
+                client._rejected(
+                    sender,
+                    f"A stored message from {sender} came without its key; it "
+                    "stays on the server for the next login.",
+                )
+            )
             self.defer(msg.queue_id)
             return
-        ctx = K.StoredContext(client.username, client.identity, sender, msg.sender_identity, msg.conversation_id,
-                              msg.generation, msg.key, suite)
+        ctx = K.StoredContext(
+            client.username,
+            client.identity,
+            sender,
+            msg.sender_identity,
+            msg.conversation_id,
+            msg.generation,
+            msg.key,
+            suite,
+        )
         with self.lock:
             try:
                 opened = self.inbound.open(ctx, msg.payload, digest=digest)
                 failure = None
-            except DecryptionFailed as exc:   # it will never open: said, and not asked for again
+            except DecryptionFailed as exc:  # it will never open: said, and not asked for again
                 opened, failure = None, str(exc)
                 self.store.mark_processed(digest)
         self.ack(msg.queue_id)
@@ -392,14 +431,14 @@ class Mailbox:
         with self.lock:
             for msg_id in ids:
                 entry = self.outbox.get(msg_id)
-                if entry is None:   # perhaps not written yet (sent_live): kept a while, bounded
+                if entry is None:  # perhaps not written yet (sent_live): kept a while, bounded
                     _keep_bounded(self._early, (peer, msg_id), None, MAX_EARLY_RECEIPTS)
                 elif entry.peer == peer and entry.state == SENDING:
-                    entry.receipt_early = True   # its StoreResult is still on the way and says it
+                    entry.receipt_early = True  # its StoreResult is still on the way and says it
                 elif entry.peer == peer and entry.state != DELIVERED:
                     _mark_delivered(entry)
                     delivered.append(entry)
-                    del self.outbox[msg_id]   # done: the outbox keeps what may still need us
+                    del self.outbox[msg_id]  # done: the outbox keeps what may still need us
         for entry in delivered:
             self.client._delivered_event(entry)
 
@@ -438,7 +477,9 @@ class Mailbox:
             for peer, ids in receipts.items():
                 self._send_receipt(peer, ids)
 
-    def send_body(self, peer: str, body_type: int, content: bytes, *, expect_identity: bytes | None = None) -> bytes:
+    def send_body(
+        self, peer: str, body_type: int, content: bytes, *, expect_identity: bytes | None = None
+    ) -> bytes:
         """Seal ``content`` in the offline session with ``peer`` and Store it (a receipt, a room's
         sender key): kept by the server until the peer's client acknowledges it.  Its reference.
         ``expect_identity``: only if the session is with that identity key (a room's roster)."""
@@ -448,12 +489,13 @@ class Mailbox:
         with self.lock:
             msg_id = e2e.new_msg_id()
             payload = out.seal(body_type, msg_id, content)
-        self.client._send(P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id,
-                                  payload=payload))
+        self.client._send(
+            P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload)
+        )
         return msg_id
 
     def _send_receipt(self, peer: str, ids: list[bytes]) -> None:
-        content = e2e.receipt_content(ids[:e2e.MAX_RECEIPT_IDS])
+        content = e2e.receipt_content(ids[: e2e.MAX_RECEIPT_IDS])
         try:
             if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):
                 return
@@ -483,4 +525,3 @@ class Mailbox:
             self.client._stored_event(entry)
             return
         log.debug("stored message resealed (%s)", again.state)
-

@@ -71,8 +71,10 @@ SEQUENCE_LIMIT = (1 << 64) - 1  # a sequence number never wraps (TLS 1.3 section
 
 # Usernames: ASCII only (no Unicode look-alikes), case-insensitive, safe as file names.
 USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
-USERNAME_RULES = ("Usernames are 1 to 32 characters: letters a-z, digits, '_', '.' or '-', "
-                  "starting with a letter or digit (case does not matter).")
+USERNAME_RULES = (
+    "Usernames are 1 to 32 characters: letters a-z, digits, '_', '.' or '-', "
+    "starting with a letter or digit (case does not matter)."
+)
 
 
 def normalize_username(raw: str) -> str:
@@ -94,19 +96,27 @@ class Kind(enum.Enum):
     U32 = "u32"
     U64 = "u64"
     BOOL = "bool"
-    BYTES = "bytes"      # u16 length + bytes
-    TEXT = "text"        # u16 length + strict UTF-8
-    TEXT_LIST = "list"   # u16 count + TEXT items
+    BYTES = "bytes"  # u16 length + bytes
+    TEXT = "text"  # u16 length + strict UTF-8
+    TEXT_LIST = "list"  # u16 count + TEXT items
 
 
 _INT_STRUCTS = {Kind.U8: struct.Struct(">B"), Kind.U32: struct.Struct(">I"), Kind.U64: struct.Struct(">Q")}
 _U16 = struct.Struct(">H")
 
 
-def wire(kind: Kind, *, max_len: int = 0, exact: int | None = None, max_items: int = 0,
-         default: Any = dataclasses.MISSING) -> Any:
+def wire(
+    kind: Kind,
+    *,
+    max_len: int = 0,
+    exact: int | None = None,
+    max_items: int = 0,
+    default: Any = dataclasses.MISSING,
+) -> Any:
     """Declare a message field's wire encoding (and its bounds)."""
-    return field(default=default, metadata={"kind": kind, "max_len": max_len, "exact": exact, "max_items": max_items})
+    return field(
+        default=default, metadata={"kind": kind, "max_len": max_len, "exact": exact, "max_items": max_items}
+    )
 
 
 class _Reader:
@@ -119,7 +129,7 @@ class _Reader:
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
             raise MalformedMessage("Message truncated.")
-        chunk = self.data[self.pos:self.pos + n]
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 
@@ -207,6 +217,7 @@ def _compile_field(name: str, meta: dict) -> tuple[Callable, Callable]:
             if pos + size > len(data):
                 raise MalformedMessage("Message truncated.")
             return unpack(data, pos)[0], pos + size
+
         return enc, dec
     if kind is Kind.BYTES or kind is Kind.TEXT:
         text = kind is Kind.TEXT
@@ -230,8 +241,9 @@ def _compile_field(name: str, meta: dict) -> tuple[Callable, Callable]:
             end = pos + 2 + n
             if end > len(data):
                 raise MalformedMessage("Message truncated.")
-            raw = data[pos + 2:end]
+            raw = data[pos + 2 : end]
             return (_decode_text(raw, name) if text else raw), end
+
         return enc, dec
 
     def enc_generic(out: bytearray, value: Any) -> None:
@@ -242,6 +254,7 @@ def _compile_field(name: str, meta: dict) -> tuple[Callable, Callable]:
         r.pos = pos
         value = _decode_field(r, name, meta)
         return value, r.pos
+
     return enc_generic, dec_generic
 
 
@@ -288,6 +301,7 @@ def message(type_id: int) -> Callable[[type], type]:
         cls.DECODERS = tuple((name, dec) for name, (_enc, dec) in compiled)
         MESSAGE_TYPES[type_id] = cls
         return cls
+
     return register
 
 
@@ -318,7 +332,9 @@ class ClientHello(Message):
     puzzle_solution: bytes = wire(Kind.BYTES, max_len=16)
     # Every group the client accepts, best first; ``group`` is one of them.  Signed with the
     # transcript, so the server can refuse a downgrade (docs/PROTOCOL.md, group negotiation).
-    groups: tuple = wire(Kind.TEXT_LIST, max_len=MAX_GROUP_NAME_BYTES, max_items=MAX_OFFERED_GROUPS, default=())
+    groups: tuple = wire(
+        Kind.TEXT_LIST, max_len=MAX_GROUP_NAME_BYTES, max_items=MAX_OFFERED_GROUPS, default=()
+    )
 
 
 @message(0x02)
@@ -414,7 +430,7 @@ class AuthCode(enum.IntEnum):
     UNAVAILABLE = 6
     TOO_MANY_ATTEMPTS = 7
     INVALID_IDENTITY = 8
-    BANNED = 9            # the reason says until when and why (section 14)
+    BANNED = 9  # the reason says until when and why (section 14)
 
 
 @message(0x13)
@@ -561,8 +577,8 @@ class AccountDeleted(Message):
 
 
 # --- store and forward (section 15; type codes 0x80-0x8F) --------------------------
-SIGNED_PREKEY_BYTES = 4 + 32 + cu.MLKEM768_ENCAPSULATION_KEY_BYTES + 64   # id, X25519, ML-KEM ek, signature
-ONE_TIME_PREKEY_BYTES = 4 + 32 + 64                                       # id, X25519, signature
+SIGNED_PREKEY_BYTES = 4 + 32 + cu.MLKEM768_ENCAPSULATION_KEY_BYTES + 64  # id, X25519, ML-KEM ek, signature
+ONE_TIME_PREKEY_BYTES = 4 + 32 + 64  # id, X25519, signature
 MAX_PREKEYS_PER_PUBLISH = 100
 MSG_REF_BYTES = 16
 
@@ -582,7 +598,7 @@ class PrekeyStatus(Message):
     """Server to client, after login and after PublishPrekeys: what the server holds of its prekeys."""
 
     one_time_left: int = wire(Kind.U32)
-    signed_prekey_id: int = wire(Kind.U32)       # 0: none
+    signed_prekey_id: int = wire(Kind.U32)  # 0: none
     signed_prekey_age_s: int = wire(Kind.U32)
 
 
@@ -618,10 +634,10 @@ class Store(Message):
 
 
 class StoreStatus(enum.IntEnum):
-    STORED = 1        # kept for the recipient, who is offline
-    HANDED_OVER = 2   # kept, and sent to the recipient's session now
-    REFUSED = 3       # not kept: the reason says why (a bound, no such conversation)
-    NO_KEY = 4        # not kept: the offline key of that generation is gone; open a new one
+    STORED = 1  # kept for the recipient, who is offline
+    HANDED_OVER = 2  # kept, and sent to the recipient's session now
+    REFUSED = 3  # not kept: the reason says why (a bound, no such conversation)
+    NO_KEY = 4  # not kept: the offline key of that generation is gone; open a new one
 
 
 @message(0x85)
@@ -663,7 +679,7 @@ class Defer(Message):
 
 
 # --- group rooms (section 16; type codes 0x90-0x9F) --------------------------------
-MAX_CHANGE_BYTES = 40 * 1024        # a signed membership change lists every member (rooms.HARD_MAX_MEMBERS)
+MAX_CHANGE_BYTES = 40 * 1024  # a signed membership change lists every member (rooms.HARD_MAX_MEMBERS)
 MAX_ROOM_NAME_BYTES = 33
 
 
@@ -683,9 +699,9 @@ class RoomChange(Message):
 
 
 class RoomStatus(enum.IntEnum):
-    OK = 1            # done: committed, and sent to every member
-    STALE = 2         # the room changed meanwhile (``epoch`` is its epoch now): the change waits in the queue
-    REFUSED = 3       # not done: the reason says why (unknown room, not the admin, full, unknown user...)
+    OK = 1  # done: committed, and sent to every member
+    STALE = 2  # the room changed meanwhile (``epoch`` is its epoch now): the change waits in the queue
+    REFUSED = 3  # not done: the reason says why (unknown room, not the admin, full, unknown user...)
 
 
 @message(0x92)
@@ -814,7 +830,7 @@ class FrameDecoder:
         end = FRAME_HEADER.size + length
         if len(self._buffer) < end:
             return None
-        body = bytes(self._buffer[FRAME_HEADER.size:end])
+        body = bytes(self._buffer[FRAME_HEADER.size : end])
         del self._buffer[:end]
         self._check_header()
         return body
@@ -917,8 +933,16 @@ SIGNATURE_CONTEXT = b"secureim/v1 server handshake signature\x00"
 _SESSION_FROM_CLIENT_UNAUTH = {Register, Login, Resume, Goodbye}
 _SESSION_FROM_CLIENT_AUTH = {OpenConversation, Relay, WhoRequest, RegisterEndpoint, DirectRequest, Goodbye}
 _SESSION_FROM_SERVER_UNAUTH = {AuthOk, AuthFailed, Error, Goodbye}
-_SESSION_FROM_SERVER_AUTH = {PeerStatus, ConversationKey, Deliver, WhoResponse, DirectOffer, DirectUnavailable,
-                             Error, Goodbye}
+_SESSION_FROM_SERVER_AUTH = {
+    PeerStatus,
+    ConversationKey,
+    Deliver,
+    WhoResponse,
+    DirectOffer,
+    DirectUnavailable,
+    Error,
+    Goodbye,
+}
 # Account self-service (section 14.1).
 _SESSION_FROM_CLIENT_AUTH |= {DeleteAccount}
 _SESSION_FROM_SERVER_AUTH |= {AccountDeleted}
@@ -969,10 +993,13 @@ def derive_handshake_keys(shared_secret: bytes, transcript_hash: bytes) -> _KeyS
     def expand(purpose: str) -> bytes:
         return cu.hkdf(hs, salt=None, info=cu.label(purpose), length=32)
 
-    return _KeySchedule(c2s=expand("c2s traffic"), s2c=expand("s2c traffic"),
-                        server_confirm=expand("server finished"),
-                        client_confirm=expand("client finished"),
-                        direct_ticket=expand("direct ticket"))
+    return _KeySchedule(
+        c2s=expand("c2s traffic"),
+        s2c=expand("s2c traffic"),
+        server_confirm=expand("server finished"),
+        client_confirm=expand("client finished"),
+        direct_ticket=expand("direct ticket"),
+    )
 
 
 class Connection:
@@ -1046,7 +1073,9 @@ class Connection:
         if self._send_keys is None:
             return b""
         try:
-            return encode_frame(self._send_keys.seal(Goodbye(reason=reason[:MAX_REASON_BYTES // 4]).encode()))
+            return encode_frame(
+                self._send_keys.seal(Goodbye(reason=reason[: MAX_REASON_BYTES // 4]).encode())
+            )
         except ProtocolError:
             return b""
 
@@ -1108,9 +1137,16 @@ class ClientProtocol(Connection):
 
     role = Role.CLIENT
 
-    def __init__(self, *, group: str = DEFAULT_GROUP, suites: tuple[str, ...] = cu.SUITE_NAMES,
-                 expected_server_key: bytes | None = None, tdes_backend: str | None = None,
-                 update_after_bytes: int | None = None, fallback_groups: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        group: str = DEFAULT_GROUP,
+        suites: tuple[str, ...] = cu.SUITE_NAMES,
+        expected_server_key: bytes | None = None,
+        tdes_backend: str | None = None,
+        update_after_bytes: int | None = None,
+        fallback_groups: tuple[str, ...] | None = None,
+    ) -> None:
         """``fallback_groups``: groups the server may ask for instead (GroupRetry).  By
         default a post-quantum group falls back to x25519 and a classical one to none."""
         super().__init__(update_after_bytes=update_after_bytes)
@@ -1118,7 +1154,9 @@ class ClientProtocol(Connection):
         self._dh = DiffieHellman(group)
         if fallback_groups is None:
             fallback_groups = ("x25519",) if group in POST_QUANTUM_GROUPS else ()
-        self._groups = tuple(dict.fromkeys((self._dh.group.name, *(get_group(g).name for g in fallback_groups))))
+        self._groups = tuple(
+            dict.fromkeys((self._dh.group.name, *(get_group(g).name for g in fallback_groups)))
+        )
         if len(self._groups) > MAX_OFFERED_GROUPS:
             raise LocalProtocolError(f"At most {MAX_OFFERED_GROUPS} groups can be offered.")
         self._group_retried = False
@@ -1137,10 +1175,16 @@ class ClientProtocol(Connection):
         return self.data_to_send()
 
     def _send_hello(self, challenge: bytes = b"", solution: bytes = b"") -> None:
-        hello = ClientHello(version=PROTOCOL_VERSION, group=self._dh.group.name,
-                            public=self._dh.public_bytes, nonce=cu.random_bytes(NONCE_BYTES),
-                            suites=bytes(s.suite_id for s in self._suites),
-                            puzzle_challenge=challenge, puzzle_solution=solution, groups=self._groups)
+        hello = ClientHello(
+            version=PROTOCOL_VERSION,
+            group=self._dh.group.name,
+            public=self._dh.public_bytes,
+            nonce=cu.random_bytes(NONCE_BYTES),
+            suites=bytes(s.suite_id for s in self._suites),
+            puzzle_challenge=challenge,
+            puzzle_solution=solution,
+            groups=self._groups,
+        )
         self._transcript = bytearray(self._emit_plain(hello))  # only the final hello is in the transcript
 
     def _handshake(self, msg: Message, body: bytes):
@@ -1190,10 +1234,12 @@ class ClientProtocol(Connection):
         if not DiffieHellman.verify_hashed_key(self._keys.server_confirm, msg.confirm, th1):
             raise HandshakeFailed("The server's key confirmation is invalid.")
         if self._expected_server_key is not None and not cu.constant_time_equal(
-                server_key, self._expected_server_key):
+            server_key, self._expected_server_key
+        ):
             raise ServerKeyMismatch(
                 f"The server's identity key {cu.fingerprint(server_key)} is not the expected "
-                f"{cu.fingerprint(self._expected_server_key)}.")
+                f"{cu.fingerprint(self._expected_server_key)}."
+            )
         self._transcript += body
         th2 = cu.sha256(bytes(self._transcript))
         self._emit_plain(ClientFinished(confirm=DiffieHellman.hash_key(self._keys.client_confirm, th2)))
@@ -1201,8 +1247,12 @@ class ClientProtocol(Connection):
         self.direct_ticket_key = self._keys.direct_ticket
         self._keys = None
         self.state = State.ESTABLISHED
-        return HandshakeComplete(server_key=server_key, fingerprint=cu.fingerprint(server_key),
-                                 suite=self.suite.name, group=self._dh.group.name)
+        return HandshakeComplete(
+            server_key=server_key,
+            fingerprint=cu.fingerprint(server_key),
+            suite=self.suite.name,
+            group=self._dh.group.name,
+        )
 
     def _after_receive(self, msg: Message) -> None:
         super()._after_receive(msg)
@@ -1215,10 +1265,17 @@ class ServerProtocol(Connection):
 
     role = Role.SERVER
 
-    def __init__(self, identity: Ed25519PrivateKey, *, suite: str = cu.DEFAULT_SUITE,
-                 allowed_groups: frozenset[str] | None = None, tdes_backend: str | None = None,
-                 update_after_bytes: int | None = None, puzzle: PuzzleGate | None = None,
-                 source: str = "") -> None:
+    def __init__(
+        self,
+        identity: Ed25519PrivateKey,
+        *,
+        suite: str = cu.DEFAULT_SUITE,
+        allowed_groups: frozenset[str] | None = None,
+        tdes_backend: str | None = None,
+        update_after_bytes: int | None = None,
+        puzzle: PuzzleGate | None = None,
+        source: str = "",
+    ) -> None:
         super().__init__(update_after_bytes=update_after_bytes)
         self.state = State.AWAITING_CLIENT_HELLO
         self._puzzle = puzzle
@@ -1240,14 +1297,18 @@ class ServerProtocol(Connection):
             if msg.version != PROTOCOL_VERSION:
                 self._refuse(HandshakeErrorCode.UNSUPPORTED_VERSION, "Unsupported protocol version.")
             if self._suite.suite_id not in msg.suites:
-                self._refuse(HandshakeErrorCode.UNSUPPORTED_SUITE,
-                             f"The client does not offer the {self._suite.name} suite.")
+                self._refuse(
+                    HandshakeErrorCode.UNSUPPORTED_SUITE,
+                    f"The client does not offer the {self._suite.name} suite.",
+                )
             group = self._choose_group(msg)
             if group is None:
                 return None  # a GroupRetry was sent; the client answers with a new ClientHello
             if len(msg.public) != share_length(group):  # sizes first, before any puzzle or DH work
-                self._refuse(HandshakeErrorCode.BAD_PUBLIC_VALUE,
-                             f"A {group.name} public value is exactly {share_length(group)} bytes.")
+                self._refuse(
+                    HandshakeErrorCode.BAD_PUBLIC_VALUE,
+                    f"A {group.name} public value is exactly {share_length(group)} bytes.",
+                )
             if self._puzzle is not None and not self._puzzle_passed(msg):
                 return None  # a Puzzle was sent; the client answers with a new ClientHello
             try:
@@ -1257,13 +1318,20 @@ class ServerProtocol(Connection):
             self.group = group.name
             self.suite = self._suite
             self._transcript += body
-            hello = ServerHello(version=PROTOCOL_VERSION, suite=self._suite.suite_id, public=public,
-                                nonce=cu.random_bytes(NONCE_BYTES), server_key=cu.public_bytes(self._identity))
+            hello = ServerHello(
+                version=PROTOCOL_VERSION,
+                suite=self._suite.suite_id,
+                public=public,
+                nonce=cu.random_bytes(NONCE_BYTES),
+                server_key=cu.public_bytes(self._identity),
+            )
             self._transcript += self._emit_plain(hello)
             th1 = cu.sha256(bytes(self._transcript))
             self._keys = derive_handshake_keys(shared, th1)
-            auth = ServerAuth(signature=self._identity.sign(SIGNATURE_CONTEXT + th1),
-                              confirm=DiffieHellman.hash_key(self._keys.server_confirm, th1))
+            auth = ServerAuth(
+                signature=self._identity.sign(SIGNATURE_CONTEXT + th1),
+                confirm=DiffieHellman.hash_key(self._keys.server_confirm, th1),
+            )
             self._transcript += self._emit_plain(auth)
             self.state = State.AWAITING_CLIENT_FINISHED
             return None
@@ -1276,12 +1344,16 @@ class ServerProtocol(Connection):
         self._keys = None
         self.state = State.ESTABLISHED
         key = cu.public_bytes(self._identity)
-        return HandshakeComplete(server_key=key, fingerprint=cu.fingerprint(key),
-                                 suite=self._suite.name, group=self.group or "")
+        return HandshakeComplete(
+            server_key=key, fingerprint=cu.fingerprint(key), suite=self._suite.name, group=self.group or ""
+        )
 
     def _allows(self, name: str) -> bool:
-        return (name in GROUPS and (self._allowed_groups is None or name in self._allowed_groups)
-                and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available()))
+        return (
+            name in GROUPS
+            and (self._allowed_groups is None or name in self._allowed_groups)
+            and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available())
+        )
 
     def _choose_group(self, msg: ClientHello):
         """The group to use, or None after sending a GroupRetry; refuses a downgrade.
@@ -1293,7 +1365,9 @@ class ServerProtocol(Connection):
         """
         offered = msg.groups or (msg.group,)
         if msg.group not in offered:
-            self._refuse(HandshakeErrorCode.PROTOCOL, "The client's key share is for a group it did not offer.")
+            self._refuse(
+                HandshakeErrorCode.PROTOCOL, "The client's key share is for a group it did not offer."
+            )
         best = next((name for name in offered if self._allows(name)), None)
         if best is None:
             try:
@@ -1304,8 +1378,10 @@ class ServerProtocol(Connection):
         if msg.group == best:
             return get_group(best)
         if self._allows(msg.group):
-            self._refuse(HandshakeErrorCode.DOWNGRADE,
-                         f"Downgrade refused: the client offered {best!r} but used {msg.group!r}.")
+            self._refuse(
+                HandshakeErrorCode.DOWNGRADE,
+                f"Downgrade refused: the client offered {best!r} but used {msg.group!r}.",
+            )
         if self._group_retries:
             self._refuse(HandshakeErrorCode.UNSUPPORTED_GROUP, "The client ignored the group retry.")
         self._group_retries += 1

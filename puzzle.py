@@ -28,12 +28,12 @@ from typing import Callable
 import crypto_utils as cu
 
 PUZZLE_LABEL = b"secureim/v1 puzzle"
-CHALLENGE = struct.Struct(">BIIB16s")   # version, epoch, issued_at (s), difficulty, mac
+CHALLENGE = struct.Struct(">BIIB16s")  # version, epoch, issued_at (s), difficulty, mac
 CHALLENGE_VERSION = 1
-LIFETIME_S = 60                         # a challenge must be solved within this
-EPOCH_S = 300                           # the MAC secret rotates this often
-MAX_DIFFICULTY = 22                     # the server never asks for more
-CLIENT_MAX_DIFFICULTY = 24              # a client refuses to work harder than this
+LIFETIME_S = 60  # a challenge must be solved within this
+EPOCH_S = 300  # the MAC secret rotates this often
+MAX_DIFFICULTY = 22  # the server never asks for more
+CLIENT_MAX_DIFFICULTY = 24  # a client refuses to work harder than this
 SOLUTION_BYTES = 8
 REPLAY_CACHE_MAX = 100_000
 
@@ -53,7 +53,9 @@ def _digest_prefix(challenge: bytes, client_public: bytes):
 def solve(challenge: bytes, client_public: bytes, difficulty: int, max_tries: int | None = None) -> bytes:
     """Find a solution (expected 2^difficulty hashes; bounded)."""
     if difficulty > CLIENT_MAX_DIFFICULTY:
-        raise ValueError(f"The server asks for a {difficulty}-bit puzzle; at most {CLIENT_MAX_DIFFICULTY} is done.")
+        raise ValueError(
+            f"The server asks for a {difficulty}-bit puzzle; at most {CLIENT_MAX_DIFFICULTY} is done."
+        )
     prefix = _digest_prefix(challenge, client_public)
     limit = max_tries if max_tries is not None else 1 << (difficulty + 6)
     for counter in range(limit):
@@ -68,8 +70,15 @@ def solve(challenge: bytes, client_public: bytes, difficulty: int, max_tries: in
 class PuzzleGate:
     """Issues and checks puzzles.  Thread-safe; one per server."""
 
-    def __init__(self, mode: str = "auto", *, base_difficulty: int = 16, load_threshold: int = 64,
-                 load: Callable[[], int] = lambda: 0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        mode: str = "auto",
+        *,
+        base_difficulty: int = 16,
+        load_threshold: int = 64,
+        load: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if mode not in ("off", "auto", "always"):
             raise ValueError("puzzle mode is off, auto or always")
         self.mode = mode
@@ -104,9 +113,13 @@ class PuzzleGate:
     def issue(self, source: str, difficulty: int) -> bytes:
         now = int(self._clock())
         epoch = now // EPOCH_S
-        return CHALLENGE.pack(CHALLENGE_VERSION, epoch, now, difficulty, self._mac(epoch, now, difficulty, source))
+        return CHALLENGE.pack(
+            CHALLENGE_VERSION, epoch, now, difficulty, self._mac(epoch, now, difficulty, source)
+        )
 
-    def check(self, source: str, challenge: bytes, client_public: bytes, solution: bytes, required: int) -> str | None:
+    def check(
+        self, source: str, challenge: bytes, client_public: bytes, solution: bytes, required: int
+    ) -> str | None:
         """None if the solution is good; otherwise why not."""
         try:
             version, epoch, issued_at, difficulty, mac = CHALLENGE.unpack(challenge)

@@ -29,17 +29,17 @@ from errors import ChangeRefused, ConnectionClosed, DecryptionFailed, MessageRef
 
 log = logging.getLogger("secureim.rooms")
 
-MAX_HELD = 200              # room messages waiting for their sender key...
-MAX_HELD_PER_SENDER = 20    # ...at most this many from one member...
-HELD_FOR_S = 600.0          # ...for at most this long (the freshness window)
-MAX_LEFT = 1024             # rooms whose end of membership is remembered (an older add is a replay)
+MAX_HELD = 200  # room messages waiting for their sender key...
+MAX_HELD_PER_SENDER = 20  # ...at most this many from one member...
+HELD_FOR_S = 600.0  # ...for at most this long (the freshness window)
+MAX_LEFT = 1024  # rooms whose end of membership is remembered (an older add is a replay)
 SEND_TIMEOUT_S = 30.0
 STALE_RETRIES = 3
 REPLY_TIMEOUT_S = 30.0
 
 
 def _clean(text: str, max_chars: int = 512) -> str:
-    from clientlib import sanitize   # (clientlib imports this module)
+    from clientlib import sanitize  # (clientlib imports this module)
 
     return sanitize(text, max_chars)
 
@@ -56,15 +56,17 @@ class RoomMessageReceived:
 @dataclass(frozen=True)
 class RoomNotice:
     """A verified membership change (or what happened to this client's own membership)."""
+
     room: str
     text: str
-    gone: bool = False      # this client is no longer in the room (removed, or the room closed)
-    joined: bool = False    # this client was just added
+    gone: bool = False  # this client is no longer in the room (removed, or the room closed)
+    joined: bool = False  # this client was just added
 
 
 @dataclass(frozen=True)
 class RoomWarning:
     """A membership change or room message that did not verify: refused, shown loudly."""
+
     room: str
     text: str
 
@@ -85,11 +87,11 @@ class RoomsClient:
         self.changed = threading.Condition(self.lock)
         self.rooms: dict[str, R.RoomSession] = {}
         self._results: queue.Queue = queue.Queue(maxsize=8)
-        self._op_lock = threading.Lock()        # one membership request in flight at a time
+        self._op_lock = threading.Lock()  # one membership request in flight at a time
         self._sends: dict[bytes, queue.Queue] = {}
-        self._key_refs: dict[bytes, tuple[str, int, str]] = {}   # Store ref -> (room, epoch, member)
-        self._held: list[tuple[str, P.RoomMessage, float]] = []     # (room, message, held since)
-        self.left: dict[str, int] = {}        # b64(uid) -> the epoch at which this client's membership ended
+        self._key_refs: dict[bytes, tuple[str, int, str]] = {}  # Store ref -> (room, epoch, member)
+        self._held: list[tuple[str, P.RoomMessage, float]] = []  # (room, message, held since)
+        self.left: dict[str, int] = {}  # b64(uid) -> the epoch at which this client's membership ended
 
     # -- state at rest ------------------------------------------------------------------
     def load(self) -> None:
@@ -144,16 +146,26 @@ class RoomsClient:
                 raise RoomError(f"You are in {name} already.")
             if len(self.rooms) >= R.MAX_ROOMS:
                 raise RoomError(f"You are in {R.MAX_ROOMS} rooms; leave one first.")
-        change = R.make_change(client.identity, action=R.CREATE, uid=cu.random_bytes(R.UID_BYTES), room=name,
-                               epoch=1, at_ms=int(time.time() * 1000), prev_head=R.ZERO_HEAD, actor=client.username,
-                               target="", admin=client.username,
-                               roster=[(client.username, cu.public_bytes(client.identity))])
+        change = R.make_change(
+            client.identity,
+            action=R.CREATE,
+            uid=cu.random_bytes(R.UID_BYTES),
+            room=name,
+            epoch=1,
+            at_ms=int(time.time() * 1000),
+            prev_head=R.ZERO_HEAD,
+            actor=client.username,
+            target="",
+            admin=client.username,
+            roster=[(client.username, cu.public_bytes(client.identity))],
+        )
         result = self._request(P.RoomCreate(change=change.blob), name)
         suite = self._suite(result.suite, result.key)
         with self.lock:
-            if name not in self.rooms:   # (the queued copy of the creation may have come first)
-                room = R.RoomSession.first_contact(client.username, change, cu.public_bytes(client.identity),
-                                                   result.suite)
+            if name not in self.rooms:  # (the queued copy of the creation may have come first)
+                room = R.RoomSession.first_contact(
+                    client.username, change, cu.public_bytes(client.identity), result.suite
+                )
                 self.rooms[name] = room
             room = self.rooms[name]
             room.room_id = result.room_id
@@ -178,15 +190,17 @@ class RoomsClient:
         if pinned is None:
             try:
                 client.mailbox.forget_outbound(user)
-                client.mailbox._outbound_for(user)     # OfflineOpen: checked and pinned on its way in
+                client.mailbox._outbound_for(user)  # OfflineOpen: checked and pinned on its way in
             except MessageRefused as exc:
                 if client.presence(user) == "unknown":
                     raise RoomError(f"There is no user {user}.") from None
                 raise RoomError(f"{user} cannot be added: {_clean(str(exc))}") from None
             pinned = client.peer_trust.pinned(user)
         if pinned is None or user in client._changed_identity:
-            raise RoomError(f"{user}'s identity key changed; compare safety numbers (/verify {user}) and "
-                            f"/accept {user} first.")
+            raise RoomError(
+                f"{user}'s identity key changed; compare safety numbers (/verify {user}) and "
+                f"/accept {user} first."
+            )
         return pinned
 
     def remove(self, name: str, user: str) -> None:
@@ -217,15 +231,18 @@ class RoomsClient:
                 said.append(f"{name}: {exc}")
         return said
 
-    def _change(self, room: R.RoomSession, action: int, target: str, target_identity: bytes | None = None) -> None:
+    def _change(
+        self, room: R.RoomSession, action: int, target: str, target_identity: bytes | None = None
+    ) -> None:
         me = self.client.username
         if action in (R.ADD, R.REMOVE, R.CLOSE) and room.admin != me:
             raise RoomError(f"Only {room.name}'s admin ({room.admin}) can do that.")
         for _attempt in range(STALE_RETRIES):
             with self.lock:
                 try:
-                    change = room.next_change(self.client.identity, action, target, int(time.time() * 1000),
-                                              target_identity)
+                    change = room.next_change(
+                        self.client.identity, action, target, int(time.time() * 1000), target_identity
+                    )
                 except ChangeRefused as exc:
                     raise RoomError(str(exc)) from None
                 room_id, epoch = room.room_id, room.epoch
@@ -234,13 +251,17 @@ class RoomsClient:
             except _Stale as stale:
                 self._wait_epoch(room, stale.epoch)
                 if room.epoch == epoch:
-                    raise RoomError(f"{room.name} changed on the server and this client has not seen the change "
-                                    "yet; try again in a moment.") from None
+                    raise RoomError(
+                        f"{room.name} changed on the server and this client has not seen the change "
+                        "yet; try again in a moment."
+                    ) from None
                 continue
             with self.lock:
                 gone = room.name not in self.rooms
                 if not gone and room.epoch < change.epoch:
-                    applied = room.apply(change, result.key if self._suite(result.suite, result.key) else None)
+                    applied = room.apply(
+                        change, result.key if self._suite(result.suite, result.key) else None
+                    )
                     if applied is not None and applied.me_gone:
                         self.rooms.pop(room.name, None)
                         self._left(room, change.epoch)
@@ -301,7 +322,7 @@ class RoomsClient:
             with self.lock:
                 if room.name not in self.rooms:
                     raise RoomError(f"You are no longer in {room.name}.")
-                if room.own is not own:   # the room changed while the key went out: the new one goes first
+                if room.own is not own:  # the room changed while the key went out: the new one goes first
                     continue
                 try:
                     payload = room.seal(text, msg_id, time.time())
@@ -320,16 +341,17 @@ class RoomsClient:
                 with self.lock:
                     self._sends.pop(msg_id, None)
             if result.status == P.RoomStatus.STALE:
-                self._wait_epoch(room, result.epoch)   # sealed again for the members as they are now
+                self._wait_epoch(room, result.epoch)  # sealed again for the members as they are now
                 if room.epoch < result.epoch:
-                    raise RoomError(f"the server's {room.name} has a membership change this client refused or "
-                                    "has not received (see any warning above); nothing was sent to members "
-                                    "this client cannot vouch for.")
+                    raise RoomError(
+                        f"the server's {room.name} has a membership change this client refused or "
+                        "has not received (see any warning above); nothing was sent to members "
+                        "this client cannot vouch for."
+                    )
                 continue
             if result.status != P.RoomStatus.OK:
                 raise RoomError(_clean(result.reason) or "The server refused the message.")
-            return RoomSent(room.name, text, result.online, result.stored,
-                            _clean(result.reason) or note)
+            return RoomSent(room.name, text, result.online, result.stored, _clean(result.reason) or note)
         raise RoomError(f"{room.name} kept changing while the message was sent; it was not sent.")
 
     def _distribute(self, room: R.RoomSession):
@@ -341,8 +363,9 @@ class RoomsClient:
         failed = []
         for peer in missing:
             try:
-                ref = self.client.mailbox.send_body(peer, e2e.BODY_SENDER_KEY, content,
-                                                    expect_identity=roster[peer])
+                ref = self.client.mailbox.send_body(
+                    peer, e2e.BODY_SENDER_KEY, content, expect_identity=roster[peer]
+                )
             except (MessageRefused, ValueError, SecureIMError) as exc:
                 if isinstance(exc, ConnectionClosed):
                     raise
@@ -355,9 +378,11 @@ class RoomsClient:
                 while len(self._key_refs) > 4 * R.HARD_MAX_MEMBERS:
                     self._key_refs.pop(next(iter(self._key_refs)))
         if failed:
-            return (f"{', '.join(failed)} cannot read it yet (no end-to-end session with the key the admin "
-                    "vouched for could be opened: they have never logged in, or changed their key); they get "
-                    "your key with your next message."), own
+            return (
+                f"{', '.join(failed)} cannot read it yet (no end-to-end session with the key the admin "
+                "vouched for could be opened: they have never logged in, or changed their key); they get "
+                "your key with your next message."
+            ), own
         return "", own
 
     def on_key_stored(self, msg: P.StoreResult) -> None:
@@ -371,7 +396,7 @@ class RoomsClient:
             room = self.rooms.get(name)
             if room is not None and room.own is not None and room.own.epoch == epoch:
                 room.own.sent_to.discard(peer)
-        if msg.status == P.StoreStatus.NO_KEY:   # that offline session's key is gone: a new one next time
+        if msg.status == P.StoreStatus.NO_KEY:  # that offline session's key is gone: a new one next time
             self.client.mailbox.forget_outbound(peer)
 
     def on_send_result(self, msg: P.RoomSendResult) -> None:
@@ -412,40 +437,49 @@ class RoomsClient:
         try:
             if joining:
                 if change.action in (R.CLOSE, R.REMOVE, R.LEAVE):
-                    self.client.mailbox.ack(msg.queue_id)    # about a room this client is no longer in
+                    self.client.mailbox.ack(msg.queue_id)  # about a room this client is no longer in
                     return
                 if count >= R.MAX_ROOMS:
-                    raise ChangeRefused(f"You are in {R.MAX_ROOMS} rooms: an add to {change.room} was refused "
-                                        "(leave a room first).")
+                    raise ChangeRefused(
+                        f"You are in {R.MAX_ROOMS} rooms: an add to {change.room} was refused "
+                        "(leave a room first)."
+                    )
                 room = R.RoomSession.first_contact(me, change, my_key, msg.suite, left_at)
                 # Verified with the key the add gives the admin: it must be the one pinned for them (or
                 # is pinned now, on first contact), outside our lock (trust takes the mailbox's).
                 if change.admin != me and not client._trust_peer(change.admin, room.admin_identity):
-                    raise ChangeRefused(f"The add to {change.room} is signed with a key for {change.admin} other "
-                                        f"than the one you know; it was refused (see /verify {change.admin}).")
+                    raise ChangeRefused(
+                        f"The add to {change.room} is signed with a key for {change.admin} other "
+                        f"than the one you know; it was refused (see /verify {change.admin})."
+                    )
                 room.room_id = msg.room_id
                 if kdc:
                     room.set_kdc_key(change.epoch, kdc)
                 with self.lock:
-                    if change.room in self.rooms:   # came in meanwhile (our own creation's answer)
+                    if change.room in self.rooms:  # came in meanwhile (our own creation's answer)
                         self.client.mailbox.ack(msg.queue_id)
                         return
                     self.rooms[change.room] = room
                     self.changed.notify_all()
-                notice = (f"{change.actor} added you to {change.room} (members: {', '.join(room.members)})."
-                          if change.action == R.ADD else None)
+                notice = (
+                    f"{change.actor} added you to {change.room} (members: {', '.join(room.members)})."
+                    if change.action == R.ADD
+                    else None
+                )
                 gone, joined = False, change.action == R.ADD
             else:
                 with self.lock:
                     if room.uid != change.uid:
-                        raise ChangeRefused(f"A change to another room named {change.room} was refused: this "
-                                            f"client is in {change.room} already (the server may be trying to "
-                                            "swap it).")
+                        raise ChangeRefused(
+                            f"A change to another room named {change.room} was refused: this "
+                            f"client is in {change.room} already (the server may be trying to "
+                            "swap it)."
+                        )
                     if msg.room_id and room.room_id and msg.room_id != room.room_id:
                         log.info("a change named another handle for a room; the first one is kept")
                     applied = room.apply(change, kdc)
                     notice, gone, joined = None, False, False
-                    if applied is not None and change.actor != me:   # (our own: the command said it)
+                    if applied is not None and change.actor != me:  # (our own: the command said it)
                         notice = applied.text
                         if applied.me_gone:
                             self.rooms.pop(room.name, None)
@@ -453,7 +487,7 @@ class RoomsClient:
                             gone = True
                         if change.action == R.REMOVE and change.target == me:
                             notice = f"{change.actor} removed you from {change.room}."
-                    elif applied is not None and applied.me_gone:   # our own leave or close, queued first
+                    elif applied is not None and applied.me_gone:  # our own leave or close, queued first
                         self.rooms.pop(room.name, None)
                         self._left(room, change.epoch)
                     self.changed.notify_all()
@@ -496,7 +530,7 @@ class RoomsClient:
                 log.info("%s", exc)
                 return
             retry = []
-            if status == "ok":   # (a key for a later epoch: what is held waits for that change)
+            if status == "ok":  # (a key for a later epoch: what is held waits for that change)
                 retry = [m for r, m, _t in self._held if r == name and m.sender == sender]
                 self._held = [h for h in self._held if not (h[0] == name and h[1].sender == sender)]
         if warning:
@@ -510,8 +544,10 @@ class RoomsClient:
         """Keep a message whose sender key is on its way (bounded per sender and in time)."""
         now = time.monotonic()
         self._held = [h for h in self._held if now - h[2] < HELD_FOR_S]
-        if not room.awaiting_key(msg.sender, msg.payload) or \
-                sum(1 for h in self._held if h[1].sender == msg.sender) >= MAX_HELD_PER_SENDER:
+        if (
+            not room.awaiting_key(msg.sender, msg.payload)
+            or sum(1 for h in self._held if h[1].sender == msg.sender) >= MAX_HELD_PER_SENDER
+        ):
             return False
         self._held.append((room.name, msg, now))
         del self._held[:-MAX_HELD]
@@ -528,17 +564,21 @@ class RoomsClient:
         with self.lock:
             room = self._by_id(msg.room_id)
             if room is None:
-                self.client.mailbox.ack(msg.queue_id)   # a room this client left (or never verified): nothing to open it with
+                self.client.mailbox.ack(
+                    msg.queue_id
+                )  # a room this client left (or never verified): nothing to open it with
                 return
             kdc = msg.key if self._suite(room.suite_id, msg.key) else None
             try:
-                opened, failure = room.open(sender, msg.payload, now=time.time(), stored_at=stored_at,
-                                            kdc_key=kdc), ""
+                opened, failure = (
+                    room.open(sender, msg.payload, now=time.time(), stored_at=stored_at, kdc_key=kdc),
+                    "",
+                )
             except DecryptionFailed as exc:
                 opened, failure = None, str(exc)
                 if self._hold(room, msg):
                     if msg.queue_id:
-                        self.client.mailbox.defer(msg.queue_id)   # the server keeps it until it opens here
+                        self.client.mailbox.defer(msg.queue_id)  # the server keeps it until it opens here
                     return
         if opened is None:
             self.client.mailbox.ack(msg.queue_id)
@@ -546,8 +586,7 @@ class RoomsClient:
             return
         self._save()
         self.client.mailbox.ack(msg.queue_id)
-        client._emit(RoomMessageReceived(room.name, sender, opened.text, opened.sent_at,
-                                         stored_at))
+        client._emit(RoomMessageReceived(room.name, sender, opened.text, opened.sent_at, stored_at))
 
 
 class _Stale(Exception):

@@ -44,35 +44,37 @@ from errors import ChangeRefused, CryptoError, DecryptionFailed, InvalidRoomName
 ROOM_RE = re.compile(r"#[a-z0-9_-]{1,32}")
 ROOM_RULES = "Room names are '#' and 1 to 32 characters: letters a-z, digits, '_' or '-'."
 DEFAULT_MAX_MEMBERS = 256
-HARD_MAX_MEMBERS = 512           # the wire limit: a change lists every member and key (about 34 KiB)
+HARD_MAX_MEMBERS = 512  # the wire limit: a change lists every member and key (about 34 KiB)
 UID_BYTES = 16
 HEAD_BYTES = 32
 ZERO_HEAD = bytes(HEAD_BYTES)
-MAX_KEPT_EPOCHS = 8              # epochs whose keys are kept for messages still on their way
-MAX_KEYS_PER_SENDER = 4          # sender keys kept per member and epoch (a restart makes a new one)
-MAX_ROOM_SKIPPED = 2000          # skipped message keys kept per room
-MAX_PENDING = 64                 # sender keys that arrived before the change they belong to...
-MAX_PENDING_PER_SENDER = 2       # ...at most this many from one member...
-MAX_PENDING_AHEAD = 2            # ...and for at most this many epochs past this client's
-MAX_ROOMS = 256                  # rooms one client keeps
+MAX_KEPT_EPOCHS = 8  # epochs whose keys are kept for messages still on their way
+MAX_KEYS_PER_SENDER = 4  # sender keys kept per member and epoch (a restart makes a new one)
+MAX_ROOM_SKIPPED = 2000  # skipped message keys kept per room
+MAX_PENDING = 64  # sender keys that arrived before the change they belong to...
+MAX_PENDING_PER_SENDER = 2  # ...at most this many from one member...
+MAX_PENDING_AHEAD = 2  # ...and for at most this many epochs past this client's
+MAX_ROOMS = 256  # rooms one client keeps
 IDENTITY_BYTES = 32
 
 # --- membership changes -------------------------------------------------------------
 CREATE, ADD, REMOVE, LEAVE, CLOSE = 1, 2, 3, 4, 5
 ACTION_NAMES = {CREATE: "create", ADD: "add", REMOVE: "remove", LEAVE: "leave", CLOSE: "close"}
 CHANGE_VERSION = 1
-_CHANGE_FIXED = struct.Struct(">BB16sIQ32s")     # version, action, uid, epoch, made at (ms), previous head
+_CHANGE_FIXED = struct.Struct(">BB16sIQ32s")  # version, action, uid, epoch, made at (ms), previous head
 _COUNT = struct.Struct(">H")
 SIGNATURE_BYTES = 64
 CHANGE_CONTEXT = b"secureim/v1 room change\x00"
 
 # --- sender keys and messages -----------------------------------------------------
 KEY_ID_BYTES = 8
-_DISTRIBUTION = struct.Struct(">16sI32s8sI32s32s")  # uid, epoch, head, key id, first counter, chain key, signing key
+_DISTRIBUTION = struct.Struct(
+    ">16sI32s8sI32s32s"
+)  # uid, epoch, head, key id, first counter, chain key, signing key
 ROOM_MESSAGE_KIND = 0x10
-_MESSAGE_HEADER = struct.Struct(">BI8sI")            # kind, epoch, key id, counter
+_MESSAGE_HEADER = struct.Struct(">BI8sI")  # kind, epoch, key id, counter
 MESSAGE_CONTEXT = b"secureim/v1 room message\x00"
-MIN_MESSAGE_BYTES = _MESSAGE_HEADER.size + SIGNATURE_BYTES   # shorter is never a room message
+MIN_MESSAGE_BYTES = _MESSAGE_HEADER.size + SIGNATURE_BYTES  # shorter is never a room message
 
 
 def normalize_room(raw: str) -> str:
@@ -99,7 +101,7 @@ class _Cursor:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise ChangeRefused("A malformed membership change was refused.")
-        chunk = self.data[self.pos:self.pos + n]
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 
@@ -114,6 +116,7 @@ class _Cursor:
 @dataclass(frozen=True)
 class Change:
     """One membership change, as signed.  ``blob`` is the exact bytes (signature included)."""
+
     action: int
     uid: bytes
     room: str
@@ -123,7 +126,7 @@ class Change:
     actor: str
     target: str
     admin: str
-    roster: tuple[tuple[str, bytes], ...]   # (member, identity key), by name
+    roster: tuple[tuple[str, bytes], ...]  # (member, identity key), by name
     signature: bytes
     blob: bytes
 
@@ -148,8 +151,20 @@ def change_head(blob: bytes) -> bytes:
     return cu.sha256(b"secureim/v1 room head" + blob)
 
 
-def make_change(identity: Ed25519PrivateKey, *, action: int, uid: bytes, room: str, epoch: int, at_ms: int,
-                prev_head: bytes, actor: str, target: str, admin: str, roster) -> Change:
+def make_change(
+    identity: Ed25519PrivateKey,
+    *,
+    action: int,
+    uid: bytes,
+    room: str,
+    epoch: int,
+    at_ms: int,
+    prev_head: bytes,
+    actor: str,
+    target: str,
+    admin: str,
+    roster,
+) -> Change:
     """Encode and sign a change with ``identity`` (the actor's identity key); ``roster`` is
     every member after it as (name, identity key)."""
     out = bytearray(_CHANGE_FIXED.pack(CHANGE_VERSION, action, uid, epoch, at_ms, prev_head))
@@ -185,8 +200,9 @@ def parse_change(blob: bytes) -> Change:
     for name in (actor, admin, *members) + ((target,) if target else ()):
         if not P.USERNAME_RE.fullmatch(name):
             raise ChangeRefused("A malformed membership change was refused.")
-    return Change(action, uid, room, epoch, at_ms, prev, actor, target, admin, roster,
-                  blob[-SIGNATURE_BYTES:], blob)
+    return Change(
+        action, uid, room, epoch, at_ms, prev, actor, target, admin, roster, blob[-SIGNATURE_BYTES:], blob
+    )
 
 
 def expected_roster(action: int, before, target: str, target_identity: bytes | None):
@@ -198,15 +214,27 @@ def expected_roster(action: int, before, target: str, target_identity: bytes | N
     return ()
 
 
-def check_rules(change: Change, before, admin: str | None, max_members: int = HARD_MAX_MEMBERS, *,
-                names_only: bool = False) -> None:
+def check_rules(
+    change: Change,
+    before,
+    admin: str | None,
+    max_members: int = HARD_MAX_MEMBERS,
+    *,
+    names_only: bool = False,
+) -> None:
     """Who may make ``change`` on top of roster ``before`` (None: the creation); ChangeRefused if not.
     ``names_only``: the server's check, which knows the members' names but not the keys clients
     were vouched (each client checks the keys against its own verified roster)."""
     a, who = change.action, change.actor
     if before is None:
-        if a != CREATE or change.epoch != 1 or change.prev_head != ZERO_HEAD or who != change.admin \
-                or change.members != (who,) or change.target:
+        if (
+            a != CREATE
+            or change.epoch != 1
+            or change.prev_head != ZERO_HEAD
+            or who != change.admin
+            or change.members != (who,)
+            or change.target
+        ):
             raise ChangeRefused(f"A change that does not create {change.room} was refused.")
         return
     before_names = tuple(m for m, _k in before)
@@ -215,8 +243,10 @@ def check_rules(change: Change, before, admin: str | None, max_members: int = HA
     if change.admin != admin:
         raise ChangeRefused(f"A change naming another admin of {change.room} was refused.")
     if a in (ADD, REMOVE, CLOSE) and who != admin:
-        raise ChangeRefused(f"Only the admin of {change.room} ({admin}) may {ACTION_NAMES[a]} members; "
-                            f"a change made by {who} was refused.")
+        raise ChangeRefused(
+            f"Only the admin of {change.room} ({admin}) may {ACTION_NAMES[a]} members; "
+            f"a change made by {who} was refused."
+        )
     if a == ADD and (not change.target or change.target in before_names):
         raise ChangeRefused(f"A change adding {change.target or 'nobody'} to {change.room} was refused.")
     if a == ADD and len(before_names) + 1 > max_members:
@@ -232,16 +262,19 @@ def check_rules(change: Change, before, admin: str | None, max_members: int = HA
         follows = change.members == tuple(m for m, _k in expected)
     else:
         follows = len(change.roster) == len(expected) and all(
-            m == n and cu.constant_time_equal(k, e) for (m, k), (n, e) in zip(change.roster, expected))
+            m == n and cu.constant_time_equal(k, e) for (m, k), (n, e) in zip(change.roster, expected)
+        )
     if not follows:
         raise ChangeRefused(f"A change to {change.room} whose member list does not follow was refused.")
 
 
 def verify_signature(change: Change, actor_identity: bytes) -> None:
     if not cu.verify_signature(actor_identity, change.signature, CHANGE_CONTEXT + change.signed_part):
-        raise ChangeRefused(f"A change to {change.room} said to be by {change.actor} is not signed by "
-                            f"{change.actor}'s identity key: the server (or someone on its side) forged it. "
-                            "It was refused.")
+        raise ChangeRefused(
+            f"A change to {change.room} said to be by {change.actor} is not signed by "
+            f"{change.actor}'s identity key: the server (or someone on its side) forged it. "
+            "It was refused."
+        )
 
 
 def describe(change: Change) -> str:
@@ -266,7 +299,7 @@ class _Epoch:
     head: bytes
     roster: tuple[tuple[str, bytes], ...]
     kdc_key: bytes | None = None
-    at_ms: int = 0                # when the change that began it was made (its author's clock)
+    at_ms: int = 0  # when the change that began it was made (its author's clock)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -279,6 +312,7 @@ class _Epoch:
 @dataclass
 class _Received:
     """A member's sender key of one epoch, as it arrived over the pairwise session."""
+
     chain: "e2e._Chain"
     signing: bytes
 
@@ -289,7 +323,7 @@ class _Own:
     key_id: bytes
     chain: "e2e._Chain"
     signing: Ed25519PrivateKey
-    sent_to: set = field(default_factory=set)   # members who have this key
+    sent_to: set = field(default_factory=set)  # members who have this key
 
 
 @dataclass(frozen=True)
@@ -302,17 +336,19 @@ class Applied:
 class RoomSession:
     """The verified state of one room and every key of it this client holds."""
 
-    def __init__(self, me: str, uid: bytes, name: str, admin: str, admin_identity: bytes, suite_id: int) -> None:
+    def __init__(
+        self, me: str, uid: bytes, name: str, admin: str, admin_identity: bytes, suite_id: int
+    ) -> None:
         self.me, self.uid, self.name, self.admin = me, uid, name, admin
         self.admin_identity = admin_identity
         self.suite_id = suite_id
-        self.room_id = 0                          # the server's handle (not part of anything signed)
+        self.room_id = 0  # the server's handle (not part of anything signed)
         self.epoch = 0
         self.head = ZERO_HEAD
         self.epochs: dict[int, _Epoch] = {}
-        self.received: dict[tuple[str, int, bytes], _Received] = {}    # (sender, epoch, key id)
-        self.skipped: dict[tuple[str, int, bytes, int], bytes] = {}    # (sender, epoch, key id, n) -> key
-        self.pending: list[tuple[str, bytes, bytes | None]] = []       # (sender, distribution, identity) early
+        self.received: dict[tuple[str, int, bytes], _Received] = {}  # (sender, epoch, key id)
+        self.skipped: dict[tuple[str, int, bytes, int], bytes] = {}  # (sender, epoch, key id, n) -> key
+        self.pending: list[tuple[str, bytes, bytes | None]] = []  # (sender, distribution, identity) early
         self.own: _Own | None = None
 
     @property
@@ -327,8 +363,9 @@ class RoomSession:
 
     # -- membership ----------------------------------------------------------------
     @classmethod
-    def first_contact(cls, me: str, change: Change, my_identity: bytes, suite_id: int,
-                      left_at: int = 0) -> "RoomSession":
+    def first_contact(
+        cls, me: str, change: Change, my_identity: bytes, suite_id: int, left_at: int = 0
+    ) -> "RoomSession":
         """A room this client has no state for: its own creation, or the admin's signed add of
         *this* client (its name and its identity key), newer than any change that ended an
         earlier membership of the same room (``left_at``): a replayed old add is refused.  The
@@ -336,18 +373,26 @@ class RoomSession:
         against the key pinned for the admin."""
         mine = change.identity_of(me)
         if mine is None or not cu.constant_time_equal(mine, my_identity):
-            raise ChangeRefused(f"A change adding someone else's key as {me} to {change.room} was refused "
-                                "(an add meant for another device of yours, or a forgery).")
+            raise ChangeRefused(
+                f"A change adding someone else's key as {me} to {change.room} was refused "
+                "(an add meant for another device of yours, or a forgery)."
+            )
         if change.action == CREATE:
             check_rules(change, None, None)
             if change.admin != me:
                 raise ChangeRefused(f"A creation of {change.room} this client did not make was refused.")
-        elif change.action != ADD or change.target != me or change.actor != change.admin \
-                or change.identity_of(change.admin) is None:
+        elif (
+            change.action != ADD
+            or change.target != me
+            or change.actor != change.admin
+            or change.identity_of(change.admin) is None
+        ):
             raise ChangeRefused(f"A change to {change.room}, a room this client is not in, was refused.")
         if change.epoch <= left_at:
-            raise ChangeRefused(f"An old change adding you to {change.room} (from before you left it or were "
-                                "removed) was replayed, and refused.")
+            raise ChangeRefused(
+                f"An old change adding you to {change.room} (from before you left it or were "
+                "removed) was replayed, and refused."
+            )
         admin_identity = change.identity_of(change.admin)
         verify_signature(change, admin_identity)
         room = cls(me, change.uid, change.room, change.admin, admin_identity, suite_id)
@@ -368,17 +413,24 @@ class RoomSession:
                     known.kdc_key = kdc_key
                 return None
             if change.epoch == self.epoch or known is not None:
-                raise ChangeRefused(f"A second, different change {change.epoch} of {self.name} was refused: "
-                                    "the server showed members different histories.")
+                raise ChangeRefused(
+                    f"A second, different change {change.epoch} of {self.name} was refused: "
+                    "the server showed members different histories."
+                )
             return None  # older than anything kept: nothing to compare it with, nothing to do
         if change.epoch != self.epoch + 1:
-            raise ChangeRefused(f"Change {change.epoch} of {self.name} came before change {self.epoch + 1}; it "
-                                "was refused (a change was withheld).")
+            raise ChangeRefused(
+                f"Change {change.epoch} of {self.name} came before change {self.epoch + 1}; it "
+                "was refused (a change was withheld)."
+            )
         if not cu.constant_time_equal(change.prev_head, self.head):
             raise ChangeRefused(f"A change to {self.name} that does not follow the last one was refused.")
         check_rules(change, self.roster, self.admin)
-        key = self.admin_identity if change.action in (ADD, REMOVE, CLOSE) else \
-            self.epochs[self.epoch].identity_of(change.actor)
+        key = (
+            self.admin_identity
+            if change.action in (ADD, REMOVE, CLOSE)
+            else self.epochs[self.epoch].identity_of(change.actor)
+        )
         if key is None:
             raise ChangeRefused(f"A change to {self.name} by an unknown key was refused.")
         verify_signature(change, key)
@@ -391,7 +443,7 @@ class RoomSession:
         self.epochs[change.epoch] = _Epoch(change.head, change.roster, kdc_key, change.at_ms)
         for old in sorted(self.epochs)[:-MAX_KEPT_EPOCHS]:
             self._drop_epoch(old)
-        self.own = None   # a new epoch: a new sender key, made when this client next writes
+        self.own = None  # a new epoch: a new sender key, made when this client next writes
 
     def _drop_epoch(self, epoch: int) -> None:
         self.epochs.pop(epoch, None)
@@ -405,16 +457,32 @@ class RoomSession:
         if info is not None and key:
             info.kdc_key = key
 
-    def next_change(self, identity: Ed25519PrivateKey, action: int, target: str, at_ms: int,
-                    target_identity: bytes | None = None) -> Change:
+    def next_change(
+        self,
+        identity: Ed25519PrivateKey,
+        action: int,
+        target: str,
+        at_ms: int,
+        target_identity: bytes | None = None,
+    ) -> Change:
         """The change this client (admin, or a leaving member) would make next, signed; an add
         vouches for ``target_identity`` as the newcomer's key."""
         if action == ADD and (target_identity is None or len(target_identity) != IDENTITY_BYTES):
             raise ChangeRefused(f"Adding {target} needs {target}'s identity key.")
         roster = expected_roster(action, self.roster, target, target_identity)
-        change = make_change(identity, action=action, uid=self.uid, room=self.name, epoch=self.epoch + 1,
-                             at_ms=at_ms, prev_head=self.head, actor=self.me, target=target, admin=self.admin,
-                             roster=roster)
+        change = make_change(
+            identity,
+            action=action,
+            uid=self.uid,
+            room=self.name,
+            epoch=self.epoch + 1,
+            at_ms=at_ms,
+            prev_head=self.head,
+            actor=self.me,
+            target=target,
+            admin=self.admin,
+            roster=roster,
+        )
         check_rules(change, self.roster, self.admin)
         return change
 
@@ -422,16 +490,27 @@ class RoomSession:
     def own_key(self) -> _Own:
         """This client's sender key of the current epoch (made fresh when first needed)."""
         if self.own is None or self.own.epoch != self.epoch:
-            self.own = _Own(self.epoch, cu.random_bytes(KEY_ID_BYTES), e2e._Chain(cu.random_bytes(32)),
-                            Ed25519PrivateKey.generate())
+            self.own = _Own(
+                self.epoch,
+                cu.random_bytes(KEY_ID_BYTES),
+                e2e._Chain(cu.random_bytes(32)),
+                Ed25519PrivateKey.generate(),
+            )
         return self.own
 
     def distribution(self) -> tuple[bytes, list[str]]:
         """(content of a BODY_SENDER_KEY message, the members that do not have it yet)."""
         own = self.own_key()
         info = self.epochs[self.epoch]
-        content = _DISTRIBUTION.pack(self.uid, own.epoch, info.head, own.key_id, own.chain.index, own.chain.key,
-                                     cu.public_bytes(own.signing))
+        content = _DISTRIBUTION.pack(
+            self.uid,
+            own.epoch,
+            info.head,
+            own.key_id,
+            own.chain.index,
+            own.chain.key,
+            cu.public_bytes(own.signing),
+        )
         name = bytearray()
         _put_name(name, self.name)
         missing = [m for m in info.members if m != self.me and m not in own.sent_to]
@@ -456,23 +535,33 @@ class RoomSession:
                     self.pending.append((sender, content, sender_identity))
                     del self.pending[:-MAX_PENDING]
                 return "later"
-            raise ChangeRefused(f"A sender key from {sender} for a state of {self.name} this client does not "
-                                "keep was ignored.")
+            raise ChangeRefused(
+                f"A sender key from {sender} for a state of {self.name} this client does not "
+                "keep was ignored."
+            )
         vouched = info.identity_of(sender)
         if sender == self.me or vouched is None:
-            raise ChangeRefused(f"A sender key from {sender}, who is not a member of {self.name} as this client "
-                                "knows it, was refused.")
+            raise ChangeRefused(
+                f"A sender key from {sender}, who is not a member of {self.name} as this client "
+                "knows it, was refused."
+            )
         if not cu.constant_time_equal(info.head, head):
-            raise SplitHistory(f"WARNING: {sender}'s client knows another history of {self.name} than this one "
-                               "(the server showed members different changes); its sender key was refused.")
+            raise SplitHistory(
+                f"WARNING: {sender}'s client knows another history of {self.name} than this one "
+                "(the server showed members different changes); its sender key was refused."
+            )
         if sender_identity is None or not cu.constant_time_equal(sender_identity, vouched):
-            raise ChangeRefused(f"A sender key said to be from {sender} came from a key other than the one "
-                                f"{self.admin} vouched for in {self.name}; it was refused.")
+            raise ChangeRefused(
+                f"A sender key said to be from {sender} came from a key other than the one "
+                f"{self.admin} vouched for in {self.name}; it was refused."
+            )
         if epoch < self.epoch and sender not in self.members:
-            raise ChangeRefused(f"A new sender key from {sender}, who is no longer in {self.name}, for an "
-                                "earlier state of it was refused.")
+            raise ChangeRefused(
+                f"A new sender key from {sender}, who is no longer in {self.name}, for an "
+                "earlier state of it was refused."
+            )
         if (sender, epoch, key_id) in self.received:
-            return "known"   # a second copy (resent after a refused store): it must not rewind the chain
+            return "known"  # a second copy (resent after a refused store): it must not rewind the chain
         chain = e2e._Chain(chain_key)
         chain.index = counter
         self.received[(sender, epoch, key_id)] = _Received(chain, signing)
@@ -495,7 +584,9 @@ class RoomSession:
         _kind, epoch, key_id, _counter = _MESSAGE_HEADER.unpack_from(payload)
         info = self.epochs.get(epoch)
         return (sender, epoch, key_id) not in self.received and (
-            self.epoch < epoch <= self.epoch + MAX_PENDING_AHEAD or (info is not None and sender in info.members))
+            self.epoch < epoch <= self.epoch + MAX_PENDING_AHEAD
+            or (info is not None and sender in info.members)
+        )
 
     # -- messages ------------------------------------------------------------------------
     def _aad(self, sender: str, header: bytes) -> bytes:
@@ -506,7 +597,9 @@ class RoomSession:
 
     def _cipher(self, message_key: bytes, kdc_key: bytes):
         suite = cu.suite_by_id(self.suite_id)
-        material = cu.hkdf(message_key, salt=kdc_key, info=cu.label("room message key"), length=suite.key_bytes)
+        material = cu.hkdf(
+            message_key, salt=kdc_key, info=cu.label("room message key"), length=suite.key_bytes
+        )
         return suite.cipher(suite.key_from_material(material))
 
     def seal(self, text: str, msg_id: bytes, now: float) -> bytes:
@@ -522,8 +615,15 @@ class RoomSession:
         sealed = self._cipher(message_key, info.kdc_key).seal(body, aad)
         return header + sealed + own.signing.sign(aad + sealed)
 
-    def open(self, sender: str, payload: bytes, *, now: float, stored_at: float | None = None,
-             kdc_key: bytes | None = None) -> e2e.Opened:
+    def open(
+        self,
+        sender: str,
+        payload: bytes,
+        *,
+        now: float,
+        stored_at: float | None = None,
+        kdc_key: bytes | None = None,
+    ) -> e2e.Opened:
         """A message from ``sender``: signature, chain, cipher, freshness; DecryptionFailed, nothing
         changed, on anything wrong."""
         if len(payload) < _MESSAGE_HEADER.size + SIGNATURE_BYTES:
@@ -532,26 +632,37 @@ class RoomSession:
         record = self.received.get((sender, epoch, key_id))
         info = self.epochs.get(epoch)
         if kind != ROOM_MESSAGE_KIND or record is None or info is None:
-            raise DecryptionFailed(f"A message from {sender} in {self.name} came under a key this client does not "
-                                   "hold (sent before it joined, or after it was removed, or its key is still on "
-                                   "its way); it was not shown.")
+            raise DecryptionFailed(
+                f"A message from {sender} in {self.name} came under a key this client does not "
+                "hold (sent before it joined, or after it was removed, or its key is still on "
+                "its way); it was not shown."
+            )
         key = kdc_key or info.kdc_key
         if not key:
             raise DecryptionFailed(f"A message from {sender} in {self.name} came without its room key.")
-        header = payload[:_MESSAGE_HEADER.size]
-        sealed, signature = payload[_MESSAGE_HEADER.size:-SIGNATURE_BYTES], payload[-SIGNATURE_BYTES:]
+        header = payload[: _MESSAGE_HEADER.size]
+        sealed, signature = payload[_MESSAGE_HEADER.size : -SIGNATURE_BYTES], payload[-SIGNATURE_BYTES:]
         aad = self._aad(sender, header)
         if not cu.verify_signature(record.signing, signature, aad + sealed):
-            raise DecryptionFailed(f"A message said to be from {sender} in {self.name} is not signed with "
-                                   f"{sender}'s sender key; it was discarded.")
-        message_key, commit = e2e.next_message_key(record.chain, counter, self.skipped,
-                                                   lambda n: (sender, epoch, key_id, n), sender, MAX_ROOM_SKIPPED,
-                                                   f"message in {self.name}")
+            raise DecryptionFailed(
+                f"A message said to be from {sender} in {self.name} is not signed with "
+                f"{sender}'s sender key; it was discarded."
+            )
+        message_key, commit = e2e.next_message_key(
+            record.chain,
+            counter,
+            self.skipped,
+            lambda n: (sender, epoch, key_id, n),
+            sender,
+            MAX_ROOM_SKIPPED,
+            f"message in {self.name}",
+        )
         try:
             body = self._cipher(message_key, key).open(sealed, aad)
         except DecryptionFailed:
-            raise DecryptionFailed(f"A message from {sender} in {self.name} failed its integrity check and was "
-                                   "discarded.") from None
+            raise DecryptionFailed(
+                f"A message from {sender} in {self.name} failed its integrity check and was discarded."
+            ) from None
         opened = e2e.parse_body(body, sender)
         if opened.kind != e2e.BODY_TEXT:
             raise DecryptionFailed(f"A malformed message from {sender} in {self.name} was discarded.")
@@ -561,38 +672,64 @@ class RoomSession:
         else:
             fresh = opened.sent_at <= stored_at + e2e.FRESHNESS_WINDOW_S and age <= K.STORED_MAX_AGE_S
         if not fresh:
-            raise DecryptionFailed(f"A message from {sender} in {self.name} was too old (or dated in the future) "
-                                   "and was refused.")
+            raise DecryptionFailed(
+                f"A message from {sender} in {self.name} was too old (or dated in the future) "
+                "and was refused."
+            )
         if epoch < self.epoch and sender not in self.members:
             # under an earlier epoch from someone who has gone since: only what they sent before
             ended = self.epochs.get(epoch + 1)
             if ended is None or opened.sent_at * 1000 > ended.at_ms + e2e.FRESHNESS_WINDOW_S * 1000:
-                raise DecryptionFailed(f"A message from {sender}, who is no longer in {self.name}, dated after "
-                                       "they went, was refused.")
+                raise DecryptionFailed(
+                    f"A message from {sender}, who is no longer in {self.name}, dated after "
+                    "they went, was refused."
+                )
         commit()
         return opened
 
     # -- at rest ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         b = cu.b64encode
-        return {"uid": b(self.uid), "name": self.name, "admin": self.admin, "admin_identity": b(self.admin_identity),
-                "suite": self.suite_id, "room_id": self.room_id, "epoch": self.epoch, "head": b(self.head),
-                "epochs": {str(n): {"head": b(e.head), "roster": [[m, b(k)] for m, k in e.roster],
-                                    "kdc": b(e.kdc_key) if e.kdc_key else "", "at": e.at_ms}
-                           for n, e in self.epochs.items()},
-                "received": [[s, n, b(k), b(r.chain.key), r.chain.index, b(r.signing)]
-                             for (s, n, k), r in self.received.items()],
-                "skipped": [[s, n, b(k), c, b(v)] for (s, n, k, c), v in self.skipped.items()],
-                "pending": [[s, b(c), b(i) if i else ""] for s, c, i in self.pending]}
+        return {
+            "uid": b(self.uid),
+            "name": self.name,
+            "admin": self.admin,
+            "admin_identity": b(self.admin_identity),
+            "suite": self.suite_id,
+            "room_id": self.room_id,
+            "epoch": self.epoch,
+            "head": b(self.head),
+            "epochs": {
+                str(n): {
+                    "head": b(e.head),
+                    "roster": [[m, b(k)] for m, k in e.roster],
+                    "kdc": b(e.kdc_key) if e.kdc_key else "",
+                    "at": e.at_ms,
+                }
+                for n, e in self.epochs.items()
+            },
+            "received": [
+                [s, n, b(k), b(r.chain.key), r.chain.index, b(r.signing)]
+                for (s, n, k), r in self.received.items()
+            ],
+            "skipped": [[s, n, b(k), c, b(v)] for (s, n, k, c), v in self.skipped.items()],
+            "pending": [[s, b(c), b(i) if i else ""] for s, c, i in self.pending],
+        }
 
     @classmethod
     def from_dict(cls, me: str, doc: dict) -> "RoomSession":
         d = cu.b64decode
         room = cls(me, d(doc["uid"]), doc["name"], doc["admin"], d(doc["admin_identity"]), int(doc["suite"]))
         room.room_id, room.epoch, room.head = int(doc["room_id"]), int(doc["epoch"]), d(doc["head"])
-        room.epochs = {int(n): _Epoch(d(e["head"]), tuple((m, d(k)) for m, k in e["roster"]),
-                                      d(e["kdc"]) if e["kdc"] else None, int(e.get("at", 0)))
-                       for n, e in doc["epochs"].items()}
+        room.epochs = {
+            int(n): _Epoch(
+                d(e["head"]),
+                tuple((m, d(k)) for m, k in e["roster"]),
+                d(e["kdc"]) if e["kdc"] else None,
+                int(e.get("at", 0)),
+            )
+            for n, e in doc["epochs"].items()
+        }
         for s, n, k, chain_key, index, signing in doc["received"]:
             chain = e2e._Chain(d(chain_key))
             chain.index = int(index)
@@ -639,5 +776,5 @@ def load_rooms(me: str, docs: dict) -> dict[str, RoomSession]:
         try:
             rooms[name] = RoomSession.from_dict(me, doc)
         except (KeyError, TypeError, ValueError, SecureIMError):
-            continue   # an unreadable entry: that room is rejoined from its next change
+            continue  # an unreadable entry: that room is rejoined from its next change
     return rooms

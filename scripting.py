@@ -26,9 +26,9 @@ from errors import AuthError, ConfigError, ConnectionClosed, MessageRefused, Sec
 # Exit codes (docs/CLIENT.md): scripts depend on them.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_KEY_MISMATCH, EXIT_LOGIN_FAILED = 0, 1, 2, 3, 4
 PASSWORD_ENV, USER_ENV = "SECUREIM_PASSWORD", "SECUREIM_USER"
-SEND_TIMEOUT_S = 40.0            # key exchange (10 s) plus the server's answer (30 s)
-JSON_SCHEMA = 1                  # the "v" of every JSON line
-WAIT_DELIVERED_S = 60.0   # send --wait-delivered: how long the recipient's receipt is waited for
+SEND_TIMEOUT_S = 40.0  # key exchange (10 s) plus the server's answer (30 s)
+JSON_SCHEMA = 1  # the "v" of every JSON line
+WAIT_DELIVERED_S = 60.0  # send --wait-delivered: how long the recipient's receipt is waited for
 
 
 class UsageError(ConfigError):
@@ -91,18 +91,33 @@ def password_from(args, *, prompt_allowed: bool = True) -> str:
 def _history_entry(client: C.ChatClient, entry) -> dict:
     me = client.username
     mine = entry.direction == "out"
-    return {"from": me if mine else entry.peer, "to": entry.peer if mine else me, "text": entry.text,
-            "at": entry.at, "state": entry.state}
+    return {
+        "from": me if mine else entry.peer,
+        "to": entry.peer if mine else me,
+        "text": entry.text,
+        "at": entry.at,
+        "state": entry.state,
+    }
 
 
 _EVENTS: dict[type, tuple[str, Callable]] = {
-    C.MessageReceived: ("message", lambda e: {"from": e.peer, "text": e.text, "sent_at": e.sent_at,
-                                              "direct": e.direct, "stored": e.stored_at is not None}),
+    C.MessageReceived: (
+        "message",
+        lambda e: {
+            "from": e.peer,
+            "text": e.text,
+            "sent_at": e.sent_at,
+            "direct": e.direct,
+            "stored": e.stored_at is not None,
+        },
+    ),
     C.PeerOnline: ("presence", lambda e: {"peer": e.peer, "status": "online"}),
     C.PeerOffline: ("presence", lambda e: {"peer": e.peer, "status": "offline"}),
     C.PeerUnknown: ("presence", lambda e: {"peer": e.peer, "status": "unknown"}),
-    C.ConversationReady: ("conversation_ready", lambda e: {"peer": e.peer, "verified": e.verified,
-                                                           "opened_by_peer": e.opened_by_peer}),
+    C.ConversationReady: (
+        "conversation_ready",
+        lambda e: {"peer": e.peer, "verified": e.verified, "opened_by_peer": e.opened_by_peer},
+    ),
     C.SecurityWarning: ("security_warning", lambda e: {"peer": e.peer, "text": e.text}),
     C.MessageRejected: ("message_rejected", lambda e: {"peer": e.peer, "reason": e.reason}),
     C.MessageUndelivered: ("undelivered", lambda e: {"peer": e.peer, "text": e.text}),
@@ -189,18 +204,32 @@ def connect_and_log_in(client: C.ChatClient, username: str, password: str, out: 
     """Connect (over the server list), check the server's key, log in, start receiving."""
     client.connect()
     if client.first_contact:
-        out.say(f"First contact with {client.server_id}; its identity key {client.server_fingerprint} is now "
-                "remembered (trust on first use).")
+        out.say(
+            f"First contact with {client.server_id}; its identity key {client.server_fingerprint} is now "
+            "remembered (trust on first use)."
+        )
     client.login(username, password)
     client.start()
     if out.json_mode:
-        out.event("ready", user=client.username, server=client.server_id, node=client.node_id,
-                  fingerprint=client.server_fingerprint, first_contact=client.first_contact,
-                  history=client.history is not None)
+        out.event(
+            "ready",
+            user=client.username,
+            server=client.server_id,
+            node=client.node_id,
+            fingerprint=client.server_fingerprint,
+            first_contact=client.first_contact,
+            history=client.history is not None,
+        )
 
 
-def run_command(make_client: Callable[[], C.ChatClient], args, out: Output,
-                body: Callable[[C.ChatClient], int], *, interrupted: int = EXIT_OK) -> int:
+def run_command(
+    make_client: Callable[[], C.ChatClient],
+    args,
+    out: Output,
+    body: Callable[[C.ChatClient], int],
+    *,
+    interrupted: int = EXIT_OK,
+) -> int:
     """Log in, run ``body``, close; every error becomes one clear line and its exit code
     (Ctrl-C: ``interrupted``, so an interrupted ``send`` is never reported as sent)."""
     client = None
@@ -219,8 +248,9 @@ def run_command(make_client: Callable[[], C.ChatClient], args, out: Output,
             client.close()
 
 
-def send_one(client: C.ChatClient, peer: str, text: str, out: Output, *, wait_delivered: bool = False,
-             **echo) -> bool:
+def send_one(
+    client: C.ChatClient, peer: str, text: str, out: Output, *, wait_delivered: bool = False, **echo
+) -> bool:
     """Send and wait until the server accepted (or stored) it; with ``wait_delivered``, also
     until the recipient's end-to-end receipt (bounded: WAIT_DELIVERED_S).  One "sent" event
     (and one "delivered") or one error."""
@@ -238,8 +268,11 @@ def send_one(client: C.ChatClient, peer: str, text: str, out: Output, *, wait_de
     if not wait_delivered:
         return True
     if not entry.receipted.wait(WAIT_DELIVERED_S):
-        out.error(f"No delivery receipt from {name} within {WAIT_DELIVERED_S:.0f} s (the message is {state}).",
-                  to=peer, **echo)
+        out.error(
+            f"No delivery receipt from {name} within {WAIT_DELIVERED_S:.0f} s (the message is {state}).",
+            to=peer,
+            **echo,
+        )
         return False
     if out.json_mode:
         out.event("delivered", to=name, **echo)
@@ -251,10 +284,17 @@ def run_send(make_client, args, out: Output) -> int:
     if not text:
         out.error("Nothing to send (an empty text).", exit=EXIT_USAGE)
         return EXIT_USAGE
-    return run_command(make_client, args, out,
-                       lambda client: EXIT_OK if send_one(client, args.user_to, text, out,
-                                                          wait_delivered=args.wait_delivered) else EXIT_ERROR,
-                       interrupted=EXIT_ERROR)
+    return run_command(
+        make_client,
+        args,
+        out,
+        lambda client: (
+            EXIT_OK
+            if send_one(client, args.user_to, text, out, wait_delivered=args.wait_delivered)
+            else EXIT_ERROR
+        ),
+        interrupted=EXIT_ERROR,
+    )
 
 
 class EventPump:
@@ -310,8 +350,9 @@ def handle_command(client: C.ChatClient, line: str, out: Output) -> bool:
     try:
         doc = json.loads(line)
     except ValueError:
-        out.error("Not a JSON object: each line is one command such as "
-                  '{"cmd": "send", "to": "bob", "text": "hi"}.')
+        out.error(
+            'Not a JSON object: each line is one command such as {"cmd": "send", "to": "bob", "text": "hi"}.'
+        )
         return True
     if not isinstance(doc, dict) or not isinstance(doc.get("cmd"), str):
         out.error('A command is a JSON object with a "cmd" string.')
@@ -333,8 +374,14 @@ def handle_command(client: C.ChatClient, line: str, out: Output) -> bool:
                 raise UsageError('"limit" is a number from 1 to 10000.')
             peer = P.normalize_username(_text_field(doc, "peer"))
             page = client.history_page(peer, limit)
-            out.event("history", peer=peer, entries=[_history_entry(client, e) for e in page.entries],
-                      damaged=page.damaged, enabled=client.history is not None, **echo)
+            out.event(
+                "history",
+                peer=peer,
+                entries=[_history_entry(client, e) for e in page.entries],
+                damaged=page.damaged,
+                enabled=client.history is not None,
+                **echo,
+            )
         elif cmd == "forget":
             peer = P.normalize_username(_text_field(doc, "peer"))
             out.event("forgotten", peer=peer, count=client.forget(peer), **echo)
@@ -346,19 +393,28 @@ def handle_command(client: C.ChatClient, line: str, out: Output) -> bool:
                 client.open_conversation(peer)
         elif cmd == "verify":
             peer = P.normalize_username(_text_field(doc, "peer"))
-            out.event("safety_number", peer=peer, number=client.safety_number(peer),
-                      verified=client.is_verified(peer), **echo)
+            out.event(
+                "safety_number",
+                peer=peer,
+                number=client.safety_number(peer),
+                verified=client.is_verified(peer),
+                **echo,
+            )
         else:
-            out.error(f"Unknown command {cmd!r}: send, who, open, history, forget, accept, verify, quit.", **echo)
+            out.error(
+                f"Unknown command {cmd!r}: send, who, open, history, forget, accept, verify, quit.", **echo
+            )
     except (SecureIMError, ValueError) as exc:
         out.error(str(exc), cmd=cmd, **echo)
     return True
 
 
-def _stdin_commands(client: C.ChatClient, out: Output, stop: threading.Event, stdin: TextIO,
-                    end_on_eof: bool) -> None:
-    threading.Thread(target=run_commands, args=(client, out, stdin, stop, end_on_eof), name="commands",
-                     daemon=True).start()
+def _stdin_commands(
+    client: C.ChatClient, out: Output, stop: threading.Event, stdin: TextIO, end_on_eof: bool
+) -> None:
+    threading.Thread(
+        target=run_commands, args=(client, out, stdin, stop, end_on_eof), name="commands", daemon=True
+    ).start()
 
 
 def run_receive(make_client, args, out: Output, stdin: TextIO | None = None) -> int:
@@ -380,8 +436,10 @@ def run_receive(make_client, args, out: Output, stdin: TextIO | None = None) -> 
         if pump.lost is not None:
             return EXIT_ERROR
         if args.count is not None and pump.received < args.count:
-            out.error(f"Timed out after {args.timeout:g} s with {pump.received} of {args.count} messages.",
-                      exit=EXIT_ERROR)
+            out.error(
+                f"Timed out after {args.timeout:g} s with {pump.received} of {args.count} messages.",
+                exit=EXIT_ERROR,
+            )
             return EXIT_ERROR
         return EXIT_OK
 
@@ -400,4 +458,3 @@ def run_json_session(make_client, args, out: Output, stdin: TextIO | None = None
         return EXIT_ERROR if pump.lost is not None else EXIT_OK
 
     return run_command(make_client, args, out, body)
-

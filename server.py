@@ -76,47 +76,49 @@ IDENTITY_FILE = "server_identity.key"
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    db_url: str | None = None            # default: sqlite under data_dir
+    db_url: str | None = None  # default: sqlite under data_dir
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     cipher: str = cu.DEFAULT_SUITE
     bcrypt_cost: int = DEFAULT_BCRYPT_COST
-    login_grace_s: float = 120.0         # OpenSSH LoginGraceTime; the terminal client says at once when it ends
-    max_auth_tries: int = 6              # OpenSSH MaxAuthTries
-    rekey_after_messages: int = 1000     # conversation key lifetime, in relayed messages
-    rekey_after_s: float = 3600.0        # ... and in time
-    min_rekey_interval_s: float = 1.0    # never faster: key shares count as relays too, so rekeys could cascade
-    outbox_limit_bytes: int = 1 << 20    # a client that stops reading is dropped past this
+    login_grace_s: float = 120.0  # OpenSSH LoginGraceTime; the terminal client says at once when it ends
+    max_auth_tries: int = 6  # OpenSSH MaxAuthTries
+    rekey_after_messages: int = 1000  # conversation key lifetime, in relayed messages
+    rekey_after_s: float = 3600.0  # ... and in time
+    min_rekey_interval_s: float = 1.0  # never faster: key shares count as relays too, so rekeys could cascade
+    outbox_limit_bytes: int = 1 << 20  # a client that stops reading is dropped past this
     max_connections: int = 20000
-    max_unauthenticated: int = 256       # OpenSSH MaxStartups-style cap on half-open sessions
+    max_unauthenticated: int = 256  # OpenSSH MaxStartups-style cap on half-open sessions
     max_unauthenticated_per_source: int = 32
-    connections_per_source_per_s: float = 20.0   # token bucket per source address...
-    connection_burst_per_source: int = 60        # ...and its burst
-    puzzle_mode: str = "auto"            # off | auto (under load) | always
-    puzzle_bits: int = 16                # base difficulty; grows with load up to puzzle.MAX_DIFFICULTY
-    puzzle_load_threshold: int = 64      # half-open connections before "auto" asks for work
+    connections_per_source_per_s: float = 20.0  # token bucket per source address...
+    connection_burst_per_source: int = 60  # ...and its burst
+    puzzle_mode: str = "auto"  # off | auto (under load) | always
+    puzzle_bits: int = 16  # base difficulty; grows with load up to puzzle.MAX_DIFFICULTY
+    puzzle_load_threshold: int = 64  # half-open connections before "auto" asks for work
     allowed_groups: frozenset[str] | None = None
     tdes_backend: str | None = None
     max_failures: int = 5
     lock_s: float = 60.0
-    metrics_port: int | None = None      # Prometheus /metrics and /healthz on 127.0.0.1 (0 = any free port)
+    metrics_port: int | None = None  # Prometheus /metrics and /healthz on 127.0.0.1 (0 = any free port)
     audit_retention_days: float = DEFAULT_AUDIT_RETENTION_DAYS
-    node_name: str = ""                  # default: hostname:port (the admin `sessions` list shows it)
-    worker_threads: int = 4              # threads for slow work: handshakes, logins, the database
-    reuse_port: bool = False             # SO_REUSEPORT: worker processes share the port (--workers)
-    cluster_url: str | None = None       # nats://HOST:PORT: several nodes, one service (cluster.py)
-    cluster_prefix: str = "secureim"     # NATS subjects start with this (tests use one per run)
+    node_name: str = ""  # default: hostname:port (the admin `sessions` list shows it)
+    worker_threads: int = 4  # threads for slow work: handshakes, logins, the database
+    reuse_port: bool = False  # SO_REUSEPORT: worker processes share the port (--workers)
+    cluster_url: str | None = None  # nats://HOST:PORT: several nodes, one service (cluster.py)
+    cluster_prefix: str = "secureim"  # NATS subjects start with this (tests use one per run)
     identity_key_file: Path | None = None  # the service's identity (all nodes): else data_dir's
     # Store and forward (docs/PROTOCOL.md section 15): each recipient's queue is bounded.
     queue_max_messages: int = 1000
     queue_max_bytes: int = 10 << 20
     queue_max_age_s: float = 30 * 86400.0
-    offline_opens_per_minute: int = 300  # each takes one of the peer's one-time prekeys (per session: a room's
+    offline_opens_per_minute: int = (
+        300  # each takes one of the peer's one-time prekeys (per session: a room's
+    )
     #                                      sender key goes to every member, so a room of 256 is one burst)...
     offline_opens_per_recipient_per_minute: int = 300  # ...and per recipient, whoever asks (per node): every
     #                                      member of a new room opens one to each other (the signed prekey
     #                                      serves once the one-time prekeys run out, as in Signal)
-    room_max_members: int = R.DEFAULT_MAX_MEMBERS        # docs/PROTOCOL.md section 16
-    room_sends_per_s: float = 50.0       # room messages one session may send (a token bucket, burst x4):
+    room_max_members: int = R.DEFAULT_MAX_MEMBERS  # docs/PROTOCOL.md section 16
+    room_sends_per_s: float = 50.0  # room messages one session may send (a token bucket, burst x4):
     #                                      each one is a copy for every other member
 
     @property
@@ -127,13 +129,13 @@ class ServerConfig:
 # =============================================================================
 # Sessions: one connection's protocol state and its outgoing bytes
 # =============================================================================
-QUEUE_WINDOW = 64            # stored messages in flight to one session (unacknowledged) at most
+QUEUE_WINDOW = 64  # stored messages in flight to one session (unacknowledged) at most
 QUEUE_EXPIRY_EVERY_S = 3600.0
-MAX_ONE_TIME_PREKEYS = 200   # kept per user on the server
-MAX_DB_ID = 2 ** 63 - 1      # row ids in SQLite and MySQL are signed 64-bit: a larger u64 names nothing
+MAX_ONE_TIME_PREKEYS = 200  # kept per user on the server
+MAX_DB_ID = 2**63 - 1  # row ids in SQLite and MySQL are signed 64-bit: a larger u64 names nothing
 MAX_TRACKED_RECIPIENTS = 100_000  # recipients whose recent offline opens are counted (oldest forgotten)
-LINGER_S = 1.0               # after a farewell: read (and drop) what still arrives, then close
-MAX_INBOX_ITEMS = 256        # a session's unprocessed input past this: stop reading its socket
+LINGER_S = 1.0  # after a farewell: read (and drop) what still arrives, then close
+MAX_INBOX_ITEMS = 256  # a session's unprocessed input past this: stop reading its socket
 MAX_INBOX_BYTES = 256 * 1024  # ... or past this many raw bytes (before login a read is not yet framed)
 INBOX_RESUME_ITEMS = 64
 
@@ -155,15 +157,15 @@ class Session:
         self.username: str | None = None
         self.auth_attempts = 0
         self.identity_key: bytes | None = None  # the user's Ed25519 public key, handed to peers
-        self.udp_port: int | None = None          # direct mode: where this client listens
-        self.login_at = 0.0                        # wall clock of the login: the newest login wins
-        self.lock = threading.Lock()     # one lock: seal + enqueue keep the sequence order
+        self.udp_port: int | None = None  # direct mode: where this client listens
+        self.login_at = 0.0  # wall clock of the login: the newest login wins
+        self.lock = threading.Lock()  # one lock: seal + enqueue keep the sequence order
         self.closed = threading.Event()
         # Loop-thread state: input not yet handled, and whether a worker has this session now.
         self.inbox: deque = deque()
-        self.inbox_bytes = 0             # raw bytes waiting in the inbox (not yet opened)
+        self.inbox_bytes = 0  # raw bytes waiting in the inbox (not yet opened)
         self.busy = False
-        self.gone = False                # the service has been told this session ended
+        self.gone = False  # the service has been told this session ended
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_due = False
@@ -172,8 +174,8 @@ class Session:
         self.queue_sent_upto = 0
         self.queue_in_flight = 0
         self.offline_opens: deque = deque()  # when this session last asked for prekey bundles
-        self.room_ops: deque = deque()       # when this session last changed a room's members
-        self.room_sends: SourceRateLimiter | None = None   # room messages (each fans out): set at login
+        self.room_ops: deque = deque()  # when this session last changed a room's members
+        self.room_sends: SourceRateLimiter | None = None  # room messages (each fans out): set at login
 
     def send(self, msg: P.Message) -> bool:
         """Seal and queue ``msg``; False if this session is gone."""
@@ -368,7 +370,7 @@ class LiveConversation:
     messages: int = 0
     bytes_relayed: int = 0
     rekey_pending: bool = False
-    held: list | None = None   # while its new key is being made: relays wait here, then follow the key
+    held: list | None = None  # while its new key is being made: relays wait here, then follow the key
 
 
 @dataclass
@@ -377,7 +379,7 @@ class Registry:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     online: dict[str, Session] = field(default_factory=dict)
-    watchers: dict[str, set[str]] = field(default_factory=dict)   # offline user -> who waits
+    watchers: dict[str, set[str]] = field(default_factory=dict)  # offline user -> who waits
     conversations: dict[int, LiveConversation] = field(default_factory=dict)
     by_user: dict[str, set[int]] = field(default_factory=dict)  # user -> their live conversations' ids
     sessions: set[Session] = field(default_factory=set)
@@ -387,7 +389,9 @@ class Registry:
         with self.lock:
             return sum(self.unauthenticated.values())
 
-    def add_connection(self, session: Session, max_total: int, max_unauth: int, max_unauth_per_source: int) -> str | None:
+    def add_connection(
+        self, session: Session, max_total: int, max_unauth: int, max_unauth_per_source: int
+    ) -> str | None:
         """Admit a new connection, or return why not."""
         with self.lock:
             if len(self.sessions) >= max_total:
@@ -518,13 +522,20 @@ def _loggable(raw: str) -> str:
 class ChatService(RoomService):
     """Login, presence, KDC and relay (rooms: room_service.py).  No sockets; tests drive it directly."""
 
-    def __init__(self, storage: Storage, config: ServerConfig,
-                 announce: Callable[[str], None] = lambda line: None, *, ticket_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        config: ServerConfig,
+        announce: Callable[[str], None] = lambda line: None,
+        *,
+        ticket_key: bytes | None = None,
+    ) -> None:
         self.storage = storage
         self.config = config
         self.suite = cu.get_suite(config.cipher, tdes_backend=config.tdes_backend)
-        self.auth = AuthService(storage, bcrypt_cost=config.bcrypt_cost,
-                                max_failures=config.max_failures, lock_s=config.lock_s)
+        self.auth = AuthService(
+            storage, bcrypt_cost=config.bcrypt_cost, max_failures=config.max_failures, lock_s=config.lock_s
+        )
         self.registry = Registry()
         self.announce = announce
         ticket_key = ticket_key or load_or_create_ticket_key(Path(config.data_dir))
@@ -533,8 +544,9 @@ class ChatService(RoomService):
         self._opens_for: dict[str, deque] = {}  # recipient -> times of recent OfflineOpens for them
         self._opens_lock = threading.Lock()
         # The KDC keys of offline conversations wait in the database sealed under this (every node has it).
-        self._offline_keys = AESGCM(cu.hkdf(ticket_key, salt=None, info=cu.label("offline kdc keys at rest"),
-                                            length=32))
+        self._offline_keys = AESGCM(
+            cu.hkdf(ticket_key, salt=None, info=cu.label("offline kdc keys at rest"), length=32)
+        )
         self._init_rooms(ticket_key)
         # Operating the server (moderation.py, metrics.py): bans, kicks, the audit log, counters.
         self.metrics = ServerMetrics()
@@ -549,10 +561,16 @@ class ChatService(RoomService):
         if config.cluster_url:
             from cluster_nats import NatsCluster, bus_key
 
-            self.cluster = NatsCluster(config.cluster_url, config.cluster_prefix, bus_key(ticket_key),
-                                       config.node_name or socket.gethostname())
+            self.cluster = NatsCluster(
+                config.cluster_url,
+                config.cluster_prefix,
+                bus_key(ticket_key),
+                config.node_name or socket.gethostname(),
+            )
 
-    def attach(self, loop: asyncio.AbstractEventLoop, loop_thread_id: int | None, pool: ThreadPoolExecutor) -> None:
+    def attach(
+        self, loop: asyncio.AbstractEventLoop, loop_thread_id: int | None, pool: ThreadPoolExecutor
+    ) -> None:
         """Serve from ``loop`` with slow work on ``pool`` (Server.start calls this)."""
         self.loop, self.loop_thread_id, self.pool = loop, loop_thread_id, pool
         self.cluster.start(self)
@@ -627,7 +645,7 @@ class ChatService(RoomService):
         if session is None:
             return False
         self.metrics.kicks.inc()
-        session.close(reason[:P.MAX_REASON_BYTES // 2] or "An administrator ended your session.")
+        session.close(reason[: P.MAX_REASON_BYTES // 2] or "An administrator ended your session.")
         return True
 
     def kick_banned_sources(self) -> int:
@@ -651,17 +669,30 @@ class ChatService(RoomService):
         except ServiceUnavailable as exc:
             log.warning("service unavailable: %s", exc)
             if session.username is None:
-                session.send(P.AuthFailed(code=P.AuthCode.UNAVAILABLE, retry_after_s=5,
-                                          reason="The server cannot check logins right now; try again later."))
+                session.send(
+                    P.AuthFailed(
+                        code=P.AuthCode.UNAVAILABLE,
+                        retry_after_s=5,
+                        reason="The server cannot check logins right now; try again later.",
+                    )
+                )
             else:
-                session.send(P.Error(code=P.ErrorCode.UNAVAILABLE,
-                                     reason="The server's database is unavailable; try again later."))
+                session.send(
+                    P.Error(
+                        code=P.ErrorCode.UNAVAILABLE,
+                        reason="The server's database is unavailable; try again later.",
+                    )
+                )
         except DatabaseError:
             log.exception("database error")
-            session.send(P.Error(code=P.ErrorCode.UNAVAILABLE, reason="Internal database error; try again later."))
-        except ValueError as exc:   # the storage refused out-of-bounds input a handler let through
+            session.send(
+                P.Error(code=P.ErrorCode.UNAVAILABLE, reason="Internal database error; try again later.")
+            )
+        except ValueError as exc:  # the storage refused out-of-bounds input a handler let through
             log.warning("a %s was refused by the storage: %s", type(msg).__name__, exc)
-            session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="That request was malformed and was refused."))
+            session.send(
+                P.Error(code=P.ErrorCode.BAD_REQUEST, reason="That request was malformed and was refused.")
+            )
 
     # -- accounts ------------------------------------------------------------------
     def _auth(self, session: Session, msg: P.Login | P.Register) -> None:
@@ -672,7 +703,9 @@ class ChatService(RoomService):
         try:
             cu.load_public_key(msg.identity_key)
         except SecureIMError:
-            self._auth_failed(session, P.AuthCode.INVALID_IDENTITY, "The identity key is not a valid Ed25519 key.")
+            self._auth_failed(
+                session, P.AuthCode.INVALID_IDENTITY, "The identity key is not a valid Ed25519 key."
+            )
             return
         try:
             if register:
@@ -686,16 +719,30 @@ class ChatService(RoomService):
                     log.info("a user registered a new identity key")
                     self.audit("identity_key_changed", username, session.source)
         except AccountLocked as exc:
-            self._auth_failed(session, P.AuthCode.LOCKED, str(exc), exc.retry_after_s, _loggable(msg.username),
-                              username=msg.username)
+            self._auth_failed(
+                session,
+                P.AuthCode.LOCKED,
+                str(exc),
+                exc.retry_after_s,
+                _loggable(msg.username),
+                username=msg.username,
+            )
             return
         except InvalidCredentials as exc:
-            self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who=_loggable(msg.username),
-                              username=msg.username)
+            self._auth_failed(
+                session,
+                P.AuthCode.INVALID_CREDENTIALS,
+                str(exc),
+                who=_loggable(msg.username),
+                username=msg.username,
+            )
             return
         except (InvalidUsername, InvalidPassword, UsernameTaken) as exc:
-            code = {InvalidUsername: P.AuthCode.INVALID_USERNAME, InvalidPassword: P.AuthCode.INVALID_PASSWORD,
-                    UsernameTaken: P.AuthCode.USERNAME_TAKEN}[type(exc)]
+            code = {
+                InvalidUsername: P.AuthCode.INVALID_USERNAME,
+                InvalidPassword: P.AuthCode.INVALID_PASSWORD,
+                UsernameTaken: P.AuthCode.USERNAME_TAKEN,
+            }[type(exc)]
             self._auth_failed(session, code, str(exc), username=msg.username)
             return
         session.identity_key = msg.identity_key
@@ -709,19 +756,32 @@ class ChatService(RoomService):
         try:  # the account's ticket epoch: a reset, changed or deleted account's tickets are void
             username, epoch = self.tickets.redeem_with_epoch(msg.ticket, msg.identity_key)
             if epoch != self.storage.get_ticket_epoch(username):  # password changed since (or no such user)
-                raise InvalidCredentials("The session ticket is invalid or expired; log in with your password.")
+                raise InvalidCredentials(
+                    "The session ticket is invalid or expired; log in with your password."
+                )
         except InvalidCredentials as exc:
             self._auth_failed(session, P.AuthCode.INVALID_CREDENTIALS, str(exc), who="a session ticket")
             return
         session.identity_key = msg.identity_key
         self._logged_in(session, username, created=False, how="resume")
 
-    def _auth_failed(self, session: Session, code: P.AuthCode, reason: str, retry_after_s: int = 0,
-                     who: str = "an invalid username", username: str = "") -> None:
+    def _auth_failed(
+        self,
+        session: Session,
+        code: P.AuthCode,
+        reason: str,
+        retry_after_s: int = 0,
+        who: str = "an invalid username",
+        username: str = "",
+    ) -> None:
         # Seen at the default level (an operator watches for guessing); never the password.
         if code == P.AuthCode.LOCKED:
-            log.warning("login refused from %s for %s: locked for %d s after repeated failures",
-                        session.source, who, retry_after_s)
+            log.warning(
+                "login refused from %s for %s: locked for %d s after repeated failures",
+                session.source,
+                who,
+                retry_after_s,
+            )
         elif code == P.AuthCode.INVALID_CREDENTIALS:
             log.warning("failed login from %s for %s", session.source, who)
         else:
@@ -730,8 +790,13 @@ class ChatService(RoomService):
         self.metrics.logins.labels("locked" if locked else "failed").inc()
         self.audit("lockout" if locked else "login_failed", username, session.source, code.name)
         if session.auth_attempts >= self.config.max_auth_tries:
-            session.send(P.AuthFailed(code=P.AuthCode.TOO_MANY_ATTEMPTS, retry_after_s=retry_after_s,
-                                      reason=f"{reason} Too many attempts on this connection."))
+            session.send(
+                P.AuthFailed(
+                    code=P.AuthCode.TOO_MANY_ATTEMPTS,
+                    retry_after_s=retry_after_s,
+                    reason=f"{reason} Too many attempts on this connection.",
+                )
+            )
             session.close()
             return
         session.send(P.AuthFailed(code=code, retry_after_s=retry_after_s, reason=reason))
@@ -754,20 +819,27 @@ class ChatService(RoomService):
         rate = self.config.room_sends_per_s
         session.room_sends = SourceRateLimiter(rate, max(1, int(rate * 4)))
         self.cluster.user_online(username, session.login_at, session.identity_key)  # other nodes drop theirs
-        session.send(P.AuthOk(username=username, created=created,
-                              ticket=self.tickets.issue(username, session.identity_key, epoch)))
+        session.send(
+            P.AuthOk(
+                username=username,
+                created=created,
+                ticket=self.tickets.issue(username, session.identity_key, epoch),
+            )
+        )
         self.metrics.logins.labels("ok").inc()
         try:  # last login, the session row and the audit row, in one transaction
-            self.storage.record_session_start(self.node, username, session.source, time.time(),
-                                              "register" if created else how)
+            self.storage.record_session_start(
+                self.node, username, session.source, time.time(), "register" if created else how
+            )
         except DatabaseError as exc:
             self.metrics.audit_failures.inc()
             log.warning("login bookkeeping failed: %s", exc)
-        self.announce(f"[SERVER]: {username} connected from {session.source}."
-                      f" ({len(self.registry.online)} online)")
+        self.announce(
+            f"[SERVER]: {username} connected from {session.source}. ({len(self.registry.online)} online)"
+        )
         self.notify(username, waiting, online=True)
         self._send_prekey_status(session)
-        self.push_queue(session)   # what was stored while they were away, in order, before anything new
+        self.push_queue(session)  # what was stored while they were away, in order, before anything new
 
     def disconnected(self, session: Session) -> None:
         was_online, peers = self.registry.remove(session)
@@ -836,8 +908,9 @@ class ChatService(RoomService):
         self.on_loop(self._hand_out_key, cid, members, generation, key, rekey)
         del key  # never stored (design 000)
 
-    def _hand_out_key(self, cid: int, members: tuple[str, str], generation: int, key: bytes,
-                      rekey: bool = False) -> None:
+    def _hand_out_key(
+        self, cid: int, members: tuple[str, str], generation: int, key: bytes, rekey: bool = False
+    ) -> None:
         if rekey and cid not in self.registry.conversations:
             return  # a member left while the key was made: the conversation is over, not re-created
         self._send_keys(cid, members, generation, key)
@@ -846,14 +919,22 @@ class ChatService(RoomService):
     def _send_keys(self, cid: int, members: tuple[str, str], generation: int, key: bytes) -> None:
         self.registry.keyed(cid, members, generation)
         sessions = {user: self.registry.session_of(user) for user in members}
-        identities = {user: s.identity_key if s is not None else self.cluster.identity_of(user)
-                      for user, s in sessions.items()}
+        identities = {
+            user: s.identity_key if s is not None else self.cluster.identity_of(user)
+            for user, s in sessions.items()
+        }
         for user in members:
             other = members[1] if user == members[0] else members[0]
             if identities[other] is None:
                 continue
-            msg = P.ConversationKey(conversation_id=cid, peer=other, suite=self.suite.suite_id,
-                                    generation=generation, key=key, peer_identity=identities[other])
+            msg = P.ConversationKey(
+                conversation_id=cid,
+                peer=other,
+                suite=self.suite.suite_id,
+                generation=generation,
+                key=key,
+                peer_identity=identities[other],
+            )
             if sessions[user] is not None:
                 sessions[user].send(msg)
             else:  # on another node: sealed for the cluster bus (cluster_nats.py)
@@ -882,12 +963,18 @@ class ChatService(RoomService):
         conv = self.registry.conversations.get(msg.conversation_id)
         if conv is None or me not in conv.members:
             self.metrics.undelivered.inc()
-            session.send(P.Error(code=P.ErrorCode.NOT_A_MEMBER, reason="No such conversation; open it again."))
+            session.send(
+                P.Error(code=P.ErrorCode.NOT_A_MEMBER, reason="No such conversation; open it again.")
+            )
             return
         if conv.held is not None:  # its new key is on its way: this frame goes right after it
             if len(conv.held) >= MAX_HELD_RELAYS:
-                session.send(P.Error(code=P.ErrorCode.UNAVAILABLE, reason="The conversation is being re-keyed; "
-                                                                          "try again in a moment."))
+                session.send(
+                    P.Error(
+                        code=P.ErrorCode.UNAVAILABLE,
+                        reason="The conversation is being re-keyed; try again in a moment.",
+                    )
+                )
             else:
                 conv.held.append((session, msg))
             return
@@ -903,7 +990,9 @@ class ChatService(RoomService):
         if not delivered:
             self.metrics.undelivered.inc()
             if peer_session is None and self.cluster.is_remote(peer):
-                reason = f"{peer} is temporarily unreachable (the cluster link is down); message not delivered."
+                reason = (
+                    f"{peer} is temporarily unreachable (the cluster link is down); message not delivered."
+                )
             else:
                 reason = f"{peer} is offline; message not delivered."
             session.send(P.Error(code=P.ErrorCode.PEER_OFFLINE, reason=reason))
@@ -911,9 +1000,12 @@ class ChatService(RoomService):
         self.relayed += 1
         if sampled:
             self.metrics.relay_latency.observe(time.perf_counter() - started)
-        if conv.messages >= self.config.rekey_after_messages or conv.rekey_pending or \
-                conv.bytes_relayed >= self.suite.max_bytes_per_key // 2 or \
-                time.monotonic() - conv.keyed_at >= self.config.rekey_after_s:
+        if (
+            conv.messages >= self.config.rekey_after_messages
+            or conv.rekey_pending
+            or conv.bytes_relayed >= self.suite.max_bytes_per_key // 2
+            or time.monotonic() - conv.keyed_at >= self.config.rekey_after_s
+        ):
             self._maybe_rekey(conv)
 
     def _maybe_rekey(self, conv: LiveConversation) -> None:
@@ -972,8 +1064,11 @@ class ChatService(RoomService):
         assert me is not None
         conv = self.registry.conversation_between(me, peer)
         if conv is None:
-            answer = f"{peer} is offline." if self.registry.session_of(peer) is None and \
-                not self.cluster.is_remote(peer) else f"Open a conversation with {peer} first."
+            answer = (
+                f"{peer} is offline."
+                if self.registry.session_of(peer) is None and not self.cluster.is_remote(peer)
+                else f"Open a conversation with {peer} first."
+            )
         elif session.udp_port is None:
             answer = "Register a UDP port first."
         elif self.registry.session_of(peer) is None and self.cluster.is_remote(peer):
@@ -984,8 +1079,9 @@ class ChatService(RoomService):
             answer = P.DirectUnavailable(peer=peer, reason=answer)
         session.send(answer)
 
-    def direct_offer_for(self, peer: str, initiator: str, host: str, port: int,
-                         conversation_id: int) -> P.DirectOffer | str:
+    def direct_offer_for(
+        self, peer: str, initiator: str, host: str, port: int, conversation_id: int
+    ) -> P.DirectOffer | str:
         """The offer for ``initiator`` to reach ``peer`` (online here), or why not.
 
         The ticket is sealed with the key only ``peer``'s session shares with this node,
@@ -998,8 +1094,9 @@ class ChatService(RoomService):
             return f"{peer} does not accept direct connections."
         key = peer_session.proto.direct_ticket_key
         assert key is not None
-        ticket = direct.seal_ticket(key, initiator=initiator, host=host, port=port,
-                                    conversation_id=conversation_id, now_s=time.time())
+        ticket = direct.seal_ticket(
+            key, initiator=initiator, host=host, port=port, conversation_id=conversation_id, now_s=time.time()
+        )
         return P.DirectOffer(peer=peer, host=peer_session.source, port=peer_session.udp_port, ticket=ticket)
 
     # -- password change (docs/PROTOCOL.md section 13) ------------------------------------
@@ -1009,53 +1106,88 @@ class ChatService(RoomService):
         try:
             epoch = self.auth.change_password(me, msg.old_password, msg.new_password, session.source)
         except AccountLocked as exc:
-            log.warning("password change refused from %s for %r: locked for %d s", session.source, me,
-                        exc.retry_after_s)
-            session.send(P.PasswordChangeFailed(code=P.AuthCode.LOCKED, retry_after_s=exc.retry_after_s,
-                                                reason=str(exc)))
+            log.warning(
+                "password change refused from %s for %r: locked for %d s",
+                session.source,
+                me,
+                exc.retry_after_s,
+            )
+            session.send(
+                P.PasswordChangeFailed(
+                    code=P.AuthCode.LOCKED, retry_after_s=exc.retry_after_s, reason=str(exc)
+                )
+            )
             return
         except InvalidCredentials:
             log.warning("failed password change from %s for %r: wrong old password", session.source, me)
-            session.send(P.PasswordChangeFailed(code=P.AuthCode.INVALID_CREDENTIALS, retry_after_s=0,
-                                                reason="The old password is wrong; the password was not changed."))
+            session.send(
+                P.PasswordChangeFailed(
+                    code=P.AuthCode.INVALID_CREDENTIALS,
+                    retry_after_s=0,
+                    reason="The old password is wrong; the password was not changed.",
+                )
+            )
             return
         except InvalidPassword as exc:
-            session.send(P.PasswordChangeFailed(code=P.AuthCode.INVALID_PASSWORD, retry_after_s=0, reason=str(exc)))
+            session.send(
+                P.PasswordChangeFailed(code=P.AuthCode.INVALID_PASSWORD, retry_after_s=0, reason=str(exc))
+            )
             return
         except ServiceUnavailable as exc:
             log.warning("service unavailable: %s", exc)
-            session.send(P.PasswordChangeFailed(code=P.AuthCode.UNAVAILABLE, retry_after_s=5,
-                                                reason="The server's database is unavailable; try again later."))
+            session.send(
+                P.PasswordChangeFailed(
+                    code=P.AuthCode.UNAVAILABLE,
+                    retry_after_s=5,
+                    reason="The server's database is unavailable; try again later.",
+                )
+            )
             return
-        log.info("%r changed their password from %s; their earlier session tickets have ended", me, session.source)
+        log.info(
+            "%r changed their password from %s; their earlier session tickets have ended", me, session.source
+        )
         self.audit("password_change", me, session.source)
         session.send(P.PasswordChanged(ticket=self.tickets.issue(me, session.identity_key, epoch)))
 
     def _who(self, session: Session, msg: P.WhoRequest) -> None:
         users = sorted(set(self.registry.online_users()) | set(self.cluster.remote_users()))
-        session.send(P.WhoResponse(users=tuple(users[:P.MAX_WHO_USERS]), total=len(users)))
+        session.send(P.WhoResponse(users=tuple(users[: P.MAX_WHO_USERS]), total=len(users)))
 
     # -- store and forward (docs/PROTOCOL.md section 15) --------------------------------
     def _wrap_aad(self, recipient: str, cid: int, generation: int) -> bytes:
-        return b"secureim/v1 offline kdc key" + recipient.encode() + b"\x00" + cid.to_bytes(8, "big") \
+        return (
+            b"secureim/v1 offline kdc key"
+            + recipient.encode()
+            + b"\x00"
+            + cid.to_bytes(8, "big")
             + generation.to_bytes(4, "big")
+        )
 
     def _send_prekey_status(self, session: Session) -> None:
         assert session.username is not None
         status = self.storage.prekey_status(session.username)
         age = int(max(0.0, time.time() - status.signed_at)) if status.signed_at is not None else 0
-        session.send(P.PrekeyStatus(one_time_left=status.one_time_left, signed_prekey_id=status.signed_id or 0,
-                                    signed_prekey_age_s=min(age, 0xFFFFFFFF)))
+        session.send(
+            P.PrekeyStatus(
+                one_time_left=status.one_time_left,
+                signed_prekey_id=status.signed_id or 0,
+                signed_prekey_age_s=min(age, 0xFFFFFFFF),
+            )
+        )
 
     def _publish_prekeys(self, session: Session, msg: P.PublishPrekeys) -> None:
         me = session.username
         assert me is not None
         entry = P.ONE_TIME_PREKEY_BYTES
-        if (msg.signed_prekey and len(msg.signed_prekey) != P.SIGNED_PREKEY_BYTES) or len(msg.one_time) % entry:
+        if (msg.signed_prekey and len(msg.signed_prekey) != P.SIGNED_PREKEY_BYTES) or len(
+            msg.one_time
+        ) % entry:
             session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="Malformed prekeys were refused."))
             return
-        one_time = [(int.from_bytes(msg.one_time[i:i + 4], "big"), msg.one_time[i:i + entry])
-                    for i in range(0, len(msg.one_time), entry)]
+        one_time = [
+            (int.from_bytes(msg.one_time[i : i + 4], "big"), msg.one_time[i : i + entry])
+            for i in range(0, len(msg.one_time), entry)
+        ]
         signed_id = int.from_bytes(msg.signed_prekey[:4], "big") if msg.signed_prekey else None
         if signed_id == 0 or any(key_id == 0 for key_id, _e in one_time):
             session.send(P.Error(code=P.ErrorCode.BAD_REQUEST, reason="Prekey id 0 is reserved."))
@@ -1086,9 +1218,13 @@ class ChatService(RoomService):
             return
         signed, one_time = self.storage.take_prekey_bundle(peer)
         if signed is None:
-            session.send(P.Error(code=P.ErrorCode.PEER_OFFLINE,
-                                 reason=f"{peer} is offline and has no keys for offline messages yet (their client "
-                                        f"publishes them when it logs in); the message was not sent."))
+            session.send(
+                P.Error(
+                    code=P.ErrorCode.PEER_OFFLINE,
+                    reason=f"{peer} is offline and has no keys for offline messages yet (their client "
+                    f"publishes them when it logs in); the message was not sent.",
+                )
+            )
             return
         cid = self.storage.open_conversation(me, peer)
         with self._kdc_lock:
@@ -1097,9 +1233,18 @@ class ChatService(RoomService):
         nonce = cu.random_bytes(12)
         wrapped = nonce + self._offline_keys.encrypt(nonce, key, self._wrap_aad(peer, cid, generation))
         self.storage.put_offline_key(peer, cid, generation, me, wrapped, time.time())
-        session.send(P.OfflineKey(conversation_id=cid, peer=peer, suite=self.suite.suite_id, generation=generation,
-                                  key=key, peer_identity=identity, signed_prekey=signed,
-                                  one_time_prekey=one_time or b""))
+        session.send(
+            P.OfflineKey(
+                conversation_id=cid,
+                peer=peer,
+                suite=self.suite.suite_id,
+                generation=generation,
+                key=key,
+                peer_identity=identity,
+                signed_prekey=signed,
+                one_time_prekey=one_time or b"",
+            )
+        )
         del key
 
     def _offline_open_refused(self, session: Session, peer: str) -> str | None:
@@ -1115,7 +1260,9 @@ class ChatService(RoomService):
             if len(mine) >= self.config.offline_opens_per_minute:
                 return "Too many offline conversations opened in a minute; try again shortly."
             if len(theirs) >= self.config.offline_opens_per_recipient_per_minute:
-                return f"Too many offline conversations with {peer} were opened in a minute; try again shortly."
+                return (
+                    f"Too many offline conversations with {peer} were opened in a minute; try again shortly."
+                )
             mine.append(now)
             theirs.append(now)
             while len(self._opens_for) > MAX_TRACKED_RECIPIENTS:
@@ -1125,30 +1272,61 @@ class ChatService(RoomService):
     def _store(self, session: Session, msg: P.Store) -> None:
         me = session.username
         assert me is not None and session.identity_key is not None
-        known = self.storage.get_conversation(msg.conversation_id) if msg.conversation_id <= MAX_DB_ID else None
+        known = (
+            self.storage.get_conversation(msg.conversation_id) if msg.conversation_id <= MAX_DB_ID else None
+        )
         if known is None or me not in known.members:
-            session.send(P.StoreResult(conversation_id=msg.conversation_id, msg_ref=msg.msg_ref,
-                                       status=P.StoreStatus.REFUSED, reason="No such conversation."))
+            session.send(
+                P.StoreResult(
+                    conversation_id=msg.conversation_id,
+                    msg_ref=msg.msg_ref,
+                    status=P.StoreStatus.REFUSED,
+                    reason="No such conversation.",
+                )
+            )
             return
         recipient = known.members[1] if known.members[0] == me else known.members[0]
         status, _qid = self.storage.enqueue(
-            D.QueuedMessage(0, recipient, me, msg.conversation_id, msg.generation, msg.msg_ref, session.identity_key,
-                            msg.payload, time.time(), None),
-            self.config.queue_max_messages, self.config.queue_max_bytes)
+            D.QueuedMessage(
+                0,
+                recipient,
+                me,
+                msg.conversation_id,
+                msg.generation,
+                msg.msg_ref,
+                session.identity_key,
+                msg.payload,
+                time.time(),
+                None,
+            ),
+            self.config.queue_max_messages,
+            self.config.queue_max_bytes,
+        )
         if status == D.NO_KEY:
-            result, reason = P.StoreStatus.NO_KEY, "That offline conversation key has expired; open a new one."
+            result, reason = (
+                P.StoreStatus.NO_KEY,
+                "That offline conversation key has expired; open a new one.",
+            )
         elif status in (D.FULL_MESSAGES, D.FULL_BYTES):
-            limit = (f"{self.config.queue_max_messages} messages" if status == D.FULL_MESSAGES
-                     else f"{self.config.queue_max_bytes // (1 << 20)} MiB")
+            limit = (
+                f"{self.config.queue_max_messages} messages"
+                if status == D.FULL_MESSAGES
+                else f"{self.config.queue_max_bytes // (1 << 20)} MiB"
+            )
             result = P.StoreStatus.REFUSED
-            reason = (f"{recipient}'s mailbox is full ({limit} waiting); this message was not stored. Nothing "
-                      f"already stored for {recipient} was lost; try again once {recipient} has read them.")
+            reason = (
+                f"{recipient}'s mailbox is full ({limit} waiting); this message was not stored. Nothing "
+                f"already stored for {recipient} was lost; try again once {recipient} has read them."
+            )
             log.info("a stored message was refused: the recipient's queue is full (%s)", status)
         else:
             handed = self._nudge_queue(recipient)
             result, reason = (P.StoreStatus.HANDED_OVER if handed else P.StoreStatus.STORED), ""
-        session.send(P.StoreResult(conversation_id=msg.conversation_id, msg_ref=msg.msg_ref, status=result,
-                                   reason=reason))
+        session.send(
+            P.StoreResult(
+                conversation_id=msg.conversation_id, msg_ref=msg.msg_ref, status=result, reason=reason
+            )
+        )
 
     def _nudge_queue(self, recipient: str) -> bool:
         """The recipient is online (here or on another node): hand them what waits now."""
@@ -1157,8 +1335,17 @@ class ChatService(RoomService):
             self.push_queue(local)
             return True
         if self.cluster.is_remote(recipient):
-            nudge = P.StoredMessage(queue_id=0, conversation_id=0, sender=recipient, suite=0, generation=0, key=b"",
-                                    sender_identity=bytes(32), stored_at_ms=0, payload=b"")
+            nudge = P.StoredMessage(
+                queue_id=0,
+                conversation_id=0,
+                sender=recipient,
+                suite=0,
+                generation=0,
+                key=b"",
+                sender_identity=bytes(32),
+                stored_at_ms=0,
+                payload=b"",
+            )
             self.on_loop(self.cluster.deliver, recipient, nudge)  # that node reads the queue
             return True
         return False
@@ -1173,7 +1360,9 @@ class ChatService(RoomService):
             if room < QUEUE_WINDOW // 2:
                 return  # enough in flight: acknowledgements bring the rest
             for row in self.storage.queued_for(me, session.queue_sent_upto, room):
-                sent = session.send(self.room_row_message(me, row) if row.kind else self._stored_message(me, row))
+                sent = session.send(
+                    self.room_row_message(me, row) if row.kind else self._stored_message(me, row)
+                )
                 if not sent:
                     return
                 session.queue_sent_upto = row.id
@@ -1183,14 +1372,24 @@ class ChatService(RoomService):
         key = b""
         if row.wrapped_key is not None and len(row.wrapped_key) > 12:
             try:
-                key = self._offline_keys.decrypt(row.wrapped_key[:12], row.wrapped_key[12:],
-                                                 self._wrap_aad(me, row.conversation_id, row.generation))
+                key = self._offline_keys.decrypt(
+                    row.wrapped_key[:12],
+                    row.wrapped_key[12:],
+                    self._wrap_aad(me, row.conversation_id, row.generation),
+                )
             except Exception:  # noqa: BLE001 - InvalidTag: another service's key; the client says so
                 key = b""
-        return P.StoredMessage(queue_id=row.id, conversation_id=row.conversation_id, sender=row.sender,
-                               suite=self.suite.suite_id, generation=row.generation, key=key,
-                               sender_identity=row.sender_identity, stored_at_ms=int(row.stored_at * 1000),
-                               payload=row.payload)
+        return P.StoredMessage(
+            queue_id=row.id,
+            conversation_id=row.conversation_id,
+            sender=row.sender,
+            suite=self.suite.suite_id,
+            generation=row.generation,
+            key=key,
+            sender_identity=row.sender_identity,
+            stored_at_ms=int(row.stored_at * 1000),
+            payload=row.payload,
+        )
 
     def _defer(self, session: Session, msg: P.Defer) -> None:
         """The client keeps the message for later (a changed identity awaiting /accept): it stays
@@ -1208,15 +1407,17 @@ class ChatService(RoomService):
                 session.queue_in_flight = max(0, session.queue_in_flight - 1)
             self.push_queue(session)
 
-
     # -- account self-service (docs/PROTOCOL.md section 14.1) -------------------------
     def _delete_account(self, session: Session, msg: P.DeleteAccount) -> None:
         """The password again (bcrypt, with the login lockout) and the username typed; then it is all gone."""
         me = session.username
         assert me is not None
         if msg.confirm != me:
-            session.send(P.AccountDeleted(deleted=False, reason="The confirmation is not your username; "
-                                                                "nothing was deleted."))
+            session.send(
+                P.AccountDeleted(
+                    deleted=False, reason="The confirmation is not your username; nothing was deleted."
+                )
+            )
             return
         try:
             self.auth.login(me, msg.password, session.source)
@@ -1230,18 +1431,41 @@ class ChatService(RoomService):
             return
         self.storage.delete_user(me)
         self.audit("delete_account", me, session.source)
-        session.send(P.AccountDeleted(deleted=True, reason="Your account and everything the server kept for it "
-                                                           "were deleted."))
+        session.send(
+            P.AccountDeleted(
+                deleted=True, reason="Your account and everything the server kept for it were deleted."
+            )
+        )
         session.close("Your account was deleted.")
 
-    _HANDLERS = {P.Login: _auth, P.Register: _auth, P.Resume: _resume, P.OpenConversation: _open,
-                 P.Relay: _relay, P.WhoRequest: _who, P.RegisterEndpoint: _register_endpoint,
-                 P.DirectRequest: _direct_request, P.ChangePassword: _change_password}
+    _HANDLERS = {
+        P.Login: _auth,
+        P.Register: _auth,
+        P.Resume: _resume,
+        P.OpenConversation: _open,
+        P.Relay: _relay,
+        P.WhoRequest: _who,
+        P.RegisterEndpoint: _register_endpoint,
+        P.DirectRequest: _direct_request,
+        P.ChangePassword: _change_password,
+    }
     _HANDLERS[P.DeleteAccount] = _delete_account
-    _HANDLERS.update({P.PublishPrekeys: _publish_prekeys, P.OfflineOpen: _offline_open, P.Store: _store,
-                      P.Ack: _ack, P.Defer: _defer})
-    _HANDLERS.update({P.RoomCreate: RoomService._room_create, P.RoomChange: RoomService._room_change,
-                      P.RoomSend: RoomService._room_send})
+    _HANDLERS.update(
+        {
+            P.PublishPrekeys: _publish_prekeys,
+            P.OfflineOpen: _offline_open,
+            P.Store: _store,
+            P.Ack: _ack,
+            P.Defer: _defer,
+        }
+    )
+    _HANDLERS.update(
+        {
+            P.RoomCreate: RoomService._room_create,
+            P.RoomChange: RoomService._room_change,
+            P.RoomSend: RoomService._room_send,
+        }
+    )
 
 
 # =============================================================================
@@ -1265,8 +1489,12 @@ class Server:
     closes the database.
     """
 
-    def __init__(self, config: ServerConfig, announce: Callable[[str], None] = lambda line: None,
-                 storage: Storage | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        announce: Callable[[str], None] = lambda line: None,
+        storage: Storage | None = None,
+    ) -> None:
         self.config = config
         self.announce = announce
         data_dir = Path(config.data_dir)
@@ -1274,48 +1502,67 @@ class Server:
         ticket_key = None
         if config.identity_key_file is not None:  # one identity for every node of a cluster
             self.identity = cu.load_identity(Path(config.identity_key_file))
-            ticket_key = cu.hkdf(self.identity.private_bytes_raw(), salt=None,
-                                 info=cu.label("ticket key from the identity"), length=32)
+            ticket_key = cu.hkdf(
+                self.identity.private_bytes_raw(),
+                salt=None,
+                info=cu.label("ticket key from the identity"),
+                length=32,
+            )
         else:
             self.identity = cu.load_or_create_identity(data_dir / IDENTITY_FILE)
         self.fingerprint = cu.fingerprint(self.identity.public_key())
         self.storage = storage or open_storage(config.database_url)
         if config.cluster_url and self.storage.backend.lower().startswith("sqlite"):
             self.storage.close()
-            raise ConfigError("--cluster needs a database every node shares: use --db mysql://... "
-                              "(SQLite is one file on one machine).")
+            raise ConfigError(
+                "--cluster needs a database every node shares: use --db mysql://... "
+                "(SQLite is one file on one machine)."
+            )
         self.service = ChatService(self.storage, config, announce, ticket_key=ticket_key)
-        self.rate_limiter = SourceRateLimiter(config.connections_per_source_per_s, config.connection_burst_per_source)
-        self.puzzle = PuzzleGate(config.puzzle_mode, base_difficulty=config.puzzle_bits,
-                                 load_threshold=config.puzzle_load_threshold,
-                                 load=self.service.registry.unauthenticated_total)
+        self.rate_limiter = SourceRateLimiter(
+            config.connections_per_source_per_s, config.connection_burst_per_source
+        )
+        self.puzzle = PuzzleGate(
+            config.puzzle_mode,
+            base_difficulty=config.puzzle_bits,
+            load_threshold=config.puzzle_load_threshold,
+            load=self.service.registry.unauthenticated_total,
+        )
         self.loop = new_event_loop()
         self.loop_thread_id: int | None = None
         self.pool = ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="worker")
         # Password work (a thread waits for bcrypt, about 240 ms at cost 12) has threads of its own:
         # a burst of logins must not queue the KDC, opens or resumes behind it.
-        self.password_pool = ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="password")
+        self.password_pool = ThreadPoolExecutor(
+            max_workers=config.worker_threads, thread_name_prefix="password"
+        )
         self.modexp = diffiehellman.ModexpOffload()
         self._aserver: asyncio.AbstractServer | None = None
         self._listener: socket.socket | None = None
         self._loop_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self.moderation = ModerationPoller(self.storage, self.service.address_bans, kick=self.service.kick,
-                                           kick_banned_sources=self.service.kick_banned_sources,
-                                           audit_retention_s=config.audit_retention_days * 86400)
+        self.moderation = ModerationPoller(
+            self.storage,
+            self.service.address_bans,
+            kick=self.service.kick,
+            kick_banned_sources=self.service.kick_banned_sources,
+            audit_retention_s=config.audit_retention_days * 86400,
+        )
         self.metrics_endpoint: MetricsEndpoint | None = None
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
-        listener = socket.create_server((self.config.host, self.config.port), backlog=1024,
-                                        reuse_port=self.config.reuse_port)
+        listener = socket.create_server(
+            (self.config.host, self.config.port), backlog=1024, reuse_port=self.config.reuse_port
+        )
         listener.setblocking(False)
         self._listener = listener
         self._loop_thread = threading.Thread(target=self._run_loop, name="loop", daemon=True)
         self._loop_thread.start()
         self._aserver = asyncio.run_coroutine_threadsafe(
-            self.loop.create_server(lambda: Link(self), sock=listener, start_serving=False), self.loop).result()
+            self.loop.create_server(lambda: Link(self), sock=listener, start_serving=False), self.loop
+        ).result()
         host, port = self.server_address
         if not self.config.node_name:
             self.service.node = f"{socket.gethostname()}:{port}"[:64]
@@ -1345,8 +1592,11 @@ class Server:
             online_users=lambda: len(registry.online_users()),
             outbox_bytes=lambda: sum(s.link.buffered for s in registry.all_sessions() if s.link is not None),
             bcrypt_queue=lambda: auth._bcrypt._work_queue.qsize(),  # noqa: SLF001 - a gauge only reads it
-            puzzle_difficulty=self.puzzle.difficulty)
-        self.metrics_endpoint = MetricsEndpoint(self.service.metrics, self.health, self.config.metrics_port or 0)
+            puzzle_difficulty=self.puzzle.difficulty,
+        )
+        self.metrics_endpoint = MetricsEndpoint(
+            self.service.metrics, self.health, self.config.metrics_port or 0
+        )
         self.metrics_endpoint.start()
 
     def health(self) -> str | None:
@@ -1411,8 +1661,12 @@ class Server:
             session.close(reason)
         deadline = time.monotonic() + LINGER_S + 0.5
         while time.monotonic() < deadline and any(
-                s.link is not None and s.link.transport is not None and not s.link.transport.is_closing()
-                and s.link.transport.get_write_buffer_size() for s in sessions):
+            s.link is not None
+            and s.link.transport is not None
+            and not s.link.transport.is_closing()
+            and s.link.transport.get_write_buffer_size()
+            for s in sessions
+        ):
             await asyncio.sleep(0.02)  # the farewells drain (bounded)
         for session in sessions:
             if session.link is not None and session.link.transport is not None:
@@ -1426,13 +1680,22 @@ class Server:
             refusal = "shutting down"
         elif not self.rate_limiter.allow(source):
             refusal = "too many new connections from this address"
-        proto = P.ServerProtocol(self.identity, suite=self.config.cipher, allowed_groups=self.config.allowed_groups,
-                                 tdes_backend=self.config.tdes_backend, puzzle=self.puzzle, source=source)
+        proto = P.ServerProtocol(
+            self.identity,
+            suite=self.config.cipher,
+            allowed_groups=self.config.allowed_groups,
+            tdes_backend=self.config.tdes_backend,
+            puzzle=self.puzzle,
+            source=source,
+        )
         session = Session(proto, link, source)
         if refusal is None:
             refusal = self.service.registry.add_connection(
-                session, self.config.max_connections, self.config.max_unauthenticated,
-                self.config.max_unauthenticated_per_source)
+                session,
+                self.config.max_connections,
+                self.config.max_unauthenticated,
+                self.config.max_unauthenticated_per_source,
+            )
         if refusal is None:
             self.service.metrics.connections.inc()
             self.loop.call_later(self.config.login_grace_s, self._login_deadline, session)
@@ -1495,8 +1758,11 @@ class Server:
                 link._close_gracefully()  # all the peer sent is answered
             elif len(inbox) > MAX_INBOX_ITEMS or session.inbox_bytes > MAX_INBOX_BYTES:
                 link.transport.pause_reading()
-            elif len(inbox) < INBOX_RESUME_ITEMS and session.inbox_bytes <= MAX_INBOX_BYTES \
-                    and not link.transport.is_closing():
+            elif (
+                len(inbox) < INBOX_RESUME_ITEMS
+                and session.inbox_bytes <= MAX_INBOX_BYTES
+                and not link.transport.is_closing()
+            ):
                 link.transport.resume_reading()
 
     def _fast(self, session: Session, msg) -> bool:
@@ -1578,8 +1844,8 @@ class Server:
             self.service.disconnected(session)
 
 
-MAX_HELD_RELAYS = 1024   # frames of one conversation waiting for its new key (a database write away)
-RELAY_SAMPLE_MASK = 15   # the relay latency histogram times one relayed message in 16
+MAX_HELD_RELAYS = 1024  # frames of one conversation waiting for its new key (a database write away)
+RELAY_SAMPLE_MASK = 15  # the relay latency histogram times one relayed message in 16
 # Checked with bcrypt: handled on the password threads.  Resume (a ticket, no bcrypt) is not.
 PASSWORD_MESSAGES = frozenset({P.Login, P.Register, P.ChangePassword, P.DeleteAccount})
 FAST_MESSAGES = frozenset({P.Relay, P.WhoRequest})  # handled on the loop thread: no database, no slow crypto
@@ -1616,67 +1882,160 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="secureim server: login, key distribution and relay.",
-                                formatter_class=_HelpWithDefaults)
+    p = argparse.ArgumentParser(
+        description="secureim server: login, key distribution and relay.", formatter_class=_HelpWithDefaults
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0 = any free port)")
-    p.add_argument("--db", dest="db_url", default=None,
-                   help="sqlite:///PATH or mysql://USER[:PASS]@HOST[:PORT]/DB. sqlite:///data/x.db is "
-                        "relative to the current folder, sqlite:////srv/x.db (four slashes) is absolute; "
-                        "the folder must exist. MySQL: the database is created if the account may "
-                        "(default: SQLite file secureim.db in the data dir)")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SECUREIM_DATA_DIR", DEFAULT_DATA_DIR)),
-                   help="where the identity key, ticket key and SQLite database live ($SECUREIM_DATA_DIR)")
-    p.add_argument("--cipher", choices=cu.SUITE_NAMES, default=cu.DEFAULT_SUITE,
-                   help="cipher suite for sessions and conversations")
-    p.add_argument("--bcrypt-cost", type=int, default=DEFAULT_BCRYPT_COST, help="bcrypt cost for new passwords (4-31)")
+    p.add_argument(
+        "--db",
+        dest="db_url",
+        default=None,
+        help="sqlite:///PATH or mysql://USER[:PASS]@HOST[:PORT]/DB. sqlite:///data/x.db is "
+        "relative to the current folder, sqlite:////srv/x.db (four slashes) is absolute; "
+        "the folder must exist. MySQL: the database is created if the account may "
+        "(default: SQLite file secureim.db in the data dir)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("SECUREIM_DATA_DIR", DEFAULT_DATA_DIR)),
+        help="where the identity key, ticket key and SQLite database live ($SECUREIM_DATA_DIR)",
+    )
+    p.add_argument(
+        "--cipher",
+        choices=cu.SUITE_NAMES,
+        default=cu.DEFAULT_SUITE,
+        help="cipher suite for sessions and conversations",
+    )
+    p.add_argument(
+        "--bcrypt-cost", type=int, default=DEFAULT_BCRYPT_COST, help="bcrypt cost for new passwords (4-31)"
+    )
     p.add_argument("--rekey-messages", type=int, default=1000, help="new conversation key after N messages")
     p.add_argument("--rekey-minutes", type=float, default=60.0, help="new conversation key after N minutes")
     p.add_argument("--login-grace", type=float, default=120.0, help="seconds from connect to logged in")
-    p.add_argument("--puzzle", choices=["off", "auto", "always"], default="auto",
-                   help="client puzzle before any DH work: auto = only under load")
+    p.add_argument(
+        "--puzzle",
+        choices=["off", "auto", "always"],
+        default="auto",
+        help="client puzzle before any DH work: auto = only under load",
+    )
     p.add_argument("--puzzle-bits", type=int, default=16, help="base puzzle difficulty in bits (0-22)")
-    p.add_argument("--max-unauthenticated", type=int, default=256, help="half-open connections allowed at once")
-    p.add_argument("--max-unauthenticated-per-source", type=int, default=32,
-                   help="half-open connections allowed per address")
-    p.add_argument("--connections-per-second", type=float, default=20.0,
-                   help="new connections per second per address (burst: three times this)")
-    p.add_argument("--log-level", type=_log_level, default="WARNING", metavar="LEVEL",
-                   help="log detail on stderr: DEBUG, INFO, WARNING or ERROR, in any case; WARNING shows "
-                        "failed logins and lockouts (never passwords)")
+    p.add_argument(
+        "--max-unauthenticated", type=int, default=256, help="half-open connections allowed at once"
+    )
+    p.add_argument(
+        "--max-unauthenticated-per-source",
+        type=int,
+        default=32,
+        help="half-open connections allowed per address",
+    )
+    p.add_argument(
+        "--connections-per-second",
+        type=float,
+        default=20.0,
+        help="new connections per second per address (burst: three times this)",
+    )
+    p.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="WARNING",
+        metavar="LEVEL",
+        help="log detail on stderr: DEBUG, INFO, WARNING or ERROR, in any case; WARNING shows "
+        "failed logins and lockouts (never passwords)",
+    )
     # Operating the server (admin.py, console.py, metrics.py); `python server.py admin --help` for the rest.
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus /metrics and /healthz on 127.0.0.1:PORT (0 = any free port)")
-    p.add_argument("--audit-retention-days", type=float, default=DEFAULT_AUDIT_RETENTION_DAYS,
-                   help=f"keep audit rows this long (default {DEFAULT_AUDIT_RETENTION_DAYS:g})")
-    p.add_argument("--console", choices=["auto", "on", "off"], default="auto",
-                   help="operator commands on stdin (/help): auto = only when stdin is a terminal")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics and /healthz on 127.0.0.1:PORT (0 = any free port)",
+    )
+    p.add_argument(
+        "--audit-retention-days",
+        type=float,
+        default=DEFAULT_AUDIT_RETENTION_DAYS,
+        help=f"keep audit rows this long (default {DEFAULT_AUDIT_RETENTION_DAYS:g})",
+    )
+    p.add_argument(
+        "--console",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="operator commands on stdin (/help): auto = only when stdin is a terminal",
+    )
     # Scaling (docs/SCALING.md): worker processes on one machine, nodes on NATS.
-    p.add_argument("--workers", type=_workers, default=1, metavar="N",
-                   help="server processes sharing the port (SO_REUSEPORT); 'auto' = one per core. "
-                        "More than 1 needs --cluster: the workers talk over NATS")
-    p.add_argument("--worker-threads", type=int, default=4,
-                   help="threads per process for slow work (handshakes, logins, the database)")
-    p.add_argument("--cluster", dest="cluster_url", default=None, metavar="nats://HOST:PORT",
-                   help="join a cluster on this NATS server: several processes or machines, one service "
-                        "(needs a shared MySQL/MariaDB --db)")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="server processes sharing the port (SO_REUSEPORT); 'auto' = one per core. "
+        "More than 1 needs --cluster: the workers talk over NATS",
+    )
+    p.add_argument(
+        "--worker-threads",
+        type=int,
+        default=4,
+        help="threads per process for slow work (handshakes, logins, the database)",
+    )
+    p.add_argument(
+        "--cluster",
+        dest="cluster_url",
+        default=None,
+        metavar="nats://HOST:PORT",
+        help="join a cluster on this NATS server: several processes or machines, one service "
+        "(needs a shared MySQL/MariaDB --db)",
+    )
     p.add_argument("--cluster-prefix", default="secureim", help="NATS subject prefix of the cluster")
-    p.add_argument("--identity-key", type=Path, default=None, metavar="FILE",
-                   help="the service's Ed25519 identity (PEM, mode 0600), the same on every node; "
-                        "tickets and the cluster key derive from it (default: the data dir's own)")
-    p.add_argument("--node-name", default="", help="this node's name in logs and `admin sessions` "
-                                                   "(default: hostname:port)")
-    p.add_argument("--queue-max-messages", type=int, default=1000, metavar="N",
-                   help="stored messages kept for one offline user at most (then senders are told)")
-    p.add_argument("--queue-max-mib", type=float, default=10.0, metavar="MIB",
-                   help="bytes of stored messages kept for one offline user at most, in MiB")
-    p.add_argument("--queue-max-days", type=float, default=30.0, metavar="DAYS",
-                   help="stored messages unread this long are deleted")
-    p.add_argument("--room-max-members", type=int, default=R.DEFAULT_MAX_MEMBERS, metavar="N",
-                   help=f"members one room may have (1-{R.HARD_MAX_MEMBERS})")
-    p.add_argument("--room-sends-per-second", type=float, default=50.0, metavar="N",
-                   help="room messages one session may send a second (bursts of 4x); each is copied to every "
-                        "other member")
+    p.add_argument(
+        "--identity-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the service's Ed25519 identity (PEM, mode 0600), the same on every node; "
+        "tickets and the cluster key derive from it (default: the data dir's own)",
+    )
+    p.add_argument(
+        "--node-name",
+        default="",
+        help="this node's name in logs and `admin sessions` (default: hostname:port)",
+    )
+    p.add_argument(
+        "--queue-max-messages",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="stored messages kept for one offline user at most (then senders are told)",
+    )
+    p.add_argument(
+        "--queue-max-mib",
+        type=float,
+        default=10.0,
+        metavar="MIB",
+        help="bytes of stored messages kept for one offline user at most, in MiB",
+    )
+    p.add_argument(
+        "--queue-max-days",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="stored messages unread this long are deleted",
+    )
+    p.add_argument(
+        "--room-max-members",
+        type=int,
+        default=R.DEFAULT_MAX_MEMBERS,
+        metavar="N",
+        help=f"members one room may have (1-{R.HARD_MAX_MEMBERS})",
+    )
+    p.add_argument(
+        "--room-sends-per-second",
+        type=float,
+        default=50.0,
+        metavar="N",
+        help="room messages one session may send a second (bursts of 4x); each is copied to every "
+        "other member",
+    )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for each worker
     return p
 
@@ -1725,9 +2084,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--audit-retention-days must be between 0 and 36500.")
     if not 1 <= args.worker_threads <= 256:
         raise ConfigError("--worker-threads must be between 1 and 256.")
-    if not 1 <= args.queue_max_messages <= 1_000_000 or not 0 < args.queue_max_mib <= 4096 \
-            or not 0 < args.queue_max_days <= 3650:
-        raise ConfigError("--queue-max-messages is 1-1000000, --queue-max-mib 0-4096, --queue-max-days 0-3650.")
+    if (
+        not 1 <= args.queue_max_messages <= 1_000_000
+        or not 0 < args.queue_max_mib <= 4096
+        or not 0 < args.queue_max_days <= 3650
+    ):
+        raise ConfigError(
+            "--queue-max-messages is 1-1000000, --queue-max-mib 0-4096, --queue-max-days 0-3650."
+        )
     if not 1 <= args.room_max_members <= R.HARD_MAX_MEMBERS:
         raise ConfigError(f"--room-max-members is 1-{R.HARD_MAX_MEMBERS}.")
     if not 0 < args.room_sends_per_second <= 100_000:
@@ -1739,24 +2103,40 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
         check_prefix(args.cluster_prefix)
         if not (args.db_url or "").startswith(("mysql://", "mariadb://")):
-            raise ConfigError("--cluster needs a database every node shares: --db mysql://USER@HOST/DB "
-                              "(SQLite is one file on one machine).")
-    return ServerConfig(host=args.host, port=args.port, db_url=args.db_url, data_dir=args.data_dir,
-                        cipher=args.cipher, bcrypt_cost=args.bcrypt_cost, rekey_after_messages=args.rekey_messages,
-                        rekey_after_s=args.rekey_minutes * 60, login_grace_s=args.login_grace,
-                        puzzle_mode=args.puzzle, puzzle_bits=args.puzzle_bits,
-                        max_unauthenticated=args.max_unauthenticated,
-                        max_unauthenticated_per_source=args.max_unauthenticated_per_source,
-                        connections_per_source_per_s=args.connections_per_second,
-                        connection_burst_per_source=max(1, int(args.connections_per_second * 3)),
-                        metrics_port=args.metrics_port, audit_retention_days=args.audit_retention_days,
-                        worker_threads=args.worker_threads, reuse_port=args.reuse_port,
-                        cluster_url=args.cluster_url, cluster_prefix=args.cluster_prefix,
-                        identity_key_file=args.identity_key, node_name=args.node_name[:64],
-                        queue_max_messages=args.queue_max_messages,
-                        queue_max_bytes=int(args.queue_max_mib * (1 << 20)),
-                        queue_max_age_s=args.queue_max_days * 86400.0,
-                        room_max_members=args.room_max_members, room_sends_per_s=args.room_sends_per_second)
+            raise ConfigError(
+                "--cluster needs a database every node shares: --db mysql://USER@HOST/DB "
+                "(SQLite is one file on one machine)."
+            )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        db_url=args.db_url,
+        data_dir=args.data_dir,
+        cipher=args.cipher,
+        bcrypt_cost=args.bcrypt_cost,
+        rekey_after_messages=args.rekey_messages,
+        rekey_after_s=args.rekey_minutes * 60,
+        login_grace_s=args.login_grace,
+        puzzle_mode=args.puzzle,
+        puzzle_bits=args.puzzle_bits,
+        max_unauthenticated=args.max_unauthenticated,
+        max_unauthenticated_per_source=args.max_unauthenticated_per_source,
+        connections_per_source_per_s=args.connections_per_second,
+        connection_burst_per_source=max(1, int(args.connections_per_second * 3)),
+        metrics_port=args.metrics_port,
+        audit_retention_days=args.audit_retention_days,
+        worker_threads=args.worker_threads,
+        reuse_port=args.reuse_port,
+        cluster_url=args.cluster_url,
+        cluster_prefix=args.cluster_prefix,
+        identity_key_file=args.identity_key,
+        node_name=args.node_name[:64],
+        queue_max_messages=args.queue_max_messages,
+        queue_max_bytes=int(args.queue_max_mib * (1 << 20)),
+        queue_max_age_s=args.queue_max_days * 86400.0,
+        room_max_members=args.room_max_members,
+        room_sends_per_s=args.room_sends_per_second,
+    )
 
 
 class LinePrinter:
@@ -1786,8 +2166,11 @@ class LinePrinter:
             line = self._lines.get()
             if self._dropped:
                 dropped, self._dropped = self._dropped, 0
-                print(f"{time.strftime(TIME_FORMAT)} [SERVER]: ({dropped} console lines dropped: the "
-                      "console was not read)", flush=True)
+                print(
+                    f"{time.strftime(TIME_FORMAT)} [SERVER]: ({dropped} console lines dropped: the "
+                    "console was not read)",
+                    flush=True,
+                )
             print(line, flush=True)
             self._lines.task_done()
 
@@ -1822,7 +2205,9 @@ def _raise_stop(signum, frame):  # noqa: ARG001 - signal handler signature
 def _stdin_is_our_terminal() -> bool:
     """A terminal, and we are in its foreground (``server.py &`` must not stop on reading it)."""
     try:
-        return sys.stdin is not None and sys.stdin.isatty() and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+        return (
+            sys.stdin is not None and sys.stdin.isatty() and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+        )
     except (OSError, ValueError):
         return False
 
@@ -1838,8 +2223,9 @@ def main(argv: list[str] | None = None) -> int:
         import workers
 
         return workers.supervise(args, argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt=TIME_FORMAT)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt=TIME_FORMAT
+    )
 
     def say(line: str) -> None:
         print(f"{time.strftime(TIME_FORMAT)} {line}", flush=True)
@@ -1858,15 +2244,21 @@ def main(argv: list[str] | None = None) -> int:
     say(f"[SERVER]: Listening on {host}:{port} ({config.cipher}, database: {server.storage.backend}).")
     say(f"[SERVER]: Server identity fingerprint: {server.fingerprint}")
     if server.metrics_endpoint is not None:
-        say(f"[SERVER]: Metrics on http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
-            f" (health: /healthz).")
+        say(
+            f"[SERVER]: Metrics on http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
+            f" (health: /healthz)."
+        )
     if args.console == "on" or (args.console == "auto" and _stdin_is_our_terminal()):
         from admin import AdminOps
         from console import ServerConsole
 
-        if hasattr(signal, "SIGTTIN"):  # sent to the background later: a read fails (the console ends), no stop
+        if hasattr(
+            signal, "SIGTTIN"
+        ):  # sent to the background later: a read fails (the console ends), no stop
             signal.signal(signal.SIGTTIN, signal.SIG_IGN)
-        ServerConsole(AdminOps(server.storage, "console", bcrypt_cost=config.bcrypt_cost), sys.stdin, say).start()
+        ServerConsole(
+            AdminOps(server.storage, "console", bcrypt_cost=config.bcrypt_cost), sys.stdin, say
+        ).start()
         say("[SERVER]: Console ready; type /help.")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)

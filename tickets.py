@@ -26,7 +26,7 @@ from errors import ConfigError, InvalidCredentials
 
 TICKET_LIFETIME_S = 12 * 3600
 TICKET_VERSION = 2
-_HEADER = struct.Struct(">BQQI")   # version, issued_at, expires_at, the account's ticket epoch
+_HEADER = struct.Struct(">BQQI")  # version, issued_at, expires_at, the account's ticket epoch
 _AAD = b"secureim/v1 ticket"
 KEY_FILE = "ticket.key"
 
@@ -55,8 +55,12 @@ class TicketIssuer:
 
     def issue(self, username: str, identity_key: bytes, epoch: int = 0) -> bytes:
         now = int(self._clock())
-        plain = (_HEADER.pack(TICKET_VERSION, now, now + self.lifetime_s, epoch) + bytes([len(username)])
-                 + username.encode("ascii") + identity_key)
+        plain = (
+            _HEADER.pack(TICKET_VERSION, now, now + self.lifetime_s, epoch)
+            + bytes([len(username)])
+            + username.encode("ascii")
+            + identity_key
+        )
         nonce = cu.random_bytes(12)
         return nonce + self._aead.encrypt(nonce, plain, _AAD)
 
@@ -76,8 +80,12 @@ class TicketIssuer:
             raise invalid from None
         version, _issued, expires, epoch = _HEADER.unpack_from(plain)
         n = plain[_HEADER.size]
-        username = plain[_HEADER.size + 1:_HEADER.size + 1 + n].decode("ascii", "replace")
-        bound_key = plain[_HEADER.size + 1 + n:]
-        if version != TICKET_VERSION or expires < self._clock() or not cu.constant_time_equal(bound_key, identity_key):
+        username = plain[_HEADER.size + 1 : _HEADER.size + 1 + n].decode("ascii", "replace")
+        bound_key = plain[_HEADER.size + 1 + n :]
+        if (
+            version != TICKET_VERSION
+            or expires < self._clock()
+            or not cu.constant_time_equal(bound_key, identity_key)
+        ):
             raise invalid
         return username, epoch

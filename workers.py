@@ -42,8 +42,13 @@ class Worker:
 
     def start(self) -> None:
         self.ready.clear()
-        self.proc = subprocess.Popen([sys.executable, SERVER, *self.argv], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, SERVER, *self.argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         threading.Thread(target=self._relay_output, args=(self.proc,), daemon=True).start()
 
     def _relay_output(self, proc: subprocess.Popen) -> None:
@@ -62,8 +67,11 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     from server import config_from_args
 
     if not args.cluster_url:
-        _say(f"[SERVER]: Cannot start: --workers {args.workers} needs --cluster nats://HOST:PORT "
-             "(the workers reach each other's users over NATS) and a MySQL/MariaDB --db.", err=True)
+        _say(
+            f"[SERVER]: Cannot start: --workers {args.workers} needs --cluster nats://HOST:PORT "
+            "(the workers reach each other's users over NATS) and a MySQL/MariaDB --db.",
+            err=True,
+        )
         return 1
     try:
         config_from_args(args)  # every mistake in one line from here, not N times from the workers
@@ -83,8 +91,17 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     base = args.node_name or f"{socket.gethostname()}:{port}"
     workers = []
     for i in range(args.workers):
-        extra = ["--workers", "1", "--port", str(port), "--reuse-port", "--console", "off",
-                 "--node-name", f"{base}/w{i}"[:64]]
+        extra = [
+            "--workers",
+            "1",
+            "--port",
+            str(port),
+            "--reuse-port",
+            "--console",
+            "off",
+            "--node-name",
+            f"{base}/w{i}"[:64],
+        ]
         if args.metrics_port:  # one endpoint per worker: PORT, PORT+1, ...
             extra += ["--metrics-port", str(args.metrics_port + i)]
         workers.append(Worker(i, [*argv, *extra]))  # argparse: the last occurrence of an option wins
@@ -109,7 +126,9 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
         time.sleep(0.05)
     hold.close()
     if not stopping.is_set():
-        _say(f"[SERVER]: Listening on {args.host}:{port} ({len(workers)} workers, cluster {args.cluster_url}).")
+        _say(
+            f"[SERVER]: Listening on {args.host}:{port} ({len(workers)} workers, cluster {args.cluster_url})."
+        )
         _say(f"[SERVER]: {READY}")
     while not stopping.is_set():
         for w in workers:

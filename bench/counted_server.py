@@ -34,8 +34,9 @@ WRITE_EVERY_S = 0.25
 
 def _write(path: Path, at_start: int) -> None:
     tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(json.dumps({"bcrypt_runs_at_start": at_start,
-                               "bcrypt_runs_serving": auth.bcrypt_runs() - at_start}))
+    tmp.write_text(
+        json.dumps({"bcrypt_runs_at_start": at_start, "bcrypt_runs_serving": auth.bcrypt_runs() - at_start})
+    )
     os.replace(tmp, path)
 
 

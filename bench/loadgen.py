@@ -80,7 +80,9 @@ def raise_nofile(want: int | None = None) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def _server_preexec() -> None:  # in the server's process, before exec: its own open-file limit, as high as allowed
+def _server_preexec() -> (
+    None
+):  # in the server's process, before exec: its own open-file limit, as high as allowed
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -176,9 +178,17 @@ def nats_reachable(url: str) -> bool:
 class ServerUnderTest:
     """One ``server.py`` process (with ``workers`` > 1: a supervisor and its worker processes)."""
 
-    def __init__(self, *, cipher: str = "3des", bcrypt_cost: int = 4, db_url: str | None = None,
-                 data_dir: Path | None = None, port: int = 0, extra: tuple[str, ...] = (),
-                 workers: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        cipher: str = "3des",
+        bcrypt_cost: int = 4,
+        db_url: str | None = None,
+        data_dir: Path | None = None,
+        port: int = 0,
+        extra: tuple[str, ...] = (),
+        workers: int = 1,
+    ) -> None:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="secureim-bench-"))
         self.workers = workers
         # bench/counted_server.py is server.py's main plus its bcrypt count (workers: PATH.wI).
@@ -186,11 +196,32 @@ class ServerUnderTest:
         self.counters_path = self.counters_dir / "counters.json"
         self.log_path = self.counters_dir / "stderr.log"
         self.last_counters: dict | None = None
-        args = [sys.executable, str(ROOT / "bench" / "counted_server.py"), "--counters", str(self.counters_path),
-                "--port", str(port), "--data-dir", str(self.data_dir),
-                "--cipher", cipher, "--bcrypt-cost", str(bcrypt_cost), "--puzzle", "off",
-                "--connections-per-second", "1000000", "--max-unauthenticated", "100000",
-                "--max-unauthenticated-per-source", "100000", "--login-grace", "120", "--console", "off"]
+        args = [
+            sys.executable,
+            str(ROOT / "bench" / "counted_server.py"),
+            "--counters",
+            str(self.counters_path),
+            "--port",
+            str(port),
+            "--data-dir",
+            str(self.data_dir),
+            "--cipher",
+            cipher,
+            "--bcrypt-cost",
+            str(bcrypt_cost),
+            "--puzzle",
+            "off",
+            "--connections-per-second",
+            "1000000",
+            "--max-unauthenticated",
+            "100000",
+            "--max-unauthenticated-per-source",
+            "100000",
+            "--login-grace",
+            "120",
+            "--console",
+            "off",
+        ]
         if db_url:
             args += ["--db", db_url]
         if workers > 1:
@@ -202,8 +233,14 @@ class ServerUnderTest:
         import queue
 
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=log, text=True,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_server_preexec)
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_server_preexec,
+        )
         log.close()
         lines: queue.Queue = queue.Queue()
 
@@ -305,7 +342,9 @@ class ServerUnderTest:
             except subprocess.TimeoutExpired:
                 self.kill()
         # This process's counters (and its workers'); absent if it had to be killed.
-        self.last_counters = {"bcrypt_runs_serving": self.bcrypt_runs()} if self.counters_path.exists() else None
+        self.last_counters = (
+            {"bcrypt_runs_serving": self.bcrypt_runs()} if self.counters_path.exists() else None
+        )
         for f in self.counters_dir.glob("counters.json*"):
             f.unlink(missing_ok=True)
         keep = os.environ.get("SECUREIM_BENCH_LOGS")  # a folder: keep every server's stderr there
@@ -325,9 +364,18 @@ class Deployment:
     database is dropped at the end; the prefix is never used again.
     """
 
-    def __init__(self, *, cipher: str = "3des", bcrypt_cost: int = 4, mysql: bool = False, workers: int = 1,
-                 nodes: int = 1, nats_url: str = NATS_URL, server_args: tuple[str, ...] = (),
-                 settle_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        cipher: str = "3des",
+        bcrypt_cost: int = 4,
+        mysql: bool = False,
+        workers: int = 1,
+        nodes: int = 1,
+        nats_url: str = NATS_URL,
+        server_args: tuple[str, ...] = (),
+        settle_s: float = 0.0,
+    ) -> None:
         self.clustered = workers > 1 or nodes > 1
         self.mysql = mysql or self.clustered
         self.workers, self.n_nodes = workers, nodes
@@ -339,8 +387,10 @@ class Deployment:
         extra: list[str] = []
         db_url = None
         if self.clustered and not nats_reachable(nats_url):
-            raise SystemExit(f"--server-workers/--nodes need NATS: nothing answers at {nats_url} "
-                             "(start nats-server, or set SECUREIM_BENCH_NATS)")
+            raise SystemExit(
+                f"--server-workers/--nodes need NATS: nothing answers at {nats_url} "
+                "(start nats-server, or set SECUREIM_BENCH_NATS)"
+            )
         try:
             if self.mysql:
                 self.db_name = os.environ.get("SECUREIM_BENCH_DB") or f"secureim_bench_{secrets.token_hex(4)}"
@@ -352,13 +402,27 @@ class Deployment:
                 identity = self.root / "service_identity.key"
                 cu.load_or_create_identity(str(identity))
                 self.prefix = f"bench{secrets.token_hex(4)}"
-                extra = ["--identity-key", str(identity), "--cluster", nats_url, "--cluster-prefix", self.prefix]
+                extra = [
+                    "--identity-key",
+                    str(identity),
+                    "--cluster",
+                    nats_url,
+                    "--cluster-prefix",
+                    self.prefix,
+                ]
             for i in range(nodes):
                 node_extra = [*extra, "--node-name", f"bench-node{i}"] if nodes > 1 else list(extra)
                 node_extra += server_args
-                self.nodes.append(ServerUnderTest(cipher=cipher, bcrypt_cost=bcrypt_cost, db_url=db_url,
-                                                  data_dir=self.root / f"node{i}", extra=tuple(node_extra),
-                                                  workers=workers))
+                self.nodes.append(
+                    ServerUnderTest(
+                        cipher=cipher,
+                        bcrypt_cost=bcrypt_cost,
+                        db_url=db_url,
+                        data_dir=self.root / f"node{i}",
+                        extra=tuple(node_extra),
+                        workers=workers,
+                    )
+                )
             if self.clustered and settle_s > 0:
                 # Every node has heard every other's heartbeat (1 s) and answered with its snapshot
                 # before anyone logs in: the run measures a settled cluster, not its joining.
@@ -411,19 +475,27 @@ class Deployment:
         limits = [x for n in self.alive() for x in n.nofile_limits()]
         low = min((x for x in limits if x is not None), default=None)
         if low is not None and low < need:
-            raise SystemExit(f"a server process may open only {low} files, {need} are needed: raise the hard "
-                             f"limit (ulimit -Hn, or LimitNOFILE) for the user running the benchmark")
+            raise SystemExit(
+                f"a server process may open only {low} files, {need} are needed: raise the hard "
+                f"limit (ulimit -Hn, or LimitNOFILE) for the user running the benchmark"
+            )
         return low if low is not None else -1
 
     def audit_counts(self, since: float) -> dict[str, int]:
         """Audit rows per event since ``since`` (MariaDB): ``resume`` vs ``login`` shows who needed a password."""
-        rows = mysql_admin(f"SELECT event, COUNT(*) FROM `{self.db_name}`.audit_log WHERE at >= %s GROUP BY event",
-                           (since,))
+        rows = mysql_admin(
+            f"SELECT event, COUNT(*) FROM `{self.db_name}`.audit_log WHERE at >= %s GROUP BY event", (since,)
+        )
         return {str(e): int(c) for e, c in rows}
 
     def shape(self) -> dict:
-        return {"server_workers": self.workers, "nodes": self.n_nodes, "server_processes": self.processes(),
-                "db": "mysql" if self.mysql else "sqlite", "cluster": bool(self.clustered)}
+        return {
+            "server_workers": self.workers,
+            "nodes": self.n_nodes,
+            "server_processes": self.processes(),
+            "db": "mysql" if self.mysql else "sqlite",
+            "cluster": bool(self.clustered),
+        }
 
     def stop(self) -> None:
         for n in self.nodes:
@@ -469,7 +541,9 @@ def connect_client(host: str, port: int, home: Path, name: str, *, register: boo
         except (C.ConnectionClosed, OSError):
             if attempt == 49:
                 raise
-            time.sleep(0.05 * (attempt + 1))  # backoff between tries of our own client, not a wait for the server
+            time.sleep(
+                0.05 * (attempt + 1)
+            )  # backoff between tries of our own client, not a wait for the server
     raise AssertionError("unreachable")
 
 
@@ -492,7 +566,9 @@ def cpu_self_s() -> float:
 def relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag):
     home = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     try:
-        _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag, home)
+        _relay_worker(
+            endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag, home
+        )
     except BaseException as exc:  # reported to the parent at once, not found by its timeout
         for barrier in barriers:
             barrier.abort()
@@ -507,14 +583,20 @@ def placement(i: int, n_nodes: int) -> tuple[int, int]:
     return i % n_nodes, (i + 1) % n_nodes
 
 
-def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag, home):
+def _relay_worker(
+    endpoints, pair_ids, messages, window, payload_bytes, barriers, results, timeout_s, tag, home
+):
     logged_in, barrier = barriers
     deadline = time.monotonic() + timeout_s
     pairs, cross, routes = [], [], []
     for i in pair_ids:
         sn, rn = placement(i, len(endpoints))
-        pairs.append((connect_client(*endpoints[sn], home, f"{tag}s{i}"),
-                      connect_client(*endpoints[rn], home, f"{tag}r{i}")))
+        pairs.append(
+            (
+                connect_client(*endpoints[sn], home, f"{tag}s{i}"),
+                connect_client(*endpoints[rn], home, f"{tag}r{i}"),
+            )
+        )
         cross.append(sn != rn)
         routes.append(f"{sn}->{rn}")
     # Everyone is logged in (on every generator process) before any conversation opens.
@@ -524,9 +606,22 @@ def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers
     for a, b in pairs:
         wait_event(a, C.ConversationReady, deadline, peer=b.username)
         wait_event(b, C.ConversationReady, deadline, peer=a.username)
-    state = [{"sent": 0, "recv": 0, "expected": 0, "disorder": 0, "duplicates": 0, "corrupted": 0,
-              "seen": set(), "lat": [], "cond": threading.Condition()} for _ in pairs]
+    state = [
+        {
+            "sent": 0,
+            "recv": 0,
+            "expected": 0,
+            "disorder": 0,
+            "duplicates": 0,
+            "corrupted": 0,
+            "seen": set(),
+            "lat": [],
+            "cond": threading.Condition(),
+        }
+        for _ in pairs
+    ]
     for (a, b), st in zip(pairs, state, strict=True):
+
         def on_message(event, st=st, sender=a.username):
             # Every message is checked: from the right sender, with exactly the text sent
             # (sequence number, the pair's tag, the padding), once, and in order.
@@ -534,8 +629,13 @@ def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers
             with st["cond"]:
                 try:
                     seq, sent_at = int(parts[0]), float(parts[1])
-                    intact = (event.peer == sender and len(parts) == 4 and parts[2] == relay_tag(sender, seq)
-                              and parts[3] == relay_padding(payload_bytes) and 0 <= seq < messages)
+                    intact = (
+                        event.peer == sender
+                        and len(parts) == 4
+                        and parts[2] == relay_tag(sender, seq)
+                        and parts[3] == relay_padding(payload_bytes)
+                        and 0 <= seq < messages
+                    )
                 except (ValueError, IndexError):
                     intact = False
                 if not intact:
@@ -551,6 +651,7 @@ def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers
                     st["recv"] += 1
                     st["progress_at"] = time.monotonic()
                 st["cond"].notify()
+
         b.on_message = on_message
     cpu0 = cpu_self_s()
     barrier.wait(timeout=timeout_s)
@@ -564,8 +665,9 @@ def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers
         try:
             for k in range(messages):
                 with st["cond"]:
-                    while (st["sent"] - st["recv"] >= window and time.monotonic() < deadline
-                           and not stalled(st)):
+                    while (
+                        st["sent"] - st["recv"] >= window and time.monotonic() < deadline and not stalled(st)
+                    ):
                         st["cond"].wait(timeout=1)
                     if time.monotonic() >= deadline or st["sent"] - st["recv"] >= window:
                         st["failure"] = st["failure"] or f"{a.username}: stalled after {st['sent']} sent"
@@ -579,7 +681,9 @@ def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers
 
     for st in state:
         st["progress_at"], st["failure"] = time.monotonic(), None
-    threads = [threading.Thread(target=send_all, args=(a, b, st)) for (a, b), st in zip(pairs, state, strict=True)]
+    threads = [
+        threading.Thread(target=send_all, args=(a, b, st)) for (a, b), st in zip(pairs, state, strict=True)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -589,13 +693,22 @@ def _relay_worker(endpoints, pair_ids, messages, window, payload_bytes, barriers
             while st["recv"] < st["sent"] and time.monotonic() < deadline and not stalled(st):
                 st["cond"].wait(timeout=1)
     t1 = max([t0] + [time.time()])
-    results.put({"t0": t0, "t1": t1, "sent": sum(s["sent"] for s in state), "received": sum(s["recv"] for s in state),
-                 "disorder": sum(s["disorder"] for s in state), "duplicates": sum(s["duplicates"] for s in state),
-                 "corrupted": sum(s["corrupted"] for s in state), "latencies": [x for s in state for x in s["lat"]],
-                 "cpu_s": cpu_self_s() - cpu0,
-                 "send_failures": [s["failure"] for s in state if s["failure"]],
-                 "cross_received": sum(s["recv"] for s, x in zip(state, cross, strict=True) if x),
-                 "lost_by_route": [(r, messages - s["recv"]) for s, r in zip(state, routes, strict=True)]})
+    results.put(
+        {
+            "t0": t0,
+            "t1": t1,
+            "sent": sum(s["sent"] for s in state),
+            "received": sum(s["recv"] for s in state),
+            "disorder": sum(s["disorder"] for s in state),
+            "duplicates": sum(s["duplicates"] for s in state),
+            "corrupted": sum(s["corrupted"] for s in state),
+            "latencies": [x for s in state for x in s["lat"]],
+            "cpu_s": cpu_self_s() - cpu0,
+            "send_failures": [s["failure"] for s in state if s["failure"]],
+            "cross_received": sum(s["recv"] for s, x in zip(state, cross, strict=True) if x),
+            "lost_by_route": [(r, messages - s["recv"]) for s, r in zip(state, routes, strict=True)],
+        }
+    )
     for a, b in pairs:
         a.close(timeout_s=2)
         b.close(timeout_s=2)
@@ -649,9 +762,15 @@ def _get(results, timeout_s: float) -> dict:
 
 
 def deployment(args, *, bcrypt_cost: int = 4, nodes: int = 1) -> Deployment:
-    return Deployment(cipher=args.cipher, bcrypt_cost=bcrypt_cost, mysql=args.mysql,
-                      workers=args.server_workers, nodes=nodes, server_args=tuple(args.server_arg),
-                      settle_s=args.cluster_settle)
+    return Deployment(
+        cipher=args.cipher,
+        bcrypt_cost=bcrypt_cost,
+        mysql=args.mysql,
+        workers=args.server_workers,
+        nodes=nodes,
+        server_args=tuple(args.server_arg),
+        settle_s=args.cluster_settle,
+    )
 
 
 def run_relay(args) -> dict:
@@ -666,22 +785,37 @@ def run_relay(args) -> dict:
         results = mp.Queue()
         for w in range(workers):
             ids = list(range(w, n_pairs, workers))
-            p = mp.Process(target=relay_worker, args=(endpoints, ids, args.messages, args.window,
-                                                     args.payload, (logged_in, barrier), results, args.timeout,
-                                                     f"w{w}"))
+            p = mp.Process(
+                target=relay_worker,
+                args=(
+                    endpoints,
+                    ids,
+                    args.messages,
+                    args.window,
+                    args.payload,
+                    (logged_in, barrier),
+                    results,
+                    args.timeout,
+                    f"w{w}",
+                ),
+            )
             p.start()
             procs.append(p)
         burst_results, burst_start = mp.Queue(), mp.Event()
         burst = None
         if args.login_burst:
-            burst = mp.Process(target=burst_worker, args=(endpoints, args.login_burst, burst_start, burst_results))
+            burst = mp.Process(
+                target=burst_worker, args=(endpoints, args.login_burst, burst_start, burst_results)
+            )
             burst.start()
             procs.append(burst)
         try:
             barrier.wait(timeout=args.timeout)
         except threading.BrokenBarrierError:
             reasons = []
-            for _ in range(workers):  # every worker's reason: the first failure, and the others' broken barrier
+            for _ in range(
+                workers
+            ):  # every worker's reason: the first failure, and the others' broken barrier
                 try:
                     reasons.append(results.get(timeout=10).get("error", "?"))
                 except Exception:  # noqa: BLE001 - queue.Empty: that worker said nothing
@@ -709,37 +843,55 @@ def run_relay(args) -> dict:
             by_route[route] = by_route.get(route, 0) + n
     burst_info = {}
     if burst_window is not None:
-        burst_info = {"login_burst": args.login_burst, "bcrypt_cost": args.relay_bcrypt_cost,
-                      "burst_duration_s": round(burst_window["burst_t1"] - burst_window["burst_t0"], 2)}
+        burst_info = {
+            "login_burst": args.login_burst,
+            "bcrypt_cost": args.relay_bcrypt_cost,
+            "burst_duration_s": round(burst_window["burst_t1"] - burst_window["burst_t0"], 2),
+        }
     duration = max(o["t1"] for o in outs) - min(o["t0"] for o in outs)
     expected = n_pairs * args.messages
-    return {"mode": "relay", "clients": n_pairs * 2, "pairs": n_pairs, "messages_per_sender": args.messages,
-            "cipher": args.cipher, **shape, "window": args.window,
-            "payload_bytes": args.payload, "duration_s": round(duration, 3),
-            "msgs_per_s": round(received / duration, 1) if duration > 0 else 0.0,
-            # Pairs with the sender and the receiver on different nodes (all of them when nodes > 1).
-            "cross_node_msgs": cross,
-            "cross_node_msgs_per_s": round(cross / duration, 1) if duration > 0 else 0.0,
-            "latency_ms": {p: round(percentile(lat, p) * 1000, 2) for p in (50, 95, 99)} | {
-                "max": round(max(lat) * 1000, 2) if lat else None},
-            "lost": expected - received, "lost_by_route": by_route,
-            # Senders that stopped: the server refused a send, or nothing arrived for STALL_S.
-            "send_failures": [f for o in outs for f in o["send_failures"]][:20], "out_of_order": sum(o["disorder"] for o in outs),
-            "duplicates": sum(o["duplicates"] for o in outs), "corrupted": sum(o["corrupted"] for o in outs),
-            # Summed over every server process (a supervisor's workers, every node).
-            "server_cpu_s": round(cpu1 - cpu0, 3),
-            "server_user_s": round(u1 - u0, 3), "server_system_s": round(k1 - k0, 3),
-            "server_cpu_s_per_node": [round(y - x, 3) for x, y in zip(node0, node1, strict=True)],
-            "server_cpu_us_per_msg": round((cpu1 - cpu0) / received * 1e6, 1) if received else None,
-            "generator_cpu_s": round(sum(o["cpu_s"] for o in outs), 3), "generator_processes": workers,
-            "server_rss_mib": round(rss / 1024, 1)} | burst_info
+    return {
+        "mode": "relay",
+        "clients": n_pairs * 2,
+        "pairs": n_pairs,
+        "messages_per_sender": args.messages,
+        "cipher": args.cipher,
+        **shape,
+        "window": args.window,
+        "payload_bytes": args.payload,
+        "duration_s": round(duration, 3),
+        "msgs_per_s": round(received / duration, 1) if duration > 0 else 0.0,
+        # Pairs with the sender and the receiver on different nodes (all of them when nodes > 1).
+        "cross_node_msgs": cross,
+        "cross_node_msgs_per_s": round(cross / duration, 1) if duration > 0 else 0.0,
+        "latency_ms": {p: round(percentile(lat, p) * 1000, 2) for p in (50, 95, 99)}
+        | {"max": round(max(lat) * 1000, 2) if lat else None},
+        "lost": expected - received,
+        "lost_by_route": by_route,
+        # Senders that stopped: the server refused a send, or nothing arrived for STALL_S.
+        "send_failures": [f for o in outs for f in o["send_failures"]][:20],
+        "out_of_order": sum(o["disorder"] for o in outs),
+        "duplicates": sum(o["duplicates"] for o in outs),
+        "corrupted": sum(o["corrupted"] for o in outs),
+        # Summed over every server process (a supervisor's workers, every node).
+        "server_cpu_s": round(cpu1 - cpu0, 3),
+        "server_user_s": round(u1 - u0, 3),
+        "server_system_s": round(k1 - k0, 3),
+        "server_cpu_s_per_node": [round(y - x, 3) for x, y in zip(node0, node1, strict=True)],
+        "server_cpu_us_per_msg": round((cpu1 - cpu0) / received * 1e6, 1) if received else None,
+        "generator_cpu_s": round(sum(o["cpu_s"] for o in outs), 3),
+        "generator_processes": workers,
+        "server_rss_mib": round(rss / 1024, 1),
+    } | burst_info
 
 
 # =============================================================================
 # Capacity
 # =============================================================================
 def idle_worker(endpoints, ids, ready, done, results, timeout_s, tag):
-    threading.stack_size(1 << 20)  # a receiver thread per idle client: 1 MiB stacks, not 8, at 5,000 a process
+    threading.stack_size(
+        1 << 20
+    )  # a receiver thread per idle client: 1 MiB stacks, not 8, at 5,000 a process
     home = Path(tempfile.mkdtemp(prefix="bench-idle-"))
     deadline = time.monotonic() + timeout_s
     clients, errors = [], 0
@@ -782,8 +934,10 @@ def run_capacity(args) -> dict:
     per_generator = -(-args.clients // args.workers) + FD_MARGIN
     soft = raise_nofile(per_generator)
     if soft != resource.RLIM_INFINITY and soft < per_generator:
-        raise SystemExit(f"a generator process may open only {soft} files, {per_generator} are needed: "
-                         "raise the hard limit (ulimit -Hn) or use more --workers")
+        raise SystemExit(
+            f"a generator process may open only {soft} files, {per_generator} are needed: "
+            "raise the hard limit (ulimit -Hn) or use more --workers"
+        )
     server = deployment(args)
     procs = []
     try:
@@ -799,7 +953,9 @@ def run_capacity(args) -> dict:
         for w in range(workers):
             ready = mp.Event()
             ids = list(range(w, args.clients, workers))
-            p = mp.Process(target=idle_worker, args=(endpoints, ids, ready, done, results, args.timeout, f"w{w}"))
+            p = mp.Process(
+                target=idle_worker, args=(endpoints, ids, ready, done, results, args.timeout, f"w{w}")
+            )
             p.start()
             procs.append(p)
             readies.append(ready)
@@ -836,16 +992,26 @@ def run_capacity(args) -> dict:
             if p.is_alive():
                 p.terminate()
         server.stop()
-    return {"mode": "capacity", "clients": args.clients, **shape, "connected": connected,
-            "errors": sum(o["errors"] for o in outs), "all_held": connected == args.clients,
-            "connect_all_s": round(connect_s, 1),
-            "server_rss_mib": round(rss1 / 1024, 1), "server_rss_at_start_mib": round(rss0 / 1024, 1),
-            # (RSS with everyone connected - RSS before anyone was) / clients, summed over server processes.
-            "server_kib_per_idle_client": round((rss1 - rss0) / max(1, connected), 1),
-            "server_threads": threads1, "threads_at_start": threads0,
-            "server_open_files_limit": server_nofile, "generator_open_files_limit": soft,
-            "new_user_login_s": round(login_s, 3),
-            "new_user_login_and_chat_s": round(probe_s, 3), "new_user_message_delivered": got.is_set()}
+    return {
+        "mode": "capacity",
+        "clients": args.clients,
+        **shape,
+        "connected": connected,
+        "errors": sum(o["errors"] for o in outs),
+        "all_held": connected == args.clients,
+        "connect_all_s": round(connect_s, 1),
+        "server_rss_mib": round(rss1 / 1024, 1),
+        "server_rss_at_start_mib": round(rss0 / 1024, 1),
+        # (RSS with everyone connected - RSS before anyone was) / clients, summed over server processes.
+        "server_kib_per_idle_client": round((rss1 - rss0) / max(1, connected), 1),
+        "server_threads": threads1,
+        "threads_at_start": threads0,
+        "server_open_files_limit": server_nofile,
+        "generator_open_files_limit": soft,
+        "new_user_login_s": round(login_s, 3),
+        "new_user_login_and_chat_s": round(probe_s, 3),
+        "new_user_message_delivered": got.is_set(),
+    }
 
 
 # =============================================================================
@@ -907,10 +1073,20 @@ def run_handshake(args) -> dict:
             for phase, register in (("register", True), ("login", False)):
                 results = mp.Queue()
                 cpu0 = server.cpu_s()
-                procs = [mp.Process(target=login_worker, args=(server.host, server.port,
-                                                              list(range(w, args.logins, args.workers)),
-                                                              results, "u", register))
-                         for w in range(args.workers)]
+                procs = [
+                    mp.Process(
+                        target=login_worker,
+                        args=(
+                            server.host,
+                            server.port,
+                            list(range(w, args.logins, args.workers)),
+                            results,
+                            "u",
+                            register,
+                        ),
+                    )
+                    for w in range(args.workers)
+                ]
                 for p in procs:
                     p.start()
                 outs = [results.get(timeout=args.timeout) for _ in procs]
@@ -977,6 +1153,7 @@ def _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, 
             else:
                 with lock:
                     errors.append(f"{c.username} did not come back: {last!r}")
+
     threads = [threading.Thread(target=reconnect, args=(moving[k::8],)) for k in range(8)]
     for t in threads:
         t.start()
@@ -1007,8 +1184,17 @@ def _storm_worker(endpoints, ids, victim, survivors, ready, restarted, results, 
                 chatted.add(sender.username)
         except Exception as exc:  # noqa: BLE001 - reported in the result (and fails the smoke test), not hidden
             errors.append(f"{a.username} and {b.username} could not chat: {exc!r}")
-    results.put({"moved": len(moving), "back": back[0], "chatted": len(chatted), "errors": errors, "t0": t0,
-                 "t_back": t_back, "t1": time.time()})
+    results.put(
+        {
+            "moved": len(moving),
+            "back": back[0],
+            "chatted": len(chatted),
+            "errors": errors,
+            "t0": t0,
+            "t_back": t_back,
+            "t1": time.time(),
+        }
+    )
     for c in clients:
         c.close(timeout_s=1)
 
@@ -1025,8 +1211,20 @@ def run_storm(args) -> dict:
         readies = []
         for w in range(args.workers):
             ready = mp.Event()
-            p = mp.Process(target=storm_worker, args=(endpoints, list(range(w, args.clients, args.workers)), victim,
-                                                     survivors, ready, restarted, results, args.timeout, f"w{w}"))
+            p = mp.Process(
+                target=storm_worker,
+                args=(
+                    endpoints,
+                    list(range(w, args.clients, args.workers)),
+                    victim,
+                    survivors,
+                    ready,
+                    restarted,
+                    results,
+                    args.timeout,
+                    f"w{w}",
+                ),
+            )
             p.start()
             procs.append(p)
             readies.append(ready)
@@ -1066,19 +1264,27 @@ def run_storm(args) -> dict:
         bcrypt = bcrypt1 - bcrypt0
     t_back = max(o["t_back"] for o in outs) - r0
     t_chat = max(o["t1"] for o in outs) - r0
-    out = {"mode": "storm", "clients": args.clients, **shape, "back": sum(o["back"] for o in outs),
-           "moved": sum(o["moved"] for o in outs),
-           "chatted_after_storm": sum(o["chatted"] for o in outs),
-           "server_bcrypt_runs_after_restart": bcrypt,
-           "errors": [e for o in outs for e in o["errors"]],
-           "restart_to_all_back_s": round(t_back, 2),
-           "restart_to_all_back_and_chatting_s": round(t_chat, 2),
-           "server_cpu_s_during_storm": round(cpu1 - cpu0, 2)}
+    out = {
+        "mode": "storm",
+        "clients": args.clients,
+        **shape,
+        "back": sum(o["back"] for o in outs),
+        "moved": sum(o["moved"] for o in outs),
+        "chatted_after_storm": sum(o["chatted"] for o in outs),
+        "server_bcrypt_runs_after_restart": bcrypt,
+        "errors": [e for o in outs for e in o["errors"]],
+        "restart_to_all_back_s": round(t_back, 2),
+        "restart_to_all_back_and_chatting_s": round(t_chat, 2),
+        "server_cpu_s_during_storm": round(cpu1 - cpu0, 2),
+    }
     if victim is not None:
-        out |= {"killed_node": victim, "kill_to_all_back_s": round(t_back, 2),
-                "kill_to_all_back_and_chatting_s": round(t_chat, 2),
-                # Audit rows written since the kill: every moved client should be a resume, none a login.
-                "audit_since_kill": audit}
+        out |= {
+            "killed_node": victim,
+            "kill_to_all_back_s": round(t_back, 2),
+            "kill_to_all_back_and_chatting_s": round(t_chat, 2),
+            # Audit rows written since the kill: every moved client should be a resume, none a login.
+            "audit_since_kill": audit,
+        }
     return out
 
 
@@ -1169,24 +1375,35 @@ def run_store(args) -> dict:
                 pass
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
-    return {"mode": "store", **shape, "senders": args.clients, "recipients": args.recipients,
-            "messages": total, "payload_bytes": args.payload, "window": args.window,
-            "stored": stored[0], "store_s": round(t1 - t0, 3),
-            "stores_per_s": round(stored[0] / (t1 - t0), 1) if t1 > t0 else 0.0,
-            "server_cpu_us_per_store": round((cpu1 - cpu0) / stored[0] * 1e6, 1) if stored[0] else None,
-            "server_rss_mib_after_store": round(rss_after_store / 1024, 1),
-            "delivered": received[0], "drain_s": round(t3 - t2, 3),
-            "delivered_per_s": round(received[0] / (t3 - t2), 1) if t3 > t2 else 0.0,
-            "server_cpu_us_per_delivery": round((cpu3 - cpu2) / received[0] * 1e6, 1) if received[0] else None,
-            "errors": errors[:10]}
+    return {
+        "mode": "store",
+        **shape,
+        "senders": args.clients,
+        "recipients": args.recipients,
+        "messages": total,
+        "payload_bytes": args.payload,
+        "window": args.window,
+        "stored": stored[0],
+        "store_s": round(t1 - t0, 3),
+        "stores_per_s": round(stored[0] / (t1 - t0), 1) if t1 > t0 else 0.0,
+        "server_cpu_us_per_store": round((cpu1 - cpu0) / stored[0] * 1e6, 1) if stored[0] else None,
+        "server_rss_mib_after_store": round(rss_after_store / 1024, 1),
+        "delivered": received[0],
+        "drain_s": round(t3 - t2, 3),
+        "delivered_per_s": round(received[0] / (t3 - t2), 1) if t3 > t2 else 0.0,
+        "server_cpu_us_per_delivery": round((cpu3 - cpu2) / received[0] * 1e6, 1) if received[0] else None,
+        "errors": errors[:10],
+    }
 
 
 # =============================================================================
 # Room fan-out: one message, every other member a copy (issue 13)
 # =============================================================================
 ROOM_NAME = "#bench"
-ROOM_HEADER = struct.Struct(">HId")  # sender index, sequence number, sent at (wall clock): the test payload's head
-ROOM_SETTLE_S = 15.0                 # at most this long for the server to go quiet after the membership setup
+ROOM_HEADER = struct.Struct(
+    ">HId"
+)  # sender index, sequence number, sent at (wall clock): the test payload's head
+ROOM_SETTLE_S = 15.0  # at most this long for the server to go quiet after the membership setup
 
 
 def room_padding(payload_bytes: int) -> bytes:
@@ -1223,8 +1440,16 @@ class _RoomTally:
     """Per worker: what the bench room's copies and answers were (each client's counts on itself:
     only its own receiver thread writes them, so no lock on the per-copy path)."""
 
-    def __init__(self, room_id: int, epoch: int, senders: list[str], messages: int, payload_bytes: int,
-                 recv_slots, member_index: dict[str, int]) -> None:
+    def __init__(
+        self,
+        room_id: int,
+        epoch: int,
+        senders: list[str],
+        messages: int,
+        payload_bytes: int,
+        recv_slots,
+        member_index: dict[str, int],
+    ) -> None:
         self.room_id, self.epoch, self.senders, self.messages = room_id, epoch, senders, messages
         self.pad = room_padding(payload_bytes)
         self.recv_slots, self.member_index = recv_slots, member_index
@@ -1246,8 +1471,13 @@ class _RoomTally:
         payload = msg.payload
         try:
             s, k, sent_at = ROOM_HEADER.unpack_from(payload)
-            intact = (s < len(self.senders) and k < self.messages and msg.sender == self.senders[s]
-                      and msg.epoch == self.epoch and payload[ROOM_HEADER.size:] == self.pad)
+            intact = (
+                s < len(self.senders)
+                and k < self.messages
+                and msg.sender == self.senders[s]
+                and msg.epoch == self.epoch
+                and payload[ROOM_HEADER.size :] == self.pad
+            )
         except struct.error:
             intact = False
         if not intact:
@@ -1360,8 +1590,9 @@ def _room_worker(endpoints, w, workers, plan, sync, shared, results, timeout_s, 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} did not see the room's last change (epoch {epoch})")
             time.sleep(0.05)
-    tally = _RoomTally(room_id, epoch, senders, messages, payload_bytes, shared["recv"],
-                       {n: i for i, n in enumerate(names)})
+    tally = _RoomTally(
+        room_id, epoch, senders, messages, payload_bytes, shared["recv"], {n: i for i, n in enumerate(names)}
+    )
     for c in clients.values():
         tally.attach(c)
     ready.wait(timeout=timeout_s)
@@ -1400,8 +1631,9 @@ def _room_worker(endpoints, w, workers, plan, sync, shared, results, timeout_s, 
         except Exception as exc:  # noqa: BLE001 - reported in the result, not fatal to the others
             failures.append(f"{senders[s]}: {exc!r}")
 
-    threads = [threading.Thread(target=send_all, args=(s, clients[n]))
-               for s, n in enumerate(senders) if n in clients]
+    threads = [
+        threading.Thread(target=send_all, args=(s, clients[n])) for s, n in enumerate(senders) if n in clients
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -1421,15 +1653,27 @@ def _room_worker(endpoints, w, workers, plan, sync, shared, results, timeout_s, 
                 c.answer_cond.wait(timeout=1)
     cs = list(clients.values())
     last = max([c.last_copy_at for c in cs] + [t0])
-    results.put({"t0": t0, "t_sent": t_sent, "t1": last, "cpu_s": cpu_self_s() - cpu0,
-                 "sent": sum(c.sent for c in cs), "copies": sum(c.copies for c in cs),
-                 "expected": sum(want.values()), "duplicates": sum(c.duplicates for c in cs),
-                 "out_of_order": sum(c.disorder for c in cs), "corrupted": sum(c.corrupted for c in cs),
-                 "answers": sum(c.answers for c in cs), "answers_ok": sum(c.answers_ok for c in cs),
-                 "answered_online": sum(c.answered_online for c in cs),
-                 "answered_stored": sum(c.answered_stored for c in cs),
-                 "answer_reasons": [r for c in cs for r in c.answer_reasons][:10],
-                 "latencies": [x for c in cs for x in c.latencies], "failures": failures})
+    results.put(
+        {
+            "t0": t0,
+            "t_sent": t_sent,
+            "t1": last,
+            "cpu_s": cpu_self_s() - cpu0,
+            "sent": sum(c.sent for c in cs),
+            "copies": sum(c.copies for c in cs),
+            "expected": sum(want.values()),
+            "duplicates": sum(c.duplicates for c in cs),
+            "out_of_order": sum(c.disorder for c in cs),
+            "corrupted": sum(c.corrupted for c in cs),
+            "answers": sum(c.answers for c in cs),
+            "answers_ok": sum(c.answers_ok for c in cs),
+            "answered_online": sum(c.answered_online for c in cs),
+            "answered_stored": sum(c.answered_stored for c in cs),
+            "answer_reasons": [r for c in cs for r in c.answer_reasons][:10],
+            "latencies": [x for c in cs for x in c.latencies],
+            "failures": failures,
+        }
+    )
     for c in cs:
         c.close(timeout_s=2)
 
@@ -1446,28 +1690,44 @@ def run_room(args) -> dict:
     import rooms as R
 
     if args.payload_bytes < max(R.MIN_MESSAGE_BYTES, ROOM_HEADER.size):
-        raise SystemExit(f"room: --payload-bytes is at least {R.MIN_MESSAGE_BYTES} (the server refuses shorter)")
+        raise SystemExit(
+            f"room: --payload-bytes is at least {R.MIN_MESSAGE_BYTES} (the server refuses shorter)"
+        )
     senders_n = max(1, min(args.senders, members - offline_n))
     names = [f"m{i}" for i in range(members)]
-    plan = {"names": names, "senders": names[:senders_n], "offline": names[members - offline_n:] if offline_n else [],
-            "messages": args.messages, "window": args.window, "payload_bytes": args.payload_bytes}
+    plan = {
+        "names": names,
+        "senders": names[:senders_n],
+        "offline": names[members - offline_n :] if offline_n else [],
+        "messages": args.messages,
+        "window": args.window,
+        "payload_bytes": args.payload_bytes,
+    }
     # The server's limit on room messages per session (a token bucket) would decide the rate: set
     # past anything two cores reach, so the figures are the fan-out's own.
     args.server_arg = ["--room-sends-per-second", "100000", *args.server_arg]
     server = deployment(args, bcrypt_cost=args.relay_bcrypt_cost)
     server.check_nofile(members + FD_MARGIN)
     workers = max(1, min(args.workers, members))
-    sync = {"barriers": (mp.Barrier(workers + 1), mp.Barrier(workers + 1), mp.Barrier(workers + 1)),
-            "room_ready": mp.Event()}
-    shared = {"room": mp.RawArray("q", 2), "recv": mp.RawArray("q", members), "sent": mp.RawArray("q", members)}
+    sync = {
+        "barriers": (mp.Barrier(workers + 1), mp.Barrier(workers + 1), mp.Barrier(workers + 1)),
+        "room_ready": mp.Event(),
+    }
+    shared = {
+        "room": mp.RawArray("q", 2),
+        "recv": mp.RawArray("q", members),
+        "sent": mp.RawArray("q", members),
+    }
     results = mp.Queue()
     procs = []
     registered, ready, go = sync["barriers"]
     try:
         shape = server.shape()
         for w in range(workers):
-            p = mp.Process(target=room_worker, args=(server.endpoints(), w, workers, plan, sync, shared, results,
-                                                    args.timeout))
+            p = mp.Process(
+                target=room_worker,
+                args=(server.endpoints(), w, workers, plan, sync, shared, results, args.timeout),
+            )
             p.start()
             procs.append(p)
         s0 = time.monotonic()
@@ -1488,7 +1748,9 @@ def run_room(args) -> dict:
                     break
             go.wait(timeout=args.timeout)
         except threading.BrokenBarrierError:
-            raise RuntimeError(f"a generator process failed: {results.get(timeout=10).get('error', '?')}") from None
+            raise RuntimeError(
+                f"a generator process failed: {results.get(timeout=10).get('error', '?')}"
+            ) from None
         (u0, k0), cpu0, cs0 = server.cpu_split(), server.cpu_s(), server.context_switches()
         outs = [_get(results, args.timeout + 60) for _ in range(workers)]
         (u1, k1), cpu1, cs1 = server.cpu_split(), server.cpu_s(), server.context_switches()
@@ -1507,36 +1769,57 @@ def run_room(args) -> dict:
     t0, t1 = min(o["t0"] for o in outs), max(o["t1"] for o in outs)
     duration = t1 - t0
     cpu = cpu1 - cpu0
-    delivered = copies + stored  # live copies counted by the members, plus the queued ones the server reported
-    return {"mode": "room", "members": members, "senders": senders_n, "offline": offline_n,
-            "messages_per_sender": args.messages, "window": args.window, "payload_bytes": args.payload_bytes,
-            "cipher": args.cipher, **shape, "generator_processes": workers,
-            "setup_s": round(setup_s, 1), "register_s": round(t_registered - s0, 1),
-            "server_quiet_before_run": quiet,
-            "messages_sent": sent, "copies_per_message_live": members - 1 - offline_n,
-            "copies_expected": sum(o["expected"] for o in outs), "copies_received": copies,
-            "lost": sum(o["expected"] for o in outs) - copies,
-            "duplicates": sum(o["duplicates"] for o in outs), "out_of_order": sum(o["out_of_order"] for o in outs),
-            "corrupted": sum(o["corrupted"] for o in outs),
-            "answers_ok": sum(o["answers_ok"] for o in outs), "answers": sum(o["answers"] for o in outs),
-            "answered_online": sum(o["answered_online"] for o in outs), "stored_copies": stored,
-            "answer_reasons": [r for o in outs for r in o["answer_reasons"]][:10],
-            "send_failures": [f for o in outs for f in o["failures"]][:10],
-            "duration_s": round(duration, 3),
-            "send_s": round(max(o["t_sent"] for o in outs) - t0, 3),
-            "msgs_per_s": round(sent / duration, 1) if duration > 0 else 0.0,
-            "copies_per_s": round(copies / duration, 1) if duration > 0 else 0.0,
-            "latency_ms": {p: round(percentile(lat, p) * 1000, 2) for p in (50, 95, 99)} | {
-                "max": round(max(lat) * 1000, 2) if lat else None},
-            "server_cpu_s": round(cpu, 3), "server_user_s": round(u1 - u0, 3), "server_system_s": round(k1 - k0, 3),
-            "server_cpu_us_per_copy": round(cpu / delivered * 1e6, 1) if delivered else None,
-            "server_cpu_us_per_message": round(cpu / sent * 1e6, 1) if sent else None,
-            # Every server thread's context switches over the run (a worker thread handing the GIL
-            # or a lock to another, the loop waking): per delivered copy.
-            "server_context_switches_per_copy": round((cs1 - cs0) / delivered, 2) if delivered else None,
-            "generator_cpu_s": round(sum(o["cpu_s"] for o in outs), 3),
-            "generator_cpu_us_per_copy": round(sum(o["cpu_s"] for o in outs) / copies * 1e6, 1) if copies else None,
-            "server_rss_mib": round(rss / 1024, 1)}
+    delivered = (
+        copies + stored
+    )  # live copies counted by the members, plus the queued ones the server reported
+    return {
+        "mode": "room",
+        "members": members,
+        "senders": senders_n,
+        "offline": offline_n,
+        "messages_per_sender": args.messages,
+        "window": args.window,
+        "payload_bytes": args.payload_bytes,
+        "cipher": args.cipher,
+        **shape,
+        "generator_processes": workers,
+        "setup_s": round(setup_s, 1),
+        "register_s": round(t_registered - s0, 1),
+        "server_quiet_before_run": quiet,
+        "messages_sent": sent,
+        "copies_per_message_live": members - 1 - offline_n,
+        "copies_expected": sum(o["expected"] for o in outs),
+        "copies_received": copies,
+        "lost": sum(o["expected"] for o in outs) - copies,
+        "duplicates": sum(o["duplicates"] for o in outs),
+        "out_of_order": sum(o["out_of_order"] for o in outs),
+        "corrupted": sum(o["corrupted"] for o in outs),
+        "answers_ok": sum(o["answers_ok"] for o in outs),
+        "answers": sum(o["answers"] for o in outs),
+        "answered_online": sum(o["answered_online"] for o in outs),
+        "stored_copies": stored,
+        "answer_reasons": [r for o in outs for r in o["answer_reasons"]][:10],
+        "send_failures": [f for o in outs for f in o["failures"]][:10],
+        "duration_s": round(duration, 3),
+        "send_s": round(max(o["t_sent"] for o in outs) - t0, 3),
+        "msgs_per_s": round(sent / duration, 1) if duration > 0 else 0.0,
+        "copies_per_s": round(copies / duration, 1) if duration > 0 else 0.0,
+        "latency_ms": {p: round(percentile(lat, p) * 1000, 2) for p in (50, 95, 99)}
+        | {"max": round(max(lat) * 1000, 2) if lat else None},
+        "server_cpu_s": round(cpu, 3),
+        "server_user_s": round(u1 - u0, 3),
+        "server_system_s": round(k1 - k0, 3),
+        "server_cpu_us_per_copy": round(cpu / delivered * 1e6, 1) if delivered else None,
+        "server_cpu_us_per_message": round(cpu / sent * 1e6, 1) if sent else None,
+        # Every server thread's context switches over the run (a worker thread handing the GIL
+        # or a lock to another, the loop waking): per delivered copy.
+        "server_context_switches_per_copy": round((cs1 - cs0) / delivered, 2) if delivered else None,
+        "generator_cpu_s": round(sum(o["cpu_s"] for o in outs), 3),
+        "generator_cpu_us_per_copy": round(sum(o["cpu_s"] for o in outs) / copies * 1e6, 1)
+        if copies
+        else None,
+        "server_rss_mib": round(rss / 1024, 1),
+    }
 
 
 def print_table(result: dict) -> None:
@@ -1558,27 +1841,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipients", type=int, default=10, help="store: offline users written to")
     p.add_argument("--members", type=int, default=100, help="room: members of the one room")
     p.add_argument("--senders", type=int, default=4, help="room: members who send (--messages each)")
-    p.add_argument("--payload-bytes", type=int, default=249,
-                   help="room: the opaque RoomSend payload (249: a 100-byte text sealed for a 3des room)")
-    p.add_argument("--offline", type=int, default=0, metavar="K",
-                   help="room: K members logged out, so every message is also queued K times")
+    p.add_argument(
+        "--payload-bytes",
+        type=int,
+        default=249,
+        help="room: the opaque RoomSend payload (249: a 100-byte text sealed for a 3des room)",
+    )
+    p.add_argument(
+        "--offline",
+        type=int,
+        default=0,
+        metavar="K",
+        help="room: K members logged out, so every message is also queued K times",
+    )
     p.add_argument("--logins", type=int, default=100, help="handshake: logins per phase")
-    p.add_argument("--bcrypt-cost", type=int, default=12, help="handshake: the configured cost (4 is also run)")
+    p.add_argument(
+        "--bcrypt-cost", type=int, default=12, help="handshake: the configured cost (4 is also run)"
+    )
     p.add_argument("--relay-bcrypt-cost", type=int, default=4, help="relay: the server's bcrypt cost")
-    p.add_argument("--login-burst", type=int, default=0, help="relay: this many logins at once during the run")
+    p.add_argument(
+        "--login-burst", type=int, default=0, help="relay: this many logins at once during the run"
+    )
     p.add_argument("--cipher", choices=["3des", "aes256"], default="3des")
     p.add_argument("--mysql", action="store_true", help="MariaDB at 127.0.0.1:3306 instead of SQLite")
     p.add_argument("--workers", type=int, default=2, help="generator processes")
-    p.add_argument("--server-workers", type=int, default=1, metavar="N",
-                   help="relay/capacity/handshake/storm: server.py --workers N (a cluster on NATS and MariaDB)")
-    p.add_argument("--cluster-settle", type=float, default=0.0, metavar="S",
-                   help="with --server-workers/--nodes: seconds between every process Ready and the first "
-                        "login, for the nodes to hear each other (0: log in while they still join)")
-    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="one more server.py argument, as is (repeat: --server-arg=--log-level --server-arg=INFO)")
-    p.add_argument("--nodes", type=int, default=1, metavar="N",
-                   help="relay/storm: N server.py processes as one cluster (NATS, MariaDB, one identity); "
-                        "relay pairs span two nodes, the storm kills one node")
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="relay/capacity/handshake/storm: server.py --workers N (a cluster on NATS and MariaDB)",
+    )
+    p.add_argument(
+        "--cluster-settle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --server-workers/--nodes: seconds between every process Ready and the first "
+        "login, for the nodes to hear each other (0: log in while they still join)",
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more server.py argument, as is (repeat: --server-arg=--log-level --server-arg=INFO)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="relay/storm: N server.py processes as one cluster (NATS, MariaDB, one identity); "
+        "relay pairs span two nodes, the storm kills one node",
+    )
     p.add_argument("--timeout", type=float, default=600, help="upper bound on the whole run, seconds")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     args = p.parse_args(argv)
@@ -1587,8 +1903,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes > 1 and args.mode not in ("relay", "storm"):
         p.error("--nodes is for relay and storm")
     raise_nofile()  # every client is a socket: as many files as the hard limit allows (capacity checks)
-    run = {"relay": run_relay, "capacity": run_capacity, "handshake": run_handshake, "storm": run_storm,
-           "store": run_store, "room": run_room}[args.mode]
+    run = {
+        "relay": run_relay,
+        "capacity": run_capacity,
+        "handshake": run_handshake,
+        "storm": run_storm,
+        "store": run_store,
+        "room": run_room,
+    }[args.mode]
     result = run(args)
     result["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
     print(f"secureim {args.mode} benchmark")

@@ -70,8 +70,12 @@ def relay_us(suite: str, rounds: int) -> float:
 
     def one(it=iter(frames)):
         (msg,) = at_server_a.receive_data(next(it))
-        out.append(at_server_b.send(P.Deliver(conversation_id=msg.conversation_id, sender="alice",
-                                              payload=msg.payload)))
+        out.append(
+            at_server_b.send(
+                P.Deliver(conversation_id=msg.conversation_id, sender="alice", payload=msg.payload)
+            )
+        )
+
     us = per_call_us(one, rounds)
     assert all(bob.receive_data(frame) for frame in out[:3])  # the Delivers really open at bob
     return us
@@ -90,13 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n = args.rounds
     result = {
-        "seal_open_100B_us": {"3des": round(seal_open_us("3des", n), 1),
-                              "aes256": round(seal_open_us("aes256", n), 1),
-                              "3des_pydes": round(seal_open_us("3des", max(3, n // 500), "pydes"), 1)},
-        "server_relay_open_reseal_us": {"3des": round(relay_us("3des", n), 1),
-                                        "aes256": round(relay_us("aes256", n), 1)},
-        "server_dh_ms": {"x25519": round(dh_ms("x25519", n), 3),
-                         "ffdhe2048": round(dh_ms("ffdhe2048", max(3, n // 100)), 2)},
+        "seal_open_100B_us": {
+            "3des": round(seal_open_us("3des", n), 1),
+            "aes256": round(seal_open_us("aes256", n), 1),
+            "3des_pydes": round(seal_open_us("3des", max(3, n // 500), "pydes"), 1),
+        },
+        "server_relay_open_reseal_us": {
+            "3des": round(relay_us("3des", n), 1),
+            "aes256": round(relay_us("aes256", n), 1),
+        },
+        "server_dh_ms": {
+            "x25519": round(dh_ms("x25519", n), 3),
+            "ffdhe2048": round(dh_ms("ffdhe2048", max(3, n // 100)), 2),
+        },
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
     }
     print("secureim micro-benchmarks (CPU time per call)")

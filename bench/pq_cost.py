@@ -34,6 +34,7 @@ def _load(tree: Path):
     import diffiehellman
     import e2e
     import protocol as P
+
     return P, e2e, cu, Ed25519PrivateKey, diffiehellman.GROUPS
 
 
@@ -41,7 +42,7 @@ def _split(P, data: bytes) -> list[bytes]:
     frames, pos = [], 0
     while pos < len(data):
         (n,) = P.FRAME_HEADER.unpack_from(data, pos)
-        frames.append(data[pos + 4:pos + 4 + n])
+        frames.append(data[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return frames
 
@@ -67,10 +68,19 @@ def handshake(P, Ed25519PrivateKey, group: str, rounds: int) -> dict:
         client_s += (t1 - t0) + (t3 - t2)
         server_s += (t2 - t1) + (t4 - t3)
         sh, sa = _split(P, flight)
-        sizes = {"client_hello": len(hello) - 4, "server_hello": len(sh), "server_auth": len(sa),
-                 "client_finished": len(finished) - 4}
-    return {"group": group, "client_ms": 1000 * client_s / rounds, "server_ms": 1000 * server_s / rounds,
-            "bytes": sizes, "bytes_total": sum(sizes.values()) + 4 * len(sizes)}
+        sizes = {
+            "client_hello": len(hello) - 4,
+            "server_hello": len(sh),
+            "server_auth": len(sa),
+            "client_finished": len(finished) - 4,
+        }
+    return {
+        "group": group,
+        "client_ms": 1000 * client_s / rounds,
+        "server_ms": 1000 * server_s / rounds,
+        "bytes": sizes,
+        "bytes_total": sum(sizes.values()) + 4 * len(sizes),
+    }
 
 
 def rekey(e2e, cu, Ed25519PrivateKey, rounds: int) -> dict:
@@ -92,8 +102,12 @@ def rekey(e2e, cu, Ed25519PrivateKey, rounds: int) -> dict:
         elapsed += time.perf_counter() - t0
         assert alice.ready and bob.ready
         relayed = payloads
-    return {"per_client_ms": 1000 * elapsed / rounds / 2, "relays": len(relayed),
-            "bytes_per_client": sum(len(p) for p in relayed) // 2, "payload_sizes": sorted({len(p) for p in relayed})}
+    return {
+        "per_client_ms": 1000 * elapsed / rounds / 2,
+        "relays": len(relayed),
+        "bytes_per_client": sum(len(p) for p in relayed) // 2,
+        "payload_sizes": sorted({len(p) for p in relayed}),
+    }
 
 
 def relay(P, Ed25519PrivateKey, payload_sizes: list[int], rounds: int) -> dict:
@@ -120,22 +134,35 @@ def relay(P, Ed25519PrivateKey, payload_sizes: list[int], rounds: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=200)
-    p.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent,
-                   help="the source tree to measure (default: this checkout)")
+    p.add_argument(
+        "--tree",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent,
+        help="the source tree to measure (default: this checkout)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     P, e2e, cu, Ed25519PrivateKey, all_groups = _load(args.tree)
     groups = [g for g in ("x25519", "x25519-mlkem768") if g in all_groups]
-    result = {"tree": str(args.tree), "rounds": args.rounds,
-              "handshake": [handshake(P, Ed25519PrivateKey, g, args.rounds) for g in groups],
-              "rekey": rekey(e2e, cu, Ed25519PrivateKey, args.rounds)}
-    result["relay_us"] = relay(P, Ed25519PrivateKey, [100, *result["rekey"]["payload_sizes"]], args.rounds * 5)
+    result = {
+        "tree": str(args.tree),
+        "rounds": args.rounds,
+        "handshake": [handshake(P, Ed25519PrivateKey, g, args.rounds) for g in groups],
+        "rekey": rekey(e2e, cu, Ed25519PrivateKey, args.rounds),
+    }
+    result["relay_us"] = relay(
+        P, Ed25519PrivateKey, [100, *result["rekey"]["payload_sizes"]], args.rounds * 5
+    )
     for h in result["handshake"]:
-        print(f"handshake {h['group']:16} client {h['client_ms']:.3f} ms  server {h['server_ms']:.3f} ms  "
-              f"bytes {h['bytes']} (total with frame headers {h['bytes_total']})")
+        print(
+            f"handshake {h['group']:16} client {h['client_ms']:.3f} ms  server {h['server_ms']:.3f} ms  "
+            f"bytes {h['bytes']} (total with frame headers {h['bytes_total']})"
+        )
     r = result["rekey"]
-    print(f"e2e rekey: {r['per_client_ms']:.3f} ms per client, {r['relays']} relays, "
-          f"{r['bytes_per_client']} bytes relayed per client, payloads {r['payload_sizes']}")
+    print(
+        f"e2e rekey: {r['per_client_ms']:.3f} ms per client, {r['relays']} relays, "
+        f"{r['bytes_per_client']} bytes relayed per client, payloads {r['payload_sizes']}"
+    )
     for size, us in result["relay_us"].items():
         print(f"relay of a {size}-byte payload: {us:.1f} µs server CPU (open + re-seal, 3des)")
     if args.json:

@@ -85,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cipher", choices=["3des", "aes256"], default="3des")
     p.add_argument("--payload", type=int, default=180, help="bytes of end-to-end payload per message")
     args = p.parse_args(argv)
-    srv = S.Server(S.ServerConfig(data_dir=Path(tempfile.mkdtemp(prefix="secureim-relay-path-")),
-                                  cipher=args.cipher, rekey_after_messages=10**9))
+    srv = S.Server(
+        S.ServerConfig(
+            data_dir=Path(tempfile.mkdtemp(prefix="secureim-relay-path-")),
+            cipher=args.cipher,
+            rekey_after_messages=10**9,
+        )
+    )
     loop = TurnLoop()
     srv.loop = loop
     srv.loop_thread_id = srv.service.loop_thread_id = threading.get_ident()
@@ -97,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch:
         best = float("inf")
         for _round in range(5):
-            records = [alice_client.send(P.Relay(conversation_id=1, payload=payload)) for _ in range(args.messages)]
-            reads = [b"".join(records[i:i + batch]) for i in range(0, len(records), batch)]
+            records = [
+                alice_client.send(P.Relay(conversation_id=1, payload=payload)) for _ in range(args.messages)
+            ]
+            reads = [b"".join(records[i : i + batch]) for i in range(0, len(records), batch)]
             started = time.perf_counter()
             for data in reads:
                 alice_link.data_received(data)

@@ -21,7 +21,7 @@ def unstamped(lines: list[str]) -> list[str]:
     return [SERVER_STAMP.sub("", line) for line in lines]
 
 
-LIVE_SERVERS: list["ServerProcess"] = []   # stopped after every test, whatever happened (conftest.py)
+LIVE_SERVERS: list["ServerProcess"] = []  # stopped after every test, whatever happened (conftest.py)
 
 
 class ServerProcess:
@@ -30,10 +30,23 @@ class ServerProcess:
     def __init__(self, data_dir: Path, *extra: str) -> None:
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), "--port", "0", "--data-dir", str(data_dir),
-             "--bcrypt-cost", "4", *extra],
+            [
+                sys.executable,
+                str(ROOT / "server.py"),
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--bcrypt-cost",
+                "4",
+                *extra,
+            ],
             stdin=subprocess.DEVNULL,  # never the developer's terminal: no server console in tests
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(data_dir.parent))
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(data_dir.parent),
+        )
         LIVE_SERVERS.append(self)
         self.lines: list[str] = []
         for line in self._read_until("[SERVER]: Ready to accept connections."):
@@ -67,13 +80,27 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def spawn_client(server: ServerProcess | None, home: Path, *extra: str, port: int | None = None,
-                 cwd: Path | None = None) -> pexpect.spawn:
+def spawn_client(
+    server: ServerProcess | None, home: Path, *extra: str, port: int | None = None, cwd: Path | None = None
+) -> pexpect.spawn:
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", COLUMNS="200", LINES="50")
-    args = [str(ROOT / "client.py"), "--home", str(home),
-            "--port", str(port if port is not None else server.port), *extra]
-    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=TIMEOUT_S,
-                          dimensions=(50, 200), cwd=str(cwd or home.parent))
+    args = [
+        str(ROOT / "client.py"),
+        "--home",
+        str(home),
+        "--port",
+        str(port if port is not None else server.port),
+        *extra,
+    ]
+    child = pexpect.spawn(
+        sys.executable,
+        args,
+        env=env,
+        encoding="utf-8",
+        timeout=TIMEOUT_S,
+        dimensions=(50, 200),
+        cwd=str(cwd or home.parent),
+    )
     return child
 
 

@@ -47,8 +47,9 @@ class OwnNats:
     """A nats-server of the test's own on a free port, to stop and start again."""
 
     def __init__(self, workdir: Path) -> None:
-        self.binary = shutil.which("nats-server") or ("/usr/sbin/nats-server"
-                                                      if Path("/usr/sbin/nats-server").exists() else None)
+        self.binary = shutil.which("nats-server") or (
+            "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
+        )
         if self.binary is None:
             _require_nats("no nats-server binary to start a private one")
         self.port = free_port()
@@ -59,8 +60,12 @@ class OwnNats:
 
     def start(self) -> None:
         """Start it and wait for its own "Server is ready" line (its log goes to stderr)."""
-        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         ready = threading.Event()
 
         def read_log(stream) -> None:  # and keep reading, so the pipe never fills
@@ -98,8 +103,11 @@ class ClusterNode(ServerProcess):
         """Wait for a log line containing ``text`` past line ``after``; its index."""
         with self._logged:
             found = self._logged.wait_for(
-                lambda: next((i for i in range(after, len(self.log)) if text in self.log[i]), None) is not None,
-                timeout=timeout_s)
+                lambda: (
+                    next((i for i in range(after, len(self.log)) if text in self.log[i]), None) is not None
+                ),
+                timeout=timeout_s,
+            )
             if not found:
                 raise AssertionError(f"no log line {text!r} within {timeout_s}s: {self.log[after:]}")
             return next(i for i in range(after, len(self.log)) if text in self.log[i])
@@ -133,8 +141,18 @@ class Cluster:
 
     def node(self, *extra: str) -> ClusterNode:
         data_dir = self.root / f"node{len(self.nodes) + 1}"
-        node = ClusterNode(data_dir, "--identity-key", str(self.identity), "--db", self.db_url,
-                             "--cluster", self.nats_url, "--cluster-prefix", self.prefix, *extra)
+        node = ClusterNode(
+            data_dir,
+            "--identity-key",
+            str(self.identity),
+            "--db",
+            self.db_url,
+            "--cluster",
+            self.nats_url,
+            "--cluster-prefix",
+            self.prefix,
+            *extra,
+        )
         self.nodes.append(node)
         return node
 

@@ -67,4 +67,3 @@ def _no_server_process_outlives_its_test():
         server = cli_helpers.LIVE_SERVERS.pop()
         if server.proc.poll() is None:
             server.stop()
-

@@ -17,12 +17,15 @@ def mysql_admin():
     import pymysql
 
     try:
-        return pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password="",
-                               connect_timeout=3, autocommit=True)
+        return pymysql.connect(
+            host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password="", connect_timeout=3, autocommit=True
+        )
     except pymysql.MySQLError as exc:
         if os.environ.get("REQUIRE_MYSQL") == "1":
             pytest.fail(f"REQUIRE_MYSQL=1 but MariaDB at {MYSQL_HOST}:{MYSQL_PORT} is unreachable: {exc}")
-        pytest.skip(f"MariaDB not reachable at {MYSQL_HOST}:{MYSQL_PORT} ({exc}); set REQUIRE_MYSQL=1 to fail")
+        pytest.skip(
+            f"MariaDB not reachable at {MYSQL_HOST}:{MYSQL_PORT} ({exc}); set REQUIRE_MYSQL=1 to fail"
+        )
 
 
 @pytest.fixture

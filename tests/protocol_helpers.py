@@ -33,6 +33,6 @@ def split_frames(data: bytes) -> list[bytes]:
     frames, pos = [], 0
     while pos < len(data):
         (n,) = P.FRAME_HEADER.unpack_from(data, pos)
-        frames.append(data[pos:pos + 4 + n])
+        frames.append(data[pos : pos + 4 + n])
         pos += 4 + n
     return frames

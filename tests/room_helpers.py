@@ -13,7 +13,7 @@ def any_key_opens(room: R.RoomSession, sender: str, payload: bytes, max_counter:
     everything a client kept, not just the key the header names."""
     header_size = R._MESSAGE_HEADER.size
     header = payload[:header_size]
-    sealed = payload[header_size:-R.SIGNATURE_BYTES]
+    sealed = payload[header_size : -R.SIGNATURE_BYTES]
     aad = room._aad(sender, header)
     message_keys = list(room.skipped.values())
     for record in room.received.values():
@@ -40,4 +40,3 @@ def rooms_in_store(home, username: str, server_id: str, password: str) -> dict[s
 
     store = K.PrekeyStore(home, username, server_id, password)
     return R.load_rooms(username, store.rooms)
-

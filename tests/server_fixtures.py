@@ -15,7 +15,9 @@ PASSWORD = "correct horse battery"
 
 @contextmanager
 def running_server(data_dir: Path, port: int = 0, **overrides):
-    config = ServerConfig(host="127.0.0.1", port=port, data_dir=data_dir, bcrypt_cost=TEST_BCRYPT_COST, **overrides)
+    config = ServerConfig(
+        host="127.0.0.1", port=port, data_dir=data_dir, bcrypt_cost=TEST_BCRYPT_COST, **overrides
+    )
     server = Server(config)
     server.start()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -50,8 +52,9 @@ def make_client(server, home: Path, **kw) -> clientlib.ChatClient:
     return client
 
 
-def logged_in_client(server, home: Path, username: str, *, register: bool = True,
-                     password: str = PASSWORD, **kw) -> clientlib.ChatClient:
+def logged_in_client(
+    server, home: Path, username: str, *, register: bool = True, password: str = PASSWORD, **kw
+) -> clientlib.ChatClient:
     client = make_client(server, home, **kw)
     (client.register if register else client.login)(username, password)
     client.start()

@@ -27,13 +27,18 @@ import pexpect
 from errors import AccountBanned, AccountLocked, InvalidCredentials
 
 WRONG_PASSWORD = "wrong horse battery staple"
-KICK_WAIT_S = 10.0   # the poll is every second; generous for a loaded 2-core machine
+KICK_WAIT_S = 10.0  # the poll is every second; generous for a loaded 2-core machine
 
 
 def admin(server: ServerProcess, *args: str, db: str | None = None) -> subprocess.CompletedProcess:
     where = ["--db", db] if db else ["--data-dir", str(server.data_dir)]
-    return subprocess.run([sys.executable, str(ROOT / "server.py"), "admin", *where, "--bcrypt-cost", "4", *args],
-                          capture_output=True, text=True, timeout=60, cwd=str(server.data_dir.parent))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "admin", *where, "--bcrypt-cost", "4", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(server.data_dir.parent),
+    )
 
 
 def client_for(server: ServerProcess, home: Path) -> clientlib.ChatClient:
@@ -42,8 +47,9 @@ def client_for(server: ServerProcess, home: Path) -> clientlib.ChatClient:
     return c
 
 
-def logged_in(server: ServerProcess, home: Path, name: str, *, register: bool = True,
-              password: str = PASSWORD) -> clientlib.ChatClient:
+def logged_in(
+    server: ServerProcess, home: Path, name: str, *, register: bool = True, password: str = PASSWORD
+) -> clientlib.ChatClient:
     c = client_for(server, home)
     (c.register if register else c.login)(name, password)
     c.start()
@@ -87,13 +93,16 @@ def test_a_banned_network_is_disconnected_and_refused(server, tmp_path):
     alice = logged_in(server, tmp_path / "alice", "alice")
     done = admin(server, "ban-address", "127.0.0.0/8", "--reason", "bots")
     assert done.returncode == 0, done.stderr
-    assert "Your network address is banned" in wait_for(alice, clientlib.Disconnected, timeout=KICK_WAIT_S).reason
+    assert (
+        "Your network address is banned"
+        in wait_for(alice, clientlib.Disconnected, timeout=KICK_WAIT_S).reason
+    )
     alice.close()
     again = client_for(server, tmp_path / "alice")
     with pytest.raises(AccountBanned, match="network address is banned"):
         again.login("alice", PASSWORD)
     again.close()
-    assert admin(server, "unban-address", "127.0.0.1/8").returncode == 0   # the same network, normalised
+    assert admin(server, "unban-address", "127.0.0.1/8").returncode == 0  # the same network, normalised
     logged_in(server, tmp_path / "alice", "alice", register=False).close()
 
 
@@ -102,7 +111,7 @@ def test_kick_shows_the_reason_and_the_user_may_come_back(server, tmp_path):
     assert admin(server, "kick", "alice", "--reason", "server move").returncode == 0
     gone = wait_for(alice, clientlib.Disconnected, timeout=KICK_WAIT_S)
     assert "An administrator disconnected you: server move." in gone.reason
-    assert alice.resume()   # a kick is not a ban: the ticket still works
+    assert alice.resume()  # a kick is not a ban: the ticket still works
     alice.close()
 
 
@@ -114,7 +123,7 @@ def test_reset_password_ends_tickets_and_the_old_password(server, tmp_path):
     assert len(temporary) >= 16
     assert "reset your password" in wait_for(alice, clientlib.Disconnected, timeout=KICK_WAIT_S).reason
     with pytest.raises(InvalidCredentials, match="ticket"):
-        alice.resume()          # the ticket from before the reset is void
+        alice.resume()  # the ticket from before the reset is void
     alice.close()
     old = client_for(server, tmp_path / "alice")
     with pytest.raises(InvalidCredentials):
@@ -152,7 +161,9 @@ def test_sessions_and_users_show_who_is_online(server, tmp_path):
     alice = logged_in(server, tmp_path / "alice", "alice")
     sessions = admin(server, "sessions")
     assert sessions.returncode == 0
-    assert re.search(rf"^alice\s+127\.0\.0\.1\s+\S+ \S+\s+\S+:{server.port}$", sessions.stdout, re.M), sessions.stdout
+    assert re.search(rf"^alice\s+127\.0\.0\.1\s+\S+ \S+\s+\S+:{server.port}$", sessions.stdout, re.M), (
+        sessions.stdout
+    )
     assert re.search(r"^alice\s.*\syes\s+no\s+no$", admin(server, "users").stdout, re.M)
     alice.close()
 
@@ -161,7 +172,7 @@ def _exercise_and_audit(server, tmp_path, db: str | None) -> str:
     """Register, fail, get locked out, be kicked, banned, reset; returns `admin audit` output."""
     alice = logged_in(server, tmp_path / "alice", "alice")
     alice.close()
-    for _ in range(5):   # the fifth wrong password locks alice for this address
+    for _ in range(5):  # the fifth wrong password locks alice for this address
         c = client_for(server, tmp_path / "alice")
         with pytest.raises((InvalidCredentials, AccountLocked)):
             c.login("alice", WRONG_PASSWORD)
@@ -182,14 +193,25 @@ def _events(audit_output: str) -> list[str]:
     return [line.split()[2] for line in audit_output.splitlines()[1:]]
 
 
-EXPECTED_EVENTS = ["register", "login_failed", "login_failed", "login_failed", "login_failed",
-                   "lockout", "unlock", "login", "kick", "ban", "reset_password"]
+EXPECTED_EVENTS = [
+    "register",
+    "login_failed",
+    "login_failed",
+    "login_failed",
+    "login_failed",
+    "lockout",
+    "unlock",
+    "login",
+    "kick",
+    "ban",
+    "reset_password",
+]
 
 
 def test_audit_log_on_sqlite_has_the_rows_and_no_secret(server, tmp_path):
     text = _exercise_and_audit(server, tmp_path, None)
     raw = b"".join(p.read_bytes() for p in server.data_dir.glob("secureim.db*"))
-    assert b"login_failed" in raw   # the check below reads the real bytes
+    assert b"login_failed" in raw  # the check below reads the real bytes
     for secret in (PASSWORD, WRONG_PASSWORD):
         assert secret.encode() not in raw
     assert _events(text) == EXPECTED_EVENTS, text
@@ -207,7 +229,9 @@ def test_audit_log_on_mariadb_has_the_rows_and_no_secret(mysql_database, tmp_pat
     conn = mysql_admin()
     dump = []
     with conn.cursor() as cur:
-        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (mysql_database,))
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (mysql_database,)
+        )
         for (table,) in cur.fetchall():
             cur.execute(f"SELECT * FROM `{mysql_database}`.`{table}`")  # names from information_schema
             dump.append(repr(cur.fetchall()))
@@ -232,11 +256,15 @@ def _metric(text: str, name: str) -> float:
 def test_metrics_answer_and_move_with_a_chat(tmp_path):
     server = ServerProcess(tmp_path / "data", "--metrics-port", "0")
     try:
-        line = next(x for x in server.lines if "Metrics on" in x)   # printed before "Ready"
+        line = next(x for x in server.lines if "Metrics on" in x)  # printed before "Ready"
         port = int(re.search(r"127\.0\.0\.1:(\d+)/metrics", line).group(1))
         assert _scrape(port, "/healthz") == "ok\n"
-        health = subprocess.run([sys.executable, str(ROOT / "server.py"), "admin", "health", "--metrics-port",
-                                 str(port)], capture_output=True, text=True, timeout=30)
+        health = subprocess.run(
+            [sys.executable, str(ROOT / "server.py"), "admin", "health", "--metrics-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert health.returncode == 0 and health.stdout.strip() == "ok"
         before = _scrape(port)
         a = logged_in(server, tmp_path / "alice", "alice")
@@ -250,8 +278,14 @@ def test_metrics_answer_and_move_with_a_chat(tmp_path):
         for i in range(20):  # bob's receipts are relayed too: none may be in flight during the scrape
             wait_for(a, clientlib.MessageDelivered, text=f"hello {i}")
         after = _scrape(port)
-        assert _metric(after, "secureim_messages_relayed_total") >= _metric(before, "secureim_messages_relayed_total") + 3
-        assert _metric(after, 'secureim_logins_total{result="ok"}') == _metric(before, 'secureim_logins_total{result="ok"}') + 2
+        assert (
+            _metric(after, "secureim_messages_relayed_total")
+            >= _metric(before, "secureim_messages_relayed_total") + 3
+        )
+        assert (
+            _metric(after, 'secureim_logins_total{result="ok"}')
+            == _metric(before, 'secureim_logins_total{result="ok"}') + 2
+        )
         assert _metric(after, "secureim_online_users") == 2
         relayed = _metric(after, "secureim_messages_relayed_total")
         assert relayed >= 20
@@ -264,18 +298,21 @@ def test_metrics_answer_and_move_with_a_chat(tmp_path):
         server.stop()
 
 
-@pytest.mark.parametrize("args, message", [
-    (("kick", "nobody"), "No user named 'nobody'."),
-    (("ban", "alice", "--for", "forever"), "Bad duration 'forever'"),
-    (("ban", "alice", "--for", "0h"), "Bad duration '0h'"),
-    (("ban-address", "10.0.0.300/8"), "Bad network '10.0.0.300/8'"),
-    (("ban-address", "10.0.0.0/33"), "Bad network"),
-    (("audit", "--since", "yesterday"), "Bad --since 'yesterday'"),
-    (("delete-user", "alice"), "needs --yes"),
-    (("reset-password", "Not A Name!"), "Bad username"),
-    (("ban",), "the following arguments are required: user"),
-    (("frobnicate",), "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("kick", "nobody"), "No user named 'nobody'."),
+        (("ban", "alice", "--for", "forever"), "Bad duration 'forever'"),
+        (("ban", "alice", "--for", "0h"), "Bad duration '0h'"),
+        (("ban-address", "10.0.0.300/8"), "Bad network '10.0.0.300/8'"),
+        (("ban-address", "10.0.0.0/33"), "Bad network"),
+        (("audit", "--since", "yesterday"), "Bad --since 'yesterday'"),
+        (("delete-user", "alice"), "needs --yes"),
+        (("reset-password", "Not A Name!"), "Bad username"),
+        (("ban",), "the following arguments are required: user"),
+        (("frobnicate",), "invalid choice"),
+    ],
+)
 def test_bad_admin_input_is_one_line_and_exit_2(server, tmp_path, args, message):
     logged_in(server, tmp_path / "alice", "alice").close()
     done = admin(server, *args)
@@ -286,18 +323,37 @@ def test_bad_admin_input_is_one_line_and_exit_2(server, tmp_path, args, message)
 
 
 def test_admin_without_a_database_says_so(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "server.py"), "admin", "--data-dir", str(tmp_path / "none"),
-                           "users"], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "admin", "--data-dir", str(tmp_path / "none"), "users"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "No database" in done.stderr
     assert not (tmp_path / "none").exists()
 
 
 def test_the_console_on_a_piped_stdin(tmp_path):
     data = tmp_path / "data"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", "0", "--data-dir", str(data),
-                             "--bcrypt-cost", "4", "--console", "on"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=str(tmp_path))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "server.py"),
+            "--port",
+            "0",
+            "--data-dir",
+            str(data),
+            "--bcrypt-cost",
+            "4",
+            "--console",
+            "on",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(tmp_path),
+    )
     lines: list[str] = []
 
     def until(marker: str) -> str:
@@ -324,7 +380,7 @@ def test_the_console_on_a_piped_stdin(tmp_path):
         until("Banned alice")
         assert "too loud" in wait_for(alice, clientlib.Disconnected, timeout=KICK_WAIT_S).reason
         alice.close()
-        proc.stdin.close()   # the console ends; the server goes on
+        proc.stdin.close()  # the console ends; the server goes on
         logged_in(server, tmp_path / "bob", "bob").close()
         assert proc.poll() is None
     finally:
@@ -373,7 +429,12 @@ def test_delete_account_asks_password_and_confirmation_then_deletes(server, tmp_
     assert child.exitstatus == 0
     assert not re.search(r"^alice\s", admin(server, "users").stdout, re.M)
     events = _events(admin(server, "audit", "--user", "alice").stdout)
-    assert events == ["login_failed", "register", "delete_account_failed", "delete_account"]  # login first: new user
+    assert events == [
+        "login_failed",
+        "register",
+        "delete_account_failed",
+        "delete_account",
+    ]  # login first: new user
     again = client_for(server, tmp_path / "alice")
     with pytest.raises(InvalidCredentials):
         again.login("alice", PASSWORD)
@@ -406,8 +467,13 @@ def test_metrics_listen_on_loopback_only():
 
 
 def test_the_console_starts_by_itself_in_a_terminal(tmp_path):
-    child = pexpect.spawn(sys.executable, [str(ROOT / "server.py"), "--port", "0", "--data-dir", str(tmp_path / "d"),
-                                           "--bcrypt-cost", "4"], encoding="utf-8", timeout=20, cwd=str(tmp_path))
+    child = pexpect.spawn(
+        sys.executable,
+        [str(ROOT / "server.py"), "--port", "0", "--data-dir", str(tmp_path / "d"), "--bcrypt-cost", "4"],
+        encoding="utf-8",
+        timeout=20,
+        cwd=str(tmp_path),
+    )
     try:
         child.expect_exact("[SERVER]: Console ready; type /help.")
         child.expect_exact("Ready to accept connections.")
@@ -438,7 +504,7 @@ def test_password_change_hook_ends_older_tickets_and_is_audited(tmp_path):
 
 def test_identity_key_changes_and_lockouts_are_visible(server, tmp_path):
     logged_in(server, tmp_path / "alice", "alice").close()
-    logged_in(server, tmp_path / "alice-laptop", "alice", register=False).close()   # a new identity key
+    logged_in(server, tmp_path / "alice-laptop", "alice", register=False).close()  # a new identity key
     for _ in range(5):
         c = client_for(server, tmp_path / "alice")
         with pytest.raises((InvalidCredentials, AccountLocked)):
@@ -458,8 +524,10 @@ def test_the_terminal_client_shows_why_it_was_disconnected(server, tmp_path):
     login_flow(child, "alice", PASSWORD, new=True)
     child.expect_exact("[CLIENT]: Destination:")
     assert admin(server, "ban", "alice", "--reason", "harassment").returncode == 0
-    child.expect_exact("[CLIENT]: Connection to the server lost: the server closed the session: "
-                       "This account is banned until lifted: harassment.")
+    child.expect_exact(
+        "[CLIENT]: Connection to the server lost: the server closed the session: "
+        "This account is banned until lifted: harassment."
+    )
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 1

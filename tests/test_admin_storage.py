@@ -42,14 +42,14 @@ def test_audit_detail_is_bounded(storage):
 def test_bans_expire_and_lift(storage):
     now = time.time()
     storage.set_ban("user", "bob", 0, "spam")
-    storage.set_ban("user", "carol", now - 1, "old")          # already over
+    storage.set_ban("user", "carol", now - 1, "old")  # already over
     storage.set_ban("address", "10.0.0.0/8", now + 60, "bots")
     assert storage.user_ban("bob", now).reason == "spam"
     assert storage.user_ban("carol", now) is None
     assert storage.user_ban("alice", now) is None
     assert [b.target for b in storage.active_bans(now)] == ["10.0.0.0/8", "bob"]
     assert [b.target for b in storage.active_bans(now, kind="address")] == ["10.0.0.0/8"]
-    storage.set_ban("user", "bob", now + 5, "again")           # replaces, not duplicates
+    storage.set_ban("user", "bob", now + 5, "again")  # replaces, not duplicates
     assert storage.user_ban("bob", now).until == pytest.approx(now + 5)
     assert storage.remove_ban("user", "bob")
     assert not storage.remove_ban("user", "bob")
@@ -62,7 +62,10 @@ def test_admin_actions_are_read_in_order_after_an_id(storage):
     b = storage.post_admin_action("address", "", "")
     assert a > start and b > a
     actions = storage.admin_actions_after(start)
-    assert [(x.action, x.username, x.reason) for x in actions] == [("kick", "bob", "bye"), ("address", "", "")]
+    assert [(x.action, x.username, x.reason) for x in actions] == [
+        ("kick", "bob", "bye"),
+        ("address", "", ""),
+    ]
     assert storage.admin_actions_after(b) == []
     assert storage.last_admin_action_id() == b
 
@@ -112,16 +115,18 @@ def test_delete_user_removes_everything_kept_for_them(storage):
     assert storage.get_login_failures("bob", "1.2.3.4").failures == 0
     assert storage.list_sessions() == []
     assert [u.username for u in storage.list_users(time.time())] == ["alice"]
-    storage.create_user("bob", "h")   # the name is free again, with a fresh state
+    storage.create_user("bob", "h")  # the name is free again, with a fresh state
     assert storage.get_ticket_epoch("bob") == 0
 
 
 def test_live_sessions_per_node(storage):
     storage.session_started("n1", "alice", "10.0.0.1", 5.0)
     storage.session_started("n2", "bob", "10.0.0.2", 6.0)
-    storage.session_started("n1", "alice", "10.0.0.3", 7.0)   # a new login replaces the row
+    storage.session_started("n1", "alice", "10.0.0.3", 7.0)  # a new login replaces the row
     assert [(s.node, s.username, s.source, s.since) for s in storage.list_sessions()] == [
-        ("n1", "alice", "10.0.0.3", 7.0), ("n2", "bob", "10.0.0.2", 6.0)]
+        ("n1", "alice", "10.0.0.3", 7.0),
+        ("n2", "bob", "10.0.0.2", 6.0),
+    ]
     storage.session_ended("n1", "alice")
     storage.clear_sessions("n2")
     assert storage.list_sessions() == []
@@ -133,4 +138,5 @@ def test_record_session_start_writes_last_login_session_and_audit(storage):
     assert storage.list_users(60.0)[0].last_login_at == 50.0
     assert [(s.node, s.source, s.since) for s in storage.list_sessions()] == [("n1", "10.0.0.1", 50.0)]
     assert [(e.at, e.event, e.username, e.source) for e in storage.audit_events()] == [
-        (50.0, "resume", "alice", "10.0.0.1")]
+        (50.0, "resume", "alice", "10.0.0.1")
+    ]

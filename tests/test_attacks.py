@@ -62,6 +62,7 @@ def _on(direction_wanted, index_wanted, fn):
         if direction == direction_wanted and index == index_wanted:
             return fn(frame)
         return [frame]
+
     return tamper
 
 
@@ -70,33 +71,88 @@ def _on(direction_wanted, index_wanted, fn):
 # =============================================================================
 HANDSHAKE_ATTACKS = {
     "A01 flip a bit in ClientHello's nonce": (
-        "c2s", 0, lambda f: [rewrite(f, nonce=bytes([P.decode_message(f[4:]).nonce[0] ^ 1])
-                                     + P.decode_message(f[4:]).nonce[1:])], HandshakeFailed, "signature"),
+        "c2s",
+        0,
+        lambda f: [
+            rewrite(
+                f, nonce=bytes([P.decode_message(f[4:]).nonce[0] ^ 1]) + P.decode_message(f[4:]).nonce[1:]
+            )
+        ],
+        HandshakeFailed,
+        "signature",
+    ),
     "A02 flip a bit in ServerHello's nonce": (
-        "s2c", 0, lambda f: [rewrite(f, nonce=bytes([P.decode_message(f[4:]).nonce[0] ^ 1])
-                                     + P.decode_message(f[4:]).nonce[1:])], HandshakeFailed, "signature"),
+        "s2c",
+        0,
+        lambda f: [
+            rewrite(
+                f, nonce=bytes([P.decode_message(f[4:]).nonce[0] ^ 1]) + P.decode_message(f[4:]).nonce[1:]
+            )
+        ],
+        HandshakeFailed,
+        "signature",
+    ),
     "A03 flip a bit in the server's signature": (
-        "s2c", 1, lambda f: [rewrite(f, signature=bytes([P.decode_message(f[4:]).signature[0] ^ 1])
-                                     + P.decode_message(f[4:]).signature[1:])],
-        HandshakeFailed, "signature"),
+        "s2c",
+        1,
+        lambda f: [
+            rewrite(
+                f,
+                signature=bytes([P.decode_message(f[4:]).signature[0] ^ 1])
+                + P.decode_message(f[4:]).signature[1:],
+            )
+        ],
+        HandshakeFailed,
+        "signature",
+    ),
     "A04 flip a bit in the server's key confirmation": (
-        "s2c", 1, lambda f: [rewrite(f, confirm=bytes([P.decode_message(f[4:]).confirm[0] ^ 1])
-                                     + P.decode_message(f[4:]).confirm[1:])],
-        HandshakeFailed, "confirmation"),
+        "s2c",
+        1,
+        lambda f: [
+            rewrite(
+                f,
+                confirm=bytes([P.decode_message(f[4:]).confirm[0] ^ 1]) + P.decode_message(f[4:]).confirm[1:],
+            )
+        ],
+        HandshakeFailed,
+        "confirmation",
+    ),
     "A05 substitute the client's DH value": (
-        "c2s", 0, lambda f: [rewrite(f, public=DiffieHellman(DEFAULT_GROUP).public_bytes)], HandshakeFailed,
-        "signature"),
+        "c2s",
+        0,
+        lambda f: [rewrite(f, public=DiffieHellman(DEFAULT_GROUP).public_bytes)],
+        HandshakeFailed,
+        "signature",
+    ),
     "A06 substitute the server's DH value": (
-        "s2c", 0, lambda f: [rewrite(f, public=DiffieHellman.respond(DEFAULT_GROUP, DiffieHellman().public_bytes)[0])],
-        HandshakeFailed, "signature"),
+        "s2c",
+        0,
+        lambda f: [rewrite(f, public=DiffieHellman.respond(DEFAULT_GROUP, DiffieHellman().public_bytes)[0])],
+        HandshakeFailed,
+        "signature",
+    ),
     "A07 downgrade the group to modp1024": (
-        "c2s", 0, lambda f: [rewrite(f, group="modp1024", groups=("modp1024",))], HandshakeFailed,
-        "unsupported group"),
+        "c2s",
+        0,
+        lambda f: [rewrite(f, group="modp1024", groups=("modp1024",))],
+        HandshakeFailed,
+        "unsupported group",
+    ),
     "A08 swap the server's identity key": (
-        "s2c", 0, lambda f: [rewrite(f, server_key=cu.public_bytes(Ed25519PrivateKey.generate()))],
-        HandshakeFailed, "signature"),
+        "s2c",
+        0,
+        lambda f: [rewrite(f, server_key=cu.public_bytes(Ed25519PrivateKey.generate()))],
+        HandshakeFailed,
+        "signature",
+    ),
     "A09 drop the ServerAuth": ("s2c", 1, lambda f: [], ConnectionClosed, "did not answer|closed"),
-    "A10 truncate the ServerHello": ("s2c", 0, lambda f: [P.encode_frame(f[4:-3])], ProtocolError, "truncated"),
+    "A10 truncate the ServerHello": (
+        "s2c",
+        0,
+        lambda f: [P.encode_frame(f[4:-3])],
+        ProtocolError,
+        "truncated",
+    ),
 }
 
 
@@ -109,8 +165,9 @@ def test_handshake_tampering_is_detected(tmp_path, name):
     # The server's login grace is far longer than the client's reply deadline: a client
     # waiting for a reply (A09) is stopped by its own deadline, not by the server closing.
     with running_server(tmp_path / "srv", login_grace_s=600) as server:
-        proxy, client = via_proxy(server, tmp_path, _on(direction, index, fn),
-                                  reply_timeout_s=CLIENT_REPLY_TIMEOUT_S)
+        proxy, client = via_proxy(
+            server, tmp_path, _on(direction, index, fn), reply_timeout_s=CLIENT_REPLY_TIMEOUT_S
+        )
         t0 = time.monotonic()
         with pytest.raises(error, match=reason):
             client.connect()
@@ -153,7 +210,7 @@ def test_A09_client_gives_up_on_a_server_that_accepts_and_never_answers(tmp_path
         assert accepted.wait(10)
         worker.join(timeout=10)
         assert not worker.is_alive(), "the client kept waiting for a server that never answers"
-        (message, elapsed), = outcome
+        ((message, elapsed),) = outcome
         assert "did not answer in time" in message and 0.9 <= elapsed < 5
     finally:
         for conn in held:
@@ -356,22 +413,38 @@ def test_A28_bad_dh_public_values_on_the_wire(tmp_path, label):
 def test_A29_groups_off_the_allowlist_on_the_wire(tmp_path, group):
     with running_server(tmp_path / "srv") as server:
         assert _raw_exchange(server, _hello(group=group)) == [
-            P.HandshakeError(code=P.HandshakeErrorCode.UNSUPPORTED_GROUP)]
+            P.HandshakeError(code=P.HandshakeErrorCode.UNSUPPORTED_GROUP)
+        ]
 
 
-@pytest.mark.parametrize("username", [
-    "alice' OR '1'='1", "bob; DROP TABLE users; --", 'x"--', "%_%",          # SQL metacharacters
-    "аlice", "ａｌｉｃｅ", "alice\u200b",                                       # look-alikes, zero width
-    "ali\x1bce", "ali\nce", "\x00alice", "alice\u202e",                         # control and bidi
-    "", "a" * 33, "../../etc/passwd",
-])
+@pytest.mark.parametrize(
+    "username",
+    [
+        "alice' OR '1'='1",
+        "bob; DROP TABLE users; --",
+        'x"--',
+        "%_%",  # SQL metacharacters
+        "аlice",
+        "ａｌｉｃｅ",
+        "alice\u200b",  # look-alikes, zero width
+        "ali\x1bce",
+        "ali\nce",
+        "\x00alice",
+        "alice\u202e",  # control and bidi
+        "",
+        "a" * 33,
+        "../../etc/passwd",
+    ],
+)
 def test_A30_hostile_usernames_are_refused(tmp_path, username):
     with running_server(tmp_path / "srv") as server:
         c = make_client(server, tmp_path / "x")
         with pytest.raises((InvalidUsername, InvalidPassword)):
-            c._authenticate(P.Register(username=username[:32], password=PASSWORD.encode(), identity_key=bytes(32))
-                            if len(username.encode()) <= 32 else
-                            P.Register(username="a" * 32 + "b", password=b"", identity_key=bytes(32)))
+            c._authenticate(
+                P.Register(username=username[:32], password=PASSWORD.encode(), identity_key=bytes(32))
+                if len(username.encode()) <= 32
+                else P.Register(username="a" * 32 + "b", password=b"", identity_key=bytes(32))
+            )
         c.close()
         assert server.storage.count_users() == 0
 
@@ -427,7 +500,7 @@ def test_A33_relay_to_oneself_and_to_nobody(tmp_path):
 def test_A34_terminal_escape_sequences_are_neutralised():
     hostile = "\x1b[2J\x1b]0;title\x07\x9b31m\u202eevil\u200b\r\n\x7f"
     shown = C.sanitize(hostile)
-    assert not any(ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0 for ch in shown)
+    assert not any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in shown)
     assert "\u202e" not in shown and "\u200b" not in shown
     assert "\\x1b[2J" in shown
 
@@ -471,7 +544,9 @@ def test_A35_a_client_that_ignores_the_puzzle_is_refused(tmp_path):
         hello = _hello()
         # The same unsolved hello twice: one Puzzle, then a refusal (never a second puzzle).
         assert [type(m) for m in _raw_exchange(server, hello + hello)] == [P.Puzzle, P.HandshakeError]
-        assert _raw_exchange(server, hello + hello)[1] == P.HandshakeError(code=P.HandshakeErrorCode.PUZZLE_FAILED)
+        assert _raw_exchange(server, hello + hello)[1] == P.HandshakeError(
+            code=P.HandshakeErrorCode.PUZZLE_FAILED
+        )
 
 
 def test_A36_the_real_server_binds_puzzles_to_the_source_address(tmp_path):
@@ -482,8 +557,9 @@ def test_A36_the_real_server_binds_puzzles_to_the_source_address(tmp_path):
             issued = _first_reply(s, P.encode_frame(hello.encode()))
         assert isinstance(issued, P.Puzzle) and issued.difficulty == 8
         solution = puzzle.solve(issued.challenge, hello.public, issued.difficulty)
-        answer = P.encode_frame(dataclasses.replace(hello, puzzle_challenge=issued.challenge,
-                                                    puzzle_solution=solution).encode())
+        answer = P.encode_frame(
+            dataclasses.replace(hello, puzzle_challenge=issued.challenge, puzzle_solution=solution).encode()
+        )
         moved = _connect_from(server, "127.0.0.2")
         moved.sendall(answer)
         moved.shutdown(socket.SHUT_WR)
@@ -496,8 +572,10 @@ def test_A37_load_adaptive_difficulty_through_the_real_server(tmp_path):
     """Calm: no puzzle.  Half-open connections reach the threshold: the base difficulty.
     Twice the threshold: 2 more bits.  A real client still solves it and logs in."""
     threshold, base = 4, 6
-    with running_server(tmp_path / "srv", puzzle_mode="auto", puzzle_bits=base,
-                        puzzle_load_threshold=threshold) as server:
+    with running_server(
+        tmp_path / "srv", puzzle_mode="auto", puzzle_bits=base, puzzle_load_threshold=threshold
+    ) as server:
+
         def probe():
             # Connections are admitted (and counted) in accept order, so the idle
             # connections made before this one are counted when its hello is answered.
@@ -522,7 +600,9 @@ def test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved(tmp_path):
     pub = os.urandom(32)
     challenge = gate.issue("192.0.2.1", 8)
     solution = puzzle.solve(challenge, pub, 8)
-    assert gate.check("192.0.2.2", challenge, pub, solution, 8) == "puzzle challenge not issued to this address"
+    assert (
+        gate.check("192.0.2.2", challenge, pub, solution, 8) == "puzzle challenge not issued to this address"
+    )
     assert gate.check("192.0.2.1", challenge, os.urandom(32), solution, 8) == "wrong puzzle solution"
     forged = challenge[:-1] + bytes([challenge[-1] ^ 1])
     assert "not issued" in gate.check("192.0.2.1", forged, pub, solution, 8)
@@ -567,7 +647,9 @@ def test_A38_client_refuses_absurd_puzzles():
 
 
 def test_A39_per_source_connection_rate_limit(tmp_path):
-    with running_server(tmp_path / "srv", connections_per_source_per_s=1.0, connection_burst_per_source=5) as server:
+    with running_server(
+        tmp_path / "srv", connections_per_source_per_s=1.0, connection_burst_per_source=5
+    ) as server:
         refused = 0
         for _ in range(12):
             replies = _raw_exchange(server, b"")
@@ -652,7 +734,10 @@ def test_A40_flood_of_junk_from_one_source_does_not_stop_others(tmp_path, enough
             assert wait_for(b, C.MessageReceived, timeout=30).text == "still here"
         elapsed = time.monotonic() - t0
         assert elapsed < 120
-        assert server.service.registry.unauthenticated.get("127.0.0.2", 0) <= server.config.max_unauthenticated_per_source
+        assert (
+            server.service.registry.unauthenticated.get("127.0.0.2", 0)
+            <= server.config.max_unauthenticated_per_source
+        )
         for s in junk:
             s.close()
         for u in users:

@@ -34,8 +34,12 @@ HYBRID = GROUPS["x25519-mlkem768"]
 def _unreduced_encapsulation_key() -> bytes:
     """A 1,184-byte ML-KEM-768 key with a coefficient >= q (Wycheproof, CCTV/modulus)."""
     data = json.loads((VECTORS / "wycheproof" / "mlkem_768_encaps_test.json").read_text())
-    return next(bytes.fromhex(t["ek"]) for g in data["testGroups"] for t in g["tests"]
-                if "ModulusOverflow" in t["flags"])
+    return next(
+        bytes.fromhex(t["ek"])
+        for g in data["testGroups"]
+        for t in g["tests"]
+        if "ModulusOverflow" in t["flags"]
+    )
 
 
 def _replace(frame: bytes, **changes) -> bytes:
@@ -45,6 +49,7 @@ def _replace(frame: bytes, **changes) -> bytes:
 def _on(direction_wanted: str, index_wanted: int, fn):
     def tamper(direction, index, frame):
         return fn(frame) if (direction, index) == (direction_wanted, index_wanted) else [frame]
+
     return tamper
 
 
@@ -167,7 +172,9 @@ def test_PQ06_on_the_wire_a_classical_share_with_the_hybrid_list_is_a_downgrade(
     """A real server behind an attacker who rewrites the hello to an X25519 share."""
     forced = DiffieHellman("x25519").public_bytes
     with running_server(tmp_path / "srv") as server:
-        proxy = MitmProxy(server.server_address, _on("c2s", 0, lambda f: [_replace(f, group="x25519", public=forced)]))
+        proxy = MitmProxy(
+            server.server_address, _on("c2s", 0, lambda f: [_replace(f, group="x25519", public=forced)])
+        )
         client = C.ChatClient(*proxy.address, home=tmp_path / "victim")
         client.timeout_s = 3
         with pytest.raises(HandshakeFailed, match="downgrade"):
@@ -175,8 +182,10 @@ def test_PQ06_on_the_wire_a_classical_share_with_the_hybrid_list_is_a_downgrade(
         proxy.close()
         # Stripping the hybrid group from the list as well: the server answers in x25519, which
         # the client (still holding its hybrid share) refuses; a rewritten answer breaks the signature.
-        proxy = MitmProxy(server.server_address, _on("c2s", 0, lambda f: [
-            _replace(f, group="x25519", public=forced, groups=("x25519",))]))
+        proxy = MitmProxy(
+            server.server_address,
+            _on("c2s", 0, lambda f: [_replace(f, group="x25519", public=forced, groups=("x25519",))]),
+        )
         client = C.ChatClient(*proxy.address, home=tmp_path / "victim2")
         client.timeout_s = 3
         with pytest.raises(RemoteProtocolError, match="exactly 1120 bytes"):
@@ -196,7 +205,9 @@ def test_PQ07_wrong_size_hybrid_share_is_refused_before_any_work(monkeypatch, si
     server = P.ServerProtocol(Ed25519PrivateKey.generate())
     with pytest.raises(RemoteProtocolError, match="exactly 1216 bytes"):
         server.receive_data(_replace(P.ClientProtocol().initiate(), public=bytes(size)))
-    assert P.decode_message(server.data_to_send()[4:]) == P.HandshakeError(code=P.HandshakeErrorCode.BAD_PUBLIC_VALUE)
+    assert P.decode_message(server.data_to_send()[4:]) == P.HandshakeError(
+        code=P.HandshakeErrorCode.BAD_PUBLIC_VALUE
+    )
     assert calls == []  # no key work was done for a share of the wrong size
 
 
@@ -204,8 +215,8 @@ def test_PQ08_oversized_public_values_do_not_decode():
     hello = P.decode_message(P.ClientProtocol().initiate()[4:])
     body = bytearray(hello.encode())
     at = body.index(hello.public) - 2
-    body[at:at + 2] = (P.MAX_PUBLIC_VALUE_BYTES + 1).to_bytes(2, "big")
-    body[at + 2:at + 2] = b"\0"
+    body[at : at + 2] = (P.MAX_PUBLIC_VALUE_BYTES + 1).to_bytes(2, "big")
+    body[at + 2 : at + 2] = b"\0"
     with pytest.raises(MalformedMessage, match="public has a bad length"):
         P.decode_message(bytes(body))
     assert P.MAX_PUBLIC_VALUE_BYTES == 1216 and P.MAX_RESPONSE_VALUE_BYTES == 1120
@@ -234,8 +245,10 @@ def _server_flight():
 def test_PQ10_wrong_size_or_forged_server_answer(monkeypatch):
     decapsulated = []
     real = cu.MLKEM768KeyPair.decapsulate
-    monkeypatch.setattr(cu.MLKEM768KeyPair, "decapsulate", lambda self, ct: decapsulated.append(ct) or real(self, ct))
-    for cut in (lambda a: a[:-1], lambda a: a[:cu.MLKEM768_CIPHERTEXT_BYTES], lambda a: a[:32]):
+    monkeypatch.setattr(
+        cu.MLKEM768KeyPair, "decapsulate", lambda self, ct: decapsulated.append(ct) or real(self, ct)
+    )
+    for cut in (lambda a: a[:-1], lambda a: a[: cu.MLKEM768_CIPHERTEXT_BYTES], lambda a: a[:32]):
         client, hello, auth = _server_flight()
         wrong = cut(P.decode_message(hello[4:]).public)
         with pytest.raises(RemoteProtocolError, match="exactly 1120 bytes"):
@@ -266,7 +279,11 @@ def test_PQ11_wrong_size_shares_and_replies_are_refused():
     alice, bob, *_ = _sessions()
     key = cu.get_suite("aes256").generate_key()
     share_a, share_b = alice.new_generation(1, key), bob.new_generation(1, key)
-    for bad in (share_a[:-1], share_a + b"\0", share_a[:e2e.SHARE.size - cu.MLKEM768_ENCAPSULATION_KEY_BYTES]):
+    for bad in (
+        share_a[:-1],
+        share_a + b"\0",
+        share_a[: e2e.SHARE.size - cu.MLKEM768_ENCAPSULATION_KEY_BYTES],
+    ):
         with pytest.raises(e2e.ShareRejected, match=f"must be {e2e.SHARE.size} bytes"):
             bob.receive_share(bad)
     reply_b = bob.receive_share(share_a)
@@ -325,7 +342,9 @@ def test_PQ14_recorded_handshake_session_needs_both_x25519_and_mlkem_secrets():
     client.receive_data(recording[-1][1])
     recording.append(("c2s", client.data_to_send()))
     server.receive_data(recording[-1][1])
-    recording.append(("c2s", client.send(P.Login(username="alice", password=b"correct horse", identity_key=bytes(32)))))
+    recording.append(
+        ("c2s", client.send(P.Login(username="alice", password=b"correct horse", identity_key=bytes(32))))
+    )
     server.receive_data(recording[-1][1])
 
     ch, sh_frame, sa_frame = recording[0][1], *split_frames(recording[1][1])
@@ -335,7 +354,7 @@ def test_PQ14_recorded_handshake_session_needs_both_x25519_and_mlkem_secrets():
     # The future attacker's quantum computer gives each secret in turn: X25519 (from the
     # recorded public values) and ML-KEM (the client's decapsulation key stands in for it).
     x_secret = client._dh._x25519.exchange(X25519PublicKey.from_public_bytes(sh.public[-32:]))
-    kem_secret = client._dh._mlkem.decapsulate(sh.public[:cu.MLKEM768_CIPHERTEXT_BYTES])
+    kem_secret = client._dh._mlkem.decapsulate(sh.public[: cu.MLKEM768_CIPHERTEXT_BYTES])
     suite = client.suite
 
     def attempt(ikm: bytes) -> bytes | None:
@@ -348,8 +367,15 @@ def test_PQ14_recorded_handshake_session_needs_both_x25519_and_mlkem_secrets():
     # Control: with both secrets this method does open the recording (so the refusals below mean something).
     assert P.decode_message(attempt(kem_secret + x_secret)).password == b"correct horse"
     zeros = bytes(32)
-    for guess in (x_secret, zeros + x_secret, x_secret + zeros, kem_secret, kem_secret + zeros, zeros + kem_secret,
-                  x_secret + kem_secret):
+    for guess in (
+        x_secret,
+        zeros + x_secret,
+        x_secret + zeros,
+        kem_secret,
+        kem_secret + zeros,
+        zeros + kem_secret,
+        x_secret + kem_secret,
+    ):
         assert attempt(guess) is None
     assert sa_frame  # the ServerAuth was recorded too; nothing in it helps
 
@@ -368,10 +394,14 @@ def test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets():
 
     _k, g, xa, eka, _s = e2e.SHARE.unpack(recorded[0])
     _k, _g, xb, ekb, _s = e2e.SHARE.unpack(recorded[1])
-    ct_to_bob = e2e.KEM_REPLY.unpack(recorded[2])[2]    # alice encapsulated to bob's key
+    ct_to_bob = e2e.KEM_REPLY.unpack(recorded[2])[2]  # alice encapsulated to bob's key
     ct_to_alice = e2e.KEM_REPLY.unpack(recorded[3])[2]
-    transcript = e2e.root_transcript(42, g, [("alice", xa + eka, ct_to_alice), ("bob", xb + ekb, ct_to_bob)],
-                                     (cu.public_bytes(ida), cu.public_bytes(idb)))
+    transcript = e2e.root_transcript(
+        42,
+        g,
+        [("alice", xa + eka, ct_to_alice), ("bob", xb + ekb, ct_to_bob)],
+        (cu.public_bytes(ida), cu.public_bytes(idb)),
+    )
     dh = a_x.exchange(X25519PublicKey.from_public_bytes(xb))
     ss_alice, ss_bob = a_kem.decapsulate(ct_to_alice), b_kem.decapsulate(ct_to_bob)
     _kind, generation, counter = e2e.MESSAGE_HEADER.unpack_from(payload)
@@ -381,22 +411,30 @@ def test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets():
         for _ in range(counter + 1):
             _i, message_key = chain.step()
         try:
-            body = bob._message_cipher(message_key).open(payload[e2e.MESSAGE_HEADER.size:],
-                                                         bob._aad("alice", "bob", generation, counter))
+            body = bob._message_cipher(message_key).open(
+                payload[e2e.MESSAGE_HEADER.size :], bob._aad("alice", "bob", generation, counter)
+            )
         except Exception:  # noqa: BLE001 - any failure to open counts as "could not read"
             return None
-        return body[e2e.BODY_HEADER.size:].decode()
+        return body[e2e.BODY_HEADER.size :].decode()
 
     zeros = bytes(32)
     assert attempt(e2e.derive_root(kdc_key, dh, (ss_alice, ss_bob), transcript)) == "meet at noon"  # control
-    x25519_only = [e2e.derive_root(kdc_key, dh, (zeros, zeros), transcript),
-                   cu.hkdf(kdc_key + dh, salt=transcript, info=cu.label("e2e root x25519-mlkem768"), length=32),
-                   cu.hkdf(kdc_key + dh, salt=transcript, info=cu.label("e2e root"), length=32)]
-    mlkem_only = [e2e.derive_root(kdc_key, zeros, (ss_alice, ss_bob), transcript),
-                  cu.hkdf(kdc_key + ss_alice + ss_bob, salt=transcript, info=cu.label("e2e root x25519-mlkem768"),
-                          length=32)]
-    one_kem_secret = [e2e.derive_root(kdc_key, dh, (ss_alice, zeros), transcript),
-                      e2e.derive_root(kdc_key, dh, (zeros, ss_bob), transcript)]
+    x25519_only = [
+        e2e.derive_root(kdc_key, dh, (zeros, zeros), transcript),
+        cu.hkdf(kdc_key + dh, salt=transcript, info=cu.label("e2e root x25519-mlkem768"), length=32),
+        cu.hkdf(kdc_key + dh, salt=transcript, info=cu.label("e2e root"), length=32),
+    ]
+    mlkem_only = [
+        e2e.derive_root(kdc_key, zeros, (ss_alice, ss_bob), transcript),
+        cu.hkdf(
+            kdc_key + ss_alice + ss_bob, salt=transcript, info=cu.label("e2e root x25519-mlkem768"), length=32
+        ),
+    ]
+    one_kem_secret = [
+        e2e.derive_root(kdc_key, dh, (ss_alice, zeros), transcript),
+        e2e.derive_root(kdc_key, dh, (zeros, ss_bob), transcript),
+    ]
     for root in x25519_only + mlkem_only + one_kem_secret:
         assert attempt(root) is None
 

@@ -19,9 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(tmp_path, *args, env: dict | None = None) -> dict:
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), *args, "--json", str(out),
-                           "--timeout", "120"], capture_output=True, text=True, timeout=300,
-                          env=None if env is None else {**os.environ, **env})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "loadgen.py"), *args, "--json", str(out), "--timeout", "120"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text())
 
@@ -36,6 +40,7 @@ def test_relay_smoke(tmp_path):
 @pytest.mark.mysql
 def test_relay_smoke_on_mariadb(tmp_path):
     from db_fixtures import mysql_admin
+
     mysql_admin().close()  # skip (or fail under REQUIRE_MYSQL=1) without MariaDB
     r = _run(tmp_path, "relay", "--clients", "2", "--messages", "10", "--mysql")
     assert r["db"] == "mysql" and r["lost"] == 0
@@ -45,6 +50,7 @@ def _cluster_services() -> dict:
     """MariaDB and NATS for a clustered server, or skip (fail under REQUIRE_MYSQL=1 / REQUIRE_NATS=1)."""
     from cluster_helpers import shared_nats_url
     from db_fixtures import mysql_admin
+
     mysql_admin().close()
     return {"SECUREIM_BENCH_NATS": shared_nats_url()}
 
@@ -99,8 +105,12 @@ def test_relay_path_harness_runs():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "relay_path.py"), "--messages", "50", "--batch", "4"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "relay_path.py"), "--messages", "50", "--batch", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "us per relayed message" in out.stdout
 
 

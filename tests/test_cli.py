@@ -65,10 +65,14 @@ def test_two_users_chat_both_ways(server, tmp_path):
     alice.expect_exact(server.fingerprint)
     alice.expect_exact("Your identity (alice): SHA256:")
     alice.sendline("/verify bob")
-    alice.expect(r"Safety number with bob \(not verified\):\s+(?:\d\d:\d\d )?\[CLIENT\]:\s+((\d{5} ){5}\d{5})")
+    alice.expect(
+        r"Safety number with bob \(not verified\):\s+(?:\d\d:\d\d )?\[CLIENT\]:\s+((\d{5} ){5}\d{5})"
+    )
     number = alice.match.group(1)
     bob.sendline("/verify alice")
-    bob.expect(r"Safety number with alice \(not verified\):\s+(?:\d\d:\d\d )?\[CLIENT\]:\s+((\d{5} ){5}\d{5})")
+    bob.expect(
+        r"Safety number with alice \(not verified\):\s+(?:\d\d:\d\d )?\[CLIENT\]:\s+((\d{5} ){5}\d{5})"
+    )
     assert bob.match.group(1) == number
     alice.sendline("/verified bob")
     alice.expect_exact("bob is now marked as verified.")
@@ -78,7 +82,9 @@ def test_two_users_chat_both_ways(server, tmp_path):
     bob.expect_exact("[CLIENT]: Destination user is offline.")  # alice was bob's destination
     assert quit_client(bob) == 0
     server.stop()
-    assert any(line.startswith("[SERVER]: alice connected from 127.0.0.1") for line in unstamped(server.lines))
+    assert any(
+        line.startswith("[SERVER]: alice connected from 127.0.0.1") for line in unstamped(server.lines)
+    )
     assert any(line.startswith("[SERVER]: alice disconnected") for line in unstamped(server.lines))
 
 
@@ -142,6 +148,7 @@ def test_wrong_password_and_lockout_message(server, tmp_path):
 
 def test_unreachable_server_is_one_clear_line(tmp_path):
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

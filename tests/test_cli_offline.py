@@ -56,7 +56,7 @@ def test_three_messages_to_an_offline_user_arrive_in_order_once_and_say_delivere
     bob.expect_exact("[CLIENT]: Destination:")
     bob.sendline("/quit")
     bob.expect_exact("Goodbye.")
-    assert not any(t in bob.before for t in SECRETS)   # once: acknowledged and deleted
+    assert not any(t in bob.before for t in SECRETS)  # once: acknowledged and deleted
     quit_client(alice)
 
 

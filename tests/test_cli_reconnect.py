@@ -24,7 +24,7 @@ import server as S
 from tickets import KEY_FILE, TICKET_LIFETIME_S
 
 PW_A, PW_B, PW_C = "alice-password", "bob-password", "carol-password"
-RECONNECT_WITHIN_S = 15   # issue 12: both terminals are back within 15 s of the server
+RECONNECT_WITHIN_S = 15  # issue 12: both terminals are back within 15 s of the server
 LOST = r"\[CLIENT\]: Connection lost \([^\r\n]+\); reconnecting"
 
 
@@ -140,9 +140,13 @@ def test_the_login_window_says_at_once_when_the_server_closed_it(tmp_path):
     alice.expect_exact("[CLIENT]: Connection successful.")
     alice.expect_exact("[CLIENT]: Username:")
     alice.send("ali")  # no Enter: the notice comes while the prompt waits, not after a name and a password
-    alice.expect(r"\[CLIENT\]: The server closed the login after (\d+) s of waiting; press Enter to reconnect\.")
+    alice.expect(
+        r"\[CLIENT\]: The server closed the login after (\d+) s of waiting; press Enter to reconnect\."
+    )
     assert 1 <= int(alice.match.group(1)) <= 3
-    alice.sendline("ce")  # what was typed stays; the answer reconnects (a new handshake) and the dialogue goes on
+    alice.sendline(
+        "ce"
+    )  # what was typed stays; the answer reconnects (a new handshake) and the dialogue goes on
     alice.expect_exact(f"[CLIENT]: Reconnected to 127.0.0.1:{srv.port}.")
     alice.expect_exact("[CLIENT]: Password:")
     alice.sendline(PW_A)
@@ -188,8 +192,14 @@ def test_a_refused_ticket_asks_to_log_in_again_and_no_ends_it(tmp_path):
 
 def test_the_terminal_keeps_trying_as_long_as_a_ticket_lives(tmp_path):
     """The library's default gives up after 8 tries in 60 s; the terminal's client does not."""
-    args = SimpleNamespace(servers=[("127.0.0.1", 1)], group=C.P.DEFAULT_GROUP, server_fingerprint=None,
-                           no_history=True, history_max=10, history_days=1.0)
+    args = SimpleNamespace(
+        servers=[("127.0.0.1", 1)],
+        group=C.P.DEFAULT_GROUP,
+        server_fingerprint=None,
+        no_history=True,
+        history_max=10,
+        history_days=1.0,
+    )
     terminal = CLI.client_factory(args, tmp_path, stays=True)()
     assert terminal.auto_reconnect
     assert terminal.reconnect_max_s >= TICKET_LIFETIME_S

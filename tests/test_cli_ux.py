@@ -102,7 +102,7 @@ def test_bug2_bug3_a_long_message_is_shown_whole_on_both_screens(server, tmp_pat
     talking(alice, bob)
     text = "".join(f"{i:05d}" for i in range(2000))  # 10,000 characters, one line
     alice.send(text + "\r")
-    bob.expect_exact(text[-60:] + "\r\n")   # the end arrives: nothing was cut at 4,096
+    bob.expect_exact(text[-60:] + "\r\n")  # the end arrives: nothing was cut at 4,096
     alice.expect_exact(text[-60:] + "\r\n")  # the sender sees it whole too, as a line of output
     for child in (alice, bob):
         shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|[\r\n]", "", said(child))
@@ -118,8 +118,10 @@ def test_bug4_a_multi_line_paste_is_shown_as_lines_each_with_the_sender(server, 
     talking(alice, bob)
     alice.send("\x1b[200~first line\n[carol]: I am carol\nthird\x1b[201~")  # a bracketed paste
     alice.send("\r")
-    bob.expect(r"\[alice\]: first line\r\n(\d\d:\d\d )?\[alice\]: \[carol\]: I am carol\r\n"
-               r"(\d\d:\d\d )?\[alice\]: third")
+    bob.expect(
+        r"\[alice\]: first line\r\n(\d\d:\d\d )?\[alice\]: \[carol\]: I am carol\r\n"
+        r"(\d\d:\d\d )?\[alice\]: third"
+    )
     assert "\\x0a" not in said(bob)
     quit_client(alice)
     quit_client(bob)
@@ -131,9 +133,13 @@ def test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not(server, tmp
     mallory.open_conversation("alice")
     while not mallory.has_conversation("alice"):
         assert mallory.next_event(timeout=10) is not None
-    family, coder = "\U0001F468\u200d\U0001F469\u200d\U0001F467", "\U0001F469\u200d\U0001F4BB"
-    mallory.send_message("alice", f"{family} {coder} \u2764\ufe0f \u202egnp.exe \u2066x\u2069 \u200fy \x1b[2J")
-    alice.expect_exact(f"[mallory]: {family} {coder} \u2764\ufe0f \\u202egnp.exe \\u2066x\\u2069 \\u200fy \\x1b[2J")
+    family, coder = "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\U0001f469\u200d\U0001f4bb"
+    mallory.send_message(
+        "alice", f"{family} {coder} \u2764\ufe0f \u202egnp.exe \u2066x\u2069 \u200fy \x1b[2J"
+    )
+    alice.expect_exact(
+        f"[mallory]: {family} {coder} \u2764\ufe0f \\u202egnp.exe \\u2066x\\u2069 \\u200fy \\x1b[2J"
+    )
     assert "\\u200d" not in said(alice) and "\u202e" not in said(alice)
     mallory.close()
     quit_client(alice)
@@ -173,8 +179,15 @@ def test_bug7_every_command_gives_its_usage(server, tmp_path):
 
 def _run_client(tmp_path, *args):
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm")
-    return subprocess.run([sys.executable, str(ROOT / "client.py"), *args], capture_output=True, text=True,
-                          timeout=30, env=env, stdin=subprocess.DEVNULL, cwd=str(tmp_path))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        cwd=str(tmp_path),
+    )
 
 
 def test_bug8_unusable_home_and_bad_port_are_one_clear_line(server, tmp_path):
@@ -194,8 +207,13 @@ def test_bug8_unusable_home_and_bad_port_are_one_clear_line(server, tmp_path):
 
 def _server_run(tmp_path, *args, timeout=30):
     """server.py that is expected to stop at once (a configuration error)."""
-    return subprocess.run([sys.executable, str(ROOT / "server.py"), "--port", "0", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=str(tmp_path))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(tmp_path),
+    )
 
 
 def test_bug9_mysql_errors_say_what_happened_and_the_database_is_created(tmp_path, mysql_database):
@@ -206,21 +224,31 @@ def test_bug9_mysql_errors_say_what_happened_and_the_database_is_created(tmp_pat
     finally:
         srv.stop()
         import pymysql
+
         conn = pymysql.connect(host="127.0.0.1", user="root", password="")
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
-    wrong = _server_run(tmp_path, "--data-dir", str(tmp_path / "d2"),
-                        "--db", "mysql://nosuchuser:wrong@127.0.0.1:3306/secureim_x")
+    wrong = _server_run(
+        tmp_path,
+        "--data-dir",
+        str(tmp_path / "d2"),
+        "--db",
+        "mysql://nosuchuser:wrong@127.0.0.1:3306/secureim_x",
+    )
     assert wrong.returncode == 1
     assert "refused user 'nosuchuser': wrong user name or password" in wrong.stderr
     assert "wrong" not in wrong.stderr.replace("wrong user name", "")  # the password is never shown
-    down = _server_run(tmp_path, "--data-dir", str(tmp_path / "d3"), "--db", "mysql://root@127.0.0.1:1/secureim_x")
+    down = _server_run(
+        tmp_path, "--data-dir", str(tmp_path / "d3"), "--db", "mysql://root@127.0.0.1:1/secureim_x"
+    )
     assert down.returncode == 1 and "Cannot reach MySQL at 127.0.0.1:1" in down.stderr
 
 
 def test_bug10_sqlite_path_and_data_dir_errors_are_clear(tmp_path):
-    missing = _server_run(tmp_path, "--data-dir", str(tmp_path / "d"), "--db", "sqlite:///no/such/folder/x.db")
+    missing = _server_run(
+        tmp_path, "--data-dir", str(tmp_path / "d"), "--db", "sqlite:///no/such/folder/x.db"
+    )
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "four slashes" in missing.stderr
     assert not (tmp_path / "no").exists()  # no folder was made silently
     a_file = tmp_path / "f"
@@ -228,8 +256,9 @@ def test_bug10_sqlite_path_and_data_dir_errors_are_clear(tmp_path):
     not_dir = _server_run(tmp_path, "--data-dir", str(a_file))
     assert not_dir.returncode == 1 and f"--data-dir {a_file} is not a folder." in not_dir.stderr
     assert "Errno" not in not_dir.stderr
-    help_text = subprocess.run([sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True,
-                               text=True, timeout=30).stdout
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
     assert "four slashes" in help_text
 
 
@@ -250,8 +279,11 @@ def test_bug11_too_many_attempts_is_said_once_and_plainly(server, tmp_path):
     intruder.expect(pexpect.EOF)
     out = said(intruder)
     assert out.count("Too many attempts") == 1
-    assert re.search(r"\[CLIENT\]: Account locked after too many failed logins; try again in \d+ seconds.\r\n"
-                     r"(\d\d:\d\d )?\[CLIENT\]: Too many attempts on this connection; the server closed it.", out)
+    assert re.search(
+        r"\[CLIENT\]: Account locked after too many failed logins; try again in \d+ seconds.\r\n"
+        r"(\d\d:\d\d )?\[CLIENT\]: Too many attempts on this connection; the server closed it.",
+        out,
+    )
 
 
 def test_bug12_a_changed_device_is_explained_once_and_accept_works_after_a_restart(server, tmp_path):
@@ -293,9 +325,21 @@ def test_bug13_piped_input_never_loses_the_first_message(server, tmp_path):
     alice = user(server, tmp_path, "alice", PW_A)
     quit_client(alice)
     script = f"alice\n{PW_A}\nbob\nfirst line right away\nsecond line\n/quit\n"
-    done = subprocess.run([sys.executable, str(ROOT / "client.py"), "--home", str(tmp_path / "alice"),
-                           "--port", str(server.port)], input=script, capture_output=True, text=True,
-                          timeout=60, start_new_session=True)  # no controlling terminal: getpass reads stdin
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "client.py"),
+            "--home",
+            str(tmp_path / "alice"),
+            "--port",
+            str(server.port),
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+    )  # no controlling terminal: getpass reads stdin
     assert done.returncode == 0, done.stdout + done.stderr
     bob.expect_exact("[alice]: first line right away")
     bob.expect_exact("[alice]: second line")
@@ -323,8 +367,8 @@ def test_prompt_shows_the_conversation_and_lines_have_times(server, tmp_path):
     bob.expect_exact("[bob→alice]>")
     alice.sendline("hi")
     bob.expect_exact("[alice]: hi")
-    assert not re.search(r"\d\d:\d\d \[alice\]: hi", said(bob))          # --no-timestamps: none
-    alice.expect(r"\d\d:\d\d \[alice→bob\]: hi\r\n")                   # own line, echoed with its time
+    assert not re.search(r"\d\d:\d\d \[alice\]: hi", said(bob))  # --no-timestamps: none
+    alice.expect(r"\d\d:\d\d \[alice→bob\]: hi\r\n")  # own line, echoed with its time
     assert re.search(r"\d\d:\d\d \[CLIENT\]: Conversation with bob is ready", said(alice))
     quit_client(alice)
     quit_client(bob)
@@ -365,7 +409,7 @@ def test_tab_completes_commands_and_names(server, tmp_path):
     alice.send("\r")
     alice.expect_exact("[CLIENT]: Online now (2): alice, bob")
     alice.send("/ver\t")  # /verify and /verified: the menu offers both; completes the common part
-    alice.send("\x15")    # Ctrl-U: clear
+    alice.send("\x15")  # Ctrl-U: clear
     alice.send("/mode b\t")
     alice.send("\r")
     alice.expect_exact("[CLIENT]: Conversation with bob: relayed by the server.")
@@ -402,12 +446,12 @@ def test_ctrl_c_clears_the_line_and_ctrl_d_leaves(server, tmp_path):
     assert "never sent" not in said(bob)
     alice.expect_exact("[alice→bob]>")
     alice.send("half")
-    alice.sendeof()        # Ctrl-D on a line with text: does not leave
-    alice.send("\x15")     # Ctrl-U clears it
+    alice.sendeof()  # Ctrl-D on a line with text: does not leave
+    alice.send("\x15")  # Ctrl-U clears it
     alice.sendline("/unread")
     alice.expect_exact("No unread messages.")
     alice.expect_exact("[alice→bob]>")
-    alice.sendeof()        # Ctrl-D on an empty line leaves
+    alice.sendeof()  # Ctrl-D on an empty line leaves
     alice.expect(pexpect.EOF)
     alice.close()
     assert alice.exitstatus == 0
@@ -501,7 +545,7 @@ def test_passwd_ends_every_resumption_ticket(tmp_path):
         phone = logged_in_client(srv, tmp_path / "phone", "alice", register=False)  # replaces the laptop
         phone.change_password("correct horse battery", "a brand new password")
         with pytest.raises(InvalidCredentials):
-            laptop.resume()   # its ticket was issued before the change
+            laptop.resume()  # its ticket was issued before the change
         phone.close()
         assert phone.resume()  # the ticket that came with PasswordChanged still works
         phone.close()
@@ -513,8 +557,10 @@ def test_direct_request_is_announced_to_a_peer_who_has_not_opted_in(server, tmp_
     bob = user(server, tmp_path, "bob", PW_B)
     talking(alice, bob)
     alice.sendline("/direct bob")
-    bob.expect_exact("[CLIENT]: alice asks for a direct connection (peer to peer: each of you sees the other's "
-                     "address); /direct alice to accept.")
+    bob.expect_exact(
+        "[CLIENT]: alice asks for a direct connection (peer to peer: each of you sees the other's "
+        "address); /direct alice to accept."
+    )
     bob.sendline("/direct alice")
     bob.expect_exact("Conversation with alice is now direct")
     bob.sendline("over udp")
@@ -545,16 +591,21 @@ def test_server_logs_failed_logins_and_lockouts_by_default_without_passwords(tmp
     srv.stop()
     log = srv.errors
     assert log.count("failed login from 127.0.0.1 for 'victim'") == 4
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING .*login refused from 127.0.0.1 for 'victim': "
-                     r"locked for \d+ s", log, re.M)
+    assert re.search(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING .*login refused from 127.0.0.1 for 'victim': "
+        r"locked for \d+ s",
+        log,
+        re.M,
+    )
     assert "secret-guess" not in log
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in srv.lines)
     assert "[SERVER]: Stopped." in unstamped(srv.lines)
 
 
 def test_server_help_shows_every_default_and_log_level_help(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True, text=True,
-                         timeout=30).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
     options = re.split(r"\n  (?=--)", out.split("options:", 1)[1])[1:]
     assert len(options) >= 14
     for option in options:
@@ -568,8 +619,11 @@ def test_server_help_shows_every_default_and_log_level_help(tmp_path):
 # The sanitiser, property-tested
 # =============================================================================
 BIDI = [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)]
-DANGEROUS = st.one_of(st.sampled_from(BIDI), st.characters(categories=["Cc"]),
-                      st.sampled_from(["\u2028", "\u2029", "\u200b", "\ufeff"]))
+DANGEROUS = st.one_of(
+    st.sampled_from(BIDI),
+    st.characters(categories=["Cc"]),
+    st.sampled_from(["\u2028", "\u2029", "\u200b", "\ufeff"]),
+)
 
 
 @given(st.lists(st.one_of(st.characters(), DANGEROUS), max_size=60).map("".join))
@@ -584,8 +638,14 @@ def test_sanitize_never_lets_a_control_or_bidi_character_through(text):
         assert "\n" not in line and "\r" not in line and "\x1b" not in line
 
 
-@given(st.lists(st.sampled_from(["\u200d", "\u200c", "\ufe0f", "\ufe0e", "\U0001F469", "\U0001F4BB", "a",
-                                 "\U000E0067", "\u00ad"]), max_size=40).map("".join))
+@given(
+    st.lists(
+        st.sampled_from(
+            ["\u200d", "\u200c", "\ufe0f", "\ufe0e", "\U0001f469", "\U0001f4bb", "a", "\U000e0067", "\u00ad"]
+        ),
+        max_size=40,
+    ).map("".join)
+)
 def test_sanitize_keeps_joiners_and_variation_selectors(text):
     assert C.sanitize(text, 10_000) == text
 

@@ -66,7 +66,9 @@ def _audit(database: str, event: str, username: str) -> int:
     conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password="", database=database)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM audit_log WHERE event = %s AND username = %s", (event, username))
+            cur.execute(
+                "SELECT COUNT(*) FROM audit_log WHERE event = %s AND username = %s", (event, username)
+            )
             return cur.fetchone()[0]
     finally:
         conn.close()
@@ -142,7 +144,9 @@ def test_killed_node_its_users_resume_elsewhere_with_their_ticket(cluster, tmp_p
     n1, n2 = cluster.node(), cluster.node()
     alice = _client(n1, tmp_path / "alice", "alice")
     # bob's client knows both nodes of the service, his own first, and reconnects by itself.
-    bob = C.ChatClient(servers=[(n2.host, n2.port), (n1.host, n1.port)], home=tmp_path / "bob", auto_reconnect=True)
+    bob = C.ChatClient(
+        servers=[(n2.host, n2.port), (n1.host, n1.port)], home=tmp_path / "bob", auto_reconnect=True
+    )
     bob.connect()
     bob.register("bob", PASSWORD)
     bob.start()
@@ -223,25 +227,56 @@ def test_unreachable_nats_at_start_is_one_clear_line(tmp_path, mysql_database):
     from db_fixtures import mysql_url
 
     url = f"nats://127.0.0.1:{free_port()}"  # nobody listens there
-    proc = subprocess.run([sys.executable, str(ROOT / "server.py"), "--port", "0", "--data-dir", str(tmp_path / "d"),
-                           "--db", mysql_url(mysql_database), "--cluster", url],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "server.py"),
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--db",
+            mysql_url(mysql_database),
+            "--cluster",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if "Cannot start" in line]
     assert len(lines) == 1 and url in lines[0] and "cluster bus" in lines[0]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--cluster", "nats://127.0.0.1:4222"], "--cluster needs a database every node shares"),
-    (["--workers", "2"], "--workers 2 needs --cluster"),
-    (["--cluster", "http://x"], "--cluster takes a NATS URL"),
-    (["--cluster", "nats://127.0.0.1:4222", "--db", "mysql://root@127.0.0.1/x", "--cluster-prefix", "a b"],
-     "--cluster-prefix"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--cluster", "nats://127.0.0.1:4222"], "--cluster needs a database every node shares"),
+        (["--workers", "2"], "--workers 2 needs --cluster"),
+        (["--cluster", "http://x"], "--cluster takes a NATS URL"),
+        (
+            [
+                "--cluster",
+                "nats://127.0.0.1:4222",
+                "--db",
+                "mysql://root@127.0.0.1/x",
+                "--cluster-prefix",
+                "a b",
+            ],
+            "--cluster-prefix",
+        ),
+    ],
+)
 def test_cluster_configuration_mistakes_are_refused_plainly(tmp_path, args, needle):
-    proc = subprocess.run([sys.executable, str(ROOT / "server.py"), "--port", "0",
-                           "--data-dir", str(tmp_path / "d"), *args],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--port", "0", "--data-dir", str(tmp_path / "d"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode != 0
     assert needle in proc.stderr
 
@@ -252,14 +287,26 @@ def test_cluster_configuration_mistakes_are_refused_plainly(tmp_path, args, need
 def test_workers_share_the_port_and_their_users_chat(cluster, tmp_path, mysql_database):
     from cli_helpers import ServerProcess
 
-    node = ServerProcess(tmp_path / "w", "--workers", "2", "--identity-key", str(cluster.identity),
-                         "--db", cluster.db_url, "--cluster", cluster.nats_url,
-                         "--cluster-prefix", cluster.prefix)
+    node = ServerProcess(
+        tmp_path / "w",
+        "--workers",
+        "2",
+        "--identity-key",
+        str(cluster.identity),
+        "--db",
+        cluster.db_url,
+        "--cluster",
+        cluster.nats_url,
+        "--cluster-prefix",
+        cluster.prefix,
+    )
     cluster.nodes.append(node)
     names = [f"user{i}" for i in range(10)]
     clients = [_client(node, tmp_path / n, n) for n in names]
     _who(clients[0], tuple(sorted(names)))
-    conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password="", database=mysql_database)
+    conn = pymysql.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password="", database=mysql_database
+    )
     with conn.cursor() as cur:
         cur.execute("SELECT COUNT(DISTINCT node) FROM live_sessions")
         workers_used = cur.fetchone()[0]
@@ -290,11 +337,11 @@ def test_a_stored_message_reaches_its_recipient_on_another_node(cluster, tmp_pat
     alice = _client(n1, tmp_path / "alice", "alice")
     alice.send_offline("bob", "stored on node 1")
     assert wait_for(alice, C.MessageStored).online is False
-    bob = _client(n2, tmp_path / "bob", "bob", register=False)     # logs in on the other node
+    bob = _client(n2, tmp_path / "bob", "bob", register=False)  # logs in on the other node
     assert wait_for(bob, C.MessageReceived, timeout=20).text == "stored on node 1"
     assert wait_for(alice, C.MessageDelivered, timeout=20).text == "stored on node 1"
     _who(alice, ("alice", "bob"))
-    alice.send_offline("bob", "while you are on node 2")             # online elsewhere: the nudge crosses NATS
+    alice.send_offline("bob", "while you are on node 2")  # online elsewhere: the nudge crosses NATS
     assert wait_for(alice, C.MessageStored).online is True
     assert wait_for(bob, C.MessageReceived, timeout=20).text == "while you are on node 2"
     alice.close()
@@ -325,7 +372,9 @@ def test_a_room_spans_nodes_live_and_stored(cluster, tmp_path):
     assert (got.sender, got.text, got.stored_at) == ("alice", "across the bus", None)
     bob.rooms.send("#span", "back from node 2")
     assert wait_for(alice, RC.RoomMessageReceived, timeout=20).text == "back from node 2"
-    carol = _client(n2, tmp_path / "carol", "carol", register=False)   # (its identity is filed per service address)
+    carol = _client(
+        n2, tmp_path / "carol", "carol", register=False
+    )  # (its identity is filed per service address)
     texts = [wait_for(carol, RC.RoomMessageReceived, timeout=20).text for _ in range(2)]
     assert texts == ["across the bus", "back from node 2"]
     for client in (alice, bob, carol):

@@ -179,8 +179,9 @@ def test_watchers_here_hear_when_a_user_comes_online_elsewhere(node):
 def test_a_deliver_frame_carries_only_what_may_cross_nodes(node):
     bob = _local(node, "bob", 1.0)
     subject = node.cluster.node_subject(node.cluster.incarnation)
-    key = P.ConversationKey(conversation_id=1, peer="alice", suite=1, generation=1, key=b"k" * 56,
-                            peer_identity=b"\x02" * 32)
+    key = P.ConversationKey(
+        conversation_id=1, peer="alice", suite=1, generation=1, key=b"k" * 56, peer_identity=b"\x02" * 32
+    )
     _frame(node, b"X" * 16, subject, CN.DELIVER, CN.pack_fields(b"bob", key.encode()))
     assert bob.sent == [] and node.cluster.frames_dropped == 1
     deliver = P.Deliver(conversation_id=1, sender="alice", payload=b"sealed")
@@ -191,12 +192,14 @@ def test_a_deliver_frame_carries_only_what_may_cross_nodes(node):
 def test_a_key_frame_for_someone_outside_the_conversation_is_refused(node):
     bob = _local(node, "bob", 1.0)
     subject = node.cluster.node_subject(node.cluster.incarnation)
-    key = P.ConversationKey(conversation_id=7, peer="mallory", suite=1, generation=1, key=b"k" * 56,
-                            peer_identity=b"\x02" * 32)
+    key = P.ConversationKey(
+        conversation_id=7, peer="mallory", suite=1, generation=1, key=b"k" * 56, peer_identity=b"\x02" * 32
+    )
     _frame(node, b"X" * 16, subject, CN.KEY, CN.pack_fields(b"bob", b"alice", b"bob", key.encode()))
     assert bob.sent == [] and 7 not in node.service.registry.conversations
-    good = P.ConversationKey(conversation_id=7, peer="alice", suite=1, generation=1, key=b"k" * 56,
-                             peer_identity=b"\x02" * 32)
+    good = P.ConversationKey(
+        conversation_id=7, peer="alice", suite=1, generation=1, key=b"k" * 56, peer_identity=b"\x02" * 32
+    )
     _frame(node, b"X" * 16, subject, CN.KEY, CN.pack_fields(b"bob", b"alice", b"bob", good.encode()))
     assert bob.sent == [good] and node.service.registry.conversations[7].members == ("alice", "bob")
 
@@ -204,8 +207,9 @@ def test_a_key_frame_for_someone_outside_the_conversation_is_refused(node):
 def test_a_forged_frame_changes_nothing(node):
     alice = _local(node, "alice", 100.0)
     forged = CN.BusCodec(bytes(32), b"M" * 16)  # a NATS user without the cluster key
-    msg = SimpleNamespace(subject="t.presence", data=forged.seal("t.presence", CN.ONLINE, _online("alice", 999.0)),
-                          reply="")
+    msg = SimpleNamespace(
+        subject="t.presence", data=forged.seal("t.presence", CN.ONLINE, _online("alice", 999.0)), reply=""
+    )
     asyncio.run(node.cluster._on_frame(msg))
     assert alice.closed_with is None and not node.cluster.is_remote("alice")
     assert node.cluster.frames_dropped == 1
@@ -238,8 +242,13 @@ def test_a_complete_snapshot_removes_whoever_it_no_longer_lists(node):
     _frame(node, sender, "t.presence", CN.ONLINE, _online("bob", 2.0))
     _frame(node, sender, "t.presence", CN.ONLINE, _online("erin", 2.0))
     subject = node.cluster.node_subject(node.cluster.incarnation)
-    _frame(node, sender, subject, CN.SNAPSHOT,
-           CN.pack_fields(b"snap-1", b"1", b"bob", struct.pack(">d", 2.0), b"\x02" * 32))
+    _frame(
+        node,
+        sender,
+        subject,
+        CN.SNAPSHOT,
+        CN.pack_fields(b"snap-1", b"1", b"bob", struct.pack(">d", 2.0), b"\x02" * 32),
+    )
     assert node.cluster.is_remote("bob") and not node.cluster.is_remote("erin")
 
 
@@ -254,7 +263,9 @@ def test_a_cluster_on_sqlite_is_refused_in_one_line(tmp_path, db):
 
 def test_a_relay_for_someone_who_just_left_is_bounced_to_the_sender(node, monkeypatch):
     sent = []
-    monkeypatch.setattr(node.cluster, "_publish", lambda subject, kind, body, **kw: sent.append((subject, kind, body)))
+    monkeypatch.setattr(
+        node.cluster, "_publish", lambda subject, kind, body, **kw: sent.append((subject, kind, body))
+    )
     subject = node.cluster.node_subject(node.cluster.incarnation)
     deliver = P.Deliver(conversation_id=1, sender="alice", payload=b"sealed")
     _frame(node, b"Y" * 16, subject, CN.DELIVER, CN.pack_fields(b"bob", deliver.encode()))  # bob is not here
@@ -275,8 +286,13 @@ def test_a_snapshot_repeating_what_we_know_leaves_conversations_alone(node):
     node.service.learn_conversation(3, ("alice", "bob"), 1)
     alice.sent.clear()
     subject = node.cluster.node_subject(node.cluster.incarnation)
-    _frame(node, sender, subject, CN.SNAPSHOT,
-           CN.pack_fields(b"snap-2", b"1", b"bob", struct.pack(">d", 2.0), b"\x02" * 32))
+    _frame(
+        node,
+        sender,
+        subject,
+        CN.SNAPSHOT,
+        CN.pack_fields(b"snap-2", b"1", b"bob", struct.pack(">d", 2.0), b"\x02" * 32),
+    )
     assert 3 in node.service.registry.conversations and alice.sent == []
 
 

@@ -83,7 +83,7 @@ def test_weak_and_semi_weak_subkeys_refused(weak):
     good = cu.generate_tdes_key()
     for pos in range(3):
         key = bytearray(good)
-        key[pos * 8:(pos + 1) * 8] = weak
+        key[pos * 8 : (pos + 1) * 8] = weak
         with pytest.raises(InvalidKey, match="weak"):
             cu.check_tdes_key(bytes(key))
 
@@ -149,6 +149,7 @@ def test_identity_readable_by_others_is_refused(tmp_path):
 
 def test_signature_verification_rejects_garbage():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     sig = key.sign(b"msg")
     pub = cu.public_bytes(key)
@@ -158,8 +159,17 @@ def test_signature_verification_rejects_garbage():
     assert not cu.verify_signature(b"\0" * 31, sig, b"msg")
 
 
-@pytest.mark.parametrize("bad", [b"", b"\x00" * 8, b"A" * 7 + b"\x09", b"A" * 6 + b"\x01\x02", b"A" * 9 + b"\x01",
-                                 b"A" * 5 + b"\x02\x03\x03"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"",
+        b"\x00" * 8,
+        b"A" * 7 + b"\x09",
+        b"A" * 6 + b"\x01\x02",
+        b"A" * 9 + b"\x01",
+        b"A" * 5 + b"\x02\x03\x03",
+    ],
+)
 def test_pkcs7_unpad_refuses_every_malformed_pad(bad):
     with pytest.raises(DecryptionFailed):
         cu.pkcs7_unpad(bad)

@@ -122,20 +122,34 @@ def test_mysql_uses_stored_procedures_and_schema_is_rerunnable(mysql_database):
     store.create_user("alice", "h")
     admin = mysql_admin()
     with admin.cursor() as cur:
-        cur.execute("SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = %s",
-                    (mysql_database,))
+        cur.execute(
+            "SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = %s",
+            (mysql_database,),
+        )
         procs = {r[0] for r in cur.fetchall()}
-        cur.execute("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s", (mysql_database,))
+        cur.execute(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s", (mysql_database,)
+        )
         tables = {r[0] for r in cur.fetchall()}
         cur.execute(f"SELECT COUNT(*) FROM `{mysql_database}`.users")
         assert cur.fetchone()[0] == 1
     admin.close()
     store.close()
-    assert {"sp_create_user", "sp_get_password_hash", "sp_get_identity_key", "sp_set_identity_key", "sp_open_conversation", "sp_record_key_generation",
-            "sp_record_login_failure", "sp_clear_login_failures", "sp_get_login_failures"} <= procs
+    assert {
+        "sp_create_user",
+        "sp_get_password_hash",
+        "sp_get_identity_key",
+        "sp_set_identity_key",
+        "sp_open_conversation",
+        "sp_record_key_generation",
+        "sp_record_login_failure",
+        "sp_clear_login_failures",
+        "sp_get_login_failures",
+    } <= procs
     assert {"users", "conversations", "conversation_members", "login_failures"} <= tables
     # Every method of the MySQL backend goes through _call (a stored procedure).
     import inspect
+
     src = inspect.getsource(database.MySQLStorage)
     assert "cur.execute(" in src.split("def apply_schema")[1].split("def _call")[0]
     body = src.split("def create_user")[1]
@@ -158,6 +172,7 @@ def test_mysql_reconnects_after_a_dropped_connection(mysql_database):
 
 def test_mysql_down_is_unavailable_not_a_crash():
     import socket
+
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -165,8 +180,10 @@ def test_mysql_down_is_unavailable_not_a_crash():
         database.open_storage(f"mysql://root@127.0.0.1:{port}/nothing")
 
 
-@pytest.mark.parametrize("url", ["postgres://x/y", "sqlite://", "mysql://host", "mysql:///db",
-                                 "mysql://root@127.0.0.1/bad-name;drop"])
+@pytest.mark.parametrize(
+    "url",
+    ["postgres://x/y", "sqlite://", "mysql://host", "mysql:///db", "mysql://root@127.0.0.1/bad-name;drop"],
+)
 def test_bad_urls(url):
     with pytest.raises(ConfigError):
         database.open_storage(url)
@@ -191,10 +208,13 @@ def test_password_change_increments_the_ticket_epoch(storage):
 
 def test_a_sqlite_database_from_before_password_changes_gets_the_epoch_column(tmp_path):
     import sqlite3
+
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL UNIQUE, "
-                 "password_hash TEXT NOT NULL, created_at REAL NOT NULL, identity_key BLOB)")
+    conn.execute(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL UNIQUE, "
+        "password_hash TEXT NOT NULL, created_at REAL NOT NULL, identity_key BLOB)"
+    )
     conn.execute("INSERT INTO users (username, password_hash, created_at) VALUES ('old', 'h', 0)")
     conn.commit()
     conn.close()

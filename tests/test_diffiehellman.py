@@ -31,8 +31,24 @@ def test_no_group_below_2048_bits():
     assert all(g.bits >= 2048 for g in GROUPS.values() if isinstance(g, FiniteFieldGroup))
 
 
-@pytest.mark.parametrize("name", ["modp1024", "modp1536", "ffdhe1024", "dh512", "X25519", "x448",
-                                  "", "x25519\x00", "modp2048 ", "secp256r1", "ffdhe8192", None, 14])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "modp1024",
+        "modp1536",
+        "ffdhe1024",
+        "dh512",
+        "X25519",
+        "x448",
+        "",
+        "x25519\x00",
+        "modp2048 ",
+        "secp256r1",
+        "ffdhe8192",
+        None,
+        14,
+    ],
+)
 def test_groups_not_on_allowlist_are_refused(name):
     with pytest.raises(UnsupportedGroup):
         get_group(name)
@@ -60,9 +76,17 @@ def _smallest_non_residue(group: FiniteFieldGroup) -> int:
 
 def _bad_values(group: FiniteFieldGroup):
     p = group.p
-    return {"zero": 0, "one": 1, "p-1": p - 1, "p": p, "p+1": p + 1,
-            "p-2 (not in subgroup)": p - 2, "smallest non-residue": _smallest_non_residue(group),
-            "2 (too few bits set)": 2, "2^k (too few bits set)": 1 << 100}
+    return {
+        "zero": 0,
+        "one": 1,
+        "p-1": p - 1,
+        "p": p,
+        "p+1": p + 1,
+        "p-2 (not in subgroup)": p - 2,
+        "smallest non-residue": _smallest_non_residue(group),
+        "2 (too few bits set)": 2,
+        "2^k (too few bits set)": 1 << 100,
+    }
 
 
 @pytest.mark.parametrize("name", FF_GROUPS)

@@ -80,7 +80,7 @@ def test_every_message_delivered_once_in_order_under_loss_duplication_reordering
     msgs = [f"message {i}".encode() * (1 + (i % 7) * 40) for i in range(150)]  # some span several fragments
     delivered, acked, failed = _run(a, b, net, msgs)
     assert not failed
-    assert delivered == msgs                     # each once, in order
+    assert delivered == msgs  # each once, in order
     assert len(acked) == len(msgs)
 
 
@@ -166,7 +166,10 @@ def test_replay_window():
 def test_over_real_udp_sockets_with_an_impairing_shim():
     """Loopback UDP: both ends in threads, each outgoing datagram passes a lossy shim."""
     a, b = _channels()
-    sa, sb = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sa, sb = (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+    )
     sa.bind(("127.0.0.1", 0))
     sb.bind(("127.0.0.1", 0))
     rng, lock = random.Random(7), threading.Lock()
@@ -248,8 +251,10 @@ def test_direct_mode_keeps_message_data_off_the_server(tmp_path):
     with running_server(tmp_path / "srv") as server:
         relayed = []
         original = server.service._relay
-        server.service._HANDLERS = {**server.service._HANDLERS,
-                                    P.Relay: lambda svc, s, m: (relayed.append(m.payload), original(s, m))}
+        server.service._HANDLERS = {
+            **server.service._HANDLERS,
+            P.Relay: lambda svc, s, m: (relayed.append(m.payload), original(s, m)),
+        }
         alice, bob = chat_pair(server, tmp_path)
         _enable_direct(bob)
         alice.open_direct("bob")
@@ -284,8 +289,8 @@ def test_replayed_ticket_stranger_and_tampered_datagrams_are_refused(tmp_path):
         mallory = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         mallory.bind(("127.0.0.1", 0))
         refused = bob._links.refused
-        mallory.sendto(hello, bob_addr)                      # the ticket, replayed later
-        mallory.sendto(os.urandom(80), bob_addr)             # a stranger
+        mallory.sendto(hello, bob_addr)  # the ticket, replayed later
+        mallory.sendto(os.urandom(80), bob_addr)  # a stranger
         alice.send_message("bob", "genuine")
         # bob's UDP socket is one FIFO queue: once "genuine" shows, both were handled before it.
         assert wait_for(bob, C.MessageReceived).text == "genuine"
@@ -295,11 +300,11 @@ def test_replayed_ticket_stranger_and_tampered_datagrams_are_refused(tmp_path):
         tampered[-1] ^= 1
         channel = bob._links._links["alice"].channel
         dropped = channel.dropped
-        alice._udp.sendto(bytes(tampered), bob_addr)         # tampered, from alice's own address
+        alice._udp.sendto(bytes(tampered), bob_addr)  # tampered, from alice's own address
         alice.send_message("bob", "second")
         assert wait_for(bob, C.MessageReceived).text == "second"
         assert channel.dropped == dropped + 1
-        assert bob.next_event(timeout=0.3) is None           # nothing was shown for any of them
+        assert bob.next_event(timeout=0.3) is None  # nothing was shown for any of them
         mallory.close()
         alice.close()
         bob.close()
@@ -355,11 +360,16 @@ def test_tickets_expire_and_only_the_peer_can_open_them():
     key = cu.random_bytes(32)
     t = D.seal_ticket(key, initiator="alice", host="10.0.0.2", port=4000, conversation_id=7, now_s=1000)
     opened = D.open_ticket(key, t, now_s=1010)
-    assert (opened.initiator, opened.host, opened.port, opened.conversation_id) == ("alice", "10.0.0.2", 4000, 7)
+    assert (opened.initiator, opened.host, opened.port, opened.conversation_id) == (
+        "alice",
+        "10.0.0.2",
+        4000,
+        7,
+    )
     with pytest.raises(Exception, match="expired"):
-        D.open_ticket(key, t, now_s=1000 + D.TICKET_LIFETIME_S + 1)   # replayed later
+        D.open_ticket(key, t, now_s=1000 + D.TICKET_LIFETIME_S + 1)  # replayed later
     with pytest.raises(Exception, match="refused"):
-        D.open_ticket(cu.random_bytes(32), t, now_s=1010)              # someone else's key
+        D.open_ticket(cu.random_bytes(32), t, now_s=1010)  # someone else's key
     assert b"alice" not in t
 
 

@@ -210,8 +210,9 @@ def test_identity_file_is_useless_without_the_password(tmp_path):
     store.save("alice", "the password", key)
     path = store.path("alice")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                             serialization.NoEncryption())
+    seed = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     raw = path.read_bytes()
     assert seed not in raw and cu.b64encode(seed).encode() not in raw
     assert json.loads(raw)["kdf"] == "scrypt"
@@ -267,9 +268,13 @@ def _server_transcript(cid, generation, shares, replies, identities):
     (the other user's reply), then both identity keys."""
     names = sorted(shares)
     sent_to = {n: replies[other] for n in names for other in names if other != n}
-    return cu.sha256(b"secureim/v1 e2e root" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
-                     + b"".join(bytes([len(n)]) + n.encode() + shares[n] + sent_to[n] for n in names)
-                     + b"".join(sorted(identities.values())))
+    return cu.sha256(
+        b"secureim/v1 e2e root"
+        + cid.to_bytes(8, "big")
+        + generation.to_bytes(4, "big")
+        + b"".join(bytes([len(n)]) + n.encode() + shares[n] + sent_to[n] for n in names)
+        + b"".join(sorted(identities.values()))
+    )
 
 
 _ROOT_LABELS = ("e2e root x25519-mlkem768", "e2e root")
@@ -302,11 +307,26 @@ def _server_candidate_roots(kdc_keys, cid, generation, shares, replies, identiti
             if n in kem_secrets:
                 guesses.append(kem_secrets[n])
     hybrids = [d + a + b for d in dh_guesses for a in kem_guesses[0] for b in kem_guesses[1]]
-    ikms = [transcript, b"".join(publics), b"".join(reversed(publics)), b"".join(cts), b"".join(ids), bytes(32)]
+    ikms = [
+        transcript,
+        b"".join(publics),
+        b"".join(reversed(publics)),
+        b"".join(cts),
+        b"".join(ids),
+        bytes(32),
+    ]
     for k in kdc_keys:
-        ikms += [k, k + transcript, k + b"".join(publics), k + b"".join(reversed(publics)), k + b"".join(cts),
-                 k + b"".join(ids), *(k + p for p in publics), *(k + d for d in dh_guesses),
-                 *(k + h for h in hybrids)]
+        ikms += [
+            k,
+            k + transcript,
+            k + b"".join(publics),
+            k + b"".join(reversed(publics)),
+            k + b"".join(cts),
+            k + b"".join(ids),
+            *(k + p for p in publics),
+            *(k + d for d in dh_guesses),
+            *(k + h for h in hybrids),
+        ]
     for ikm in ikms:
         for label in _ROOT_LABELS:
             for salt in (transcript, None):
@@ -320,15 +340,18 @@ def _opened_by_any_root(roots, payload, sender, recipient, cid, suite):
     reader = e2e.E2ESession(recipient, Ed25519PrivateKey.generate(), sender, bytes(32), cid, suite)
     aad = reader._aad(sender, recipient, generation, counter)
     for root in roots:
-        for chain_key in (cu.hkdf(root, salt=None, info=cu.label(f"chain {sender}>{recipient}"), length=32), root):
+        for chain_key in (
+            cu.hkdf(root, salt=None, info=cu.label(f"chain {sender}>{recipient}"), length=32),
+            root,
+        ):
             chain = e2e._Chain(chain_key)
             for _ in range(counter + 1):
                 _i, message_key = chain.step()
             try:
-                body = reader._message_cipher(message_key).open(payload[e2e.MESSAGE_HEADER.size:], aad)
+                body = reader._message_cipher(message_key).open(payload[e2e.MESSAGE_HEADER.size :], aad)
             except (DecryptionFailed, InvalidKey):
                 continue
-            return body[e2e.BODY_HEADER.size:].decode("utf-8", "replace")
+            return body[e2e.BODY_HEADER.size :].decode("utf-8", "replace")
     return None
 
 
@@ -347,20 +370,25 @@ def test_the_server_side_reconstruction_opens_messages_given_the_dh_secret():
     reply_a, reply_b = alice.receive_share(share_b), bob.receive_share(share_a)
     assert alice.receive_share(reply_b) is None and bob.receive_share(reply_a) is None
     payload = [alice.seal(f"m{i}") for i in range(3)][2]
-    shares = {user: b"".join(e2e.SHARE.unpack(share)[2:4]) for user, share in (("alice", share_a), ("bob", share_b))}
+    shares = {
+        user: b"".join(e2e.SHARE.unpack(share)[2:4]) for user, share in (("alice", share_a), ("bob", share_b))
+    }
     replies = {"alice": e2e.KEM_REPLY.unpack(reply_a)[2], "bob": e2e.KEM_REPLY.unpack(reply_b)[2]}
     identities = {"alice": cu.public_bytes(ida), "bob": cu.public_bytes(idb)}
     dh = alice_private.exchange(X25519PublicKey.from_public_bytes(shares["bob"][:32]))
-    kem_secrets = {"alice": alice_kem.decapsulate(replies["bob"]), "bob": bob_kem.decapsulate(replies["alice"])}
+    kem_secrets = {
+        "alice": alice_kem.decapsulate(replies["bob"]),
+        "bob": bob_kem.decapsulate(replies["alice"]),
+    }
 
     def opened(secrets):
         roots = _server_candidate_roots([kdc_key], 42, 3, shares, replies, identities, secrets)
         return _opened_by_any_root(roots, payload, "alice", "bob", 42, suite)
 
     assert opened(None) is None
-    assert opened((dh, {})) is None                                      # X25519 alone
-    assert opened((None, kem_secrets)) is None                           # ML-KEM alone
-    assert opened((dh, {"alice": kem_secrets["alice"]})) is None         # one ML-KEM secret short
+    assert opened((dh, {})) is None  # X25519 alone
+    assert opened((None, kem_secrets)) is None  # ML-KEM alone
+    assert opened((dh, {"alice": kem_secrets["alice"]})) is None  # one ML-KEM secret short
     assert opened((dh, kem_secrets)) == "m2"
 
 
@@ -407,7 +435,7 @@ def test_curious_server_cannot_read_messages(tmp_path):
             _kind, generation, ciphertext, _sig = e2e.KEM_REPLY.unpack(payload)
             replies.setdefault((cid, generation), {})[sender] = ciphertext
     messages = [(s, c, p) for s, c, p in relayed if p[:1] == bytes([e2e.KIND_MESSAGE])]
-    assert len(messages) >= len(secrets_sent) + 1   # the texts, and the receipts that answer them
+    assert len(messages) >= len(secrets_sent) + 1  # the texts, and the receipts that answer them
     suite = cu.get_suite("3des")
     for sender, cid, payload in messages:
         generation = e2e.MESSAGE_HEADER.unpack_from(payload)[1]
@@ -429,10 +457,13 @@ def test_active_server_swapping_dh_shares_is_caught_by_both_clients(tmp_path):
         mine = X25519PrivateKey.generate().public_key().public_bytes_raw()
         ek = cu.MLKEM768KeyPair().encapsulation_key
         peer = "bob" if session.username == "alice" else "alice"
-        sig = mallory.sign(e2e._share_transcript(msg.conversation_id, generation, session.username, peer,
-                                                 mine + ek))
-        return P.Relay(conversation_id=msg.conversation_id,
-                       payload=e2e.SHARE.pack(e2e.KIND_SHARE, generation, mine, ek, sig))
+        sig = mallory.sign(
+            e2e._share_transcript(msg.conversation_id, generation, session.username, peer, mine + ek)
+        )
+        return P.Relay(
+            conversation_id=msg.conversation_id,
+            payload=e2e.SHARE.pack(e2e.KIND_SHARE, generation, mine, ek, sig),
+        )
 
     with running_server(tmp_path / "srv") as server:
         _spy_relay(server, rewrite=swap_shares)
@@ -471,7 +502,7 @@ def test_active_server_substituting_identities_is_refused_after_pinning(tmp_path
         fake = cu.public_bytes(mallory)
         registry = server.service.registry
         real_session_of = registry.session_of
-        registry.session_of = lambda user: (_IdentityProxy(s, fake) if (s := real_session_of(user)) else None)
+        registry.session_of = lambda user: _IdentityProxy(s, fake) if (s := real_session_of(user)) else None
         alice = logged_in_client(server, tmp_path / "alice", "alice", register=False)
         bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
         alice.open_conversation("bob")

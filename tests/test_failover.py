@@ -49,12 +49,25 @@ def _free_port() -> int:
 # --- the server list -----------------------------------------------------------------
 def test_parse_servers_bounds_and_validates():
     assert C.parse_servers("a,b:6000,[::1]:7000,[::1],10.0.0.1", 5151) == [
-        ("a", 5151), ("b", 6000), ("::1", 7000), ("::1", 5151), ("10.0.0.1", 5151)]
+        ("a", 5151),
+        ("b", 6000),
+        ("::1", 7000),
+        ("::1", 5151),
+        ("10.0.0.1", 5151),
+    ]
     assert C.parse_servers("fe80::1", 5151) == [("fe80::1", 5151)]
-    for bad, why in (("a,,b", "empty entry"), ("a,", "empty entry"), ("a:0", "bad port"),
-                     ("a:99999", "bad port"), ("a:http", "bad port"), ("a b", "not a host"),
-                     ("[::1", "IPv6"), ("a,a", "listed twice"), ("a:1,a:1", "listed twice"),
-                     (",".join(f"h{i}" for i in range(17)), "at most 16")):
+    for bad, why in (
+        ("a,,b", "empty entry"),
+        ("a,", "empty entry"),
+        ("a:0", "bad port"),
+        ("a:99999", "bad port"),
+        ("a:http", "bad port"),
+        ("a b", "not a host"),
+        ("[::1", "IPv6"),
+        ("a,a", "listed twice"),
+        ("a:1,a:1", "listed twice"),
+        (",".join(f"h{i}" for i in range(17)), "at most 16"),
+    ):
         with pytest.raises(ConfigError, match=why):
             C.parse_servers(bad, 5151)
     assert len(C.parse_servers(",".join(f"h{i}" for i in range(16)), 1)) == 16
@@ -76,7 +89,7 @@ def test_connect_skips_a_dead_server_and_pins_the_service(tmp_path):
         client = C.ChatClient(servers=[dead, server.server_address], home=tmp_path / "a")
         started = time.monotonic()
         client.connect()
-        assert time.monotonic() - started < 10   # a loaded machine's handshake, not a dead node's timeout
+        assert time.monotonic() - started < 10  # a loaded machine's handshake, not a dead node's timeout
         assert client.node_id == "%s:%d" % server.server_address
         lines = (tmp_path / "a" / "known_servers").read_text().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"{dead[0]}:{dead[1]} ")  # under the service id
@@ -133,8 +146,14 @@ def test_both_clients_fail_over_to_node_2_without_the_password(tmp_path):
 
 def test_auto_reconnect_gives_up_within_its_bound(tmp_path):
     with running_server(tmp_path / "srv") as server:
-        alice = _client([server.server_address], tmp_path / "a", "alice", auto_reconnect=True,
-                        reconnect_attempts=3, reconnect_max_s=10)
+        alice = _client(
+            [server.server_address],
+            tmp_path / "a",
+            "alice",
+            auto_reconnect=True,
+            reconnect_attempts=3,
+            reconnect_max_s=10,
+        )
     seen = _events_until(alice, C.Disconnected, timeout=30)
     attempts = [e.attempt for e in seen if isinstance(e, C.Reconnecting)]
     assert attempts and attempts == list(range(1, len(attempts) + 1)) and len(attempts) <= 3
@@ -158,6 +177,7 @@ def test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick(tmp_pa
     prekey top-up).  The answer fails on the closed session, and that failure must not be taken
     for a lost connection, which would be failed over and undo the kick."""
     import protocol as P
+
     with running_server(tmp_path / "srv") as server:
         alice = _client([server.server_address], tmp_path / "a", "alice", auto_reconnect=True)
         assert alice.mailbox.published.wait(10)

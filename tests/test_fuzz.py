@@ -29,7 +29,7 @@ def _mutate(data: bytes, edits) -> bytes:
             continue
         pos %= len(b)
         if op == 0:
-            b[pos] ^= (val or 1)
+            b[pos] ^= val or 1
         elif op == 1:
             del b[pos]
         else:
@@ -37,7 +37,9 @@ def _mutate(data: bytes, edits) -> bytes:
     return bytes(b)
 
 
-edits = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6)
+edits = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6
+)
 
 
 @FUZZ
@@ -73,6 +75,7 @@ def test_fuzz_server_flight_at_the_client(ops, group):
 @given(edits)
 def test_fuzz_sealed_records(ops):
     from protocol_helpers import handshake
+
     client, server = handshake()
     frame = client.send(P.Login(username="alice", password=b"pw", identity_key=bytes(32)))
     mutated = _mutate(frame, ops)
@@ -100,7 +103,7 @@ def test_fuzz_e2e_shares_and_messages(ops):
     try:
         reply_b = b.receive_share(_mutate(sa, ops))
         reply_a = a.receive_share(sb)
-        a.receive_share(_mutate(reply_b, ops))   # the ML-KEM reply is fuzzed the same way
+        a.receive_share(_mutate(reply_b, ops))  # the ML-KEM reply is fuzzed the same way
         accepted = True
     except e2e.ShareRejected:
         accepted = False
@@ -127,4 +130,3 @@ def test_fuzz_e2e_open_with_random_bytes(raw):
     except DecryptionFailed:
         return
     raise AssertionError("random bytes opened as a message")
-

@@ -29,11 +29,13 @@ def test_rows_come_back_in_order_with_direction_time_and_state(hist):
     assert hist.set_state(first, H.STATE_ACCEPTED)
     delivered = hist.record("carol", H.OUTGOING, "receipted", state=H.STATE_SENT)
     assert hist.set_state(delivered, H.STATE_DELIVERED)
-    assert not hist.set_state(delivered, H.STATE_ACCEPTED)   # a late store answer cannot undo a receipt
+    assert not hist.set_state(delivered, H.STATE_ACCEPTED)  # a late store answer cannot undo a receipt
     assert [e.state for e in hist.last("carol", 10).entries] == ["sent", "delivered"]
     page = hist.last("bob", 10)
     assert [(e.direction, e.text, e.state) for e in page.entries] == [
-        ("out", "hello bob", "accepted"), ("in", "hi alice", "received")]
+        ("out", "hello bob", "accepted"),
+        ("in", "hi alice", "received"),
+    ]
     assert page.damaged == 0 and all(e.peer == "bob" for e in page.entries)
     assert [e.text for e in hist.last("bob", 1).entries] == ["hi alice"]
 
@@ -84,8 +86,8 @@ def test_a_row_moved_to_another_conversation_or_time_is_not_shown(tmp_path):
     h.record("carol", H.INCOMING, "later", state=H.STATE_RECEIVED)
     db = _rows(tmp_path)
     bob_tag = db.execute("SELECT conversation FROM messages WHERE id = 1").fetchone()[0]
-    db.execute("UPDATE messages SET conversation = ? WHERE id = 2", (bob_tag,))   # carol's row filed under bob
-    db.execute("UPDATE messages SET at_ms = at_ms - 86400000 WHERE id = 3")       # a row given another time
+    db.execute("UPDATE messages SET conversation = ? WHERE id = 2", (bob_tag,))  # carol's row filed under bob
+    db.execute("UPDATE messages SET at_ms = at_ms - 86400000 WHERE id = 3")  # a row given another time
     db.close()
     bob = h.last("bob")
     assert [e.text for e in bob.entries] == ["to bob"] and bob.damaged == 1

@@ -20,8 +20,13 @@ def test_every_catalogue_entry_applies_exactly_once():
     assert problems == []
     assert runner.validate(mutations) == []
     assert len(mutations) >= 30
-    assert {"e2e-root-without-dh", "e2e-skipped-key-not-deleted", "auth-dummy-bcrypt-for-unknown-users",
-            "server-puzzle-source-binding", "client-reply-deadline"} <= {m.name for _c, m in mutations}
+    assert {
+        "e2e-root-without-dh",
+        "e2e-skipped-key-not-deleted",
+        "auth-dummy-bcrypt-for-unknown-users",
+        "server-puzzle-source-binding",
+        "client-reply-deadline",
+    } <= {m.name for _c, m in mutations}
 
 
 def _fake_repo(tmp_path: Path) -> Path:
@@ -31,22 +36,35 @@ def _fake_repo(tmp_path: Path) -> Path:
     (repo / "tests" / "test_guard.py").write_text(
         "import sys, pathlib\nsys.path.insert(0, str(pathlib.Path(__file__).parent.parent))\n"
         "import guard\n\ndef test_refuses_zero():\n    assert not guard.allowed(0)\n\n"
-        "def test_weak():\n    assert guard.allowed(5)\n")
+        "def test_weak():\n    assert guard.allowed(5)\n"
+    )
     return repo
 
 
 def test_validation_refuses_duplicates_missing_and_repeated_find_text(tmp_path):
     repo = _fake_repo(tmp_path)
     good = Mutation("m", "guard.py", "x > 0", "True", ("tests/test_guard.py",), "why")
-    entries = [("catalog_a.py", good), ("catalog_b.py", good),
-               ("catalog_a.py", Mutation("gone", "guard.py", "x >= 0", "True", ("tests/test_guard.py",), "")),
-               ("catalog_a.py", Mutation("twice", "guard.py", "x", "y", ("tests/test_guard.py",), "")),
-               ("catalog_a.py", Mutation("no-file", "nope.py", "x", "y", ("tests/test_guard.py",), "")),
-               ("catalog_a.py", Mutation("no-tests", "guard.py", "return", "return", (), "")),
-               # matched inside a deeper line, the replacement leaves a file that cannot run: the
-               # tests would fail on the import and "kill" a mutation that switched nothing off
-               ("catalog_a.py", Mutation("bad-indent", "guard.py", "return x > 0\n",
-                                         "return True\n        pass\n", ("tests/test_guard.py",), ""))]
+    entries = [
+        ("catalog_a.py", good),
+        ("catalog_b.py", good),
+        ("catalog_a.py", Mutation("gone", "guard.py", "x >= 0", "True", ("tests/test_guard.py",), "")),
+        ("catalog_a.py", Mutation("twice", "guard.py", "x", "y", ("tests/test_guard.py",), "")),
+        ("catalog_a.py", Mutation("no-file", "nope.py", "x", "y", ("tests/test_guard.py",), "")),
+        ("catalog_a.py", Mutation("no-tests", "guard.py", "return", "return", (), "")),
+        # matched inside a deeper line, the replacement leaves a file that cannot run: the
+        # tests would fail on the import and "kill" a mutation that switched nothing off
+        (
+            "catalog_a.py",
+            Mutation(
+                "bad-indent",
+                "guard.py",
+                "return x > 0\n",
+                "return True\n        pass\n",
+                ("tests/test_guard.py",),
+                "",
+            ),
+        ),
+    ]
     problems = "\n".join(runner.validate(entries, root=repo))
     assert "also used in catalog_a.py" in problems
     assert "gone: find text occurs 0 times" in problems
@@ -72,8 +90,12 @@ def test_killed_survived_and_error_are_told_apart(tmp_path):
 
 @pytest.mark.parametrize("args", [["--list"], ["--only", "no-such-mutation"]])
 def test_command_line(args):
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "mutations" / "run.py"), *args],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "mutations" / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if args == ["--list"]:
         assert proc.returncode == 0 and "e2e-root-without-dh" in proc.stdout
     else:

@@ -67,8 +67,12 @@ class Namespaces:
         checksum left to offload, so the receiver would drop them: compute checksums in
         software instead (what `ethtool -K IF tx off` does, through the same ioctl)."""
         for name, host_if in self.veth.items():
-            subprocess.run(["ip", "netns", "exec", self.ns[name], sys.executable, "-c", TX_CSUM_OFF, host_if],
-                           check=True, capture_output=True, timeout=20)
+            subprocess.run(
+                ["ip", "netns", "exec", self.ns[name], sys.executable, "-c", TX_CSUM_OFF, host_if],
+                check=True,
+                capture_output=True,
+                timeout=20,
+            )
 
     def run(self, name: str, *argv: str, **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.ns[name], *argv], text=True, **kw)
@@ -177,9 +181,21 @@ print(udp, tcp, flush=True)
 
 
 def _start_server(hosts, data_dir: Path):
-    proc = hosts.run("srv", sys.executable, str(ROOT / "server.py"), "--host", HOSTS["srv"], "--port", "0",
-                     "--data-dir", str(data_dir), "--bcrypt-cost", "4", stdout=subprocess.PIPE,
-                     stderr=subprocess.DEVNULL)
+    proc = hosts.run(
+        "srv",
+        sys.executable,
+        str(ROOT / "server.py"),
+        "--host",
+        HOSTS["srv"],
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--bcrypt-cost",
+        "4",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     port = None
     for line in proc.stdout:
         found = re.search(r"Listening on [\d.]+:(\d+)", line)  # the line starts with a timestamp
@@ -192,8 +208,20 @@ def _start_server(hosts, data_dir: Path):
 
 
 def _peer(hosts, name, port, peer, mode, count, home):
-    return hosts.run(name, sys.executable, str(ROOT / "tests" / "netns_peer.py"), HOSTS["srv"], str(port), name,
-                     peer, mode, str(count), str(home), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return hosts.run(
+        name,
+        sys.executable,
+        str(ROOT / "tests" / "netns_peer.py"),
+        HOSTS["srv"],
+        str(port),
+        name,
+        peer,
+        mode,
+        str(count),
+        str(home),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
 
 
 def _lines(proc):
@@ -208,8 +236,15 @@ def _chat(hosts, tmp_path, count):
     try:
         bob_out, alice_out = _lines(bob), _lines(alice)
         assert next(bob_out)["event"] == "ready" and next(alice_out)["event"] == "ready"
-        capture = hosts.run("srv", sys.executable, "-c", CAPTURE, hosts.veth["srv"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        capture = hosts.run(
+            "srv",
+            sys.executable,
+            "-c",
+            CAPTURE,
+            hosts.veth["srv"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         assert capture.stdout.readline().strip() == "capturing"
         alice.stdin.write("go\n")
         alice.stdin.flush()
@@ -238,9 +273,9 @@ def _chat(hosts, tmp_path, count):
 
 def test_direct_messages_never_touch_the_server_host(hosts, tmp_path):
     received, sent, udp_at_server = _chat(hosts, tmp_path, count=30)
-    assert received == [(f"m{i}", True) for i in range(30)]   # every message, once, in order, direct
+    assert received == [(f"m{i}", True) for i in range(30)]  # every message, once, in order, direct
     assert sent["undelivered"] == 0
-    assert udp_at_server == 0   # the capture on the server's interface holds no datagram at all
+    assert udp_at_server == 0  # the capture on the server's interface holds no datagram at all
 
 
 def test_direct_mode_survives_loss_duplication_and_reordering(tmp_path):
@@ -249,9 +284,32 @@ def test_direct_mode_survives_loss_duplication_and_reordering(tmp_path):
     impairment applied by a userspace switch between the namespaces."""
     _need_namespaces()
     probe = Namespaces()
-    netem = subprocess.run(["ip", "netns", "exec", probe.ns["alice"], "tc", "qdisc", "add", "dev",
-                            probe.veth["alice"], "root", "netem", "loss", "20%", "duplicate", "10%",
-                            "delay", "20ms", "10ms", "reorder", "25%"], capture_output=True, text=True)
+    netem = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            probe.ns["alice"],
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            probe.veth["alice"],
+            "root",
+            "netem",
+            "loss",
+            "20%",
+            "duplicate",
+            "10%",
+            "delay",
+            "20ms",
+            "10ms",
+            "reorder",
+            "25%",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if netem.returncode == 0:
         try:
             received, sent, _udp = _chat(probe, tmp_path, count=60)
@@ -261,8 +319,15 @@ def test_direct_mode_survives_loss_duplication_and_reordering(tmp_path):
         probe.remove()
         hosts = Namespaces(userspace_switch=True)
         hosts.tx_checksum_off()
-        switch = hosts.run("br", sys.executable, "-c", SWITCH, *(v + "b" for v in hosts.veth.values()),
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        switch = hosts.run(
+            "br",
+            sys.executable,
+            "-c",
+            SWITCH,
+            *(v + "b" for v in hosts.veth.values()),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         try:
             assert switch.stdout.readline().strip() == "switching"
             received, sent, _udp = _chat(hosts, tmp_path, count=60)

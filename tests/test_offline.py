@@ -51,7 +51,7 @@ def test_three_messages_wait_for_bob_across_a_restart_arrive_in_order_once_and_a
         assert alice.pending() == []
         bob.who()
         wait_for(bob, C.WhoList)
-        assert server.storage.queued_for("bob", 0, 10) == []   # acknowledged, so deleted
+        assert server.storage.queued_for("bob", 0, 10) == []  # acknowledged, so deleted
         bob.close()
         bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
         bob.who()
@@ -72,8 +72,11 @@ def test_a_full_mailbox_refuses_plainly_and_keeps_what_is_stored(tmp_path):
             wait_for(alice, C.MessageStored, text=text)
         alice.send_offline("bob", "three")
         refused = wait_for(alice, C.MessageNotStored)
-        assert refused.text == "three" and "mailbox is full" in refused.reason and "Nothing already stored" \
-            in refused.reason
+        assert (
+            refused.text == "three"
+            and "mailbox is full" in refused.reason
+            and "Nothing already stored" in refused.reason
+        )
         assert [e.text for e in alice.pending()] == ["one", "two"]
         bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
         assert [wait_for(bob, C.MessageReceived).text for _ in range(2)] == ["one", "two"]
@@ -116,7 +119,9 @@ def test_a_changed_identity_holds_stored_messages_until_accept(tmp_path):
         bob = _published(logged_in_client(server, tmp_path / "bob", "bob", register=False))
         assert wait_for(bob, C.MessageReceived).text == "before reinstall"
         bob.close()  # bob has now pinned alice's key
-        alice2 = logged_in_client(server, tmp_path / "alice-new", "alice", register=False)  # a reinstall: new key
+        alice2 = logged_in_client(
+            server, tmp_path / "alice-new", "alice", register=False
+        )  # a reinstall: new key
         alice2.send_offline("bob", "after reinstall")
         wait_for(alice2, C.MessageStored)
         alice2.close()
@@ -177,7 +182,7 @@ def test_a_server_replaying_a_stored_message_gets_it_acknowledged_and_never_show
         assert not [e for e in events if isinstance(e, (C.MessageReceived, C.MessageRejected))], events
         bob.who()  # the Ack went before the first answer was read: this answer follows its handling
         wait_for(bob, C.WhoList)
-        assert server.storage.queued_for("bob", 0, 10) == []   # acknowledged all the same
+        assert server.storage.queued_for("bob", 0, 10) == []  # acknowledged all the same
         alice.close()
         bob.close()
 
@@ -196,7 +201,7 @@ def test_a_receipt_only_marks_messages_sent_to_its_sender():
     box = offline.Mailbox(_DeliveryClient())
     msg_id = b"\x01" * 16
     box.sent_live("bob", "for bob", msg_id)
-    box.on_receipt("carol", (msg_id,))          # carol cannot confirm what bob received
+    box.on_receipt("carol", (msg_id,))  # carol cannot confirm what bob received
     assert [e.text for e in box.pending()] == ["for bob"] and box.client.events == []
     box.on_receipt("bob", (msg_id,))
     assert box.pending() == [] and box.client.events == ["for bob"]
@@ -208,13 +213,13 @@ def test_a_receipt_that_overtakes_its_message_still_marks_it_delivered():
     box = offline.Mailbox(_DeliveryClient())
     first, second, third = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
     box.on_receipt("bob", (first,))
-    box.on_receipt("carol", (second,))         # carol's receipt for a message to bob counts for nothing
+    box.on_receipt("carol", (second,))  # carol's receipt for a message to bob counts for nothing
     entry = box.sent_live("bob", "for bob", first)
     assert entry.state == offline.DELIVERED and entry.receipted.is_set()
     assert box.pending() == [] and box.client.events == ["for bob"]
     assert box.sent_live("bob", "again", second).state == offline.SENT
     box.on_receipt("bob", (third,) + tuple(bytes([4, i]) * 8 for i in range(offline.MAX_EARLY_RECEIPTS)))
-    assert box.sent_live("bob", "long ago", third).state == offline.SENT   # bounded: the oldest went
+    assert box.sent_live("bob", "long ago", third).state == offline.SENT  # bounded: the oldest went
     assert box.client.events == ["for bob"]
 
 
@@ -222,6 +227,7 @@ def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
     """The server hands a stored message to a recipient who is online before it answers the
     sender; the recipient's receipt can come back first.  It must neither be lost nor lose the
     answer: the sender is told stored (handed over), then delivered, and its wait ends."""
+
     class Stub:
         def __init__(self):
             self.events = []
@@ -236,11 +242,12 @@ def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
     ref = b"\x05" * 16
     entry = offline.Outgoing(ref, "bob", "to bob", 0.0, offline.SENDING, stored=True)
     box._remember(entry)
-    box.on_receipt("carol", (ref,))             # not carol's message: nothing
+    box.on_receipt("carol", (ref,))  # not carol's message: nothing
     box.on_receipt("bob", (ref,))
     assert box.client.events == [] and not entry.answered.is_set() and box.entry(ref) is entry
-    box.on_store_result(P.StoreResult(conversation_id=1, msg_ref=ref, status=P.StoreStatus.HANDED_OVER,
-                                      reason=""))
+    box.on_store_result(
+        P.StoreResult(conversation_id=1, msg_ref=ref, status=P.StoreStatus.HANDED_OVER, reason="")
+    )
     assert box.client.events == [("stored", offline.HANDED), ("delivered", "to bob")]
     assert entry.answered.is_set() and entry.receipted.is_set() and entry.state == offline.DELIVERED
     assert box.pending() == [] and box.entry(ref) is None
@@ -249,6 +256,7 @@ def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
 class _OpeningClient:
     """What Mailbox._outbound_for needs of its client: each OfflineOpen is recorded with its
     barrier (clientlib's own), answered by the test; ``progress`` is set at every open."""
+
     node_id = "test"
 
     def __init__(self, refusal: str | None = None):
@@ -258,7 +266,7 @@ class _OpeningClient:
 
     def _barrier_after(self, msg):
         barrier = C._Barrier()
-        if self.refusal is not None:   # answered at once, with this refusal and no session
+        if self.refusal is not None:  # answered at once, with this refusal and no session
             barrier.refusals.append(self.refusal)
             barrier.done.set()
         self.opens.append(barrier)
@@ -272,7 +280,7 @@ def test_two_threads_opening_to_one_peer_share_one_open():
     box = offline.Mailbox(_OpeningClient())
     waiting = threading.Event()
 
-    class SpyCondition:   # says when a thread waits for another's open
+    class SpyCondition:  # says when a thread waits for another's open
         def __init__(self, real):
             self.real = real
 
@@ -293,10 +301,10 @@ def test_two_threads_opening_to_one_peer_share_one_open():
     box.client.progress.clear()
     second = threading.Thread(target=lambda: got.__setitem__("second", box._outbound_for("bob")), daemon=True)
     second.start()
-    assert box.client.progress.wait(10)   # it waits for the first, or (wrongly) opens a second
-    assert waiting.is_set() and len(box.client.opens) == 1   # no second OfflineOpen went
+    assert box.client.progress.wait(10)  # it waits for the first, or (wrongly) opens a second
+    assert waiting.is_set() and len(box.client.opens) == 1  # no second OfflineOpen went
     session = object()
-    with box.lock:   # the answer, as on_offline_key keeps it
+    with box.lock:  # the answer, as on_offline_key keeps it
         box.outbound["bob"] = (session, time.monotonic())
         box._answered["bob"] = session
     box.client.opens[0].done.set()
@@ -309,7 +317,7 @@ def test_a_late_answer_to_an_open_that_timed_out_is_not_taken_by_the_next():
     """An OfflineKey that came after its asker gave up stays behind; the next open to that peer,
     refused this time (say the peer's identity changed), must fail, not take the old session."""
     box = offline.Mailbox(_OpeningClient(refusal="refused for the test"))
-    box._answered["bob"] = object()   # the late answer to an earlier open
+    box._answered["bob"] = object()  # the late answer to an earlier open
     with pytest.raises(C.MessageRefused, match="refused for the test"):
         box._outbound_for("bob")
 
@@ -322,7 +330,7 @@ def test_offline_opens_are_rate_limited_per_session(tmp_path):
             alice._barrier_after(P.OfflineOpen(peer="bob")).done.wait(10)
         barrier = alice._barrier_after(P.OfflineOpen(peer="bob"))
         assert barrier.done.wait(10) and "Too many offline conversations" in barrier.refusals[0]
-        assert server.storage.prekey_status("bob").one_time_left == 97   # the refused one took none
+        assert server.storage.prekey_status("bob").one_time_left == 97  # the refused one took none
         alice.close()
 
 
@@ -330,7 +338,9 @@ def test_a_new_identity_key_drops_the_prekeys_signed_by_the_old_one(tmp_path):
     with running_server(tmp_path / "srv") as server:
         _away(server, tmp_path / "bob", "bob")
         assert server.storage.prekey_status("bob").signed_id is not None
-        fresh = logged_in_client(server, tmp_path / "bob-elsewhere", "bob", register=False, persist_identity=False)
+        fresh = logged_in_client(
+            server, tmp_path / "bob-elsewhere", "bob", register=False, persist_identity=False
+        )
         fresh.who()
         wait_for(fresh, C.WhoList)
         status = server.storage.prekey_status("bob")
@@ -348,8 +358,14 @@ def test_storing_into_someone_elses_conversation_is_refused(tmp_path):
         carol = logged_in_client(server, tmp_path / "carol", "carol")
         results = []
         carol.mailbox.on_store_result = results.append
-        carol._send(P.Store(conversation_id=row.conversation_id, generation=row.generation, msg_ref=b"\x09" * 16,
-                            payload=row.payload))
+        carol._send(
+            P.Store(
+                conversation_id=row.conversation_id,
+                generation=row.generation,
+                msg_ref=b"\x09" * 16,
+                payload=row.payload,
+            )
+        )
         carol.who()
         wait_for(carol, C.WhoList)
         assert [(r.status, r.reason) for r in results] == [(P.StoreStatus.REFUSED, "No such conversation.")]
@@ -383,7 +399,7 @@ def test_a_live_message_lost_with_the_connection_is_sent_again_after_the_reconne
         bob.who()
         wait_for(bob, C.WhoList)
         assert not armed["on"] and [e.text for e in alice.pending()] == ["lost with the server"]
-        alice.resume()                                    # the connection dropped; the ticket brings it back
+        alice.resume()  # the connection dropped; the ticket brings it back
         assert wait_for(bob, C.MessageReceived, timeout=20).text == "lost with the server"
         assert wait_for(alice, C.MessageDelivered, timeout=20).text == "lost with the server"
         alice.send_message("bob", "and the next one")
@@ -397,7 +413,7 @@ def test_a_message_whose_receipt_was_lost_is_resent_but_shown_once(tmp_path):
 
     with running_server(tmp_path / "srv") as server:
         alice, bob = chat_pair(server, tmp_path)
-        armed = _drop_next_message_from(server, "bob")    # bob's receipt is lost
+        armed = _drop_next_message_from(server, "bob")  # bob's receipt is lost
         alice.send_message("bob", "arrived, receipt lost")
         assert wait_for(bob, C.MessageReceived).text == "arrived, receipt lost"
         for _ in range(50):  # the receipt goes from bob's mailbox thread: round trips until it went
@@ -409,7 +425,7 @@ def test_a_message_whose_receipt_was_lost_is_resent_but_shown_once(tmp_path):
         alice.resume()
         assert wait_for(alice, C.MessageDelivered, timeout=20).text == "arrived, receipt lost"
         alice.send_message("bob", "after")
-        assert wait_for(bob, C.MessageReceived).text == "after"   # nothing shown twice in between
+        assert wait_for(bob, C.MessageReceived).text == "after"  # nothing shown twice in between
         alice.close()
         bob.close()
 
@@ -456,7 +472,9 @@ def test_stored_messages_still_open_after_the_recipient_changed_the_password(tmp
         alice = logged_in_client(server, tmp_path / "alice", "alice")
         alice.send_offline("bob", "after your password change")
         wait_for(alice, C.MessageStored)
-        bob = logged_in_client(server, tmp_path / "bob", "bob", register=False, password="a brand new password")
+        bob = logged_in_client(
+            server, tmp_path / "bob", "bob", register=False, password="a brand new password"
+        )
         assert wait_for(bob, C.MessageReceived).text == "after your password change"
         alice.close()
         bob.close()
@@ -473,7 +491,7 @@ def test_messages_held_for_an_identity_decision_do_not_hold_up_the_others(tmp_pa
         wait_for(mallory, C.MessageStored)
         mallory.close()
         bob = _published(logged_in_client(server, tmp_path / "bob", "bob", register=False))
-        wait_for(bob, C.MessageReceived)     # bob pins mallory's key
+        wait_for(bob, C.MessageReceived)  # bob pins mallory's key
         bob.close()
         again = logged_in_client(server, tmp_path / "mallory-new", "mallory", register=False)  # a new key
         for i in range(4):
@@ -487,7 +505,7 @@ def test_messages_held_for_an_identity_decision_do_not_hold_up_the_others(tmp_pa
         assert wait_for(bob, C.MessageReceived, timeout=20).text == "carol's, behind them"
         bob.who()  # its Ack went before this request: once the answer is in, the server has handled it
         wait_for(bob, C.WhoList)
-        assert len(server.storage.queued_for("bob", 0, 10)) == 4   # mallory's wait for /accept, not lost
+        assert len(server.storage.queued_for("bob", 0, 10)) == 4  # mallory's wait for /accept, not lost
         carol.close()
         bob.close()
 
@@ -515,7 +533,7 @@ def test_an_offline_open_answered_while_a_live_conversation_comes_up_is_still_us
 
         def racing(msg):
             original(msg)
-            alice.mailbox.forget_outbound(msg.peer)   # what ConversationReady does, in between
+            alice.mailbox.forget_outbound(msg.peer)  # what ConversationReady does, in between
 
         alice.mailbox.on_offline_key = racing
         alice.send_offline("bob", "still sent")
@@ -527,15 +545,20 @@ def test_bad_store_and_forward_frames_get_clear_answers_and_disturb_nobody(tmp_p
     with running_server(tmp_path / "srv") as server:
         _away(server, tmp_path / "bob", "bob")
         alice = logged_in_client(server, tmp_path / "alice", "alice")
-        for bad in (P.OfflineOpen(peer="alice"), P.OfflineOpen(peer="no such user"),
-                    P.PublishPrekeys(signed_prekey=b"", one_time=b"\0" * P.ONE_TIME_PREKEY_BYTES),
-                    P.PublishPrekeys(signed_prekey=b"", one_time=b"x" * 7),
-                    P.Ack(queue_id=2 ** 63), P.Defer(queue_id=0), P.Defer(queue_id=2 ** 63)):
+        for bad in (
+            P.OfflineOpen(peer="alice"),
+            P.OfflineOpen(peer="no such user"),
+            P.PublishPrekeys(signed_prekey=b"", one_time=b"\0" * P.ONE_TIME_PREKEY_BYTES),
+            P.PublishPrekeys(signed_prekey=b"", one_time=b"x" * 7),
+            P.Ack(queue_id=2**63),
+            P.Defer(queue_id=0),
+            P.Defer(queue_id=2**63),
+        ):
             alice._send(bad)
         results = []
         alice.mailbox.on_store_result = results.append
         alice._send(P.Store(conversation_id=99, generation=1, msg_ref=b"\1" * 16, payload=b"junk"))
-        alice._send(P.Store(conversation_id=2 ** 64 - 1, generation=1, msg_ref=b"\2" * 16, payload=b"junk"))
+        alice._send(P.Store(conversation_id=2**64 - 1, generation=1, msg_ref=b"\2" * 16, payload=b"junk"))
         alice.who()
         seen = []
         while not isinstance(e := wait_for(alice, object), C.WhoList):
@@ -544,8 +567,10 @@ def test_bad_store_and_forward_frames_get_clear_answers_and_disturb_nobody(tmp_p
         assert any("yourself" in r for r in reasons) and any("id 0 is reserved" in r for r in reasons)
         assert any("Malformed prekeys" in r for r in reasons)
         assert [e.peer for e in seen if isinstance(e, C.PeerUnknown)] == ["no such user"]
-        assert [(r.status, r.reason) for r in results] == [(P.StoreStatus.REFUSED, "No such conversation.")] * 2
-        del alice.mailbox.on_store_result                         # the real handler again
-        alice.send_offline("bob", "still served")               # the session and the server go on
+        assert [(r.status, r.reason) for r in results] == [
+            (P.StoreStatus.REFUSED, "No such conversation.")
+        ] * 2
+        del alice.mailbox.on_store_result  # the real handler again
+        alice.send_offline("bob", "still served")  # the session and the server go on
         assert wait_for(alice, C.MessageStored).text == "still served"
         alice.close()

@@ -42,9 +42,13 @@ def test_mariadb_rows_hold_no_plaintext_and_no_key_that_opens_them(tmp_path, mys
         for text in SECRETS:
             assert text.encode() not in stored
         for key in kdc.keys:
-            assert key not in stored      # the KDC key is only there sealed under the server's key
+            assert key not in stored  # the KDC key is only there sealed under the server's key
         store = K.PrekeyStore(tmp_path / "bob", "bob", alice.server_id, PASSWORD)  # bob's private prekeys
-        privates = list(store.one_time.values()) + [s.x25519 for s in store.signed] + [s.kem_seed for s in store.signed]
+        privates = (
+            list(store.one_time.values())
+            + [s.x25519 for s in store.signed]
+            + [s.kem_seed for s in store.signed]
+        )
         assert len(privates) > 100 and not any(secret in stored for secret in privates)
         bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
         assert [wait_for(bob, C.MessageReceived).text for _ in SECRETS] == SECRETS
@@ -75,7 +79,8 @@ def test_the_server_never_holds_a_stored_messages_plaintext(tmp_path, caplog):
         bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
         assert [wait_for(bob, C.MessageReceived).text for _ in SECRETS] == SECRETS
         state = repr(server.service.registry.__dict__) + "".join(
-            repr(s.__dict__) for s in server.service.registry.all_sessions())
+            repr(s.__dict__) for s in server.service.registry.all_sessions()
+        )
         alice.close()
         bob.close()
     assert len(seen) >= len(SECRETS)

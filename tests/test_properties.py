@@ -37,7 +37,8 @@ def _field_strategy(f):
 
 
 messages = st.sampled_from(list(P.MESSAGE_TYPES.values())).flatmap(
-    lambda cls: st.builds(cls, **{f.name: _field_strategy(f) for f in dataclasses.fields(cls)}))
+    lambda cls: st.builds(cls, **{f.name: _field_strategy(f) for f in dataclasses.fields(cls)})
+)
 
 
 @given(messages)

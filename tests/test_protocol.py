@@ -27,34 +27,46 @@ from errors import (
 
 
 # --- codec: literal bytes -----------------------------------------------------
-@pytest.mark.parametrize("msg,hexbytes", [
-    (P.Login(username="al", password=b"pw", identity_key=IK), "11 0002 616c 0002 7077 0020 0000000000000000000000000000000000000000000000000000000000000000"),
-    (P.Register(username="bob", password=b"", identity_key=IK), "10 0003 626f62 0000 0020 0000000000000000000000000000000000000000000000000000000000000000"),
-    (P.PeerStatus(peer="bob", online=True, known=True), "21 0003 626f62 01 01 00"),
-    (P.Relay(conversation_id=7, payload=b"\xff"), "23 0000000000000007 0001 ff"),
-    (P.WhoRequest(), "30"),
-    (P.WhoResponse(users=("a", "bc"), total=2), "31 0002 0001 61 0002 6263 00000002"),
-    (P.AuthFailed(code=2, retry_after_s=60, reason="x"), "13 02 0000003c 0001 78"),
-    (P.HandshakeError(code=3), "05 03"),
-    (P.KeyUpdate(), "42"),
-])
+@pytest.mark.parametrize(
+    "msg,hexbytes",
+    [
+        (
+            P.Login(username="al", password=b"pw", identity_key=IK),
+            "11 0002 616c 0002 7077 0020 0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+        (
+            P.Register(username="bob", password=b"", identity_key=IK),
+            "10 0003 626f62 0000 0020 0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+        (P.PeerStatus(peer="bob", online=True, known=True), "21 0003 626f62 01 01 00"),
+        (P.Relay(conversation_id=7, payload=b"\xff"), "23 0000000000000007 0001 ff"),
+        (P.WhoRequest(), "30"),
+        (P.WhoResponse(users=("a", "bc"), total=2), "31 0002 0001 61 0002 6263 00000002"),
+        (P.AuthFailed(code=2, retry_after_s=60, reason="x"), "13 02 0000003c 0001 78"),
+        (P.HandshakeError(code=3), "05 03"),
+        (P.KeyUpdate(), "42"),
+    ],
+)
 def test_messages_encode_to_literal_bytes(msg, hexbytes):
     raw = bytes.fromhex(hexbytes.replace(" ", ""))
     assert msg.encode() == raw
     assert P.decode_message(raw) == msg
 
 
-@pytest.mark.parametrize("raw,why", [
-    (b"", "Empty"),
-    (b"\xee", "Unknown message type"),
-    (bytes.fromhex("11 0002 61"), "truncated"),
-    (bytes.fromhex("30 00"), "Trailing"),
-    (bytes.fromhex("11 0002 616c 0002 7077 0003 616263"), "length"),  # identity_key must be 32 bytes
-    (bytes.fromhex("21 0003 626f62 02 01"), "boolean"),
-    (bytes.fromhex("11 0002 ff fe 0000"), "UTF-8"),
-    (bytes.fromhex("11 0021") + b"a" * 33 + bytes.fromhex("0000"), "length"),
-    (bytes.fromhex("04 0003 616263"), "length"),  # ClientFinished.confirm must be 64 bytes
-])
+@pytest.mark.parametrize(
+    "raw,why",
+    [
+        (b"", "Empty"),
+        (b"\xee", "Unknown message type"),
+        (bytes.fromhex("11 0002 61"), "truncated"),
+        (bytes.fromhex("30 00"), "Trailing"),
+        (bytes.fromhex("11 0002 616c 0002 7077 0003 616263"), "length"),  # identity_key must be 32 bytes
+        (bytes.fromhex("21 0003 626f62 02 01"), "boolean"),
+        (bytes.fromhex("11 0002 ff fe 0000"), "UTF-8"),
+        (bytes.fromhex("11 0021") + b"a" * 33 + bytes.fromhex("0000"), "length"),
+        (bytes.fromhex("04 0003 616263"), "length"),  # ClientFinished.confirm must be 64 bytes
+    ],
+)
 def test_malformed_messages_raise_malformed(raw, why):
     with pytest.raises(MalformedMessage, match=why):
         P.decode_message(raw)
@@ -63,7 +75,9 @@ def test_malformed_messages_raise_malformed(raw, why):
 def test_repr_hides_passwords_and_keys():
     text = repr(P.Login(username="alice", password=b"hunter2", identity_key=IK))
     assert "hunter2" not in text and "alice" in text
-    assert "sekrit" not in repr(P.ConversationKey(conversation_id=1, peer="b", suite=1, generation=0, key=b"sekrit", peer_identity=IK))
+    assert "sekrit" not in repr(
+        P.ConversationKey(conversation_id=1, peer="b", suite=1, generation=0, key=b"sekrit", peer_identity=IK)
+    )
 
 
 def test_encoding_out_of_bounds_is_a_local_error():
@@ -85,7 +99,7 @@ def test_frames_fed_one_byte_at_a_time():
     stream = P.encode_frame(b"hello") + P.encode_frame(b"") + P.encode_frame(b"world")
     got = []
     for i in range(len(stream)):
-        dec.feed(stream[i:i + 1])
+        dec.feed(stream[i : i + 1])
         while (frame := dec.next_frame()) is not None:
             got.append(frame)
     assert got == [b"hello", b"", b"world"]
@@ -117,9 +131,11 @@ def test_handshake_and_messages_both_ways(suite, group):
     client, server = handshake(suite=suite, group=group)
     assert client.suite.name == server.suite.name == suite
     assert server.receive_data(client.send(P.Login(username="alice", password=b"pw", identity_key=IK))) == [
-        P.Login(username="alice", password=b"pw", identity_key=IK)]
+        P.Login(username="alice", password=b"pw", identity_key=IK)
+    ]
     assert client.receive_data(server.send(P.AuthOk(username="alice", created=True))) == [
-        P.AuthOk(username="alice", created=True)]
+        P.AuthOk(username="alice", created=True)
+    ]
     assert client.state is server.state is P.State.AUTHENTICATED
 
 
@@ -212,12 +228,15 @@ def test_bad_client_finished_is_refused():
     assert server.state is P.State.CLOSED
 
 
-@pytest.mark.parametrize("hello_changes,code", [
-    ({"group": "modp1024", "groups": ("modp1024",)}, P.HandshakeErrorCode.UNSUPPORTED_GROUP),
-    ({"version": 9}, P.HandshakeErrorCode.UNSUPPORTED_VERSION),
-    ({"suites": b"\x07"}, P.HandshakeErrorCode.UNSUPPORTED_SUITE),
-    ({"public": b"\0" * 32}, P.HandshakeErrorCode.BAD_PUBLIC_VALUE),
-])
+@pytest.mark.parametrize(
+    "hello_changes,code",
+    [
+        ({"group": "modp1024", "groups": ("modp1024",)}, P.HandshakeErrorCode.UNSUPPORTED_GROUP),
+        ({"version": 9}, P.HandshakeErrorCode.UNSUPPORTED_VERSION),
+        ({"suites": b"\x07"}, P.HandshakeErrorCode.UNSUPPORTED_SUITE),
+        ({"public": b"\0" * 32}, P.HandshakeErrorCode.BAD_PUBLIC_VALUE),
+    ],
+)
 def test_server_refuses_bad_hello_with_a_code_the_client_understands(hello_changes, code):
     client = P.ClientProtocol()
     server = P.ServerProtocol(Ed25519PrivateKey.generate())
@@ -336,8 +355,14 @@ def _sample(cls):
     values = {}
     for f in dataclasses.fields(cls):
         kind = f.metadata["kind"]
-        values[f.name] = {P.Kind.U8: 1, P.Kind.U32: 1, P.Kind.U64: 1, P.Kind.BOOL: True,
-                          P.Kind.TEXT: "a", P.Kind.TEXT_LIST: ("a",)}.get(kind, b"\0" * (f.metadata["exact"] or 1))
+        values[f.name] = {
+            P.Kind.U8: 1,
+            P.Kind.U32: 1,
+            P.Kind.U64: 1,
+            P.Kind.BOOL: True,
+            P.Kind.TEXT: "a",
+            P.Kind.TEXT_LIST: ("a",),
+        }.get(kind, b"\0" * (f.metadata["exact"] or 1))
     return cls(**values)
 
 
@@ -397,13 +422,18 @@ def test_client_may_not_send_chat_messages_before_login():
 
 
 # --- section 13: password change and direct-link requests (0x60-0x63) --------------------
-@pytest.mark.parametrize("msg, hexbytes", [
-    (P.ChangePassword(old_password=b"old", new_password=b"new"), "60 0003 6f6c64 0003 6e6577"),
-    (P.PasswordChanged(ticket=b"\x01\x02"), "61 0002 0102"),
-    (P.PasswordChangeFailed(code=P.AuthCode.INVALID_CREDENTIALS, retry_after_s=0, reason="no"),
-     "62 01 00000000 0002 6e6f"),
-    (P.DirectAsked(peer="bob"), "63 0003 626f62"),
-])
+@pytest.mark.parametrize(
+    "msg, hexbytes",
+    [
+        (P.ChangePassword(old_password=b"old", new_password=b"new"), "60 0003 6f6c64 0003 6e6577"),
+        (P.PasswordChanged(ticket=b"\x01\x02"), "61 0002 0102"),
+        (
+            P.PasswordChangeFailed(code=P.AuthCode.INVALID_CREDENTIALS, retry_after_s=0, reason="no"),
+            "62 01 00000000 0002 6e6f",
+        ),
+        (P.DirectAsked(peer="bob"), "63 0003 626f62"),
+    ],
+)
 def test_section_13_messages_encode_to_literal_bytes(msg, hexbytes):
     raw = bytes.fromhex(hexbytes.replace(" ", ""))
     assert msg.encode() == raw
@@ -416,9 +446,14 @@ def test_change_password_only_after_login():
     assert P.PasswordChanged in P.RECEIVE_TABLE[(P.Role.CLIENT, P.State.AUTHENTICATED)]
 
 
-@pytest.mark.parametrize("cls", sorted((c for c in P.MESSAGE_TYPES.values()
-                                         if any(m["kind"] is P.Kind.BYTES for _n, m in c.FIELDS)),
-                                        key=lambda c: c.TYPE), ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    sorted(
+        (c for c in P.MESSAGE_TYPES.values() if any(m["kind"] is P.Kind.BYTES for _n, m in c.FIELDS)),
+        key=lambda c: c.TYPE,
+    ),
+    ids=lambda c: c.__name__,
+)
 def test_a_bytes_field_longer_than_its_bound_is_refused_by_the_decoder(cls):
     """Every bounded field is checked when decoding, before the message exists (the compiled codec)."""
     name, meta = next((n, m) for n, m in cls.FIELDS if m["kind"] is P.Kind.BYTES)
@@ -429,8 +464,15 @@ def test_a_bytes_field_longer_than_its_bound_is_refused_by_the_decoder(cls):
             out += too_long.to_bytes(2, "big") + b"\0" * too_long
             break
         enc = dict(cls.ENCODERS)[n]
-        sample = {P.Kind.U8: 0, P.Kind.U32: 0, P.Kind.U64: 0, P.Kind.BOOL: False, P.Kind.BYTES: b"",
-                  P.Kind.TEXT: "", P.Kind.TEXT_LIST: ()}[m["kind"]]
+        sample = {
+            P.Kind.U8: 0,
+            P.Kind.U32: 0,
+            P.Kind.U64: 0,
+            P.Kind.BOOL: False,
+            P.Kind.BYTES: b"",
+            P.Kind.TEXT: "",
+            P.Kind.TEXT_LIST: (),
+        }[m["kind"]]
         if m["kind"] is P.Kind.BYTES and m["exact"] is not None:
             sample = b"\0" * m["exact"]
         enc(out, sample)

@@ -6,8 +6,16 @@ import threading
 
 import pytest
 
-from database import (DUPLICATE, FULL_BYTES, FULL_MESSAGES, NO_KEY, STORED, QueuedMessage, SQLiteStorage,
-                      open_storage)
+from database import (
+    DUPLICATE,
+    FULL_BYTES,
+    FULL_MESSAGES,
+    NO_KEY,
+    STORED,
+    QueuedMessage,
+    SQLiteStorage,
+    open_storage,
+)
 from db_fixtures import mysql_url
 
 
@@ -24,7 +32,9 @@ def storage(request, tmp_path):
 
 
 def _msg(ref: bytes, payload: bytes = b"ct", sender: str = "alice", generation: int = 1, cid: int = 1):
-    return QueuedMessage(0, "bob", sender, cid, generation, ref.ljust(16, b"\0"), b"\x02" * 32, payload, 100.0, None)
+    return QueuedMessage(
+        0, "bob", sender, cid, generation, ref.ljust(16, b"\0"), b"\x02" * 32, payload, 100.0, None
+    )
 
 
 def _keyed(storage, sender="alice", generation=1) -> int:
@@ -101,7 +111,9 @@ def test_concurrent_senders_never_share_a_one_time_prekey(storage):
     storage.set_signed_prekey("bob", 1, b"s", 1.0)
     storage.add_one_time_prekeys("bob", [(i, b"k%d" % i) for i in range(1, 21)], max_kept=100)
     got = []
-    threads = [threading.Thread(target=lambda: got.append(storage.take_prekey_bundle("bob")[1])) for _ in range(20)]
+    threads = [
+        threading.Thread(target=lambda: got.append(storage.take_prekey_bundle("bob")[1])) for _ in range(20)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -39,15 +39,18 @@ def test_three_members_each_reach_the_other_two_and_membership_is_verified(tmp_p
         alice, bob, carol = c["alice"], c["bob"], c["carol"]
         assert alice.rooms.members("#team") == ("alice", "bob", "carol")
         wait_for(bob, RC.RoomNotice, timeout=15, text="alice added carol to #team.")
-        assert bob.rooms.members("#team") == ("alice", "bob", "carol")   # bob saw carol's addition too
+        assert bob.rooms.members("#team") == ("alice", "bob", "carol")  # bob saw carol's addition too
         for sender in (alice, bob, carol):
             sent = sender.rooms.send("#team", f"hello from {sender.username}")
             assert sent.online == 2 and sent.stored == 0
             for other in (alice, bob, carol):
                 if other is not sender:
                     got = wait_for(other, RC.RoomMessageReceived, timeout=15)
-                    assert (got.room, got.sender, got.text) == ("#team", sender.username,
-                                                                f"hello from {sender.username}")
+                    assert (got.room, got.sender, got.text) == (
+                        "#team",
+                        sender.username,
+                        f"hello from {sender.username}",
+                    )
         assert server.storage.get_room("#team").members == ("alice", "bob", "carol")
         for client in c.values():
             client.close()
@@ -68,8 +71,11 @@ def test_a_removed_member_gets_nothing_more_and_an_offline_member_gets_it_later(
         bob.close()
         sent = alice.rooms.send("#team", "after carol, while bob is away")
         assert (sent.online, sent.stored) == (0, 1)
-        rows = sqlite3.connect(server.storage.path).execute(
-            "SELECT recipient, payload FROM message_queue WHERE kind = 1").fetchall()
+        rows = (
+            sqlite3.connect(server.storage.path)
+            .execute("SELECT recipient, payload FROM message_queue WHERE kind = 1")
+            .fetchall()
+        )
         assert [r[0] for r in rows] == ["bob"]
         assert not any_key_opens(kept, "alice", bytes(rows[0][1]))
         bob = logged_in_client(server, tmp_path / "bob", "bob", register=False)
@@ -101,7 +107,7 @@ def test_only_the_admin_changes_members_and_mistakes_get_clear_answers(tmp_path)
         mine = bob.rooms.rooms["#team"]
         leave = mine.next_change(bob.identity, R.LEAVE, "bob", 1)
         answer = bob.rooms._request(P.RoomChange(room_id=mine.room_id, change=leave.blob), "#team")
-        assert answer.status == P.RoomStatus.OK and answer.key == b""   # no key of the epoch without bob
+        assert answer.status == P.RoomStatus.OK and answer.key == b""  # no key of the epoch without bob
         assert wait_for(alice, RC.RoomNotice, text="bob left #team.", timeout=15)
         for client in c.values():
             client.close()
@@ -113,15 +119,35 @@ def test_a_change_forged_by_the_server_is_refused_loudly(tmp_path):
         alice, bob = c["alice"], c["bob"]
         mallory = _published(logged_in_client(server, tmp_path / "mallory", "mallory"))
         room = server.storage.get_room("#team")
-        forged = R.make_change(mallory.identity, action=R.ADD, uid=room.uid, room="#team", epoch=room.epoch + 1,
-                               at_ms=1, prev_head=room.head, actor="alice", target="mallory", admin="alice",
-                               roster=[*((m, server.storage.get_identity_key(m)) for m in room.members),
-                                       ("mallory", server.storage.get_identity_key("mallory"))])
+        forged = R.make_change(
+            mallory.identity,
+            action=R.ADD,
+            uid=room.uid,
+            room="#team",
+            epoch=room.epoch + 1,
+            at_ms=1,
+            prev_head=room.head,
+            actor="alice",
+            target="mallory",
+            admin="alice",
+            roster=[
+                *((m, server.storage.get_identity_key(m)) for m in room.members),
+                ("mallory", server.storage.get_identity_key("mallory")),
+            ],
+        )
         # The server itself writes it in: the member list, the queue, a key for mallory.
-        status, _ = server.storage.change_room(room.id, room.epoch, forged.head, add="mallory", change=forged.blob,
-                                               wrapped_key=None, actor="alice",
-                                               actor_identity=server.storage.get_identity_key("alice"),
-                                               msg_ref=b"f" * 16, now=1.0)
+        status, _ = server.storage.change_room(
+            room.id,
+            room.epoch,
+            forged.head,
+            add="mallory",
+            change=forged.blob,
+            wrapped_key=None,
+            actor="alice",
+            actor_identity=server.storage.get_identity_key("alice"),
+            msg_ref=b"f" * 16,
+            now=1.0,
+        )
         assert status == "ok"
         for user in ("alice", "bob", "mallory"):
             server.service._nudge_queue(user)
@@ -134,12 +160,12 @@ def test_a_change_forged_by_the_server_is_refused_loudly(tmp_path):
         # sender keys only ever go to the members the clients verified.
         with pytest.raises(RoomError, match="refused or has not received"):
             alice.rooms.send("#team", "mallory must not read this")
-        assert alice.rooms.rooms["#team"].own.sent_to == {"bob"}   # never mallory
+        assert alice.rooms.rooms["#team"].own.sent_to == {"bob"}  # never mallory
         events = []
         while (e := mallory.next_event(timeout=2)) is not None:
             events.append(e)
         assert not [e for e in events if isinstance(e, RC.RoomMessageReceived)]
-        assert mallory.rooms.my_rooms() == []   # the forged change did not name a signature mallory could use
+        assert mallory.rooms.my_rooms() == []  # the forged change did not name a signature mallory could use
         for client in (alice, bob, mallory):
             client.close()
 
@@ -156,10 +182,22 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
         c = _team(server, tmp_path)
         alice, carol = c["alice"], c["carol"]
         room = server.storage.get_room("#team")
-        bad = R.make_change(Ed25519PrivateKey.generate(), action=R.ADD, uid=room.uid, room="#team",
-                            epoch=room.epoch + 1, at_ms=1, prev_head=room.head, actor="alice", target="mallory",
-                            admin="alice", roster=[*((m, server.storage.get_identity_key(m)) for m in room.members),
-                                       ("mallory", b"\x01" * 32)])
+        bad = R.make_change(
+            Ed25519PrivateKey.generate(),
+            action=R.ADD,
+            uid=room.uid,
+            room="#team",
+            epoch=room.epoch + 1,
+            at_ms=1,
+            prev_head=room.head,
+            actor="alice",
+            target="mallory",
+            admin="alice",
+            roster=[
+                *((m, server.storage.get_identity_key(m)) for m in room.members),
+                ("mallory", b"\x01" * 32),
+            ],
+        )
         with pytest.raises(RoomError, match="not signed"):
             alice.rooms._request(P.RoomChange(room_id=room.id, change=bad.blob), "#team")  # answered by name
         assert server.storage.get_room("#team").epoch == room.epoch
@@ -176,14 +214,31 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
         carol._send(P.RoomSend(room_id=room.id, epoch=after.epoch, msg_ref=b"c" * 16, payload=b"x" * 100))
         answer = waiter.get(timeout=15)
         assert answer.status == P.RoomStatus.REFUSED and "not a member" in answer.reason
-        blob = sqlite3.connect(server.storage.path).execute(
-            "SELECT change_blob FROM room_changes WHERE room_id = ? AND epoch = ?", (room.id, after.epoch)).fetchone()[0]
+        blob = (
+            sqlite3.connect(server.storage.path)
+            .execute(
+                "SELECT change_blob FROM room_changes WHERE room_id = ? AND epoch = ?", (room.id, after.epoch)
+            )
+            .fetchone()[0]
+        )
         removal = R.parse_change(bytes(blob))
         assert (removal.action, removal.target) == (R.REMOVE, "carol")
         key = server.service.suite.generate_key()
-        row = D.QueuedMessage(1, "carol", "alice", 0, after.epoch, b"r" * 16, b"\x01" * 32, removal.blob, 1.0,
-                              server.service._seal_room_key(room.id, after.epoch, key), room_id=room.id, kind=2)
-        assert server.service.room_row_message("carol", row).key == b""   # who is removed gets no new key
+        row = D.QueuedMessage(
+            1,
+            "carol",
+            "alice",
+            0,
+            after.epoch,
+            b"r" * 16,
+            b"\x01" * 32,
+            removal.blob,
+            1.0,
+            server.service._seal_room_key(room.id, after.epoch, key),
+            room_id=room.id,
+            kind=2,
+        )
+        assert server.service.room_row_message("carol", row).key == b""  # who is removed gets no new key
         assert server.service.room_row_message("bob", row).key == key
         for client in c.values():
             client.close()
@@ -192,9 +247,12 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
 def test_bad_room_frames_are_refused_without_harm(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice = _published(logged_in_client(server, tmp_path / "alice", "alice"))
-        for msg in (P.RoomCreate(change=b"junk"), P.RoomChange(room_id=2 ** 64 - 1, change=b""),
-                    P.RoomSend(room_id=0, epoch=0, msg_ref=b"r" * 16, payload=b"x"),
-                    P.RoomSend(room_id=2 ** 64 - 1, epoch=9, msg_ref=b"r" * 16, payload=b"x")):
+        for msg in (
+            P.RoomCreate(change=b"junk"),
+            P.RoomChange(room_id=2**64 - 1, change=b""),
+            P.RoomSend(room_id=0, epoch=0, msg_ref=b"r" * 16, payload=b"x"),
+            P.RoomSend(room_id=2**64 - 1, epoch=9, msg_ref=b"r" * 16, payload=b"x"),
+        ):
             alice._send(msg)
         alice.rooms.create("#ok")
         assert alice.rooms.my_rooms() == ["#ok"]
@@ -230,7 +288,7 @@ def test_a_room_message_is_fanned_out_on_the_loop_only_when_no_database_is_neede
     """The fast path (room_service.room_send_is_fast): the room cached for its epoch and every
     other member online; with a member away a worker takes it, and queues their copy."""
     with running_server(tmp_path / "srv") as server:
-        _published(logged_in_client(server, tmp_path / "dave", "dave")).close()   # away from the start
+        _published(logged_in_client(server, tmp_path / "dave", "dave")).close()  # away from the start
         c = _team(server, tmp_path, ("alice", "bob", "carol"))
         alice = c["alice"]
         alice.rooms.send("#team", "warms the cache")
@@ -241,7 +299,7 @@ def test_a_room_message_is_fanned_out_on_the_loop_only_when_no_database_is_neede
             return P.RoomSend(room_id=room.room_id, epoch=epoch, msg_ref=b"p" * 16, payload=b"x" * 100)
 
         assert server.service.room_send_is_fast(session, probe(room.epoch))
-        assert not server.service.room_send_is_fast(session, probe(room.epoch + 1))   # not cached: a worker
+        assert not server.service.room_send_is_fast(session, probe(room.epoch + 1))  # not cached: a worker
         alice.rooms.invite("#team", "dave")
         sent = alice.rooms.send("#team", "dave is away")
         assert (sent.online, sent.stored) == (2, 1)

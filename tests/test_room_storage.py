@@ -11,9 +11,23 @@ from contextlib import closing, contextmanager
 import pytest
 from db_fixtures import mysql_admin, mysql_url
 
-from database import (DUPLICATE, FULL_BYTES, FULL_MESSAGES, KIND_PAIR, KIND_ROOM_CHANGE, KIND_ROOM_MESSAGE,
-                      NO_KEY, NO_USER, ROOM_GONE, ROOM_OK, ROOM_STALE, STORED, QueuedMessage, SQLiteStorage,
-                      open_storage)
+from database import (
+    DUPLICATE,
+    FULL_BYTES,
+    FULL_MESSAGES,
+    KIND_PAIR,
+    KIND_ROOM_CHANGE,
+    KIND_ROOM_MESSAGE,
+    NO_KEY,
+    NO_USER,
+    ROOM_GONE,
+    ROOM_OK,
+    ROOM_STALE,
+    STORED,
+    QueuedMessage,
+    SQLiteStorage,
+    open_storage,
+)
 
 USERS = ("alice", "bob", "carol", "dave")
 IDENTITY = {name: bytes([i + 1]) * 32 for i, name in enumerate(USERS)}
@@ -42,32 +56,75 @@ def head(epoch: int) -> bytes:
     return bytes([epoch]) * 32
 
 
-def create(storage, name: str = "#team", admin: str = "alice", now: float = 100.0, tag: str | None = None
-           ) -> int | None:
-    return storage.create_room(name, UID, admin, head(1), b"change-1", b"key-1", ref(tag or f"create{name}"),
-                               IDENTITY[admin], now)
+def create(
+    storage, name: str = "#team", admin: str = "alice", now: float = 100.0, tag: str | None = None
+) -> int | None:
+    return storage.create_room(
+        name, UID, admin, head(1), b"change-1", b"key-1", ref(tag or f"create{name}"), IDENTITY[admin], now
+    )
 
 
-def change(storage, room_id: int, epoch: int, *, actor: str = "alice", tag: str | None = None, now: float = 100.0,
-           keyed: bool = True, **what):
+def change(
+    storage,
+    room_id: int,
+    epoch: int,
+    *,
+    actor: str = "alice",
+    tag: str | None = None,
+    now: float = 100.0,
+    keyed: bool = True,
+    **what,
+):
     """The change from ``epoch`` to ``epoch + 1``: its payload is b"change-N" and its key b"key-N"."""
     new = epoch + 1
-    return storage.change_room(room_id, epoch, head(new), change=b"change-%d" % new,
-                               wrapped_key=b"key-%d" % new if keyed else None, actor=actor,
-                               actor_identity=IDENTITY[actor], msg_ref=ref(tag or f"change{room_id}.{new}"),
-                               now=now, **what)
+    return storage.change_room(
+        room_id,
+        epoch,
+        head(new),
+        change=b"change-%d" % new,
+        wrapped_key=b"key-%d" % new if keyed else None,
+        actor=actor,
+        actor_identity=IDENTITY[actor],
+        msg_ref=ref(tag or f"change{room_id}.{new}"),
+        now=now,
+        **what,
+    )
 
 
 def changes_for(storage, user: str) -> list[tuple[int, int, bytes]]:
     """(room id, epoch, change) of each change row queued for ``user``, in queue order."""
-    return [(m.room_id, m.generation, m.payload) for m in storage.queued_for(user, 0, 1000)
-            if m.kind == KIND_ROOM_CHANGE]
+    return [
+        (m.room_id, m.generation, m.payload)
+        for m in storage.queued_for(user, 0, 1000)
+        if m.kind == KIND_ROOM_CHANGE
+    ]
 
 
-def say(storage, room_id: int, epoch: int, tag: str, recipients, payload: bytes = b"hello", *,
-        sender: str = "alice", now: float = 100.0, max_messages: int = BIG, max_bytes: int = BIG):
-    return storage.room_enqueue(room_id, epoch, sender, IDENTITY[sender], ref(tag), payload, list(recipients), now,
-                                max_messages, max_bytes)
+def say(
+    storage,
+    room_id: int,
+    epoch: int,
+    tag: str,
+    recipients,
+    payload: bytes = b"hello",
+    *,
+    sender: str = "alice",
+    now: float = 100.0,
+    max_messages: int = BIG,
+    max_bytes: int = BIG,
+):
+    return storage.room_enqueue(
+        room_id,
+        epoch,
+        sender,
+        IDENTITY[sender],
+        ref(tag),
+        payload,
+        list(recipients),
+        now,
+        max_messages,
+        max_bytes,
+    )
 
 
 @contextmanager
@@ -95,8 +152,10 @@ def held(storage, request, locking_query: str, *params):
         deadline = time.monotonic() + 20
         with watcher.cursor() as cur:
             while time.monotonic() < deadline:
-                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s AND COMMAND = 'Query'",
-                            (db,))
+                cur.execute(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s AND COMMAND = 'Query'",
+                    (db,),
+                )
                 if cur.fetchone()[0] >= n:
                     return True
                 time.sleep(0.01)  # polling a condition the server shows, not guessing how long it takes
@@ -135,15 +194,21 @@ def rows_kept_for(storage, request, room_id: int) -> dict[str, int]:
     tables = ("rooms", "room_members", "room_changes", "room_keys")
     if storage.backend == "sqlite":
         with closing(sqlite3.connect(storage.path)) as conn:
-            return {t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE {'id' if t == 'rooms' else 'room_id'} = ?",
-                                    (room_id,)).fetchone()[0] for t in tables}
+            return {
+                t: conn.execute(
+                    f"SELECT COUNT(*) FROM {t} WHERE {'id' if t == 'rooms' else 'room_id'} = ?", (room_id,)
+                ).fetchone()[0]
+                for t in tables
+            }
     db, admin = request.getfixturevalue("mysql_database"), mysql_admin()
     try:
         with admin.cursor() as cur:
             counts = {}
             for t in tables:
-                cur.execute(f"SELECT COUNT(*) FROM `{db}`.{t} WHERE {'id' if t == 'rooms' else 'room_id'} = %s",
-                            (room_id,))
+                cur.execute(
+                    f"SELECT COUNT(*) FROM `{db}`.{t} WHERE {'id' if t == 'rooms' else 'room_id'} = %s",
+                    (room_id,),
+                )
                 counts[t] = cur.fetchone()[0]
             return counts
     finally:
@@ -161,21 +226,42 @@ def test_a_new_room_has_its_admin_as_only_member_and_the_creation_queued_for_the
     assert isinstance(room_id, int) and room_id > 0
     room = storage.get_room("#team")
     assert room == storage.get_room_by_id(room_id)
-    assert (room.id, room.name, room.uid, room.admin, room.epoch, room.head, room.members) == \
-        (room_id, "#team", UID, "alice", 1, head(1), ("alice",))
+    assert (room.id, room.name, room.uid, room.admin, room.epoch, room.head, room.members) == (
+        room_id,
+        "#team",
+        UID,
+        "alice",
+        1,
+        head(1),
+        ("alice",),
+    )
     assert storage.room_key(room_id, 1) == b"key-1" and storage.room_key(room_id, 2) is None
     (row,) = storage.queued_for("alice", 0, 100)
-    assert (row.recipient, row.sender, row.sender_identity, row.msg_ref) == \
-        ("alice", "alice", IDENTITY["alice"], ref("create#team"))
-    assert (row.kind, row.room_id, row.conversation_id, row.generation, row.payload, row.wrapped_key) == \
-        (KIND_ROOM_CHANGE, room_id, 0, 1, b"change-1", b"key-1")
+    assert (row.recipient, row.sender, row.sender_identity, row.msg_ref) == (
+        "alice",
+        "alice",
+        IDENTITY["alice"],
+        ref("create#team"),
+    )
+    assert (row.kind, row.room_id, row.conversation_id, row.generation, row.payload, row.wrapped_key) == (
+        KIND_ROOM_CHANGE,
+        room_id,
+        0,
+        1,
+        b"change-1",
+        b"key-1",
+    )
 
 
 def test_a_taken_name_gives_none_and_changes_nothing(storage):
     room_id = create(storage)
     before = everything(storage)
-    assert storage.create_room("#team", b"\xee" * 16, "bob", head(9), b"other", b"k", ref("again"),
-                               IDENTITY["bob"], 200.0) is None
+    assert (
+        storage.create_room(
+            "#team", b"\xee" * 16, "bob", head(9), b"other", b"k", ref("again"), IDENTITY["bob"], 200.0
+        )
+        is None
+    )
     assert everything(storage) == before and storage.get_room("#team").id == room_id
 
 
@@ -213,8 +299,12 @@ def test_adding_and_removing_queue_the_change_for_every_member_and_the_one_remov
     assert changes_for(storage, "carol") == [(r, e, b"change-%d" % e) for e in (3, 4)]
     assert changes_for(storage, "dave") == []
     row = storage.queued_for("carol", 0, 100)[-1]
-    assert (row.sender, row.sender_identity, row.msg_ref, row.wrapped_key) == \
-        ("alice", IDENTITY["alice"], ref(f"change{r}.4"), b"key-4")
+    assert (row.sender, row.sender_identity, row.msg_ref, row.wrapped_key) == (
+        "alice",
+        IDENTITY["alice"],
+        ref(f"change{r}.4"),
+        b"key-4",
+    )
     assert [storage.room_key(r, e) for e in (1, 2, 3, 4)] == [b"key-1", b"key-2", b"key-3", b"key-4"]
 
 
@@ -250,7 +340,12 @@ def test_closing_queues_the_change_for_all_members_and_frees_the_name(storage, r
     r = create(storage)
     change(storage, r, 1, add="bob")
     change(storage, r, 2, add="carol")
-    assert rows_kept_for(storage, request, r) == {"rooms": 1, "room_members": 3, "room_changes": 3, "room_keys": 3}
+    assert rows_kept_for(storage, request, r) == {
+        "rooms": 1,
+        "room_members": 3,
+        "room_changes": 3,
+        "room_keys": 3,
+    }
     assert change(storage, r, 3, close=True) == (ROOM_OK, 4)
     for user in ("alice", "bob", "carol"):
         assert changes_for(storage, user)[-1] == (r, 4, b"change-4")
@@ -258,12 +353,20 @@ def test_closing_queues_the_change_for_all_members_and_frees_the_name(storage, r
     assert all(storage.rooms_of(u) == [] for u in USERS)
     # The room, its members and its changes go; its keys stay for the rows still queued (expire_queue's
     # to drop), and a close starts no epoch with a key.
-    assert rows_kept_for(storage, request, r) == {"rooms": 0, "room_members": 0, "room_changes": 0, "room_keys": 3}
+    assert rows_kept_for(storage, request, r) == {
+        "rooms": 0,
+        "room_members": 0,
+        "room_changes": 0,
+        "room_keys": 3,
+    }
     assert [storage.room_key(r, e) for e in (1, 2, 3, 4)] == [b"key-1", b"key-2", b"key-3", None]
     # The queued change rows stay (the members still have to learn of the close), without keys: nobody is a
     # member of a closed room.
-    assert [(m.generation, m.wrapped_key) for m in storage.queued_for("bob", 0, 100)] == [(2, None), (3, None),
-                                                                                        (4, None)]
+    assert [(m.generation, m.wrapped_key) for m in storage.queued_for("bob", 0, 100)] == [
+        (2, None),
+        (3, None),
+        (4, None),
+    ]
     again = create(storage, tag="create-again")
     assert again is not None and again != r  # the name is free; the id is never reused
     assert storage.get_room("#team").members == ("alice",)
@@ -287,17 +390,23 @@ def test_a_change_to_a_room_that_is_gone_answers_gone(storage):
     assert changes_for(storage, "bob") == []
 
 
-@pytest.mark.parametrize("what, words", [
-    (dict(add="alice"), "already a member"),
-    (dict(remove="dave"), "not a member"),
-    (dict(remove="alice"), "close it instead"),
-    (dict(add="dave", remove="bob"), "exactly one"),
-    (dict(remove="bob", close=True), "exactly one"),
-    (dict(), "exactly one"),
-    (dict(add="da,ve"), "without spaces or commas"),
-    (dict(add="d" * 33), "1 to 32"),
-    (dict(add="dave", tag="create#team"), "already queued from alice"),  # the reference of alice's creation
-])
+@pytest.mark.parametrize(
+    "what, words",
+    [
+        (dict(add="alice"), "already a member"),
+        (dict(remove="dave"), "not a member"),
+        (dict(remove="alice"), "close it instead"),
+        (dict(add="dave", remove="bob"), "exactly one"),
+        (dict(remove="bob", close=True), "exactly one"),
+        (dict(), "exactly one"),
+        (dict(add="da,ve"), "without spaces or commas"),
+        (dict(add="d" * 33), "1 to 32"),
+        (
+            dict(add="dave", tag="create#team"),
+            "already queued from alice",
+        ),  # the reference of alice's creation
+    ],
+)
 def test_a_change_that_does_not_follow_is_refused_with_nothing_changed(storage, what, words):
     r = create(storage)
     change(storage, r, 1, add="bob")
@@ -310,16 +419,45 @@ def test_a_change_that_does_not_follow_is_refused_with_nothing_changed(storage, 
 def test_input_out_of_bounds_is_a_value_error_before_anything_is_stored(storage):
     r = create(storage)
     before = everything(storage)
-    good = dict(name="#new", uid=UID, admin="bob", head=head(1), change=b"c", wrapped_key=b"k",
-                msg_ref=ref("x"), admin_identity=IDENTITY["bob"], now=1.0)
-    for field, bad in [("name", "#" + "n" * 33), ("name", ""), ("name", "#a b"), ("name", "#ü"), ("uid", b"u" * 15),
-                       ("head", b"h" * 33), ("wrapped_key", b"k" * 129), ("msg_ref", b"r" * 17),
-                       ("admin_identity", b"i" * 33), ("change", b""), ("admin", "b,ob")]:
+    good = dict(
+        name="#new",
+        uid=UID,
+        admin="bob",
+        head=head(1),
+        change=b"c",
+        wrapped_key=b"k",
+        msg_ref=ref("x"),
+        admin_identity=IDENTITY["bob"],
+        now=1.0,
+    )
+    for field, bad in [
+        ("name", "#" + "n" * 33),
+        ("name", ""),
+        ("name", "#a b"),
+        ("name", "#ü"),
+        ("uid", b"u" * 15),
+        ("head", b"h" * 33),
+        ("wrapped_key", b"k" * 129),
+        ("msg_ref", b"r" * 17),
+        ("admin_identity", b"i" * 33),
+        ("change", b""),
+        ("admin", "b,ob"),
+    ]:
         with pytest.raises(ValueError):
             storage.create_room(**{**good, field: bad})
     with pytest.raises(ValueError, match="room head"):
-        storage.change_room(r, 1, b"short", add="bob", change=b"c", wrapped_key=None, actor="alice",
-                            actor_identity=IDENTITY["alice"], msg_ref=ref("y"), now=1.0)
+        storage.change_room(
+            r,
+            1,
+            b"short",
+            add="bob",
+            change=b"c",
+            wrapped_key=None,
+            actor="alice",
+            actor_identity=IDENTITY["alice"],
+            msg_ref=ref("y"),
+            now=1.0,
+        )
     with pytest.raises(ValueError, match="epoch"):
         change(storage, r, -1, add="bob")
     assert everything(storage) == before and storage.get_room("#new") is None
@@ -329,8 +467,9 @@ def test_two_changes_racing_on_one_epoch_exactly_one_wins(storage, request):
     r = create(storage)
     racers = [f"racer{i}" for i in range(4)]  # the pool's size: all four wait in the database at once
     with held(storage, request, "SELECT epoch FROM `{db}`.rooms WHERE id = %s FOR UPDATE", r) as wait_for:
-        threads, results = race(lambda name: change(storage, r, 1, add=name, tag=f"race-{name}"),
-                                [(name,) for name in racers])
+        threads, results = race(
+            lambda name: change(storage, r, 1, add=name, tag=f"race-{name}"), [(name,) for name in racers]
+        )
         assert wait_for(len(racers))
     for t in threads:
         t.join(30)
@@ -351,8 +490,16 @@ def test_room_messages_are_stored_once_per_recipient_with_the_room_key(storage):
     assert say(storage, r, 3, "m1", ["bob"], sender="carol") == {"bob": STORED}  # a reference is per sender
     assert say(storage, r, 3, "m2", []) == {}
     row = [m for m in storage.queued_for("bob", 0, 100) if m.kind == KIND_ROOM_MESSAGE][0]
-    assert (row.room_id, row.conversation_id, row.generation, row.sender, row.sender_identity, row.msg_ref,
-            row.payload, row.wrapped_key) == (r, 0, 3, "alice", IDENTITY["alice"], ref("m1"), b"hello", b"key-3")
+    assert (
+        row.room_id,
+        row.conversation_id,
+        row.generation,
+        row.sender,
+        row.sender_identity,
+        row.msg_ref,
+        row.payload,
+        row.wrapped_key,
+    ) == (r, 0, 3, "alice", IDENTITY["alice"], ref("m1"), b"hello", b"key-3")
     assert [m.kind for m in storage.queued_for("dave", 0, 100)] == []
 
 
@@ -367,26 +514,55 @@ def test_pair_rows_are_unchanged_and_share_one_id_order_with_room_rows(storage):
     rows = storage.queued_for("bob", 0, 100)
     assert [m.kind for m in rows] == [KIND_ROOM_CHANGE, KIND_PAIR, KIND_ROOM_MESSAGE]
     assert [m.id for m in rows] == sorted(m.id for m in rows)
-    assert (rows[1].room_id, rows[1].conversation_id, rows[1].generation, rows[1].payload, rows[1].wrapped_key) == \
-        (0, cid, 1, b"pair-ct", b"pair-key")
+    assert (
+        rows[1].room_id,
+        rows[1].conversation_id,
+        rows[1].generation,
+        rows[1].payload,
+        rows[1].wrapped_key,
+    ) == (0, cid, 1, b"pair-ct", b"pair-key")
     assert [m.wrapped_key for m in rows] == [b"key-2", b"pair-key", b"key-2"]
     assert [m.payload for m in storage.queued_for("bob", rows[0].id, 1)] == [b"pair-ct"]
     with pytest.raises(ValueError, match="room_enqueue"):  # enqueue() stores pair rows only
-        storage.enqueue(QueuedMessage(0, "bob", "alice", 0, 2, ref("p2"), IDENTITY["alice"], b"x", 1.0, None,
-                                      room_id=r, kind=KIND_ROOM_MESSAGE), BIG, BIG)
+        storage.enqueue(
+            QueuedMessage(
+                0,
+                "bob",
+                "alice",
+                0,
+                2,
+                ref("p2"),
+                IDENTITY["alice"],
+                b"x",
+                1.0,
+                None,
+                room_id=r,
+                kind=KIND_ROOM_MESSAGE,
+            ),
+            BIG,
+            BIG,
+        )
 
 
 def test_the_bounds_refuse_room_messages_and_change_rows_ignore_them(storage):
     # What we chose: a change row is always stored, whatever the bounds, and it counts toward the
     # bounds that later messages meet (the bounds count all of a recipient's rows, as in enqueue()).
     r = create(storage)
-    change(storage, r, 1, add="bob")   # bob: 1 row (8 bytes, "change-2")
+    change(storage, r, 1, add="bob")  # bob: 1 row (8 bytes, "change-2")
     change(storage, r, 2, add="carol")  # bob: 2 rows; carol: 1 row
-    assert say(storage, r, 3, "m1", ["bob", "carol"], b"x" * 10, max_messages=3) == {"bob": STORED, "carol": STORED}
-    assert say(storage, r, 3, "m2", ["bob", "carol"], b"x" * 10, max_messages=3) == \
-        {"bob": FULL_MESSAGES, "carol": STORED}
+    assert say(storage, r, 3, "m1", ["bob", "carol"], b"x" * 10, max_messages=3) == {
+        "bob": STORED,
+        "carol": STORED,
+    }
+    assert say(storage, r, 3, "m2", ["bob", "carol"], b"x" * 10, max_messages=3) == {
+        "bob": FULL_MESSAGES,
+        "carol": STORED,
+    }
     # bob holds 8 + 8 + 10 = 26 bytes, carol 8 + 10 + 10 = 28: 9 more fit bob's 35, not carol's.
-    assert say(storage, r, 3, "m3", ["bob", "carol"], b"y" * 9, max_bytes=35) == {"bob": STORED, "carol": FULL_BYTES}
+    assert say(storage, r, 3, "m3", ["bob", "carol"], b"y" * 9, max_bytes=35) == {
+        "bob": STORED,
+        "carol": FULL_BYTES,
+    }
     # bob now holds 4 rows, past a bound of 3: the change still reaches him ...
     assert change(storage, r, 3, add="dave") == (ROOM_OK, 4)
     assert changes_for(storage, "bob")[-1] == (r, 4, b"change-4")
@@ -400,10 +576,14 @@ def test_the_bound_holds_under_concurrent_room_messages(storage, request):
     r = create(storage)
     change(storage, r, 1, add="bob")
     change(storage, r, 2, add="carol")  # bob holds 2 rows, carol 1
-    with held(storage, request, "SELECT id FROM `{db}`.users WHERE username = %s FOR UPDATE", "bob") as wait_for:
+    with held(
+        storage, request, "SELECT id FROM `{db}`.users WHERE username = %s FOR UPDATE", "bob"
+    ) as wait_for:
         # Each message to both (named in either order), so the recipients' rows are locked together.
-        threads, results = race(lambda i: say(storage, r, 3, f"c{i}", ["carol", "bob"][::(-1) ** i], max_messages=4),
-                                [(i,) for i in range(4)])
+        threads, results = race(
+            lambda i: say(storage, r, 3, f"c{i}", ["carol", "bob"][:: (-1) ** i], max_messages=4),
+            [(i,) for i in range(4)],
+        )
         assert wait_for(4)
     for t in threads:
         t.join(30)
@@ -435,7 +615,10 @@ def test_an_ack_deletes_a_room_row_and_touches_no_offline_key(storage):
     storage.put_offline_key("bob", 0, 2, "alice", b"not-a-room-key", 100.0)
     change_row, message_row = storage.queued_for("bob", 0, 100)
     assert storage.ack_queued("alice", message_row.id) is False  # only the recipient acknowledges
-    assert storage.ack_queued("bob", message_row.id) is True and storage.ack_queued("bob", message_row.id) is False
+    assert (
+        storage.ack_queued("bob", message_row.id) is True
+        and storage.ack_queued("bob", message_row.id) is False
+    )
     assert storage.ack_queued("bob", change_row.id) is True
     assert storage.queued_for("bob", 0, 100) == []
     assert storage.room_key(r, 2) == b"key-2"
@@ -449,14 +632,15 @@ def test_an_ack_of_a_pair_row_still_drops_its_unneeded_offline_key(storage):
     pair = QueuedMessage(0, "bob", "alice", cid, 1, ref("p1"), IDENTITY["alice"], b"ct", 100.0, None)
     _, pid = storage.enqueue(pair, BIG, BIG)
     assert storage.ack_queued("bob", pid)
-    assert storage.enqueue(QueuedMessage(0, "bob", "alice", cid, 1, ref("p2"), IDENTITY["alice"], b"ct", 100.0,
-                                         None), BIG, BIG) == (NO_KEY, 0)
+    assert storage.enqueue(
+        QueuedMessage(0, "bob", "alice", cid, 1, ref("p2"), IDENTITY["alice"], b"ct", 100.0, None), BIG, BIG
+    ) == (NO_KEY, 0)
 
 
 def test_expiry_keeps_change_rows_and_the_keys_still_needed(storage):
-    r = create(storage)                          # key 1, at 100
-    change(storage, r, 1, add="bob")             # key 2, at 100
-    change(storage, r, 2, add="carol")           # key 3, at 100: the current epoch
+    r = create(storage)  # key 1, at 100
+    change(storage, r, 1, add="bob")  # key 2, at 100
+    change(storage, r, 2, add="carol")  # key 3, at 100: the current epoch
     say(storage, r, 2, "old", ["bob"], now=100.0)
     say(storage, r, 3, "new", ["bob"], now=300.0)
     assert storage.expire_queue(before=50.0) == 0
@@ -471,14 +655,18 @@ def test_expiry_keeps_change_rows_and_the_keys_still_needed(storage):
                 storage.ack_queued(user, m.id)
     assert storage.expire_queue(before=200.0) == 0
     assert [storage.room_key(r, e) for e in (1, 2, 3)] == [None, None, b"key-3"]  # the current one stays
-    change(storage, r, 3, add="dave", now=400.0)  # epoch 4: key 3 is past, but bob's "new" and carol's row need it
-    storage.expire_queue(before=500.0)           # bob's "new" (stored at 300) expires here
-    assert storage.room_key(r, 3) == b"key-3"    # carol's change row of epoch 3 is still queued
+    change(
+        storage, r, 3, add="dave", now=400.0
+    )  # epoch 4: key 3 is past, but bob's "new" and carol's row need it
+    storage.expire_queue(before=500.0)  # bob's "new" (stored at 300) expires here
+    assert storage.room_key(r, 3) == b"key-3"  # carol's change row of epoch 3 is still queued
     (carols,) = [m for m in storage.queued_for("carol", 0, 100) if m.generation == 3]
     storage.ack_queued("carol", carols.id)
     storage.expire_queue(before=500.0)
     assert (storage.room_key(r, 3), storage.room_key(r, 4)) == (None, b"key-4")
-    assert storage.expire_queue(before=10_000.0) == 0 and changes_for(storage, "dave") == [(r, 4, b"change-4")]
+    assert storage.expire_queue(before=10_000.0) == 0 and changes_for(storage, "dave") == [
+        (r, 4, b"change-4")
+    ]
     for user in USERS:
         for m in storage.queued_for(user, 0, 100):
             storage.ack_queued(user, m.id)
@@ -495,17 +683,21 @@ def test_closing_keeps_the_room_keys_for_the_messages_still_queued_until_expiry(
     say(storage, r, 3, "late", ["carol"], b"late", now=300.0)
     assert change(storage, r, 3, close=True) == (ROOM_OK, 4)
     # bob and carol were away: their room messages still come with the key of their epoch.
-    assert [(m.payload, m.wrapped_key) for m in storage.queued_for("bob", 0, 100) if m.kind == KIND_ROOM_MESSAGE] \
-        == [(b"at-2", b"key-2"), (b"at-3", b"key-3")]
-    assert [(m.payload, m.wrapped_key) for m in storage.queued_for("carol", 0, 100)
-            if m.kind == KIND_ROOM_MESSAGE] == [(b"at-3", b"key-3"), (b"late", b"key-3")]
+    assert [
+        (m.payload, m.wrapped_key) for m in storage.queued_for("bob", 0, 100) if m.kind == KIND_ROOM_MESSAGE
+    ] == [(b"at-2", b"key-2"), (b"at-3", b"key-3")]
+    assert [
+        (m.payload, m.wrapped_key) for m in storage.queued_for("carol", 0, 100) if m.kind == KIND_ROOM_MESSAGE
+    ] == [(b"at-3", b"key-3"), (b"late", b"key-3")]
     assert storage.expire_queue(before=50.0) == 0  # the keys are not older than that: all stay
     assert [storage.room_key(r, e) for e in (1, 2, 3)] == [b"key-1", b"key-2", b"key-3"]
     # At 200 the messages stored at 100 go; carol's "late" (300) still needs key 3.  The change rows still
     # queued need no key: a change row of a closed room is never handed one.
     assert storage.expire_queue(before=200.0) == 3
     assert [storage.room_key(r, e) for e in (1, 2, 3)] == [None, None, b"key-3"]
-    assert [m.wrapped_key for m in storage.queued_for("carol", 0, 100) if m.kind == KIND_ROOM_MESSAGE] == [b"key-3"]
+    assert [m.wrapped_key for m in storage.queued_for("carol", 0, 100) if m.kind == KIND_ROOM_MESSAGE] == [
+        b"key-3"
+    ]
     (late,) = [m for m in storage.queued_for("carol", 0, 100) if m.kind == KIND_ROOM_MESSAGE]
     assert storage.ack_queued("carol", late.id)
     assert storage.room_key(r, 3) == b"key-3"  # an ack leaves room keys to expire_queue
@@ -522,12 +714,16 @@ def test_deleting_a_user_keeps_their_rooms_memberships_and_changes_for_others(st
     theirs = create(storage, "#theirs", "bob")
     change(storage, theirs, 1, actor="bob", add="alice")
     change(storage, theirs, 2, actor="bob", add="carol")
-    say(storage, theirs, 3, "from-alice", ["bob", "carol"], b"alice-says")          # her room messages: go
-    say(storage, theirs, 3, "to-alice", ["alice", "carol"], b"bob-says", sender="bob")  # to her: goes; to carol stays
+    say(storage, theirs, 3, "from-alice", ["bob", "carol"], b"alice-says")  # her room messages: go
+    say(
+        storage, theirs, 3, "to-alice", ["alice", "carol"], b"bob-says", sender="bob"
+    )  # to her: goes; to carol stays
     cid = storage.open_conversation("alice", "bob")
-    for sender, recipient in (("alice", "bob"), ("bob", "alice")):                 # pair rows both ways: go
+    for sender, recipient in (("alice", "bob"), ("bob", "alice")):  # pair rows both ways: go
         storage.put_offline_key(recipient, cid, 1, sender, b"pair-key", 100.0)
-        pair = QueuedMessage(0, recipient, sender, cid, 1, ref("pair"), IDENTITY[sender], b"pair-ct", 100.0, None)
+        pair = QueuedMessage(
+            0, recipient, sender, cid, 1, ref("pair"), IDENTITY[sender], b"pair-ct", 100.0, None
+        )
         assert storage.enqueue(pair, BIG, BIG)[0] == STORED
     storage.set_signed_prekey("alice", 1, b"signed", 1.0)
     rooms_before = (storage.get_room("#mine"), storage.get_room("#theirs"))
@@ -537,23 +733,39 @@ def test_deleting_a_user_keeps_their_rooms_memberships_and_changes_for_others(st
     assert not storage.delete_user("alice")
     # The rooms are as signed: alice still listed (a ghost) in both, her own room whole, every key there.
     assert (storage.get_room("#mine"), storage.get_room("#theirs")) == rooms_before
-    assert storage.get_room("#mine").members == storage.get_room("#theirs").members == ("alice", "bob", "carol")
+    assert (
+        storage.get_room("#mine").members == storage.get_room("#theirs").members == ("alice", "bob", "carol")
+    )
     assert [r.name for r in storage.rooms_of("alice")] == ["#mine", "#theirs"]
     assert [storage.room_key(room, e) for room in (mine, theirs) for e in (1, 2, 3)] == keys_before
-    assert rows_kept_for(storage, request, mine) == {"rooms": 1, "room_members": 3, "room_changes": 3, "room_keys": 3}
+    assert rows_kept_for(storage, request, mine) == {
+        "rooms": 1,
+        "room_members": 3,
+        "room_changes": 3,
+        "room_keys": 3,
+    }
     # Everything queued for her goes, and all she sent but her changes queued for the others.
     assert storage.queued_for("alice", 0, 100) == []
-    assert [(m.kind, m.sender, m.room_id, m.generation, m.wrapped_key) for m in storage.queued_for("bob", 0, 100)] == [
-        (KIND_ROOM_CHANGE, "alice", mine, 2, b"key-2"), (KIND_ROOM_CHANGE, "alice", mine, 3, b"key-3"),
-        (KIND_ROOM_CHANGE, "bob", theirs, 1, b"key-1"), (KIND_ROOM_CHANGE, "bob", theirs, 2, b"key-2"),
-        (KIND_ROOM_CHANGE, "bob", theirs, 3, b"key-3")]
+    assert [
+        (m.kind, m.sender, m.room_id, m.generation, m.wrapped_key) for m in storage.queued_for("bob", 0, 100)
+    ] == [
+        (KIND_ROOM_CHANGE, "alice", mine, 2, b"key-2"),
+        (KIND_ROOM_CHANGE, "alice", mine, 3, b"key-3"),
+        (KIND_ROOM_CHANGE, "bob", theirs, 1, b"key-1"),
+        (KIND_ROOM_CHANGE, "bob", theirs, 2, b"key-2"),
+        (KIND_ROOM_CHANGE, "bob", theirs, 3, b"key-3"),
+    ]
     assert [(m.kind, m.sender, m.room_id, m.payload) for m in storage.queued_for("carol", 0, 100)] == [
-        (KIND_ROOM_CHANGE, "alice", mine, b"change-3"), (KIND_ROOM_CHANGE, "bob", theirs, b"change-3"),
-        (KIND_ROOM_MESSAGE, "bob", theirs, b"bob-says")]
+        (KIND_ROOM_CHANGE, "alice", mine, b"change-3"),
+        (KIND_ROOM_CHANGE, "bob", theirs, b"change-3"),
+        (KIND_ROOM_MESSAGE, "bob", theirs, b"bob-says"),
+    ]
     assert storage.take_prekey_bundle("alice") == (None, None) and storage.get_conversation(cid) is None
     # The admin of #theirs can still change it; the ghost gets nothing queued, the others the change.
     assert change(storage, theirs, 3, actor="bob", add="dave") == (ROOM_OK, 4)
-    assert storage.queued_for("alice", 0, 100) == [] and changes_for(storage, "dave") == [(theirs, 4, b"change-4")]
+    assert storage.queued_for("alice", 0, 100) == [] and changes_for(storage, "dave") == [
+        (theirs, 4, b"change-4")
+    ]
     assert create(storage, "#mine", "bob") is None  # her room, and its name, stay
 
 
@@ -566,18 +778,18 @@ def test_a_ghosts_name_cannot_be_registered_until_the_admin_removes_it(storage):
     assert storage.get_password_hash("bob") is None
     assert storage.create_user("bob", "y" * 60, b"\xbb" * 32) is False  # listed in both rooms
     assert storage.get_password_hash("bob") is None and storage.count_users() == 3
-    assert storage.create_user("erin", "y" * 60) is True             # other names are unaffected
+    assert storage.create_user("erin", "y" * 60) is True  # other names are unaffected
     # alice removes the ghost with her signed change.  Nothing is queued for the ghost itself: a newcomer
     # under the name would get it.
     assert change(storage, r, 2, remove="bob") == (ROOM_OK, 3)
     assert storage.queued_for("bob", 0, 100) == []
-    assert storage.create_user("bob", "y" * 60) is False             # still listed in #other
+    assert storage.create_user("bob", "y" * 60) is False  # still listed in #other
     assert change(storage, other, 2, actor="carol", remove="bob") == (ROOM_OK, 3)
     assert storage.create_user("bob", "y" * 60, b"\xbb" * 32) is True
     assert storage.get_identity_key("bob") == b"\xbb" * 32
     # The newcomer inherits nothing of the member it replaces.
     assert storage.rooms_of("bob") == [] and storage.queued_for("bob", 0, 100) == []
-    assert storage.create_user("bob", "z" * 60) is False             # and is an account like any other
+    assert storage.create_user("bob", "z" * 60) is False  # and is an account like any other
     # An admin cannot be removed: a deleted admin's name stays taken while the room is there.
     assert storage.delete_user("alice")
     assert storage.create_user("alice", "y" * 60) is False
@@ -589,7 +801,11 @@ def test_a_room_message_to_a_recipient_with_no_account_is_not_queued(storage):
     change(storage, r, 1, add="bob")
     change(storage, r, 2, add="carol")
     assert storage.delete_user("carol")
-    assert say(storage, r, 3, "m1", ["bob", "carol", "zed"]) == {"bob": STORED, "carol": NO_USER, "zed": NO_USER}
+    assert say(storage, r, 3, "m1", ["bob", "carol", "zed"]) == {
+        "bob": STORED,
+        "carol": NO_USER,
+        "zed": NO_USER,
+    }
     assert say(storage, r, 3, "m1", ["carol", "bob"]) == {"bob": DUPLICATE, "carol": NO_USER}
     assert storage.queued_for("carol", 0, 100) == [] and storage.queued_for("zed", 0, 100) == []
     assert NO_USER == "no_user"
@@ -609,9 +825,11 @@ def test_a_sqlite_database_from_before_rooms_gets_the_queue_columns_on_open(tmp_
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     conn.execute(OLD_QUEUE)
-    conn.execute("INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
-                 "sender_identity, payload, stored_at) VALUES ('bob', 'alice', 7, 1, ?, ?, ?, 5)",
-                 (ref("old"), IDENTITY["alice"], b"old-ct"))
+    conn.execute(
+        "INSERT INTO message_queue (recipient, sender, conversation_id, generation, msg_ref, "
+        "sender_identity, payload, stored_at) VALUES ('bob', 'alice', 7, 1, ?, ?, ?, 5)",
+        (ref("old"), IDENTITY["alice"], b"old-ct"),
+    )
     conn.commit()
     conn.close()
     store = SQLiteStorage(path)
@@ -638,24 +856,35 @@ def test_a_mysql_database_from_before_rooms_gets_the_queue_columns_back(mysql_da
     store = open_storage(mysql_url(mysql_database))
     cid = store.open_conversation("alice", "bob")
     store.put_offline_key("bob", cid, 1, "alice", b"pair-key", 100.0)
-    store.enqueue(QueuedMessage(0, "bob", "alice", cid, 1, ref("old"), IDENTITY["alice"], b"old-ct", 100.0, None),
-                  BIG, BIG)
+    store.enqueue(
+        QueuedMessage(0, "bob", "alice", cid, 1, ref("old"), IDENTITY["alice"], b"old-ct", 100.0, None),
+        BIG,
+        BIG,
+    )
     store.close()
 
     def queue_shape() -> tuple[set[str], set[str]]:
         with admin.cursor() as cur:
-            cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
-                        "AND TABLE_NAME = 'message_queue'", (mysql_database,))
+            cur.execute(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+                "AND TABLE_NAME = 'message_queue'",
+                (mysql_database,),
+            )
             columns = {r[0] for r in cur.fetchall()}
-            cur.execute("SELECT INDEX_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s "
-                        "AND TABLE_NAME = 'message_queue'", (mysql_database,))
+            cur.execute(
+                "SELECT INDEX_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s "
+                "AND TABLE_NAME = 'message_queue'",
+                (mysql_database,),
+            )
             return columns, {r[0] for r in cur.fetchall()}
 
     admin = mysql_admin()
     try:
         with admin.cursor() as cur:  # the queue as it was before rooms
-            cur.execute(f"ALTER TABLE `{mysql_database}`.message_queue DROP INDEX ix_queue_room, "
-                        f"DROP COLUMN room_id, DROP COLUMN kind")
+            cur.execute(
+                f"ALTER TABLE `{mysql_database}`.message_queue DROP INDEX ix_queue_room, "
+                f"DROP COLUMN room_id, DROP COLUMN kind"
+            )
         columns, indexes = queue_shape()
         assert not {"room_id", "kind"} & columns and "ix_queue_room" not in indexes
         store = open_storage(mysql_url(mysql_database))
@@ -663,7 +892,12 @@ def test_a_mysql_database_from_before_rooms_gets_the_queue_columns_back(mysql_da
             columns, indexes = queue_shape()
             assert {"room_id", "kind"} <= columns and "ix_queue_room" in indexes
             (old,) = store.queued_for("bob", 0, 100)
-            assert (old.payload, old.room_id, old.kind, old.wrapped_key) == (b"old-ct", 0, KIND_PAIR, b"pair-key")
+            assert (old.payload, old.room_id, old.kind, old.wrapped_key) == (
+                b"old-ct",
+                0,
+                KIND_PAIR,
+                b"pair-key",
+            )
             store.apply_schema()  # once more: nothing to add
             assert queue_shape() == (columns, indexes)
             for name in ("alice", "bob"):  # a change is queued only for who has an account
@@ -684,10 +918,20 @@ def test_mysql_rooms_go_through_stored_procedures(mysql_database):
     admin = mysql_admin()
     try:
         with admin.cursor() as cur:
-            cur.execute("SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = %s",
-                        (mysql_database,))
+            cur.execute(
+                "SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = %s",
+                (mysql_database,),
+            )
             procs = {r[0] for r in cur.fetchall()}
     finally:
         admin.close()
-    assert {"sp_create_room", "sp_get_room", "sp_get_room_by_id", "sp_rooms_of", "sp_change_room",
-            "sp_room_enqueue", "sp_room_key", "sp_add_queue_rooms"} <= procs
+    assert {
+        "sp_create_room",
+        "sp_get_room",
+        "sp_get_room_by_id",
+        "sp_rooms_of",
+        "sp_change_room",
+        "sp_room_enqueue",
+        "sp_room_key",
+        "sp_add_queue_rooms",
+    } <= procs

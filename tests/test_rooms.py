@@ -30,15 +30,27 @@ def people():
 
 
 def _create(alice: User, name: str = "#team") -> tuple[R.RoomSession, R.Change]:
-    change = R.make_change(alice.key, action=R.CREATE, uid=cu.random_bytes(16), room=name, epoch=1, at_ms=1,
-                           prev_head=R.ZERO_HEAD, actor="alice", target="", admin="alice",
-                           roster=[("alice", alice.pub)])
+    change = R.make_change(
+        alice.key,
+        action=R.CREATE,
+        uid=cu.random_bytes(16),
+        room=name,
+        epoch=1,
+        at_ms=1,
+        prev_head=R.ZERO_HEAD,
+        actor="alice",
+        target="",
+        admin="alice",
+        roster=[("alice", alice.pub)],
+    )
     room = R.RoomSession.first_contact("alice", change, alice.pub, SUITE)
     room.set_kdc_key(1, cu.random_bytes(32))
     return room, change
 
 
-def _join(admin_room: R.RoomSession, admin: User, newcomer: User, kdc: bytes) -> tuple[R.RoomSession, R.Change]:
+def _join(
+    admin_room: R.RoomSession, admin: User, newcomer: User, kdc: bytes
+) -> tuple[R.RoomSession, R.Change]:
     change = admin_room.next_change(admin.key, R.ADD, newcomer.name, 2, newcomer.pub)
     admin_room.apply(change, kdc)
     room = R.RoomSession.first_contact(newcomer.name, change, newcomer.pub, SUITE)
@@ -94,7 +106,7 @@ def test_a_member_cannot_pass_off_a_message_as_another_members(team):
     a, b, c = team
     payload = bytearray(c.seal("from carol", e2e.new_msg_id(), NOW))
     with pytest.raises(DecryptionFailed):
-        b.open("alice", bytes(payload), now=NOW)      # carol's message relabelled as alice's
+        b.open("alice", bytes(payload), now=NOW)  # carol's message relabelled as alice's
     payload[-1] ^= 1
     with pytest.raises(DecryptionFailed, match="not signed"):
         b.open("carol", bytes(payload), now=NOW)
@@ -102,7 +114,7 @@ def test_a_member_cannot_pass_off_a_message_as_another_members(team):
 
 def test_a_removed_member_cannot_read_what_follows_even_keeping_every_key(team, people):
     a, b, c = team
-    kept = R.RoomSession.from_dict("carol", c.to_dict())      # carol keeps everything (a bad client)
+    kept = R.RoomSession.from_dict("carol", c.to_dict())  # carol keeps everything (a bad client)
     removal = a.next_change(people["alice"].key, R.REMOVE, "carol", 3)
     kdc4 = cu.random_bytes(32)
     a.apply(removal, kdc4)
@@ -136,17 +148,37 @@ def test_a_member_who_joins_cannot_read_what_was_sent_before(team, people):
 def test_a_forged_add_is_refused_and_changes_nothing(team, people):
     a, b, _c = team
     mallory = people["mallory"]
-    forged = R.make_change(mallory.key, action=R.ADD, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=5,
-                           prev_head=b.head, actor="alice", target="mallory", admin="alice",
-                           roster=[*b.roster, ("mallory", mallory.pub)])
+    forged = R.make_change(
+        mallory.key,
+        action=R.ADD,
+        uid=b.uid,
+        room="#team",
+        epoch=b.epoch + 1,
+        at_ms=5,
+        prev_head=b.head,
+        actor="alice",
+        target="mallory",
+        admin="alice",
+        roster=[*b.roster, ("mallory", mallory.pub)],
+    )
     before = b.to_dict()
     with pytest.raises(ChangeRefused, match="forged"):
-        b.apply(forged)   # whatever key the server claims, the admin's pinned key decides
+        b.apply(forged)  # whatever key the server claims, the admin's pinned key decides
     assert b.to_dict() == before
     # Nor may a member add anyone, even signing correctly with their own key.
-    by_bob = R.make_change(people["bob"].key, action=R.ADD, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=5,
-                           prev_head=b.head, actor="bob", target="mallory", admin="alice",
-                           roster=[*b.roster, ("mallory", mallory.pub)])
+    by_bob = R.make_change(
+        people["bob"].key,
+        action=R.ADD,
+        uid=b.uid,
+        room="#team",
+        epoch=b.epoch + 1,
+        at_ms=5,
+        prev_head=b.head,
+        actor="bob",
+        target="mallory",
+        admin="alice",
+        roster=[*b.roster, ("mallory", mallory.pub)],
+    )
     with pytest.raises(ChangeRefused, match="Only the admin"):
         b.apply(by_bob)
 
@@ -160,33 +192,72 @@ def test_changes_must_follow_in_order_without_gaps_or_forks(team, people):
     with pytest.raises(ChangeRefused, match="withheld"):
         b.apply(second)
     b.apply(first)
-    assert b.apply(first) is None                  # a redelivery: nothing new
-    fork = R.make_change(alice.key, action=R.ADD, uid=b.uid, room="#team", epoch=first.epoch, at_ms=9,
-                         prev_head=first.prev_head, actor="alice", target="mallory", admin="alice",
-                         roster=[*a.epochs[first.epoch - 1].roster, ("mallory", people["mallory"].pub)])
+    assert b.apply(first) is None  # a redelivery: nothing new
+    fork = R.make_change(
+        alice.key,
+        action=R.ADD,
+        uid=b.uid,
+        room="#team",
+        epoch=first.epoch,
+        at_ms=9,
+        prev_head=first.prev_head,
+        actor="alice",
+        target="mallory",
+        admin="alice",
+        roster=[*a.epochs[first.epoch - 1].roster, ("mallory", people["mallory"].pub)],
+    )
     with pytest.raises(ChangeRefused, match="different histories"):
         b.apply(fork)
-    wrong_list = R.make_change(alice.key, action=R.REMOVE, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=9,
-                               prev_head=b.head, actor="alice", target="dave", admin="alice",
-                               roster=[e for e in b.roster if e[0] in ("alice", "bob")])
+    wrong_list = R.make_change(
+        alice.key,
+        action=R.REMOVE,
+        uid=b.uid,
+        room="#team",
+        epoch=b.epoch + 1,
+        at_ms=9,
+        prev_head=b.head,
+        actor="alice",
+        target="dave",
+        admin="alice",
+        roster=[e for e in b.roster if e[0] in ("alice", "bob")],
+    )
     with pytest.raises(ChangeRefused, match="does not follow"):
         b.apply(wrong_list)
-    swapped = R.make_change(alice.key, action=R.REMOVE, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=9,
-                            prev_head=b.head, actor="alice", target="dave", admin="alice",
-                            roster=[(m, people["mallory"].pub if m == "carol" else k) for m, k in b.roster
-                                    if m != "dave"])
+    swapped = R.make_change(
+        alice.key,
+        action=R.REMOVE,
+        uid=b.uid,
+        room="#team",
+        epoch=b.epoch + 1,
+        at_ms=9,
+        prev_head=b.head,
+        actor="alice",
+        target="dave",
+        admin="alice",
+        roster=[(m, people["mallory"].pub if m == "carol" else k) for m, k in b.roster if m != "dave"],
+    )
     with pytest.raises(ChangeRefused, match="does not follow"):
-        b.apply(swapped)     # the admin cannot quietly give a member another key either
-    off_chain = R.make_change(alice.key, action=R.REMOVE, uid=b.uid, room="#team", epoch=b.epoch + 1, at_ms=9,
-                              prev_head=first.prev_head, actor="alice", target="dave", admin="alice",
-                              roster=[e for e in b.roster if e[0] != "dave"])
+        b.apply(swapped)  # the admin cannot quietly give a member another key either
+    off_chain = R.make_change(
+        alice.key,
+        action=R.REMOVE,
+        uid=b.uid,
+        room="#team",
+        epoch=b.epoch + 1,
+        at_ms=9,
+        prev_head=first.prev_head,
+        actor="alice",
+        target="dave",
+        admin="alice",
+        roster=[e for e in b.roster if e[0] != "dave"],
+    )
     with pytest.raises(ChangeRefused, match="does not follow the last one"):
         b.apply(off_chain)
 
 
 def test_a_change_from_another_room_is_refused(team, people):
     a, b, _c = team
-    other, _ = _create(people["alice"], "#team")   # same name, another uid (a room made again)
+    other, _ = _create(people["alice"], "#team")  # same name, another uid (a room made again)
     replayed = other.next_change(people["alice"].key, R.ADD, "mallory", 1, people["mallory"].pub)
     with pytest.raises(ChangeRefused, match="another room"):
         b.apply(replayed)
@@ -205,11 +276,21 @@ def test_a_message_from_another_room_does_not_open(team, people):
 def test_leave_is_signed_by_who_leaves_and_the_admin_cannot_leave_but_closes(team, people):
     a, b, c = team
     leave = b.next_change(people["bob"].key, R.LEAVE, "bob", 3)
-    forged = R.make_change(people["mallory"].key, action=R.LEAVE, uid=c.uid, room="#team", epoch=c.epoch + 1,
-                           at_ms=3, prev_head=c.head, actor="bob", target="bob", admin="alice",
-                           roster=[e for e in c.roster if e[0] != "bob"])
+    forged = R.make_change(
+        people["mallory"].key,
+        action=R.LEAVE,
+        uid=c.uid,
+        room="#team",
+        epoch=c.epoch + 1,
+        at_ms=3,
+        prev_head=c.head,
+        actor="bob",
+        target="bob",
+        admin="alice",
+        roster=[e for e in c.roster if e[0] != "bob"],
+    )
     with pytest.raises(ChangeRefused, match="not signed"):
-        c.apply(forged)      # checked with the key the roster gives bob, whatever the server says
+        c.apply(forged)  # checked with the key the roster gives bob, whatever the server says
     assert c.apply(leave).text == "bob left #team."
     with pytest.raises(ChangeRefused):
         a.next_change(people["alice"].key, R.LEAVE, "alice", 4)
@@ -261,7 +342,7 @@ def test_state_survives_a_restart_and_a_replay_after_it_is_refused(team):
 def test_a_sender_key_is_never_reused_across_epochs_or_restarts(team, people):
     a, b, _c = team
     first = a.own_key()
-    again = R.RoomSession.from_dict("alice", a.to_dict())   # the sender's own key is not kept at rest
+    again = R.RoomSession.from_dict("alice", a.to_dict())  # the sender's own key is not kept at rest
     assert again.own_key().key_id != first.key_id and again.own_key().chain.key != first.chain.key
     add = a.next_change(people["alice"].key, R.ADD, "dave", 1, people["dave"].pub)
     a.apply(add, b"k" * 32)
@@ -280,9 +361,19 @@ def test_malformed_changes_and_messages_are_refused_cleanly(team):
 
 def test_the_server_cannot_forge_this_clients_own_leave(team, people):
     a, b, c = team
-    forged = R.make_change(people["mallory"].key, action=R.LEAVE, uid=b.uid, room="#team", epoch=b.epoch + 1,
-                           at_ms=3, prev_head=b.head, actor="bob", target="bob", admin="alice",
-                           roster=[e for e in b.roster if e[0] != "bob"])
+    forged = R.make_change(
+        people["mallory"].key,
+        action=R.LEAVE,
+        uid=b.uid,
+        room="#team",
+        epoch=b.epoch + 1,
+        at_ms=3,
+        prev_head=b.head,
+        actor="bob",
+        target="bob",
+        admin="alice",
+        roster=[e for e in b.roster if e[0] != "bob"],
+    )
     with pytest.raises(ChangeRefused, match="not signed"):
         b.apply(forged)
     assert "bob" in b.members
@@ -291,18 +382,38 @@ def test_the_server_cannot_forge_this_clients_own_leave(team, people):
 def test_a_first_contact_must_name_this_clients_own_key_and_another_admin(people):
     alice, bob, mallory = people["alice"], people["bob"], people["mallory"]
     a, _ = _create(alice)
-    add = a.next_change(alice.key, R.ADD, "bob", 2, mallory.pub)       # the admin vouched another key as bob
+    add = a.next_change(alice.key, R.ADD, "bob", 2, mallory.pub)  # the admin vouched another key as bob
     with pytest.raises(ChangeRefused, match="someone else's key"):
         R.RoomSession.first_contact("bob", add, bob.pub, SUITE)
     # The server invents a room "administered" by bob himself, signed with its own key.
-    fake = R.make_change(mallory.key, action=R.ADD, uid=cu.random_bytes(16), room="#ops", epoch=2, at_ms=1,
-                         prev_head=R.ZERO_HEAD, actor="bob", target="bob", admin="bob",
-                         roster=[("bob", bob.pub), ("eve", mallory.pub)])
+    fake = R.make_change(
+        mallory.key,
+        action=R.ADD,
+        uid=cu.random_bytes(16),
+        room="#ops",
+        epoch=2,
+        at_ms=1,
+        prev_head=R.ZERO_HEAD,
+        actor="bob",
+        target="bob",
+        admin="bob",
+        roster=[("bob", bob.pub), ("eve", mallory.pub)],
+    )
     with pytest.raises(ChangeRefused):
         R.RoomSession.first_contact("bob", fake, bob.pub, SUITE)
-    create = R.make_change(mallory.key, action=R.CREATE, uid=cu.random_bytes(16), room="#ops", epoch=1,
-                           at_ms=1, prev_head=R.ZERO_HEAD, actor="bob", target="", admin="bob",
-                           roster=[("bob", bob.pub)])
+    create = R.make_change(
+        mallory.key,
+        action=R.CREATE,
+        uid=cu.random_bytes(16),
+        room="#ops",
+        epoch=1,
+        at_ms=1,
+        prev_head=R.ZERO_HEAD,
+        actor="bob",
+        target="",
+        admin="bob",
+        roster=[("bob", bob.pub)],
+    )
     with pytest.raises(ChangeRefused, match="not signed"):
         R.RoomSession.first_contact("bob", create, bob.pub, SUITE)
 
@@ -310,21 +421,34 @@ def test_a_first_contact_must_name_this_clients_own_key_and_another_admin(people
 def test_an_old_add_replayed_after_a_removal_is_refused(team, people):
     a, b, c = team
     alice, carol = people["alice"], people["carol"]
-    joined = [ch for ch in (a.epochs[e] for e in sorted(a.epochs))]   # carol joined at epoch 3
+    joined = [ch for ch in (a.epochs[e] for e in sorted(a.epochs))]  # carol joined at epoch 3
     assert joined[-1].members == ("alice", "bob", "carol")
     old_add_epoch = c.epoch
     removal = a.next_change(alice.key, R.REMOVE, "carol", 4)
     a.apply(removal, cu.random_bytes(32))
     assert c.apply(removal).me_gone
     # carol's client records where its membership ended; the server replays the add of epoch 3.
-    replay = R.make_change(alice.key, action=R.ADD, uid=a.uid, room="#team", epoch=old_add_epoch, at_ms=2,
-                           prev_head=a.epochs[old_add_epoch - 1].head, actor="alice", target="carol", admin="alice",
-                           roster=a.epochs[old_add_epoch].roster)
+    replay = R.make_change(
+        alice.key,
+        action=R.ADD,
+        uid=a.uid,
+        room="#team",
+        epoch=old_add_epoch,
+        at_ms=2,
+        prev_head=a.epochs[old_add_epoch - 1].head,
+        actor="alice",
+        target="carol",
+        admin="alice",
+        roster=a.epochs[old_add_epoch].roster,
+    )
     with pytest.raises(ChangeRefused, match="replayed"):
         R.RoomSession.first_contact("carol", replay, carol.pub, SUITE, left_at=removal.epoch)
-    again = a.next_change(alice.key, R.ADD, "carol", 5, carol.pub)     # a real new add is newer: it joins
+    again = a.next_change(alice.key, R.ADD, "carol", 5, carol.pub)  # a real new add is newer: it joins
     a.apply(again, cu.random_bytes(32))
-    assert R.RoomSession.first_contact("carol", again, carol.pub, SUITE, left_at=removal.epoch).epoch == again.epoch
+    assert (
+        R.RoomSession.first_contact("carol", again, carol.pub, SUITE, left_at=removal.epoch).epoch
+        == again.epoch
+    )
 
 
 def test_a_removed_member_cannot_post_into_an_earlier_epoch(team, people):
@@ -335,13 +459,13 @@ def test_a_removed_member_cannot_post_into_an_earlier_epoch(team, people):
     kdc = cu.random_bytes(32)
     a.apply(removal, kdc)
     b.apply(removal, kdc)
-    assert b.open("carol", early, now=NOW).text == "before I went"     # sent before: still shown
+    assert b.open("carol", early, now=NOW).text == "before I went"  # sent before: still shown
     late = c.seal("after I went", e2e.new_msg_id(), NOW + R.e2e.FRESHNESS_WINDOW_S + 5)
     with pytest.raises(DecryptionFailed, match="no longer in"):
         b.open("carol", late, now=NOW + R.e2e.FRESHNESS_WINDOW_S + 5)
     c2 = R.RoomSession.from_dict("carol", c.to_dict())
     c2.own = None
-    content, _ = c2.distribution()           # a brand-new key of the old epoch, from carol
+    content, _ = c2.distribution()  # a brand-new key of the old epoch, from carol
     with pytest.raises(ChangeRefused, match="no longer in"):
         b.receive_distribution("carol", content, people["carol"].pub)
 
@@ -369,7 +493,7 @@ def test_sender_keys_are_taken_only_from_the_key_the_admin_vouched_for(team, peo
 def test_early_sender_keys_are_bounded_per_sender_and_in_how_far_ahead(team, people):
     a, b, _c = team
     alice = people["alice"]
-    for n in range(1, 6):   # a future epoch's key, five times from one member: two are kept
+    for n in range(1, 6):  # a future epoch's key, five times from one member: two are kept
         probe = R.RoomSession.from_dict("alice", a.to_dict())
         probe.epoch += 1
         probe.epochs[probe.epoch] = probe.epochs[a.epoch]
@@ -420,4 +544,4 @@ def _flip(data: bytes, at: int, value: int) -> bytes:
     if not data:
         return data
     i = at % len(data)
-    return data[:i] + bytes([data[i] ^ (value or 1)]) + data[i + 1:]
+    return data[:i] + bytes([data[i] ^ (value or 1)]) + data[i + 1 :]

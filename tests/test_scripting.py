@@ -50,8 +50,15 @@ def _args(server, home, *args):
 
 def run_cli(server, home, *args, password: str | None = PW_A, stdin: str = "", **extra):
     """client.py as a script runs it: no terminal (getpass would read stdin), stdin piped."""
-    return subprocess.run(_args(server, home, *args), input=stdin, capture_output=True, text=True,
-                          timeout=TIMEOUT_S, env=_env(password, **extra), start_new_session=True)
+    return subprocess.run(
+        _args(server, home, *args),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=_env(password, **extra),
+        start_new_session=True,
+    )
 
 
 def peer(server, home, name, password, *, register=True, **kw) -> C.ChatClient:
@@ -73,9 +80,15 @@ class JsonProcess:
     """client.py with --json: lines read on a thread, taken with a timeout, each parsed."""
 
     def __init__(self, server, home, *args, password=PW_A) -> None:
-        self.proc = subprocess.Popen(_args(server, home, "--json", *args), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=_env(password), start_new_session=True)
+        self.proc = subprocess.Popen(
+            _args(server, home, "--json", *args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(password),
+            start_new_session=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         self.raw: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -129,8 +142,17 @@ def test_send_from_a_script_shows_in_bobs_terminal(server, tmp_path):
     with socket.socket() as s:  # a dead first node: skipped
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    done = run_cli(server, tmp_path / "alice", "--host", f"127.0.0.1:{dead},127.0.0.1:{server.port}",
-                   "send", "bob", "build 1234 passed", "--user", "alice")
+    done = run_cli(
+        server,
+        tmp_path / "alice",
+        "--host",
+        f"127.0.0.1:{dead},127.0.0.1:{server.port}",
+        "send",
+        "bob",
+        "build 1234 passed",
+        "--user",
+        "alice",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout == "" and "Traceback" not in done.stderr
     bob.expect_exact("[alice]: build 1234 passed")
@@ -139,15 +161,19 @@ def test_send_from_a_script_shows_in_bobs_terminal(server, tmp_path):
 
 def test_receive_count_1_json_prints_one_valid_object(server, tmp_path):
     registered(server, tmp_path / "bob", "bob", PW_B)
-    receiver = JsonProcess(server, tmp_path / "bob", "receive", "--count", "1", "--user", "bob", password=PW_B)
+    receiver = JsonProcess(
+        server, tmp_path / "bob", "receive", "--count", "1", "--user", "bob", password=PW_B
+    )
     receiver.expect("ready", user="bob")
     alice = peer(server, tmp_path / "alice", "alice", PW_A)
-    alice.send_confirmed("bob", "ping {\"json\": true} \x1b[2J \u202egnp.exe")
+    alice.send_confirmed("bob", 'ping {"json": true} \x1b[2J \u202egnp.exe')
     assert receiver.finish() == 0
     docs = receiver.all_json()
     messages = [d for d in docs if d["event"] == "message"]
     assert len(messages) == 1
-    assert messages[0]["from"] == "alice" and messages[0]["text"] == "ping {\"json\": true} \x1b[2J \u202egnp.exe"
+    assert (
+        messages[0]["from"] == "alice" and messages[0]["text"] == 'ping {"json": true} \x1b[2J \u202egnp.exe'
+    )
     assert all(d["v"] == 1 and isinstance(d["time"], float) for d in docs)
     raw = "".join(receiver.raw)
     assert "\x1b" not in raw and "\u202e" not in raw  # escaped in the JSON text (ASCII only), never raw
@@ -157,9 +183,14 @@ def test_receive_count_1_json_prints_one_valid_object(server, tmp_path):
 def test_receive_plain_prints_the_message_and_times_out_with_exit_1(server, tmp_path):
     registered(server, tmp_path / "bob", "bob", PW_B)
     alice = peer(server, tmp_path / "alice", "alice", PW_A)
-    proc = subprocess.Popen(_args(server, tmp_path / "bob", "receive", "--count", "2", "--timeout", "10",
-                                  "--user", "bob"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(PW_B), start_new_session=True)
+    proc = subprocess.Popen(
+        _args(server, tmp_path / "bob", "receive", "--count", "2", "--timeout", "10", "--user", "bob"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(PW_B),
+        start_new_session=True,
+    )
     alice.open_conversation("bob")  # bob's receive may not be up yet: then the server tells alice when it is
     if not alice.wait_conversation("bob", 5):
         wait_for(alice, C.ConversationReady, timeout=30, peer="bob")
@@ -189,12 +220,19 @@ def test_a_changed_server_key_gives_exit_3_and_sends_nothing(server, tmp_path):
 
 def test_a_wrong_password_gives_exit_4(server, tmp_path):
     registered(server, tmp_path / "alice", "alice", PW_A)
-    done = run_cli(server, tmp_path / "alice", "send", "bob", "x", "--user", "alice", password="wrong-password")
+    done = run_cli(
+        server, tmp_path / "alice", "send", "bob", "x", "--user", "alice", password="wrong-password"
+    )
     assert done.returncode == 4 and "wrong password" in done.stderr.lower()
-    json_done = run_cli(server, tmp_path / "alice", "--json", "receive", "--user", "alice", password="wrong-pw-2")
+    json_done = run_cli(
+        server, tmp_path / "alice", "--json", "receive", "--user", "alice", password="wrong-pw-2"
+    )
     assert json_done.returncode == 4
-    assert [json.loads(line)["exit"] for line in json_done.stdout.splitlines()
-            if json.loads(line)["event"] == "error"] == [4]
+    assert [
+        json.loads(line)["exit"]
+        for line in json_done.stdout.splitlines()
+        if json.loads(line)["event"] == "error"
+    ] == [4]
 
 
 def test_sending_to_an_offline_user_stores_it_and_wait_delivered_needs_the_receipt(server, tmp_path):
@@ -202,12 +240,22 @@ def test_sending_to_an_offline_user_stores_it_and_wait_delivered_needs_the_recei
     registered(server, tmp_path / "bob", "bob", PW_B)
     done = run_cli(server, tmp_path / "alice", "--json", "send", "bob", "anyone?", "--user", "alice")
     assert done.returncode == 0, done.stderr
-    assert [json.loads(line)["state"] for line in done.stdout.splitlines()
-            if json.loads(line)["event"] == "sent"] == ["stored"]
+    assert [
+        json.loads(line)["state"] for line in done.stdout.splitlines() if json.loads(line)["event"] == "sent"
+    ] == ["stored"]
     bob = peer(server, tmp_path / "bob", "bob", PW_B, register=False)
     assert wait_for(bob, C.MessageReceived).text == "anyone?"
-    delivered = run_cli(server, tmp_path / "alice", "--json", "send", "bob", "are you there?", "--user", "alice",
-                        "--wait-delivered")
+    delivered = run_cli(
+        server,
+        tmp_path / "alice",
+        "--json",
+        "send",
+        "bob",
+        "are you there?",
+        "--user",
+        "alice",
+        "--wait-delivered",
+    )
     assert delivered.returncode == 0, delivered.stderr
     assert [json.loads(line)["event"] for line in delivered.stdout.splitlines()][-2:] == ["sent", "delivered"]
     bob.close()
@@ -223,8 +271,18 @@ def test_usage_errors_are_exit_2(server, tmp_path):
     loose = tmp_path / "pw-loose"
     loose.write_text(PW_A + "\n")
     loose.chmod(0o644)
-    read_by_others = run_cli(server, tmp_path / "alice", "send", "bob", "x", "--user", "alice",
-                             "--password-file", str(loose), password=None)
+    read_by_others = run_cli(
+        server,
+        tmp_path / "alice",
+        "send",
+        "bob",
+        "x",
+        "--user",
+        "alice",
+        "--password-file",
+        str(loose),
+        password=None,
+    )
     assert read_by_others.returncode == 2 and "can be read by others" in read_by_others.stderr
     no_user = run_cli(server, tmp_path / "alice", "send", "bob", "x")
     assert no_user.returncode == 2 and "--user" in no_user.stderr
@@ -240,8 +298,18 @@ def test_password_file_and_user_from_the_environment(server, tmp_path):
     secret = tmp_path / "pw"
     secret.write_text(PW_A + "\n")
     secret.chmod(0o600)
-    done = run_cli(server, tmp_path / "alice", "send", "bob", "-", "--password-file", str(secret),
-                   password=None, SECUREIM_USER="alice", stdin="from stdin\n")
+    done = run_cli(
+        server,
+        tmp_path / "alice",
+        "send",
+        "bob",
+        "-",
+        "--password-file",
+        str(secret),
+        password=None,
+        SECUREIM_USER="alice",
+        stdin="from stdin\n",
+    )
     assert done.returncode == 0, done.stderr
     assert wait_for(bob, C.MessageReceived).text == "from stdin\n"
     bob.close()
@@ -272,7 +340,9 @@ def test_json_session_stdin_commands_send_and_every_line_is_json(server, tmp_pat
     session.command(cmd="history", peer="bob", id="h")
     entries = session.expect("history", id="h")["entries"]
     assert [(e["from"], e["text"]) for e in entries] == [
-        ("alice", "first line, written before the client is up"), ("bob", "hi script")]
+        ("alice", "first line, written before the client is up"),
+        ("bob", "hi script"),
+    ]
     # accepted by the server, then delivered once bob's end-to-end receipt is in (it may be already)
     assert entries[0]["state"] in ("accepted", "delivered") and entries[1]["state"] == "received"
     session.command(cmd="send", to="zed", text="nobody", id=2)

@@ -8,14 +8,29 @@ import time
 
 import pytest
 from db_fixtures import mysql_url
-from server_fixtures import RecordingSuite, chat_pair, PASSWORD, logged_in_client, make_client, running_server, wait_for
+from server_fixtures import (
+    RecordingSuite,
+    chat_pair,
+    PASSWORD,
+    logged_in_client,
+    make_client,
+    running_server,
+    wait_for,
+)
 
 import auth
 import clientlib as C
 import protocol as P
 
 IK = bytes(32)  # a placeholder identity key for protocol-level tests
-from errors import AccountLocked, ConnectionClosed, InvalidCredentials, InvalidPassword, InvalidUsername, UsernameTaken
+from errors import (
+    AccountLocked,
+    ConnectionClosed,
+    InvalidCredentials,
+    InvalidPassword,
+    InvalidUsername,
+    UsernameTaken,
+)
 
 
 @pytest.fixture(params=["sqlite", "mysql"])
@@ -84,7 +99,9 @@ def test_wrong_password_and_unknown_user_get_the_same_answer(tmp_path):
         c = make_client(server, tmp_path / "x")
         before = auth.bcrypt_runs()
         with pytest.raises(InvalidCredentials) as info:
-            c._authenticate(P.Login(username="no such name!", password=b"wrong password", identity_key=bytes(32)))
+            c._authenticate(
+                P.Login(username="no such name!", password=b"wrong password", identity_key=bytes(32))
+            )
         bcrypt_checks.append(auth.bcrypt_runs() - before)
         answers.append(str(info.value))
         c.close()
@@ -280,13 +297,18 @@ def _assert_server_still_serves(server, tmp_path, name):
     c.close()
 
 
-@pytest.mark.parametrize("garbage", [
-    b"\xff\xff\xff\xff",                       # oversized frame header
-    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",      # wrong protocol
-    P.encode_frame(b"\x01garbage"),            # malformed ClientHello
-    P.encode_frame(P.Login(username="a", password=b"b", identity_key=IK).encode()),  # login before handshake
-    b"\x00\x00\x00\x05ab",                     # truncated frame, then hang up
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff\xff\xff\xff",  # oversized frame header
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # wrong protocol
+        P.encode_frame(b"\x01garbage"),  # malformed ClientHello
+        P.encode_frame(
+            P.Login(username="a", password=b"b", identity_key=IK).encode()
+        ),  # login before handshake
+        b"\x00\x00\x00\x05ab",  # truncated frame, then hang up
+    ],
+)
 def test_garbage_never_crashes_the_server(tmp_path, garbage):
     with running_server(tmp_path / "srv") as server:
         s = _raw(server)
@@ -380,6 +402,7 @@ def test_database_down_gives_try_again_later(tmp_path):
         server.storage.close()  # the database goes away under the running server
         c = make_client(server, tmp_path / "x")
         from errors import ServiceUnavailable
+
         with pytest.raises(ServiceUnavailable, match="try again later"):
             c.login("alice", PASSWORD)
         c.close()
@@ -437,6 +460,7 @@ def test_tickets_are_bound_forged_and_expired_ones_refused(tmp_path):
     import tickets
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     import crypto_utils as cu
+
     key = tickets.load_or_create_ticket_key(tmp_path)
     assert (tmp_path / "ticket.key").stat().st_mode & 0o777 == 0o600
     now = [1_000_000.0]

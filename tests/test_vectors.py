@@ -24,11 +24,22 @@ def _tdes_cases():
         for rec in load_nist_records(path):
             if "COUNT" not in rec:
                 continue
-            key = (bytes.fromhex(rec["KEYs"]) * 3 if "KEYs" in rec else
-                   bytes.fromhex(rec["KEY1"] + rec["KEY2"] + rec["KEY3"]))
-            cases.append(pytest.param(path.parent.name, rec["_section"], key, rec.get("IV"),
-                                      bytes.fromhex(rec["PLAINTEXT"]), bytes.fromhex(rec["CIPHERTEXT"]),
-                                      id=f"{path.stem}-{rec['_section']}-{rec['COUNT']}"))
+            key = (
+                bytes.fromhex(rec["KEYs"]) * 3
+                if "KEYs" in rec
+                else bytes.fromhex(rec["KEY1"] + rec["KEY2"] + rec["KEY3"])
+            )
+            cases.append(
+                pytest.param(
+                    path.parent.name,
+                    rec["_section"],
+                    key,
+                    rec.get("IV"),
+                    bytes.fromhex(rec["PLAINTEXT"]),
+                    bytes.fromhex(rec["CIPHERTEXT"]),
+                    id=f"{path.stem}-{rec['_section']}-{rec['COUNT']}",
+                )
+            )
     return cases
 
 
@@ -47,8 +58,8 @@ def test_tdes_cavp(backend, mode, section, key, iv, plaintext, ciphertext):
     if mode == "ECB":
         # ECB is CBC with a zero IV applied block by block.
         blocks = cu.TDES_BACKENDS[backend](key)
-        enc = b"".join(blocks.encrypt(b"\0" * 8, plaintext[i:i + 8]) for i in range(0, len(plaintext), 8))
-        dec = b"".join(blocks.decrypt(b"\0" * 8, ciphertext[i:i + 8]) for i in range(0, len(ciphertext), 8))
+        enc = b"".join(blocks.encrypt(b"\0" * 8, plaintext[i : i + 8]) for i in range(0, len(plaintext), 8))
+        dec = b"".join(blocks.decrypt(b"\0" * 8, ciphertext[i : i + 8]) for i in range(0, len(ciphertext), 8))
     else:
         blocks = cu.TDES_BACKENDS[backend](key)
         enc = blocks.encrypt(bytes.fromhex(iv), plaintext)
@@ -66,15 +77,19 @@ def test_cavp_single_key_vectors_are_refused_as_product_keys():
 
 
 def _rfc5869():
-    return [r for r in load_nist_records(VECTORS / "cryptography_vectors" / "KDF" / "rfc-5869-HKDF-SHA256.txt")
-            if "OKM" in r]
+    return [
+        r
+        for r in load_nist_records(VECTORS / "cryptography_vectors" / "KDF" / "rfc-5869-HKDF-SHA256.txt")
+        if "OKM" in r
+    ]
 
 
 @pytest.mark.parametrize("rec", _rfc5869(), ids=lambda r: f"rfc5869-{r['COUNT']}")
 def test_hkdf_rfc5869(rec):
     salt = bytes.fromhex(rec["salt"]) if rec.get("salt") else None
-    okm = cu.hkdf(bytes.fromhex(rec["IKM"]), salt=salt, info=bytes.fromhex(rec.get("info", "")),
-                  length=int(rec["L"]))
+    okm = cu.hkdf(
+        bytes.fromhex(rec["IKM"]), salt=salt, info=bytes.fromhex(rec.get("info", "")), length=int(rec["L"])
+    )
     assert okm.hex() == rec["OKM"]
 
 
@@ -90,8 +105,11 @@ def test_hkdf_wycheproof(case):
 
 
 def _rfc4231():
-    return [r for r in load_nist_records(VECTORS / "cryptography_vectors" / "HMAC" / "rfc-4231-sha256.txt")
-            if "MD" in r]
+    return [
+        r
+        for r in load_nist_records(VECTORS / "cryptography_vectors" / "HMAC" / "rfc-4231-sha256.txt")
+        if "MD" in r
+    ]
 
 
 @pytest.mark.parametrize("rec", _rfc4231(), ids=lambda r: f"rfc4231-len{r['Len']}-{r['Key'][:8]}")
@@ -107,7 +125,9 @@ def test_hmac_wycheproof(case):
     assert matches == (t["result"] == "valid")
 
 
-GCM_CASES = [c for c in load_wycheproof("aes_gcm_test.json") if c[0]["keySize"] == 256 and c[0]["ivSize"] == 96]
+GCM_CASES = [
+    c for c in load_wycheproof("aes_gcm_test.json") if c[0]["keySize"] == 256 and c[0]["ivSize"] == 96
+]
 
 
 @pytest.mark.parametrize("case", GCM_CASES, ids=wycheproof_id)
@@ -149,7 +169,9 @@ def test_x25519_rfc7748():
 @pytest.mark.parametrize("case", load_wycheproof("ed25519_test.json"), ids=wycheproof_id)
 def test_ed25519_wycheproof(case):
     group, t = case
-    ok = cu.verify_signature(bytes.fromhex(group["publicKey"]["pk"]), bytes.fromhex(t["sig"]), bytes.fromhex(t["msg"]))
+    ok = cu.verify_signature(
+        bytes.fromhex(group["publicKey"]["pk"]), bytes.fromhex(t["sig"]), bytes.fromhex(t["msg"])
+    )
     assert ok == (t["result"] == "valid")
 
 
@@ -165,7 +187,9 @@ def test_tdes_suite_vector_file_was_read():
 @pytest.mark.parametrize("case", TDES_SUITE, ids=[c["id"] for c in TDES_SUITE])
 def test_tdes_suite_known_answers(backend, case):
     """Computed once by an independent implementation (tests/vectors/tdes_suite/generate.py)."""
-    key, iv, aad, plaintext, sealed = (bytes.fromhex(case[k]) for k in ("key", "iv", "aad", "plaintext", "sealed"))
+    key, iv, aad, plaintext, sealed = (
+        bytes.fromhex(case[k]) for k in ("key", "iv", "aad", "plaintext", "sealed")
+    )
     cipher = cu.TripleDesCbcHmac(backend=backend).cipher(key)
     assert cipher.seal(plaintext, aad, iv=iv) == sealed
     assert cipher.open(sealed, aad) == plaintext

@@ -10,28 +10,34 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="client-sanitize-keeps-format-controls",
         file="clientlib.py",
-        find='(cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS)',
-        replace="False",
-        tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
-               f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not"),
+        find='        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (\n            cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS\n        ):\n',
+        replace='        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or False:\n',
+        tests=(
+            f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
+            f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not",
+        ),
         why="bidi overrides and isolates reach the terminal: a peer reorders what is shown (Trojan Source).",
     ),
     Mutation(
         name="client-sanitize-bidi-allowed",
         file="clientlib.py",
-        find="HARMLESS_FORMAT_CHARS = frozenset({0x00AD, 0x200C, 0x200D, 0x2060})",
-        replace="HARMLESS_FORMAT_CHARS = frozenset({0x00AD, 0x200C, 0x200D, 0x2060, 0x200F, 0x202E, 0x2066, 0x2069})",
-        tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
-               f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not"),
+        find="HARMLESS_FORMAT_CHARS = frozenset({0x00AD, 0x200C, 0x200D, 0x2060}) | frozenset(range(0xE0020, 0xE0080))\n",
+        replace="HARMLESS_FORMAT_CHARS = frozenset(\n    {0x00AD, 0x200C, 0x200D, 0x2060, 0x200F, 0x202E, 0x2066, 0x2069}\n) | frozenset(range(0xE0020, 0xE0080))\n",
+        tests=(
+            f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
+            f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not",
+        ),
         why="the allow-list of harmless format characters grows to bidi controls: a peer reorders text.",
     ),
     Mutation(
         name="client-sanitize-keeps-c0-c1",
         file="clientlib.py",
-        find='if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or',
-        replace='if cat in ("Zl", "Zp", "Co", "Cs", "Cn") or',
-        tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
-               f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not"),
+        find='        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (\n            cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS\n        ):\n',
+        replace='        if cat in ("Zl", "Zp", "Co", "Cs", "Cn") or (cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS):\n',
+        tests=(
+            f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",
+            f"{_UX}::test_bug5_emoji_with_zero_width_joiners_are_kept_and_bidi_is_not",
+        ),
         why="ESC, CR and C1 controls reach the terminal: a peer clears the screen or rewrites lines.",
     ),
     Mutation(
@@ -45,9 +51,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="client-lines-keep-carriage-return",
         file="clientlib.py",
-        find='return [sanitize(line, max_chars) for line in text[:max_chars].replace("\\r\\n", "\\n").split("\\n")]',
-        replace='return [sanitize(line, max_chars).replace("\\\\x0d", "\\r") '
-                'for line in text[:max_chars].replace("\\r\\n", "\\n").split("\\n")]',
+        find='    return [sanitize(line, max_chars) for line in text[:max_chars].replace("\\r\\n", "\\n").split("\\n")]\n',
+        replace='    return [\n        sanitize(line, max_chars).replace("\\\\x0d", "\\r")\n        for line in text[:max_chars].replace("\\r\\n", "\\n").split("\\n")\n    ]\n',
         tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",),
         why="a bare CR inside a line returns the cursor and overwrites the sender's prefix.",
     ),
@@ -56,8 +61,10 @@ MUTATIONS: list[Mutation] = [
         file="server.py",
         find="if epoch != self.storage.get_ticket_epoch(username):",
         replace="if False:",
-        tests=(f"{_UX}::test_passwd_ends_every_resumption_ticket",
-               "tests/test_admin.py::test_reset_password_ends_tickets_and_the_old_password"),
+        tests=(
+            f"{_UX}::test_passwd_ends_every_resumption_ticket",
+            "tests/test_admin.py::test_reset_password_ends_tickets_and_the_old_password",
+        ),
         why="a password change or an administrator's reset leaves earlier tickets valid: a stolen client keeps the account for 12 hours.",
     ),
     Mutation(
@@ -75,6 +82,6 @@ MUTATIONS: list[Mutation] = [
         replace="            pass\n",
         tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),
         why="the identity key stays sealed under the old password: the next login makes a new key and "
-            "every peer sees a key-change warning (and learns to click through it).",
+        "every peer sees a key-change warning (and learns to click through it).",
     ),
 ]

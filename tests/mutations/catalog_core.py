@@ -31,11 +31,11 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="e2e-root-without-dh",
         file="e2e.py",
-        find="    return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
-        replace="    return cu.hkdf(kdc_key, salt=transcript_hash,",
+        find='    return cu.hkdf(\n        kdc_key + dh + kem_secrets[0] + kem_secrets[1],\n        salt=transcript_hash,\n        info=cu.label("e2e root x25519-mlkem768"),\n        length=32,\n    )\n',
+        replace='    return cu.hkdf(kdc_key, salt=transcript_hash, info=cu.label("e2e root x25519-mlkem768"), length=32)\n',
         tests=(f"{E2E}::test_curious_server_cannot_read_messages",),
         why="The e2e root must mix the clients' secrets (X25519 and ML-KEM): with the KDC key alone the server "
-            "reads every message.",
+        "reads every message.",
     ),
     Mutation(
         name="e2e-skipped-key-not-deleted",
@@ -48,10 +48,12 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="e2e-share-signature",
         file="e2e.py",
-        find="if not cu.verify_signature(self.peer_identity, signature,\n",
-        replace="if False and not cu.verify_signature(self.peer_identity, signature,\n",
-        tests=(f"{E2E}::test_shares_must_be_signed_by_the_peer_for_this_conversation",
-               f"{E2E}::test_active_server_swapping_dh_shares_is_caught_by_both_clients"),
+        find="        share = x_public + encapsulation_key\n        if not cu.verify_signature(\n            self.peer_identity, signature, _share_transcript(self.id, generation, self.peer, self.me, share)\n",
+        replace="        share = x_public + encapsulation_key\n        if False and not cu.verify_signature(\n            self.peer_identity, signature, _share_transcript(self.id, generation, self.peer, self.me, share)\n",
+        tests=(
+            f"{E2E}::test_shares_must_be_signed_by_the_peer_for_this_conversation",
+            f"{E2E}::test_active_server_swapping_dh_shares_is_caught_by_both_clients",
+        ),
         why="Key shares are signed by the peer's identity key: unsigned, the server swaps in its own DH shares.",
     ),
     Mutation(
@@ -83,8 +85,10 @@ MUTATIONS: list[Mutation] = [
         file="e2e.py",
         find="if not cu.constant_time_equal(known[0], key):\n            raise IdentityChanged",
         replace="if False:\n            raise IdentityChanged",
-        tests=(f"{E2E}::test_peer_trust_pins_refuses_changes_and_marks_verified",
-               f"{E2E}::test_active_server_substituting_identities_is_refused_after_pinning"),
+        tests=(
+            f"{E2E}::test_peer_trust_pins_refuses_changes_and_marks_verified",
+            f"{E2E}::test_active_server_substituting_identities_is_refused_after_pinning",
+        ),
         why="A peer's pinned identity key may not change silently: without the check the server substitutes keys.",
     ),
     # --- handshake (protocol.py) --------------------------------------------------------------
@@ -93,14 +97,16 @@ MUTATIONS: list[Mutation] = [
         file="protocol.py",
         find="if not cu.verify_signature(server_key, msg.signature, SIGNATURE_CONTEXT + th1):",
         replace="if False:",
-        tests=(f"{PROTO}::test_server_signing_with_another_key_is_refused",
-               _handshake_case("A03 flip a bit in the server's signature"),
-               _handshake_case("A01 flip a bit in ClientHello's nonce"),
-               _handshake_case("A02 flip a bit in ServerHello's nonce"),
-               _handshake_case("A05 substitute the client's DH value"),
-               _handshake_case("A06 substitute the server's DH value"),
-               _handshake_case("A08 swap the server's identity key"),
-               f"{ATTACKS}::test_A12_downgrade_the_suite_in_server_hello"),
+        tests=(
+            f"{PROTO}::test_server_signing_with_another_key_is_refused",
+            _handshake_case("A03 flip a bit in the server's signature"),
+            _handshake_case("A01 flip a bit in ClientHello's nonce"),
+            _handshake_case("A02 flip a bit in ServerHello's nonce"),
+            _handshake_case("A05 substitute the client's DH value"),
+            _handshake_case("A06 substitute the server's DH value"),
+            _handshake_case("A08 swap the server's identity key"),
+            f"{ATTACKS}::test_A12_downgrade_the_suite_in_server_hello",
+        ),
         why="The client checks the server's signature over the transcript: without it, anyone can impersonate it.",
     ),
     Mutation(
@@ -108,8 +114,10 @@ MUTATIONS: list[Mutation] = [
         file="protocol.py",
         find="if not DiffieHellman.verify_hashed_key(self._keys.server_confirm, msg.confirm, th1):",
         replace="if False:",
-        tests=(f"{PROTO}::test_bad_key_confirmation_is_refused",
-               _handshake_case("A04 flip a bit in the server's key confirmation")),
+        tests=(
+            f"{PROTO}::test_bad_key_confirmation_is_refused",
+            _handshake_case("A04 flip a bit in the server's key confirmation"),
+        ),
         why="The server proves it holds the session key: without the check a mismatched key goes unnoticed.",
     ),
     Mutation(
@@ -117,16 +125,18 @@ MUTATIONS: list[Mutation] = [
         file="protocol.py",
         find="if not DiffieHellman.verify_hashed_key(self._keys.client_confirm, msg.confirm, th2):",
         replace="if False:",
-        tests=(f"{PROTO}::test_bad_client_finished_is_refused",
-               f"{ATTACKS}::test_A11_flip_a_bit_in_client_finished_is_refused_by_the_server",
-               f"{ATTACKS}::test_A14_replay_a_whole_recorded_session_later"),
+        tests=(
+            f"{PROTO}::test_bad_client_finished_is_refused",
+            f"{ATTACKS}::test_A11_flip_a_bit_in_client_finished_is_refused_by_the_server",
+            f"{ATTACKS}::test_A14_replay_a_whole_recorded_session_later",
+        ),
         why="The server checks the client's key confirmation: without it, a replayed session goes on to login.",
     ),
     Mutation(
         name="handshake-expected-server-key",
         file="protocol.py",
-        find="if self._expected_server_key is not None and not cu.constant_time_equal(",
-        replace="if False and not cu.constant_time_equal(",
+        find="        if self._expected_server_key is not None and not cu.constant_time_equal(\n            server_key, self._expected_server_key\n        ):\n",
+        replace="        if False and not cu.constant_time_equal(server_key, self._expected_server_key):\n",
         tests=(f"{PROTO}::test_impostor_server_with_valid_signature_but_unpinned_key_is_refused",),
         why="A server with a valid signature under another key than the pinned one is refused.",
     ),
@@ -143,8 +153,10 @@ MUTATIONS: list[Mutation] = [
         file="protocol.py",
         find="if length > self._max:  # refused from the header, before the body is buffered",
         replace="if False:",
-        tests=(f"{PROTO}::test_oversized_frame_refused_from_its_header_alone",
-               f"{ATTACKS}::test_A27_oversized_frame_from_a_client_closes_only_that_client"),
+        tests=(
+            f"{PROTO}::test_oversized_frame_refused_from_its_header_alone",
+            f"{ATTACKS}::test_A27_oversized_frame_from_a_client_closes_only_that_client",
+        ),
         why="A frame header over the limit is refused before buffering: without it, 2 GiB headers exhaust memory.",
     ),
     Mutation(
@@ -152,8 +164,10 @@ MUTATIONS: list[Mutation] = [
         file="protocol.py",
         find='return RECORD_AAD_PREFIX + self.seq.to_bytes(8, "big")',
         replace="return RECORD_AAD_PREFIX",
-        tests=(f"{PROTO}::test_record_attacks_end_the_session_with_a_reason",
-               *(_record_case(f"{d}-{k}") for d in ("c2s", "s2c") for k in ("drop", "duplicate", "reorder"))),
+        tests=(
+            f"{PROTO}::test_record_attacks_end_the_session_with_a_reason",
+            *(_record_case(f"{d}-{k}") for d in ("c2s", "s2c") for k in ("drop", "duplicate", "reorder")),
+        ),
         why="Records carry an implicit sequence number in their AAD: without it, replay and reordering go unseen.",
     ),
     Mutation(
@@ -175,8 +189,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="handshake-configured-groups",
         file="protocol.py",
-        find="(self._allowed_groups is None or name in self._allowed_groups)",
-        replace="True",
+        find="        return (\n            name in GROUPS\n            and (self._allowed_groups is None or name in self._allowed_groups)\n            and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available())\n        )\n",
+        replace="        return name in GROUPS and True and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available())\n",
         tests=(f"{PROTO}::test_server_refuses_groups_disabled_by_configuration",),
         why="Groups the operator disabled are refused, not used.",
     ),
@@ -202,8 +216,12 @@ MUTATIONS: list[Mutation] = [
         file="crypto_utils.py",
         find="self._tag(aad, iv_ct).verify(tag)  # constant-time comparison",
         replace="pass",
-        tests=(f"{CRYPTO}::test_every_byte_tampered_is_detected", f"{VECTORS}::test_tdes_suite_known_answers",
-               _record_case("c2s-flip"), _record_case("s2c-flip")),
+        tests=(
+            f"{CRYPTO}::test_every_byte_tampered_is_detected",
+            f"{VECTORS}::test_tdes_suite_known_answers",
+            _record_case("c2s-flip"),
+            _record_case("s2c-flip"),
+        ),
         why="The 3des suite verifies its HMAC before decrypting: without it, tampered records are accepted.",
     ),
     Mutation(
@@ -219,7 +237,10 @@ MUTATIONS: list[Mutation] = [
         file="crypto_utils.py",
         find="h.update(iv_ct)",
         replace="h.update(iv_ct[TDES_BLOCK_BYTES:])",
-        tests=(f"{CRYPTO}::test_every_byte_tampered_is_detected", f"{VECTORS}::test_tdes_suite_known_answers"),
+        tests=(
+            f"{CRYPTO}::test_every_byte_tampered_is_detected",
+            f"{VECTORS}::test_tdes_suite_known_answers",
+        ),
         why="The HMAC covers the IV: without it, flipping IV bits flips the first plaintext block undetected.",
     ),
     Mutation(
@@ -257,10 +278,12 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="handshake-group-allowlist",
         file="protocol.py",
-        find="return (name in GROUPS and (self._allowed_groups is None",
-        replace="return ((self._allowed_groups is None",
-        tests=(f"{ATTACKS}::test_A29_groups_off_the_allowlist_on_the_wire",
-               _handshake_case("A07 downgrade the group to modp1024")),
+        find="        return (\n            name in GROUPS\n            and (self._allowed_groups is None or name in self._allowed_groups)\n            and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available())\n",
+        replace="        return (self._allowed_groups is None or name in self._allowed_groups) and (\n            name not in POST_QUANTUM_GROUPS or cu.mlkem_available()\n",
+        tests=(
+            f"{ATTACKS}::test_A29_groups_off_the_allowlist_on_the_wire",
+            _handshake_case("A07 downgrade the group to modp1024"),
+        ),
         why="The server picks only allowlisted groups from the client's offer; an unknown name is refused on the wire.",
     ),
     Mutation(
@@ -332,16 +355,16 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="server-puzzle-source-binding",
         file="server.py",
-        find="tdes_backend=self.config.tdes_backend, puzzle=self.puzzle, source=source)",
-        replace='tdes_backend=self.config.tdes_backend, puzzle=self.puzzle, source="")',
+        find="            source=source,\n",
+        replace='            source="",\n',
         tests=(f"{ATTACKS}::test_A36_the_real_server_binds_puzzles_to_the_source_address",),
         why="The server binds each puzzle to the client's address: unbound, one solution serves a botnet.",
     ),
     Mutation(
         name="server-puzzle-load-wired",
         file="server.py",
-        find="load=self.service.registry.unauthenticated_total)",
-        replace="load=lambda: 0)",
+        find="            load=self.service.registry.unauthenticated_total,\n",
+        replace="            load=lambda: 0,\n",
         tests=(f"{ATTACKS}::test_A37_load_adaptive_difficulty_through_the_real_server",),
         why="Puzzle difficulty follows the half-open connection count: unwired, 'auto' never asks for work.",
     ),
@@ -358,8 +381,10 @@ MUTATIONS: list[Mutation] = [
         file="server.py",
         find="if self.unauthenticated.get(session.source, 0) >= max_unauth_per_source:",
         replace="if False:",
-        tests=(f"{ATTACKS}::test_A41_half_open_connections_are_capped_per_source",
-               f"{ATTACKS}::test_A40_flood_of_junk_from_one_source_does_not_stop_others"),
+        tests=(
+            f"{ATTACKS}::test_A41_half_open_connections_are_capped_per_source",
+            f"{ATTACKS}::test_A40_flood_of_junk_from_one_source_does_not_stop_others",
+        ),
         why="Half-open connections are capped per source: without it, one address holds every slot.",
     ),
     Mutation(
@@ -407,8 +432,10 @@ MUTATIONS: list[Mutation] = [
         file="puzzle.py",
         find=' + source.encode("utf-8", "replace")',
         replace="",
-        tests=(f"{ATTACKS}::test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved",
-               f"{ATTACKS}::test_A36_the_real_server_binds_puzzles_to_the_source_address"),
+        tests=(
+            f"{ATTACKS}::test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved",
+            f"{ATTACKS}::test_A36_the_real_server_binds_puzzles_to_the_source_address",
+        ),
         why="The challenge MAC covers the source address: without it, a solution can be moved to another address.",
     ),
     Mutation(
@@ -438,16 +465,16 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="ticket-identity-binding",
         file="tickets.py",
-        find=" or not cu.constant_time_equal(bound_key, identity_key)",
-        replace="",
+        find="        if (\n            version != TICKET_VERSION\n            or expires < self._clock()\n            or not cu.constant_time_equal(bound_key, identity_key)\n        ):\n",
+        replace="        if version != TICKET_VERSION or expires < self._clock():\n",
         tests=(f"{SERVER}::test_tickets_are_bound_forged_and_expired_ones_refused",),
         why="A resumption ticket works only with the identity key it was issued to: a stolen ticket is useless.",
     ),
     Mutation(
         name="ticket-expiry",
         file="tickets.py",
-        find="expires < self._clock() or ",
-        replace="",
+        find="        if (\n            version != TICKET_VERSION\n            or expires < self._clock()\n            or not cu.constant_time_equal(bound_key, identity_key)\n        ):\n",
+        replace="        if version != TICKET_VERSION or not cu.constant_time_equal(bound_key, identity_key):\n",
         tests=(f"{SERVER}::test_tickets_are_bound_forged_and_expired_ones_refused",),
         why="Resumption tickets expire.",
     ),
@@ -479,8 +506,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="client-sanitiser",
         file="clientlib.py",
-        find='if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS):',
-        replace="if False:",
+        find='        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (\n            cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS\n        ):\n',
+        replace="        if False:\n",
         tests=(f"{ATTACKS}::test_A34_terminal_escape_sequences_are_neutralised",),
         why="Control, format and bidi characters from peers are shown escaped: raw, peers rewrite the screen.",
     ),
@@ -492,7 +519,7 @@ MUTATIONS: list[Mutation] = [
         replace="if False:",
         tests=(f"{DIRECT}::test_replayed_datagram_is_refused",),
         why="Direct datagrams pass a replay window (RFC 6479) before anything else: without it, a replay is "
-            "only caught later by the reliability layer's duplicate check.",
+        "only caught later by the reliability layer's duplicate check.",
     ),
     Mutation(
         name="direct-ticket-replay",

@@ -12,8 +12,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="offline-one-time-prekey-kept",
         file="prekeys.py",
-        find="store._drop_one_time(opk_id)   # used once: its private key is gone",
-        replace="store.one_time.get(opk_id)",
+        find="                store._drop_one_time(opk_id)  # used once: its private key is gone\n",
+        replace="                store.one_time.get(opk_id)\n",
         tests=(PK + "test_a_one_time_prekey_is_used_once_and_a_replay_is_refused",),
         why="a one-time prekey opens a second init: a replayed stored message is accepted after a restart.",
     ),
@@ -22,38 +22,41 @@ MUTATIONS: list[Mutation] = [
         file="prekeys.py",
         find="if not opk_id and seen in signed.seen:",
         replace="if False:",
-        tests=(PK + "test_the_signed_prekey_alone_works_when_one_time_prekeys_are_exhausted_and_is_not_replayable",),
+        tests=(
+            PK
+            + "test_the_signed_prekey_alone_works_when_one_time_prekeys_are_exhausted_and_is_not_replayable",
+        ),
         why="with the one-time prekeys exhausted, a replayed init under the signed prekey is accepted again.",
     ),
     Mutation(
         name="offline-init-signature-unchecked",
         file="prekeys.py",
-        find="        if not cu.verify_signature(ctx.peer_identity, signature, _init_text(",
-        replace="        if False and not cu.verify_signature(ctx.peer_identity, signature, _init_text(",
+        find="        if not cu.verify_signature(\n",
+        replace="        if False and not cu.verify_signature(\n",
         tests=(PK + "test_a_forged_init_is_refused_before_any_key_is_spent",),
         why="anyone with the bundle (the server) starts a session as alice: forged stored messages are shown.",
     ),
     Mutation(
         name="offline-bundle-signature-unchecked",
         file="prekeys.py",
-        find="if spk_id == 0 or not cu.verify_signature(peer_identity, spk_sig,",
-        replace="if spk_id == 0 or False and not cu.verify_signature(peer_identity, spk_sig,",
+        find='    if spk_id == 0 or not cu.verify_signature(\n        peer_identity, spk_sig, _prekey_text("signed prekey", peer, spk_id, spk_x + spk_ek)\n',
+        replace='    if (\n        spk_id == 0\n        or False\n        and not cu.verify_signature(\n            peer_identity, spk_sig, _prekey_text("signed prekey", peer, spk_id, spk_x + spk_ek)\n        )\n',
         tests=(PK + "test_a_tampered_bundle_is_refused_by_the_sender",),
         why="the server swaps the signed prekey for its own and reads everything stored for the peer.",
     ),
     Mutation(
         name="offline-root-without-kdc-key",
         file="prekeys.py",
-        find="return cu.hkdf(kdc_key + b\"\".join(secrets), salt=transcript,",
-        replace="return cu.hkdf(b\"\".join(secrets), salt=transcript,",
+        find='        kdc_key + b"".join(secrets),\n        salt=transcript,\n        info=cu.label("e2e offline root x25519-mlkem768"),\n        length=32,\n',
+        replace='        b"".join(secrets), salt=transcript, info=cu.label("e2e offline root x25519-mlkem768"), length=32\n',
         tests=(PK + "test_the_kdc_key_is_an_input_too",),
         why="the seed design's KDC key is no longer an input: the offline session drops design 000's layer.",
     ),
     Mutation(
         name="offline-root-kdc-key-only",
         file="prekeys.py",
-        find="return cu.hkdf(kdc_key + b\"\".join(secrets), salt=transcript,",
-        replace="return cu.hkdf(kdc_key, salt=transcript,",
+        find='    return cu.hkdf(\n        kdc_key + b"".join(secrets),\n        salt=transcript,\n        info=cu.label("e2e offline root x25519-mlkem768"),\n        length=32,\n    )\n',
+        replace='    return cu.hkdf(kdc_key, salt=transcript, info=cu.label("e2e offline root x25519-mlkem768"), length=32)\n',
         tests=(PK + "test_the_server_alone_cannot_open_a_stored_message",),
         why="the root is the KDC key alone: the server, which made it, opens every stored message.",
     ),
@@ -62,8 +65,10 @@ MUTATIONS: list[Mutation] = [
         file="database.py",
         find="            if count >= max_messages:\n                return FULL_MESSAGES, 0",
         replace="            if False:\n                return FULL_MESSAGES, 0",
-        tests=(QS + "test_the_bounds_refuse_new_messages_and_keep_the_stored_ones[sqlite]",
-               OFF + "test_a_full_mailbox_refuses_plainly_and_keeps_what_is_stored"),
+        tests=(
+            QS + "test_the_bounds_refuse_new_messages_and_keep_the_stored_ones[sqlite]",
+            OFF + "test_a_full_mailbox_refuses_plainly_and_keeps_what_is_stored",
+        ),
         why="one sender fills a recipient's queue (and the server's disk) without end.",
     ),
     Mutation(
@@ -117,11 +122,11 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="receipt-before-store-answer-lost",
         file="offline.py",
-        find="                    entry.receipt_early = True   # its StoreResult is still on the way and says it",
-        replace="                    pass",
+        find="                    entry.receipt_early = True  # its StoreResult is still on the way and says it\n",
+        replace="                    pass\n",
         tests=(OFF + "test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it",),
         why="a recipient online at once receipts a stored message before the server's StoreResult reaches the "
-            "sender: the receipt is lost and the message never shows as delivered.",
+        "sender: the receipt is lost and the message never shows as delivered.",
     ),
     Mutation(
         name="receipt-before-store-answer-not-said",
@@ -138,16 +143,16 @@ MUTATIONS: list[Mutation] = [
         replace="                if True:\n                    break\n",
         tests=(OFF + "test_two_threads_opening_to_one_peer_share_one_open",),
         why="two threads open an offline session to one peer at once (a send and a receipt's resend): the "
-            "second answer overwrites the first and one sender fails with a spurious refusal.",
+        "second answer overwrites the first and one sender fails with a spurious refusal.",
     ),
     Mutation(
         name="offline-open-takes-a-stale-answer",
         file="offline.py",
-        find="            self._answered.pop(peer, None)       # a late answer to an open that timed out is not ours\n",
+        find="            self._answered.pop(peer, None)  # a late answer to an open that timed out is not ours\n",
         replace="",
         tests=(OFF + "test_a_late_answer_to_an_open_that_timed_out_is_not_taken_by_the_next",),
         why="a late OfflineKey for an open that timed out is taken by the next open to that peer, even one the "
-            "client refused (a changed identity): a message goes sealed for a session it did not accept now.",
+        "client refused (a changed identity): a message goes sealed for a session it did not accept now.",
     ),
     Mutation(
         name="early-receipt-from-anyone",
@@ -170,8 +175,10 @@ MUTATIONS: list[Mutation] = [
         file="clientlib.py",
         find="        if self.receipts:\n            self.mailbox.receipt(sender, opened.msg_id)",
         replace="        if False:\n            self.mailbox.receipt(sender, opened.msg_id)",
-        tests=(OFF + "test_live_messages_are_receipted_end_to_end",
-               OFF + "test_stored_messages_to_an_online_user_are_handed_over_at_once"),
+        tests=(
+            OFF + "test_live_messages_are_receipted_end_to_end",
+            OFF + "test_stored_messages_to_an_online_user_are_handed_over_at_once",
+        ),
         why="nobody can tell whether a message was delivered.",
     ),
     Mutation(
@@ -211,7 +218,10 @@ MUTATIONS: list[Mutation] = [
         file="offline.py",
         find="                if entry.state == SENT:\n                    entry.resend_due = True",
         replace="                if entry.state == SENT:\n                    pass",
-        tests=(OFF + "test_a_live_message_lost_with_the_connection_is_sent_again_after_the_reconnect_and_shown_once",),
+        tests=(
+            OFF
+            + "test_a_live_message_lost_with_the_connection_is_sent_again_after_the_reconnect_and_shown_once",
+        ),
         why="a message that died with the connection (no receipt) is silently lost.",
     ),
     Mutation(
@@ -219,8 +229,10 @@ MUTATIONS: list[Mutation] = [
         file="prekeys.py",
         find="        inbound[key] = session.to_doc(self._clock())\n",
         replace="",
-        tests=(OFF + "test_a_second_message_of_the_same_offline_session_opens_at_the_next_login",
-               PK + "test_a_later_message_of_a_session_opens_after_the_recipient_restarts"),
+        tests=(
+            OFF + "test_a_second_message_of_the_same_offline_session_opens_at_the_next_login",
+            PK + "test_a_later_message_of_a_session_opens_after_the_recipient_restarts",
+        ),
         why="the recipient forgets an offline session: its next message is refused as a replay and lost.",
     ),
     Mutation(
@@ -234,7 +246,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="held-messages-block-the-queue",
         file="offline.py",
-        find="            self.defer(msg.queue_id)   # it stays on the server, and the messages behind it come on\n",
+        find="            self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on\n",
         replace="",
         tests=(OFF + "test_messages_held_for_an_identity_decision_do_not_hold_up_the_others",),
         why="a sender with a changed key parks messages in the window: everyone else's stored mail stops.",

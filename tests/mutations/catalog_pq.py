@@ -32,10 +32,12 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="pq-downgrade-accepted",
         file="protocol.py",
-        find="        if self._allows(msg.group):\n            self._refuse(HandshakeErrorCode.DOWNGRADE,",
-        replace="        if False:\n            self._refuse(HandshakeErrorCode.DOWNGRADE,",
-        tests=(PQ + "test_PQ01_forged_group_retry_is_refused_by_the_server_as_a_downgrade",
-               PQ + "test_PQ06_on_the_wire_a_classical_share_with_the_hybrid_list_is_a_downgrade"),
+        find="        if self._allows(msg.group):\n",
+        replace="        if False:\n",
+        tests=(
+            PQ + "test_PQ01_forged_group_retry_is_refused_by_the_server_as_a_downgrade",
+            PQ + "test_PQ06_on_the_wire_a_classical_share_with_the_hybrid_list_is_a_downgrade",
+        ),
         why="A forged GroupRetry or a rewritten share pushes both sides to classical X25519 unnoticed.",
     ),
     Mutation(
@@ -73,19 +75,21 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="pq-encapsulation-key-size-unchecked",
         file="crypto_utils.py",
-        find="            len(encapsulation_key) != MLKEM768_ENCAPSULATION_KEY_BYTES:",
-        replace="            False:",
+        find="    if (\n        not isinstance(encapsulation_key, (bytes, bytearray))\n        or len(encapsulation_key) != MLKEM768_ENCAPSULATION_KEY_BYTES\n    ):\n",
+        replace="    if not isinstance(encapsulation_key, (bytes, bytearray)) or False:\n",
         tests=(VEC + "test_mlkem768_encapsulation_key_checks_wycheproof",),
         why="Keys of the wrong size go to OpenSSL unchecked and come back as a misleading error.",
     ),
     Mutation(
         name="pq-encapsulation-key-modulus-error-unwrapped",
         file="crypto_utils.py",
-        find='''        raise InvalidKemValue("The ML-KEM-768 encapsulation key is malformed "''',
-        replace='''        raise ValueError("The ML-KEM-768 encapsulation key is malformed "''',
-        tests=(VEC + "test_mlkem768_encapsulation_key_checks_wycheproof",
-               PQ + "test_PQ09_malformed_encapsulation_key_is_refused_with_a_clear_error",
-               PQ + "test_PQ12_malformed_encapsulation_key_in_a_signed_share_is_refused"),
+        find='    except ValueError:  # right size, so the modulus check failed\n        raise InvalidKemValue(\n            "The ML-KEM-768 encapsulation key is malformed (a coefficient is not reduced modulo q)."\n',
+        replace='    except ValueError:  # right size, so the modulus check failed\n        raise ValueError(\n            "The ML-KEM-768 encapsulation key is malformed (a coefficient is not reduced modulo q)."\n',
+        tests=(
+            VEC + "test_mlkem768_encapsulation_key_checks_wycheproof",
+            PQ + "test_PQ09_malformed_encapsulation_key_is_refused_with_a_clear_error",
+            PQ + "test_PQ12_malformed_encapsulation_key_in_a_signed_share_is_refused",
+        ),
         why="A malformed ML-KEM key would escape as a bare ValueError: a crash instead of a clear refusal.",
     ),
     Mutation(
@@ -99,16 +103,16 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="pq-e2e-root-without-mlkem",
         file="e2e.py",
-        find="    return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
-        replace="    return cu.hkdf(kdc_key + dh, salt=transcript_hash,",
+        find='    return cu.hkdf(\n        kdc_key + dh + kem_secrets[0] + kem_secrets[1],\n        salt=transcript_hash,\n        info=cu.label("e2e root x25519-mlkem768"),\n        length=32,\n    )\n',
+        replace='    return cu.hkdf(kdc_key + dh, salt=transcript_hash, info=cu.label("e2e root x25519-mlkem768"), length=32)\n',
         tests=(PQ + "test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets",),
         why="A conversation root without ML-KEM falls to a server that kept the KDC key and later breaks X25519.",
     ),
     Mutation(
         name="pq-e2e-root-without-x25519",
         file="e2e.py",
-        find="    return cu.hkdf(kdc_key + dh + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
-        replace="    return cu.hkdf(kdc_key + kem_secrets[0] + kem_secrets[1], salt=transcript_hash,",
+        find="        kdc_key + dh + kem_secrets[0] + kem_secrets[1],\n",
+        replace="        kdc_key + kem_secrets[0] + kem_secrets[1],\n",
         tests=(PQ + "test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets",),
         why="A conversation root without X25519 rests on ML-KEM alone: a flaw in the new scheme would open it.",
     ),
@@ -131,9 +135,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="pq-e2e-reply-signature-unchecked",
         file="e2e.py",
-        find="        if not cu.verify_signature(self.peer_identity, signature, _share_transcript(\n"
-             "                self.id, generation, self.peer, self.me, ciphertext + answered, KIND_KEM_REPLY)):",
-        replace="        if False:",
+        find="        if not cu.verify_signature(\n            self.peer_identity,\n            signature,\n            _share_transcript(self.id, generation, self.peer, self.me, ciphertext + answered, KIND_KEM_REPLY),\n        ):\n",
+        replace="        if False:\n",
         tests=(PQ + "test_PQ13_swapped_ciphertext_or_early_reply_is_refused",),
         why="The server could swap the ML-KEM ciphertext; the clients would then silently hold different roots.",
     ),

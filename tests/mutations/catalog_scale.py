@@ -41,16 +41,16 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="bus-deliver-any-message",
         file="cluster_nats.py",
-        find="if not isinstance(msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)):",
-        replace="if False:",
+        find="        if not isinstance(\n            msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)\n        ):\n",
+        replace="        if False:\n",
         tests=(BUS + "test_a_deliver_frame_carries_only_what_may_cross_nodes",),
         why="A DELIVER frame smuggles any message to a user (a ConversationKey, an AuthOk) past the KDC's rules.",
     ),
     Mutation(
         name="bus-lost-relay-not-bounced",
         file="cluster_nats.py",
-        find="        if isinstance(msg, P.Deliver):  # gone from here in the meantime",
-        replace="        if False:  # gone from here in the meantime",
+        find="        if isinstance(\n            msg, P.Deliver\n        ):  # gone from here in the meantime: the sender hears it was not delivered\n",
+        replace="        if False:  # gone from here in the meantime: the sender hears it was not delivered\n",
         tests=(BUS + "test_a_relay_for_someone_who_just_left_is_bounced_to_the_sender",),
         why="A relay reaching a node after its recipient left vanishes: the sender believes it was delivered.",
     ),
@@ -81,8 +81,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="bus-move-here-keeps-stale-conversations",
         file="cluster_nats.py",
-        find="        self.service.notify(username, self.service.registry.drop_conversations(username, watch=False), online=True)",
-        replace="        pass",
+        find="        self.service.notify(\n            username, self.service.registry.drop_conversations(username, watch=False), online=True\n        )\n",
+        replace="        pass\n",
         tests=(BUS + "test_a_user_who_moves_here_ends_the_conversations_with_the_session_elsewhere",),
         why="A user who moves nodes keeps conversations keyed to the old session: peers' messages cannot be read.",
     ),
@@ -131,8 +131,10 @@ MUTATIONS: list[Mutation] = [
         file="crypto_utils.py",
         find="return pkcs7_unpad(self._decryptor.update(iv_ct)[TDES_BLOCK_BYTES:])",
         replace="return pkcs7_unpad(self._decryptor.update(iv_ct))",
-        tests=("tests/test_crypto_utils.py::test_record_cipher_records_open_with_a_fresh_context_and_back",
-               "tests/test_crypto_utils.py::test_record_cipher_opens_in_any_order_and_survives_a_forgery"),
+        tests=(
+            "tests/test_crypto_utils.py::test_record_cipher_records_open_with_a_fresh_context_and_back",
+            "tests/test_crypto_utils.py::test_record_cipher_opens_in_any_order_and_survives_a_forgery",
+        ),
         why="The long-lived decryptor's first block (R xor an earlier record's block) is taken as plaintext.",
     ),
     Mutation(
@@ -148,7 +150,9 @@ MUTATIONS: list[Mutation] = [
         file="server.py",
         find="            session = self.online.get(target)\n            if session is None:",
         replace="            session = None\n            if session is None:",
-        tests=("tests/test_server.py::test_a_peer_who_logs_in_while_the_server_looks_them_up_is_not_reported_offline",),
+        tests=(
+            "tests/test_server.py::test_a_peer_who_logs_in_while_the_server_looks_them_up_is_not_reported_offline",
+        ),
         why="A peer logging in during the open's database read is reported offline and never watched: no conversation.",
     ),
     Mutation(

@@ -16,15 +16,17 @@ MUTATIONS: list[Mutation] = [
         replace="            if False:\n",
         tests=(f"{_H}::test_rows_come_back_in_order_with_direction_time_and_state",),
         why="a store answer handled after the peer's receipt writes 'accepted' over 'delivered': the history "
-            "says a message the peer has read was never confirmed.",
+        "says a message the peer has read was never confirmed.",
     ),
     Mutation(
         name="history-rows-in-plaintext",
         file="history.py",
         find="return nonce, self._content.encrypt(nonce, raw, self._aad(tag, at_ms))",
         replace="return nonce, raw",
-        tests=(f"{_H}::test_the_file_holds_no_plaintext_and_is_private",
-               f"{_S}::test_history_survives_quit_holds_no_plaintext_and_needs_the_password"),
+        tests=(
+            f"{_H}::test_the_file_holds_no_plaintext_and_is_private",
+            f"{_S}::test_history_survives_quit_holds_no_plaintext_and_needs_the_password",
+        ),
         why="the history file holds every message in the clear: anyone who copies the home folder reads them.",
     ),
     Mutation(
@@ -34,15 +36,17 @@ MUTATIONS: list[Mutation] = [
         replace='return _ROW_AAD + len(self._owner).to_bytes(2, "big") + self._owner',
         tests=(f"{_H}::test_a_row_moved_to_another_conversation_or_time_is_not_shown",),
         why="a row's time (and conversation) is not bound to its ciphertext: someone with the file "
-            "re-dates or reorders what was said.",
+        "re-dates or reorders what was said.",
     ),
     Mutation(
         name="history-key-not-from-the-password",
         file="history.py",
         find='return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password.encode("utf-8"))',
         replace='return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(b"")',
-        tests=(f"{_H}::test_a_wrong_password_cannot_open_it_and_the_right_one_can",
-               f"{_S}::test_history_survives_quit_holds_no_plaintext_and_needs_the_password"),
+        tests=(
+            f"{_H}::test_a_wrong_password_cannot_open_it_and_the_right_one_can",
+            f"{_S}::test_history_survives_quit_holds_no_plaintext_and_needs_the_password",
+        ),
         why="the history's key does not depend on the password: any password (or none) opens it.",
     ),
     Mutation(
@@ -52,7 +56,7 @@ MUTATIONS: list[Mutation] = [
         replace='owner = b""',
         tests=(f"{_H}::test_another_users_file_does_not_open_as_mine",),
         why="the sealed data key and the rows are not bound to their user and service: a file planted "
-            "under another name opens as that user's history.",
+        "under another name opens as that user's history.",
     ),
     Mutation(
         name="history-not-resealed-on-passwd",
@@ -61,13 +65,13 @@ MUTATIONS: list[Mutation] = [
         replace="            pass\n",
         tests=(f"{_H}::test_passwd_reseals_the_history_and_a_foreign_seal_is_said_not_overwritten",),
         why="after /passwd the history stays sealed under the old password: the next login cannot open it "
-            "and the user loses it (or learns to delete it).",
+        "and the user loses it (or learns to delete it).",
     ),
     Mutation(
         name="client-no-history-still-writes",
         file="client.py",
-        find="server_fingerprint=args.server_fingerprint, history=not args.no_history,",
-        replace="server_fingerprint=args.server_fingerprint, history=True,",
+        find="            history=not args.no_history,\n",
+        replace="            history=True,\n",
         tests=(f"{_S}::test_no_history_leaves_no_file_and_forget_erases",),
         why="--no-history (incognito) still writes the conversation to disk.",
     ),
@@ -122,13 +126,15 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="failover-pin-per-node",
         file="clientlib.py",
-        find="        host, port = self.servers[0]\n        return f\"{host}:{port}\"",
-        replace="        host, port = self.host, self.port\n        return f\"{host}:{port}\"",
-        tests=(f"{_F}::test_connect_skips_a_dead_server_and_pins_the_service",
-               f"{_F}::test_a_node_with_another_key_is_a_mismatch_not_a_failover",
-               f"{_F}::test_both_clients_fail_over_to_node_2_without_the_password"),
+        find='        host, port = self.servers[0]\n        return f"{host}:{port}"',
+        replace='        host, port = self.host, self.port\n        return f"{host}:{port}"',
+        tests=(
+            f"{_F}::test_connect_skips_a_dead_server_and_pins_the_service",
+            f"{_F}::test_a_node_with_another_key_is_a_mismatch_not_a_failover",
+            f"{_F}::test_both_clients_fail_over_to_node_2_without_the_password",
+        ),
         why="the server key is pinned per node: every failover is a silent first contact, so an impostor "
-            "reached as 'node 2' is trusted on first use.",
+        "reached as 'node 2' is trusted on first use.",
     ),
     Mutation(
         name="resume-old-receiver-not-silenced",
@@ -137,16 +143,16 @@ MUTATIONS: list[Mutation] = [
         replace="            if True:\n                self._connection_ended(",
         tests=(f"{_F}::test_resume_on_a_connection_that_is_still_open_is_safe",),
         why="resume() on an open connection: the old receiver reports the connection lost (and closes the "
-            "new session's state) after the new one is up.",
+        "new session's state) after the new one is up.",
     ),
     Mutation(
         name="reconnect-undoes-a-kick",
         file="clientlib.py",
-        find="and (not goodbye or not self._node_reachable())):",
-        replace="and True):",
+        find="        if (\n            self.auto_reconnect\n            and not self._stop.is_set()\n            and self._ticket is not None\n            and (not goodbye or not self._node_reachable())\n        ):\n",
+        replace="        if self.auto_reconnect and not self._stop.is_set() and self._ticket is not None and True:\n",
         tests=(f"{_F}::test_a_kick_from_a_node_that_is_up_is_not_undone_by_reconnecting",),
         why="auto_reconnect resumes straight after a kick or a login from another place: an operator cannot "
-            "remove a session, and two devices kick each other out forever.",
+        "remove a session, and two devices kick each other out forever.",
     ),
     Mutation(
         name="kick-after-an-answered-message-reconnects",
@@ -155,7 +161,7 @@ MUTATIONS: list[Mutation] = [
         replace="                if False:\n",
         tests=(f"{_F}::test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick",),
         why="a kick that arrives in the same read as a message the client answers (a prekey top-up, a "
-            "receipt) is taken for a lost connection, and auto_reconnect undoes it (the CI race).",
+        "receipt) is taken for a lost connection, and auto_reconnect undoes it (the CI race).",
     ),
     Mutation(
         name="kick-batch-answer-failure-ends-the-read",
@@ -164,6 +170,6 @@ MUTATIONS: list[Mutation] = [
         replace="                        raise\n",
         tests=(f"{_F}::test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick",),
         why="an answer that fails on the session a Goodbye just closed drops the rest of that read (the "
-            "messages before the Goodbye go unshown) and the kick's reason is lost.",
+        "messages before the Goodbye go unshown) and the kick's reason is lost.",
     ),
 ]

@@ -41,8 +41,18 @@ sys.path.insert(0, str(HERE))  # catalogues import the Mutation record as `from 
 
 DEFAULT_JOBS = 2
 DEFAULT_TIMEOUT_S = 180.0
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", ".ci-venv", "__pycache__", ".pytest_cache",
-                                     ".hypothesis", "*.pyc", "secureim-data", "bench/results")
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "venv",
+    ".ci-venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    "*.pyc",
+    "secureim-data",
+    "bench/results",
+)
 FIELDS = ("name", "file", "find", "replace", "tests", "why")
 # pytest exit codes (pytest.ExitCode): 0 passed, 1 tests failed; anything else means the tests did not run.
 PYTEST_OK, PYTEST_FAILED = 0, 1
@@ -51,7 +61,7 @@ PYTEST_OK, PYTEST_FAILED = 0, 1
 @dataclass
 class Outcome:
     name: str
-    result: str          # killed | SURVIVED | ERROR
+    result: str  # killed | SURVIVED | ERROR
     seconds: float
     detail: str = ""
 
@@ -108,7 +118,9 @@ def validate(mutations: list, root: Path = ROOT) -> list[str]:
             try:  # a find that matches inside a deeper-indented line leaves a file that cannot run
                 compile(source.replace(m.find, m.replace, 1), m.file, "exec")
             except SyntaxError as exc:
-                problems.append(f"{where}: the mutated {m.file} does not compile ({exc.msg}, line {exc.lineno})")
+                problems.append(
+                    f"{where}: the mutated {m.file} does not compile ({exc.msg}, line {exc.lineno})"
+                )
         for test in m.tests:
             test_file = test.split("::", 1)[0]
             if not (root / test_file).is_file():
@@ -122,8 +134,13 @@ def validate(mutations: list, root: Path = ROOT) -> list[str]:
 def repository_files(root: Path) -> list[str] | None:
     """Files git tracks plus untracked ones it does not ignore (None outside a git checkout)."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=root, capture_output=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return [name for name in out.decode("utf-8", "surrogateescape").split("\0") if name]
@@ -155,8 +172,15 @@ def run_tests(copy_root: Path, tests, timeout_s: float) -> tuple[int | None, str
     """(pytest's exit status or None on timeout, the tail of its output)."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
-    proc = subprocess.Popen(cmd, cwd=copy_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=copy_root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout_s)
         return proc.returncode, out[-3000:]
@@ -166,8 +190,9 @@ def run_tests(copy_root: Path, tests, timeout_s: float) -> tuple[int | None, str
         return None, (out or "")[-3000:]
 
 
-def run_one(m, root: Path, files: list[str] | None, timeout_s: float, *, mutate: bool = True,
-            each: bool = False) -> Outcome:
+def run_one(
+    m, root: Path, files: list[str] | None, timeout_s: float, *, mutate: bool = True, each: bool = False
+) -> Outcome:
     t0 = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix=f"secureim-mut-{m.name}-"))
     try:
@@ -180,7 +205,9 @@ def run_one(m, root: Path, files: list[str] | None, timeout_s: float, *, mutate:
             for test in m.tests:
                 status, tail = run_tests(copy_root, (test,), timeout_s)
                 if status not in (None, PYTEST_FAILED):
-                    survivors.append(f"{test}: pytest exit status {status}\n{tail if status != PYTEST_OK else ''}")
+                    survivors.append(
+                        f"{test}: pytest exit status {status}\n{tail if status != PYTEST_OK else ''}"
+                    )
             seconds = time.monotonic() - t0
             return Outcome(m.name, "SURVIVED" if survivors else "killed", seconds, "\n".join(survivors))
         status, tail = run_tests(copy_root, m.tests, timeout_s)
@@ -206,18 +233,39 @@ def print_table(outcomes: list[Outcome]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Switch each named defence off and check that its tests fail.")
     p.add_argument("--list", action="store_true", help="list the mutations and exit")
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only this mutation (repeatable, or comma-separated)")
-    p.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS, help=f"mutations at once (default {DEFAULT_JOBS})")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help=f"seconds allowed per mutation's tests (default {DEFAULT_TIMEOUT_S:.0f})")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also show the end of each killed mutation's test output (why it was killed)")
-    p.add_argument("--each", action="store_true",
-                   help="run every named test on its own and require each to fail (slower; checks the "
-                        "claims in docs/SECURITY.md, where each listed test is cited as a proof)")
-    p.add_argument("--baseline", action="store_true",
-                   help="instead: run each entry's tests on an unmutated copy (they must pass)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this mutation (repeatable, or comma-separated)",
+    )
+    p.add_argument(
+        "-j", "--jobs", type=int, default=DEFAULT_JOBS, help=f"mutations at once (default {DEFAULT_JOBS})"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds allowed per mutation's tests (default {DEFAULT_TIMEOUT_S:.0f})",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the end of each killed mutation's test output (why it was killed)",
+    )
+    p.add_argument(
+        "--each",
+        action="store_true",
+        help="run every named test on its own and require each to fail (slower; checks the "
+        "claims in docs/SECURITY.md, where each listed test is cited as a proof)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="instead: run each entry's tests on an unmutated copy (they must pass)",
+    )
     args = p.parse_args(argv)
 
     mutations, problems = load_catalogues()
@@ -240,17 +288,32 @@ def main(argv: list[str] | None = None) -> int:
     files = repository_files(ROOT)
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        outcomes = list(pool.map(lambda m: run_one(m, ROOT, files, args.timeout, mutate=not args.baseline,
-                                                   each=args.each and not args.baseline), selected))
+        outcomes = list(
+            pool.map(
+                lambda m: run_one(
+                    m,
+                    ROOT,
+                    files,
+                    args.timeout,
+                    mutate=not args.baseline,
+                    each=args.each and not args.baseline,
+                ),
+                selected,
+            )
+        )
     elapsed = time.monotonic() - t0
     print_table(outcomes)
     bad = [o for o in outcomes if o.result not in ("killed", "passed")]
-    for o in (outcomes if args.verbose else bad):
+    for o in outcomes if args.verbose else bad:
         print(f"\n--- {o.name}: {o.result}\n{o.detail}".rstrip())
-    counts = {r: sum(o.result == r for o in outcomes) for r in ("killed", "SURVIVED", "ERROR", "passed", "FAILED")}
+    counts = {
+        r: sum(o.result == r for o in outcomes) for r in ("killed", "SURVIVED", "ERROR", "passed", "FAILED")
+    }
     summary = ", ".join(f"{n} {r.lower()}" for r, n in counts.items() if n)
-    print(f"\n{len(outcomes)} mutations{' (baseline)' if args.baseline else ''}: {summary or 'none run'}; "
-          f"{len(problems)} catalogue problems; {elapsed:.0f} s with -j {args.jobs}")
+    print(
+        f"\n{len(outcomes)} mutations{' (baseline)' if args.baseline else ''}: {summary or 'none run'}; "
+        f"{len(problems)} catalogue problems; {elapsed:.0f} s with -j {args.jobs}"
+    )
     return 1 if bad or problems else 0
 
 
