@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from errors import ConfigError, CryptoError, DecryptionFailed, InvalidKemValue, InvalidKey
+from secureim.errors import ConfigError, CryptoError, DecryptionFailed, InvalidKemValue, InvalidKey
 
 try:  # cryptography >= 43 keeps Triple-DES in the "decrepit" namespace.
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _OpenSSLTripleDES

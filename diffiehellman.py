@@ -44,7 +44,7 @@ from crypto_utils import (
     hmac_sha512,
     mlkem768_encapsulate,
 )
-from errors import InvalidPublicValue, UnsupportedGroup
+from secureim.errors import InvalidPublicValue, UnsupportedGroup
 
 X25519_BYTES = 32
 # OpenSSH refuses public values with fewer than 4 bits set (dh.c, dh_pub_is_valid).
@@ -249,9 +249,9 @@ class ModexpOffload:
         self.submitted = 0
 
     def __call__(self, base: int, exponent: int, modulus: int) -> int:
+        import multiprocessing
         from concurrent.futures import CancelledError, ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
-        import multiprocessing
 
         with self._lock:
             if self._pool is None:

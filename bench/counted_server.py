@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import auth  # noqa: E402
-import server  # noqa: E402
+from secureim.server import accounts as auth  # noqa: E402
+from secureim.server import main as server_main  # noqa: E402
+from secureim.server import net as server_net  # noqa: E402
 
 WRITE_EVERY_S = 0.25
 
@@ -42,7 +43,7 @@ def _write(path: Path, at_start: int) -> None:
 
 def _count_workers(counters: Path) -> None:
     """Supervisor: start every worker through this file, each with its own counters file."""
-    import workers
+    from secureim.server import workers as workers
 
     workers.SERVER = str(Path(__file__).resolve())
     original_init = workers.Worker.__init__
@@ -59,7 +60,7 @@ def main() -> int:
     ours, rest = parser.parse_known_args()
     at_start = [0]
     stop = threading.Event()
-    original_start = server.Server.start
+    original_start = server_net.Server.start
 
     def writer() -> None:
         last = None
@@ -76,10 +77,10 @@ def main() -> int:
         threading.Thread(target=writer, name="bench-counters", daemon=True).start()
         return original_start(self)
 
-    server.Server.start = start
+    server_net.Server.start = start
     _count_workers(ours.counters)
     try:
-        return server.main(rest)
+        return server_main.main(rest)
     finally:
         stop.set()
         _write(ours.counters, at_start[0])

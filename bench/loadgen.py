@@ -50,9 +50,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import clientlib as C  # noqa: E402
-import protocol as P  # noqa: E402
-from errors import RoomError  # noqa: E402
+from secureim import client as C  # noqa: E402
+from secureim import proto as P  # noqa: E402
+from secureim.errors import RoomError  # noqa: E402
 
 PASSWORD = "benchmark-password"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -1021,8 +1021,8 @@ def microbench_split(bcrypt_cost: int, rounds: int = 20) -> dict:
     """Server CPU per login, split: the DH handshake (X25519 + signature) and the bcrypt check."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    import auth
-    import protocol as P
+    from secureim import proto as P
+    from secureim.server import accounts as auth
 
     identity = Ed25519PrivateKey.generate()
     out = {}
@@ -1687,7 +1687,7 @@ def run_room(args) -> dict:
         raise SystemExit("room: --members is at least 2")
     if not 0 <= offline_n <= members - 2:
         raise SystemExit("room: --offline is 0 to members - 2 (the admin and one other stay)")
-    import rooms as R
+    from secureim.e2e import rooms as R
 
     if args.payload_bytes < max(R.MIN_MESSAGE_BYTES, ROOM_HEADER.size):
         raise SystemExit(

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 import crypto_utils as cu  # noqa: E402
-import protocol as P  # noqa: E402
 from diffiehellman import DiffieHellman  # noqa: E402
+from secureim import proto as P  # noqa: E402
 
 MESSAGE = b"m" * 100
 IK = bytes(32)

@@ -32,8 +32,8 @@ def _load(tree: Path):
 
     import crypto_utils as cu
     import diffiehellman
-    import e2e
-    import protocol as P
+    from secureim import proto as P
+    from secureim.e2e import sessions as e2e
 
     return P, e2e, cu, Ed25519PrivateKey, diffiehellman.GROUPS
 

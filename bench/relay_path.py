@@ -23,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import protocol as P  # noqa: E402
-import server as S  # noqa: E402
+from secureim import proto as P  # noqa: E402
+from secureim.server import config as SC  # noqa: E402
+from secureim.server import net as S  # noqa: E402
+from secureim.server import registry as SR  # noqa: E402
 
 
 class CountingTransport:
@@ -71,7 +73,7 @@ def session(srv: S.Server, loop: TurnLoop, name: str, cipher: str):
     link = S.Link(srv)
     link.loop = loop
     link.transport = CountingTransport()
-    s = S.Session(proto, link, "127.0.0.1")
+    s = SR.Session(proto, link, "127.0.0.1")
     link.session = s
     s.username, s.identity_key = name, b"\x01" * 32
     srv.service.registry.online[name] = s
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--payload", type=int, default=180, help="bytes of end-to-end payload per message")
     args = p.parse_args(argv)
     srv = S.Server(
-        S.ServerConfig(
+        SC.ServerConfig(
             data_dir=Path(tempfile.mkdtemp(prefix="secureim-relay-path-")),
             cipher=args.cipher,
             rekey_after_messages=10**9,

@@ -12,10 +12,10 @@ import threading
 from pathlib import Path
 
 import pytest
-
-import crypto_utils as cu
 from cli_helpers import ServerProcess
 from db_fixtures import mysql_url
+
+import crypto_utils as cu
 
 NATS_HOST = os.environ.get("SECUREIM_TEST_NATS_HOST", "127.0.0.1")
 NATS_PORT = int(os.environ.get("SECUREIM_TEST_NATS_PORT", "4222"))

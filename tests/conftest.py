@@ -1,17 +1,16 @@
-"""Shared test setup: the project root on sys.path, vector loading, fast bcrypt."""
+"""Shared test setup: vector loading, fast bcrypt, no server process outliving its test."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(__file__).resolve().parent / "vectors"
-sys.path.insert(0, str(ROOT))
+
 
 pytest_plugins = ["db_fixtures"]  # the mysql_database fixture, for every test module
 

@@ -14,7 +14,7 @@ import socket
 import threading
 from typing import Callable
 
-import protocol as P
+from secureim import proto as P
 
 Tamper = Callable[[str, int, bytes], list]
 

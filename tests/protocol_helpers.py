@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import protocol as P
+from secureim import proto as P
 
 IK = bytes(32)  # a placeholder identity key for protocol-level tests
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import e2e
-import rooms as R
-from errors import SecureIMError
+from secureim.e2e import rooms as R
+from secureim.e2e import sessions as e2e
+from secureim.errors import SecureIMError
 
 
 def any_key_opens(room: R.RoomSession, sender: str, payload: bytes, max_counter: int = 1100) -> bool:
@@ -36,7 +36,7 @@ def any_key_opens(room: R.RoomSession, sender: str, payload: bytes, max_counter:
 
 def rooms_in_store(home, username: str, server_id: str, password: str) -> dict[str, R.RoomSession]:
     """Every room state sealed in a client's store on disk (opened with the user's password)."""
-    import prekeys as K
+    from secureim.e2e import prekeys as K
 
     store = K.PrekeyStore(home, username, server_id, password)
     return R.load_rooms(username, store.rooms)

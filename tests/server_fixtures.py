@@ -6,8 +6,9 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-import clientlib
-from server import Server, ServerConfig
+from secureim import client as clientlib
+from secureim.server.config import ServerConfig
+from secureim.server.net import Server
 
 TEST_BCRYPT_COST = 4
 PASSWORD = "correct horse battery"

@@ -16,15 +16,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pexpect
 import pytest
 from cli_helpers import ROOT, ServerProcess, login_flow, spawn_client
 from db_fixtures import mysql_admin, mysql_url
 from server_fixtures import PASSWORD, wait_for
 
-import clientlib
 import database
-import pexpect
-from errors import AccountBanned, AccountLocked, InvalidCredentials
+from secureim import client as clientlib
+from secureim.errors import AccountBanned, AccountLocked, InvalidCredentials
 
 WRONG_PASSWORD = "wrong horse battery staple"
 KICK_WAIT_S = 10.0  # the poll is every second; generous for a loaded 2-core machine
@@ -393,7 +393,7 @@ def test_the_console_on_a_piped_stdin(tmp_path):
 
 # --- account self-service: /delete-account (protocol 0x68 / 0x69) ------------------------------
 def test_delete_account_messages_encode_to_literal_bytes():
-    import protocol as P
+    from secureim import proto as P
 
     assert P.DeleteAccount(password=b"pw", confirm="al").encode() == bytes.fromhex("68 0002 7077 0002 616c")
     assert P.AccountDeleted(deleted=True, reason="ok").encode() == bytes.fromhex("69 01 0002 6f6b")
@@ -453,7 +453,7 @@ def test_delete_account_refuses_a_confirmation_that_is_not_the_username(server, 
 
 
 def test_metrics_listen_on_loopback_only():
-    from metrics import MetricsEndpoint, ServerMetrics
+    from secureim.server.metrics import MetricsEndpoint, ServerMetrics
 
     endpoint = MetricsEndpoint(ServerMetrics(), lambda: "database", 0)
     try:

@@ -17,12 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mitm import MitmProxy, flip
 from server_fixtures import PASSWORD, logged_in_client, make_client, running_server, wait_for
 
-import clientlib as C
 import crypto_utils as cu
-import protocol as P
-import puzzle
 from diffiehellman import DEFAULT_GROUP, GROUPS, DiffieHellman
-from errors import (
+from secureim import client as C
+from secureim import proto as P
+from secureim.errors import (
     ConnectionClosed,
     HandshakeFailed,
     InvalidCredentials,
@@ -31,6 +30,7 @@ from errors import (
     ProtocolError,
     ServerKeyMismatch,
 )
+from secureim.proto import puzzle as puzzle
 
 
 def rewrite(frame: bytes, **changes) -> bytes:

@@ -21,12 +21,12 @@ from mitm import MitmProxy
 from protocol_helpers import split_frames
 from server_fixtures import logged_in_client, running_server, wait_for
 
-import clientlib as C
 import crypto_utils as cu
-import e2e
-import protocol as P
 from diffiehellman import DEFAULT_GROUP, GROUPS, DiffieHellman
-from errors import HandshakeFailed, MalformedMessage, RecordAuthenticationFailed, RemoteProtocolError
+from secureim import client as C
+from secureim import proto as P
+from secureim.e2e import sessions as e2e
+from secureim.errors import HandshakeFailed, MalformedMessage, RecordAuthenticationFailed, RemoteProtocolError
 
 HYBRID = GROUPS["x25519-mlkem768"]
 

@@ -10,7 +10,7 @@ import pexpect
 import pytest
 from cli_helpers import ServerProcess, login_flow, quit_client, spawn_client, unstamped
 
-import clientlib as C
+from secureim import client as C
 
 PW_A, PW_B = "alice-password", "bob-password"
 

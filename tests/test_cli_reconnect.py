@@ -18,10 +18,12 @@ from types import SimpleNamespace
 import pexpect
 from cli_helpers import ServerProcess, login_flow, quit_client, spawn_client
 
-import client as CLI
-import clientlib as C
-import server as S
-from tickets import KEY_FILE, TICKET_LIFETIME_S
+from secureim import client as C
+from secureim import proto as P
+from secureim.server.config import ServerConfig
+from secureim.server.options import build_arg_parser
+from secureim.server.tickets import KEY_FILE, TICKET_LIFETIME_S
+from secureim.tui import main as CLI
 
 PW_A, PW_B, PW_C = "alice-password", "bob-password", "carol-password"
 RECONNECT_WITHIN_S = 15  # issue 12: both terminals are back within 15 s of the server
@@ -194,7 +196,7 @@ def test_the_terminal_keeps_trying_as_long_as_a_ticket_lives(tmp_path):
     """The library's default gives up after 8 tries in 60 s; the terminal's client does not."""
     args = SimpleNamespace(
         servers=[("127.0.0.1", 1)],
-        group=C.P.DEFAULT_GROUP,
+        group=P.DEFAULT_GROUP,
         server_fingerprint=None,
         no_history=True,
         history_max=10,
@@ -209,5 +211,5 @@ def test_the_terminal_keeps_trying_as_long_as_a_ticket_lives(tmp_path):
 
 
 def test_the_login_grace_is_openssh_s_120_s():
-    assert S.ServerConfig().login_grace_s == 120.0
-    assert S.build_arg_parser().parse_args([]).login_grace == 120.0
+    assert ServerConfig().login_grace_s == 120.0
+    assert build_arg_parser().parse_args([]).login_grace == 120.0

@@ -7,12 +7,12 @@ import shutil
 import sqlite3
 
 import pytest
+from cli_helpers import ServerProcess, login_flow, quit_client, spawn_client
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from room_helpers import any_key_opens, rooms_in_store
 
 import database as D
-import rooms as R
-from cli_helpers import ServerProcess, login_flow, quit_client, spawn_client
-from room_helpers import any_key_opens, rooms_in_store
+from secureim.e2e import rooms as R
 
 PASSWORDS = {
     "alice": "alice-password",

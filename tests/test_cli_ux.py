@@ -20,8 +20,8 @@ from cli_helpers import ROOT, ServerProcess, login_flow, quit_client, spawn_clie
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-import clientlib as C
-from errors import InvalidCredentials
+from secureim import client as C
+from secureim.errors import InvalidCredentials
 
 PW_A, PW_B, PW_C = "alice-password", "bob-password", "carol-password"
 

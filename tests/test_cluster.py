@@ -21,8 +21,8 @@ from cluster_helpers import Cluster, OwnNats, free_port, shared_nats_url
 from db_fixtures import MYSQL_HOST, MYSQL_PORT, MYSQL_USER
 from server_fixtures import PASSWORD, wait_for
 
-import clientlib as C
-from errors import MessageRefused
+from secureim import client as C
+from secureim.errors import MessageRefused
 
 pytestmark = [pytest.mark.mysql, pytest.mark.slow]
 
@@ -351,7 +351,7 @@ def test_a_stored_message_reaches_its_recipient_on_another_node(cluster, tmp_pat
 def test_a_room_spans_nodes_live_and_stored(cluster, tmp_path):
     """issue 13: members on different nodes; a change made on one node reaches the others'
     members, a message goes live over the bus, and the copy for a member away is stored."""
-    import room_client as RC
+    from secureim.client import rooms as RC
 
     n1, n2 = cluster.node(), cluster.node()
     carol = _client(n2, tmp_path / "carol", "carol")

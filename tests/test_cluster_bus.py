@@ -15,11 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 
-import cluster_nats as CN
-import protocol as P
-from cluster import SIGNED_IN_ELSEWHERE
-from errors import SecureIMError
-from server import ChatService, ServerConfig
+from secureim import proto as P
+from secureim.errors import SecureIMError
+from secureim.server.cluster import nats_bus as CN
+from secureim.server.cluster.local import SIGNED_IN_ELSEWHERE
+from secureim.server.config import ServerConfig
+from secureim.server.service import ChatService
 
 KEY = bytes(range(32))
 SUBJECT = "t.node.abc"
@@ -254,7 +255,7 @@ def test_a_complete_snapshot_removes_whoever_it_no_longer_lists(node):
 
 @pytest.mark.parametrize("db", [None, "sqlite:///x.db"])
 def test_a_cluster_on_sqlite_is_refused_in_one_line(tmp_path, db):
-    from server import build_arg_parser, config_from_args
+    from secureim.server.options import build_arg_parser, config_from_args
 
     argv = ["--data-dir", str(tmp_path), "--cluster", "nats://127.0.0.1:4222"] + (["--db", db] if db else [])
     with pytest.raises(SecureIMError, match="--cluster needs a database every node shares"):

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 import crypto_utils as cu
-from errors import ConfigError, CryptoError, DecryptionFailed, InvalidKey
+from secureim.errors import ConfigError, CryptoError, DecryptionFailed, InvalidKey
 
 SUITES = ["3des", "aes256"]
 

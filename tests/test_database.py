@@ -8,7 +8,7 @@ import pytest
 from db_fixtures import mysql_admin, mysql_url
 
 import database
-from errors import ConfigError, DatabaseError, DatabaseUnavailable
+from secureim.errors import ConfigError, DatabaseError, DatabaseUnavailable
 
 
 @pytest.fixture(params=["sqlite", "mysql"])

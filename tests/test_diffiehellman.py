@@ -8,7 +8,7 @@ import pytest
 from conftest import VECTORS, load_nist_records
 
 from diffiehellman import GROUPS, DiffieHellman, FiniteFieldGroup, get_group
-from errors import InvalidPublicValue, UnsupportedGroup
+from secureim.errors import InvalidPublicValue, UnsupportedGroup
 
 FF_GROUPS = [name for name, g in GROUPS.items() if isinstance(g, FiniteFieldGroup)]
 

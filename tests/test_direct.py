@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import crypto_utils as cu
-import direct as D
-import e2e
+from secureim.e2e import datagrams as D
+from secureim.e2e import sessions as e2e
 
 
 def _channels(suite_name="3des"):
@@ -223,8 +223,8 @@ def test_over_real_udp_sockets_with_an_impairing_shim():
 # --- with the real server: peer discovery, tickets, fallback --------------------------------
 from server_fixtures import chat_pair, logged_in_client, running_server, wait_for  # noqa: E402
 
-import clientlib as C  # noqa: E402
-import protocol as P  # noqa: E402
+from secureim import client as C  # noqa: E402
+from secureim import proto as P  # noqa: E402
 
 
 def _enable_direct(client):

@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from server_fixtures import RecordingSuite, logged_in_client, running_server, wait_for
 
-import clientlib as C
 import crypto_utils as cu
-import e2e
-import protocol as P
-from errors import DecryptionFailed, InvalidKey
+from secureim import client as C
+from secureim import proto as P
+from secureim.e2e import sessions as e2e
+from secureim.errors import DecryptionFailed, InvalidKey
 
 
 # --- sans-IO pairs -----------------------------------------------------------------------

@@ -14,9 +14,9 @@ from contextlib import ExitStack
 import pytest
 from server_fixtures import PASSWORD, chat_pair, running_server, wait_for
 
-import auth
-import clientlib as C
-from errors import ConfigError, ConnectionClosed, MessageRefused, ServerKeyMismatch
+from secureim import client as C
+from secureim.errors import ConfigError, ConnectionClosed, MessageRefused, ServerKeyMismatch
+from secureim.server import accounts as auth
 
 
 def _events_until(client, kind, timeout=15.0, **fields):
@@ -176,7 +176,7 @@ def test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick(tmp_pa
     """The CI race: the kick arrives in the same read as a message the client answers (here a
     prekey top-up).  The answer fails on the closed session, and that failure must not be taken
     for a lost connection, which would be failed over and undo the kick."""
-    import protocol as P
+    from secureim import proto as P
 
     with running_server(tmp_path / "srv") as server:
         alice = _client([server.server_address], tmp_path / "a", "alice", auto_reconnect=True)

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crypto_utils as cu
-import e2e
-import protocol as P
-from errors import DecryptionFailed, ProtocolError
+from secureim import proto as P
+from secureim.e2e import sessions as e2e
+from secureim.errors import DecryptionFailed, ProtocolError
 
 IDENTITY = Ed25519PrivateKey.generate()
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-import history as H
-from errors import HistoryLocked
+from secureim.client import history as H
+from secureim.errors import HistoryLocked
 
 PW = "alice-password"
 SERVICE = "127.0.0.1:5151"
@@ -136,7 +136,7 @@ def test_size_and_age_bounds(tmp_path):
 
 # --- through the library -------------------------------------------------------------
 def _login(server, home, password, **kw):
-    import clientlib as C
+    from secureim import client as C
 
     host, port = server.server_address
     client = C.ChatClient(host, port, home=home, history=True, **kw)
@@ -147,8 +147,9 @@ def _login(server, home, password, **kw):
 
 
 def test_passwd_reseals_the_history_and_a_foreign_seal_is_said_not_overwritten(tmp_path):
-    import clientlib as C
     from server_fixtures import logged_in_client, running_server
+
+    from secureim import client as C
 
     with running_server(tmp_path / "srv") as server:
         logged_in_client(server, tmp_path / "alice", "alice").close()  # registered

@@ -7,11 +7,13 @@ import threading
 import time
 
 import pytest
-
-import clientlib as C
-import offline
-import protocol as P
 from server_fixtures import PASSWORD, logged_in_client, running_server, wait_for
+
+from secureim import client as C
+from secureim import proto as P
+from secureim.client import chat as CC
+from secureim.client import offline as offline
+from secureim.errors import MessageRefused
 
 
 def _published(client: C.ChatClient) -> C.ChatClient:
@@ -146,7 +148,7 @@ def test_writing_to_a_user_without_prekeys_says_so(tmp_path):
     with running_server(tmp_path / "srv") as server:
         server.storage.create_user("old", "x" * 60, b"\x01" * 32)
         alice = logged_in_client(server, tmp_path / "alice", "alice")
-        with pytest.raises(C.MessageRefused, match="no keys for offline messages"):
+        with pytest.raises(MessageRefused, match="no keys for offline messages"):
             alice.send_offline("old", "hello?")
         alice.close()
 
@@ -260,12 +262,12 @@ class _OpeningClient:
     node_id = "test"
 
     def __init__(self, refusal: str | None = None):
-        self.opens: list[C._Barrier] = []
+        self.opens: list[CC._Barrier] = []
         self.progress = threading.Event()
         self.refusal = refusal
 
     def _barrier_after(self, msg):
-        barrier = C._Barrier()
+        barrier = CC._Barrier()
         if self.refusal is not None:  # answered at once, with this refusal and no session
             barrier.refusals.append(self.refusal)
             barrier.done.set()
@@ -318,7 +320,7 @@ def test_a_late_answer_to_an_open_that_timed_out_is_not_taken_by_the_next():
     refused this time (say the peer's identity changed), must fail, not take the old session."""
     box = offline.Mailbox(_OpeningClient(refusal="refused for the test"))
     box._answered["bob"] = object()  # the late answer to an earlier open
-    with pytest.raises(C.MessageRefused, match="refused for the test"):
+    with pytest.raises(MessageRefused, match="refused for the test"):
         box._outbound_for("bob")
 
 
@@ -481,7 +483,7 @@ def test_stored_messages_still_open_after_the_recipient_changed_the_password(tmp
 
 
 def test_messages_held_for_an_identity_decision_do_not_hold_up_the_others(tmp_path, monkeypatch):
-    import server as S
+    from secureim.server import service as S
 
     monkeypatch.setattr(S, "QUEUE_WINDOW", 2)
     with running_server(tmp_path / "srv") as server:

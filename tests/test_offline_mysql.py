@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pymysql
-
-import clientlib as C
-import prekeys as K
-import protocol as P
 from db_fixtures import MYSQL_HOST, MYSQL_PORT, MYSQL_USER, mysql_url
 from server_fixtures import PASSWORD, RecordingSuite, logged_in_client, running_server, wait_for
+
+from secureim import client as C
+from secureim import proto as P
+from secureim.e2e import prekeys as K
 
 SECRETS = ["meet me at the north gate", "bring the blue folder"]
 

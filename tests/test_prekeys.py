@@ -8,9 +8,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import crypto_utils as cu
-import e2e
-import prekeys as K
-from errors import DecryptionFailed
+from secureim.e2e import prekeys as K
+from secureim.e2e import sessions as e2e
+from secureim.errors import DecryptionFailed
 
 SUITE = cu.get_suite("aes256")
 CID, GEN = 7, 3

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import handshake
 
-import protocol as P
-from errors import MalformedMessage, ProtocolError
+from secureim import proto as P
+from secureim.errors import MalformedMessage, ProtocolError
 
 IDENTITY = Ed25519PrivateKey.generate()
 

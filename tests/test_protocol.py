@@ -9,11 +9,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protocol_helpers import handshake, logged_in, split_frames
 
 import crypto_utils as cu
-import protocol as P
+from secureim import proto as P
 
 IK = bytes(32)  # a placeholder identity key for protocol-level tests
 from diffiehellman import DEFAULT_GROUP, DiffieHellman
-from errors import (
+from secureim.errors import (
     FrameTooLarge,
     HandshakeFailed,
     LocalProtocolError,
@@ -476,5 +476,5 @@ def test_a_bytes_field_longer_than_its_bound_is_refused_by_the_decoder(cls):
         if m["kind"] is P.Kind.BYTES and m["exact"] is not None:
             sample = b"\0" * m["exact"]
         enc(out, sample)
-    with pytest.raises(P.MalformedMessage, match="bad length"):
+    with pytest.raises(MalformedMessage, match="bad length"):
         P.decode_message(bytes(out))

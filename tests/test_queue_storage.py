@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from db_fixtures import mysql_url
 
 from database import (
     DUPLICATE,
@@ -16,7 +17,6 @@ from database import (
     SQLiteStorage,
     open_storage,
 )
-from db_fixtures import mysql_url
 
 
 @pytest.fixture(params=["sqlite", "mysql"])

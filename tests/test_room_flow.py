@@ -5,13 +5,13 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-
-import protocol as P
-import room_client as RC
-import rooms as R
-from errors import RoomError
 from room_helpers import any_key_opens
 from server_fixtures import logged_in_client, running_server, wait_for
+
+from secureim import proto as P
+from secureim.client import rooms as RC
+from secureim.e2e import rooms as R
+from secureim.errors import RoomError
 
 
 def _published(client):
@@ -175,8 +175,9 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
     not fanned out; the removed member's copy of the change carries no key of the new epoch."""
     import queue as Q
 
-    import database as D
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    import database as D
 
     with running_server(tmp_path / "srv") as server:
         c = _team(server, tmp_path)
@@ -260,9 +261,10 @@ def test_bad_room_frames_are_refused_without_harm(tmp_path):
 
 
 def test_deleting_an_account_leaves_its_rooms_first_with_signed_changes(tmp_path):
-    import clientlib as C
-    from errors import InvalidPassword
     from server_fixtures import PASSWORD
+
+    from secureim import client as C
+    from secureim.errors import InvalidPassword
 
     with running_server(tmp_path / "srv") as server:
         c = _team(server, tmp_path)

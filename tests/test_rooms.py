@@ -6,12 +6,12 @@ import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from room_helpers import any_key_opens
 
 import crypto_utils as cu
-import e2e
-import rooms as R
-from room_helpers import any_key_opens
-from errors import ChangeRefused, DecryptionFailed, InvalidRoomName
+from secureim.e2e import rooms as R
+from secureim.e2e import sessions as e2e
+from secureim.errors import ChangeRefused, DecryptionFailed, InvalidRoomName
 
 SUITE = cu.get_suite("3des").suite_id
 NOW = 1_800_000_000.0

@@ -18,12 +18,12 @@ import threading
 import pexpect
 import pytest
 from cli_helpers import ROOT, ServerProcess, login_flow, quit_client, spawn_client
-
-import clientlib as C
-import crypto_utils as cu
-import history as H
-from errors import HistoryLocked
 from server_fixtures import wait_for
+
+import crypto_utils as cu
+from secureim import client as C
+from secureim.client import history as H
+from secureim.errors import HistoryLocked
 
 PW_A, PW_B, PW_C = "alice-password", "bob-password", "carol-password"
 TIMEOUT_S = 60

@@ -9,21 +9,21 @@ import time
 import pytest
 from db_fixtures import mysql_url
 from server_fixtures import (
+    PASSWORD,
     RecordingSuite,
     chat_pair,
-    PASSWORD,
     logged_in_client,
     make_client,
     running_server,
     wait_for,
 )
 
-import auth
-import clientlib as C
-import protocol as P
+from secureim import client as C
+from secureim import proto as P
+from secureim.server import accounts as auth
 
 IK = bytes(32)  # a placeholder identity key for protocol-level tests
-from errors import (
+from secureim.errors import (
     AccountLocked,
     ConnectionClosed,
     InvalidCredentials,
@@ -401,7 +401,7 @@ def test_database_down_gives_try_again_later(tmp_path):
         logged_in_client(server, tmp_path / "a", "alice").close()
         server.storage.close()  # the database goes away under the running server
         c = make_client(server, tmp_path / "x")
-        from errors import ServiceUnavailable
+        from secureim.errors import ServiceUnavailable
 
         with pytest.raises(ServiceUnavailable, match="try again later"):
             c.login("alice", PASSWORD)
@@ -457,9 +457,10 @@ def test_resume_after_a_server_restart_without_password_or_bcrypt(tmp_path):
 
 
 def test_tickets_are_bound_forged_and_expired_ones_refused(tmp_path):
-    import tickets
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     import crypto_utils as cu
+    from secureim.server import tickets as tickets
 
     key = tickets.load_or_create_ticket_key(tmp_path)
     assert (tmp_path / "ticket.key").stat().st_mode & 0o777 == 0o600

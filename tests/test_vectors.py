@@ -13,7 +13,7 @@ from conftest import VECTORS, load_nist_records, load_wycheproof, wycheproof_id
 
 import crypto_utils as cu
 from diffiehellman import DiffieHellman
-from errors import DecryptionFailed, InvalidPublicValue
+from secureim.errors import DecryptionFailed, InvalidPublicValue
 
 TDES_DIR = VECTORS / "cryptography_vectors" / "ciphers" / "3DES"
 

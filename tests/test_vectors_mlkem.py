@@ -17,7 +17,7 @@ import pytest
 from conftest import load_wycheproof, wycheproof_id
 
 import crypto_utils as cu
-from errors import InvalidKemValue, InvalidKey
+from secureim.errors import InvalidKemValue, InvalidKey
 
 DECAPS_CASES = load_wycheproof("mlkem_768_test.json")
 ENCAPS_CASES = load_wycheproof("mlkem_768_encaps_test.json")

@@ -10,7 +10,7 @@ S = "tests/test_admin_storage.py::"
 MUTATIONS: list[Mutation] = [
     Mutation(
         name="admin-ban-enforced-at-login",
-        file="server.py",
+        file="secureim/server/service.py",
         find="            ban = self.storage.user_ban(username, time.time())",
         replace="            ban = None",
         tests=(T + "test_a_banned_user_is_disconnected_at_once_and_cannot_log_in",),
@@ -18,7 +18,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-ban-ends-live-session",
-        file="moderation.py",
+        file="secureim/server/moderation.py",
         find="                self._kick(action.username, action.reason)",
         replace="                pass",
         tests=(
@@ -29,7 +29,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-network-ban-checked-at-login",
-        file="server.py",
+        file="secureim/server/service.py",
         find="        ban = self.address_bans.match(session.source)\n        if ban is not None:  # the cache",
         replace="        ban = None\n        if ban is not None:  # the cache",
         tests=(T + "test_a_banned_network_is_disconnected_and_refused",),
@@ -37,7 +37,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-network-ban-ends-live-sessions",
-        file="moderation.py",
+        file="secureim/server/moderation.py",
         find="            self._kick_banned_sources()",
         replace="            pass",
         tests=(T + "test_a_banned_network_is_disconnected_and_refused",),
@@ -45,7 +45,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-reset-bumps-ticket-epoch",
-        file="admin.py",
+        file="secureim/server/admin.py",
         find="        self.storage.bump_ticket_epoch(name)",
         replace="        pass",
         tests=(T + "test_reset_password_ends_tickets_and_the_old_password",),
@@ -53,7 +53,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-audit-never-stores-password",
-        file="server.py",
+        file="secureim/server/service.py",
         find="                who=_loggable(msg.username),\n                username=msg.username,\n            )\n",
         replace='                who=_loggable(msg.username),\n                username=msg.username + msg.password.decode("utf-8", "replace"),\n            )\n',
         tests=(
@@ -64,7 +64,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-delete-user-removes-conversations",
-        file="database.py",
+        file="secureim/storage/sqlite.py",
         find='            conn.execute(\n                "DELETE FROM conversations WHERE user_low = ? OR user_high = ?", (username, username)\n            )\n',
         replace="            pass\n",
         tests=(
@@ -75,7 +75,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-delete-account-needs-password",
-        file="server.py",
+        file="secureim/server/service.py",
         find="            self.auth.login(me, msg.password, session.source)",
         replace="            pass",
         tests=(T + "test_delete_account_asks_password_and_confirmation_then_deletes",),
@@ -83,7 +83,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-delete-account-needs-confirmation",
-        file="server.py",
+        file="secureim/server/service.py",
         find="        if msg.confirm != me:",
         replace="        if False:",
         tests=(T + "test_delete_account_refuses_a_confirmation_that_is_not_the_username",),
@@ -91,7 +91,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-bad-input-exit-2",
-        file="admin.py",
+        file="secureim/server/admin.py",
         find='        print(f"admin: {exc}", file=sys.stderr)\n        return EXIT_BAD_INPUT\n    except SecureIMError as exc:  # the database went away\n',
         replace='        print(f"admin: {exc}", file=sys.stderr)\n        return EXIT_OK\n    except SecureIMError as exc:  # the database went away\n',
         tests=(T + "test_bad_admin_input_is_one_line_and_exit_2",),
@@ -99,7 +99,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-metrics-loopback-only",
-        file="metrics.py",
+        file="secureim/server/metrics.py",
         find='METRICS_HOST = "127.0.0.1"',
         replace='METRICS_HOST = "0.0.0.0"',
         tests=(T + "test_metrics_listen_on_loopback_only",),

@@ -9,7 +9,7 @@ _UX = "tests/test_cli_ux.py"
 MUTATIONS: list[Mutation] = [
     Mutation(
         name="client-sanitize-keeps-format-controls",
-        file="clientlib.py",
+        file="secureim/client/display.py",
         find='        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (\n            cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS\n        ):\n',
         replace='        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or False:\n',
         tests=(
@@ -20,7 +20,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-sanitize-bidi-allowed",
-        file="clientlib.py",
+        file="secureim/client/display.py",
         find="HARMLESS_FORMAT_CHARS = frozenset({0x00AD, 0x200C, 0x200D, 0x2060}) | frozenset(range(0xE0020, 0xE0080))\n",
         replace="HARMLESS_FORMAT_CHARS = frozenset(\n    {0x00AD, 0x200C, 0x200D, 0x2060, 0x200F, 0x202E, 0x2066, 0x2069}\n) | frozenset(range(0xE0020, 0xE0080))\n",
         tests=(
@@ -31,7 +31,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-sanitize-keeps-c0-c1",
-        file="clientlib.py",
+        file="secureim/client/display.py",
         find='        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (\n            cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS\n        ):\n',
         replace='        if cat in ("Zl", "Zp", "Co", "Cs", "Cn") or (cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS):\n',
         tests=(
@@ -42,7 +42,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-multiline-first-line-prefixed-only",
-        file="client.py",
+        file="secureim/tui/app.py",
         find='return "\\n".join(f"{mark}[{peer}]: {line}" for line in C.sanitize_lines(event.text))',
         replace='return f"{mark}[{peer}]: " + "\\n".join(C.sanitize_lines(event.text))',
         tests=(f"{_UX}::test_bug4_a_multi_line_paste_is_shown_as_lines_each_with_the_sender",),
@@ -50,7 +50,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-lines-keep-carriage-return",
-        file="clientlib.py",
+        file="secureim/client/display.py",
         find='    return [sanitize(line, max_chars) for line in text[:max_chars].replace("\\r\\n", "\\n").split("\\n")]\n',
         replace='    return [\n        sanitize(line, max_chars).replace("\\\\x0d", "\\r")\n        for line in text[:max_chars].replace("\\r\\n", "\\n").split("\\n")\n    ]\n',
         tests=(f"{_UX}::test_sanitize_never_lets_a_control_or_bidi_character_through",),
@@ -58,7 +58,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="passwd-old-tickets-still-resume",
-        file="server.py",
+        file="secureim/server/service.py",
         find="if epoch != self.storage.get_ticket_epoch(username):",
         replace="if False:",
         tests=(
@@ -69,7 +69,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="passwd-old-password-unchecked",
-        file="auth.py",
+        file="secureim/server/accounts.py",
         find="        self.login(username, old_password, source)\n",
         replace="        pass\n",
         tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),
@@ -77,7 +77,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="passwd-identity-not-resealed",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="            self.identities.save(self.username, new_password, self.identity)\n",
         replace="            pass\n",
         tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),

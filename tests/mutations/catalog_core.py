@@ -30,7 +30,7 @@ MUTATIONS: list[Mutation] = [
     # --- end-to-end layer (e2e.py) ------------------------------------------------------
     Mutation(
         name="e2e-root-without-dh",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find='    return cu.hkdf(\n        kdc_key + dh + kem_secrets[0] + kem_secrets[1],\n        salt=transcript_hash,\n        info=cu.label("e2e root x25519-mlkem768"),\n        length=32,\n    )\n',
         replace='    return cu.hkdf(kdc_key, salt=transcript_hash, info=cu.label("e2e root x25519-mlkem768"), length=32)\n',
         tests=(f"{E2E}::test_curious_server_cannot_read_messages",),
@@ -39,7 +39,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="e2e-skipped-key-not-deleted",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="return skipped[key], lambda: skipped.pop(key, None)",
         replace="return skipped[key], lambda: None",
         tests=(f"{E2E}::test_a_replayed_out_of_order_message_is_refused",),
@@ -47,7 +47,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="e2e-share-signature",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="        share = x_public + encapsulation_key\n        if not cu.verify_signature(\n            self.peer_identity, signature, _share_transcript(self.id, generation, self.peer, self.me, share)\n",
         replace="        share = x_public + encapsulation_key\n        if False and not cu.verify_signature(\n            self.peer_identity, signature, _share_transcript(self.id, generation, self.peer, self.me, share)\n",
         tests=(
@@ -58,7 +58,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="e2e-hash-ratchet",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find='self.key = cu.hmac_sha256(self.key, b"\\x02")  # the old chain key is overwritten',
         replace="self.key = self.key",
         tests=(f"{E2E}::test_every_message_has_a_fresh_key",),
@@ -66,7 +66,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="e2e-freshness-window",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="if abs(self._clock() - opened.sent_at) > FRESHNESS_WINDOW_S:",
         replace="if False:",
         tests=(f"{E2E}::test_too_old_and_future_messages_are_refused",),
@@ -74,7 +74,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="e2e-max-skip",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="if counter - chain.index > MAX_SKIP:",
         replace="if False:",
         tests=(f"{E2E}::test_out_of_order_within_the_bound_and_refused_beyond",),
@@ -82,7 +82,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="e2e-peer-pin",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="if not cu.constant_time_equal(known[0], key):\n            raise IdentityChanged",
         replace="if False:\n            raise IdentityChanged",
         tests=(
@@ -94,7 +94,7 @@ MUTATIONS: list[Mutation] = [
     # --- handshake (protocol.py) --------------------------------------------------------------
     Mutation(
         name="handshake-server-signature",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="if not cu.verify_signature(server_key, msg.signature, SIGNATURE_CONTEXT + th1):",
         replace="if False:",
         tests=(
@@ -111,7 +111,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="handshake-server-confirmation",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="if not DiffieHellman.verify_hashed_key(self._keys.server_confirm, msg.confirm, th1):",
         replace="if False:",
         tests=(
@@ -122,7 +122,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="handshake-client-finished",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="if not DiffieHellman.verify_hashed_key(self._keys.client_confirm, msg.confirm, th2):",
         replace="if False:",
         tests=(
@@ -134,7 +134,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="handshake-expected-server-key",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="        if self._expected_server_key is not None and not cu.constant_time_equal(\n            server_key, self._expected_server_key\n        ):\n",
         replace="        if False and not cu.constant_time_equal(server_key, self._expected_server_key):\n",
         tests=(f"{PROTO}::test_impostor_server_with_valid_signature_but_unpinned_key_is_refused",),
@@ -142,7 +142,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="handshake-state-table",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="if type(msg) not in allowed:\n            raise UnexpectedMessage",
         replace="if False:\n            raise UnexpectedMessage",
         tests=(f"{PROTO}::test_login_before_handshake_is_refused",),
@@ -150,7 +150,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="frame-size-check",
-        file="protocol.py",
+        file="secureim/proto/records.py",
         find="if length > self._max:  # refused from the header, before the body is buffered",
         replace="if False:",
         tests=(
@@ -161,7 +161,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="record-sequence-numbers",
-        file="protocol.py",
+        file="secureim/proto/records.py",
         find='return RECORD_AAD_PREFIX + self.seq.to_bytes(8, "big")',
         replace="return RECORD_AAD_PREFIX",
         tests=(
@@ -172,7 +172,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="record-sequence-never-wraps",
-        file="protocol.py",
+        file="secureim/proto/records.py",
         find="if self.seq >= SEQUENCE_LIMIT:",
         replace="if False:",
         tests=(f"{PROTO}::test_sequence_numbers_never_wrap",),
@@ -180,7 +180,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-required-before-dh",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="if self._puzzle is not None and not self._puzzle_passed(msg):",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A35_puzzle_is_required_before_any_dh_work",),
@@ -188,7 +188,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="handshake-configured-groups",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="        return (\n            name in GROUPS\n            and (self._allowed_groups is None or name in self._allowed_groups)\n            and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available())\n        )\n",
         replace="        return name in GROUPS and True and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available())\n",
         tests=(f"{PROTO}::test_server_refuses_groups_disabled_by_configuration",),
@@ -196,7 +196,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="username-rules",
-        file="protocol.py",
+        file="secureim/proto/limits.py",
         find="if not USERNAME_RE.fullmatch(name):",
         replace="if not name:",
         tests=(f"{ATTACKS}::test_A30_hostile_usernames_are_refused",),
@@ -204,7 +204,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-ignored-is-refused",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="if self._puzzles_sent:\n                self._refuse(",
         replace="if False:\n                self._refuse(",
         tests=(f"{ATTACKS}::test_A35_a_client_that_ignores_the_puzzle_is_refused",),
@@ -277,7 +277,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="handshake-group-allowlist",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="        return (\n            name in GROUPS\n            and (self._allowed_groups is None or name in self._allowed_groups)\n            and (name not in POST_QUANTUM_GROUPS or cu.mlkem_available())\n",
         replace="        return (self._allowed_groups is None or name in self._allowed_groups) and (\n            name not in POST_QUANTUM_GROUPS or cu.mlkem_available()\n",
         tests=(
@@ -313,7 +313,7 @@ MUTATIONS: list[Mutation] = [
     # --- accounts (auth.py) ---------------------------------------------------------------------
     Mutation(
         name="auth-dummy-bcrypt-for-unknown-users",
-        file="auth.py",
+        file="secureim/server/accounts.py",
         find="ok = self._check(password, stored if stored is not None else self._dummy_hash)",
         replace="ok = stored is not None and self._check(password, stored)",
         tests=(f"{SERVER}::test_wrong_password_and_unknown_user_get_the_same_answer",),
@@ -321,7 +321,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="auth-dummy-bcrypt-for-invalid-names",
-        file="auth.py",
+        file="secureim/server/accounts.py",
         find="self._check(password[:MAX_PASSWORD_BYTES], self._dummy_hash)",
         replace="None",
         tests=(f"{SERVER}::test_wrong_password_and_unknown_user_get_the_same_answer",),
@@ -329,7 +329,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="auth-lockout",
-        file="auth.py",
+        file="secureim/server/accounts.py",
         find="if failures.locked_until > now:",
         replace="if False:",
         tests=(f"{SERVER}::test_lockout_after_five_failures_for_that_source_only",),
@@ -337,7 +337,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="auth-no-truncation",
-        file="auth.py",
+        file="secureim/server/accounts.py",
         find="return base64.b64encode(hmac_sha256(PREHASH_KEY, password))",
         replace="return password[:72]",
         tests=(f"{ATTACKS}::test_A31_password_lengths",),
@@ -345,7 +345,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="auth-min-password-length",
-        file="auth.py",
+        file="secureim/server/accounts.py",
         find="if len(password) < MIN_PASSWORD_BYTES:",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A31_password_lengths",),
@@ -354,7 +354,7 @@ MUTATIONS: list[Mutation] = [
     # --- server (server.py, puzzle.py, tickets.py) -----------------------------------------------
     Mutation(
         name="server-puzzle-source-binding",
-        file="server.py",
+        file="secureim/server/net.py",
         find="            source=source,\n",
         replace='            source="",\n',
         tests=(f"{ATTACKS}::test_A36_the_real_server_binds_puzzles_to_the_source_address",),
@@ -362,7 +362,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-puzzle-load-wired",
-        file="server.py",
+        file="secureim/server/net.py",
         find="            load=self.service.registry.unauthenticated_total,\n",
         replace="            load=lambda: 0,\n",
         tests=(f"{ATTACKS}::test_A37_load_adaptive_difficulty_through_the_real_server",),
@@ -370,7 +370,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-rate-limit",
-        file="server.py",
+        file="secureim/server/net.py",
         find="elif not self.rate_limiter.allow(source):",
         replace="elif False:",
         tests=(f"{ATTACKS}::test_A39_per_source_connection_rate_limit",),
@@ -378,7 +378,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-half-open-cap-per-source",
-        file="server.py",
+        file="secureim/server/registry.py",
         find="if self.unauthenticated.get(session.source, 0) >= max_unauth_per_source:",
         replace="if False:",
         tests=(
@@ -389,7 +389,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-max-auth-tries",
-        file="server.py",
+        file="secureim/server/service.py",
         find="if session.auth_attempts >= self.config.max_auth_tries:",
         replace="if False:",
         tests=(f"{SERVER}::test_too_many_attempts_close_the_connection",),
@@ -397,7 +397,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-login-grace",
-        file="server.py",
+        file="secureim/server/net.py",
         find="self.loop.call_later(self.config.login_grace_s, self._login_deadline, session)",
         replace="pass",
         tests=(f"{SERVER}::test_silent_client_is_closed_at_the_login_deadline",),
@@ -405,7 +405,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-relay-membership",
-        file="server.py",
+        file="secureim/server/service.py",
         find="if conv is None or me not in conv.members:",
         replace="if conv is None:",
         tests=(f"{ATTACKS}::test_A32_relay_into_a_conversation_one_is_not_in",),
@@ -413,7 +413,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-no-conversation-with-oneself",
-        file="server.py",
+        file="secureim/server/service.py",
         find="        if peer == session.username:\n",
         replace="        if False:\n",
         tests=(f"{ATTACKS}::test_A33_relay_to_oneself_and_to_nobody",),
@@ -421,7 +421,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-slow-reader-dropped",
-        file="server.py",
+        file="secureim/server/registry.py",
         find="if self._out_bytes + link.buffered > link.limit:",
         replace="if False:",
         tests=(f"{SERVER}::test_client_that_stops_reading_is_dropped_not_waited_for",),
@@ -429,7 +429,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-mac-binds-source",
-        file="puzzle.py",
+        file="secureim/proto/puzzle.py",
         find=' + source.encode("utf-8", "replace")',
         replace="",
         tests=(
@@ -440,7 +440,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-replay-cache",
-        file="puzzle.py",
+        file="secureim/proto/puzzle.py",
         find="if token in self._used:",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved",),
@@ -448,7 +448,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-expiry",
-        file="puzzle.py",
+        file="secureim/proto/puzzle.py",
         find="if not 0 <= now - issued_at <= LIFETIME_S:",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved",),
@@ -456,7 +456,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-difficulty-floor",
-        file="puzzle.py",
+        file="secureim/proto/puzzle.py",
         find="if difficulty < required:",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved",),
@@ -464,7 +464,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="ticket-identity-binding",
-        file="tickets.py",
+        file="secureim/server/tickets.py",
         find="        if (\n            version != TICKET_VERSION\n            or expires < self._clock()\n            or not cu.constant_time_equal(bound_key, identity_key)\n        ):\n",
         replace="        if version != TICKET_VERSION or expires < self._clock():\n",
         tests=(f"{SERVER}::test_tickets_are_bound_forged_and_expired_ones_refused",),
@@ -472,7 +472,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="ticket-expiry",
-        file="tickets.py",
+        file="secureim/server/tickets.py",
         find="        if (\n            version != TICKET_VERSION\n            or expires < self._clock()\n            or not cu.constant_time_equal(bound_key, identity_key)\n        ):\n",
         replace="        if version != TICKET_VERSION or not cu.constant_time_equal(bound_key, identity_key):\n",
         tests=(f"{SERVER}::test_tickets_are_bound_forged_and_expired_ones_refused",),
@@ -481,7 +481,7 @@ MUTATIONS: list[Mutation] = [
     # --- client (clientlib.py) ------------------------------------------------------------------
     Mutation(
         name="client-reply-deadline",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="self.sock.settimeout(self.reply_timeout_s)",
         replace="self.sock.settimeout(None)",
         tests=(f"{ATTACKS}::test_A09_client_gives_up_on_a_server_that_accepts_and_never_answers",),
@@ -489,7 +489,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-server-pin",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="elif not cu.constant_time_equal(known, key):",
         replace="elif False:",
         tests=(f"{ATTACKS}::test_A13_impostor_server_with_its_own_identity_is_refused_once_pinned",),
@@ -497,7 +497,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-puzzle-cap",
-        file="puzzle.py",
+        file="secureim/proto/puzzle.py",
         find="if difficulty > CLIENT_MAX_DIFFICULTY:",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A38_client_refuses_absurd_puzzles",),
@@ -505,7 +505,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-sanitiser",
-        file="clientlib.py",
+        file="secureim/client/display.py",
         find='        if cat in ("Cc", "Zl", "Zp", "Co", "Cs", "Cn") or (\n            cat == "Cf" and ord(ch) not in HARMLESS_FORMAT_CHARS\n        ):\n',
         replace="        if False:\n",
         tests=(f"{ATTACKS}::test_A34_terminal_escape_sequences_are_neutralised",),
@@ -514,7 +514,7 @@ MUTATIONS: list[Mutation] = [
     # --- direct mode (direct.py) ------------------------------------------------------------------
     Mutation(
         name="direct-replay-window",
-        file="direct.py",
+        file="secureim/e2e/datagrams.py",
         find="if not self._window.check(seq):",
         replace="if False:",
         tests=(f"{DIRECT}::test_replayed_datagram_is_refused",),
@@ -523,7 +523,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="direct-ticket-replay",
-        file="direct.py",
+        file="secureim/e2e/datagrams.py",
         find="if t.ticket_id in self._seen_tickets:",
         replace="if False:",
         tests=(f"{DIRECT}::test_replayed_ticket_stranger_and_tampered_datagrams_are_refused",),

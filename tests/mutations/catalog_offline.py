@@ -11,7 +11,7 @@ QS = "tests/test_queue_storage.py::"
 MUTATIONS: list[Mutation] = [
     Mutation(
         name="offline-one-time-prekey-kept",
-        file="prekeys.py",
+        file="secureim/e2e/prekeys.py",
         find="                store._drop_one_time(opk_id)  # used once: its private key is gone\n",
         replace="                store.one_time.get(opk_id)\n",
         tests=(PK + "test_a_one_time_prekey_is_used_once_and_a_replay_is_refused",),
@@ -19,7 +19,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-signed-prekey-replay-forgotten",
-        file="prekeys.py",
+        file="secureim/e2e/prekeys.py",
         find="if not opk_id and seen in signed.seen:",
         replace="if False:",
         tests=(
@@ -30,7 +30,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-init-signature-unchecked",
-        file="prekeys.py",
+        file="secureim/e2e/prekeys.py",
         find="        if not cu.verify_signature(\n",
         replace="        if False and not cu.verify_signature(\n",
         tests=(PK + "test_a_forged_init_is_refused_before_any_key_is_spent",),
@@ -38,7 +38,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-bundle-signature-unchecked",
-        file="prekeys.py",
+        file="secureim/e2e/prekeys.py",
         find='    if spk_id == 0 or not cu.verify_signature(\n        peer_identity, spk_sig, _prekey_text("signed prekey", peer, spk_id, spk_x + spk_ek)\n',
         replace='    if (\n        spk_id == 0\n        or False\n        and not cu.verify_signature(\n            peer_identity, spk_sig, _prekey_text("signed prekey", peer, spk_id, spk_x + spk_ek)\n        )\n',
         tests=(PK + "test_a_tampered_bundle_is_refused_by_the_sender",),
@@ -46,7 +46,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-root-without-kdc-key",
-        file="prekeys.py",
+        file="secureim/e2e/prekeys.py",
         find='        kdc_key + b"".join(secrets),\n        salt=transcript,\n        info=cu.label("e2e offline root x25519-mlkem768"),\n        length=32,\n',
         replace='        b"".join(secrets), salt=transcript, info=cu.label("e2e offline root x25519-mlkem768"), length=32\n',
         tests=(PK + "test_the_kdc_key_is_an_input_too",),
@@ -54,7 +54,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-root-kdc-key-only",
-        file="prekeys.py",
+        file="secureim/e2e/prekeys.py",
         find='    return cu.hkdf(\n        kdc_key + b"".join(secrets),\n        salt=transcript,\n        info=cu.label("e2e offline root x25519-mlkem768"),\n        length=32,\n    )\n',
         replace='    return cu.hkdf(kdc_key, salt=transcript, info=cu.label("e2e offline root x25519-mlkem768"), length=32)\n',
         tests=(PK + "test_the_server_alone_cannot_open_a_stored_message",),
@@ -62,7 +62,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="queue-bound-ignored-sqlite",
-        file="database.py",
+        file="secureim/storage/sqlite.py",
         find="            if count >= max_messages:\n                return FULL_MESSAGES, 0",
         replace="            if False:\n                return FULL_MESSAGES, 0",
         tests=(
@@ -81,7 +81,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="queue-deleted-before-ack",
-        file="server.py",
+        file="secureim/server/service.py",
         find="                session.queue_sent_upto = row.id\n",
         replace="                session.queue_sent_upto = row.id\n                self.storage.ack_queued(me, row.id)\n",
         tests=(OFF + "test_a_changed_identity_holds_stored_messages_until_accept",),
@@ -89,7 +89,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-changed-identity-discards",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="                if len(held) < MAX_HELD:\n                    held.append(msg)",
         replace="                if len(held) < MAX_HELD:\n                    self._ack(msg)",
         tests=(OFF + "test_a_changed_identity_holds_stored_messages_until_accept",),
@@ -97,7 +97,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-redelivery-shown-again",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="        if seen:\n            self.ack(msg.queue_id)",
         replace="        if False:\n            self.ack(msg.queue_id)",
         tests=(OFF + "test_a_server_replaying_a_stored_message_gets_it_acknowledged_and_never_shown_twice",),
@@ -105,7 +105,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipt-from-anyone",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="elif entry.peer == peer and entry.state != DELIVERED:",
         replace="elif entry.state != DELIVERED:",
         tests=(OFF + "test_a_receipt_only_marks_messages_sent_to_its_sender",),
@@ -113,7 +113,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="early-receipt-dropped",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="                    _keep_bounded(self._early, (peer, msg_id), None, MAX_EARLY_RECEIPTS)",
         replace="                    pass",
         tests=(OFF + "test_a_receipt_that_overtakes_its_message_still_marks_it_delivered",),
@@ -121,7 +121,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipt-before-store-answer-lost",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="                    entry.receipt_early = True  # its StoreResult is still on the way and says it\n",
         replace="                    pass\n",
         tests=(OFF + "test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it",),
@@ -130,7 +130,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipt-before-store-answer-not-said",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="            if entry.state != REFUSED:\n                self.client._stored_event(entry)\n",
         replace="            if False:\n                self.client._stored_event(entry)\n",
         tests=(OFF + "test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it",),
@@ -138,7 +138,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-opens-to-one-peer-in-parallel",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="                if peer not in self._opening:\n                    break\n",
         replace="                if True:\n                    break\n",
         tests=(OFF + "test_two_threads_opening_to_one_peer_share_one_open",),
@@ -147,7 +147,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-open-takes-a-stale-answer",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="            self._answered.pop(peer, None)  # a late answer to an open that timed out is not ours\n",
         replace="",
         tests=(OFF + "test_a_late_answer_to_an_open_that_timed_out_is_not_taken_by_the_next",),
@@ -156,7 +156,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="early-receipt-from-anyone",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="            early = (peer, msg_id) in self._early\n            if early:\n                del self._early[(peer, msg_id)]",
         replace="            key = next((k for k in self._early if k[1] == msg_id), None)\n            early = key is not None\n            if early:\n                del self._early[key]",
         tests=(OFF + "test_a_receipt_that_overtakes_its_message_still_marks_it_delivered",),
@@ -164,7 +164,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="early-receipts-unbounded",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="_keep_bounded(self._early, (peer, msg_id), None, MAX_EARLY_RECEIPTS)",
         replace="_keep_bounded(self._early, (peer, msg_id), None, 10**9)",
         tests=(OFF + "test_a_receipt_that_overtakes_its_message_still_marks_it_delivered",),
@@ -172,7 +172,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipts-never-sent",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="        if self.receipts:\n            self.mailbox.receipt(sender, opened.msg_id)",
         replace="        if False:\n            self.mailbox.receipt(sender, opened.msg_id)",
         tests=(
@@ -183,7 +183,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="store-membership-unchecked",
-        file="server.py",
+        file="secureim/server/service.py",
         find="if known is None or me not in known.members:",
         replace="if known is None:",
         tests=(OFF + "test_storing_into_someone_elses_conversation_is_refused",),
@@ -191,7 +191,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-open-unlimited",
-        file="server.py",
+        file="secureim/server/service.py",
         find="if len(mine) >= self.config.offline_opens_per_minute:",
         replace="if False:",
         tests=(OFF + "test_offline_opens_are_rate_limited_per_session",),
@@ -199,7 +199,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="prekeys-kept-after-identity-change",
-        file="server.py",
+        file="secureim/server/service.py",
         find="                    self.storage.clear_prekeys(username, signed=True)  # signed by the old key: useless now\n",
         replace="",
         tests=(OFF + "test_a_new_identity_key_drops_the_prekeys_signed_by_the_old_one",),
@@ -207,7 +207,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="resent-message-shown-twice",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="if self.mailbox.seen_before(sender, opened.msg_id):",
         replace="if False:",
         tests=(OFF + "test_a_message_whose_receipt_was_lost_is_resent_but_shown_once",),
@@ -215,7 +215,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="lost-live-message-not-resent",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="                if entry.state == SENT:\n                    entry.resend_due = True",
         replace="                if entry.state == SENT:\n                    pass",
         tests=(
@@ -226,7 +226,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-session-state-not-kept",
-        file="prekeys.py",
+        file="secureim/e2e/prekeys.py",
         find="        inbound[key] = session.to_doc(self._clock())\n",
         replace="",
         tests=(
@@ -237,7 +237,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="stored-age-window-reversed",
-        file="prekeys.py",
+        file="secureim/e2e/prekeys.py",
         find="if not -e2e.FRESHNESS_WINDOW_S <= self._clock() - opened.sent_at <= STORED_MAX_AGE_S:",
         replace="if not -STORED_MAX_AGE_S <= self._clock() - opened.sent_at <= e2e.FRESHNESS_WINDOW_S:",
         tests=(PK + "test_stored_messages_may_be_old_but_not_from_the_future",),
@@ -245,7 +245,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="held-messages-block-the-queue",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="            self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on\n",
         replace="",
         tests=(OFF + "test_messages_held_for_an_identity_decision_do_not_hold_up_the_others",),
@@ -253,7 +253,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="prekeys-not-resealed-on-passwd",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="        self.mailbox.change_password(new_password)  # the private prekeys, sealed again\n",
         replace="",
         tests=(OFF + "test_stored_messages_still_open_after_the_recipient_changed_the_password",),
@@ -261,7 +261,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-open-answer-dropped-by-a-race",
-        file="offline.py",
+        file="secureim/client/offline.py",
         find="                out = self._answered.pop(peer, None)\n",
         replace="                held = self.outbound.get(peer)\n                out = held[0] if held is not None else None\n",
         tests=(OFF + "test_an_offline_open_answered_while_a_live_conversation_comes_up_is_still_used",),
@@ -269,7 +269,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="queue-id-past-the-database-range",
-        file="server.py",
+        file="secureim/server/service.py",
         find="if msg.queue_id <= MAX_DB_ID and self.storage.ack_queued(me, msg.queue_id):",
         replace="if self.storage.ack_queued(me, msg.queue_id):",
         tests=(OFF + "test_bad_store_and_forward_frames_get_clear_answers_and_disturb_nobody",),
@@ -277,7 +277,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipts-relayed-in-direct-mode",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="        if self.is_direct(peer):  # over the direct link, as the messages it answers: the server sees none\n",
         replace="        if False:\n",
         tests=("tests/test_direct.py::test_direct_mode_keeps_message_data_off_the_server",),

@@ -31,7 +31,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-downgrade-accepted",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="        if self._allows(msg.group):\n",
         replace="        if False:\n",
         tests=(
@@ -42,7 +42,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-share-outside-offered-list",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="        if msg.group not in offered:",
         replace="        if False:",
         tests=(PQ + "test_PQ05_share_outside_the_offered_list_is_refused",),
@@ -50,7 +50,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-client-accepts-any-group-retry",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="            if msg.group not in self._groups or msg.group == self._dh.group.name:",
         replace="            if False:",
         tests=(PQ + "test_PQ03_client_refuses_a_retry_for_a_group_it_did_not_offer_or_a_second_retry",),
@@ -58,7 +58,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-server-share-size-after-work",
-        file="protocol.py",
+        file="secureim/proto/handshake.py",
         find="            if len(msg.public) != share_length(group):  # sizes first, before any puzzle or DH work",
         replace="            if False:",
         tests=(PQ + "test_PQ07_wrong_size_hybrid_share_is_refused_before_any_work",),
@@ -102,7 +102,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-e2e-root-without-mlkem",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find='    return cu.hkdf(\n        kdc_key + dh + kem_secrets[0] + kem_secrets[1],\n        salt=transcript_hash,\n        info=cu.label("e2e root x25519-mlkem768"),\n        length=32,\n    )\n',
         replace='    return cu.hkdf(kdc_key + dh, salt=transcript_hash, info=cu.label("e2e root x25519-mlkem768"), length=32)\n',
         tests=(PQ + "test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets",),
@@ -110,7 +110,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-e2e-root-without-x25519",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="        kdc_key + dh + kem_secrets[0] + kem_secrets[1],\n",
         replace="        kdc_key + kem_secrets[0] + kem_secrets[1],\n",
         tests=(PQ + "test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets",),
@@ -118,7 +118,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-e2e-share-size-unchecked",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="        if len(payload) != layout.size:",
         replace="        if False:",
         tests=(PQ + "test_PQ11_wrong_size_shares_and_replies_are_refused",),
@@ -126,7 +126,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-e2e-malformed-key-unwrapped",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="        except InvalidKemValue as exc:\n            raise ShareRejected(",
         replace="        except ZeroDivisionError as exc:\n            raise ShareRejected(",
         tests=(PQ + "test_PQ12_malformed_encapsulation_key_in_a_signed_share_is_refused",),
@@ -134,7 +134,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-e2e-reply-signature-unchecked",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="        if not cu.verify_signature(\n            self.peer_identity,\n            signature,\n            _share_transcript(self.id, generation, self.peer, self.me, ciphertext + answered, KIND_KEM_REPLY),\n        ):\n",
         replace="        if False:\n",
         tests=(PQ + "test_PQ13_swapped_ciphertext_or_early_reply_is_refused",),
@@ -142,7 +142,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="pq-e2e-reply-before-share",
-        file="e2e.py",
+        file="secureim/e2e/sessions.py",
         find="        if gen.peer_share is None or gen.kem_to_peer is None or gen.dh is None:",
         replace="        if False:",
         tests=(PQ + "test_PQ13_swapped_ciphertext_or_early_reply_is_refused",),

@@ -9,7 +9,7 @@ _RC = "tests/test_cli_reconnect.py"
 MUTATIONS: list[Mutation] = [
     Mutation(
         name="terminal-exits-on-a-lost-connection",
-        file="client.py",
+        file="secureim/tui/main.py",
         find="        if stays\n",
         replace="        if False\n",
         tests=(
@@ -20,7 +20,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-gives-up-at-the-library-bound",
-        file="client.py",
+        file="secureim/tui/commands.py",
         find="TERMINAL_RECONNECT_WINDOW_S = float(TICKET_LIFETIME_S)",
         replace="TERMINAL_RECONNECT_WINDOW_S = C.RECONNECT_MAX_S",
         tests=(f"{_RC}::test_the_terminal_keeps_trying_as_long_as_a_ticket_lives",),
@@ -28,7 +28,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-queue-drops-lines-typed-while-disconnected",
-        file="client.py",
+        file="secureim/tui/app.py",
         find="                self.queued.append((dest, text))\n",
         replace="                pass\n",
         tests=(
@@ -38,7 +38,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-queue-not-flushed-when-rekeyed",
-        file="client.py",
+        file="secureim/tui/app.py",
         find="            self._flush(event.peer)\n",
         replace="            pass\n",
         tests=(
@@ -48,7 +48,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-prompt-interrupted-on-reconnect",
-        file="client.py",
+        file="secureim/tui/terminal.py",
         find="            self._kept[id(session)] = session.app.current_buffer.text\n",
         replace="            pass\n",
         tests=(f"{_RC}::test_a_refused_ticket_asks_to_log_in_again_and_no_ends_it",),
@@ -56,7 +56,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-refused-ticket-ends-without-asking",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find='                self._ticket = None\n                return f"Reconnecting failed: {exc}"',
         replace='                return f"Reconnecting failed: {exc}"',
         tests=(f"{_RC}::test_a_refused_ticket_asks_to_log_in_again_and_no_ends_it",),
@@ -64,7 +64,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-login-window-not-watched",
-        file="client.py",
+        file="secureim/tui/login.py",
         find='threading.Thread(target=self._wait, args=(stop,), name="login-window", daemon=True).start()',
         replace="pass",
         tests=(f"{_RC}::test_the_login_window_says_at_once_when_the_server_closed_it",),
@@ -72,7 +72,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-login-grace-30-s",
-        file="server.py",
+        file="secureim/server/config.py",
         find="    login_grace_s: float = 120.0 ",
         replace="    login_grace_s: float = 30.0 ",
         tests=(f"{_RC}::test_the_login_grace_is_openssh_s_120_s",),

@@ -11,7 +11,7 @@ CLI = "tests/test_cli_rooms.py::"
 MUTATIONS: list[Mutation] = [
     Mutation(
         name="rooms-change-signature-unchecked",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="    if not cu.verify_signature(actor_identity, change.signature, CHANGE_CONTEXT + change.signed_part):",
         replace="    if False:",
         tests=(
@@ -22,7 +22,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-any-member-may-add",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="    if a in (ADD, REMOVE, CLOSE) and who != admin:",
         replace="    if False:",
         tests=(RM + "test_a_forged_add_is_refused_and_changes_nothing",),
@@ -30,7 +30,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-chain-unchecked",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        if not cu.constant_time_equal(change.prev_head, self.head):",
         replace="        if False:",
         tests=(RM + "test_changes_must_follow_in_order_without_gaps_or_forks",),
@@ -38,7 +38,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-gap-accepted",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        if change.epoch != self.epoch + 1:",
         replace="        if False:",
         tests=(RM + "test_changes_must_follow_in_order_without_gaps_or_forks",),
@@ -46,7 +46,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-member-list-unchecked",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find='    if not follows:\n        raise ChangeRefused(f"A change to {change.room} whose member list',
         replace='    if False:\n        raise ChangeRefused(f"A change to {change.room} whose member list',
         tests=(RM + "test_changes_must_follow_in_order_without_gaps_or_forks",),
@@ -54,7 +54,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-uid-unchecked",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        if change.uid != self.uid or change.room != self.name:",
         replace="        if False:",
         tests=(RM + "test_a_change_from_another_room_is_refused",),
@@ -62,7 +62,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-message-signature-unchecked",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        if not cu.verify_signature(record.signing, signature, aad + sealed):",
         replace="        if False:",
         tests=(RM + "test_a_member_cannot_pass_off_a_message_as_another_members",),
@@ -70,7 +70,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-sender-key-from-a-non-member",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        if sender == self.me or vouched is None:",
         replace="        if sender == self.me:\n            vouched = sender_identity\n        if False:",
         tests=(RM + "test_sender_keys_for_a_future_epoch_wait_and_stale_or_foreign_ones_are_refused",),
@@ -78,7 +78,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-sender-chain-from-public-data",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="                self.epoch,\n                cu.random_bytes(KEY_ID_BYTES),\n                e2e._Chain(cu.random_bytes(32)),\n                Ed25519PrivateKey.generate(),\n",
         replace="                self.epoch, self.head[:KEY_ID_BYTES], e2e._Chain(self.head), Ed25519PrivateKey.generate()\n",
         tests=(RM + "test_a_sender_key_is_never_reused_across_epochs_or_restarts",),
@@ -87,7 +87,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-room-key-not-an-input",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find='        material = cu.hkdf(\n            message_key, salt=kdc_key, info=cu.label("room message key"), length=suite.key_bytes\n        )\n',
         replace='        material = cu.hkdf(message_key, salt=None, info=cu.label("room message key"), length=suite.key_bytes)\n',
         tests=(RM + "test_the_servers_room_key_is_an_input_of_every_message_key",),
@@ -95,7 +95,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-live-freshness-unchecked",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="            fresh = abs(age) <= e2e.FRESHNESS_WINDOW_S",
         replace="            fresh = True",
         tests=(RM + "test_a_stored_message_may_be_old_but_not_from_the_future",),
@@ -103,7 +103,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-server-signature-unchecked",
-        file="room_service.py",
+        file="secureim/server/rooms.py",
         find="            R.verify_signature(change, session.identity_key)",
         replace="            pass",
         tests=(FLOW + "test_the_server_refuses_what_the_clients_would_refuse",),
@@ -111,7 +111,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-server-fans-out-for-non-members",
-        file="room_service.py",
+        file="secureim/server/rooms.py",
         find="        if cached is None or me not in cached.members:\n            answer(",
         replace="        if cached is None:\n            answer(",
         tests=(FLOW + "test_the_server_refuses_what_the_clients_would_refuse",),
@@ -119,7 +119,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-server-stale-epoch-accepted",
-        file="room_service.py",
+        file="secureim/server/rooms.py",
         find="        if msg.epoch != room.epoch:\n",
         replace="        if False:\n",
         tests=(FLOW + "test_a_change_forged_by_the_server_is_refused_loudly",),
@@ -127,7 +127,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-removed-member-gets-the-new-key",
-        file="room_service.py",
+        file="secureim/server/rooms.py",
         find='                key = b""  # who is no longer a member gets no key of the new epoch\n',
         replace="                pass\n",
         tests=(FLOW + "test_the_server_refuses_what_the_clients_would_refuse",),
@@ -135,7 +135,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-leaver-gets-the-new-key",
-        file="room_service.py",
+        file="secureim/server/rooms.py",
         find='        self._room_result(\n            session, room.name, P.RoomStatus.OK, room_id=room.id, epoch=epoch, key=b"" if leaving else key\n        )\n',
         replace="        self._room_result(session, room.name, P.RoomStatus.OK, room_id=room.id, epoch=epoch, key=key)\n",
         tests=(FLOW + "test_only_the_admin_changes_members_and_mistakes_get_clear_answers",),
@@ -143,7 +143,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-roster-keys-unchecked",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="            m == n and cu.constant_time_equal(k, e) for (m, k), (n, e) in zip(change.roster, expected)\n",
         replace="            m == n for (m, k), (n, e) in zip(change.roster, expected)\n",
         tests=(RM + "test_changes_must_follow_in_order_without_gaps_or_forks",),
@@ -151,7 +151,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-first-contact-any-key",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        if mine is None or not cu.constant_time_equal(mine, my_identity):",
         replace="        if mine is None:",
         tests=(RM + "test_a_first_contact_must_name_this_clients_own_key_and_another_admin",),
@@ -159,7 +159,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-replayed-add-accepted",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        if change.epoch <= left_at:",
         replace="        if False:",
         tests=(RM + "test_an_old_add_replayed_after_a_removal_is_refused",),
@@ -167,7 +167,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-sender-key-any-identity",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        if sender_identity is None or not cu.constant_time_equal(sender_identity, vouched):",
         replace="        if False:",
         tests=(RM + "test_sender_keys_are_taken_only_from_the_key_the_admin_vouched_for",),
@@ -175,7 +175,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-sender-key-copy-rewinds",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find='        if (sender, epoch, key_id) in self.received:\n            return "known"',
         replace='        if False:\n            return "known"',
         tests=(RM + "test_a_second_copy_of_a_sender_key_does_not_rewind_its_chain",),
@@ -183,7 +183,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-gone-member-posts-late",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="            if ended is None or opened.sent_at * 1000 > ended.at_ms + e2e.FRESHNESS_WINDOW_S * 1000:",
         replace="            if False:",
         tests=(RM + "test_a_removed_member_cannot_post_into_an_earlier_epoch",),
@@ -191,7 +191,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-early-keys-unbounded",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="                if sum(1 for p in self.pending if p[0] == sender) < MAX_PENDING_PER_SENDER:",
         replace="                if True:",
         tests=(RM + "test_early_sender_keys_are_bounded_per_sender_and_in_how_far_ahead",),
@@ -199,7 +199,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-server-add-any-key",
-        file="room_service.py",
+        file="secureim/server/rooms.py",
         find='            if not cu.constant_time_equal(change.identity_of(change.target) or b"", registered):',
         replace="            if False:",
         tests=(FLOW + "test_the_server_refuses_what_the_clients_would_refuse",),
@@ -207,7 +207,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-fast-path-with-members-away",
-        file="room_service.py",
+        file="secureim/server/rooms.py",
         find="        return all(m in online or remote(m) for m in hit.members if m != session.username)",
         replace="        return True",
         tests=(FLOW + "test_a_room_message_is_fanned_out_on_the_loop_only_when_no_database_is_needed",),
@@ -216,7 +216,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="rooms-client-sends-keys-to-the-servers-list",
-        file="rooms.py",
+        file="secureim/e2e/rooms.py",
         find="        missing = [m for m in info.members if m != self.me and m not in own.sent_to]\n",
         replace='        missing = [m for m in info.members + ("mallory",) if m != self.me and m not in own.sent_to]\n',
         tests=(FLOW + "test_a_change_forged_by_the_server_is_refused_loudly",),

@@ -16,7 +16,7 @@ PROTO = "tests/test_protocol.py::"
 MUTATIONS: list[Mutation] = [
     Mutation(
         name="bus-frame-not-bound-to-subject",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find='    return b"secureim/v1 bus " + subject.encode()',
         replace='    return b"secureim/v1 bus "',
         tests=(BUS + "test_a_frame_for_one_node_does_not_open_on_another_subject",),
@@ -24,7 +24,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-replay-accepted",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="if seq <= self._seen.get(key, 0):",
         replace="if False:",
         tests=(BUS + "test_a_replayed_or_duplicated_frame_is_refused",),
@@ -32,7 +32,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-stale-frame-accepted",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="if abs(time.time() - sent_at) > MAX_FRAME_AGE_S:",
         replace="if False:",
         tests=(BUS + "test_a_stale_frame_is_refused",),
@@ -40,7 +40,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-deliver-any-message",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="        if not isinstance(\n            msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)\n        ):\n",
         replace="        if False:\n",
         tests=(BUS + "test_a_deliver_frame_carries_only_what_may_cross_nodes",),
@@ -48,7 +48,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-lost-relay-not-bounced",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="        if isinstance(\n            msg, P.Deliver\n        ):  # gone from here in the meantime: the sender hears it was not delivered\n",
         replace="        if False:  # gone from here in the meantime: the sender hears it was not delivered\n",
         tests=(BUS + "test_a_relay_for_someone_who_just_left_is_bounced_to_the_sender",),
@@ -56,7 +56,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-key-outside-conversation",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="if username not in members or msg.peer not in members:",
         replace="if False:",
         tests=(BUS + "test_a_key_frame_for_someone_outside_the_conversation_is_refused",),
@@ -64,7 +64,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-older-login-replaces-newer",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="if (local.login_at, self.incarnation) > (login_at, sender):",
         replace="if False:",
         tests=(BUS + "test_an_older_login_elsewhere_does_not_replace_the_newer_one_here",),
@@ -72,7 +72,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-repeat-resets-conversations",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="        if previous is not None and previous.node == sender and previous.login_at == login_at:\n            return",
         replace="        if False:\n            return",
         tests=(BUS + "test_a_snapshot_repeating_what_we_know_leaves_conversations_alone",),
@@ -80,7 +80,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-move-here-keeps-stale-conversations",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="        self.service.notify(\n            username, self.service.registry.drop_conversations(username, watch=False), online=True\n        )\n",
         replace="        pass\n",
         tests=(BUS + "test_a_user_who_moves_here_ends_the_conversations_with_the_session_elsewhere",),
@@ -88,7 +88,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-any-offline-ends-presence",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="if entry is None or entry.node != sender or (login_at is not None and entry.login_at != login_at):",
         replace="if entry is None:",
         tests=(BUS + "test_the_end_of_an_older_session_does_not_hide_the_newer_one",),
@@ -96,7 +96,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-expiry-while-cut-off",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="if self.connected_since is None or time.monotonic() - self.connected_since < NODE_TIMEOUT_S:",
         replace="if False:",
         tests=(BUS + "test_silence_while_our_own_link_is_down_says_nothing",),
@@ -104,7 +104,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-node-expiry-off",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="            if now - heard > NODE_TIMEOUT_S:",
         replace="            if False:",
         tests=(BUS + "test_users_of_a_silent_node_go_offline_and_their_peers_hear_it",),
@@ -112,7 +112,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="bus-send-while-link-down",
-        file="cluster_nats.py",
+        file="secureim/server/cluster/nats_bus.py",
         find="        if not self.connected:\n            return False\n        self._call(self._enqueue",
         replace="        self._call(self._enqueue",
         tests=(CLUSTER + "test_nats_stopped_and_restarted_mid_run",),
@@ -120,7 +120,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="cluster-allows-sqlite",
-        file="server.py",
+        file="secureim/server/options.py",
         find='        if not (args.db_url or "").startswith(("mysql://", "mariadb://")):',
         replace="        if False:",
         tests=(BUS + "test_a_cluster_on_sqlite_is_refused_in_one_line",),
@@ -139,7 +139,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="ffdh-pow-in-the-server-process",
-        file="server.py",
+        file="secureim/server/net.py",
         find="        diffiehellman.offload_modexp(self.modexp)  # finite-field groups: pow() off the GIL",
         replace="        pass",
         tests=("tests/test_server.py::test_finite_field_exponentiations_run_outside_the_server_process",),
@@ -147,7 +147,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="open-peer-not-rechecked-after-lookup",
-        file="server.py",
+        file="secureim/server/registry.py",
         find="            session = self.online.get(target)\n            if session is None:",
         replace="            session = None\n            if session is None:",
         tests=(
@@ -157,7 +157,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="password-work-shares-the-worker-threads",
-        file="server.py",
+        file="secureim/server/net.py",
         find="            pool = self.password_pool if type(item) in PASSWORD_MESSAGES else self.pool",
         replace="            pool = self.pool",
         tests=("tests/test_server.py::test_logins_waiting_for_bcrypt_do_not_hold_up_other_work",),
@@ -165,7 +165,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="codec-field-length-unchecked",
-        file="protocol.py",
+        file="secureim/proto/codec.py",
         find="            if n > max_len or (exact is not None and n != exact):",
         replace="            if False:",
         tests=(PROTO + "test_a_bytes_field_longer_than_its_bound_is_refused_by_the_decoder",),

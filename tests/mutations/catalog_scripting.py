@@ -11,7 +11,7 @@ _F = "tests/test_failover.py"
 MUTATIONS: list[Mutation] = [
     Mutation(
         name="history-delivered-overwritten",
-        file="history.py",
+        file="secureim/client/history.py",
         find="            if entry.state == STATE_DELIVERED and state != STATE_DELIVERED:\n",
         replace="            if False:\n",
         tests=(f"{_H}::test_rows_come_back_in_order_with_direction_time_and_state",),
@@ -20,7 +20,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="history-rows-in-plaintext",
-        file="history.py",
+        file="secureim/client/history.py",
         find="return nonce, self._content.encrypt(nonce, raw, self._aad(tag, at_ms))",
         replace="return nonce, raw",
         tests=(
@@ -31,7 +31,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="history-aad-without-conversation-and-time",
-        file="history.py",
+        file="secureim/client/history.py",
         find='return _ROW_AAD + len(self._owner).to_bytes(2, "big") + self._owner + tag + at_ms.to_bytes(8, "big")',
         replace='return _ROW_AAD + len(self._owner).to_bytes(2, "big") + self._owner',
         tests=(f"{_H}::test_a_row_moved_to_another_conversation_or_time_is_not_shown",),
@@ -40,7 +40,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="history-key-not-from-the-password",
-        file="history.py",
+        file="secureim/client/history.py",
         find='return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password.encode("utf-8"))',
         replace='return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(b"")',
         tests=(
@@ -51,7 +51,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="history-key-not-bound-to-owner",
-        file="history.py",
+        file="secureim/client/history.py",
         find='owner = f"{username}@{service_id}".encode("utf-8")',
         replace='owner = b""',
         tests=(f"{_H}::test_another_users_file_does_not_open_as_mine",),
@@ -60,7 +60,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="history-not-resealed-on-passwd",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="            self.history.change_password(new_password)\n",
         replace="            pass\n",
         tests=(f"{_H}::test_passwd_reseals_the_history_and_a_foreign_seal_is_said_not_overwritten",),
@@ -69,7 +69,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-no-history-still-writes",
-        file="client.py",
+        file="secureim/tui/main.py",
         find="            history=not args.no_history,\n",
         replace="            history=True,\n",
         tests=(f"{_S}::test_no_history_leaves_no_file_and_forget_erases",),
@@ -77,7 +77,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-password-argument-accepted",
-        file="client.py",
+        file="secureim/tui/main.py",
         find="    if args.password is not None:\n        parser.error(",
         replace="    if False:\n        parser.error(",
         tests=(f"{_S}::test_usage_errors_are_exit_2",),
@@ -85,7 +85,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-password-file-readable-by-others",
-        file="scripting.py",
+        file="secureim/client/scripting.py",
         find="if mode & (stat.S_IRWXG | stat.S_IRWXO):",
         replace="if False:",
         tests=(f"{_S}::test_usage_errors_are_exit_2",),
@@ -93,7 +93,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-exit-code-key-mismatch",
-        file="scripting.py",
+        file="secureim/client/scripting.py",
         find="    if isinstance(exc, ServerKeyMismatch):\n        return EXIT_KEY_MISMATCH\n",
         replace="    if isinstance(exc, ServerKeyMismatch):\n        return EXIT_ERROR\n",
         tests=(f"{_S}::test_a_changed_server_key_gives_exit_3_and_sends_nothing",),
@@ -101,7 +101,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-exit-code-login-failed",
-        file="scripting.py",
+        file="secureim/client/scripting.py",
         find="    if isinstance(exc, AuthError):\n        return EXIT_LOGIN_FAILED\n",
         replace="    if isinstance(exc, AuthError):\n        return EXIT_ERROR\n",
         tests=(f"{_S}::test_a_wrong_password_gives_exit_4",),
@@ -109,7 +109,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-send-ignores-refusal",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="        if barrier.refusals:\n            raise MessageRefused(",
         replace="        if False:\n            raise MessageRefused(",
         tests=(f"{_F}::test_send_confirmed_reports_the_servers_refusal",),
@@ -117,7 +117,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-json-not-ascii",
-        file="scripting.py",
+        file="secureim/client/scripting.py",
         find="                self._write(self.out, json.dumps(doc))",
         replace="                self._write(self.out, json.dumps(doc, ensure_ascii=False))",
         tests=(f"{_S}::test_receive_count_1_json_prints_one_valid_object",),
@@ -125,7 +125,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="failover-pin-per-node",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find='        host, port = self.servers[0]\n        return f"{host}:{port}"',
         replace='        host, port = self.host, self.port\n        return f"{host}:{port}"',
         tests=(
@@ -138,7 +138,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="resume-old-receiver-not-silenced",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="            if connection == self._connection:\n                self._connection_ended(",
         replace="            if True:\n                self._connection_ended(",
         tests=(f"{_F}::test_resume_on_a_connection_that_is_still_open_is_safe",),
@@ -147,7 +147,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="reconnect-undoes-a-kick",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="        if (\n            self.auto_reconnect\n            and not self._stop.is_set()\n            and self._ticket is not None\n            and (not goodbye or not self._node_reachable())\n        ):\n",
         replace="        if self.auto_reconnect and not self._stop.is_set() and self._ticket is not None and True:\n",
         tests=(f"{_F}::test_a_kick_from_a_node_that_is_up_is_not_undone_by_reconnecting",),
@@ -156,7 +156,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="kick-after-an-answered-message-reconnects",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="                if bye is not None:\n",
         replace="                if False:\n",
         tests=(f"{_F}::test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick",),
@@ -165,7 +165,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="kick-batch-answer-failure-ends-the-read",
-        file="clientlib.py",
+        file="secureim/client/chat.py",
         find="                        if not goodbye:\n                            raise\n",
         replace="                        raise\n",
         tests=(f"{_F}::test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick",),

@@ -1,0 +1,527 @@
+"""The client's side of store and forward (docs/PROTOCOL.md section 15): one per ChatClient.
+
+- **Sending** to a peer with no live conversation: an offline session from the peer's prekey
+  bundle (``prekeys.OutboundSession``), one Store per message.  The server answers each with a
+  StoreResult; a resend after a reconnect repeats the same bytes and the same reference, which
+  the server does not store twice.
+- **Receiving** StoredMessage frames: the sender's identity is checked against the pinned key
+  (a change holds the messages, unacknowledged, until ``/accept``), the payload is opened with
+  this client's private prekeys, and only then is it acknowledged (the server deletes it).
+  A redelivered payload (the same bytes again) is acknowledged and not shown twice.
+- **Receipts**: every text message that opens, live or stored, is answered with an end-to-end
+  receipt (its 16-byte id, sealed in the conversation), so the sender sees "delivered" from the
+  recipient's client, never from the server.  Receipts are sent by a thread of their own: the
+  receiver thread never waits for the server.
+
+Everything is bounded: the outbox (``MAX_OUTBOX``), the held messages (``MAX_HELD``), the
+receipt queue (``MAX_RECEIPT_JOBS``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import crypto_utils as cu
+from secureim import proto as P
+from secureim.e2e import prekeys as K
+from secureim.e2e import sessions as e2e
+from secureim.errors import ConnectionClosed, DecryptionFailed, MessageRefused, SecureIMError
+
+log = logging.getLogger("secureim.offline")
+
+OPEN_TIMEOUT_S = 15.0  # waiting for an offline key (a database write and a prekey take on the server)
+MAX_OUTBOX = 1000  # sent messages remembered until delivered (oldest delivered ones go first)
+MAX_HELD = 1000  # stored messages held while their sender's changed identity waits for /accept
+MAX_RECEIPT_JOBS = 10000
+MAX_EARLY_RECEIPTS = 256  # receipts that overtook the bookkeeping of the message they answer
+MAX_SEEN_IDS = K.MAX_SEEN_IDS  # ids of messages shown, so a resend after a reconnect is shown once
+OUTBOUND_MAX_AGE_S = 24 * 3600.0  # an offline session to a peer is used this long at most, then a new one
+
+# Outgoing states
+SENDING, SENT, STORED, HANDED, DELIVERED, REFUSED = (
+    "sending",
+    "sent",
+    "stored",
+    "handed over",
+    "delivered",
+    "refused",
+)
+
+
+@dataclass
+class Outgoing:
+    msg_id: bytes
+    peer: str
+    text: str
+    at: float
+    state: str
+    stored: bool = False  # went through the server's queue
+    reason: str = ""
+    retried: bool = False  # resealed once after its offline key expired
+    resend_due: bool = False  # live, no receipt when the connection dropped: send it again
+    row: int | None = None  # its row in the local history (marked delivered on the receipt)
+    receipt_early: bool = False  # the peer's receipt came before the server's StoreResult
+    answered: threading.Event = field(default_factory=threading.Event, repr=False)  # stored or refused
+    receipted: threading.Event = field(default_factory=threading.Event, repr=False)  # delivered
+    store: P.Store | None = None  # kept until the server answers: a resend repeats it exactly
+
+
+def _keep_bounded(kept: collections.OrderedDict, key, value, limit: int) -> None:
+    """Add ``key`` to an insertion-ordered memory of at most ``limit`` items: the oldest go."""
+    kept[key] = value
+    while len(kept) > limit:
+        kept.popitem(last=False)
+
+
+def _mark_delivered(entry: Outgoing) -> None:
+    entry.state = DELIVERED
+    entry.receipted.set()
+
+
+class Mailbox:
+    def __init__(self, client) -> None:
+        self.client = client
+        self.lock = threading.RLock()
+        self.store: K.PrekeyStore | None = None
+        self.inbound: K.InboundSessions | None = None
+        self.outbound: dict[str, tuple[K.OutboundSession, float]] = {}  # peer -> (session, made at)
+        self.outbox: collections.OrderedDict[bytes, Outgoing] = collections.OrderedDict()
+        self.held: dict[str, list[P.StoredMessage]] = {}
+        self._open_failure: dict[str, str] = {}
+        self._answered: dict[str, K.OutboundSession] = {}  # the answer to the OfflineOpen in flight
+        # One OfflineOpen in flight per peer: a second one's answer would overwrite the first's in
+        # _answered.  Another thread that wants the same peer waits for it and takes its session.
+        self._opening: set[str] = set()
+        self._open_done = threading.Condition(self.lock)
+        self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
+        self._thread: threading.Thread | None = None
+        self.published = threading.Event()  # the server holds a current bundle of ours (tests wait on it)
+        self._seen: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
+        # A live message is written into the outbox once it has gone; over a fast link (direct UDP on
+        # one machine) its receipt can come back first.  Such receipts wait here, bounded, for sent_live.
+        self._early: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
+
+    # -- setup ------------------------------------------------------------------------
+    def open_store(self, home, username: str, server_id: str, password: str) -> None:
+        self.store = K.PrekeyStore(home, username, server_id, password)
+        self.inbound = K.InboundSessions(self.store)
+        with self.lock:
+            for item in self.store.seen_ids:
+                peer, _, text = item.partition("|")
+                try:
+                    self._seen[(peer, cu.b64decode(text))] = None
+                except SecureIMError:
+                    continue
+
+    def change_password(self, password: str) -> None:
+        if self.store is not None:
+            with self.lock:
+                self.store.change_password(password)
+
+    def save(self) -> None:
+        """At close: what only memory knew (the ids of messages shown) goes into the sealed store."""
+        if self.store is not None:
+            with self.lock:
+                self.store.save()
+
+    def forget_outbound(self, peer: str) -> None:
+        """A live conversation is up, or the peer's identity was changed or accepted: the next
+        offline message starts from a fresh bundle (and a fresh identity check)."""
+        with self.lock:
+            self.outbound.pop(peer, None)
+
+    def on_prekey_status(self, msg: P.PrekeyStatus) -> None:
+        """Top up one-time prekeys and renew the signed prekey when due (the receiver thread)."""
+        if self.store is None or self.client.identity is None:
+            return
+        with self.lock:
+            plan = self.store.plan_publish(self.client.identity, msg.one_time_left, msg.signed_prekey_id)
+        if plan is None:
+            self.published.set()
+            return
+        signed, one_time, replace = plan
+        self.client._send(P.PublishPrekeys(signed_prekey=signed, one_time=one_time, replace=replace))
+
+    # -- sending ----------------------------------------------------------------------
+    def _outbound_for(self, peer: str) -> K.OutboundSession:
+        deadline = time.monotonic() + OPEN_TIMEOUT_S
+        with self.lock:
+            while True:
+                held = self.outbound.get(peer)
+                if held is not None and time.monotonic() - held[1] < OUTBOUND_MAX_AGE_S:
+                    return held[0]
+                if peer not in self._opening:
+                    break
+                left = deadline - time.monotonic()  # another thread's open to this peer: wait for it
+                if left <= 0:
+                    raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
+                self._open_done.wait(left)
+            self.outbound.pop(peer, None)
+            self._answered.pop(peer, None)  # a late answer to an open that timed out is not ours
+            self._open_failure.pop(peer, None)
+            self._opening.add(peer)
+        try:
+            barrier = self.client._barrier_after(P.OfflineOpen(peer=peer))
+            if not barrier.done.wait(OPEN_TIMEOUT_S):
+                raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
+            with self.lock:
+                # This request's own answer: a live conversation that came up meanwhile may have
+                # dropped the cached session already (forget_outbound), but this one was asked for.
+                out = self._answered.pop(peer, None)
+                failure = self._open_failure.pop(peer, None)
+        finally:
+            with self.lock:
+                self._opening.discard(peer)
+                self._open_done.notify_all()
+        if out is None:
+            raise MessageRefused(
+                failure
+                or (
+                    barrier.refusals[0]
+                    if barrier.refusals
+                    else f"no offline conversation with {peer} could be opened"
+                )
+            )
+        return out
+
+    def send_text(self, peer: str, text: str, msg_id: bytes, *, retried: bool = False) -> Outgoing:
+        """Seal ``text`` for offline ``peer`` and hand it to the server's queue (answered by a StoreResult)."""
+        content = text.encode("utf-8")
+        if len(content) > e2e.MAX_TEXT_BYTES:
+            raise ValueError(f"Messages are limited to {e2e.MAX_TEXT_BYTES} bytes.")
+        out = self._outbound_for(peer)
+        with self.lock:
+            payload = out.seal(e2e.BODY_TEXT, msg_id, content)
+            entry = Outgoing(msg_id, peer, text, time.time(), SENDING, stored=True, retried=retried)
+            entry.store = P.Store(
+                conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload
+            )
+            self._remember(entry)
+        self.client._send(entry.store)
+        return entry
+
+    def sent_live(self, peer: str, text: str, msg_id: bytes) -> Outgoing:
+        """A live message has gone: remembered until its receipt, or delivered at once when the
+        receipt overtook it (see on_receipt)."""
+        entry = Outgoing(msg_id, peer, text, time.time(), SENT)
+        with self.lock:
+            early = (peer, msg_id) in self._early
+            if early:
+                del self._early[(peer, msg_id)]
+                _mark_delivered(entry)
+            else:
+                self._remember(entry)
+        if early:
+            self.client._delivered_event(entry)
+        return entry
+
+    def _remember(self, entry: Outgoing) -> None:
+        _keep_bounded(self.outbox, entry.msg_id, entry, MAX_OUTBOX)  # delivered ones are gone already
+
+    def resend_unanswered(self) -> int:
+        """After a reconnect: every Store the server did not answer goes again, byte for byte."""
+        with self.lock:
+            again = [e.store for e in self.outbox.values() if e.state == SENDING and e.store is not None]
+        for store in again:
+            self.client._send(store)
+        return len(again)
+
+    def entry(self, msg_id: bytes) -> Outgoing | None:
+        """The newest state of a sent message (a reseal replaces its entry)."""
+        with self.lock:
+            return self.outbox.get(msg_id)
+
+    def seen_before(self, peer: str, msg_id: bytes) -> bool:
+        """Whether ``peer``'s message ``msg_id`` was shown already (then it is not shown again)."""
+        key = (peer, msg_id)
+        with self.lock:
+            if key in self._seen:
+                return True
+            _keep_bounded(self._seen, key, None, MAX_SEEN_IDS)
+            if self.store is not None:  # saved with the store's next write (and at close)
+                self.store.seen_ids.append(f"{peer}|{cu.b64encode(msg_id)}")
+            return False
+
+    def after_reconnect(self) -> None:
+        """Live messages with no receipt may have died with the connection: each goes again, under
+        its own id, once its conversation is keyed again (or stored, the peer being offline)."""
+        with self.lock:
+            for entry in self.outbox.values():
+                if entry.state == SENT:
+                    entry.resend_due = True
+
+    def resend_due(self, peer: str, *, live: bool) -> None:
+        with self.lock:
+            due = [e for e in self.outbox.values() if e.peer == peer and e.resend_due and e.state == SENT]
+            for entry in due:
+                entry.resend_due = False
+        for entry in due:
+            if live:
+                self._resend_live(entry)  # now, before anything typed after the reconnect
+            else:
+                self._job(("resend", entry))
+
+    def pending(self) -> list[Outgoing]:
+        with self.lock:
+            return [e for e in self.outbox.values() if e.state not in (DELIVERED, REFUSED)]
+
+    def on_offline_key(self, msg: P.OfflineKey) -> None:
+        """The server's answer to OfflineOpen (receiver thread): check everything, then keep the session."""
+        client = self.client
+        peer = msg.peer
+        try:
+            P.normalize_username(peer)
+            suite = cu.suite_by_id(msg.suite)
+        except SecureIMError:
+            return
+        if not client._trust_peer(peer, msg.peer_identity):
+            with self.lock:
+                self._open_failure[peer] = client.why_not_ready(peer)
+            return
+        try:
+            bundle = K.verify_bundle(peer, msg.peer_identity, msg.signed_prekey, msg.one_time_prekey)
+            out = K.OutboundSession(
+                client.username,
+                client.identity,
+                peer,
+                msg.peer_identity,
+                msg.conversation_id,
+                msg.generation,
+                msg.key,
+                suite,
+                bundle,
+            )
+        except (K.BundleRejected, SecureIMError) as exc:
+            with self.lock:
+                self._open_failure[peer] = str(exc)
+            client._emit(client._security_warning(peer, str(exc)))
+            return
+        with self.lock:
+            self.outbound[peer] = (out, time.monotonic())
+            self._answered[peer] = out
+
+    def on_store_result(self, msg: P.StoreResult) -> None:
+        with self.lock:
+            entry = self.outbox.get(msg.msg_ref)
+            if entry is None:
+                self.client.rooms.on_key_stored(msg)  # a room's sender key (or a receipt): not in the outbox
+                return
+            if entry.state != SENDING:
+                return  # the answer to a resend that was answered already
+            entry.store = None
+            # A receipt that came first is the peer's word that it has the message: final.
+            retry = msg.status == P.StoreStatus.NO_KEY and not entry.retried and not entry.receipt_early
+            if retry:
+                self.outbound.pop(entry.peer, None)
+            elif msg.status == P.StoreStatus.STORED:
+                entry.state = STORED
+            elif msg.status == P.StoreStatus.HANDED_OVER:
+                entry.state = HANDED
+            else:
+                entry.state, entry.reason = REFUSED, msg.reason
+        if retry:
+            self._job(("resend", entry))
+            return
+        if entry.receipt_early:  # both are said, in their order: stored (or handed over), delivered
+            if entry.state != REFUSED:
+                self.client._stored_event(entry)
+            with self.lock:
+                _mark_delivered(entry)
+                self.outbox.pop(entry.msg_id, None)
+            self.client._delivered_event(entry)
+            entry.answered.set()
+            return
+        entry.answered.set()
+        self.client._stored_event(entry)
+
+    # -- receiving --------------------------------------------------------------------
+    def on_stored(self, msg: P.StoredMessage) -> None:
+        """A stored message (receiver thread, or the caller of /accept for held ones)."""
+        if msg.queue_id == 0:
+            return
+        client = self.client
+        try:
+            sender = P.normalize_username(msg.sender)
+            suite = cu.suite_by_id(msg.suite)
+        except SecureIMError:
+            client._emit(
+                client._rejected(msg.sender, "A stored message with a malformed header was discarded.")
+            )
+            self.ack(msg.queue_id)
+            return
+        if self.store is None or self.inbound is None:
+            return  # no prekeys on this client (it cannot open anything stored): leave it on the server
+        digest = K.payload_digest(msg.payload)
+        with self.lock:
+            seen = self.store.already_processed(digest)
+        if seen:
+            self.ack(msg.queue_id)  # delivered again (a lost acknowledgement, or a replay): shown once only
+            return
+        if not client._trust_peer(sender, msg.sender_identity):
+            with self.lock:  # held, unacknowledged, until /accept (or the next login)
+                held = self.held.setdefault(sender, [])
+                if len(held) < MAX_HELD:
+                    held.append(msg)
+            self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on
+            return
+        if len(msg.key) != suite.key_bytes:  # the server lost its key: nothing to decide here
+            client._emit(
+                client._rejected(
+                    sender,
+                    f"A stored message from {sender} came without its key; it "
+                    "stays on the server for the next login.",
+                )
+            )
+            self.defer(msg.queue_id)
+            return
+        ctx = K.StoredContext(
+            client.username,
+            client.identity,
+            sender,
+            msg.sender_identity,
+            msg.conversation_id,
+            msg.generation,
+            msg.key,
+            suite,
+        )
+        with self.lock:
+            try:
+                opened = self.inbound.open(ctx, msg.payload, digest=digest)
+                failure = None
+            except DecryptionFailed as exc:  # it will never open: said, and not asked for again
+                opened, failure = None, str(exc)
+                self.store.mark_processed(digest)
+        self.ack(msg.queue_id)
+        if opened is None:
+            client._emit(client._rejected(sender, failure or "A stored message could not be opened."))
+            return
+        client._opened(sender, opened, stored_at=msg.stored_at_ms / 1000.0, identity=msg.sender_identity)
+
+    def release_held(self, peer: str) -> int:
+        with self.lock:
+            held = self.held.pop(peer, [])
+        for msg in held:
+            self.on_stored(msg)
+        return len(held)
+
+    def defer(self, queue_id: int) -> None:
+        """Keep queued row ``queue_id`` on the server, for the next login (a room's held messages too)."""
+        try:
+            self.client._send(P.Defer(queue_id=queue_id))
+        except ConnectionClosed:
+            pass
+
+    def ack(self, queue_id: int) -> None:
+        """Queued row ``queue_id`` reached this client: the server deletes it (0: a live frame, nothing)."""
+        if not queue_id:
+            return
+        try:
+            self.client._send(P.Ack(queue_id=queue_id))
+        except ConnectionClosed:
+            pass  # not acknowledged: it comes again after the reconnect, and is recognised then
+
+    def on_receipt(self, peer: str, ids: tuple[bytes, ...]) -> None:
+        """An authenticated receipt from ``peer``: only their own messages are marked."""
+        delivered = []
+        with self.lock:
+            for msg_id in ids:
+                entry = self.outbox.get(msg_id)
+                if entry is None:  # perhaps not written yet (sent_live): kept a while, bounded
+                    _keep_bounded(self._early, (peer, msg_id), None, MAX_EARLY_RECEIPTS)
+                elif entry.peer == peer and entry.state == SENDING:
+                    entry.receipt_early = True  # its StoreResult is still on the way and says it
+                elif entry.peer == peer and entry.state != DELIVERED:
+                    _mark_delivered(entry)
+                    delivered.append(entry)
+                    del self.outbox[msg_id]  # done: the outbox keeps what may still need us
+        for entry in delivered:
+            self.client._delivered_event(entry)
+
+    # -- receipts and retries, off the receiver thread -----------------------------------
+    def receipt(self, peer: str, msg_id: bytes) -> None:
+        self._job(("receipt", peer, msg_id))
+
+    def _job(self, job) -> None:
+        with self.lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="offline-mail", daemon=True)
+                self._thread.start()
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            log.warning("receipt queue full; a receipt was dropped")
+
+    def _run(self) -> None:
+        while not self.client._stop.is_set():
+            try:
+                first = self._jobs.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < e2e.MAX_RECEIPT_IDS:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            receipts: dict[str, list[bytes]] = {}
+            for job in batch:
+                if job[0] == "receipt":
+                    receipts.setdefault(job[1], []).append(job[2])
+                else:
+                    self._resend(job[1])
+            for peer, ids in receipts.items():
+                self._send_receipt(peer, ids)
+
+    def send_body(
+        self, peer: str, body_type: int, content: bytes, *, expect_identity: bytes | None = None
+    ) -> bytes:
+        """Seal ``content`` in the offline session with ``peer`` and Store it (a receipt, a room's
+        sender key): kept by the server until the peer's client acknowledges it.  Its reference.
+        ``expect_identity``: only if the session is with that identity key (a room's roster)."""
+        out = self._outbound_for(peer)
+        if expect_identity is not None and not cu.constant_time_equal(out.peer_identity, expect_identity):
+            raise MessageRefused(f"{peer}'s identity key is not the one the room's admin vouched for")
+        with self.lock:
+            msg_id = e2e.new_msg_id()
+            payload = out.seal(body_type, msg_id, content)
+        self.client._send(
+            P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload)
+        )
+        return msg_id
+
+    def _send_receipt(self, peer: str, ids: list[bytes]) -> None:
+        content = e2e.receipt_content(ids[: e2e.MAX_RECEIPT_IDS])
+        try:
+            if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):
+                return
+            try:
+                self.send_body(peer, e2e.BODY_RECEIPT, content)
+            except MessageRefused:
+                if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):  # it came up meanwhile
+                    return
+                raise
+        except (SecureIMError, ValueError) as exc:
+            log.info("a receipt to a peer was not sent: %s", exc)
+
+    def _resend_live(self, entry: Outgoing) -> None:
+        try:
+            self.client._send_sealed(entry.peer, entry.text, None, resend=entry)
+        except SecureIMError as exc:  # lost again: the next reconnect marks it again
+            log.info("a message was not resent: %s", exc)
+
+    def _resend(self, entry: Outgoing) -> None:
+        """The offline key of that generation had expired: seal again under a new one, once."""
+        try:
+            again = self.send_text(entry.peer, entry.text, entry.msg_id, retried=entry.stored)
+        except (SecureIMError, ValueError) as exc:
+            with self.lock:
+                entry.state, entry.reason = REFUSED, str(exc)
+            entry.answered.set()
+            self.client._stored_event(entry)
+            return
+        log.debug("stored message resealed (%s)", again.state)

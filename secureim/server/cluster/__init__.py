@@ -1,0 +1,1 @@
+"""What crosses server nodes: ``local`` (one process, nobody elsewhere) and ``nats_bus`` (NATS)."""
