@@ -31,6 +31,7 @@ from secureim.errors import (
     ServerKeyMismatch,
 )
 from secureim.proto import puzzle as puzzle
+from secureim.server.puzzle_gate import PuzzleGate
 
 
 def rewrite(frame: bytes, **changes) -> bytes:
@@ -596,7 +597,7 @@ def test_A37_load_adaptive_difficulty_through_the_real_server(tmp_path):
 
 def test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved(tmp_path):
     now = [1_000_000.0]
-    gate = puzzle.PuzzleGate("always", base_difficulty=8, clock=lambda: now[0])
+    gate = PuzzleGate("always", base_difficulty=8, clock=lambda: now[0])
     pub = os.urandom(32)
     challenge = gate.issue("192.0.2.1", 8)
     solution = puzzle.solve(challenge, pub, 8)
@@ -616,7 +617,7 @@ def test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved(tmp_path):
 
 def test_A37_puzzle_difficulty_adapts_to_load():
     load = [0]
-    gate = puzzle.PuzzleGate("auto", base_difficulty=16, load_threshold=64, load=lambda: load[0])
+    gate = PuzzleGate("auto", base_difficulty=16, load_threshold=64, load=lambda: load[0])
     assert gate.difficulty() == 0
     load[0] = 64
     assert gate.difficulty() == 16
@@ -624,7 +625,7 @@ def test_A37_puzzle_difficulty_adapts_to_load():
     assert gate.difficulty() == 20
     load[0] = 100_000
     assert gate.difficulty() == puzzle.MAX_DIFFICULTY
-    assert puzzle.PuzzleGate("off", load=lambda: 10**6).difficulty() == 0
+    assert PuzzleGate("off", load=lambda: 10**6).difficulty() == 0
 
 
 def test_A38_client_refuses_absurd_puzzles():

@@ -27,6 +27,9 @@ resumes on the next live node with the session ticket when the connection is los
 
 from __future__ import annotations
 
+# What the terminal needs beyond the client itself, so that it imports this facade alone.
+from diffiehellman import DEFAULT_GROUP as DEFAULT_GROUP
+from diffiehellman import GROUPS as GROUPS
 from secureim.client.chat import (
     CONNECT_TIMEOUT_S as CONNECT_TIMEOUT_S,
 )
@@ -153,6 +156,21 @@ from secureim.client.events import (
 from secureim.client.events import (
     WhoList as WhoList,
 )
+from secureim.client.history import (
+    DEFAULT_MAX_AGE_DAYS as DEFAULT_MAX_AGE_DAYS,
+)
+from secureim.client.history import (
+    DEFAULT_MAX_PER_CONVERSATION as DEFAULT_MAX_PER_CONVERSATION,
+)
+from secureim.client.history import (
+    OUTGOING as OUTGOING,
+)
+from secureim.client.history import (
+    SHOWN_ON_OPEN as SHOWN_ON_OPEN,
+)
+from secureim.client.history import (
+    STATE_REFUSED as STATE_REFUSED,
+)
 from secureim.client.pinning import (
     KNOWN_SERVERS_FILE as KNOWN_SERVERS_FILE,
 )
@@ -173,4 +191,28 @@ from secureim.client.pinning import (
 )
 from secureim.client.pinning import (
     parse_servers as parse_servers,
+)
+from secureim.client.rooms import (
+    RoomMessageReceived as RoomMessageReceived,
+)
+from secureim.client.rooms import (
+    RoomNotice as RoomNotice,
+)
+from secureim.client.rooms import (
+    RoomWarning as RoomWarning,
+)
+from secureim.e2e.rooms import ROOM_RE as ROOM_RE
+from secureim.e2e.rooms import normalize_room as normalize_room
+from secureim.e2e.sessions import MAX_TEXT_BYTES as MAX_TEXT_BYTES
+from secureim.proto import (
+    DEFAULT_PORT as DEFAULT_PORT,
+)
+from secureim.proto import (
+    MAX_PASSWORD_BYTES as MAX_PASSWORD_BYTES,
+)
+from secureim.proto import (
+    TICKET_LIFETIME_S as TICKET_LIFETIME_S,
+)
+from secureim.proto import (
+    normalize_username as normalize_username,
 )

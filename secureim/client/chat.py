@@ -22,7 +22,7 @@ from secureim.client import offline as offline
 from secureim.client import rooms as room_client
 from secureim.client.display import sanitize
 from secureim.client.events import (
-    _AUTH_ERRORS,
+    AUTH_ERRORS,
     AccountDeletion,
     ConversationReady,
     DirectFallback,
@@ -514,7 +514,7 @@ class ChatClient:
                 + "Too many attempts on this connection; the server closed it. "
                 "Start the client again to try once more."
             )
-        raise _AUTH_ERRORS.get(event.code, AuthError)(reason)
+        raise AUTH_ERRORS.get(event.code, AuthError)(reason)
 
     # -- after login ---------------------------------------------------------------
     def start(self) -> None:
@@ -1326,7 +1326,7 @@ class ChatClient:
         if isinstance(reply, P.PasswordChangeFailed):
             if reply.code == P.AuthCode.LOCKED:
                 raise AccountLocked(reply.retry_after_s)
-            raise _AUTH_ERRORS.get(reply.code, AuthError)(sanitize(reply.reason, 512))
+            raise AUTH_ERRORS.get(reply.code, AuthError)(sanitize(reply.reason, 512))
         self._ticket = reply.ticket or None
         if self.persist_identity and self.identity is not None and self.username is not None:
             self.identities.save(self.username, new_password, self.identity)

@@ -175,7 +175,7 @@ class AccountDeletion:
     reason: str
 
 
-_AUTH_ERRORS = {
+AUTH_ERRORS = {
     P.AuthCode.INVALID_CREDENTIALS: InvalidCredentials,
     P.AuthCode.USERNAME_TAKEN: UsernameTaken,
     P.AuthCode.INVALID_USERNAME: InvalidUsername,

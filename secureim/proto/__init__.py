@@ -101,6 +101,7 @@ from secureim.proto.limits import (
 )
 from secureim.proto.limits import (
     MAX_TICKET_BYTES as MAX_TICKET_BYTES,
+    TICKET_LIFETIME_S as TICKET_LIFETIME_S,
 )
 from secureim.proto.limits import (
     MAX_USERNAME_BYTES as MAX_USERNAME_BYTES,

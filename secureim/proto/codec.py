@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar, dataclass_transform
 
 from secureim.errors import (
     LocalProtocolError,
@@ -216,12 +216,21 @@ class Message:
         return f"{type(self).__name__}({', '.join(shown)})"
 
 
-def message(type_id: int) -> Callable[[type], type]:
-    def register(cls: type) -> type:
+_M = TypeVar("_M", bound=type[Message])
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, field))
+def message(type_id: int) -> Callable[[_M], _M]:
+    """Register a message class under its wire tag and make it a frozen dataclass with a compiled codec.
+
+    ``dataclass_transform`` tells type checkers that the class becomes a dataclass here, so its
+    constructor and fields are checked as if ``@dataclass(frozen=True)`` were written on it."""
+
+    def register(cls: _M) -> _M:
         if type_id in MESSAGE_TYPES:
             raise RuntimeError(f"duplicate message type {type_id:#x}")
         cls.TYPE = type_id
-        cls = dataclass(frozen=True, repr=False)(cls)
+        cls = dataclass(frozen=True, repr=False)(cls)  # type: ignore[assignment]
         cls.FIELDS = tuple((f.name, dict(f.metadata)) for f in dataclasses.fields(cls))
         compiled = [(name, _compile_field(name, meta)) for name, meta in cls.FIELDS]
         cls.ENCODERS = tuple((name, enc) for name, (enc, _dec) in compiled)

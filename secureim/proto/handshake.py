@@ -79,7 +79,7 @@ from secureim.proto.messages import (
     WhoRequest,
     WhoResponse,
 )
-from secureim.proto.puzzle import PuzzleGate
+from secureim.proto.puzzle import PuzzleChecker
 from secureim.proto.puzzle import solve as puzzle_solve
 from secureim.proto.records import FrameDecoder, TrafficKeys, encode_frame
 
@@ -463,7 +463,7 @@ class ServerProtocol(Connection):
         allowed_groups: frozenset[str] | None = None,
         tdes_backend: str | None = None,
         update_after_bytes: int | None = None,
-        puzzle: PuzzleGate | None = None,
+        puzzle: PuzzleChecker | None = None,
         source: str = "",
     ) -> None:
         super().__init__(update_after_bytes=update_after_bytes)

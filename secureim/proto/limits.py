@@ -26,6 +26,7 @@ MAX_PAYLOAD_BYTES = 60 * 1024
 MAX_REASON_BYTES = 512
 MAX_WHO_USERS = 1000
 MAX_TICKET_BYTES = 256
+TICKET_LIFETIME_S = 12 * 3600  # a resumption ticket's life; the terminal keeps reconnecting this long
 # Key shares: 1,216 bytes from the client for x25519-mlkem768 (512 for 4096-bit groups), 1,120 back.
 MAX_PUBLIC_VALUE_BYTES = max(share_length(g) for g in GROUPS.values())
 MAX_RESPONSE_VALUE_BYTES = max(share_length(g, response=True) for g in GROUPS.values())

@@ -19,12 +19,12 @@ from secureim.errors import (
     DatabaseError,
     ProtocolError,
 )
-from secureim.proto.puzzle import PuzzleGate
 from secureim.server.config import IDENTITY_FILE, ServerConfig
 from secureim.server.metrics import MetricsEndpoint
 from secureim.server.moderation import (
     ModerationPoller,
 )
+from secureim.server.puzzle_gate import PuzzleGate
 from secureim.server.registry import (
     INBOX_RESUME_ITEMS,
     LINGER_S,

@@ -302,7 +302,7 @@ class Registry:
             return list(self.sessions)
 
 
-def _loggable(raw: str) -> str:
+def loggable(raw: str) -> str:
     """A username as it may appear in a log line: normalised and quoted, or "an invalid username"."""
     try:
         return repr(normalize_username(raw))

@@ -49,7 +49,7 @@ from secureim.server.registry import (
     Registry,
     Session,
     SourceRateLimiter,
-    _loggable,
+    loggable,
 )
 from secureim.server.rooms import RoomService
 from secureim.server.tickets import TicketIssuer, load_or_create_ticket_key
@@ -266,7 +266,7 @@ class ChatService(RoomService):
                 P.AuthCode.LOCKED,
                 str(exc),
                 exc.retry_after_s,
-                _loggable(msg.username),
+                loggable(msg.username),
                 username=msg.username,
             )
             return
@@ -275,7 +275,7 @@ class ChatService(RoomService):
                 session,
                 P.AuthCode.INVALID_CREDENTIALS,
                 str(exc),
-                who=_loggable(msg.username),
+                who=loggable(msg.username),
                 username=msg.username,
             )
             return

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import crypto_utils as cu
 from secureim.errors import ConfigError, InvalidCredentials
+from secureim.proto.limits import TICKET_LIFETIME_S
 
-TICKET_LIFETIME_S = 12 * 3600
 TICKET_VERSION = 2
 _HEADER = struct.Struct(">BQQI")  # version, issued_at, expires_at, the account's ticket epoch
 _AAD = b"secureim/v1 ticket"

@@ -39,7 +39,7 @@ from secureim.storage.records import (
 log = logging.getLogger("secureim.database")
 
 
-class _Pool:
+class ConnectionPool:
     """A fixed-size pool of connections made by ``factory``; broken ones are replaced."""
 
     def __init__(self, factory, size: int = POOL_SIZE) -> None:
@@ -367,14 +367,14 @@ class Storage:
         raise NotImplementedError
 
 
-def _pair(user_a: str, user_b: str) -> tuple[str, str]:
+def ordered_pair(user_a: str, user_b: str) -> tuple[str, str]:
     if user_a == user_b:
         raise DatabaseError("A conversation needs two different users.")
     return (user_a, user_b) if user_a < user_b else (user_b, user_a)
 
 
 # --- rooms: bounds and answers shared by both backends ---------------------------------
-def _is_name(value: object, max_chars: int) -> bool:
+def is_name(value: object, max_chars: int) -> bool:
     """A room or user name the room tables can hold: 1..max_chars printable ASCII, no space and no comma
     (sp_room_enqueue takes its recipients comma-separated)."""
     return (
@@ -387,12 +387,12 @@ def _is_name(value: object, max_chars: int) -> bool:
     )
 
 
-def _is_int(value: object, low: int, high: int) -> bool:
+def is_int(value: object, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _check_name(value: object, max_chars: int, what: str) -> None:
-    if not _is_name(value, max_chars):
+    if not is_name(value, max_chars):
         raise ValueError(
             f"{what} must be 1 to {max_chars} printable ASCII characters without spaces or commas."
         )
@@ -405,12 +405,12 @@ def _check_bytes(value: object, what: str, low: int, high: int) -> None:
 
 
 def _check_room_id(room_id: object) -> None:
-    if not _is_int(room_id, 1, MAX_DB_ID):
+    if not is_int(room_id, 1, MAX_DB_ID):
         raise ValueError("A room id is a positive 63-bit integer.")
 
 
 def _check_epoch(epoch: object) -> None:
-    if not _is_int(epoch, 0, MAX_EPOCH):
+    if not is_int(epoch, 0, MAX_EPOCH):
         raise ValueError("A room epoch is a 32-bit unsigned integer.")
 
 
@@ -420,7 +420,7 @@ def _check_sender(sender: object, identity: object, msg_ref: object) -> None:
     _check_bytes(msg_ref, "A message reference", MSG_REF_BYTES, MSG_REF_BYTES)
 
 
-def _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity) -> None:
+def check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity) -> None:
     _check_name(name, MAX_ROOM_NAME_CHARS, "A room name")
     _check_bytes(uid, "A room uid", ROOM_UID_BYTES, ROOM_UID_BYTES)
     _check_bytes(head, "A room head", ROOM_HEAD_BYTES, ROOM_HEAD_BYTES)
@@ -429,7 +429,7 @@ def _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, adm
     _check_sender(admin, admin_identity, msg_ref)
 
 
-def _check_change_room(
+def check_change_room(
     expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity, msg_ref
 ) -> None:
     _check_epoch(expected_epoch)
@@ -456,11 +456,11 @@ _ROOM_REFUSALS = {
 }
 
 
-def _refuse(code: str, **names: object) -> ValueError:
+def refuse(code: str, **names: object) -> ValueError:
     return ValueError(_ROOM_REFUSALS[code].format(**names))
 
 
-def _rooms_from_rows(rows) -> list[Room]:
+def rooms_from_rows(rows) -> list[Room]:
     """Rooms from rows of (id, name, uid, admin, epoch, head, member or None), one row per member."""
     found: dict[int, tuple[tuple, list[str]]] = {}
     for r in rows:
@@ -473,7 +473,7 @@ def _rooms_from_rows(rows) -> list[Room]:
     return sorted(rooms, key=lambda room: room.name)
 
 
-def _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients) -> list[str]:
+def room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients) -> list[str]:
     """room_enqueue()'s input checked; its recipients once each, sorted: the order the rows are locked in,
     so two room messages in flight never wait on each other in a circle."""
     _check_room_id(room_id)
@@ -487,7 +487,7 @@ def _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, rec
     return sorted(set(recipients))
 
 
-def _check_pair_row(msg: QueuedMessage) -> None:
+def check_pair_row(msg: QueuedMessage) -> None:
     if msg.kind != KIND_PAIR or msg.room_id != 0:
         raise ValueError(
             "enqueue() stores one-to-one messages; room rows go through room_enqueue() and change_room()."

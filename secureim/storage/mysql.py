@@ -9,17 +9,17 @@ from typing import Any
 
 from secureim.errors import ConfigError, DatabaseError, DatabaseUnavailable
 from secureim.storage.base import (
+    ConnectionPool,
     Storage,
-    _check_change_room,
-    _check_create_room,
-    _check_pair_row,
-    _is_int,
-    _is_name,
-    _pair,
-    _Pool,
-    _refuse,
-    _room_targets,
-    _rooms_from_rows,
+    check_change_room,
+    check_create_room,
+    check_pair_row,
+    is_int,
+    is_name,
+    ordered_pair,
+    refuse,
+    room_targets,
+    rooms_from_rows,
 )
 from secureim.storage.records import (
     CONNECT_TIMEOUT_S,
@@ -106,7 +106,7 @@ class MySQLStorage(Storage):
         if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", database):
             raise ConfigError("MySQL database names may use letters, digits and _ only.")
         self._create_database_if_missing(explicit=create_database)
-        self._pool = _Pool(self._connect)
+        self._pool = ConnectionPool(self._connect)
         if (
             apply_schema
         ):  # admin.py passes False: re-creating procedures under a running server races its calls
@@ -227,7 +227,7 @@ class MySQLStorage(Storage):
         return int(rows[0][0]) if rows else None
 
     def open_conversation(self, user_a: str, user_b: str) -> int:
-        low, high = _pair(user_a, user_b)
+        low, high = ordered_pair(user_a, user_b)
         return int(self._call("sp_open_conversation", low, high)[0][0])
 
     def record_key_generation(self, conversation_id: int) -> int:
@@ -386,7 +386,7 @@ class MySQLStorage(Storage):
         self._call("sp_put_offline_key", recipient, conversation_id, generation, sender, wrapped, now)
 
     def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
-        _check_pair_row(msg)
+        check_pair_row(msg)
         row = self._call(
             "sp_enqueue",
             msg.recipient,
@@ -442,32 +442,32 @@ class MySQLStorage(Storage):
         admin_identity: bytes,
         now: float,
     ) -> int | None:
-        _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity)
+        check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity)
         status, room_id = self._call(
             "sp_create_room", name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity, now
         )[0]
         if status == "taken":
             return None
         if status != "ok":
-            raise _refuse(status, actor=admin)
+            raise refuse(status, actor=admin)
         return int(room_id)
 
     def get_room(self, name: str) -> Room | None:
-        if not _is_name(name, MAX_ROOM_NAME_CHARS):
+        if not is_name(name, MAX_ROOM_NAME_CHARS):
             return None
-        rooms = _rooms_from_rows(self._call("sp_get_room", name))
+        rooms = rooms_from_rows(self._call("sp_get_room", name))
         return rooms[0] if rooms else None
 
     def get_room_by_id(self, room_id: int) -> Room | None:
-        if not _is_int(room_id, 1, MAX_DB_ID):
+        if not is_int(room_id, 1, MAX_DB_ID):
             return None
-        rooms = _rooms_from_rows(self._call("sp_get_room_by_id", room_id))
+        rooms = rooms_from_rows(self._call("sp_get_room_by_id", room_id))
         return rooms[0] if rooms else None
 
     def rooms_of(self, username: str) -> list[Room]:
-        if not _is_name(username, MAX_USERNAME_CHARS):
+        if not is_name(username, MAX_USERNAME_CHARS):
             return []
-        return _rooms_from_rows(self._call("sp_rooms_of", username))
+        return rooms_from_rows(self._call("sp_rooms_of", username))
 
     def change_room(
         self,
@@ -485,10 +485,10 @@ class MySQLStorage(Storage):
         msg_ref: bytes,
         now: float,
     ) -> tuple[str, int]:
-        _check_change_room(
+        check_change_room(
             expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity, msg_ref
         )
-        if not _is_int(room_id, 1, MAX_DB_ID):
+        if not is_int(room_id, 1, MAX_DB_ID):
             return ROOM_GONE, 0
         status, epoch = self._call(
             "sp_change_room",
@@ -507,7 +507,7 @@ class MySQLStorage(Storage):
         )[0]
         if status in (ROOM_OK, ROOM_STALE, ROOM_GONE):
             return str(status), int(epoch)
-        raise _refuse(status, add=add, remove=remove, actor=actor)
+        raise refuse(status, add=add, remove=remove, actor=actor)
 
     def room_enqueue(
         self,
@@ -522,7 +522,7 @@ class MySQLStorage(Storage):
         max_messages: int,
         max_bytes: int,
     ) -> dict[str, str]:
-        targets = _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients)
+        targets = room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients)
         if not targets:
             return {}
         # Names never hold a comma (checked above): the procedure splits the list on them.
@@ -547,7 +547,7 @@ class MySQLStorage(Storage):
         return dict(zip(targets, answers))
 
     def room_key(self, room_id: int, epoch: int) -> bytes | None:
-        if not (_is_int(room_id, 1, MAX_DB_ID) and _is_int(epoch, 0, MAX_EPOCH)):
+        if not (is_int(room_id, 1, MAX_DB_ID) and is_int(epoch, 0, MAX_EPOCH)):
             return None
         rows = self._call("sp_room_key", room_id, epoch)
         return bytes(rows[0][0]) if rows else None

@@ -12,17 +12,17 @@ from typing import Iterator
 
 from secureim.errors import ConfigError, DatabaseError, DatabaseUnavailable
 from secureim.storage.base import (
+    ConnectionPool,
     Storage,
-    _check_change_room,
-    _check_create_room,
-    _check_pair_row,
-    _is_int,
-    _is_name,
-    _pair,
-    _Pool,
-    _refuse,
-    _room_targets,
-    _rooms_from_rows,
+    check_change_room,
+    check_create_room,
+    check_pair_row,
+    is_int,
+    is_name,
+    ordered_pair,
+    refuse,
+    room_targets,
+    rooms_from_rows,
 )
 from secureim.storage.records import (
     DUPLICATE,
@@ -223,7 +223,7 @@ class SQLiteStorage(Storage):
                 )
             if Path(self.path).is_dir():
                 raise ConfigError(f"The SQLite database {self.path} is a folder, not a file.")
-        self._pool = _Pool(self._connect)
+        self._pool = ConnectionPool(self._connect)
         with self._pool.connection() as conn:  # executescript manages its own transaction
             conn.executescript(_SQLITE_SCHEMA)
         with self._tx() as conn:  # one writer: two servers opening an old file at once add each column once
@@ -304,7 +304,7 @@ class SQLiteStorage(Storage):
         return int(row[0]) if row else None
 
     def open_conversation(self, user_a: str, user_b: str) -> int:
-        low, high = _pair(user_a, user_b)
+        low, high = ordered_pair(user_a, user_b)
         with self._tx() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO conversations (user_low, user_high, created_at) VALUES (?, ?, ?)",
@@ -636,7 +636,7 @@ class SQLiteStorage(Storage):
             )
 
     def enqueue(self, msg: QueuedMessage, max_messages: int, max_bytes: int) -> tuple[str, int]:
-        _check_pair_row(msg)
+        check_pair_row(msg)
         with self._tx() as conn:  # BEGIN IMMEDIATE: one writer at a time, so the bound holds
             row = conn.execute(
                 "SELECT id FROM message_queue WHERE recipient = ? AND sender = ? AND msg_ref = ?",
@@ -794,12 +794,12 @@ class SQLiteStorage(Storage):
         admin_identity: bytes,
         now: float,
     ) -> int | None:
-        _check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity)
+        check_create_room(name, uid, admin, head, change, wrapped_key, msg_ref, admin_identity)
         with self._tx() as conn:  # BEGIN IMMEDIATE: nobody takes the name between the look and the insert
             if conn.execute("SELECT 1 FROM rooms WHERE name = ?", (name,)).fetchone():
                 return None
             if self._ref_used(conn, admin, msg_ref, [admin]):
-                raise _refuse("ref_used", actor=admin)
+                raise refuse("ref_used", actor=admin)
             room_id = conn.execute(
                 "INSERT INTO rooms (name, uid, admin, epoch, head, created_at) VALUES (?, ?, ?, 1, ?, ?)",
                 (name, uid, admin, head, now),
@@ -825,7 +825,7 @@ class SQLiteStorage(Storage):
         return int(room_id)
 
     def get_room(self, name: str) -> Room | None:
-        if not _is_name(name, MAX_ROOM_NAME_CHARS):
+        if not is_name(name, MAX_ROOM_NAME_CHARS):
             return None
         with self._tx() as conn:
             rows = conn.execute(
@@ -833,11 +833,11 @@ class SQLiteStorage(Storage):
                 "LEFT JOIN room_members m ON m.room_id = r.id WHERE r.name = ?",
                 (name,),
             ).fetchall()
-        rooms = _rooms_from_rows(rows)
+        rooms = rooms_from_rows(rows)
         return rooms[0] if rooms else None
 
     def get_room_by_id(self, room_id: int) -> Room | None:
-        if not _is_int(room_id, 1, MAX_DB_ID):
+        if not is_int(room_id, 1, MAX_DB_ID):
             return None
         with self._tx() as conn:
             rows = conn.execute(
@@ -845,11 +845,11 @@ class SQLiteStorage(Storage):
                 "LEFT JOIN room_members m ON m.room_id = r.id WHERE r.id = ?",
                 (room_id,),
             ).fetchall()
-        rooms = _rooms_from_rows(rows)
+        rooms = rooms_from_rows(rows)
         return rooms[0] if rooms else None
 
     def rooms_of(self, username: str) -> list[Room]:
-        if not _is_name(username, MAX_USERNAME_CHARS):
+        if not is_name(username, MAX_USERNAME_CHARS):
             return []
         with self._tx() as conn:
             rows = conn.execute(
@@ -858,7 +858,7 @@ class SQLiteStorage(Storage):
                 "JOIN room_members all_m ON all_m.room_id = r.id WHERE me.username = ?",
                 (username,),
             ).fetchall()
-        return _rooms_from_rows(rows)
+        return rooms_from_rows(rows)
 
     def change_room(
         self,
@@ -876,10 +876,10 @@ class SQLiteStorage(Storage):
         msg_ref: bytes,
         now: float,
     ) -> tuple[str, int]:
-        _check_change_room(
+        check_change_room(
             expected_epoch, head, add, remove, close, change, wrapped_key, actor, actor_identity, msg_ref
         )
-        if not _is_int(room_id, 1, MAX_DB_ID):
+        if not is_int(room_id, 1, MAX_DB_ID):
             return ROOM_GONE, 0
         with self._tx() as conn:  # BEGIN IMMEDIATE: the epoch read here is the one written below
             row = conn.execute("SELECT epoch, admin FROM rooms WHERE id = ?", (room_id,)).fetchone()
@@ -892,17 +892,17 @@ class SQLiteStorage(Storage):
                 r[0] for r in conn.execute("SELECT username FROM room_members WHERE room_id = ?", (room_id,))
             }
             if add is not None and add in members:
-                raise _refuse("member", add=add)
+                raise refuse("member", add=add)
             if remove is not None and remove not in members:
-                raise _refuse("not_member", remove=remove)
+                raise refuse("not_member", remove=remove)
             if remove is not None and remove == admin:
-                raise _refuse("admin")
+                raise refuse("admin")
             if epoch >= MAX_EPOCH:
-                raise _refuse("epoch_full")
+                raise refuse("epoch_full")
             # Every member after the change and the one removed: the members before plus the one added.
             recipients = sorted(members | ({add} if add is not None else set()))
             if self._ref_used(conn, actor, msg_ref, recipients):
-                raise _refuse("ref_used", actor=actor)
+                raise refuse("ref_used", actor=actor)
             new_epoch = epoch + 1
             self._queue_change(
                 conn, room_id, new_epoch, recipients, actor, actor_identity, msg_ref, change, now
@@ -945,7 +945,7 @@ class SQLiteStorage(Storage):
         max_messages: int,
         max_bytes: int,
     ) -> dict[str, str]:
-        targets = _room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients)
+        targets = room_targets(room_id, epoch, sender, sender_identity, msg_ref, payload, recipients)
         answers: dict[str, str] = {}
         if not targets:
             return answers
@@ -980,7 +980,7 @@ class SQLiteStorage(Storage):
         return answers
 
     def room_key(self, room_id: int, epoch: int) -> bytes | None:
-        if not (_is_int(room_id, 1, MAX_DB_ID) and _is_int(epoch, 0, MAX_EPOCH)):
+        if not (is_int(room_id, 1, MAX_DB_ID) and is_int(epoch, 0, MAX_EPOCH)):
             return None
         with self._tx() as conn:
             row = conn.execute(

@@ -6,11 +6,7 @@ import threading
 import time
 
 from secureim import client as C
-from secureim import proto as P
-from secureim.client import history as H
-from secureim.client import rooms as RC
-from secureim.e2e import rooms as R
-from secureim.e2e.sessions import MAX_TEXT_BYTES
+from secureim.client import MAX_TEXT_BYTES
 from secureim.errors import (
     AuthError,
     ConnectionClosed,
@@ -36,7 +32,7 @@ from secureim.tui.commands import (
     USER_COMMANDS,
 )
 from secureim.tui.login import password_problem
-from secureim.tui.terminal import PromptInterrupted, Terminal, _arrow, _Leave, _preview, _shown_or
+from secureim.tui.terminal import LeaveChat, PromptInterrupted, Terminal, arrow_glyph, preview, shown_or
 
 
 class ChatUI:
@@ -49,8 +45,8 @@ class ChatUI:
         self.relogin = relogin  # (the old client) -> a new logged-in client, or None: after a refused ticket
         self.destination: str | None = None
         self.lost: str | None = None
-        self.arrow = _arrow()
-        self.ellipsis = _shown_or("…", "...")
+        self.arrow = arrow_glyph()
+        self.ellipsis = shown_or("…", "...")
         self._lock = threading.Lock()
         self.unread: dict[str, int] = {}
         self.online: set[str] = set()
@@ -145,12 +141,12 @@ class ChatUI:
                 return
             self._history_due = None
         if not isinstance(event, C.PeerUnknown):
-            self._show_history(due, H.SHOWN_ON_OPEN, opening=True)
+            self._show_history(due, C.SHOWN_ON_OPEN, opening=True)
 
     def _describe(self, event) -> str | None:
         peer = C.sanitize(getattr(event, "peer", "") or "", 64)
         is_dest = peer == self.destination
-        if isinstance(event, (RC.RoomMessageReceived, RC.RoomNotice, RC.RoomWarning)):
+        if isinstance(event, (C.RoomMessageReceived, C.RoomNotice, C.RoomWarning)):
             return self._describe_room(event)
         if isinstance(event, C.MessageReceived):
             mark = self._news_from(peer)
@@ -174,7 +170,7 @@ class ChatUI:
         if isinstance(event, C.MessageDelivered):
             if not event.stored:
                 return None  # live messages: /pending lists the ones without a receipt
-            return f"[CLIENT]: Delivered to {peer}: {_preview(event.text)}"
+            return f"[CLIENT]: Delivered to {peer}: {preview(event.text)}"
         if isinstance(event, C.MessageUndelivered):
             return f"[CLIENT]: Not delivered to {peer} (no acknowledgement): {C.sanitize(event.text, 200)}"
         if isinstance(event, C.PeerOnline):
@@ -251,12 +247,12 @@ class ChatUI:
 
     def _describe_room(self, event) -> str:
         room = C.sanitize(event.room, 40)
-        if isinstance(event, RC.RoomMessageReceived):
+        if isinstance(event, C.RoomMessageReceived):
             sender = C.sanitize(event.sender, 64)
             mark = self._news_from(room)
             # Every line carries the room and the sender: a line inside cannot pass for another's.
             return "\n".join(f"{mark}[{room} {sender}]: {line}" for line in C.sanitize_lines(event.text))
-        if isinstance(event, RC.RoomWarning):
+        if isinstance(event, C.RoomWarning):
             return f"[CLIENT]: @@@ {C.sanitize(event.text, 600)}"
         line = f"[CLIENT]: {C.sanitize(event.text, 600)}"
         if event.gone:
@@ -282,7 +278,7 @@ class ChatUI:
         with self.term.patch_stdout():
             try:
                 code = self._chat()
-            except _Leave as leave:
+            except LeaveChat as leave:
                 code = leave.code
             except (EOFError, KeyboardInterrupt):
                 code = EXIT_ERROR if self.lost is not None else EXIT_OK
@@ -319,7 +315,7 @@ class ChatUI:
                 self.term.say(f"[CLIENT]: {C.sanitize(str(exc))}")
 
     def _read(self, prompt, *, chat: bool = False) -> str:
-        """The next line typed.  Raises _Leave when the session is over: lost for good, or a refused
+        """The next line typed.  Raises LeaveChat when the session is over: lost for good, or a refused
         ticket that the user does not replace with a new login (asked here, on the main thread)."""
         while True:
             self._settle()
@@ -336,11 +332,11 @@ class ChatUI:
 
     def _settle(self) -> None:
         if self.lost is not None:
-            raise _Leave(EXIT_ERROR)
+            raise LeaveChat(EXIT_ERROR)
         while self.expired:
             answer = self.term.ask("[CLIENT]: Your session expired; log in again? (y/n): ").strip().lower()
             if answer not in ("y", "yes"):
-                raise _Leave(EXIT_OK)
+                raise LeaveChat(EXIT_OK)
             client = self.relogin(self.client) if self.relogin is not None else None
             if client is not None:
                 self._take_over(client)
@@ -417,7 +413,7 @@ class ChatUI:
             self._switch_to_room(name)
             return
         try:
-            name = P.normalize_username(name)
+            name = C.normalize_username(name)
         except InvalidUsername as exc:
             self.term.say(f"[CLIENT]: {exc}")
             return
@@ -431,7 +427,7 @@ class ChatUI:
             # The design's answer to a destination is always its status first (scripts rely on it).
             self.term.say("[CLIENT]: Destination user is online.")
             self.term.say(f"[CLIENT]: Now talking to {C.sanitize(name, 64)}.")
-            self._show_history(name, H.SHOWN_ON_OPEN, opening=True)
+            self._show_history(name, C.SHOWN_ON_OPEN, opening=True)
         else:
             with self._lock:
                 self._history_due = name  # shown after the server's answer, which comes first
@@ -445,12 +441,12 @@ class ChatUI:
 
     def _switch_to_room(self, name: str) -> None:
         try:
-            name = R.normalize_room(name)
+            name = C.normalize_room(name)
             members = self.client.rooms.members(name)
         except RoomError as exc:
             with self._lock:
                 self.unread.pop(
-                    R.normalize_room(name) if R.ROOM_RE.fullmatch(name.strip().lower()) else name, None
+                    C.normalize_room(name) if C.ROOM_RE.fullmatch(name.strip().lower()) else name, None
                 )
             self.term.say(f"[CLIENT]: {exc}")
             return
@@ -485,7 +481,7 @@ class ChatUI:
             self.term.say(f"[CLIENT]: Usage: {COMMANDS[cmd][0]} ({COMMANDS[cmd][1]})")
             return
         try:
-            room = R.normalize_room(words[0])
+            room = C.normalize_room(words[0])
             if cmd == "/create":
                 rooms.create(room)
                 self.term.say(
@@ -493,11 +489,11 @@ class ChatUI:
                     f"people, /to {room} talks there."
                 )
             elif cmd == "/invite":
-                user = P.normalize_username(words[1])
+                user = C.normalize_username(words[1])
                 rooms.invite(room, user)
                 self.term.say(f"[CLIENT]: You added {user} to {room}.")
             elif cmd == "/remove":
-                user = P.normalize_username(words[1])
+                user = C.normalize_username(words[1])
                 rooms.remove(room, user)
                 self.term.say(
                     f"[CLIENT]: You removed {user} from {room}; what is said there from now on is "
@@ -646,7 +642,7 @@ class ChatUI:
         for entry in waiting:
             when = time.strftime("%H:%M", time.localtime(entry.at))
             self.term.say(
-                f"[CLIENT]:   {when} to {C.sanitize(entry.peer, 64)} ({entry.state}): {_preview(entry.text)}"
+                f"[CLIENT]:   {when} to {C.sanitize(entry.peer, 64)} ({entry.state}): {preview(entry.text)}"
             )
 
     def _show_history(self, peer: str, limit: int, *, opening: bool = False) -> None:
@@ -669,8 +665,8 @@ class ChatUI:
         for entry in page.entries:
             day = time.strftime("%Y-%m-%d", time.localtime(entry.at))
             when = time.strftime("%H:%M" if day == today else "%Y-%m-%d %H:%M", time.localtime(entry.at))
-            who = f"{self.client.username}{self.arrow}{shown}" if entry.direction == H.OUTGOING else shown
-            mark = " (refused by the server: not delivered)" if entry.state == H.STATE_REFUSED else ""
+            who = f"{self.client.username}{self.arrow}{shown}" if entry.direction == C.OUTGOING else shown
+            mark = " (refused by the server: not delivered)" if entry.state == C.STATE_REFUSED else ""
             lines += [f"  {when} [{who}]: {line}{mark}" for line in C.sanitize_lines(entry.text)]
         self.term.say("\n".join(lines), stamped=False)
         if page.damaged:

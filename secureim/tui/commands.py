@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from secureim.client import MAX_PASSWORD_BYTES, TICKET_LIFETIME_S
 from secureim.client import scripting as S
-from secureim.proto import MAX_PASSWORD_BYTES
-from secureim.server.tickets import TICKET_LIFETIME_S
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_KEY_MISMATCH, EXIT_LOGIN_FAILED = (
     S.EXIT_OK,

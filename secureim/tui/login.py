@@ -6,6 +6,7 @@ import threading
 import time
 
 from secureim import client as C
+from secureim.client import MAX_PASSWORD_BYTES
 from secureim.errors import (
     AccountBanned,
     AccountLocked,
@@ -15,7 +16,6 @@ from secureim.errors import (
     InvalidUsername,
     UsernameTaken,
 )
-from secureim.proto import MAX_PASSWORD_BYTES
 from secureim.tui.commands import (
     LOGIN_WATCH_POLL_S,
     MAX_LOGIN_ROUNDS,

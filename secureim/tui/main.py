@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffiehellman import DEFAULT_GROUP, GROUPS
 from secureim import client as C
-from secureim.client import history as H
+from secureim.client import DEFAULT_GROUP, DEFAULT_PORT, GROUPS
 from secureim.client import scripting as S
 from secureim.errors import (
     ConfigError,
@@ -19,7 +18,6 @@ from secureim.errors import (
     ServerKeyMismatch,
     ServiceUnavailable,
 )
-from secureim.proto import DEFAULT_PORT
 from secureim.tui.app import ChatUI
 from secureim.tui.commands import (
     EXIT_ERROR,
@@ -99,14 +97,14 @@ def _common_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     p.add_argument(
         "--history-max",
         type=int,
-        default=d(H.DEFAULT_MAX_PER_CONVERSATION),
+        default=d(C.DEFAULT_MAX_PER_CONVERSATION),
         metavar="N",
         help="keep at most N messages per conversation",
     )
     p.add_argument(
         "--history-days",
         type=float,
-        default=d(H.DEFAULT_MAX_AGE_DAYS),
+        default=d(C.DEFAULT_MAX_AGE_DAYS),
         metavar="DAYS",
         help="keep messages for at most DAYS days",
     )

@@ -17,7 +17,7 @@ class PromptInterrupted(Exception):
     """Another thread ended the prompt: the session needs the main thread (it ended, or its ticket was refused)."""
 
 
-class _Leave(Exception):
+class LeaveChat(Exception):
     """The chat loop ends with ``code``."""
 
     def __init__(self, code: int) -> None:
@@ -277,12 +277,12 @@ class ChatCompleter(Completer):
                 yield Completion(name, start_position=-len(word))
 
 
-def _preview(text: str, width: int = 40) -> str:
+def preview(text: str, width: int = 40) -> str:
     one = " ".join(C.sanitize_lines(text))
-    return one if len(one) <= width else one[: width - 1] + _shown_or("…", "...")
+    return one if len(one) <= width else one[: width - 1] + shown_or("…", "...")
 
 
-def _shown_or(fancy: str, plain: str) -> str:
+def shown_or(fancy: str, plain: str) -> str:
     try:
         fancy.encode(sys.stdout.encoding or "ascii")
         return fancy
@@ -290,5 +290,5 @@ def _shown_or(fancy: str, plain: str) -> str:
         return plain
 
 
-def _arrow() -> str:
-    return _shown_or("→", "->")
+def arrow_glyph() -> str:
+    return shown_or("→", "->")

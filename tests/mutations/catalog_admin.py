@@ -54,8 +54,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="admin-audit-never-stores-password",
         file="secureim/server/service.py",
-        find="                who=_loggable(msg.username),\n                username=msg.username,\n            )\n",
-        replace='                who=_loggable(msg.username),\n                username=msg.username + msg.password.decode("utf-8", "replace"),\n            )\n',
+        find="                who=loggable(msg.username),\n                username=msg.username,\n            )\n",
+        replace='                who=loggable(msg.username),\n                username=msg.username + msg.password.decode("utf-8", "replace"),\n            )\n',
         tests=(
             T + "test_audit_log_on_sqlite_has_the_rows_and_no_secret",
             T + "test_audit_log_on_mariadb_has_the_rows_and_no_secret",

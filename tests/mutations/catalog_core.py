@@ -429,7 +429,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-mac-binds-source",
-        file="secureim/proto/puzzle.py",
+        file="secureim/server/puzzle_gate.py",
         find=' + source.encode("utf-8", "replace")',
         replace="",
         tests=(
@@ -440,7 +440,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-replay-cache",
-        file="secureim/proto/puzzle.py",
+        file="secureim/server/puzzle_gate.py",
         find="if token in self._used:",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved",),
@@ -448,7 +448,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-expiry",
-        file="secureim/proto/puzzle.py",
+        file="secureim/server/puzzle_gate.py",
         find="if not 0 <= now - issued_at <= LIFETIME_S:",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved",),
@@ -456,7 +456,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="puzzle-difficulty-floor",
-        file="secureim/proto/puzzle.py",
+        file="secureim/server/puzzle_gate.py",
         find="if difficulty < required:",
         replace="if False:",
         tests=(f"{ATTACKS}::test_A36_puzzle_solutions_cannot_be_forged_replayed_or_moved",),
