@@ -76,7 +76,11 @@ class MySQLEngine(Storage):
         self._create_database_if_missing(explicit=create_database)
         self._pool = ConnectionPool(self._connect)
         if apply_schema:  # admin.py passes False: the server migrates; a tool never does under its feet
-            self.apply_schema()
+            try:
+                self.apply_schema()
+            except BaseException:
+                self._pool.close()
+                raise
 
     def _explain(self, exc: Exception) -> str:
         """One sentence on what went wrong, by MySQL error number (never the password)."""

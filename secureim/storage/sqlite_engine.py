@@ -48,7 +48,11 @@ class SQLiteEngine(Storage):
             if Path(self.path).is_dir():
                 raise ConfigError(f"The SQLite database {self.path} is a folder, not a file.")
         self._pool = ConnectionPool(self._connect)
-        self.migrate()
+        try:
+            self.migrate()
+        except BaseException:
+            self._pool.close()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         if self.path != ":memory:" and not Path(self.path).exists():
