@@ -229,3 +229,50 @@ def test_mysql_servers_starting_at_once_apply_each_migration_once(mysql_database
         thread.join(timeout=120)
     assert errors == []
     assert _versions_mysql(mysql_database) == list(range(1, M.latest("mysql") + 1))
+
+
+def test_sqlite_servers_opening_one_new_file_at_once_apply_each_migration_once(tmp_path):
+    path = tmp_path / "shared.db"
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def open_one() -> None:
+        try:
+            start.wait()
+            database.SQLiteStorage(path).close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert _versions_sqlite(path) == list(range(1, M.latest("sqlite") + 1))
+
+
+@pytest.mark.mysql
+def test_schema_sql_loads_with_the_mysql_client_and_the_server_takes_it_as_is(mysql_database):
+    """``mysql DB < schema.sql`` makes a database at the latest version: a server applies nothing."""
+    import os
+    import subprocess
+
+    from db_fixtures import MYSQL_HOST, MYSQL_PORT, MYSQL_USER
+
+    tool = shutil.which("mysql") or shutil.which("mariadb")
+    if tool is None:
+        if os.environ.get("REQUIRE_MYSQL") == "1":
+            pytest.fail("REQUIRE_MYSQL=1 but there is no mysql client")
+        pytest.skip("no mysql client")
+    command = [tool, f"--host={MYSQL_HOST}", f"--port={MYSQL_PORT}", f"--user={MYSQL_USER}", mysql_database]
+    with open(database.SCHEMA_PATH, "rb") as script:
+        subprocess.run(command, stdin=script, check=True, timeout=120, capture_output=True)
+    assert _versions_mysql(mysql_database) == list(range(1, M.latest("mysql") + 1))
+    before = _routines(mysql_database)
+    store = database.open_storage(mysql_url(mysql_database))
+    try:
+        assert store.create_user("alice", "h") and store.get_password_hash("alice") == "h"
+    finally:
+        store.close()
+    assert _routines(mysql_database) == before
