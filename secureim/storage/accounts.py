@@ -1,4 +1,9 @@
-"""Users, identity keys, passwords and ticket epochs, failed logins and lockouts: the SQLite side and the MySQL side."""
+"""Accounts: users, identity keys, passwords and ticket epochs, failed logins and lockouts,
+deleting an account.
+
+The SQLite side (``AccountsSQLite``, queries in a ``BEGIN IMMEDIATE`` transaction) and the MySQL
+side (``AccountsMySQL``, stored procedures of the migrations in migrations/mysql/) side by side.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""One-to-one conversations, their members and key generations: the SQLite side and the MySQL side."""
+"""Conversations: one-to-one conversations, their members and key generations.
+
+The SQLite side (``ConversationsSQLite``, queries in a ``BEGIN IMMEDIATE`` transaction) and the MySQL
+side (``ConversationsMySQL``, stored procedures of the migrations in migrations/mysql/) side by side.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Operating the server: the audit log, bans, admin actions, live sessions: the SQLite side and the MySQL side."""
+"""Moderation: operating the server: the audit log, bans, admin actions, live sessions.
+
+The SQLite side (``ModerationSQLite``, queries in a ``BEGIN IMMEDIATE`` transaction) and the MySQL
+side (``ModerationMySQL``, stored procedures of the migrations in migrations/mysql/) side by side.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Store and forward: prekeys, the sealed KDC keys of offline conversations, queued messages: the SQLite side and the MySQL side."""
+"""Queue: store and forward: signed and one-time prekeys, the KDC keys of offline
+conversations sealed under the server's key, and the queued messages.
+
+The SQLite side (``QueueSQLite``, queries in a ``BEGIN IMMEDIATE`` transaction) and the MySQL
+side (``QueueMySQL``, stored procedures of the migrations in migrations/mysql/) side by side.
+"""
 
 from __future__ import annotations
 

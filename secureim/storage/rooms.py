@@ -1,4 +1,9 @@
-"""Group rooms: rooms, members, signed changes, wrapped room keys, room rows of the queue: the SQLite side and the MySQL side."""
+"""Rooms: group rooms: rooms, members, the signed change log, wrapped room keys,
+and the room rows of the queue.
+
+The SQLite side (``RoomsSQLite``, queries in a ``BEGIN IMMEDIATE`` transaction) and the MySQL
+side (``RoomsMySQL``, stored procedures of the migrations in migrations/mysql/) side by side.
+"""
 
 from __future__ import annotations
 
