@@ -30,6 +30,7 @@ BEFORE_0001_COLUMNS = (
     ("message_queue", "room_id", "INTEGER NOT NULL DEFAULT 0"),  # group rooms
     ("message_queue", "kind", "INTEGER NOT NULL DEFAULT 0"),
 )
+WAL_SWITCH_WAIT_S = 10.0  # as the busy timeout
 
 
 class SQLiteEngine(Storage):
@@ -57,15 +58,33 @@ class SQLiteEngine(Storage):
     def _connect(self) -> sqlite3.Connection:
         if self.path != ":memory:" and not Path(self.path).exists():
             # It holds password hashes: owner-only from the first byte.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass  # another server opening it at the same time made it a moment ago
         try:
             conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=10000")
+            self._use_wal(conn)
+            conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             raise DatabaseUnavailable(f"Cannot open the SQLite database {self.path}: {exc}") from exc
         return conn
+
+    @staticmethod
+    def _use_wal(conn: sqlite3.Connection) -> None:
+        """``journal_mode=WAL`` (kept in the file).  Switching a new file to it needs it alone, and
+        SQLite answers "locked" at once (no busy wait) while another server opening the same new
+        file holds it: try again for as long as the busy timeout."""
+        deadline = time.monotonic() + WAL_SWITCH_WAIT_S
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
