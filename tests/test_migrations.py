@@ -17,7 +17,7 @@ import pytest
 from db_fixtures import mysql_admin, mysql_url
 
 import database
-from secureim.errors import DatabaseError, DatabaseUnavailable
+from secureim.errors import DatabaseError
 from secureim.storage import migrations as M
 
 
@@ -120,7 +120,7 @@ def test_a_failing_sqlite_migration_leaves_the_file_as_it_was(tmp_path, more_mig
     (more_migrations / "sqlite" / "0002_half.sql").write_text(
         "CREATE TABLE half (id INTEGER PRIMARY KEY);\nDELETE FROM users;\nINSERT INTO nowhere VALUES (1);\n"
     )
-    with pytest.raises(DatabaseUnavailable, match="no such table: nowhere"):
+    with pytest.raises(DatabaseError, match="migration 0002_half.sql failed: no such table: nowhere"):
         database.SQLiteStorage(path)
     with closing(sqlite3.connect(path)) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -276,3 +276,22 @@ def test_schema_sql_loads_with_the_mysql_client_and_the_server_takes_it_as_is(my
     finally:
         store.close()
     assert _routines(mysql_database) == before
+
+
+@pytest.mark.mysql
+def test_a_failing_mysql_migration_is_not_stamped_and_runs_again_once_mended(mysql_database, more_migrations):
+    database.open_storage(mysql_url(mysql_database)).close()
+    later = more_migrations / "mysql" / "0002_notes.sql"
+    later.write_text(
+        "CREATE TABLE IF NOT EXISTS notes (id INT PRIMARY KEY);\nINSERT INTO nowhere VALUES (1);\n"
+    )
+    with pytest.raises(DatabaseError, match="migration 0002_notes.sql failed"):
+        database.open_storage(mysql_url(mysql_database))
+    assert _versions_mysql(mysql_database) == [1]
+    later.write_text("CREATE TABLE IF NOT EXISTS notes (id INT PRIMARY KEY);\n")  # rerunnable, as it must be
+    store = database.open_storage(mysql_url(mysql_database))
+    try:
+        assert store.schema_version() == 2
+    finally:
+        store.close()
+    assert _versions_mysql(mysql_database) == [1, 2]

@@ -160,8 +160,13 @@ class MySQLEngine(Storage):
                     if cur.fetchall():
                         log.warning("MySQL database from before schema versions: stamping it as version 1")
                 for migration in todo:
-                    for stmt in split_sql_script(migration.sql()):
-                        cur.execute(stmt)
+                    try:
+                        for stmt in split_sql_script(migration.sql()):
+                            cur.execute(stmt)
+                    except self._pymysql.MySQLError as exc:
+                        raise DatabaseError(
+                            f"The MySQL migration {migration.path.name} failed: {exc}"
+                        ) from exc
                     cur.execute(
                         "INSERT INTO schema_version (version, name, applied_at) VALUES (%s, %s, %s)",
                         (migration.version, migration.name, time.time()),

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from secureim.errors import ConfigError, DatabaseUnavailable
+from secureim.errors import ConfigError, DatabaseError, DatabaseUnavailable
 from secureim.storage.base import ConnectionPool, Storage
 from secureim.storage.migrations import SQLITE_VERSION_TABLE, pending, sqlite_statements
 
@@ -116,8 +116,11 @@ class SQLiteEngine(Storage):
             for migration in todo:
                 if migration.version == 1:
                     self._adopt_before_versions(conn)
-                for statement in sqlite_statements(migration.sql()):
-                    conn.execute(statement)
+                try:
+                    for statement in sqlite_statements(migration.sql()):
+                        conn.execute(statement)
+                except sqlite3.Error as exc:  # _tx rolls all of it back
+                    raise DatabaseError(f"The SQLite migration {migration.path.name} failed: {exc}") from exc
                 conn.execute(
                     "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
                     (migration.version, migration.name, time.time()),
