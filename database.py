@@ -8,4 +8,4 @@ back, both backends, and ``open_storage(url)``.
 from __future__ import annotations
 
 from secureim.storage import *  # noqa: F403 - this module is the package's public name
-from secureim.storage import __all__ as __all__  # noqa: F401
+from secureim.storage import __all__ as __all__

@@ -1,11 +1,22 @@
--- secureim MySQL/MariaDB schema and stored procedures.
+-- secureim MySQL/MariaDB schema: every migration of secureim/storage/migrations/mysql/ in
+-- order, and their schema_version rows.  GENERATED: do not edit; change or add a migration,
+-- then run: python -m secureim.storage.migrations > schema.sql
+-- For a new database (mysql DB < schema.sql); a server brings an existing one up to date
+-- itself, applying only the migrations it lacks.
+
+CREATE TABLE IF NOT EXISTS schema_version (version INT UNSIGNED NOT NULL PRIMARY KEY, name VARCHAR(100) NOT NULL, applied_at DOUBLE NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
+
+-- ===== migration 0001_initial =====
+-- secureim MySQL/MariaDB schema and stored procedures, migration 0001: the schema of the first
+-- versioned release (the top-level schema.sql of before schema versions, unchanged).
 --
 -- Every query the server makes on MySQL is one of the procedures below, called
 -- with parameters (design 000: stored procedures keep data apart from SQL).
 -- Live conversation keys are never stored: only ids, members and key-generation times; the KDC
 -- key of an offline conversation waits sealed under the server's key (offline_keys).
--- Safe to run again: tables are created if missing, procedures are replaced.
--- Works with the mysql client too: mysql DB < schema.sql
+-- Safe to run again (MySQL cannot roll DDL back, so every MySQL migration must be): tables are
+-- created if missing, columns older releases lacked are added, procedures are replaced.  A
+-- database from before schema versions is brought here by running it once more.
 
 CREATE TABLE IF NOT EXISTS users (
     id            BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -908,3 +919,4 @@ BEGIN
 END //
 
 DELIMITER ;
+INSERT IGNORE INTO schema_version (version, name, applied_at) VALUES (1, 'initial', UNIX_TIMESTAMP());

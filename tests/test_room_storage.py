@@ -880,11 +880,12 @@ def test_a_mysql_database_from_before_rooms_gets_the_queue_columns_back(mysql_da
 
     admin = mysql_admin()
     try:
-        with admin.cursor() as cur:  # the queue as it was before rooms
+        with admin.cursor() as cur:  # the queue as it was before rooms (and before schema versions)
             cur.execute(
                 f"ALTER TABLE `{mysql_database}`.message_queue DROP INDEX ix_queue_room, "
                 f"DROP COLUMN room_id, DROP COLUMN kind"
             )
+            cur.execute(f"DROP TABLE `{mysql_database}`.schema_version")
         columns, indexes = queue_shape()
         assert not {"room_id", "kind"} & columns and "ix_queue_room" not in indexes
         store = open_storage(mysql_url(mysql_database))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from secureim.errors import DatabaseError, DatabaseUnavailable
 from secureim.storage.records import (
@@ -363,8 +364,19 @@ class Storage:
         room's keys are still there until expire_queue() drops them."""
         raise NotImplementedError
 
+    def schema_version(self) -> int:
+        """The database's schema version: the number of the last migration applied."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
+
+
+def rowid(value: int | None) -> int:
+    """The id SQLite gave the row just inserted (``cursor.lastrowid``; None only if nothing was)."""
+    if value is None:
+        raise DatabaseError("The insert gave no row id.")
+    return int(value)
 
 
 def ordered_pair(user_a: str, user_b: str) -> tuple[str, str]:
@@ -462,7 +474,7 @@ def refuse(code: str, **names: object) -> ValueError:
 
 def rooms_from_rows(rows) -> list[Room]:
     """Rooms from rows of (id, name, uid, admin, epoch, head, member or None), one row per member."""
-    found: dict[int, tuple[tuple, list[str]]] = {}
+    found: dict[int, tuple[tuple[int, str, bytes, str, int, bytes], list[str]]] = {}
     for r in rows:
         _, members = found.setdefault(
             int(r[0]), ((int(r[0]), r[1], bytes(r[2]), r[3], int(r[4]), bytes(r[5])), [])

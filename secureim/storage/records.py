@@ -9,11 +9,14 @@ from pathlib import Path
 log = logging.getLogger("secureim.database")
 
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schema.sql"  # the top-level schema.sql (MySQL)
-SCHEMA_LOCK_WAIT_S = 60  # how long a starting server waits for another one applying the schema
+# The top-level schema.sql: every MySQL migration concatenated, for the mysql client (generated).
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schema.sql"
+SCHEMA_LOCK_WAIT_S = 60  # how long a starting server waits for another one applying migrations
 POOL_SIZE = 4
 POOL_WAIT_S = 10.0
 CONNECT_TIMEOUT_S = 5
+OFFLINE_KEY_GRACE_S = 24 * 3600.0  # an acknowledged key is kept this long: the sender may still be writing
+ADMIN_ACTION_KEEP_S = 3600.0  # the servers poll every second; an hour of actions is plenty
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-delete-user-removes-conversations",
-        file="secureim/storage/sqlite.py",
+        file="secureim/storage/accounts.py",
         find='            conn.execute(\n                "DELETE FROM conversations WHERE user_low = ? OR user_high = ?", (username, username)\n            )\n',
         replace="            pass\n",
         tests=(

@@ -62,7 +62,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="queue-bound-ignored-sqlite",
-        file="secureim/storage/sqlite.py",
+        file="secureim/storage/queue.py",
         find="            if count >= max_messages:\n                return FULL_MESSAGES, 0",
         replace="            if False:\n                return FULL_MESSAGES, 0",
         tests=(
@@ -73,7 +73,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="queue-bound-ignored-mysql",
-        file="schema.sql",
+        file="secureim/storage/migrations/mysql/0001_initial.sql",
         find="      FROM message_queue WHERE recipient = p_recipient;\n    IF v_count >= p_max_messages THEN",
         replace="      FROM message_queue WHERE recipient = p_recipient;\n    IF FALSE THEN",
         tests=(QS + "test_the_bounds_refuse_new_messages_and_keep_the_stored_ones[mysql]",),
