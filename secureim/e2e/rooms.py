@@ -32,8 +32,6 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.e2e import prekeys as K
@@ -152,7 +150,7 @@ def change_head(blob: bytes) -> bytes:
 
 
 def make_change(
-    identity: Ed25519PrivateKey,
+    identity: cu.IdentityKey,
     *,
     action: int,
     uid: bytes,
@@ -313,7 +311,7 @@ class _Epoch:
 class _Received:
     """A member's sender key of one epoch, as it arrived over the pairwise session."""
 
-    chain: "e2e._Chain"
+    chain: "e2e.Chain"
     signing: bytes
 
 
@@ -321,8 +319,8 @@ class _Received:
 class _Own:
     epoch: int
     key_id: bytes
-    chain: "e2e._Chain"
-    signing: Ed25519PrivateKey
+    chain: "e2e.Chain"
+    signing: cu.IdentityKey
     sent_to: set = field(default_factory=set)  # members who have this key
 
 
@@ -459,7 +457,7 @@ class RoomSession:
 
     def next_change(
         self,
-        identity: Ed25519PrivateKey,
+        identity: cu.IdentityKey,
         action: int,
         target: str,
         at_ms: int,
@@ -493,8 +491,8 @@ class RoomSession:
             self.own = _Own(
                 self.epoch,
                 cu.random_bytes(KEY_ID_BYTES),
-                e2e._Chain(cu.random_bytes(32)),
-                Ed25519PrivateKey.generate(),
+                e2e.Chain(cu.random_bytes(32)),
+                cu.IdentityKey.generate(),
             )
         return self.own
 
@@ -562,7 +560,7 @@ class RoomSession:
             )
         if (sender, epoch, key_id) in self.received:
             return "known"  # a second copy (resent after a refused store): it must not rewind the chain
-        chain = e2e._Chain(chain_key)
+        chain = e2e.Chain(chain_key)
         chain.index = counter
         self.received[(sender, epoch, key_id)] = _Received(chain, signing)
         mine = [k for k in self.received if k[0] == sender and k[1] == epoch]
@@ -731,7 +729,7 @@ class RoomSession:
             for n, e in doc["epochs"].items()
         }
         for s, n, k, chain_key, index, signing in doc["received"]:
-            chain = e2e._Chain(d(chain_key))
+            chain = e2e.Chain(d(chain_key))
             chain.index = int(index)
             room.received[(s, int(n), d(k))] = _Received(chain, d(signing))
         room.skipped = {(s, int(n), d(k), int(c)): d(v) for s, n, k, c, v in doc["skipped"]}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import crypto_utils as cu
 from diffiehellman import (
     DEFAULT_GROUP,
@@ -457,7 +455,7 @@ class ServerProtocol(Connection):
 
     def __init__(
         self,
-        identity: Ed25519PrivateKey,
+        identity: cu.IdentityKey,
         *,
         suite: str = cu.DEFAULT_SUITE,
         allowed_groups: frozenset[str] | None = None,
