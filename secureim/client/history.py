@@ -133,7 +133,7 @@ class History:
         *,
         max_per_conversation: int = DEFAULT_MAX_PER_CONVERSATION,
         max_age_days: float = DEFAULT_MAX_AGE_DAYS,
-    ) -> "History":
+    ) -> History:
         """Open (or create) the history; :class:`HistoryLocked` if this password does not open it."""
         if max_per_conversation < 1 or max_age_days <= 0:
             raise HistoryError(
@@ -149,7 +149,7 @@ class History:
             meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
         except sqlite3.Error as exc:
             raise HistoryError(f"The history file {path} cannot be used: {exc}.") from None
-        owner = f"{username}@{service_id}".encode("utf-8")
+        owner = f"{username}@{service_id}".encode()
         if not meta:
             data_key = cu.random_bytes(DATA_KEY_BYTES)
             cls._store_key(db, owner, password, data_key, first=True)

@@ -211,7 +211,7 @@ class DatagramChannel:
         return self._on_ack(body) if kind == TYPE_ACK else self._on_data(body)
 
     def _on_ack(self, body: bytes) -> list:
-        events = []
+        events: list[Acknowledged] = []
         if len(body) % ACK_ITEM.size:
             return events
         for pos in range(0, len(body), ACK_ITEM.size):
@@ -390,7 +390,8 @@ class DirectLinks:
         if link is None:
             self.refused += 1  # a stranger: nobody we set up a link with
             return [], []
-        events, out = [], []
+        events: list[LinkUp | LinkMessage] = []
+        out: list[tuple[bytes, tuple]] = []
         for ev in link.channel.receive(datagram, now_ms):
             if isinstance(ev, Acknowledged) and ev.message_id == link.hello_id and not link.up:
                 link.up = True
@@ -443,7 +444,8 @@ class DirectLinks:
         return message_id, [(d, link.addr) for d in datagrams]
 
     def poll(self, now_ms: int) -> tuple[list, list]:
-        out, events = [], []
+        out: list[tuple[bytes, tuple]] = []
+        events: list[LinkFailed | LinkUndelivered] = []
         for peer, link in list(self._links.items()):
             if not link.up and now_ms - link.started_ms > HELLO_TIMEOUT_MS:
                 self._drop(peer)

@@ -498,7 +498,7 @@ class _Inbound:
         }
 
     @classmethod
-    def from_doc(cls, doc: dict) -> "_Inbound":
+    def from_doc(cls, doc: dict) -> _Inbound:
         chain = e2e.Chain(cu.b64decode(doc["chain"]))
         chain.index = int(doc["index"])
         return cls(

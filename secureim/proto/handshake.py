@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NoReturn
 
 import crypto_utils as cu
 from diffiehellman import (
@@ -476,7 +477,7 @@ class ServerProtocol(Connection):
         self._keys: _KeySchedule | None = None
         self.group: str | None = None
 
-    def _refuse(self, code: HandshakeErrorCode, why: str) -> None:
+    def _refuse(self, code: HandshakeErrorCode, why: str) -> NoReturn:
         self._emit_plain(HandshakeError(code=code))
         raise RemoteProtocolError(why)
 

@@ -144,8 +144,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="rooms-roster-keys-unchecked",
         file="secureim/e2e/rooms.py",
-        find="            m == n and cu.constant_time_equal(k, e) for (m, k), (n, e) in zip(change.roster, expected)\n",
-        replace="            m == n for (m, k), (n, e) in zip(change.roster, expected)\n",
+        find="            m == n and cu.constant_time_equal(k, e)\n            for (m, k), (n, e) in zip(change.roster, expected, strict=True)\n",
+        replace="            m == n\n            for (m, k), (n, e) in zip(change.roster, expected, strict=True)\n",
         tests=(RM + "test_changes_must_follow_in_order_without_gaps_or_forks",),
         why="the admin (or a forger with the admin's key) quietly gives a member another identity key.",
     ),

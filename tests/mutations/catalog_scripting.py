@@ -52,7 +52,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="history-key-not-bound-to-owner",
         file="secureim/client/history.py",
-        find='owner = f"{username}@{service_id}".encode("utf-8")',
+        find='owner = f"{username}@{service_id}".encode()',
         replace='owner = b""',
         tests=(f"{_H}::test_another_users_file_does_not_open_as_mine",),
         why="the sealed data key and the rows are not bound to their user and service: a file planted "
