@@ -372,12 +372,13 @@ class SealedBox:
     """AES-256-GCM with a random nonce and a fixed *label* bound as associated data.
 
     Layout: ``nonce (SEALED_BOX_NONCE_BYTES) || ciphertext || tag (16)``; the associated
-    data is ``label || extra_aad``.  ``label`` is a purpose (``str``, made into
-    :func:`label`'s ``secureim/v1 <purpose>``) or raw bytes for a format that predates
-    labels.  Each key has one label, so the concatenation cannot be re-split into
-    another site's AAD; ``extra_aad`` binds what the sealed data belongs to (a
-    recipient, a conversation, a row).  :meth:`open` fails closed: a short input or a
-    bad tag raises :class:`errors.DecryptionFailed` and returns nothing.
+    data is ``label || extra_aad``, where ``label`` comes from ``purpose``: a ``str`` becomes
+    :func:`label`'s ``secureim/v1 <purpose>``; ``bytes`` are used as they are (for a format
+    whose associated data predates labels, such as the keystores').  Each key has one
+    label, so the concatenation cannot be re-split into another site's AAD; ``extra_aad``
+    binds what the sealed data belongs to (a recipient, a conversation, a row).
+    :meth:`open` fails closed: a short input or a bad tag raises
+    :class:`errors.DecryptionFailed` and returns nothing.
 
     The server's stored KDC keys and room keys, its resumption tickets, the direct-mode
     tickets and the history rows are all sealed with this one class.
@@ -385,11 +386,11 @@ class SealedBox:
 
     __slots__ = ("_aead", "label")
 
-    def __init__(self, key: bytes, label_: str | bytes) -> None:
+    def __init__(self, key: bytes, purpose: str | bytes) -> None:
         if len(key) != AES_KEY_BYTES:
             raise InvalidKey(f"A sealed-box key is {AES_KEY_BYTES} bytes, not {len(key)}.")
         self._aead = AESGCM(key)
-        self.label = label(label_) if isinstance(label_, str) else bytes(label_)
+        self.label = label(purpose) if isinstance(purpose, str) else bytes(purpose)
 
     def seal(self, plaintext: bytes, extra_aad: bytes = b"") -> bytes:
         nonce = random_bytes(SEALED_BOX_NONCE_BYTES)

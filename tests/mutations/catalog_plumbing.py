@@ -16,7 +16,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="sealed-box-label-not-bound",
         file="crypto_utils.py",
-        find="self.label = label(label_) if isinstance(label_, str) else bytes(label_)",
+        find="self.label = label(purpose) if isinstance(purpose, str) else bytes(purpose)",
         replace='self.label = b""',
         tests=(
             f"{P}::test_the_sealed_box_binds_its_label",
