@@ -18,8 +18,10 @@ import hashlib
 import hmac as _stdlib_hmac
 import os
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeAlias
 
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,14 +31,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from secureim.errors import ConfigError, CryptoError, DecryptionFailed, InvalidKemValue, InvalidKey
 
+_OpenSSLTripleDES: type | None
 try:  # cryptography >= 43 keeps Triple-DES in the "decrepit" namespace.
-    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _OpenSSLTripleDES
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _TripleDES
+
+    _OpenSSLTripleDES = _TripleDES
 except ImportError:  # pragma: no cover - depends on the installed cryptography
     _OpenSSLTripleDES = None
 
@@ -209,7 +216,18 @@ class _PyDesTripleDesCbc:
         return self._cipher(iv).decrypt(data)
 
 
-TDES_BACKENDS = {"openssl": _OpenSSLTripleDesCbc, "pydes": _PyDesTripleDesCbc}
+class _TripleDesCbcBlocks(Protocol):
+    name: str
+
+    def encrypt(self, iv: bytes, data: bytes) -> bytes: ...
+
+    def decrypt(self, iv: bytes, data: bytes) -> bytes: ...
+
+
+TDES_BACKENDS: dict[str, Callable[[bytes], _TripleDesCbcBlocks]] = {
+    "openssl": _OpenSSLTripleDesCbc,
+    "pydes": _PyDesTripleDesCbc,
+}
 
 
 def default_tdes_backend() -> str:
@@ -304,8 +322,8 @@ class RecordTripleDesCbcHmacCipher(TripleDesCbcHmacCipher):
     def __init__(self, key: bytes, backend: str) -> None:
         super().__init__(key, backend)
         self._algorithm = getattr(self._blocks, "_algorithm", None)  # OpenSSL only; pyDes: per record
-        self._encryptor = None
-        self._decryptor = None
+        self._encryptor: CipherContext | None = None
+        self._decryptor: CipherContext | None = None
 
     def seal(self, plaintext: bytes, aad: bytes = b"", *, iv: bytes | None = None) -> bytes:
         if iv is not None or self._algorithm is None:
@@ -343,6 +361,224 @@ class Aes256GcmCipher:
             return self._aead.decrypt(ciphertext[:GCM_NONCE_BYTES], ciphertext[GCM_NONCE_BYTES:], aad)
         except InvalidTag:
             raise DecryptionFailed() from None
+
+
+# --- one sealed box: AES-256-GCM under a label, for data at rest and tickets ------
+SEALED_BOX_NONCE_BYTES = GCM_NONCE_BYTES
+SEALED_BOX_OVERHEAD = SEALED_BOX_NONCE_BYTES + GCM_TAG_BYTES
+
+
+class SealedBox:
+    """AES-256-GCM with a random nonce and a fixed *label* bound as associated data.
+
+    Layout: ``nonce (SEALED_BOX_NONCE_BYTES) || ciphertext || tag (16)``; the associated
+    data is ``label || extra_aad``, where ``label`` comes from ``purpose``: a ``str`` becomes
+    :func:`label`'s ``secureim/v1 <purpose>``; ``bytes`` are used as they are (for a format
+    whose associated data predates labels, such as the keystores').  Each key has one
+    label, so the concatenation cannot be re-split into another site's AAD; ``extra_aad``
+    binds what the sealed data belongs to (a recipient, a conversation, a row).
+    :meth:`open` fails closed: a short input or a bad tag raises
+    :class:`errors.DecryptionFailed` and returns nothing.
+
+    The server's stored KDC keys and room keys, its resumption tickets, the direct-mode
+    tickets and the history rows are all sealed with this one class.
+    """
+
+    __slots__ = ("_aead", "label")
+
+    def __init__(self, key: bytes, purpose: str | bytes) -> None:
+        if len(key) != AES_KEY_BYTES:
+            raise InvalidKey(f"A sealed-box key is {AES_KEY_BYTES} bytes, not {len(key)}.")
+        self._aead = AESGCM(key)
+        self.label = label(purpose) if isinstance(purpose, str) else bytes(purpose)
+
+    def seal(self, plaintext: bytes, extra_aad: bytes = b"") -> bytes:
+        nonce = random_bytes(SEALED_BOX_NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, self.label + extra_aad)
+
+    def open(self, sealed: bytes, extra_aad: bytes = b"") -> bytes:
+        if len(sealed) < SEALED_BOX_OVERHEAD:
+            raise DecryptionFailed()
+        try:
+            return self._aead.decrypt(
+                sealed[:SEALED_BOX_NONCE_BYTES], sealed[SEALED_BOX_NONCE_BYTES:], self.label + extra_aad
+            )
+        except InvalidTag:
+            raise DecryptionFailed() from None
+
+
+# --- private files: created 0600, written whole or not at all ------------------------
+PRIVATE_FILE_MODE = 0o600
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new name in ``folder`` durable (POSIX; a no-op where a folder cannot
+    be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private_file(path: Path | str, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` (mode 0600) so that a crash leaves the old file or the new
+    one, never a torn or empty one.
+
+    A new file beside ``path`` is created 0600 (``O_EXCL``), written, flushed and fsynced;
+    it then takes ``path``'s name and the folder is fsynced, so the new name survives a
+    power cut too.  ``exclusive=True`` (key files made once): an existing ``path`` is never
+    replaced: the new file is hard-linked into place, which raises FileExistsError if
+    another process made it first.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{random_bytes(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_folder(path.parent)
+
+
+# --- password-sealed keystores (identity, prekeys, the history's data key) -------------
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1  # about 100 ms, 32 MiB: what every file written so far used
+SCRYPT_SALT_BYTES = 16
+# A file is input: the parameters it names are bounded before scrypt runs (n = 2^40 would
+# take the machine's memory).  The bounds allow 32 times today's cost.
+SCRYPT_MAX_N, SCRYPT_MAX_R, SCRYPT_MAX_P = 2**20, 16, 16
+SCRYPT_MAX_MEMORY = 1 << 30  # 128 * n * r * p bytes
+
+
+@dataclass(frozen=True)
+class ScryptParams:
+    """scrypt's cost parameters (RFC 7914); the defaults are the ones every keystore has used."""
+
+    n: int = SCRYPT_N
+    r: int = SCRYPT_R
+    p: int = SCRYPT_P
+
+    def check(self) -> None:
+        """CryptoError unless the parameters are valid and within the bounds above."""
+        n, r, p = self.n, self.r, self.p
+        if not all(type(v) is int for v in (n, r, p)):
+            raise CryptoError("The keystore's scrypt parameters are not integers.")
+        if not (
+            2 <= n <= SCRYPT_MAX_N and n & (n - 1) == 0 and 1 <= r <= SCRYPT_MAX_R and 1 <= p <= SCRYPT_MAX_P
+        ):
+            raise CryptoError(f"The keystore's scrypt parameters (n={n}, r={r}, p={p}) are out of bounds.")
+        if 128 * n * r * p > SCRYPT_MAX_MEMORY:
+            raise CryptoError(f"The keystore's scrypt parameters (n={n}, r={r}, p={p}) need too much memory.")
+
+
+def _scrypt(password: str, salt: bytes, params: ScryptParams) -> bytes:
+    params.check()
+    return Scrypt(salt=salt, length=AES_KEY_BYTES, n=params.n, r=params.r, p=params.p).derive(
+        password.encode("utf-8")
+    )
+
+
+class PasswordSeal:
+    """A key derived from a password with scrypt, and the salt and parameters that made it.
+
+    It seals to, and opens, one *envelope*: the JSON object every keystore holds (the
+    identity file, the prekey store, the history's sealed data key)::
+
+        {"kdf": "scrypt", "n": N, "r": R, "p": P, "salt": b64, "cipher": "aes-256-gcm",
+         "nonce": b64(12 bytes), "sealed": b64(ciphertext || tag)}
+
+    AES-256-GCM under the derived key, with the caller's associated data (each store binds
+    its owner).  The reader uses the salt *and the parameters recorded in the envelope*
+    (bounded by :meth:`ScryptParams.check`); an envelope without ``n``/``r``/``p`` (the
+    prekey stores written before they were recorded) used the defaults.  Opening fails
+    closed: a wrong password or a changed byte raises DecryptionFailed; a malformed or
+    unsupported envelope raises CryptoError.
+    """
+
+    __slots__ = ("_box", "params", "salt")
+
+    def __init__(
+        self, password: str, *, salt: bytes | None = None, params: ScryptParams | None = None
+    ) -> None:
+        self.params = params or ScryptParams()
+        self.salt = random_bytes(SCRYPT_SALT_BYTES) if salt is None else salt
+        self._box = SealedBox(_scrypt(password, self.salt, self.params), b"")
+
+    @staticmethod
+    def envelope_params(envelope: Mapping[str, object]) -> tuple[bytes, ScryptParams]:
+        """The salt and scrypt parameters an envelope was sealed with (CryptoError if malformed)."""
+        if not isinstance(envelope, Mapping) or envelope.get("kdf") != "scrypt":
+            raise CryptoError("The keystore does not use scrypt.")
+        if envelope.get("cipher", "aes-256-gcm") != "aes-256-gcm":
+            raise CryptoError("The keystore does not use AES-256-GCM.")
+        salt = envelope.get("salt")
+        if not isinstance(salt, str):
+            raise CryptoError("The keystore has no salt.")
+        default = ScryptParams()
+        params = ScryptParams(
+            n=envelope.get("n", default.n),  # type: ignore[arg-type]  # checked by ScryptParams.check
+            r=envelope.get("r", default.r),  # type: ignore[arg-type]
+            p=envelope.get("p", default.p),  # type: ignore[arg-type]
+        )
+        params.check()
+        return b64decode(salt), params
+
+    @classmethod
+    def for_envelope(cls, envelope: Mapping[str, object], password: str) -> PasswordSeal:
+        """The key ``password`` gives with the salt and parameters recorded in ``envelope``."""
+        salt, params = cls.envelope_params(envelope)
+        return cls(password, salt=salt, params=params)
+
+    def seal(self, plaintext: bytes, aad: bytes) -> dict[str, object]:
+        sealed = self._box.seal(plaintext, aad)
+        return {
+            "kdf": "scrypt",
+            "n": self.params.n,
+            "r": self.params.r,
+            "p": self.params.p,
+            "salt": b64encode(self.salt),
+            "cipher": "aes-256-gcm",
+            "nonce": b64encode(sealed[:SEALED_BOX_NONCE_BYTES]),
+            "sealed": b64encode(sealed[SEALED_BOX_NONCE_BYTES:]),
+        }
+
+    def open(self, envelope: Mapping[str, object], aad: bytes) -> bytes:
+        """The plaintext (DecryptionFailed: wrong password or tampered; CryptoError: malformed)."""
+        salt, params = self.envelope_params(envelope)
+        if salt != self.salt or params != self.params:
+            raise DecryptionFailed()  # sealed under another derivation of the password
+        nonce, sealed = envelope.get("nonce"), envelope.get("sealed")
+        if not isinstance(nonce, str) or not isinstance(sealed, str):
+            raise CryptoError("The keystore is malformed.")
+        raw_nonce = b64decode(nonce)
+        if len(raw_nonce) != SEALED_BOX_NONCE_BYTES:
+            raise CryptoError("The keystore's nonce has the wrong size.")
+        return self._box.open(raw_nonce + b64decode(sealed), aad)
+
+
+def seal_with_password(password: str, plaintext: bytes, aad: bytes) -> dict[str, object]:
+    """A new envelope (fresh salt, default parameters) holding ``plaintext``."""
+    return PasswordSeal(password).seal(plaintext, aad)
+
+
+def open_with_password(envelope: Mapping[str, object], password: str, aad: bytes) -> bytes:
+    """What ``envelope`` holds, derived with its own salt and parameters (see PasswordSeal)."""
+    return PasswordSeal.for_envelope(envelope, password).open(envelope, aad)
 
 
 @dataclass(frozen=True)
@@ -432,6 +668,27 @@ def suite_by_id(suite_id: int) -> Suite:
 
 
 # --- identities (Ed25519) -------------------------------------------------------
+# The typed surface the rest of the package uses: no other module imports ``cryptography``
+# (an import-linter contract in pyproject.toml holds that), so these names are the ones to use.
+IdentityKey: TypeAlias = Ed25519PrivateKey  # an Ed25519 identity (signing) key
+IdentityPublicKey: TypeAlias = Ed25519PublicKey
+X25519Key: TypeAlias = X25519PrivateKey  # an X25519 key pair (e2e shares, prekeys)
+X25519Public: TypeAlias = X25519PublicKey
+
+
+def identity_seed(key: IdentityKey) -> bytes:
+    """The 32-byte Ed25519 seed of ``key`` (what the identity file seals)."""
+    return key.private_bytes_raw()
+
+
+def identity_from_seed(seed: bytes) -> IdentityKey:
+    """The Ed25519 key for a 32-byte seed (InvalidKey otherwise)."""
+    try:
+        return Ed25519PrivateKey.from_private_bytes(seed)
+    except (ValueError, TypeError) as exc:
+        raise InvalidKey("An Ed25519 seed is 32 bytes.") from exc
+
+
 def fingerprint(public_key: bytes | Ed25519PublicKey) -> str:
     """OpenSSH-style fingerprint: ``SHA256:`` + unpadded base64 of SHA-256(raw key)."""
     if isinstance(public_key, Ed25519PublicKey):
@@ -497,9 +754,7 @@ def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    write_private_file(path, pem, exclusive=True)
     return key
 
 

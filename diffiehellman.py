@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -244,7 +245,7 @@ class ModexpOffload:
 
     def __init__(self, processes: int = 1) -> None:
         self._processes = processes
-        self._pool = None
+        self._pool: Executor | None = None
         self._lock = threading.Lock()
         self.submitted = 0
 

@@ -17,11 +17,11 @@ def any_key_opens(room: R.RoomSession, sender: str, payload: bytes, max_counter:
     aad = room._aad(sender, header)
     message_keys = list(room.skipped.values())
     for record in room.received.values():
-        chain = e2e._Chain(record.chain.key)
+        chain = e2e.Chain(record.chain.key)
         for _ in range(max_counter):
             message_keys.append(chain.step()[1])
     if room.own is not None:
-        chain = e2e._Chain(room.own.chain.key)
+        chain = e2e.Chain(room.own.chain.key)
         message_keys.extend(chain.step()[1] for _ in range(max_counter))
     kdc_keys = [e.kdc_key for e in room.epochs.values() if e.kdc_key]
     for mk in message_keys:

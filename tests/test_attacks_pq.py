@@ -407,7 +407,7 @@ def test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets():
     _kind, generation, counter = e2e.MESSAGE_HEADER.unpack_from(payload)
 
     def attempt(root: bytes) -> str | None:
-        chain = e2e._Chain(cu.hkdf(root, salt=None, info=cu.label("chain alice>bob"), length=32))
+        chain = e2e.Chain(cu.hkdf(root, salt=None, info=cu.label("chain alice>bob"), length=32))
         for _ in range(counter + 1):
             _i, message_key = chain.step()
         try:

@@ -344,7 +344,7 @@ def _opened_by_any_root(roots, payload, sender, recipient, cid, suite):
             cu.hkdf(root, salt=None, info=cu.label(f"chain {sender}>{recipient}"), length=32),
             root,
         ):
-            chain = e2e._Chain(chain_key)
+            chain = e2e.Chain(chain_key)
             for _ in range(counter + 1):
                 _i, message_key = chain.step()
             try:

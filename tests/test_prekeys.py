@@ -162,7 +162,7 @@ def _server_tries(payload: bytes, kdc: bytes, alice, bob) -> list[str]:
     opened = []
     for secrets in candidates:
         root = K._root(kdc, secrets, CID, GEN, "alice", "bob", ids, header)
-        chain = e2e._Chain(K._chain_key(root, "alice", "bob"))
+        chain = e2e.Chain(K._chain_key(root, "alice", "bob"))
         _n, message_key = chain.step()
         try:
             opened.append(

@@ -29,13 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
 import crypto_utils as cu
 from secureim.e2e import sessions as e2e
-from secureim.errors import HistoryError, HistoryLocked
+from secureim.errors import CryptoError, DecryptionFailed, HistoryError, HistoryLocked
 
 HISTORY_FORMAT = 1
 HISTORY_DIR = "history"
@@ -44,7 +40,7 @@ DEFAULT_MAX_AGE_DAYS = 365.0
 SHOWN_ON_OPEN = 5  # lines shown when a conversation is opened
 DATA_KEY_BYTES = 32
 CONVERSATION_TAG_BYTES = 16
-SALT_BYTES = 16
+SALT_BYTES = cu.SCRYPT_SALT_BYTES
 
 OUTGOING, INCOMING = "out", "in"
 # Delivery states.  "sent": handed to the server, no answer yet; "accepted": the server took it
@@ -72,8 +68,8 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation, id);
 CREATE INDEX IF NOT EXISTS messages_by_age ON messages (at_ms);
 """
-_KEY_AAD = b"secureim/v1 history data key\0"
-_ROW_AAD = b"secureim/v1 history row\0"
+_KEY_AAD = b"secureim/v1 history data key\0"  # then the owner: the sealed data key's associated data
+_ROW_LABEL = "history row\0"  # each row's box label, "secureim/v1 history row\0", then History._aad
 
 
 @dataclass(frozen=True)
@@ -100,10 +96,6 @@ def history_path(home: Path, username: str, service_id: str) -> Path:
     return Path(home) / HISTORY_DIR / e2e.file_component(f"{username}@{service_id}.sqlite")
 
 
-def _kek(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password.encode("utf-8"))
-
-
 class History:
     """A user's history with one service.  Open it with :meth:`open`; thread-safe."""
 
@@ -123,7 +115,9 @@ class History:
         self._lock = threading.Lock()
         self._closed = False
         self._data_key = data_key  # kept to seal it again on a password change
-        self._content = AESGCM(cu.hkdf(data_key, salt=None, info=cu.label("history content"), length=32))
+        self._content = cu.SealedBox(
+            cu.hkdf(data_key, salt=None, info=cu.label("history content"), length=32), _ROW_LABEL
+        )
         self._index_key = cu.hkdf(data_key, salt=None, info=cu.label("history index"), length=32)
         self.max_per_conversation = max_per_conversation
         self.max_age_days = max_age_days
@@ -139,7 +133,7 @@ class History:
         *,
         max_per_conversation: int = DEFAULT_MAX_PER_CONVERSATION,
         max_age_days: float = DEFAULT_MAX_AGE_DAYS,
-    ) -> "History":
+    ) -> History:
         """Open (or create) the history; :class:`HistoryLocked` if this password does not open it."""
         if max_per_conversation < 1 or max_age_days <= 0:
             raise HistoryError(
@@ -155,7 +149,7 @@ class History:
             meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
         except sqlite3.Error as exc:
             raise HistoryError(f"The history file {path} cannot be used: {exc}.") from None
-        owner = f"{username}@{service_id}".encode("utf-8")
+        owner = f"{username}@{service_id}".encode()
         if not meta:
             data_key = cu.random_bytes(DATA_KEY_BYTES)
             cls._store_key(db, owner, password, data_key, first=True)
@@ -171,19 +165,7 @@ class History:
     def _store_key(
         db: sqlite3.Connection, owner: bytes, password: str, data_key: bytes, *, first: bool
     ) -> None:
-        n, r, p = e2e.SCRYPT_N, e2e.SCRYPT_R, e2e.SCRYPT_P
-        salt, nonce = cu.random_bytes(SALT_BYTES), cu.random_bytes(cu.GCM_NONCE_BYTES)
-        sealed = AESGCM(_kek(password, salt, n, r, p)).encrypt(nonce, data_key, _KEY_AAD + owner)
-        key_doc = {
-            "kdf": "scrypt",
-            "n": n,
-            "r": r,
-            "p": p,
-            "salt": cu.b64encode(salt),
-            "cipher": "aes-256-gcm",
-            "nonce": cu.b64encode(nonce),
-            "sealed": cu.b64encode(sealed),
-        }
+        key_doc = cu.seal_with_password(password, data_key, _KEY_AAD + owner)  # a cu.PasswordSeal envelope
         rows = [("key", json.dumps(key_doc))] + ([("format", str(HISTORY_FORMAT))] if first else [])
         db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", rows)
 
@@ -193,19 +175,17 @@ class History:
             if meta.get("format") != str(HISTORY_FORMAT):
                 raise HistoryError(f"The history file {path} has an unknown format.")
             doc = json.loads(meta["key"])
-            if doc.get("kdf") != "scrypt" or doc.get("cipher") != "aes-256-gcm":
+            if not isinstance(doc, dict) or doc.get("kdf") != "scrypt" or doc.get("cipher") != "aes-256-gcm":
                 raise HistoryError(f"The history file {path} has an unknown format.")
-            kek = _kek(password, cu.b64decode(doc["salt"]), int(doc["n"]), int(doc["r"]), int(doc["p"]))
-            return AESGCM(kek).decrypt(
-                cu.b64decode(doc["nonce"]), cu.b64decode(doc["sealed"]), _KEY_AAD + owner
-            )
-        except InvalidTag:
+            # scrypt with the salt and parameters the file records (bounded), then AES-256-GCM
+            return cu.open_with_password(doc, password, _KEY_AAD + owner)
+        except DecryptionFailed:
             raise HistoryLocked(
                 f"The history in {path} is sealed under another password (changed on another "
                 "device, or reset by an administrator); it was not opened and nothing is "
                 "recorded. Delete the file to start a new history."
             ) from None
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, CryptoError) as exc:
             raise HistoryError(f"The history file {path} is damaged ({exc.__class__.__name__}).") from None
 
     def change_password(self, new_password: str) -> None:
@@ -218,20 +198,20 @@ class History:
         return cu.hmac_sha256(self._index_key, peer.encode("utf-8"))[:CONVERSATION_TAG_BYTES]
 
     def _aad(self, tag: bytes, at_ms: int) -> bytes:
-        return _ROW_AAD + len(self._owner).to_bytes(2, "big") + self._owner + tag + at_ms.to_bytes(8, "big")
+        return len(self._owner).to_bytes(2, "big") + self._owner + tag + at_ms.to_bytes(8, "big")
 
     def _seal(self, tag: bytes, at_ms: int, content: dict) -> tuple[bytes, bytes]:
-        nonce = cu.random_bytes(cu.GCM_NONCE_BYTES)
         raw = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return nonce, self._content.encrypt(nonce, raw, self._aad(tag, at_ms))
+        sealed = self._content.seal(raw, self._aad(tag, at_ms))
+        return sealed[: cu.SEALED_BOX_NONCE_BYTES], sealed[cu.SEALED_BOX_NONCE_BYTES :]  # two columns
 
     def _open_row(self, row_id: int, tag: bytes, at_ms: int, nonce: bytes, sealed: bytes) -> Entry | None:
         try:
-            doc = json.loads(self._content.decrypt(nonce, sealed, self._aad(tag, at_ms)))
+            doc = json.loads(self._content.open(nonce + sealed, self._aad(tag, at_ms)))
             entry = Entry(
                 row_id, str(doc["peer"]), str(doc["dir"]), str(doc["text"]), at_ms / 1000.0, str(doc["state"])
             )
-        except (InvalidTag, ValueError, KeyError, TypeError):
+        except (DecryptionFailed, ValueError, KeyError, TypeError):
             return None
         return entry if self._tag(entry.peer) == tag and entry.direction in (OUTGOING, INCOMING) else None
 
@@ -253,7 +233,7 @@ class History:
                 "WHERE conversation = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (tag, tag, self.max_per_conversation),
             )
-            return int(cur.lastrowid)
+            return int(cur.lastrowid or 0)
 
     def set_state(self, row_id: int, state: str) -> bool:
         """Change a row's delivery state (the row is sealed again, with a new nonce)."""

@@ -78,12 +78,8 @@ class PendingKeys:
 
     def _save(self, entries: dict[str, bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            for peer, key in sorted(entries.items()):
-                fh.write(f"{peer} {cu.b64encode(key)}\n")
-        os.replace(tmp, self.path)
+        lines = "".join(f"{peer} {cu.b64encode(key)}\n" for peer, key in sorted(entries.items()))
+        cu.write_private_file(self.path, lines.encode())
 
     def get(self, peer: str) -> bytes | None:
         return self._load().get(peer)

@@ -211,7 +211,7 @@ class DatagramChannel:
         return self._on_ack(body) if kind == TYPE_ACK else self._on_data(body)
 
     def _on_ack(self, body: bytes) -> list:
-        events = []
+        events: list[Acknowledged] = []
         if len(body) % ACK_ITEM.size:
             return events
         for pos in range(0, len(body), ACK_ITEM.size):
@@ -268,7 +268,7 @@ KIND_CHAT = b"\x01"
 TICKET_LIFETIME_S = 30
 HELLO_TIMEOUT_MS = 3_000  # no answer by then: fall back to the relay
 _TICKET = struct.Struct(">16sQQQ")  # ticket id, issued_at, expires_at, conversation id
-_TICKET_AAD = b"secureim/v1 direct ticket"
+_TICKET_LABEL = "direct ticket"  # the associated data: "secureim/v1 direct ticket"
 MAX_SEEN_TICKETS = 10_000
 
 
@@ -286,8 +286,6 @@ def seal_ticket(
     key: bytes, *, initiator: str, host: str, port: int, conversation_id: int, now_s: float
 ) -> bytes:
     """Made by the server for the *peer*, under the key only the peer and the server share."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     now = int(now_s)
     plain = (
         _TICKET.pack(cu.random_bytes(16), now, now + TICKET_LIFETIME_S, conversation_id)
@@ -297,16 +295,12 @@ def seal_ticket(
         + host.encode()
         + port.to_bytes(2, "big")
     )
-    nonce = cu.random_bytes(12)
-    return nonce + AESGCM(key).encrypt(nonce, plain, _TICKET_AAD)
+    return cu.SealedBox(key, _TICKET_LABEL).seal(plain)
 
 
 def open_ticket(key: bytes, ticket: bytes, now_s: float) -> DirectTicket:
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     try:
-        plain = AESGCM(key).decrypt(ticket[:12], ticket[12:], _TICKET_AAD)
+        plain = cu.SealedBox(key, _TICKET_LABEL).open(ticket)
         tid, _issued, expires, cid = _TICKET.unpack_from(plain)
         pos = _TICKET.size
         n = plain[pos]
@@ -315,7 +309,7 @@ def open_ticket(key: bytes, ticket: bytes, now_s: float) -> DirectTicket:
         m = plain[pos]
         host = plain[pos + 1 : pos + 1 + m].decode("ascii")
         port = int.from_bytes(plain[pos + 1 + m : pos + 3 + m], "big")
-    except (InvalidTag, ValueError, IndexError, struct.error, UnicodeDecodeError):
+    except (DecryptionFailed, ValueError, IndexError, struct.error, UnicodeDecodeError):
         raise DecryptionFailed("A direct-mode ticket was refused.") from None
     if expires < now_s:
         raise DecryptionFailed("An expired direct-mode ticket was refused.")
@@ -396,7 +390,8 @@ class DirectLinks:
         if link is None:
             self.refused += 1  # a stranger: nobody we set up a link with
             return [], []
-        events, out = [], []
+        events: list[LinkUp | LinkMessage] = []
+        out: list[tuple[bytes, tuple]] = []
         for ev in link.channel.receive(datagram, now_ms):
             if isinstance(ev, Acknowledged) and ev.message_id == link.hello_id and not link.up:
                 link.up = True
@@ -449,7 +444,8 @@ class DirectLinks:
         return message_id, [(d, link.addr) for d in datagrams]
 
     def poll(self, now_ms: int) -> tuple[list, list]:
-        out, events = [], []
+        out: list[tuple[bytes, tuple]] = []
+        events: list[LinkFailed | LinkUndelivered] = []
         for peer, link in list(self._links.items()):
             if not link.up and now_ms - link.started_ms > HELLO_TIMEOUT_MS:
                 self._drop(peer)

@@ -32,17 +32,10 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 import crypto_utils as cu
 from secureim.e2e import sessions as e2e
@@ -68,7 +61,7 @@ MAX_SEEN_IDS = 4000  # ids of messages shown (a resend after a reconnect is show
 MAX_INBOUND_SESSIONS = 256  # offline sessions from peers, kept (sealed) in the store
 MAX_INBOUND_SKIPPED = 200  # skipped-message keys kept per offline session
 STORED_MAX_AGE_S = RETIRED_PREKEY_KEEP_S  # a stored message older than this is refused
-STORE_FORMAT = 1
+STORE_FORMAT = 1  # a cu.PasswordSeal envelope plus "format" (docs/CLIENT.md)
 
 
 class BundleRejected(SecureIMError):
@@ -216,7 +209,7 @@ class OutboundSession:
     def __init__(
         self,
         me: str,
-        identity: Ed25519PrivateKey,
+        identity: cu.IdentityKey,
         peer: str,
         peer_identity: bytes,
         cid: int,
@@ -232,12 +225,12 @@ class OutboundSession:
         self.me, self.peer, self.id, self.generation, self.suite = me, peer, cid, generation, suite
         self.peer_identity = peer_identity
         self._clock = clock
-        ephemeral = X25519PrivateKey.generate()
+        ephemeral = cu.X25519Key.generate()
         e_pub = ephemeral.public_key().public_bytes_raw()
         try:
-            secrets = [ephemeral.exchange(X25519PublicKey.from_public_bytes(bundle.signed_x25519))]
+            secrets = [ephemeral.exchange(cu.X25519Public.from_public_bytes(bundle.signed_x25519))]
             if bundle.one_time_id:
-                secrets.append(ephemeral.exchange(X25519PublicKey.from_public_bytes(bundle.one_time_x25519)))
+                secrets.append(ephemeral.exchange(cu.X25519Public.from_public_bytes(bundle.one_time_x25519)))
             kem_secret, ciphertext = cu.mlkem768_encapsulate(bundle.signed_ek)
         except (ValueError, InvalidKemValue) as exc:
             raise BundleRejected(f"{peer}'s prekeys were refused: {exc}") from None
@@ -268,7 +261,7 @@ class OutboundSession:
             (cu.public_bytes(identity), peer_identity),
             self.header,
         )
-        self._chain = e2e._Chain(_chain_key(root, me, peer))
+        self._chain = e2e.Chain(_chain_key(root, me, peer))
         del ephemeral, secrets, kem_secret, root  # only the chain key stays
 
     def seal(self, body_type: int, msg_id: bytes, content: bytes) -> bytes:
@@ -316,14 +309,12 @@ class PrekeyStore:
         if self.path.exists():
             try:
                 doc = json.loads(self.path.read_text())
-                self._salt = cu.b64decode(doc["salt"])
-            except (ValueError, KeyError, TypeError, SecureIMError):
+                # the key from the salt and scrypt parameters the file records (none: the defaults)
+                self._seal = cu.PasswordSeal.for_envelope(doc, password)
+            except (ValueError, KeyError, TypeError, AttributeError, SecureIMError):
                 doc = None
         if doc is None:
-            self._salt = cu.random_bytes(16)
-        self._key = Scrypt(salt=self._salt, length=32, n=e2e.SCRYPT_N, r=e2e.SCRYPT_R, p=e2e.SCRYPT_P).derive(
-            password.encode("utf-8")
-        )
+            self._seal = cu.PasswordSeal(password)
         if doc is None or not self._load(doc):
             self.created = True  # none, unreadable, or another password's: start again (peers' bundles renew)
 
@@ -334,9 +325,7 @@ class PrekeyStore:
         try:
             if doc.get("format") != STORE_FORMAT:
                 return False
-            plain = AESGCM(self._key).decrypt(
-                cu.b64decode(doc["nonce"]), cu.b64decode(doc["sealed"]), self._aad()
-            )
+            plain = self._seal.open(doc, self._aad())
             state = json.loads(plain)
             self.signed = [
                 _Signed(
@@ -357,7 +346,7 @@ class PrekeyStore:
             self.seen_ids.extend(state.get("seen_ids", []))
             self.rooms = dict(state.get("rooms", {}))
             self.rooms_left = dict(state.get("rooms_left", {}))
-        except (ValueError, KeyError, TypeError, InvalidTag, SecureIMError):
+        except (ValueError, KeyError, TypeError, AttributeError, SecureIMError):
             return False
         return True
 
@@ -382,29 +371,13 @@ class PrekeyStore:
             ],
             "one_time": {str(k): cu.b64encode(v) for k, v in self.one_time.items()},
         }
-        nonce = cu.random_bytes(12)
-        sealed = AESGCM(self._key).encrypt(nonce, json.dumps(state).encode(), self._aad())
-        doc = {
-            "format": STORE_FORMAT,
-            "kdf": "scrypt",
-            "cipher": "aes-256-gcm",
-            "salt": cu.b64encode(self._salt),
-            "nonce": cu.b64encode(nonce),
-            "sealed": cu.b64encode(sealed),
-        }
+        doc = {"format": STORE_FORMAT, **self._seal.seal(json.dumps(state).encode(), self._aad())}
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh)
-        os.replace(tmp, self.path)
+        cu.write_private_file(self.path, json.dumps(doc).encode())
 
     def change_password(self, password: str) -> None:
         """Seal the store again under a new password (``/passwd``): a new salt, a new key."""
-        self._salt = cu.random_bytes(16)
-        self._key = Scrypt(salt=self._salt, length=32, n=e2e.SCRYPT_N, r=e2e.SCRYPT_R, p=e2e.SCRYPT_P).derive(
-            password.encode("utf-8")
-        )
+        self._seal = cu.PasswordSeal(password)
         self.save()
 
     def _new_id(self) -> int:
@@ -421,7 +394,7 @@ class PrekeyStore:
         return live[-1] if live else None
 
     def plan_publish(
-        self, identity: Ed25519PrivateKey, server_one_time: int, server_signed_id: int
+        self, identity: cu.IdentityKey, server_one_time: int, server_signed_id: int
     ) -> tuple[bytes, bytes, bool] | None:
         """What to publish after the server's PrekeyStatus: (signed prekey or b"", one-time prekeys,
         replace), or None when nothing is due.  Saves the new private keys before they are published."""
@@ -441,12 +414,12 @@ class PrekeyStore:
             if current is None:
                 current = _Signed(
                     self._new_id(),
-                    X25519PrivateKey.generate().private_bytes_raw(),
+                    cu.X25519Key.generate().private_bytes_raw(),
                     cu.random_bytes(cu.MLKEM768_SEED_BYTES),
                     now,
                 )
                 self.signed.append(current)
-            x_pub = X25519PrivateKey.from_private_bytes(current.x25519).public_key().public_bytes_raw()
+            x_pub = cu.X25519Key.from_private_bytes(current.x25519).public_key().public_bytes_raw()
             ek = cu.MLKEM768KeyPair(current.kem_seed).encapsulation_key
             signed_entry = SIGNED.pack(
                 current.id,
@@ -464,12 +437,12 @@ class PrekeyStore:
         for key_id in [
             k for k in self.one_time if now - self.one_time_at.get(k, now) > RETIRED_PREKEY_KEEP_S
         ]:
-            self._drop_one_time(key_id)
+            self.drop_one_time(key_id)
         one_time = b""
         if server_one_time < ONE_TIME_LOW:
             for _ in range(ONE_TIME_TARGET - server_one_time):
                 key_id = self._new_id()
-                private = X25519PrivateKey.generate()
+                private = cu.X25519Key.generate()
                 self.one_time[key_id] = private.private_bytes_raw()
                 self.one_time_at[key_id] = now
                 public = private.public_key().public_bytes_raw()
@@ -479,14 +452,14 @@ class PrekeyStore:
                     identity.sign(_prekey_text("one-time prekey", self.username, key_id, public)),
                 )
             while len(self.one_time) > MAX_ONE_TIME_KEPT:  # the oldest handed-out ones go first
-                self._drop_one_time(min(self.one_time, key=lambda k: self.one_time_at.get(k, 0.0)))
+                self.drop_one_time(min(self.one_time, key=lambda k: self.one_time_at.get(k, 0.0)))
         if not signed_entry and not one_time:
             return None
         self.created = False
         self.save()
         return signed_entry, one_time, replace
 
-    def _drop_one_time(self, key_id: int) -> None:
+    def drop_one_time(self, key_id: int) -> None:
         self.one_time.pop(key_id, None)
         self.one_time_at.pop(key_id, None)
 
@@ -510,7 +483,7 @@ class PrekeyStore:
 @dataclass
 class _Inbound:
     header_hash: bytes
-    chain: e2e._Chain
+    chain: e2e.Chain
     skipped: dict[int, bytes] = field(default_factory=dict)
 
     def to_doc(self, now: float) -> dict:
@@ -525,8 +498,8 @@ class _Inbound:
         }
 
     @classmethod
-    def from_doc(cls, doc: dict) -> "_Inbound":
-        chain = e2e._Chain(cu.b64decode(doc["chain"]))
+    def from_doc(cls, doc: dict) -> _Inbound:
+        chain = e2e.Chain(cu.b64decode(doc["chain"]))
         chain.index = int(doc["index"])
         return cls(
             cu.b64decode(doc["header"]), chain, {int(k): cu.b64decode(v) for k, v in doc["skipped"].items()}
@@ -538,7 +511,7 @@ class StoredContext:
     """What the server's StoredMessage says around the payload (all of it checked before use)."""
 
     me: str
-    identity: Ed25519PrivateKey
+    identity: cu.IdentityKey
     peer: str
     peer_identity: bytes  # the pinned key (the caller has checked it against its trust store)
     cid: int
@@ -649,12 +622,12 @@ class InboundSessions:
                 f"A stored message from {ctx.peer} used a one-time prekey that was already "
                 "used: a replayed message was refused."
             )
-        spk_private = X25519PrivateKey.from_private_bytes(signed.x25519)
+        spk_private = cu.X25519Key.from_private_bytes(signed.x25519)
         spk_x = spk_private.public_key().public_bytes_raw()
         kem = cu.MLKEM768KeyPair(signed.kem_seed)
         opk_x = b""
         if opk_id:
-            opk_private = X25519PrivateKey.from_private_bytes(store.one_time[opk_id])
+            opk_private = cu.X25519Key.from_private_bytes(store.one_time[opk_id])
             opk_x = opk_private.public_key().public_bytes_raw()
         if not cu.verify_signature(
             ctx.peer_identity,
@@ -679,7 +652,7 @@ class InboundSessions:
         if not opk_id and seen in signed.seen:
             raise DecryptionFailed(f"A stored message from {ctx.peer} was replayed and was refused.")
         try:
-            e_public = X25519PublicKey.from_public_bytes(e_pub)
+            e_public = cu.X25519Public.from_public_bytes(e_pub)
             secrets = [spk_private.exchange(e_public)]
             if opk_id:
                 secrets.append(opk_private.exchange(e_public))
@@ -698,11 +671,11 @@ class InboundSessions:
             (cu.public_bytes(ctx.identity), ctx.peer_identity),
             header,
         )
-        session = _Inbound(cu.sha256(header), e2e._Chain(_chain_key(root, ctx.peer, ctx.me)))
+        session = _Inbound(cu.sha256(header), e2e.Chain(_chain_key(root, ctx.peer, ctx.me)))
 
         def commit() -> None:  # the caller saves the store
             if opk_id:
-                store._drop_one_time(opk_id)  # used once: its private key is gone
+                store.drop_one_time(opk_id)  # used once: its private key is gone
             else:
                 signed.seen.append(seen)
                 del signed.seen[:-MAX_SEEN_PER_SIGNED]

@@ -32,8 +32,6 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.e2e import prekeys as K
@@ -152,7 +150,7 @@ def change_head(blob: bytes) -> bytes:
 
 
 def make_change(
-    identity: Ed25519PrivateKey,
+    identity: cu.IdentityKey,
     *,
     action: int,
     uid: bytes,
@@ -262,7 +260,8 @@ def check_rules(
         follows = change.members == tuple(m for m, _k in expected)
     else:
         follows = len(change.roster) == len(expected) and all(
-            m == n and cu.constant_time_equal(k, e) for (m, k), (n, e) in zip(change.roster, expected)
+            m == n and cu.constant_time_equal(k, e)
+            for (m, k), (n, e) in zip(change.roster, expected, strict=True)
         )
     if not follows:
         raise ChangeRefused(f"A change to {change.room} whose member list does not follow was refused.")
@@ -313,7 +312,7 @@ class _Epoch:
 class _Received:
     """A member's sender key of one epoch, as it arrived over the pairwise session."""
 
-    chain: "e2e._Chain"
+    chain: e2e.Chain
     signing: bytes
 
 
@@ -321,8 +320,8 @@ class _Received:
 class _Own:
     epoch: int
     key_id: bytes
-    chain: "e2e._Chain"
-    signing: Ed25519PrivateKey
+    chain: e2e.Chain
+    signing: cu.IdentityKey
     sent_to: set = field(default_factory=set)  # members who have this key
 
 
@@ -365,7 +364,7 @@ class RoomSession:
     @classmethod
     def first_contact(
         cls, me: str, change: Change, my_identity: bytes, suite_id: int, left_at: int = 0
-    ) -> "RoomSession":
+    ) -> RoomSession:
         """A room this client has no state for: its own creation, or the admin's signed add of
         *this* client (its name and its identity key), newer than any change that ended an
         earlier membership of the same room (``left_at``): a replayed old add is refused.  The
@@ -394,6 +393,7 @@ class RoomSession:
                 "removed) was replayed, and refused."
             )
         admin_identity = change.identity_of(change.admin)
+        assert admin_identity is not None  # checked above: the admin is in the roster
         verify_signature(change, admin_identity)
         room = cls(me, change.uid, change.room, change.admin, admin_identity, suite_id)
         room._advance(change)
@@ -449,8 +449,8 @@ class RoomSession:
         self.epochs.pop(epoch, None)
         for k in [k for k in self.received if k[1] == epoch]:
             del self.received[k]
-        for k in [k for k in self.skipped if k[1] == epoch]:
-            del self.skipped[k]
+        for s in [s for s in self.skipped if s[1] == epoch]:
+            del self.skipped[s]
 
     def set_kdc_key(self, epoch: int, key: bytes) -> None:
         info = self.epochs.get(epoch)
@@ -459,7 +459,7 @@ class RoomSession:
 
     def next_change(
         self,
-        identity: Ed25519PrivateKey,
+        identity: cu.IdentityKey,
         action: int,
         target: str,
         at_ms: int,
@@ -493,8 +493,8 @@ class RoomSession:
             self.own = _Own(
                 self.epoch,
                 cu.random_bytes(KEY_ID_BYTES),
-                e2e._Chain(cu.random_bytes(32)),
-                Ed25519PrivateKey.generate(),
+                e2e.Chain(cu.random_bytes(32)),
+                cu.IdentityKey.generate(),
             )
         return self.own
 
@@ -562,7 +562,7 @@ class RoomSession:
             )
         if (sender, epoch, key_id) in self.received:
             return "known"  # a second copy (resent after a refused store): it must not rewind the chain
-        chain = e2e._Chain(chain_key)
+        chain = e2e.Chain(chain_key)
         chain.index = counter
         self.received[(sender, epoch, key_id)] = _Received(chain, signing)
         mine = [k for k in self.received if k[0] == sender and k[1] == epoch]
@@ -717,7 +717,7 @@ class RoomSession:
         }
 
     @classmethod
-    def from_dict(cls, me: str, doc: dict) -> "RoomSession":
+    def from_dict(cls, me: str, doc: dict) -> RoomSession:
         d = cu.b64decode
         room = cls(me, d(doc["uid"]), doc["name"], doc["admin"], d(doc["admin_identity"]), int(doc["suite"]))
         room.room_id, room.epoch, room.head = int(doc["room_id"]), int(doc["epoch"]), d(doc["head"])
@@ -731,7 +731,7 @@ class RoomSession:
             for n, e in doc["epochs"].items()
         }
         for s, n, k, chain_key, index, signing in doc["received"]:
-            chain = e2e._Chain(d(chain_key))
+            chain = e2e.Chain(d(chain_key))
             chain.index = int(index)
             room.received[(s, int(n), d(k))] = _Received(chain, d(signing))
         room.skipped = {(s, int(n), d(k), int(c)): d(v) for s, n, k, c, v in doc["skipped"]}

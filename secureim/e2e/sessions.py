@@ -23,18 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 import crypto_utils as cu
 from secureim.errors import CryptoError, DecryptionFailed, InvalidKemValue, SecureIMError
@@ -64,8 +57,7 @@ MAX_KEPT_GENERATIONS = 8  # generations kept for messages in flight across rekey
 FRESHNESS_WINDOW_S = 600  # design 002's timestamp window: older (or that far ahead) is refused
 MAX_TEXT_BYTES = 16 * 1024
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1  # about 100 ms, 32 MiB
-IDENTITY_FORMAT = 1
+IDENTITY_FORMAT = 1  # a cu.PasswordSeal envelope, plus "format" and "public" (docs/CLIENT.md)
 
 
 def file_component(text: str) -> str:
@@ -169,55 +161,30 @@ class IdentityStore:
     def path(self, username: str) -> Path:
         return self.dir / file_component(f"{username}@{self.server_id}.json")
 
-    @staticmethod
-    def _kek(password: str, salt: bytes) -> bytes:
-        return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(
-            password.encode("utf-8")
-        )
+    def load(self, username: str, password: str) -> cu.IdentityKey | None:
+        """The stored identity, or None if there is none or the password does not open it.
 
-    def load(self, username: str, password: str) -> Ed25519PrivateKey | None:
-        """The stored identity, or None if there is none or the password does not open it."""
+        The seed is a :class:`crypto_utils.PasswordSeal` envelope (scrypt with the salt and
+        parameters the file records), bound to the username and the public key."""
         path = self.path(username)
         if not path.exists():
             return None
         try:
             doc = json.loads(path.read_text())
-            salt, nonce = cu.b64decode(doc["salt"]), cu.b64decode(doc["nonce"])
-            sealed, public = cu.b64decode(doc["sealed"]), cu.b64decode(doc["public"])
-            if doc.get("format") != IDENTITY_FORMAT or doc.get("kdf") != "scrypt":
+            if doc.get("format") != IDENTITY_FORMAT:
                 return None
-            seed = AESGCM(self._kek(password, salt)).decrypt(nonce, sealed, username.encode() + public)
-            key = Ed25519PrivateKey.from_private_bytes(seed)
-        except (ValueError, KeyError, TypeError, InvalidTag, CryptoError):
+            public = cu.b64decode(doc["public"])
+            key = cu.identity_from_seed(cu.open_with_password(doc, password, username.encode() + public))
+        except (ValueError, KeyError, TypeError, AttributeError, CryptoError):
             return None
         return key if cu.public_bytes(key) == public else None
 
-    def save(self, username: str, password: str, key: Ed25519PrivateKey) -> None:
-        from cryptography.hazmat.primitives import serialization
-
-        seed = key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        )
-        salt, nonce, public = cu.random_bytes(16), cu.random_bytes(12), cu.public_bytes(key)
-        sealed = AESGCM(self._kek(password, salt)).encrypt(nonce, seed, username.encode() + public)
-        doc = {
-            "format": IDENTITY_FORMAT,
-            "kdf": "scrypt",
-            "n": SCRYPT_N,
-            "r": SCRYPT_R,
-            "p": SCRYPT_P,
-            "cipher": "aes-256-gcm",
-            "salt": cu.b64encode(salt),
-            "nonce": cu.b64encode(nonce),
-            "sealed": cu.b64encode(sealed),
-            "public": cu.b64encode(public),
-        }
+    def save(self, username: str, password: str, key: cu.IdentityKey) -> None:
+        public = cu.public_bytes(key)
+        envelope = cu.seal_with_password(password, cu.identity_seed(key), username.encode() + public)
+        doc = {"format": IDENTITY_FORMAT, **envelope, "public": cu.b64encode(public)}
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path(username).with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh)
-        os.replace(tmp, self.path(username))
+        cu.write_private_file(self.path(username), json.dumps(doc).encode())
 
 
 # =============================================================================
@@ -243,12 +210,11 @@ class PeerTrust:
 
     def _save(self, entries: dict[str, tuple[bytes, bool]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            for peer, (key, verified) in sorted(entries.items()):
-                fh.write(f"{peer} {cu.b64encode(key)} {'verified' if verified else 'unverified'}\n")
-        os.replace(tmp, self.path)
+        lines = (
+            f"{peer} {cu.b64encode(key)} {'verified' if verified else 'unverified'}\n"
+            for peer, (key, verified) in sorted(entries.items())
+        )
+        cu.write_private_file(self.path, "".join(lines).encode())
 
     def check(self, peer: str, key: bytes) -> bool:
         """Pin on first use; raise IdentityChanged on a different key.  Returns 'verified'."""
@@ -345,7 +311,7 @@ def derive_root(kdc_key: bytes, dh: bytes, kem_secrets: tuple[bytes, bytes], tra
     )
 
 
-class _Chain:
+class Chain:
     """A symmetric hash ratchet (Signal's KDF chain): each step yields a message key."""
 
     __slots__ = ("key", "index")
@@ -366,20 +332,20 @@ class _Chain:
 class _Generation:
     number: int
     kdc_key: bytes | None
-    my_private: X25519PrivateKey | None
+    my_private: cu.X25519Key | None
     my_share: bytes  # X25519 public || ML-KEM encapsulation key
     my_kem: cu.MLKEM768KeyPair | None = None
     peer_share: bytes | None = None  # verified, waiting for the peer's KEM reply
     kem_to_peer: bytes | None = None  # the secret we encapsulated to the peer's key
     dh: bytes | None = None  # the X25519 secret, once the peer's share is in
     ciphertext_to_peer: bytes = b""
-    send: _Chain | None = None
-    recv: _Chain | None = None
+    send: Chain | None = None
+    recv: Chain | None = None
     direct: tuple[bytes, bytes] | None = None  # (send, recv) keys for direct mode's datagram layer
 
 
 def next_message_key(
-    chain: _Chain, counter: int, skipped: dict, tag, peer: str, max_stored: int, what: str = "message"
+    chain: Chain, counter: int, skipped: dict, tag, peer: str, max_stored: int, what: str = "message"
 ):
     """The receiving side of a hash ratchet: the key of message ``counter`` on ``chain`` and a
     commit function; nothing changes before it runs (a message that fails to open costs nothing).
@@ -394,7 +360,7 @@ def next_message_key(
         raise DecryptionFailed(f"A replayed {what} from {peer} was refused.")
     if counter - chain.index > MAX_SKIP:
         raise DecryptionFailed(f"A {what} from {peer} skipped more than {MAX_SKIP} messages and was refused.")
-    trial = _Chain(chain.key)
+    trial = Chain(chain.key)
     trial.index = chain.index
     new = {}
     while trial.index < counter:
@@ -417,7 +383,7 @@ class E2ESession:
     def __init__(
         self,
         me: str,
-        my_identity: Ed25519PrivateKey,
+        my_identity: cu.IdentityKey,
         peer: str,
         peer_identity: bytes,
         conversation_id: int,
@@ -438,7 +404,7 @@ class E2ESession:
         """A KDC key arrived: returns the signed share payload to relay to the peer."""
         if generation in self._generations or (self._generations and generation < max(self._generations)):
             raise DecryptionFailed("A stale conversation key was ignored.")
-        private = X25519PrivateKey.generate()
+        private = cu.X25519Key.generate()
         kem = cu.MLKEM768KeyPair()
         x_public = private.public_key().public_bytes_raw()
         share = x_public + kem.encapsulation_key
@@ -490,7 +456,7 @@ class E2ESession:
             )
         assert gen.my_private is not None
         try:
-            dh = gen.my_private.exchange(X25519PublicKey.from_public_bytes(x_public))
+            dh = gen.my_private.exchange(cu.X25519Public.from_public_bytes(x_public))
         except ValueError:
             raise ShareRejected("A key share with a low-order point was refused.") from None
         try:
@@ -542,8 +508,8 @@ class E2ESession:
             (cu.public_bytes(self._identity), self.peer_identity),
         )
         root = derive_root(gen.kdc_key, gen.dh, (entries[0][3], entries[1][3]), transcript)
-        gen.send = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.me}>{self.peer}"), length=32))
-        gen.recv = _Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.peer}>{self.me}"), length=32))
+        gen.send = Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.me}>{self.peer}"), length=32))
+        gen.recv = Chain(cu.hkdf(root, salt=None, info=cu.label(f"chain {self.peer}>{self.me}"), length=32))
         length = self.suite.key_bytes
         gen.direct = (
             cu.hkdf(root, salt=None, info=cu.label(f"direct {self.me}>{self.peer}"), length=length),

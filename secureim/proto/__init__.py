@@ -101,7 +101,6 @@ from secureim.proto.limits import (
 )
 from secureim.proto.limits import (
     MAX_TICKET_BYTES as MAX_TICKET_BYTES,
-    TICKET_LIFETIME_S as TICKET_LIFETIME_S,
 )
 from secureim.proto.limits import (
     MAX_USERNAME_BYTES as MAX_USERNAME_BYTES,
@@ -117,6 +116,9 @@ from secureim.proto.limits import (
 )
 from secureim.proto.limits import (
     SEQUENCE_LIMIT as SEQUENCE_LIMIT,
+)
+from secureim.proto.limits import (
+    TICKET_LIFETIME_S as TICKET_LIFETIME_S,
 )
 from secureim.proto.limits import (
     USERNAME_RE as USERNAME_RE,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, TypeVar, dataclass_transform
+from typing import Any, ClassVar, TypeVar, cast, dataclass_transform
 
 from secureim.errors import (
     LocalProtocolError,
@@ -188,7 +189,7 @@ def _compile_field(name: str, meta: dict) -> tuple[Callable, Callable]:
 # =============================================================================
 # Messages
 # =============================================================================
-MESSAGE_TYPES: dict[int, type] = {}
+MESSAGE_TYPES: dict[int, type[Message]] = {}
 
 
 class Message:
@@ -208,11 +209,11 @@ class Message:
 
     def __repr__(self) -> str:  # never print secrets (passwords, keys) in logs
         shown = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.metadata.get("kind") is Kind.BYTES:
+        for name, meta in self.FIELDS:  # dataclasses.fields(self), kept at registration
+            value = getattr(self, name)
+            if meta.get("kind") is Kind.BYTES:
                 value = f"<{len(value)} bytes>"
-            shown.append(f"{f.name}={value!r}")
+            shown.append(f"{name}={value!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
 
@@ -231,7 +232,7 @@ def message(type_id: int) -> Callable[[_M], _M]:
             raise RuntimeError(f"duplicate message type {type_id:#x}")
         cls.TYPE = type_id
         cls = dataclass(frozen=True, repr=False)(cls)  # type: ignore[assignment]
-        cls.FIELDS = tuple((f.name, dict(f.metadata)) for f in dataclasses.fields(cls))
+        cls.FIELDS = tuple((f.name, dict(f.metadata)) for f in dataclasses.fields(cast(Any, cls)))
         compiled = [(name, _compile_field(name, meta)) for name, meta in cls.FIELDS]
         cls.ENCODERS = tuple((name, enc) for name, (enc, _dec) in compiled)
         cls.DECODERS = tuple((name, dec) for name, (_enc, dec) in compiled)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import NoReturn
 
 import crypto_utils as cu
 from diffiehellman import (
@@ -457,7 +456,7 @@ class ServerProtocol(Connection):
 
     def __init__(
         self,
-        identity: Ed25519PrivateKey,
+        identity: cu.IdentityKey,
         *,
         suite: str = cu.DEFAULT_SUITE,
         allowed_groups: frozenset[str] | None = None,
@@ -478,7 +477,7 @@ class ServerProtocol(Connection):
         self._keys: _KeySchedule | None = None
         self.group: str | None = None
 
-    def _refuse(self, code: HandshakeErrorCode, why: str) -> None:
+    def _refuse(self, code: HandshakeErrorCode, why: str) -> NoReturn:
         self._emit_plain(HandshakeError(code=code))
         raise RemoteProtocolError(why)
 

@@ -20,8 +20,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim import storage as D
@@ -47,8 +45,8 @@ class RoomService:
     """Mixed into ChatService: uses its storage, registry, cluster, config, suite and ticket key."""
 
     def _init_rooms(self, ticket_key: bytes) -> None:
-        self._room_keys = AESGCM(
-            cu.hkdf(ticket_key, salt=None, info=cu.label("room kdc keys at rest"), length=32)
+        self._room_keys = cu.SealedBox(
+            cu.hkdf(ticket_key, salt=None, info=cu.label("room kdc keys at rest"), length=32), "room kdc key"
         )
         self._room_cache: dict[int, _Cached] = {}
         self._room_cache_lock = threading.Lock()
@@ -56,18 +54,18 @@ class RoomService:
     # -- the room key of each epoch, sealed at rest ---------------------------------
     @staticmethod
     def _room_aad(room_id: int, epoch: int) -> bytes:
-        return b"secureim/v1 room kdc key" + room_id.to_bytes(8, "big") + epoch.to_bytes(4, "big")
+        # after the box's label, "secureim/v1 room kdc key"
+        return room_id.to_bytes(8, "big") + epoch.to_bytes(4, "big")
 
     def _seal_room_key(self, room_id: int, epoch: int, key: bytes) -> bytes:
-        nonce = cu.random_bytes(12)
-        return nonce + self._room_keys.encrypt(nonce, key, self._room_aad(room_id, epoch))
+        return self._room_keys.seal(key, self._room_aad(room_id, epoch))
 
     def _open_room_key(self, room_id: int, epoch: int, wrapped: bytes | None) -> bytes:
-        if not wrapped or len(wrapped) <= 12:
+        if not wrapped:
             return b""
         try:
-            return self._room_keys.decrypt(wrapped[:12], wrapped[12:], self._room_aad(room_id, epoch))
-        except Exception:  # noqa: BLE001 - InvalidTag: another service's key; the client says so
+            return self._room_keys.open(wrapped, self._room_aad(room_id, epoch))
+        except cu.DecryptionFailed:  # another service's key; the client says so
             return b""
 
     # -- the member cache (the fan-out reads no database) -------------------------------

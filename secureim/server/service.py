@@ -12,8 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim import storage as D
@@ -86,8 +84,9 @@ class ChatService(RoomService):
         self._opens_for: dict[str, deque] = {}  # recipient -> times of recent OfflineOpens for them
         self._opens_lock = threading.Lock()
         # The KDC keys of offline conversations wait in the database sealed under this (every node has it).
-        self._offline_keys = AESGCM(
-            cu.hkdf(ticket_key, salt=None, info=cu.label("offline kdc keys at rest"), length=32)
+        self._offline_keys = cu.SealedBox(
+            cu.hkdf(ticket_key, salt=None, info=cu.label("offline kdc keys at rest"), length=32),
+            "offline kdc key",
         )
         self._init_rooms(ticket_key)
         # Operating the server (moderation.py, metrics.py): bans, kicks, the audit log, counters.
@@ -697,12 +696,8 @@ class ChatService(RoomService):
 
     # -- store and forward (docs/PROTOCOL.md section 15) --------------------------------
     def _wrap_aad(self, recipient: str, cid: int, generation: int) -> bytes:
-        return (
-            b"secureim/v1 offline kdc key"
-            + recipient.encode()
-            + b"\x00"
-            + cid.to_bytes(8, "big")
-            + generation.to_bytes(4, "big")
+        return (  # after the box's label, "secureim/v1 offline kdc key"
+            recipient.encode() + b"\x00" + cid.to_bytes(8, "big") + generation.to_bytes(4, "big")
         )
 
     def _send_prekey_status(self, session: Session) -> None:
@@ -772,8 +767,7 @@ class ChatService(RoomService):
         with self._kdc_lock:
             generation = self.storage.record_key_generation(cid)
             key = self.suite.generate_key()
-        nonce = cu.random_bytes(12)
-        wrapped = nonce + self._offline_keys.encrypt(nonce, key, self._wrap_aad(peer, cid, generation))
+        wrapped = self._offline_keys.seal(key, self._wrap_aad(peer, cid, generation))
         self.storage.put_offline_key(peer, cid, generation, me, wrapped, time.time())
         session.send(
             P.OfflineKey(
@@ -912,14 +906,12 @@ class ChatService(RoomService):
 
     def _stored_message(self, me: str, row: D.QueuedMessage) -> P.StoredMessage:
         key = b""
-        if row.wrapped_key is not None and len(row.wrapped_key) > 12:
+        if row.wrapped_key:
             try:
-                key = self._offline_keys.decrypt(
-                    row.wrapped_key[:12],
-                    row.wrapped_key[12:],
-                    self._wrap_aad(me, row.conversation_id, row.generation),
+                key = self._offline_keys.open(
+                    row.wrapped_key, self._wrap_aad(me, row.conversation_id, row.generation)
                 )
-            except Exception:  # noqa: BLE001 - InvalidTag: another service's key; the client says so
+            except cu.DecryptionFailed:  # another service's key; the client says so
                 key = b""
         return P.StoredMessage(
             queue_id=row.id,

@@ -13,13 +13,9 @@ ticket issued before.
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import crypto_utils as cu
 from secureim.errors import ConfigError, InvalidCredentials
@@ -27,7 +23,7 @@ from secureim.proto.limits import TICKET_LIFETIME_S
 
 TICKET_VERSION = 2
 _HEADER = struct.Struct(">BQQI")  # version, issued_at, expires_at, the account's ticket epoch
-_AAD = b"secureim/v1 ticket"
+_LABEL = "ticket"  # the associated data: "secureim/v1 ticket"
 KEY_FILE = "ticket.key"
 
 
@@ -41,15 +37,13 @@ def load_or_create_ticket_key(data_dir: Path) -> bytes:
             raise ConfigError(f"Ticket key {path} is not 32 bytes.")
         return key
     key = cu.random_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
+    cu.write_private_file(path, key, exclusive=True)
     return key
 
 
 class TicketIssuer:
     def __init__(self, key: bytes, *, lifetime_s: int = TICKET_LIFETIME_S, clock=time.time) -> None:
-        self._aead = AESGCM(key)
+        self._box = cu.SealedBox(key, _LABEL)
         self.lifetime_s = lifetime_s
         self._clock = clock
 
@@ -61,8 +55,7 @@ class TicketIssuer:
             + username.encode("ascii")
             + identity_key
         )
-        nonce = cu.random_bytes(12)
-        return nonce + self._aead.encrypt(nonce, plain, _AAD)
+        return self._box.seal(plain)
 
     def redeem(self, ticket: bytes, identity_key: bytes) -> str:
         """The username in a valid, unexpired ticket issued to this identity key."""
@@ -72,11 +65,11 @@ class TicketIssuer:
         """The username and ticket epoch in a valid, unexpired ticket issued to this identity key;
         the caller compares the epoch with the account's (a password change increments it)."""
         invalid = InvalidCredentials("The session ticket is invalid or expired; log in with your password.")
-        if len(ticket) < 12 + 16 + _HEADER.size:
+        if len(ticket) < cu.SEALED_BOX_OVERHEAD + _HEADER.size:
             raise invalid
         try:
-            plain = self._aead.decrypt(ticket[:12], ticket[12:], _AAD)
-        except InvalidTag:
+            plain = self._box.open(ticket)
+        except cu.DecryptionFailed:
             raise invalid from None
         version, _issued, expires, epoch = _HEADER.unpack_from(plain)
         n = plain[_HEADER.size]

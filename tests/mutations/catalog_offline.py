@@ -12,7 +12,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="offline-one-time-prekey-kept",
         file="secureim/e2e/prekeys.py",
-        find="                store._drop_one_time(opk_id)  # used once: its private key is gone\n",
+        find="                store.drop_one_time(opk_id)  # used once: its private key is gone\n",
         replace="                store.one_time.get(opk_id)\n",
         tests=(PK + "test_a_one_time_prekey_is_used_once_and_a_replay_is_refused",),
         why="a one-time prekey opens a second init: a replayed stored message is accepted after a restart.",

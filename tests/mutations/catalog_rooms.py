@@ -79,8 +79,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="rooms-sender-chain-from-public-data",
         file="secureim/e2e/rooms.py",
-        find="                self.epoch,\n                cu.random_bytes(KEY_ID_BYTES),\n                e2e._Chain(cu.random_bytes(32)),\n                Ed25519PrivateKey.generate(),\n",
-        replace="                self.epoch, self.head[:KEY_ID_BYTES], e2e._Chain(self.head), Ed25519PrivateKey.generate()\n",
+        find="                self.epoch,\n                cu.random_bytes(KEY_ID_BYTES),\n                e2e.Chain(cu.random_bytes(32)),\n                cu.IdentityKey.generate(),\n",
+        replace="                self.epoch, self.head[:KEY_ID_BYTES], e2e.Chain(self.head), cu.IdentityKey.generate()\n",
         tests=(RM + "test_a_sender_key_is_never_reused_across_epochs_or_restarts",),
         why="a sender chain made from the epoch's public head: the same keys after a restart, and the "
         "server (which knows the head) reads everything.",
@@ -144,8 +144,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="rooms-roster-keys-unchecked",
         file="secureim/e2e/rooms.py",
-        find="            m == n and cu.constant_time_equal(k, e) for (m, k), (n, e) in zip(change.roster, expected)\n",
-        replace="            m == n for (m, k), (n, e) in zip(change.roster, expected)\n",
+        find="            m == n and cu.constant_time_equal(k, e)\n            for (m, k), (n, e) in zip(change.roster, expected, strict=True)\n",
+        replace="            m == n\n            for (m, k), (n, e) in zip(change.roster, expected, strict=True)\n",
         tests=(RM + "test_changes_must_follow_in_order_without_gaps_or_forks",),
         why="the admin (or a forger with the admin's key) quietly gives a member another identity key.",
     ),

@@ -21,8 +21,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="history-rows-in-plaintext",
         file="secureim/client/history.py",
-        find="return nonce, self._content.encrypt(nonce, raw, self._aad(tag, at_ms))",
-        replace="return nonce, raw",
+        find="sealed = self._content.seal(raw, self._aad(tag, at_ms))",
+        replace="sealed = bytes(cu.SEALED_BOX_NONCE_BYTES) + raw",
         tests=(
             f"{_H}::test_the_file_holds_no_plaintext_and_is_private",
             f"{_S}::test_history_survives_quit_holds_no_plaintext_and_needs_the_password",
@@ -32,17 +32,17 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="history-aad-without-conversation-and-time",
         file="secureim/client/history.py",
-        find='return _ROW_AAD + len(self._owner).to_bytes(2, "big") + self._owner + tag + at_ms.to_bytes(8, "big")',
-        replace='return _ROW_AAD + len(self._owner).to_bytes(2, "big") + self._owner',
+        find='return len(self._owner).to_bytes(2, "big") + self._owner + tag + at_ms.to_bytes(8, "big")',
+        replace='return len(self._owner).to_bytes(2, "big") + self._owner',
         tests=(f"{_H}::test_a_row_moved_to_another_conversation_or_time_is_not_shown",),
         why="a row's time (and conversation) is not bound to its ciphertext: someone with the file "
         "re-dates or reorders what was said.",
     ),
     Mutation(
         name="history-key-not-from-the-password",
-        file="secureim/client/history.py",
-        find='return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password.encode("utf-8"))',
-        replace='return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(b"")',
+        file="crypto_utils.py",  # the one keystore derivation (PasswordSeal), which the history uses
+        find='    return Scrypt(salt=salt, length=AES_KEY_BYTES, n=params.n, r=params.r, p=params.p).derive(\n        password.encode("utf-8")\n    )\n',
+        replace='    return Scrypt(salt=salt, length=AES_KEY_BYTES, n=params.n, r=params.r, p=params.p).derive(b"")\n',
         tests=(
             f"{_H}::test_a_wrong_password_cannot_open_it_and_the_right_one_can",
             f"{_S}::test_history_survives_quit_holds_no_plaintext_and_needs_the_password",
@@ -52,7 +52,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="history-key-not-bound-to-owner",
         file="secureim/client/history.py",
-        find='owner = f"{username}@{service_id}".encode("utf-8")',
+        find='owner = f"{username}@{service_id}".encode()',
         replace='owner = b""',
         tests=(f"{_H}::test_another_users_file_does_not_open_as_mine",),
         why="the sealed data key and the rows are not bound to their user and service: a file planted "
