@@ -64,12 +64,12 @@ class Link(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
             except OSError:
                 pass
-        self.session = self.server._admit(self, peer[0])
+        self.session = self.server.admit(self, peer[0])
 
     def data_received(self, data: bytes) -> None:
         if self.lingering or self.session is None:
             return  # a farewell is on its way: what still arrives is read and dropped
-        self.server._feed(self.session, data)
+        self.server.feed(self.session, data)
 
     def pause_writing(self) -> None:
         if self.transport is not None:
@@ -82,15 +82,15 @@ class Link(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The peer has sent all it will: answer what it sent, then close (half-open until then)."""
         self.peer_eof = True
-        if self.session is None or not self.lingering:
-            self.server._pump(self.session) if self.session is not None else None
+        if self.session is not None and not self.lingering:
+            self.server.pump(self.session)
         if self.lingering and self.transport is not None:
             self.transport.close()
         return True
 
     def connection_lost(self, exc) -> None:
         if self.session is not None:
-            self.server._lost(self.session)
+            self.server.lost(self.session)
 
     # -- called from any thread ---------------------------------------------------------
     def _call(self, fn, *args) -> None:
@@ -106,11 +106,11 @@ class Link(asyncio.Protocol):
         self._call(self.flush)
 
     def close_soon(self) -> None:
-        self._call(self._close_gracefully)
+        self._call(self.close_gracefully)
 
     def abort(self, why: str) -> None:
         log.info("closed %s: %s", self.session.source if self.session else "?", why)
-        self._call(self._abort)
+        self._call(self.abort_now)
 
     # -- loop thread -------------------------------------------------------------------
     def flush(self) -> None:
@@ -122,8 +122,8 @@ class Link(asyncio.Protocol):
             transport.write(data)
         self.buffered = transport.get_write_buffer_size()  # what the kernel has not taken yet
 
-    def _close_gracefully(self) -> None:
-        """Write what is queued, half-close, read until the peer closes (bounded), then close.
+    def close_gracefully(self) -> None:
+        """Loop thread only.  Write what is queued, half-close, read until the peer closes (bounded), then close.
 
         Closing at once with unread input makes the kernel send RST, which can destroy
         the farewell before the peer reads it."""
@@ -133,7 +133,7 @@ class Link(asyncio.Protocol):
         self.flush()
         self.lingering = True
         if self.session is not None:
-            self.server._lost(self.session)  # others see the user gone at once, not after the linger
+            self.server.lost(self.session)  # others see the user gone at once, not after the linger
         transport = self.transport
         if transport.is_closing():
             return
@@ -145,7 +145,8 @@ class Link(asyncio.Protocol):
             return
         self.loop.call_later(LINGER_S, transport.abort)  # bounded: a peer that never reads cannot hold it
 
-    def _abort(self) -> None:
+    def abort_now(self) -> None:
+        """Loop thread only."""
         if self.transport is not None:
             self.transport.abort()
 
@@ -254,6 +255,7 @@ class Server:
             log.warning("cannot clear old session rows: %s", exc)
         self.service.attach(self.loop, self.loop_thread_id, self.pool)
         diffiehellman.offload_modexp(self.modexp)  # finite-field groups: pow() off the GIL
+        _MODEXP.owner = self.modexp
         self.moderation.start()
         if self.config.metrics_port is not None:
             self._start_metrics()
@@ -273,7 +275,7 @@ class Server:
             open_connections=lambda: len(registry.all_sessions()),
             online_users=lambda: len(registry.online_users()),
             outbox_bytes=lambda: sum(s.link.buffered for s in registry.all_sessions() if s.link is not None),
-            bcrypt_queue=lambda: auth._bcrypt._work_queue.qsize(),  # noqa: SLF001 - a gauge only reads it
+            bcrypt_queue=auth.bcrypt_queue_depth,
             puzzle_difficulty=self.puzzle.difficulty,
         )
         self.metrics_endpoint = MetricsEndpoint(
@@ -328,8 +330,9 @@ class Server:
             self.storage.clear_sessions(self.service.node)
         except DatabaseError as exc:
             log.warning("cannot clear session rows: %s", exc)
-        if diffiehellman._modexp_hook is self.modexp:  # noqa: SLF001 - ours to take back
+        if _MODEXP.owner is self.modexp:  # ours to take back
             diffiehellman.offload_modexp(None)
+            _MODEXP.owner = None
         self.modexp.shutdown()
         if not self.loop.is_running():
             self.loop.close()
@@ -355,7 +358,7 @@ class Server:
                 session.link.transport.close()
 
     # -- connections (loop thread) ----------------------------------------------------------
-    def _admit(self, link: Link, source: str) -> Session | None:
+    def admit(self, link: Link, source: str) -> Session | None:
         """Rate and connection limits, checked at accept: refused junk costs no work."""
         refusal = None
         if self._stopping.is_set():
@@ -394,13 +397,13 @@ class Server:
             log.info("closed %s: no login within %.0f s", session.source, self.config.login_grace_s)
             session.closed.set()
             if session.link is not None:
-                session.link._abort()
+                session.link.abort_now()
 
-    def _feed(self, session: Session, data: bytes) -> None:
+    def feed(self, session: Session, data: bytes) -> None:
         if session.inbox or session.busy or not session.proto.established:
             session.inbox.append(data)
             session.inbox_bytes += len(data)
-            self._pump(session)
+            self.pump(session)
             return
         # The common case, without the inbox: an idle, established session sent relays.
         events = self._open_records(session, data)
@@ -409,11 +412,11 @@ class Server:
                 return
             if not self._fast(session, event):
                 session.inbox.extend(events[i:])  # the rest in order, behind the slow one
-                self._pump(session)
+                self.pump(session)
                 return
             self._handle(session, event)
 
-    def _pump(self, session: Session) -> None:
+    def pump(self, session: Session) -> None:
         """Handle what waits in the session's inbox, in order: fast work here, slow work on a worker."""
         inbox = session.inbox
         while inbox and not session.busy:
@@ -437,7 +440,7 @@ class Server:
         link = session.link
         if link is not None and link.transport is not None:
             if link.peer_eof and not inbox and not session.busy:
-                link._close_gracefully()  # all the peer sent is answered
+                link.close_gracefully()  # all the peer sent is answered
             elif len(inbox) > MAX_INBOX_ITEMS or session.inbox_bytes > MAX_INBOX_BYTES:
                 link.transport.pause_reading()
             elif (
@@ -491,7 +494,7 @@ class Server:
     def _job_done(self, session: Session, events: list) -> None:
         session.busy = False
         session.inbox.extendleft(reversed(events))
-        self._pump(session)
+        self.pump(session)
 
     # -- worker threads ------------------------------------------------------------------------
     def _work_handshake(self, session: Session, data: bytes) -> list:
@@ -509,14 +512,12 @@ class Server:
     def _protocol_failed(self, session: Session, exc: ProtocolError) -> None:
         """A sealed Goodbye with the reason (or the plaintext HandshakeError), then close."""
         log.info("closed %s: %s", session.source, exc)
-        with session.lock:
-            farewell = session.proto.farewell(str(exc)) or session.proto.data_to_send()
-            session._queue_locked(farewell)
+        session.say_farewell(str(exc))
         session.closed.set()
         if session.link is not None:
             session.link.close_soon()
 
-    def _lost(self, session: Session) -> None:
+    def lost(self, session: Session) -> None:
         """The session is over: others see the user gone at once (bookkeeping on a worker).  Once."""
         session.closed.set()
         session.inbox.clear()
@@ -524,6 +525,15 @@ class Server:
         if not session.gone:
             session.gone = True
             self.service.disconnected(session)
+
+
+class _ModexpSlot:
+    """Which server's offload is installed in diffiehellman (only Server.start installs one)."""
+
+    owner: diffiehellman.ModexpOffload | None = None
+
+
+_MODEXP = _ModexpSlot()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -109,6 +109,12 @@ class Session:
             link.flush_soon()
         return True
 
+    def say_farewell(self, reason: str) -> None:
+        """Queue the sealed Goodbye (or the plaintext HandshakeError) for a protocol failure."""
+        with self.lock:
+            farewell = self.proto.farewell(reason) or self.proto.data_to_send()
+            self._queue_locked(farewell)
+
     def take_output(self) -> bytes:
         with self.lock:
             out, self._out, self._out_bytes, self._flush_due = self._out, [], 0, False
