@@ -34,7 +34,7 @@ class LinePrinter:
     def __init__(self) -> None:
         import queue
 
-        self._lines: "queue.Queue[str]" = queue.Queue(maxsize=self.MAX_LINES)
+        self._lines: queue.Queue[str] = queue.Queue(maxsize=self.MAX_LINES)
         self._dropped = 0
         threading.Thread(target=self._run, name="console-out", daemon=True).start()
 

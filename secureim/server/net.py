@@ -7,9 +7,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import crypto_utils as cu
 import diffiehellman
@@ -33,7 +33,7 @@ from secureim.server.registry import (
     Session,
     SourceRateLimiter,
 )
-from secureim.server.service import FAST_MESSAGES, PASSWORD_MESSAGES, ChatService
+from secureim.server.service import ChatService
 from secureim.storage import Storage, open_storage
 
 log = logging.getLogger("secureim.server")
@@ -42,7 +42,7 @@ log = logging.getLogger("secureim.server")
 class Link(asyncio.Protocol):
     """The event-loop end of one TCP connection: bytes in to the server, queued bytes out."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.loop = server.loop
         self.limit = server.config.outbox_limit_bytes
@@ -202,6 +202,7 @@ class Server:
                 "(SQLite is one file on one machine)."
             )
         self.service = ChatService(self.storage, config, announce, ticket_key=ticket_key)
+        self.router = self.service.router  # mutated in place (override), never replaced
         self.rate_limiter = SourceRateLimiter(
             config.connections_per_source_per_s, config.connection_burst_per_source
         )
@@ -318,7 +319,7 @@ class Server:
         if self._loop_thread is not None and self.loop.is_running():
             try:
                 asyncio.run_coroutine_threadsafe(self._close_all(reason), self.loop).result(timeout=10)
-            except Exception:  # noqa: BLE001 - stopping goes on whatever one step did
+            except Exception:
                 log.exception("error while closing connections")
             self.service.cluster_stop()
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -410,7 +411,7 @@ class Server:
         for i, event in enumerate(events or ()):
             if session.closed.is_set():
                 return
-            if not self._fast(session, event):
+            if not self.router.runs_on_loop(session, event):  # the table: router.py
                 session.inbox.extend(events[i:])  # the rest in order, behind the slow one
                 self.pump(session)
                 return
@@ -433,7 +434,7 @@ class Server:
                 if events is None:
                     return
                 inbox.extendleft(reversed(events))
-            elif self._fast(session, item):
+            elif self.router.runs_on_loop(session, item):
                 self._handle(session, item)
             elif isinstance(item, P.Message):
                 self._to_worker(session, self._work_message, item)
@@ -450,12 +451,6 @@ class Server:
             ):
                 link.transport.resume_reading()
 
-    def _fast(self, session: Session, msg) -> bool:
-        """Handled on the loop thread (no database, no slow crypto): relays, /who, and a room message
-        whose room and members are known here (room_service.room_send_is_fast)."""
-        kind = type(msg)
-        return kind in FAST_MESSAGES or (kind is P.RoomSend and self.service.room_send_is_fast(session, msg))
-
     def _open_records(self, session: Session, data: bytes) -> list | None:
         """The messages in ``data`` (an established session's records), or None after a protocol error."""
         try:
@@ -467,14 +462,14 @@ class Server:
     def _handle(self, session: Session, msg: P.Message) -> None:
         try:
             self.service.handle(session, msg)
-        except Exception:  # noqa: BLE001 - one broken request must never take the server down
+        except Exception:
             log.exception("unexpected error on a connection from %s", session.source)
             session.close()
 
     def _to_worker(self, session: Session, job, item) -> None:
         session.busy = True
         try:
-            pool = self.password_pool if type(item) in PASSWORD_MESSAGES else self.pool
+            pool = self.password_pool if self.router.is_password_work(item) else self.pool
             pool.submit(self._run_job, session, job, item)
         except RuntimeError:  # the pool is shut down: the server is stopping
             session.busy = False
@@ -483,7 +478,7 @@ class Server:
         events: list = []
         try:
             events = job(session, item) or []
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("unexpected error on a connection from %s", session.source)
             session.close()
         try:

@@ -38,11 +38,15 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.errors import ConfigError, DecryptionFailed, SecureIMError
 from secureim.server.cluster.local import Cluster
+
+if TYPE_CHECKING:
+    from secureim.server.ports import ClusterHost
 
 log = logging.getLogger("secureim.cluster")
 
@@ -178,7 +182,7 @@ class NatsCluster(Cluster):
         self._out_ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self.nc = None
-        self.service = None
+        self.host: ClusterHost | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connected_since: float | None = None
         self.lost_at: float | None = None
@@ -186,6 +190,11 @@ class NatsCluster(Cluster):
         self._known_nodes: set[bytes] = set()
         self._last_drop_log = -DROP_LOG_EVERY_S
         self._link_gen = 0  # which connection the nats-py callbacks belong to (the watchdog replaces it)
+
+    @property
+    def _host(self) -> ClusterHost:
+        assert self.host is not None, "bind() first"
+        return self.host
 
     def node_subject(self, incarnation: bytes) -> str:
         return f"{self.prefix}.node.{incarnation.hex()[:16]}"
@@ -196,9 +205,14 @@ class NatsCluster(Cluster):
         return f"{self.prefix}.node.{incarnation.hex()[:16]}.direct"
 
     # -- life cycle ----------------------------------------------------------------------
-    def start(self, service) -> None:
-        self.service, self.loop = service, service.loop
-        service.metrics.nats_connected.set_function(lambda: 1 if self.connected else 0)
+    def bind(self, host: ClusterHost) -> None:
+        """Serve ``host`` (its loop is attached); no connection yet (``start`` connects)."""
+        self.host, self.loop = host, host.loop
+        host.bus_gauge(lambda: 1 if self.connected else 0)
+
+    def start(self, host: ClusterHost) -> None:
+        self.bind(host)
+        assert self.loop is not None
         future = asyncio.run_coroutine_threadsafe(self._connect(), self.loop)
         try:
             future.result(timeout=CONNECT_TIMEOUT_S + 2)
@@ -210,7 +224,7 @@ class NatsCluster(Cluster):
         self._out_ready = asyncio.Event()
         try:
             await asyncio.wait_for(self._open_link(), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConfigError(
                 f"Cannot reach the cluster bus at {self.url}: no answer within {CONNECT_TIMEOUT_S:.0f} s"
             ) from None
@@ -364,7 +378,7 @@ class NatsCluster(Cluster):
                 self._publish(self.presence_subject, HEARTBEAT, self.node_name.encode()[:64])
                 self._expire_nodes()
                 await self._watchdog()
-            except Exception:  # noqa: BLE001 - the heartbeat must go on
+            except Exception:
                 log.exception("cluster heartbeat")
 
     # -- the service's calls ------------------------------------------------------------------
@@ -377,7 +391,7 @@ class NatsCluster(Cluster):
         self._announce_online(username, login_at, identity_key)
 
     def _announce_online(self, username: str, login_at: float, identity_key: bytes | None) -> None:
-        session = self.service.registry.session_of(username)
+        session = self._host.session_of(username)
         if session is None or session.login_at != login_at or identity_key is None:
             return  # it ended before this ran: its OFFLINE (or nothing) is what others must hear
         self._publish(
@@ -454,7 +468,7 @@ class NatsCluster(Cluster):
     # -- receiving (loop thread) --------------------------------------------------------------
     def _call(self, fn, *args) -> None:
         """Run ``fn`` on the loop thread: now if this is it, else as soon as it can."""
-        self.service.on_loop(fn, *args)
+        self._host.on_loop(fn, *args)
 
     async def _on_frame(self, msg) -> None:
         try:
@@ -477,7 +491,7 @@ class NatsCluster(Cluster):
                     exc,
                     self.frames_dropped,
                 )
-        except Exception:  # noqa: BLE001 - one bad frame must never end the subscription
+        except Exception:
             log.exception("error handling a cluster frame")
 
     async def _h_online(self, sender: bytes, body: bytes, _msg) -> None:
@@ -486,18 +500,18 @@ class NatsCluster(Cluster):
 
     def _remote_online(self, sender: bytes, username: str, login_at: float, key: bytes) -> None:
         username = P.normalize_username(username)
-        service = self.service
+        host = self._host
         previous = self.remote.get(username)
         if previous is not None and previous.node == sender and previous.login_at == login_at:
             return  # nothing new (a snapshot repeats what we know): conversations go on
-        local = service.registry.session_of(username)
+        local = host.session_of(username)
         if local is not None:
             if (local.login_at, self.incarnation) > (login_at, sender):
                 # Ours is newer.  Say so again: that node closes its session when it hears it (it may
                 # have forgotten ours when its user logged in there).
                 self._announce_online(username, local.login_at, local.identity_key)
                 return
-            service.replaced_elsewhere(local)  # its conversations end; its peers hear of the new one below
+            host.replaced_elsewhere(local)  # its conversations end; its peers hear of the new one below
         if previous is not None and (previous.login_at, previous.node) > (login_at, sender):
             return
         if len(self.remote) >= MAX_REMOTE_USERS and previous is None:
@@ -505,9 +519,9 @@ class NatsCluster(Cluster):
         self.remote[username] = RemoteUser(sender, login_at, key)
         # As for a local login: whoever waits for this user, and whoever had a conversation with
         # the session it replaces, is told (and re-opens: the new session has no keys).
-        waiting = service.registry.take_watchers(username)
-        waiting |= set(service.registry.drop_conversations(username, watch=False))
-        service.notify(username, waiting, online=True)
+        waiting = host.take_watchers(username)
+        waiting |= set(host.drop_conversations(username, watch=False))
+        host.notify(username, waiting, online=True)
 
     async def _h_offline(self, sender: bytes, body: bytes, _msg) -> None:
         name, when = unpack_fields(body, 2)
@@ -521,8 +535,8 @@ class NatsCluster(Cluster):
         self._dropped(username)
 
     def _dropped(self, username: str) -> None:
-        service = self.service
-        service.notify(username, service.registry.drop_conversations(username, watch=True), online=False)
+        host = self._host
+        host.notify(username, host.drop_conversations(username, watch=True), online=False)
 
     def _forget_remote(self, username: str) -> None:
         """``username`` logged in here: an entry for them elsewhere is older (that node closes it).
@@ -530,9 +544,7 @@ class NatsCluster(Cluster):
         Conversations with the session there end, and their peers here re-open with this one."""
         if self.remote.pop(username, None) is None:
             return
-        self.service.notify(
-            username, self.service.registry.drop_conversations(username, watch=False), online=True
-        )
+        self._host.notify(username, self._host.drop_conversations(username, watch=False), online=True)
 
     async def _h_heartbeat(self, sender: bytes, body: bytes, _msg) -> None:
         if sender not in self._known_nodes:
@@ -547,11 +559,7 @@ class NatsCluster(Cluster):
         self._send_snapshot(self.node_subject(sender))
 
     def _send_snapshot(self, subject: str) -> None:
-        users = [
-            (name, s.login_at, s.identity_key)
-            for name, s in list(self.service.registry.online.items())
-            if s.identity_key is not None
-        ]
+        users = self._host.online_snapshot()
         chunks = [users[i : i + SNAPSHOT_CHUNK] for i in range(0, len(users), SNAPSHOT_CHUNK)] or [[]]
         snapshot_id = cu.random_bytes(8)  # two snapshots from one node never mix
         for index, chunk in enumerate(chunks):
@@ -585,18 +593,18 @@ class NatsCluster(Cluster):
             msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)
         ):
             raise SecureIMError(f"a {type(msg).__name__} is not delivered across nodes")
-        session = self.service.registry.session_of(name.decode())
+        session = self._host.session_of(name.decode())
         if isinstance(
             msg, P.StoredMessage
         ):  # a nudge: messages were stored for them; the queue is in the database
             if session is not None:
-                self.service.run_slow(self.service.push_queue, session)
+                self._host.run_slow(self._host.push_queue, session)
             return
         if session is not None and session.send(msg):
             return
         if isinstance(msg, P.RoomMessage):  # they left this node meanwhile: the copy waits in their queue
-            self.service.run_slow(
-                self.service.room_copy_to_queue, name.decode(), msg, self.identity_of(msg.sender)
+            self._host.run_slow(
+                self._host.room_copy_to_queue, name.decode(), msg, self.identity_of(msg.sender)
             )
             return
         if isinstance(
@@ -617,15 +625,15 @@ class NatsCluster(Cluster):
         username, members = name.decode(), (first.decode(), second.decode())
         if username not in members or msg.peer not in members:
             raise SecureIMError("a KEY frame for someone outside its conversation")
-        session = self.service.registry.session_of(username)
+        session = self._host.session_of(username)
         if session is None:
             return
-        self.service.learn_conversation(msg.conversation_id, members, msg.generation)
+        self._host.learn_conversation(msg.conversation_id, members, msg.generation)
         session.send(msg)
 
     async def _h_direct(self, sender: bytes, body: bytes, msg) -> None:
         peer, initiator, host, port, cid = (f.decode() for f in unpack_fields(body, 5))
-        answer = self.service.direct_offer_for(peer, initiator, host, int(port), int(cid))
+        answer = self._host.direct_offer_for(peer, initiator, host, int(port), int(cid))
         if isinstance(answer, str):
             answer = P.DirectUnavailable(peer=peer, reason=answer)
         if msg.reply:
