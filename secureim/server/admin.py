@@ -54,7 +54,7 @@ def _when(ts: float | None) -> str:
 def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     cells = [tuple(_clean(c) for c in header)] + [tuple(_clean(c) for c in row) for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
 
 
 def parse_since(text: str, now: float | None = None) -> float:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import crypto_utils as cu
 import diffiehellman
@@ -54,8 +55,8 @@ class Link(asyncio.Protocol):
         self._closing = False
 
     # -- asyncio callbacks (loop thread) ----------------------------------------------
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("?", 0)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -175,7 +176,7 @@ class Server:
     def __init__(
         self,
         config: ServerConfig,
-        announce: Callable[[str], None] = lambda line: None,
+        announce: Callable[[str], None] = lambda _line: None,
         storage: Storage | None = None,
     ) -> None:
         self.config = config
@@ -346,17 +347,17 @@ class Server:
         for session in sessions:
             session.close(reason)
         deadline = time.monotonic() + LINGER_S + 0.5
+        links = [link for link in map(link_of, sessions) if link is not None]
         while time.monotonic() < deadline and any(
-            s.link is not None
-            and s.link.transport is not None
-            and not s.link.transport.is_closing()
-            and s.link.transport.get_write_buffer_size()
-            for s in sessions
+            link.transport is not None
+            and not link.transport.is_closing()
+            and link.transport.get_write_buffer_size()
+            for link in links
         ):
             await asyncio.sleep(0.02)  # the farewells drain (bounded)
-        for session in sessions:
-            if session.link is not None and session.link.transport is not None:
-                session.link.transport.close()
+        for link in links:
+            if link.transport is not None:
+                link.transport.close()
 
     # -- connections (loop thread) ----------------------------------------------------------
     def admit(self, link: Link, source: str) -> Session | None:
@@ -397,8 +398,9 @@ class Server:
         if session.username is None and not session.closed.is_set():
             log.info("closed %s: no login within %.0f s", session.source, self.config.login_grace_s)
             session.closed.set()
-            if session.link is not None:
-                session.link.abort_now()
+            link = link_of(session)
+            if link is not None:
+                link.abort_now()
 
     def feed(self, session: Session, data: bytes) -> None:
         if session.inbox or session.busy or not session.proto.established:
@@ -408,7 +410,9 @@ class Server:
             return
         # The common case, without the inbox: an idle, established session sent relays.
         events = self._open_records(session, data)
-        for i, event in enumerate(events or ()):
+        if not events:
+            return
+        for i, event in enumerate(events):
             if session.closed.is_set():
                 return
             if not self.router.runs_on_loop(session, event):  # the table: router.py
@@ -438,7 +442,7 @@ class Server:
                 self._handle(session, item)
             elif isinstance(item, P.Message):
                 self._to_worker(session, self._work_message, item)
-        link = session.link
+        link = link_of(session)
         if link is not None and link.transport is not None:
             if link.peer_eof and not inbox and not session.busy:
                 link.close_gracefully()  # all the peer sent is answered
@@ -529,6 +533,11 @@ class _ModexpSlot:
 
 
 _MODEXP = _ModexpSlot()
+
+
+def link_of(session: Session) -> Link | None:
+    """A session's connection as the Link the server gave it (Session sees only a SessionLink)."""
+    return cast("Link | None", session.link)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -36,7 +36,7 @@ def _log_level(text: str) -> str:
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in --help; an option that states its own keeps its wording."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
 
 

@@ -209,6 +209,7 @@ class RoomHandlers:
         return False
 
     def _checked_change(self, session: Session, blob: bytes) -> R.Change | None:
+        assert session.identity_key is not None  # room messages pass the protocol only after login
         change = None
         try:
             change = R.parse_change(blob)
@@ -232,6 +233,7 @@ class RoomHandlers:
 
     def create(self, session: Session, msg: P.RoomCreate) -> None:
         me = session.username
+        assert me is not None and session.identity_key is not None
         change = self._checked_change(session, msg.change)
         if change is None:
             return
@@ -279,6 +281,7 @@ class RoomHandlers:
 
     def change(self, session: Session, msg: P.RoomChange) -> None:
         me = session.username
+        assert me is not None and session.identity_key is not None
         change = self._checked_change(session, msg.change)  # parsed, signed, rate-limited: then the database
         if change is None:
             return
@@ -468,6 +471,7 @@ class RoomHandlers:
     ) -> None:
         """Queue the copies for the members who are away, then answer the sender."""
         me = session.username
+        assert me is not None and session.identity_key is not None
         stored, full = 0, []
         if offline:
             results = self.storage.room_enqueue(
