@@ -2,7 +2,7 @@
 
 A single server (one process, no ``--cluster``) uses ``LocalCluster``: nobody is
 remote, nothing is started.  ``--cluster nats://HOST:PORT`` uses ``NatsCluster``
-(cluster_nats.py).  The service asks the cluster only when a user is not online
+(nats_bus.py).  The service asks the cluster only when a user is not online
 on this node, so the one-node hot path never touches it.
 """
 
@@ -19,7 +19,8 @@ SIGNED_IN_ELSEWHERE = "You signed in from another place; this session was closed
 
 
 class Cluster:
-    """The interface the chat service uses.  Every method is safe from any thread."""
+    """The interface the chat service uses (it serves the cluster as a ``ports.ClusterHost``).
+    Every method is safe from any thread."""
 
     def start(self, host: ClusterHost) -> None:
         """Begin serving for ``host`` (its loop and pool are attached)."""
