@@ -442,13 +442,13 @@ def test_PQ15_recorded_conversation_needs_both_x25519_and_mlkem_secrets():
 def test_PQ16_every_rekey_repeats_the_mlkem_exchange(tmp_path):
     with running_server(tmp_path / "srv", rekey_after_messages=6, min_rekey_interval_s=0) as server:
         seen = []
-        original = server.service._relay
+        original = server.service.conversations.relay
 
-        def spy(service, session, msg):
+        def spy(session, msg):
             seen.append(msg.payload)
             return original(session, msg)
 
-        server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: spy}
+        server.service.router.override(P.Relay, spy)
         alice = logged_in_client(server, tmp_path / "a", "alice")
         bob = logged_in_client(server, tmp_path / "b", "bob")
         alice.open_conversation("bob")

@@ -121,7 +121,7 @@ def node(tmp_path):
     service = ChatService(storage, config)
     service.loop_thread_id = threading.get_ident()  # handlers run here, as on the loop thread
     cluster = CN.NatsCluster("nats://127.0.0.1:1", "t", KEY, "test")
-    cluster.service = service
+    cluster.bind(service)
     service.cluster = cluster
     yield SimpleNamespace(service=service, cluster=cluster)
     storage.close()

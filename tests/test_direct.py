@@ -250,11 +250,8 @@ def _record_sent(client):
 def test_direct_mode_keeps_message_data_off_the_server(tmp_path):
     with running_server(tmp_path / "srv") as server:
         relayed = []
-        original = server.service._relay
-        server.service._HANDLERS = {
-            **server.service._HANDLERS,
-            P.Relay: lambda svc, s, m: (relayed.append(m.payload), original(s, m)),
-        }
+        original = server.service.conversations.relay
+        server.service.router.override(P.Relay, lambda s, m: (relayed.append(m.payload), original(s, m)))
         alice, bob = chat_pair(server, tmp_path)
         _enable_direct(bob)
         alice.open_direct("bob")

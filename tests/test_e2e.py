@@ -242,15 +242,15 @@ def test_peer_trust_pins_refuses_changes_and_marks_verified(tmp_path):
 # --- a curious and an active server ----------------------------------------------------------
 def _spy_relay(server, rewrite=None):
     recorded = []
-    original = server.service._relay
+    original = server.service.conversations.relay
 
-    def relay(service, session, msg):
+    def relay(session, msg):
         recorded.append(msg.payload)
         if rewrite is not None:
             msg = rewrite(session, msg)
         return original(session, msg)
 
-    server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: relay}
+    server.service.router.override(P.Relay, relay)
     return recorded
 
 
@@ -403,13 +403,13 @@ def test_curious_server_cannot_read_messages(tmp_path):
     # from cascading (min_rekey_interval_s=0) while 10 messages still span several generations.
     with running_server(tmp_path / "srv", rekey_after_messages=6, min_rekey_interval_s=0) as server:
         kdc = server.service.suite = RecordingSuite(server.service.suite)
-        original = server.service._relay
+        original = server.service.conversations.relay
 
-        def spy(service, session, msg):
+        def spy(session, msg):
             relayed.append((session.username, msg.conversation_id, msg.payload))
             return original(session, msg)
 
-        server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: spy}
+        server.service.router.override(P.Relay, spy)
         alice, bob = _open_pair(server, tmp_path)
         wait_for(alice, C.ConversationReady, peer="bob")
         wait_for(bob, C.ConversationReady, peer="alice")

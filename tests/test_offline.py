@@ -379,15 +379,15 @@ def test_storing_into_someone_elses_conversation_is_refused(tmp_path):
 def _drop_next_message_from(server, who: str):
     """The server loses the next end-to-end message (not key shares) that ``who`` relays."""
     armed = {"on": True}
-    original = server.service._relay
+    original = server.service.conversations.relay
 
-    def spy(service, session, msg):
+    def spy(session, msg):
         if armed["on"] and session.username == who and msg.payload[:1] == b"\x02":
             armed["on"] = False
             return None
         return original(session, msg)
 
-    server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: spy}
+    server.service.router.override(P.Relay, spy)
     return armed
 
 
@@ -483,9 +483,9 @@ def test_stored_messages_still_open_after_the_recipient_changed_the_password(tmp
 
 
 def test_messages_held_for_an_identity_decision_do_not_hold_up_the_others(tmp_path, monkeypatch):
-    from secureim.server import service as S
+    from secureim.server import store_forward as SF
 
-    monkeypatch.setattr(S, "QUEUE_WINDOW", 2)
+    monkeypatch.setattr(SF, "QUEUE_WINDOW", 2)
     with running_server(tmp_path / "srv") as server:
         _away(server, tmp_path / "bob", "bob")
         mallory = logged_in_client(server, tmp_path / "mallory", "mallory")

@@ -61,13 +61,13 @@ def test_the_server_never_holds_a_stored_messages_plaintext(tmp_path, caplog):
     entry, no session's state (the relay test's method, for Store)."""
     seen = []
     with running_server(tmp_path / "srv") as server:
-        original = type(server.service)._HANDLERS[P.Store]
+        original = server.service.mailbox.store
 
-        def spy(service, session, msg):
+        def spy(session, msg):
             seen.append(msg.payload)
-            return original(service, session, msg)
+            return original(session, msg)
 
-        server.service._HANDLERS = {**server.service._HANDLERS, P.Store: spy}
+        server.service.router.override(P.Store, spy)
         caplog.set_level("DEBUG")
         bob = logged_in_client(server, tmp_path / "bob", "bob")
         assert bob.mailbox.published.wait(20)

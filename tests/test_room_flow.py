@@ -150,7 +150,7 @@ def test_a_change_forged_by_the_server_is_refused_loudly(tmp_path):
         )
         assert status == "ok"
         for user in ("alice", "bob", "mallory"):
-            server.service._nudge_queue(user)
+            server.service.mailbox.nudge(user)
         warning = wait_for(bob, RC.RoomWarning, timeout=15)
         assert "forged" in warning.text and "#team" in warning.text
         assert bob.rooms.members("#team") == ("alice", "bob")
@@ -235,7 +235,7 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
             b"\x01" * 32,
             removal.blob,
             1.0,
-            server.service._seal_room_key(room.id, after.epoch, key),
+            server.service.room_keyring.seal_key(room.id, after.epoch, key),
             room_id=room.id,
             kind=2,
         )
@@ -287,7 +287,7 @@ def test_deleting_an_account_leaves_its_rooms_first_with_signed_changes(tmp_path
 
 
 def test_a_room_message_is_fanned_out_on_the_loop_only_when_no_database_is_needed(tmp_path):
-    """The fast path (room_service.room_send_is_fast): the room cached for its epoch and every
+    """The fast path (rooms.RoomKeyring.send_is_fast): the room cached for its epoch and every
     other member online; with a member away a worker takes it, and queues their copy."""
     with running_server(tmp_path / "srv") as server:
         _published(logged_in_client(server, tmp_path / "dave", "dave")).close()  # away from the start

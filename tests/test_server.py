@@ -265,13 +265,13 @@ def test_relay_never_sees_plaintext(tmp_path, caplog):
     """The relay path gets only the inner ciphertext; the plaintext is nowhere in the server."""
     seen_payloads = []
     with running_server(tmp_path / "srv") as server:
-        original = server.service._relay
+        original = server.service.conversations.relay
 
-        def spy(service, session, msg):
+        def spy(session, msg):
             seen_payloads.append(msg.payload)
             return original(session, msg)
 
-        server.service._HANDLERS = {**server.service._HANDLERS, P.Relay: spy}
+        server.service.router.override(P.Relay, spy)
         caplog.set_level("DEBUG")
         alice, bob = chat_pair(server, tmp_path)
         secret = "the eagle lands at midnight"

@@ -22,8 +22,8 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import bcrypt
 
@@ -114,6 +114,10 @@ class AuthService:
         )
         # Unknown users are checked against this, so they take as long as real ones.
         self._dummy_hash = hash_password(b"secureim dummy password", bcrypt_cost)
+
+    def bcrypt_queue_depth(self) -> int:
+        """Password checks waiting for a bcrypt thread (a metrics gauge; any thread)."""
+        return self._bcrypt._work_queue.qsize()  # noqa: SLF001 - the stdlib executor's queue
 
     def _check(self, password: bytes, stored_hash: str) -> bool:
         return self._bcrypt.submit(check_password, password, stored_hash).result()

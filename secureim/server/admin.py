@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from secureim.errors import ConfigError, InvalidUsername, SecureIMError
@@ -48,13 +48,13 @@ def _clean(text: object, max_chars: int = 200) -> str:
 def _when(ts: float | None) -> str:
     if not ts:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     cells = [tuple(_clean(c) for c in header)] + [tuple(_clean(c) for c in row) for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -71,7 +71,7 @@ def parse_since(text: str, now: float | None = None) -> float:
             f"Bad --since {text[:40]!r}: use a duration (1h, 7d) or a UTC date (2026-11-22T10:30)."
         ) from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import shlex
 import threading
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from secureim.errors import SecureIMError
 from secureim.server.admin import AdminOps
@@ -50,7 +51,7 @@ class ServerConsole:
                 return  # end of input: the console stops, the server goes on
             try:
                 self.execute(line.strip())
-            except Exception:  # noqa: BLE001 - a console command must never take the server down
+            except Exception:
                 log.exception("console command failed")
                 self.say("[SERVER]: That command failed; see the log.")
 

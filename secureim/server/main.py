@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -12,7 +13,10 @@ import time
 from secureim.errors import (
     SecureIMError,
 )
+from secureim.server import admin, workers
+from secureim.server.admin import AdminOps
 from secureim.server.config import TIME_FORMAT
+from secureim.server.console import ServerConsole
 from secureim.server.net import Server
 from secureim.server.options import build_arg_parser, config_from_args
 
@@ -32,15 +36,11 @@ class LinePrinter:
     MAX_LINES = 10_000
 
     def __init__(self) -> None:
-        import queue
-
-        self._lines: "queue.Queue[str]" = queue.Queue(maxsize=self.MAX_LINES)
+        self._lines: queue.Queue[str] = queue.Queue(maxsize=self.MAX_LINES)
         self._dropped = 0
         threading.Thread(target=self._run, name="console-out", daemon=True).start()
 
     def put(self, line: str) -> None:
-        import queue
-
         try:
             self._lines.put_nowait(f"{time.strftime(TIME_FORMAT)} {line}")
         except queue.Full:
@@ -100,13 +100,9 @@ def _stdin_is_our_terminal() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["admin"]:  # the operator's command line (admin.py)
-        from secureim.server import admin as admin
-
         return admin.main(argv[1:])
     args = build_arg_parser().parse_args(argv)
     if args.workers > 1:
-        from secureim.server import workers as workers
-
         return workers.supervise(args, argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt=TIME_FORMAT
@@ -134,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             f" (health: /healthz)."
         )
     if args.console == "on" or (args.console == "auto" and _stdin_is_our_terminal()):
-        from secureim.server.admin import AdminOps
-        from secureim.server.console import ServerConsole
-
         if hasattr(
             signal, "SIGTTIN"
         ):  # sent to the background later: a read fails (the console ends), no stop

@@ -24,13 +24,21 @@ import logging
 import re
 import threading
 import time
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
+from secureim import proto as P
 from secureim.errors import ConfigError, DatabaseError
+from secureim.server.metrics import ServerMetrics
+from secureim.server.ports import ModerationStore, SessionList
 from secureim.storage import Ban, Storage
 
+if TYPE_CHECKING:
+    from secureim.server.registry import Session
+
 log = logging.getLogger("secureim.moderation")
+server_log = logging.getLogger("secureim.server")  # the service's lines keep the service's logger
 
 POLL_INTERVAL_S = 1.0
 AUDIT_PRUNE_INTERVAL_S = 3600.0
@@ -65,7 +73,7 @@ def parse_network(text: str) -> str:
 def describe_until(until: float) -> str:
     if not until:
         return "until lifted"
-    return "until " + datetime.fromtimestamp(until, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "until " + datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def ban_message(ban: Ban) -> str:
@@ -152,7 +160,7 @@ class ModerationPoller:
                 self.poll_once()
             except DatabaseError as exc:
                 log.warning("moderation poll failed: %s", exc)
-            except Exception:  # noqa: BLE001 - the poller must outlive any one bad row
+            except Exception:
                 log.exception("moderation poll failed")
 
     def poll_once(self) -> None:
@@ -173,3 +181,59 @@ class ModerationPoller:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+class Moderation:
+    """The service's side of moderation: the audit log, bans at login, kicks (any thread)."""
+
+    def __init__(
+        self, storage: ModerationStore, bans: AddressBans, metrics: ServerMetrics, sessions: SessionList
+    ) -> None:
+        self.storage = storage
+        self.address_bans = bans
+        self.metrics = metrics
+        self._sessions = sessions
+
+    def audit(self, event: str, username: str = "", source: str = "", detail: str = "") -> None:
+        """One audit row; never a password, key or message.  A failed write is logged, never fatal."""
+        try:
+            self.storage.audit(event, username, source, detail)
+        except DatabaseError as exc:
+            self.metrics.audit_failures.inc()
+            server_log.warning("audit %s not recorded: %s", event, exc)
+
+    def refuse_if_banned(self, session: Session, username: str | None) -> bool:
+        """Network bans before any password work; account bans after it.  True if refused."""
+        ban = self.address_bans.match(session.source)
+        if ban is not None:  # the cache says banned: re-read, so a lifted ban counts at once
+            self.address_bans.load(self.storage.active_bans(time.time(), kind="address"))
+            ban = self.address_bans.match(session.source)
+        if ban is None and username is not None:
+            ban = self.storage.user_ban(username, time.time())
+        if ban is None:
+            return False
+        self.metrics.logins.labels("banned").inc()
+        self.audit("login_banned", username or "", session.source, ban.kind)
+        session.send(P.AuthFailed(code=P.AuthCode.BANNED, retry_after_s=0, reason=ban_message(ban)))
+        session.close()
+        return True
+
+    def kick(self, username: str, reason: str) -> bool:
+        """End ``username``'s session here, telling them why; False if not online here."""
+        session = self._sessions.session_of(username)
+        if session is None:
+            return False
+        self.metrics.kicks.inc()
+        session.close(reason[: P.MAX_REASON_BYTES // 2] or "An administrator ended your session.")
+        return True
+
+    def kick_banned_sources(self) -> int:
+        """End every session whose address a network ban now covers."""
+        ended = 0
+        for session in self._sessions.all_sessions():
+            ban = self.address_bans.match(session.source)
+            if ban is not None:
+                self.metrics.kicks.inc()
+                session.close(ban_message(ban))
+                ended += 1
+        return ended

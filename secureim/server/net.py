@@ -7,9 +7,10 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import cast
 
 import crypto_utils as cu
 import diffiehellman
@@ -33,7 +34,7 @@ from secureim.server.registry import (
     Session,
     SourceRateLimiter,
 )
-from secureim.server.service import FAST_MESSAGES, PASSWORD_MESSAGES, ChatService
+from secureim.server.service import ChatService
 from secureim.storage import Storage, open_storage
 
 log = logging.getLogger("secureim.server")
@@ -42,7 +43,7 @@ log = logging.getLogger("secureim.server")
 class Link(asyncio.Protocol):
     """The event-loop end of one TCP connection: bytes in to the server, queued bytes out."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.loop = server.loop
         self.limit = server.config.outbox_limit_bytes
@@ -54,8 +55,8 @@ class Link(asyncio.Protocol):
         self._closing = False
 
     # -- asyncio callbacks (loop thread) ----------------------------------------------
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("?", 0)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -64,12 +65,12 @@ class Link(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames: no Nagle delay
             except OSError:
                 pass
-        self.session = self.server._admit(self, peer[0])
+        self.session = self.server.admit(self, peer[0])
 
     def data_received(self, data: bytes) -> None:
         if self.lingering or self.session is None:
             return  # a farewell is on its way: what still arrives is read and dropped
-        self.server._feed(self.session, data)
+        self.server.feed(self.session, data)
 
     def pause_writing(self) -> None:
         if self.transport is not None:
@@ -82,15 +83,15 @@ class Link(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The peer has sent all it will: answer what it sent, then close (half-open until then)."""
         self.peer_eof = True
-        if self.session is None or not self.lingering:
-            self.server._pump(self.session) if self.session is not None else None
+        if self.session is not None and not self.lingering:
+            self.server.pump(self.session)
         if self.lingering and self.transport is not None:
             self.transport.close()
         return True
 
     def connection_lost(self, exc) -> None:
         if self.session is not None:
-            self.server._lost(self.session)
+            self.server.lost(self.session)
 
     # -- called from any thread ---------------------------------------------------------
     def _call(self, fn, *args) -> None:
@@ -106,11 +107,11 @@ class Link(asyncio.Protocol):
         self._call(self.flush)
 
     def close_soon(self) -> None:
-        self._call(self._close_gracefully)
+        self._call(self.close_gracefully)
 
     def abort(self, why: str) -> None:
         log.info("closed %s: %s", self.session.source if self.session else "?", why)
-        self._call(self._abort)
+        self._call(self.abort_now)
 
     # -- loop thread -------------------------------------------------------------------
     def flush(self) -> None:
@@ -122,8 +123,8 @@ class Link(asyncio.Protocol):
             transport.write(data)
         self.buffered = transport.get_write_buffer_size()  # what the kernel has not taken yet
 
-    def _close_gracefully(self) -> None:
-        """Write what is queued, half-close, read until the peer closes (bounded), then close.
+    def close_gracefully(self) -> None:
+        """Loop thread only.  Write what is queued, half-close, read until the peer closes (bounded), then close.
 
         Closing at once with unread input makes the kernel send RST, which can destroy
         the farewell before the peer reads it."""
@@ -133,7 +134,7 @@ class Link(asyncio.Protocol):
         self.flush()
         self.lingering = True
         if self.session is not None:
-            self.server._lost(self.session)  # others see the user gone at once, not after the linger
+            self.server.lost(self.session)  # others see the user gone at once, not after the linger
         transport = self.transport
         if transport.is_closing():
             return
@@ -145,7 +146,8 @@ class Link(asyncio.Protocol):
             return
         self.loop.call_later(LINGER_S, transport.abort)  # bounded: a peer that never reads cannot hold it
 
-    def _abort(self) -> None:
+    def abort_now(self) -> None:
+        """Loop thread only."""
         if self.transport is not None:
             self.transport.abort()
 
@@ -174,7 +176,7 @@ class Server:
     def __init__(
         self,
         config: ServerConfig,
-        announce: Callable[[str], None] = lambda line: None,
+        announce: Callable[[str], None] = lambda _line: None,
         storage: Storage | None = None,
     ) -> None:
         self.config = config
@@ -201,6 +203,7 @@ class Server:
                 "(SQLite is one file on one machine)."
             )
         self.service = ChatService(self.storage, config, announce, ticket_key=ticket_key)
+        self.router = self.service.router  # mutated in place (override), never replaced
         self.rate_limiter = SourceRateLimiter(
             config.connections_per_source_per_s, config.connection_burst_per_source
         )
@@ -254,6 +257,7 @@ class Server:
             log.warning("cannot clear old session rows: %s", exc)
         self.service.attach(self.loop, self.loop_thread_id, self.pool)
         diffiehellman.offload_modexp(self.modexp)  # finite-field groups: pow() off the GIL
+        _MODEXP.owner = self.modexp
         self.moderation.start()
         if self.config.metrics_port is not None:
             self._start_metrics()
@@ -273,7 +277,7 @@ class Server:
             open_connections=lambda: len(registry.all_sessions()),
             online_users=lambda: len(registry.online_users()),
             outbox_bytes=lambda: sum(s.link.buffered for s in registry.all_sessions() if s.link is not None),
-            bcrypt_queue=lambda: auth._bcrypt._work_queue.qsize(),  # noqa: SLF001 - a gauge only reads it
+            bcrypt_queue=auth.bcrypt_queue_depth,
             puzzle_difficulty=self.puzzle.difficulty,
         )
         self.metrics_endpoint = MetricsEndpoint(
@@ -316,7 +320,7 @@ class Server:
         if self._loop_thread is not None and self.loop.is_running():
             try:
                 asyncio.run_coroutine_threadsafe(self._close_all(reason), self.loop).result(timeout=10)
-            except Exception:  # noqa: BLE001 - stopping goes on whatever one step did
+            except Exception:
                 log.exception("error while closing connections")
             self.service.cluster_stop()
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -328,8 +332,9 @@ class Server:
             self.storage.clear_sessions(self.service.node)
         except DatabaseError as exc:
             log.warning("cannot clear session rows: %s", exc)
-        if diffiehellman._modexp_hook is self.modexp:  # noqa: SLF001 - ours to take back
+        if _MODEXP.owner is self.modexp:  # ours to take back
             diffiehellman.offload_modexp(None)
+            _MODEXP.owner = None
         self.modexp.shutdown()
         if not self.loop.is_running():
             self.loop.close()
@@ -342,20 +347,20 @@ class Server:
         for session in sessions:
             session.close(reason)
         deadline = time.monotonic() + LINGER_S + 0.5
+        links = [link for link in map(link_of, sessions) if link is not None]
         while time.monotonic() < deadline and any(
-            s.link is not None
-            and s.link.transport is not None
-            and not s.link.transport.is_closing()
-            and s.link.transport.get_write_buffer_size()
-            for s in sessions
+            link.transport is not None
+            and not link.transport.is_closing()
+            and link.transport.get_write_buffer_size()
+            for link in links
         ):
             await asyncio.sleep(0.02)  # the farewells drain (bounded)
-        for session in sessions:
-            if session.link is not None and session.link.transport is not None:
-                session.link.transport.close()
+        for link in links:
+            if link.transport is not None:
+                link.transport.close()
 
     # -- connections (loop thread) ----------------------------------------------------------
-    def _admit(self, link: Link, source: str) -> Session | None:
+    def admit(self, link: Link, source: str) -> Session | None:
         """Rate and connection limits, checked at accept: refused junk costs no work."""
         refusal = None
         if self._stopping.is_set():
@@ -393,27 +398,30 @@ class Server:
         if session.username is None and not session.closed.is_set():
             log.info("closed %s: no login within %.0f s", session.source, self.config.login_grace_s)
             session.closed.set()
-            if session.link is not None:
-                session.link._abort()
+            link = link_of(session)
+            if link is not None:
+                link.abort_now()
 
-    def _feed(self, session: Session, data: bytes) -> None:
+    def feed(self, session: Session, data: bytes) -> None:
         if session.inbox or session.busy or not session.proto.established:
             session.inbox.append(data)
             session.inbox_bytes += len(data)
-            self._pump(session)
+            self.pump(session)
             return
         # The common case, without the inbox: an idle, established session sent relays.
         events = self._open_records(session, data)
-        for i, event in enumerate(events or ()):
+        if not events:
+            return
+        for i, event in enumerate(events):
             if session.closed.is_set():
                 return
-            if not self._fast(session, event):
+            if not self.router.runs_on_loop(session, event):  # the table: router.py
                 session.inbox.extend(events[i:])  # the rest in order, behind the slow one
-                self._pump(session)
+                self.pump(session)
                 return
             self._handle(session, event)
 
-    def _pump(self, session: Session) -> None:
+    def pump(self, session: Session) -> None:
         """Handle what waits in the session's inbox, in order: fast work here, slow work on a worker."""
         inbox = session.inbox
         while inbox and not session.busy:
@@ -430,14 +438,14 @@ class Server:
                 if events is None:
                     return
                 inbox.extendleft(reversed(events))
-            elif self._fast(session, item):
+            elif self.router.runs_on_loop(session, item):
                 self._handle(session, item)
             elif isinstance(item, P.Message):
                 self._to_worker(session, self._work_message, item)
-        link = session.link
+        link = link_of(session)
         if link is not None and link.transport is not None:
             if link.peer_eof and not inbox and not session.busy:
-                link._close_gracefully()  # all the peer sent is answered
+                link.close_gracefully()  # all the peer sent is answered
             elif len(inbox) > MAX_INBOX_ITEMS or session.inbox_bytes > MAX_INBOX_BYTES:
                 link.transport.pause_reading()
             elif (
@@ -446,12 +454,6 @@ class Server:
                 and not link.transport.is_closing()
             ):
                 link.transport.resume_reading()
-
-    def _fast(self, session: Session, msg) -> bool:
-        """Handled on the loop thread (no database, no slow crypto): relays, /who, and a room message
-        whose room and members are known here (room_service.room_send_is_fast)."""
-        kind = type(msg)
-        return kind in FAST_MESSAGES or (kind is P.RoomSend and self.service.room_send_is_fast(session, msg))
 
     def _open_records(self, session: Session, data: bytes) -> list | None:
         """The messages in ``data`` (an established session's records), or None after a protocol error."""
@@ -464,14 +466,14 @@ class Server:
     def _handle(self, session: Session, msg: P.Message) -> None:
         try:
             self.service.handle(session, msg)
-        except Exception:  # noqa: BLE001 - one broken request must never take the server down
+        except Exception:
             log.exception("unexpected error on a connection from %s", session.source)
             session.close()
 
     def _to_worker(self, session: Session, job, item) -> None:
         session.busy = True
         try:
-            pool = self.password_pool if type(item) in PASSWORD_MESSAGES else self.pool
+            pool = self.password_pool if self.router.is_password_work(item) else self.pool
             pool.submit(self._run_job, session, job, item)
         except RuntimeError:  # the pool is shut down: the server is stopping
             session.busy = False
@@ -480,7 +482,7 @@ class Server:
         events: list = []
         try:
             events = job(session, item) or []
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("unexpected error on a connection from %s", session.source)
             session.close()
         try:
@@ -491,7 +493,7 @@ class Server:
     def _job_done(self, session: Session, events: list) -> None:
         session.busy = False
         session.inbox.extendleft(reversed(events))
-        self._pump(session)
+        self.pump(session)
 
     # -- worker threads ------------------------------------------------------------------------
     def _work_handshake(self, session: Session, data: bytes) -> list:
@@ -509,14 +511,12 @@ class Server:
     def _protocol_failed(self, session: Session, exc: ProtocolError) -> None:
         """A sealed Goodbye with the reason (or the plaintext HandshakeError), then close."""
         log.info("closed %s: %s", session.source, exc)
-        with session.lock:
-            farewell = session.proto.farewell(str(exc)) or session.proto.data_to_send()
-            session._queue_locked(farewell)
+        session.say_farewell(str(exc))
         session.closed.set()
         if session.link is not None:
             session.link.close_soon()
 
-    def _lost(self, session: Session) -> None:
+    def lost(self, session: Session) -> None:
         """The session is over: others see the user gone at once (bookkeeping on a worker).  Once."""
         session.closed.set()
         session.inbox.clear()
@@ -524,6 +524,20 @@ class Server:
         if not session.gone:
             session.gone = True
             self.service.disconnected(session)
+
+
+class _ModexpSlot:
+    """Which server's offload is installed in diffiehellman (only Server.start installs one)."""
+
+    owner: diffiehellman.ModexpOffload | None = None
+
+
+_MODEXP = _ModexpSlot()
+
+
+def link_of(session: Session) -> Link | None:
+    """A session's connection as the Link the server gave it (Session sees only a SessionLink)."""
+    return cast("Link | None", session.link)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

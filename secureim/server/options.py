@@ -13,6 +13,7 @@ from secureim.errors import (
     ConfigError,
 )
 from secureim.server.accounts import DEFAULT_BCRYPT_COST
+from secureim.server.cluster.nats_bus import check_prefix
 from secureim.server.config import DEFAULT_DATA_DIR, DEFAULT_PORT, LOG_LEVELS, ServerConfig
 from secureim.server.moderation import (
     DEFAULT_AUDIT_RETENTION_DAYS,
@@ -36,7 +37,7 @@ def _log_level(text: str) -> str:
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in --help; an option that states its own keeps its wording."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
 
 
@@ -258,8 +259,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.cluster_url is not None:
         if not args.cluster_url.startswith(("nats://", "tls://")):
             raise ConfigError("--cluster takes a NATS URL: nats://HOST:PORT")
-        from secureim.server.cluster.nats_bus import check_prefix
-
         check_prefix(args.cluster_prefix)
         if not (args.db_url or "").startswith(("mysql://", "mariadb://")):
             raise ConfigError(

@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import crypto_utils as cu
 from secureim.proto.puzzle import (

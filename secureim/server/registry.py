@@ -6,8 +6,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from secureim import proto as P
 from secureim.errors import (
@@ -23,11 +24,6 @@ log = logging.getLogger("secureim.server")
 # =============================================================================
 # Sessions: one connection's protocol state and its outgoing bytes
 # =============================================================================
-QUEUE_WINDOW = 64  # stored messages in flight to one session (unacknowledged) at most
-QUEUE_EXPIRY_EVERY_S = 3600.0
-MAX_ONE_TIME_PREKEYS = 200  # kept per user on the server
-MAX_DB_ID = 2**63 - 1  # row ids in SQLite and MySQL are signed 64-bit: a larger u64 names nothing
-MAX_TRACKED_RECIPIENTS = 100_000  # recipients whose recent offline opens are counted (oldest forgotten)
 LINGER_S = 1.0  # after a farewell: read (and drop) what still arrives, then close
 MAX_INBOX_ITEMS = 256  # a session's unprocessed input past this: stop reading its socket
 MAX_INBOX_BYTES = 256 * 1024  # ... or past this many raw bytes (before login a read is not yet framed)
@@ -55,7 +51,7 @@ class Session:
     queued (``Link.flush``).
     """
 
-    def __init__(self, proto: P.ServerProtocol, link: "SessionLink | None", source: str) -> None:
+    def __init__(self, proto: P.ServerProtocol, link: SessionLink | None, source: str) -> None:
         self.proto = proto
         self.link = link
         self.source = source
@@ -108,6 +104,12 @@ class Session:
             self._flush_due = True
             link.flush_soon()
         return True
+
+    def say_farewell(self, reason: str) -> None:
+        """Queue the sealed Goodbye (or the plaintext HandshakeError) for a protocol failure."""
+        with self.lock:
+            farewell = self.proto.farewell(reason) or self.proto.data_to_send()
+            self._queue_locked(farewell)
 
     def take_output(self) -> bytes:
         with self.lock:
@@ -292,6 +294,18 @@ class Registry:
                 if conv is not None and second in conv.members:
                     return conv
             return None
+
+    def online_count(self) -> int:
+        """How many users are online here (no lock: a len() for a log line)."""
+        return len(self.online)
+
+    def online_snapshot(self) -> list[tuple[str, float, bytes]]:
+        """(username, login time, identity key) of each user online here, for the cluster's snapshot."""
+        return [
+            (name, s.login_at, s.identity_key)
+            for name, s in list(self.online.items())
+            if s.identity_key is not None
+        ]
 
     def online_users(self) -> list[str]:
         with self.lock:

@@ -1,4 +1,4 @@
-"""The server's side of group rooms (docs/PROTOCOL.md section 16): a part of ChatService.
+"""The server's side of group rooms (docs/PROTOCOL.md section 16): RoomKeyring and RoomHandlers.
 
 The server keeps each room's members and epoch in the database, checks every signed
 membership change as the clients will (rooms.py: the chain, the rules, the actor's
@@ -18,13 +18,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import crypto_utils as cu
 from secureim import proto as P
 from secureim import storage as D
 from secureim.e2e import rooms as R
 from secureim.errors import ChangeRefused
+from secureim.server.config import ServerConfig
+from secureim.server.metrics import ServerMetrics
+from secureim.server.ports import Auditor, KdcRuntime, Nudger, OnlineTable, RoomStore
+
+if TYPE_CHECKING:
+    from secureim.server.registry import Session
 
 log = logging.getLogger("secureim.rooms")
 
@@ -37,14 +45,19 @@ MAX_ROOMS_PER_USER = R.MAX_ROOMS
 @dataclass(frozen=True)
 class _Cached:
     room: D.Room
-    members: frozenset
+    members: frozenset[str]
     at: float
 
 
-class RoomService:
-    """Mixed into ChatService: uses its storage, registry, cluster, config, suite and ticket key."""
+class RoomKeyring:
+    """Room keys at rest, the member cache (and the fast-path predicate that reads it), stored rows."""
 
-    def _init_rooms(self, ticket_key: bytes) -> None:
+    def __init__(
+        self, storage: RoomStore, registry: OnlineTable, runtime: KdcRuntime, ticket_key: bytes
+    ) -> None:
+        self.storage = storage
+        self.registry = registry
+        self._runtime = runtime
         self._room_keys = cu.SealedBox(
             cu.hkdf(ticket_key, salt=None, info=cu.label("room kdc keys at rest"), length=32), "room kdc key"
         )
@@ -57,7 +70,7 @@ class RoomService:
         # after the box's label, "secureim/v1 room kdc key"
         return room_id.to_bytes(8, "big") + epoch.to_bytes(4, "big")
 
-    def _seal_room_key(self, room_id: int, epoch: int, key: bytes) -> bytes:
+    def seal_key(self, room_id: int, epoch: int, key: bytes) -> bytes:
         return self._room_keys.seal(key, self._room_aad(room_id, epoch))
 
     def _open_room_key(self, room_id: int, epoch: int, wrapped: bytes | None) -> bytes:
@@ -69,7 +82,7 @@ class RoomService:
             return b""
 
     # -- the member cache (the fan-out reads no database) -------------------------------
-    def _room(self, room_id: int, *, fresh: bool = False) -> _Cached | None:
+    def room(self, room_id: int, *, fresh: bool = False) -> _Cached | None:
         now = time.monotonic()
         with self._room_cache_lock:
             hit = self._room_cache.get(room_id)
@@ -86,14 +99,83 @@ class RoomService:
                 self._room_cache.pop(next(iter(self._room_cache)))
         return cached
 
-    def forget_room(self, room_id: int) -> None:
+    def forget(self, room_id: int) -> None:
         with self._room_cache_lock:
             self._room_cache.pop(room_id, None)
+
+    def send_is_fast(self, session: Session, msg: P.RoomSend) -> bool:
+        """Whether ``msg`` can be handled on the loop thread: its room is in the cache for its epoch
+        and every other member is online here or on another node, so the fan-out reads and writes
+        no database (otherwise a worker takes it, in the session's order)."""
+        with self._room_cache_lock:
+            hit = self._room_cache.get(msg.room_id)
+        if (
+            hit is None
+            or time.monotonic() - hit.at >= ROOM_CACHE_S
+            or hit.room.epoch != msg.epoch
+            or session.username not in hit.members
+        ):
+            return False
+        online, remote = self.registry.online, self._runtime.cluster.is_remote
+        return all(m in online or remote(m) for m in hit.members if m != session.username)
+
+    # -- the queue: what a stored room row becomes on the wire ----------------------------
+    def row_message(self, me: str, row: D.QueuedMessage) -> P.Message:
+        key = self._open_room_key(row.room_id, row.generation, row.wrapped_key)
+        if row.kind == D.KIND_ROOM_MESSAGE:
+            return P.RoomMessage(
+                queue_id=row.id,
+                room_id=row.room_id,
+                sender=row.sender,
+                epoch=row.generation,
+                key=key,
+                stored_at_ms=int(row.stored_at * 1000),
+                payload=row.payload,
+            )
+        self.forget(row.room_id)  # a change: this node's copy of the members is stale
+        try:
+            change = R.parse_change(row.payload)
+            if change.action == R.CLOSE or (change.action in (R.REMOVE, R.LEAVE) and change.target == me):
+                key = b""  # who is no longer a member gets no key of the new epoch
+        except ChangeRefused:
+            key = b""
+        return P.RoomChanged(
+            queue_id=row.id,
+            room_id=row.room_id,
+            suite=self._runtime.suite.suite_id,
+            key=key,
+            actor_identity=row.sender_identity,
+            change=row.payload,
+        )
+
+
+class RoomHandlers:
+    """RoomCreate, RoomChange and RoomSend; a live copy that missed its member is queued here too."""
+
+    def __init__(
+        self,
+        storage: RoomStore,
+        keyring: RoomKeyring,
+        registry: OnlineTable,
+        mailbox: Nudger,
+        gate: Auditor,
+        runtime: KdcRuntime,
+        metrics: ServerMetrics,
+        config: ServerConfig,
+    ) -> None:
+        self.storage = storage
+        self.registry = registry
+        self.metrics = metrics
+        self.config = config
+        self._keyring = keyring
+        self._mailbox = mailbox
+        self._gate = gate
+        self._runtime = runtime
 
     # -- changes -------------------------------------------------------------------------
     def _room_result(
         self,
-        session,
+        session: Session,
         name: str,
         status: int,
         reason: str = "",
@@ -108,13 +190,13 @@ class RoomService:
                 room_id=room_id,
                 epoch=epoch,
                 status=status,
-                suite=self.suite.suite_id,
+                suite=self._runtime.suite.suite_id,
                 key=key,
                 reason=reason,
             )
         )
 
-    def _room_ops_refused(self, session) -> bool:
+    def _room_ops_refused(self, session: Session) -> bool:
         now = time.monotonic()
         times = session.room_ops
         while times and now - times[0] > 60.0:
@@ -124,7 +206,8 @@ class RoomService:
         times.append(now)
         return False
 
-    def _checked_change(self, session, blob: bytes) -> R.Change | None:
+    def _checked_change(self, session: Session, blob: bytes) -> R.Change | None:
+        assert session.identity_key is not None  # room messages pass the protocol only after login
         change = None
         try:
             change = R.parse_change(blob)
@@ -146,8 +229,9 @@ class RoomService:
             return None
         return change
 
-    def _room_create(self, session, msg: P.RoomCreate) -> None:
+    def create(self, session: Session, msg: P.RoomCreate) -> None:
         me = session.username
+        assert me is not None and session.identity_key is not None
         change = self._checked_change(session, msg.change)
         if change is None:
             return
@@ -169,14 +253,14 @@ class RoomService:
         # Epoch 1 has one member, so no queued row ever needs its key: the admin gets it here, and the
         # row kept for it is sealed under room id 0, which opens nothing (every later epoch's key is
         # sealed under the room's id, for the queue).
-        key = self.suite.generate_key()
+        key = self._runtime.suite.generate_key()
         room_id = self.storage.create_room(
             change.room,
             change.uid,
             me,
             change.head,
             change.blob,
-            self._seal_room_key(0, 1, key),
+            self._keyring.seal_key(0, 1, key),
             cu.random_bytes(P.MSG_REF_BYTES),
             session.identity_key,
             time.time(),
@@ -189,16 +273,17 @@ class RoomService:
                 f"{change.room} already exists; choose another name.",
             )
             return
-        self.audit("room_create", me, session.source, change.room)
+        self._gate.audit("room_create", me, session.source, change.room)
         self._room_result(session, change.room, P.RoomStatus.OK, room_id=room_id, epoch=1, key=key)
-        self._nudge_queue(me)
+        self._mailbox.nudge(me)
 
-    def _room_change(self, session, msg: P.RoomChange) -> None:
+    def change(self, session: Session, msg: P.RoomChange) -> None:
         me = session.username
+        assert me is not None and session.identity_key is not None
         change = self._checked_change(session, msg.change)  # parsed, signed, rate-limited: then the database
         if change is None:
             return
-        cached = self._room(msg.room_id, fresh=True)
+        cached = self._keyring.room(msg.room_id, fresh=True)
         if cached is None or me not in cached.members:
             self._room_result(
                 session,
@@ -267,7 +352,7 @@ class RoomService:
             )
             return
         epoch = room.epoch + 1
-        key = self.suite.generate_key() if change.action != R.CLOSE else b""
+        key = self._runtime.suite.generate_key() if change.action != R.CLOSE else b""
         status, now_epoch = self.storage.change_room(
             room.id,
             room.epoch,
@@ -276,13 +361,13 @@ class RoomService:
             remove=change.target if change.action in (R.REMOVE, R.LEAVE) else None,
             close=change.action == R.CLOSE,
             change=change.blob,
-            wrapped_key=self._seal_room_key(room.id, epoch, key) if key else None,
+            wrapped_key=self._keyring.seal_key(room.id, epoch, key) if key else None,
             actor=me,
             actor_identity=session.identity_key,
             msg_ref=cu.random_bytes(P.MSG_REF_BYTES),
             now=time.time(),
         )
-        self.forget_room(room.id)
+        self._keyring.forget(room.id)
         if status == D.ROOM_STALE:
             self._room_result(
                 session,
@@ -298,7 +383,7 @@ class RoomService:
                 session, room.name, P.RoomStatus.REFUSED, f"{room.name} no longer exists.", room_id=room.id
             )
             return
-        self.audit(
+        self._gate.audit(
             f"room_{R.ACTION_NAMES[change.action]}",
             me,
             session.source,
@@ -309,26 +394,9 @@ class RoomService:
             session, room.name, P.RoomStatus.OK, room_id=room.id, epoch=epoch, key=b"" if leaving else key
         )
         for user in sorted(set(room.members) | {change.target} - {""}):
-            self._nudge_queue(user)
+            self._mailbox.nudge(user)
 
-    # -- messages --------------------------------------------------------------------------
-    def room_send_is_fast(self, session, msg: P.RoomSend) -> bool:
-        """Whether ``msg`` can be handled on the loop thread: its room is in the cache for its epoch
-        and every other member is online here or on another node, so the fan-out reads and writes
-        no database (otherwise a worker takes it, in the session's order)."""
-        with self._room_cache_lock:
-            hit = self._room_cache.get(msg.room_id)
-        if (
-            hit is None
-            or time.monotonic() - hit.at >= ROOM_CACHE_S
-            or hit.room.epoch != msg.epoch
-            or session.username not in hit.members
-        ):
-            return False
-        online, remote = self.registry.online, self.cluster.is_remote
-        return all(m in online or remote(m) for m in hit.members if m != session.username)
-
-    def _room_send(self, session, msg: P.RoomSend) -> None:
+    def send(self, session: Session, msg: P.RoomSend) -> None:
         """One payload to every other member: live where they are online, queued where not."""
         me = session.username
 
@@ -351,9 +419,9 @@ class RoomService:
         if session.room_sends is not None and not session.room_sends.allow(""):
             answer(P.RoomStatus.REFUSED, "Too many room messages at once; slow down.")
             return
-        cached = self._room(msg.room_id)
+        cached = self._keyring.room(msg.room_id)
         if cached is not None and me in cached.members and msg.epoch != cached.room.epoch:
-            cached = self._room(msg.room_id, fresh=True)  # another node's change, not seen here yet?
+            cached = self._keyring.room(msg.room_id, fresh=True)  # another node's change, not seen here yet?
         if cached is None or me not in cached.members:
             answer(P.RoomStatus.REFUSED, "No such room, or you are not a member of it.")
             return
@@ -379,20 +447,29 @@ class RoomService:
             if member == me:
                 continue
             peer = self.registry.online.get(member)
-            sent = peer.send(deliver) if peer is not None else self.cluster.deliver(member, deliver)
+            sent = peer.send(deliver) if peer is not None else self._runtime.cluster.deliver(member, deliver)
             if sent:
                 online += 1
             else:
                 offline.append(member)
-        if offline and self.loop is not None and threading.get_ident() == self.loop_thread_id:
-            # someone left between room_send_is_fast and here: their copy is queued by a worker
-            self.run_slow(self._room_store, session, msg, room, offline, online, answer)
+        if offline and self._runtime.on_loop_thread():
+            # someone left between send_is_fast and here: their copy is queued by a worker
+            self._runtime.run_slow(self._store, session, msg, room, offline, online, answer)
             return
-        self._room_store(session, msg, room, offline, online, answer)
+        self._store(session, msg, room, offline, online, answer)
 
-    def _room_store(self, session, msg: P.RoomSend, room: D.Room, offline: list, online: int, answer) -> None:
+    def _store(
+        self,
+        session: Session,
+        msg: P.RoomSend,
+        room: D.Room,
+        offline: list[str],
+        online: int,
+        answer: Callable[..., None],
+    ) -> None:
         """Queue the copies for the members who are away, then answer the sender."""
         me = session.username
+        assert me is not None and session.identity_key is not None
         stored, full = 0, []
         if offline:
             results = self.storage.room_enqueue(
@@ -411,14 +488,14 @@ class RoomService:
                 if status in (D.STORED, D.DUPLICATE):
                     stored += 1
                     if status == D.STORED:
-                        self._nudge_queue(member)  # online after all (a login this very moment)
+                        self._mailbox.nudge(member)  # online after all (a login this very moment)
                 elif status != D.NO_USER:  # an account deleted (still listed until removed)
                     full.append(member)
         self.metrics.room_copies.inc(online + stored)
         reason = f"Not stored for {', '.join(full)}: their mailbox is full." if full else ""
         answer(P.RoomStatus.OK, reason, epoch=room.epoch, online=online, stored=stored)
 
-    def room_copy_to_queue(self, member: str, msg: P.RoomMessage, sender_identity: bytes | None) -> None:
+    def copy_to_queue(self, member: str, msg: P.RoomMessage, sender_identity: bytes | None) -> None:
         """A live copy sent to another node found its member gone: it is queued for them instead."""
         if sender_identity is None:
             sender_identity = self.storage.get_identity_key(msg.sender)
@@ -438,33 +515,4 @@ class RoomService:
             self.config.queue_max_bytes,
         )
         if results.get(member) == D.STORED:
-            self._nudge_queue(member)
-
-    # -- the queue: what a stored room row becomes on the wire --------------------------------
-    def room_row_message(self, me: str, row: D.QueuedMessage) -> P.Message:
-        key = self._open_room_key(row.room_id, row.generation, row.wrapped_key)
-        if row.kind == D.KIND_ROOM_MESSAGE:
-            return P.RoomMessage(
-                queue_id=row.id,
-                room_id=row.room_id,
-                sender=row.sender,
-                epoch=row.generation,
-                key=key,
-                stored_at_ms=int(row.stored_at * 1000),
-                payload=row.payload,
-            )
-        self.forget_room(row.room_id)  # a change: this node's copy of the members is stale
-        try:
-            change = R.parse_change(row.payload)
-            if change.action == R.CLOSE or (change.action in (R.REMOVE, R.LEAVE) and change.target == me):
-                key = b""  # who is no longer a member gets no key of the new epoch
-        except ChangeRefused:
-            key = b""
-        return P.RoomChanged(
-            queue_id=row.id,
-            room_id=row.room_id,
-            suite=self.suite.suite_id,
-            key=key,
-            actor_identity=row.sender_identity,
-            change=row.payload,
-        )
+            self._mailbox.nudge(member)

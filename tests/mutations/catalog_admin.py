@@ -10,7 +10,7 @@ S = "tests/test_admin_storage.py::"
 MUTATIONS: list[Mutation] = [
     Mutation(
         name="admin-ban-enforced-at-login",
-        file="secureim/server/service.py",
+        file="secureim/server/moderation.py",
         find="            ban = self.storage.user_ban(username, time.time())",
         replace="            ban = None",
         tests=(T + "test_a_banned_user_is_disconnected_at_once_and_cannot_log_in",),
@@ -29,7 +29,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-network-ban-checked-at-login",
-        file="secureim/server/service.py",
+        file="secureim/server/moderation.py",
         find="        ban = self.address_bans.match(session.source)\n        if ban is not None:  # the cache",
         replace="        ban = None\n        if ban is not None:  # the cache",
         tests=(T + "test_a_banned_network_is_disconnected_and_refused",),
@@ -53,7 +53,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-audit-never-stores-password",
-        file="secureim/server/service.py",
+        file="secureim/server/logins.py",
         find="                who=loggable(msg.username),\n                username=msg.username,\n            )\n",
         replace='                who=loggable(msg.username),\n                username=msg.username + msg.password.decode("utf-8", "replace"),\n            )\n',
         tests=(
@@ -75,7 +75,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-delete-account-needs-password",
-        file="secureim/server/service.py",
+        file="secureim/server/logins.py",
         find="            self.auth.login(me, msg.password, session.source)",
         replace="            pass",
         tests=(T + "test_delete_account_asks_password_and_confirmation_then_deletes",),
@@ -83,7 +83,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="admin-delete-account-needs-confirmation",
-        file="secureim/server/service.py",
+        file="secureim/server/logins.py",
         find="        if msg.confirm != me:",
         replace="        if False:",
         tests=(T + "test_delete_account_refuses_a_confirmation_that_is_not_the_username",),

@@ -58,7 +58,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="passwd-old-tickets-still-resume",
-        file="secureim/server/service.py",
+        file="secureim/server/logins.py",
         find="if epoch != self.storage.get_ticket_epoch(username):",
         replace="if False:",
         tests=(

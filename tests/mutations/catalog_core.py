@@ -389,7 +389,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-max-auth-tries",
-        file="secureim/server/service.py",
+        file="secureim/server/logins.py",
         find="if session.auth_attempts >= self.config.max_auth_tries:",
         replace="if False:",
         tests=(f"{SERVER}::test_too_many_attempts_close_the_connection",),
@@ -405,7 +405,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-relay-membership",
-        file="secureim/server/service.py",
+        file="secureim/server/kdc.py",
         find="if conv is None or me not in conv.members:",
         replace="if conv is None:",
         tests=(f"{ATTACKS}::test_A32_relay_into_a_conversation_one_is_not_in",),
@@ -413,7 +413,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="server-no-conversation-with-oneself",
-        file="secureim/server/service.py",
+        file="secureim/server/kdc.py",
         find="        if peer == session.username:\n",
         replace="        if False:\n",
         tests=(f"{ATTACKS}::test_A33_relay_to_oneself_and_to_nobody",),

@@ -81,7 +81,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="queue-deleted-before-ack",
-        file="secureim/server/service.py",
+        file="secureim/server/store_forward.py",
         find="                session.queue_sent_upto = row.id\n",
         replace="                session.queue_sent_upto = row.id\n                self.storage.ack_queued(me, row.id)\n",
         tests=(OFF + "test_a_changed_identity_holds_stored_messages_until_accept",),
@@ -183,7 +183,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="store-membership-unchecked",
-        file="secureim/server/service.py",
+        file="secureim/server/store_forward.py",
         find="if known is None or me not in known.members:",
         replace="if known is None:",
         tests=(OFF + "test_storing_into_someone_elses_conversation_is_refused",),
@@ -191,7 +191,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-open-unlimited",
-        file="secureim/server/service.py",
+        file="secureim/server/store_forward.py",
         find="if len(mine) >= self.config.offline_opens_per_minute:",
         replace="if False:",
         tests=(OFF + "test_offline_opens_are_rate_limited_per_session",),
@@ -199,7 +199,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="prekeys-kept-after-identity-change",
-        file="secureim/server/service.py",
+        file="secureim/server/logins.py",
         find="                    self.storage.clear_prekeys(username, signed=True)  # signed by the old key: useless now\n",
         replace="",
         tests=(OFF + "test_a_new_identity_key_drops_the_prekeys_signed_by_the_old_one",),
@@ -269,7 +269,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="queue-id-past-the-database-range",
-        file="secureim/server/service.py",
+        file="secureim/server/store_forward.py",
         find="if msg.queue_id <= MAX_DB_ID and self.storage.ack_queued(me, msg.queue_id):",
         replace="if self.storage.ack_queued(me, msg.queue_id):",
         tests=(OFF + "test_bad_store_and_forward_frames_get_clear_answers_and_disturb_nobody",),

@@ -81,7 +81,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="bus-move-here-keeps-stale-conversations",
         file="secureim/server/cluster/nats_bus.py",
-        find="        self.service.notify(\n            username, self.service.registry.drop_conversations(username, watch=False), online=True\n        )\n",
+        find="        self._host.notify(username, self._host.drop_conversations(username, watch=False), online=True)\n",
         replace="        pass\n",
         tests=(BUS + "test_a_user_who_moves_here_ends_the_conversations_with_the_session_elsewhere",),
         why="A user who moves nodes keeps conversations keyed to the old session: peers' messages cannot be read.",
@@ -158,7 +158,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="password-work-shares-the-worker-threads",
         file="secureim/server/net.py",
-        find="            pool = self.password_pool if type(item) in PASSWORD_MESSAGES else self.pool",
+        find="            pool = self.password_pool if self.router.is_password_work(item) else self.pool",
         replace="            pool = self.pool",
         tests=("tests/test_server.py::test_logins_waiting_for_bcrypt_do_not_hold_up_other_work",),
         why="Logins waiting for bcrypt take every worker: opens, resumes and rekeys (whose relays wait) stall.",

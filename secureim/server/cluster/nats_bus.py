@@ -37,12 +37,19 @@ import struct
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.errors import ConfigError, DecryptionFailed, SecureIMError
 from secureim.server.cluster.local import Cluster
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+    from secureim.server.cluster.host import ClusterHost
 
 log = logging.getLogger("secureim.cluster")
 
@@ -160,6 +167,14 @@ class BusCodec:
         return kind, sender, plain[_HEAD.size :]
 
 
+class Frame(Protocol):
+    """A received NATS message (nats-py's Msg; the tests' stand-ins)."""
+
+    subject: str
+    data: bytes
+    reply: str
+
+
 class NatsCluster(Cluster):
     """A node of a cluster: NATS for what is live, the shared database for what lasts."""
 
@@ -171,21 +186,36 @@ class NatsCluster(Cluster):
         self.node_name = node_name
         self.codec = BusCodec(key, self.incarnation)
         self.presence_subject = f"{self.prefix}.presence"
-        self.remote: dict[str, RemoteUser] = {}  # loop thread only
-        self.nodes: dict[bytes, float] = {}  # incarnation -> last heard (monotonic)
-        self._snapshots: dict[tuple[bytes, bytes], set[str]] = {}  # (node, snapshot id) -> names so far
+        self.receiver = BusReceiver(self, self.incarnation)
+        self.remote = self.receiver.remote  # the receiver's tables (loop thread only), never re-bound
+        self.nodes = self.receiver.nodes
         self._out: deque = deque()
         self._out_ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
-        self.nc = None
-        self.service = None
+        self.nc: Client | None = None
+        self.host: ClusterHost | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connected_since: float | None = None
         self.lost_at: float | None = None
         self.frames_dropped = 0
-        self._known_nodes: set[bytes] = set()
         self._last_drop_log = -DROP_LOG_EVERY_S
         self._link_gen = 0  # which connection the nats-py callbacks belong to (the watchdog replaces it)
+        receiver = self.receiver
+        self._frame_handlers: dict[int, Callable[[bytes, bytes, Frame], Awaitable[None]]] = {
+            ONLINE: receiver.on_online,
+            OFFLINE: receiver.on_offline,
+            HEARTBEAT: receiver.on_heartbeat,
+            SYNC: receiver.on_sync,
+            SNAPSHOT: receiver.on_snapshot,
+            DELIVER: receiver.on_deliver,
+            KEY: receiver.on_key,
+            DIRECT: receiver.on_direct,
+        }
+
+    @property
+    def _host(self) -> ClusterHost:
+        assert self.host is not None, "bind() first"
+        return self.host
 
     def node_subject(self, incarnation: bytes) -> str:
         return f"{self.prefix}.node.{incarnation.hex()[:16]}"
@@ -196,9 +226,15 @@ class NatsCluster(Cluster):
         return f"{self.prefix}.node.{incarnation.hex()[:16]}.direct"
 
     # -- life cycle ----------------------------------------------------------------------
-    def start(self, service) -> None:
-        self.service, self.loop = service, service.loop
-        service.metrics.nats_connected.set_function(lambda: 1 if self.connected else 0)
+    def bind(self, host: ClusterHost) -> None:
+        """Serve ``host`` (its loop is attached); no connection yet (``start`` connects)."""
+        self.host, self.loop = host, host.loop
+        self.receiver.host = host
+        host.bus_gauge(lambda: 1 if self.connected else 0)
+
+    def start(self, host: ClusterHost) -> None:
+        self.bind(host)
+        assert self.loop is not None
         future = asyncio.run_coroutine_threadsafe(self._connect(), self.loop)
         try:
             future.result(timeout=CONNECT_TIMEOUT_S + 2)
@@ -210,7 +246,7 @@ class NatsCluster(Cluster):
         self._out_ready = asyncio.Event()
         try:
             await asyncio.wait_for(self._open_link(), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConfigError(
                 f"Cannot reach the cluster bus at {self.url}: no answer within {CONNECT_TIMEOUT_S:.0f} s"
             ) from None
@@ -268,6 +304,7 @@ class NatsCluster(Cluster):
             return
         old, self.lost_at = self.nc, time.monotonic()
         try:
+            assert old is not None  # lost_at is set only once a link was up
             await asyncio.wait_for(old.close(), 1)
         except Exception:  # noqa: BLE001 - the old link is being thrown away
             pass
@@ -287,13 +324,15 @@ class NatsCluster(Cluster):
             log.warning("leaving the cluster did not finish cleanly")
 
     async def _stop(self) -> None:
+        nc = self.nc
+        assert nc is not None  # stop() checked
         await self._drain_out()
         for task in self._tasks:
             task.cancel()
         try:
-            await asyncio.wait_for(self.nc.drain(), 2)
+            await asyncio.wait_for(nc.drain(), 2)
         except Exception:  # noqa: BLE001
-            await self.nc.close()
+            await nc.close()
 
     @property
     def connected(self) -> bool:
@@ -322,12 +361,21 @@ class NatsCluster(Cluster):
         for node in self.nodes:  # nobody was heard while we were away: count from now
             self.nodes[node] = now
         self._publish(self.presence_subject, SYNC, b"")
-        self._send_snapshot(self.presence_subject)
+        self.receiver.send_snapshot(self.presence_subject)
 
     async def _on_error(self, exc) -> None:
         log.info("cluster bus: %s", exc)
 
     # -- publishing (any thread) ----------------------------------------------------------------
+    def publish(self, subject: str, kind: int, body: bytes) -> bool:
+        """The receiver's way out (through ``_publish``, which tests replace)."""
+        return self._publish(subject, kind, body)
+
+    async def reply(self, subject: str, body: bytes) -> None:
+        """Answer a DIRECT request (loop thread)."""
+        assert self.nc is not None
+        await self.nc.publish(subject, self.codec.seal(subject, DIRECT, body, tracked=False))
+
     def _publish(self, subject: str, kind: int, body: bytes) -> bool:
         """Queue one frame for the publisher task; False (nothing queued) while the link is down."""
         if not self.connected:
@@ -337,22 +385,26 @@ class NatsCluster(Cluster):
 
     def _enqueue(self, subject: str, kind: int, body: bytes) -> None:
         self._out.append((subject, self.codec.seal(subject, kind, body)))
+        assert self._out_ready is not None  # made before the link is up (_connect)
         self._out_ready.set()
 
     async def _publisher(self) -> None:
+        ready = self._out_ready
+        assert ready is not None  # _connect made it before starting this task
         while True:
-            await self._out_ready.wait()
-            self._out_ready.clear()
+            await ready.wait()
+            ready.clear()
             await self._drain_out()
 
     async def _drain_out(self) -> None:
         while self._out:
             subject, data = self._out.popleft()
-            if not self.connected:
+            nc = self.nc
+            if nc is None or not self.connected:
                 self.frames_dropped += 1  # queued in the instant the link went down: never sent late
                 continue
             try:
-                await self.nc.publish(subject, data)
+                await nc.publish(subject, data)
             except Exception as exc:  # noqa: BLE001 - a lost link must not end the publisher
                 self.frames_dropped += 1
                 log.info("a cluster frame was not sent: %s", exc)
@@ -364,7 +416,7 @@ class NatsCluster(Cluster):
                 self._publish(self.presence_subject, HEARTBEAT, self.node_name.encode()[:64])
                 self._expire_nodes()
                 await self._watchdog()
-            except Exception:  # noqa: BLE001 - the heartbeat must go on
+            except Exception:
                 log.exception("cluster heartbeat")
 
     # -- the service's calls ------------------------------------------------------------------
@@ -373,18 +425,8 @@ class NatsCluster(Cluster):
 
     def _logged_in_here(self, username: str, login_at: float, identity_key: bytes | None) -> None:
         """On the loop thread, so it is ordered with the session's end (user_offline)."""
-        self._forget_remote(username)
-        self._announce_online(username, login_at, identity_key)
-
-    def _announce_online(self, username: str, login_at: float, identity_key: bytes | None) -> None:
-        session = self.service.registry.session_of(username)
-        if session is None or session.login_at != login_at or identity_key is None:
-            return  # it ended before this ran: its OFFLINE (or nothing) is what others must hear
-        self._publish(
-            self.presence_subject,
-            ONLINE,
-            pack_fields(username.encode(), struct.pack(">d", login_at), identity_key),
-        )
+        self.receiver.forget_remote(username)
+        self.receiver.announce_online(username, login_at, identity_key)
 
     def user_offline(self, username: str, login_at: float) -> None:
         self._publish(
@@ -435,13 +477,17 @@ class NatsCluster(Cluster):
         )
 
         async def ask():  # on the loop thread: the codec's state is the loop's alone
-            reply = await self.nc.request(
+            nc = self.nc
+            assert nc is not None
+            reply = await nc.request(
                 subject, self.codec.seal(subject, DIRECT, body), timeout=DIRECT_TIMEOUT_S
             )
             return self.codec.open(reply.subject, reply.data, tracked=False)[2]
 
         try:
-            answer = asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=DIRECT_TIMEOUT_S + 1)
+            loop = self.loop
+            assert loop is not None
+            answer = asyncio.run_coroutine_threadsafe(ask(), loop).result(timeout=DIRECT_TIMEOUT_S + 1)
             offer = P.decode_message(answer)
         except Exception:  # noqa: BLE001 - a timeout, a node gone, a bad answer: all "not now"
             return f"{peer}'s server node did not answer; try again."
@@ -452,9 +498,17 @@ class NatsCluster(Cluster):
         return offer
 
     # -- receiving (loop thread) --------------------------------------------------------------
+    def _expire_nodes(self) -> None:
+        """Nodes silent for NODE_TIMEOUT_S are gone (SIGKILL, a crash): their users are offline.
+
+        Only while our own link has been up that long: when we were cut off, silence says nothing."""
+        if self.connected_since is None or time.monotonic() - self.connected_since < NODE_TIMEOUT_S:
+            return
+        self.receiver.expire_nodes()
+
     def _call(self, fn, *args) -> None:
         """Run ``fn`` on the loop thread: now if this is it, else as soon as it can."""
-        self.service.on_loop(fn, *args)
+        self._host.on_loop(fn, *args)
 
     async def _on_frame(self, msg) -> None:
         try:
@@ -462,10 +516,10 @@ class NatsCluster(Cluster):
             if sender == self.incarnation:
                 return  # our own broadcast
             self.nodes[sender] = time.monotonic()
-            handler = self._HANDLERS.get(kind)
+            handler = self._frame_handlers.get(kind)
             if handler is None:
                 raise SecureIMError(f"unknown bus frame type {kind}")
-            await handler(self, sender, body, msg)
+            await handler(sender, body, msg)
         except (SecureIMError, ValueError, struct.error, UnicodeDecodeError) as exc:
             self.frames_dropped += 1
             now = time.monotonic()
@@ -477,27 +531,67 @@ class NatsCluster(Cluster):
                     exc,
                     self.frames_dropped,
                 )
-        except Exception:  # noqa: BLE001 - one bad frame must never end the subscription
+        except Exception:
             log.exception("error handling a cluster frame")
 
-    async def _h_online(self, sender: bytes, body: bytes, _msg) -> None:
+
+class BusOut(Protocol):
+    """What the receiver needs of the bus (NatsCluster)."""
+
+    presence_subject: str
+
+    def publish(self, subject: str, kind: int, body: bytes) -> bool: ...
+    def node_subject(self, incarnation: bytes) -> str: ...
+    async def reply(self, subject: str, body: bytes) -> None: ...
+
+
+class BusReceiver:
+    """The frames other nodes send (loop thread only): who is online there (ONLINE, OFFLINE,
+    HEARTBEAT, SYNC, SNAPSHOT: the remote table; this node's users announced out; silent nodes'
+    users expired), and what comes for this node's users (DELIVER, KEY, DIRECT)."""
+
+    def __init__(self, bus: BusOut, incarnation: bytes) -> None:
+        self._bus = bus
+        self.incarnation = incarnation
+        self.host: ClusterHost | None = None
+        self.remote: dict[str, RemoteUser] = {}
+        self.nodes: dict[bytes, float] = {}  # incarnation -> last heard (monotonic)
+        self._snapshots: dict[tuple[bytes, bytes], set[str]] = {}  # (node, snapshot id) -> names so far
+        self._known_nodes: set[bytes] = set()
+
+    @property
+    def _host(self) -> ClusterHost:
+        assert self.host is not None, "bind() first"
+        return self.host
+
+    def announce_online(self, username: str, login_at: float, identity_key: bytes | None) -> None:
+        session = self._host.session_of(username)
+        if session is None or session.login_at != login_at or identity_key is None:
+            return  # it ended before this ran: its OFFLINE (or nothing) is what others must hear
+        self._bus.publish(
+            self._bus.presence_subject,
+            ONLINE,
+            pack_fields(username.encode(), struct.pack(">d", login_at), identity_key),
+        )
+
+    async def on_online(self, sender: bytes, body: bytes, _msg: object) -> None:
         name, when, key = unpack_fields(body, 3)
         self._remote_online(sender, name.decode(), struct.unpack(">d", when)[0], key)
 
     def _remote_online(self, sender: bytes, username: str, login_at: float, key: bytes) -> None:
         username = P.normalize_username(username)
-        service = self.service
+        host = self._host
         previous = self.remote.get(username)
         if previous is not None and previous.node == sender and previous.login_at == login_at:
             return  # nothing new (a snapshot repeats what we know): conversations go on
-        local = service.registry.session_of(username)
+        local = host.session_of(username)
         if local is not None:
             if (local.login_at, self.incarnation) > (login_at, sender):
                 # Ours is newer.  Say so again: that node closes its session when it hears it (it may
                 # have forgotten ours when its user logged in there).
-                self._announce_online(username, local.login_at, local.identity_key)
+                self.announce_online(username, local.login_at, local.identity_key)
                 return
-            service.replaced_elsewhere(local)  # its conversations end; its peers hear of the new one below
+            host.replaced_elsewhere(local)  # its conversations end; its peers hear of the new one below
         if previous is not None and (previous.login_at, previous.node) > (login_at, sender):
             return
         if len(self.remote) >= MAX_REMOTE_USERS and previous is None:
@@ -505,11 +599,11 @@ class NatsCluster(Cluster):
         self.remote[username] = RemoteUser(sender, login_at, key)
         # As for a local login: whoever waits for this user, and whoever had a conversation with
         # the session it replaces, is told (and re-opens: the new session has no keys).
-        waiting = service.registry.take_watchers(username)
-        waiting |= set(service.registry.drop_conversations(username, watch=False))
-        service.notify(username, waiting, online=True)
+        waiting = host.take_watchers(username)
+        waiting |= set(host.drop_conversations(username, watch=False))
+        host.notify(username, waiting, online=True)
 
-    async def _h_offline(self, sender: bytes, body: bytes, _msg) -> None:
+    async def on_offline(self, sender: bytes, body: bytes, _msg: object) -> None:
         name, when = unpack_fields(body, 2)
         self._remote_offline(name.decode(), sender, struct.unpack(">d", when)[0])
 
@@ -521,37 +615,31 @@ class NatsCluster(Cluster):
         self._dropped(username)
 
     def _dropped(self, username: str) -> None:
-        service = self.service
-        service.notify(username, service.registry.drop_conversations(username, watch=True), online=False)
+        host = self._host
+        host.notify(username, host.drop_conversations(username, watch=True), online=False)
 
-    def _forget_remote(self, username: str) -> None:
+    def forget_remote(self, username: str) -> None:
         """``username`` logged in here: an entry for them elsewhere is older (that node closes it).
 
         Conversations with the session there end, and their peers here re-open with this one."""
         if self.remote.pop(username, None) is None:
             return
-        self.service.notify(
-            username, self.service.registry.drop_conversations(username, watch=False), online=True
-        )
+        self._host.notify(username, self._host.drop_conversations(username, watch=False), online=True)
 
-    async def _h_heartbeat(self, sender: bytes, body: bytes, _msg) -> None:
+    async def on_heartbeat(self, sender: bytes, body: bytes, _msg: object) -> None:
         if sender not in self._known_nodes:
             self._known_nodes.add(sender)
             # A node we have not seen (it started, we missed its SYNC, or we expired it while it was
             # stalled): tell it who is here, and ask it who is there.
-            self._send_snapshot(self.node_subject(sender))
-            self._publish(self.node_subject(sender), SYNC, b"")
+            self.send_snapshot(self._bus.node_subject(sender))
+            self._bus.publish(self._bus.node_subject(sender), SYNC, b"")
 
-    async def _h_sync(self, sender: bytes, body: bytes, _msg) -> None:
+    async def on_sync(self, sender: bytes, body: bytes, _msg: object) -> None:
         self._known_nodes.add(sender)
-        self._send_snapshot(self.node_subject(sender))
+        self.send_snapshot(self._bus.node_subject(sender))
 
-    def _send_snapshot(self, subject: str) -> None:
-        users = [
-            (name, s.login_at, s.identity_key)
-            for name, s in list(self.service.registry.online.items())
-            if s.identity_key is not None
-        ]
+    def send_snapshot(self, subject: str) -> None:
+        users = self._host.online_snapshot()
         chunks = [users[i : i + SNAPSHOT_CHUNK] for i in range(0, len(users), SNAPSHOT_CHUNK)] or [[]]
         snapshot_id = cu.random_bytes(8)  # two snapshots from one node never mix
         for index, chunk in enumerate(chunks):
@@ -559,9 +647,9 @@ class NatsCluster(Cluster):
             fields = [snapshot_id, last]
             for name, when, key in chunk:
                 fields += [name.encode(), struct.pack(">d", when), key]
-            self._publish(subject, SNAPSHOT, pack_fields(*fields))
+            self._bus.publish(subject, SNAPSHOT, pack_fields(*fields))
 
-    async def _h_snapshot(self, sender: bytes, body: bytes, _msg) -> None:
+    async def on_snapshot(self, sender: bytes, body: bytes, _msg: object) -> None:
         fields = unpack_fields(body)
         if len(fields) < 2 or (len(fields) - 2) % 3:
             raise SecureIMError("malformed snapshot")
@@ -578,25 +666,30 @@ class NatsCluster(Cluster):
             for name in [n for n, e in self.remote.items() if e.node == sender and n not in seen]:
                 self._remote_offline(name, sender, None)
 
-    async def _h_deliver(self, sender: bytes, body: bytes, _msg) -> None:
+    def identity_of(self, username: str) -> bytes | None:
+        entry = self.remote.get(username)
+        return entry.identity_key if entry is not None else None
+
+    # -- frames for this node's users --------------------------------------------------------
+    async def on_deliver(self, sender: bytes, body: bytes, _msg: object) -> None:
         name, inner = unpack_fields(body, 2)
         msg = P.decode_message(inner)
         if not isinstance(
             msg, (P.Deliver, P.PeerStatus, P.DirectAsked, P.Error, P.StoredMessage, P.RoomMessage)
         ):
             raise SecureIMError(f"a {type(msg).__name__} is not delivered across nodes")
-        session = self.service.registry.session_of(name.decode())
+        session = self._host.session_of(name.decode())
         if isinstance(
             msg, P.StoredMessage
         ):  # a nudge: messages were stored for them; the queue is in the database
             if session is not None:
-                self.service.run_slow(self.service.push_queue, session)
+                self._host.run_slow(self._host.push_queue, session)
             return
         if session is not None and session.send(msg):
             return
         if isinstance(msg, P.RoomMessage):  # they left this node meanwhile: the copy waits in their queue
-            self.service.run_slow(
-                self.service.room_copy_to_queue, name.decode(), msg, self.identity_of(msg.sender)
+            self._host.run_slow(
+                self._host.room_copy_to_queue, name.decode(), msg, self.identity_of(msg.sender)
             )
             return
         if isinstance(
@@ -605,11 +698,11 @@ class NatsCluster(Cluster):
             bounce = P.Error(
                 code=P.ErrorCode.PEER_OFFLINE, reason=f"{name.decode()} is offline; message not delivered."
             )
-            self._publish(
-                self.node_subject(sender), DELIVER, pack_fields(msg.sender.encode(), bounce.encode())
+            self._bus.publish(
+                self._bus.node_subject(sender), DELIVER, pack_fields(msg.sender.encode(), bounce.encode())
             )
 
-    async def _h_key(self, sender: bytes, body: bytes, _msg) -> None:
+    async def on_key(self, sender: bytes, body: bytes, _msg: object) -> None:
         name, first, second, inner = unpack_fields(body, 4)
         msg = P.decode_message(inner)
         if not isinstance(msg, P.ConversationKey):
@@ -617,28 +710,22 @@ class NatsCluster(Cluster):
         username, members = name.decode(), (first.decode(), second.decode())
         if username not in members or msg.peer not in members:
             raise SecureIMError("a KEY frame for someone outside its conversation")
-        session = self.service.registry.session_of(username)
+        session = self._host.session_of(username)
         if session is None:
             return
-        self.service.learn_conversation(msg.conversation_id, members, msg.generation)
+        self._host.learn_conversation(msg.conversation_id, members, msg.generation)
         session.send(msg)
 
-    async def _h_direct(self, sender: bytes, body: bytes, msg) -> None:
+    async def on_direct(self, sender: bytes, body: bytes, msg: Frame) -> None:
         peer, initiator, host, port, cid = (f.decode() for f in unpack_fields(body, 5))
-        answer = self.service.direct_offer_for(peer, initiator, host, int(port), int(cid))
+        answer: P.Message | str = self._host.direct_offer_for(peer, initiator, host, int(port), int(cid))
         if isinstance(answer, str):
             answer = P.DirectUnavailable(peer=peer, reason=answer)
         if msg.reply:
-            await self.nc.publish(
-                msg.reply, self.codec.seal(msg.reply, DIRECT, answer.encode(), tracked=False)
-            )
+            await self._bus.reply(msg.reply, answer.encode())
 
-    def _expire_nodes(self) -> None:
-        """Nodes silent for NODE_TIMEOUT_S are gone (SIGKILL, a crash): their users are offline.
-
-        Only while our own link has been up that long: when we were cut off, silence says nothing."""
-        if self.connected_since is None or time.monotonic() - self.connected_since < NODE_TIMEOUT_S:
-            return
+    def expire_nodes(self) -> None:
+        """Nodes silent for NODE_TIMEOUT_S are gone (SIGKILL, a crash): their users are offline."""
         now = time.monotonic()
         for node, heard in list(self.nodes.items()):
             if now - heard > NODE_TIMEOUT_S:
@@ -651,14 +738,3 @@ class NatsCluster(Cluster):
                     )
                 for name in gone:
                     self._remote_offline(name, node, None)
-
-    _HANDLERS = {
-        ONLINE: _h_online,
-        OFFLINE: _h_offline,
-        HEARTBEAT: _h_heartbeat,
-        SYNC: _h_sync,
-        SNAPSHOT: _h_snapshot,
-        DELIVER: _h_deliver,
-        KEY: _h_key,
-        DIRECT: _h_direct,
-    }
