@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from secureim.server import accounts as auth  # noqa: E402
-from secureim.server import main as server_main  # noqa: E402
-from secureim.server import net as server_net  # noqa: E402
+from secureim.server import accounts as auth
+from secureim.server import main as server_main
+from secureim.server import net as server_net
 
 WRITE_EVERY_S = 0.25
 

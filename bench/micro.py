@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import crypto_utils as cu  # noqa: E402
-from diffiehellman import DiffieHellman  # noqa: E402
-from secureim import proto as P  # noqa: E402
+import crypto_utils as cu
+from diffiehellman import DiffieHellman
+from secureim import proto as P
 
 MESSAGE = b"m" * 100
 IK = bytes(32)
@@ -68,8 +68,10 @@ def relay_us(suite: str, rounds: int) -> float:
     frames = [alice.send(relay) for _ in range(rounds + 1)]  # sealed by the client, outside the timing
     out = []
 
-    def one(it=iter(frames)):
-        (msg,) = at_server_a.receive_data(next(it))
+    frame_iter = iter(frames)
+
+    def one():
+        (msg,) = at_server_a.receive_data(next(frame_iter))
         out.append(
             at_server_b.send(
                 P.Deliver(conversation_id=msg.conversation_id, sender="alice", payload=msg.payload)

@@ -87,7 +87,7 @@ def rekey(e2e, cu, Ed25519PrivateKey, rounds: int) -> dict:
     ida, idb = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     suite = cu.get_suite("3des")
     elapsed, relayed = 0.0, []
-    for r in range(rounds):
+    for _ in range(rounds):
         alice = e2e.E2ESession("alice", ida, "bob", cu.public_bytes(idb), 1, suite)
         bob = e2e.E2ESession("bob", idb, "alice", cu.public_bytes(ida), 1, suite)
         key = suite.generate_key()

@@ -23,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from secureim import proto as P  # noqa: E402
-from secureim.server import config as SC  # noqa: E402
-from secureim.server import net as S  # noqa: E402
-from secureim.server import registry as SR  # noqa: E402
+from secureim import proto as P
+from secureim.server import config as SC
+from secureim.server import net as S
+from secureim.server import registry as SR
 
 
 class CountingTransport:
