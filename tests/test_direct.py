@@ -377,7 +377,7 @@ def test_tickets_expire_and_only_the_peer_can_open_them():
 def test_bad_endpoint_ports_are_refused(tmp_path, port):
     with running_server(tmp_path / "srv") as server:
         alice = logged_in_client(server, tmp_path / "a", "alice")
-        alice._send(P.RegisterEndpoint(port=port))
+        alice.send_frame(P.RegisterEndpoint(port=port))
         assert "between 1 and 65535" in wait_for(alice, C.ServerNotice).text
         assert server.service.registry.session_of("alice").udp_port is None
         alice.close()

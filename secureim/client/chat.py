@@ -349,7 +349,7 @@ class ChatClient:
         with self._send_lock:
             return proto.receive_data(data)
 
-    def _send(self, msg: P.Message) -> None:
+    def send_frame(self, msg: P.Message) -> None:
         if not isinstance(msg, (P.Login, P.Register, P.Resume)):
             self._check_not_reconnecting()
         with self._send_lock:
@@ -487,7 +487,7 @@ class ChatClient:
             raise InvalidPassword(f"Passwords must be at most {P.MAX_PASSWORD_BYTES} bytes.")
         if len(getattr(msg, "username", "").encode()) > P.MAX_USERNAME_BYTES:
             raise InvalidUsername("Usernames are at most 32 characters.")
-        self._send(msg)
+        self.send_frame(msg)
         while True:
             events = self._recv_events()
             for i, event in enumerate(events):
@@ -740,7 +740,7 @@ class ChatClient:
         if not repeat:
             self._emit(PeerOnline(peer))
         if reopen:  # told again automatically: open (and key) the conversation, no user action
-            self._send(P.OpenConversation(peer=peer))
+            self.send_frame(P.OpenConversation(peer=peer))
 
     def _on_key(self, msg: P.ConversationKey) -> None:
         """KDC key: check the peer's identity key, then send our signed DH share."""
@@ -754,7 +754,7 @@ class ChatClient:
             self._emit(ServerNotice("The server sent an unusable conversation key; it was ignored."))
             return
         assert self.peer_trust is not None and self.identity is not None and self.username is not None
-        if not self._trust_peer(peer, msg.peer_identity):
+        if not self.trust_peer(peer, msg.peer_identity):
             return
         with self._state_lock:
             conv = self.conversations.get(peer)
@@ -772,9 +772,9 @@ class ChatClient:
             self._pending_open.discard(peer)
             self._presence[peer] = PRESENCE_ONLINE
             self._state_changed.notify_all()
-        self._send(P.Relay(conversation_id=msg.conversation_id, payload=share))
+        self.send_frame(P.Relay(conversation_id=msg.conversation_id, payload=share))
 
-    def _trust_peer(self, peer: str, key: bytes) -> bool:
+    def trust_peer(self, peer: str, key: bytes) -> bool:
         """Pin on first use; a changed key is refused loudly, once per key, until /accept."""
         assert self.peer_trust is not None
         try:
@@ -796,15 +796,31 @@ class ChatClient:
                 self._emit(SecurityWarning(peer, str(exc)))
             return False
 
-    @staticmethod
-    def _security_warning(peer: str, text: str) -> "SecurityWarning":
-        return SecurityWarning(peer, text)
+    def warn(self, peer: str, text: str) -> None:
+        """A SecurityWarning about ``peer`` (the parts' way to say one)."""
+        self._emit(SecurityWarning(peer, text))
 
-    @staticmethod
-    def _rejected(peer: str, reason: str) -> "MessageRejected":
-        return MessageRejected(sanitize(peer, 64), reason)
+    def reject(self, peer: str, reason: str) -> None:
+        """A MessageRejected from ``peer`` (shown sanitized)."""
+        self._emit(MessageRejected(sanitize(peer, 64), reason))
 
-    def _opened(
+    def emit(self, event: object) -> None:
+        """Queue an event for the user (the parts' way in; ``_emit`` stays the override hook)."""
+        self._emit(event)
+
+    def has_refused_key(self, peer: str) -> bool:
+        """``peer`` presented a changed identity key that is not accepted yet."""
+        return peer in self._changed_identity
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once close() was called: never reconnect (or work) again."""
+        return self._stop
+
+    def on_room_key_stored(self, msg: P.StoreResult) -> None:
+        self.rooms.on_key_stored(msg)
+
+    def on_opened(
         self,
         sender: str,
         opened: e2e.Opened,
@@ -830,13 +846,13 @@ class ChatClient:
         if self.receipts:
             self.mailbox.receipt(sender, opened.msg_id)
 
-    def _stored_event(self, entry: "offline.Outgoing") -> None:
+    def stored_event(self, entry: "offline.Outgoing") -> None:
         if entry.state == offline.REFUSED:  # the server's reason, or our own
             self._emit(MessageNotStored(entry.peer, entry.text, sanitize(entry.reason, 512)))
         else:
             self._emit(MessageStored(entry.peer, entry.text, online=entry.state == offline.HANDED))
 
-    def _delivered_event(self, entry: "offline.Outgoing", *, emit: bool = True) -> None:
+    def delivered_event(self, entry: "offline.Outgoing", *, emit: bool = True) -> None:
         if self.history is not None and entry.row is not None:
             try:
                 self.history.set_state(entry.row, H.STATE_DELIVERED)
@@ -845,7 +861,7 @@ class ChatClient:
         if emit:
             self._emit(MessageDelivered(entry.peer, entry.text, entry.stored))
 
-    def _barrier_after(self, msg: P.Message) -> "_Barrier":
+    def barrier_after(self, msg: P.Message) -> "_Barrier":
         """Send ``msg`` and a WhoRequest: the barrier is done once every answer to ``msg`` is in."""
         barrier = _Barrier()
         self._check_not_reconnecting()
@@ -859,7 +875,7 @@ class ChatClient:
                 raise
         return barrier
 
-    def _send_live_body(self, peer: str, body_type: int, content: bytes) -> bool:
+    def send_live_body(self, peer: str, body_type: int, content: bytes) -> bool:
         """Seal in the live conversation with ``peer`` and relay; False when there is none ready."""
         with self._state_lock:
             conv = self.conversations.get(peer)
@@ -874,7 +890,7 @@ class ChatClient:
                 self._direct_sent[(peer, message_id)] = None  # a receipt: nothing to say if it is lost
             self._sendto(datagrams)
             return True
-        self._send(P.Relay(conversation_id=cid, payload=payload))
+        self.send_frame(P.Relay(conversation_id=cid, payload=payload))
         return True
 
     def pending(self) -> list["offline.Outgoing"]:
@@ -909,7 +925,7 @@ class ChatClient:
         if opened is None:
             self._emit(MessageRejected(sender, failure))
         else:
-            self._opened(sender, opened, identity=conv.peer_identity)
+            self.on_opened(sender, opened, identity=conv.peer_identity)
 
     def _received(self, event: MessageReceived) -> None:
         if self.history is not None:
@@ -936,7 +952,7 @@ class ChatClient:
         if warning is not None:
             self._emit(SecurityWarning(peer, warning))
         elif reply is not None:
-            self._send(P.Relay(conversation_id=conv.id, payload=reply))
+            self.send_frame(P.Relay(conversation_id=conv.id, payload=reply))
         elif not was_ready and generation is not None:
             assert self.peer_trust is not None
             self.mailbox.forget_outbound(peer)  # live now: a later offline message starts afresh
@@ -1001,7 +1017,7 @@ class ChatClient:
             self._pending_open.add(peer)
             if self._presence.get(peer) != PRESENCE_REFUSED:
                 self._presence.pop(peer, None)  # the answer says it again
-        self._send(P.OpenConversation(peer=peer))
+        self.send_frame(P.OpenConversation(peer=peer))
 
     def presence(self, peer: str) -> str | None:
         """What the server last said about ``peer`` (a PRESENCE_* value), or None."""
@@ -1046,7 +1062,7 @@ class ChatClient:
         positive answer: a refusal comes later as a ServerNotice; :meth:`send_confirmed` waits
         for it.
         """
-        return self._send_sealed(peer, text, None)
+        return self.send_sealed(peer, text, None)
 
     def send_offline(self, peer: str, text: str) -> int | None:
         """Seal ``text`` for ``peer`` from their prekeys and hand it to the server's queue
@@ -1069,10 +1085,10 @@ class ChatClient:
             else None
         )
         if entry.state == offline.DELIVERED and entry.row is not None:
-            self._delivered_event(entry, emit=False)
+            self.delivered_event(entry, emit=False)
         return entry.row
 
-    def _send_sealed(
+    def send_sealed(
         self, peer: str, text: str, barrier: "_Barrier | None", *, resend: "offline.Outgoing | None" = None
     ) -> int | None:
         """Seal and send live; the outbox entry and the history row are written only once the
@@ -1094,7 +1110,7 @@ class ChatClient:
             if barrier is not None:
                 barrier.done.set()  # nothing to wait for: the direct link acknowledges by itself
         elif barrier is None:
-            self._send(P.Relay(conversation_id=cid, payload=payload))
+            self.send_frame(P.Relay(conversation_id=cid, payload=payload))
         else:
             self._check_not_reconnecting()
             with (
@@ -1141,7 +1157,7 @@ class ChatClient:
                     raise MessageRefused(f"Not sent to {peer}: {self.why_not_ready(peer)}.")
                 return self._store_confirmed(peer, text, deadline)
         barrier = _Barrier()
-        row = self._send_sealed(peer, text, barrier)
+        row = self.send_sealed(peer, text, barrier)
         entry = self._last_sent
         if not barrier.done.wait(max(0.0, deadline - time.monotonic())):
             raise ConnectionClosed(f"The server at {self.node_id} did not answer in time.")
@@ -1204,7 +1220,7 @@ class ChatClient:
         with self._direct_lock:
             self._links = direct.DirectLinks(self.proto.direct_ticket_key, self.username or "")
         port = self._udp.getsockname()[1]
-        self._send(P.RegisterEndpoint(port=port))
+        self.send_frame(P.RegisterEndpoint(port=port))
         return port
 
     def open_direct(self, peer: str) -> None:
@@ -1215,7 +1231,7 @@ class ChatClient:
         if self.is_direct(peer):
             self._emit(DirectReady(peer))
             return
-        self._send(P.DirectRequest(peer=peer))
+        self.send_frame(P.DirectRequest(peer=peer))
 
     def is_direct(self, peer: str) -> bool:
         with self._direct_lock:
@@ -1300,7 +1316,7 @@ class ChatClient:
             if opened is None:
                 self._emit(MessageRejected(event.peer, f"A direct message from {event.peer} was discarded."))
             else:
-                self._opened(event.peer, opened, direct=True, identity=conv.peer_identity)
+                self.on_opened(event.peer, opened, direct=True, identity=conv.peer_identity)
 
     def change_password(self, old_password: str, new_password: str) -> None:
         """Change this account's password (docs/PROTOCOL.md section 13).
@@ -1318,7 +1334,7 @@ class ChatClient:
                 self._password_reply.get_nowait()
             except queue.Empty:
                 break
-        self._send(P.ChangePassword(old_password=old, new_password=new))
+        self.send_frame(P.ChangePassword(old_password=old, new_password=new))
         try:
             reply = self._password_reply.get(timeout=REPLY_TIMEOUT_S)
         except queue.Empty:
@@ -1349,7 +1365,7 @@ class ChatClient:
             if self.identity is None or self.identities.load(self.username, password) is None:
                 raise InvalidPassword("Wrong password; nothing was deleted and you are still in your rooms.")
             self.rooms.leave_all()
-        self._send(P.DeleteAccount(password=raw, confirm=confirm))
+        self.send_frame(P.DeleteAccount(password=raw, confirm=confirm))
 
     def next_event(self, timeout: float | None = None):
         try:

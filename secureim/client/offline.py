@@ -26,8 +26,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 import crypto_utils as cu
 from secureim import proto as P
+from secureim.client.ports import MailboxHost
 from secureim.e2e import prekeys as K
 from secureim.e2e import sessions as e2e
 from secureim.errors import ConnectionClosed, DecryptionFailed, MessageRefused, SecureIMError
@@ -84,7 +87,7 @@ def _mark_delivered(entry: Outgoing) -> None:
 
 
 class Mailbox:
-    def __init__(self, client) -> None:
+    def __init__(self, client: MailboxHost) -> None:
         self.client = client
         self.lock = threading.RLock()
         self.store: K.PrekeyStore | None = None
@@ -100,13 +103,28 @@ class Mailbox:
         self._open_done = threading.Condition(self.lock)
         self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
         self._thread: threading.Thread | None = None
-        self.published = threading.Event()  # the server holds a current bundle of ours (tests wait on it)
+        self.published: threading.Event = (
+            threading.Event()
+        )  # the server holds a current bundle of ours (tests wait on it)
         self._seen: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
         # A live message is written into the outbox once it has gone; over a fast link (direct UDP on
         # one machine) its receipt can come back first.  Such receipts wait here, bounded, for sent_live.
         self._early: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
 
     # -- setup ------------------------------------------------------------------------
+
+    @property
+    def _username(self) -> str:
+        name = self.client.username
+        assert name is not None  # only used once logged in
+        return name
+
+    @property
+    def _identity(self) -> Ed25519PrivateKey:
+        key = self.client.identity
+        assert key is not None  # only used once logged in
+        return key
+
     def open_store(self, home, username: str, server_id: str, password: str) -> None:
         self.store = K.PrekeyStore(home, username, server_id, password)
         self.inbound = K.InboundSessions(self.store)
@@ -140,15 +158,15 @@ class Mailbox:
         if self.store is None or self.client.identity is None:
             return
         with self.lock:
-            plan = self.store.plan_publish(self.client.identity, msg.one_time_left, msg.signed_prekey_id)
+            plan = self.store.plan_publish(self._identity, msg.one_time_left, msg.signed_prekey_id)
         if plan is None:
             self.published.set()
             return
         signed, one_time, replace = plan
-        self.client._send(P.PublishPrekeys(signed_prekey=signed, one_time=one_time, replace=replace))
+        self.client.send_frame(P.PublishPrekeys(signed_prekey=signed, one_time=one_time, replace=replace))
 
     # -- sending ----------------------------------------------------------------------
-    def _outbound_for(self, peer: str) -> K.OutboundSession:
+    def outbound_for(self, peer: str) -> K.OutboundSession:
         deadline = time.monotonic() + OPEN_TIMEOUT_S
         with self.lock:
             while True:
@@ -166,7 +184,7 @@ class Mailbox:
             self._open_failure.pop(peer, None)
             self._opening.add(peer)
         try:
-            barrier = self.client._barrier_after(P.OfflineOpen(peer=peer))
+            barrier = self.client.barrier_after(P.OfflineOpen(peer=peer))
             if not barrier.done.wait(OPEN_TIMEOUT_S):
                 raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
             with self.lock:
@@ -194,7 +212,7 @@ class Mailbox:
         content = text.encode("utf-8")
         if len(content) > e2e.MAX_TEXT_BYTES:
             raise ValueError(f"Messages are limited to {e2e.MAX_TEXT_BYTES} bytes.")
-        out = self._outbound_for(peer)
+        out = self.outbound_for(peer)
         with self.lock:
             payload = out.seal(e2e.BODY_TEXT, msg_id, content)
             entry = Outgoing(msg_id, peer, text, time.time(), SENDING, stored=True, retried=retried)
@@ -202,7 +220,7 @@ class Mailbox:
                 conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload
             )
             self._remember(entry)
-        self.client._send(entry.store)
+        self.client.send_frame(entry.store)
         return entry
 
     def sent_live(self, peer: str, text: str, msg_id: bytes) -> Outgoing:
@@ -217,7 +235,7 @@ class Mailbox:
             else:
                 self._remember(entry)
         if early:
-            self.client._delivered_event(entry)
+            self.client.delivered_event(entry)
         return entry
 
     def _remember(self, entry: Outgoing) -> None:
@@ -228,7 +246,7 @@ class Mailbox:
         with self.lock:
             again = [e.store for e in self.outbox.values() if e.state == SENDING and e.store is not None]
         for store in again:
-            self.client._send(store)
+            self.client.send_frame(store)
         return len(again)
 
     def entry(self, msg_id: bytes) -> Outgoing | None:
@@ -279,15 +297,15 @@ class Mailbox:
             suite = cu.suite_by_id(msg.suite)
         except SecureIMError:
             return
-        if not client._trust_peer(peer, msg.peer_identity):
+        if not client.trust_peer(peer, msg.peer_identity):
             with self.lock:
                 self._open_failure[peer] = client.why_not_ready(peer)
             return
         try:
             bundle = K.verify_bundle(peer, msg.peer_identity, msg.signed_prekey, msg.one_time_prekey)
             out = K.OutboundSession(
-                client.username,
-                client.identity,
+                self._username,
+                self._identity,
                 peer,
                 msg.peer_identity,
                 msg.conversation_id,
@@ -299,7 +317,7 @@ class Mailbox:
         except (K.BundleRejected, SecureIMError) as exc:
             with self.lock:
                 self._open_failure[peer] = str(exc)
-            client._emit(client._security_warning(peer, str(exc)))
+            client.warn(peer, str(exc))
             return
         with self.lock:
             self.outbound[peer] = (out, time.monotonic())
@@ -309,7 +327,7 @@ class Mailbox:
         with self.lock:
             entry = self.outbox.get(msg.msg_ref)
             if entry is None:
-                self.client.rooms.on_key_stored(msg)  # a room's sender key (or a receipt): not in the outbox
+                self.client.on_room_key_stored(msg)  # a room's sender key (or a receipt): not in the outbox
                 return
             if entry.state != SENDING:
                 return  # the answer to a resend that was answered already
@@ -329,15 +347,15 @@ class Mailbox:
             return
         if entry.receipt_early:  # both are said, in their order: stored (or handed over), delivered
             if entry.state != REFUSED:
-                self.client._stored_event(entry)
+                self.client.stored_event(entry)
             with self.lock:
                 _mark_delivered(entry)
                 self.outbox.pop(entry.msg_id, None)
-            self.client._delivered_event(entry)
+            self.client.delivered_event(entry)
             entry.answered.set()
             return
         entry.answered.set()
-        self.client._stored_event(entry)
+        self.client.stored_event(entry)
 
     # -- receiving --------------------------------------------------------------------
     def on_stored(self, msg: P.StoredMessage) -> None:
@@ -349,9 +367,7 @@ class Mailbox:
             sender = P.normalize_username(msg.sender)
             suite = cu.suite_by_id(msg.suite)
         except SecureIMError:
-            client._emit(
-                client._rejected(msg.sender, "A stored message with a malformed header was discarded.")
-            )
+            client.reject(msg.sender, "A stored message with a malformed header was discarded.")
             self.ack(msg.queue_id)
             return
         if self.store is None or self.inbound is None:
@@ -362,7 +378,7 @@ class Mailbox:
         if seen:
             self.ack(msg.queue_id)  # delivered again (a lost acknowledgement, or a replay): shown once only
             return
-        if not client._trust_peer(sender, msg.sender_identity):
+        if not client.trust_peer(sender, msg.sender_identity):
             with self.lock:  # held, unacknowledged, until /accept (or the next login)
                 held = self.held.setdefault(sender, [])
                 if len(held) < MAX_HELD:
@@ -370,18 +386,16 @@ class Mailbox:
             self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on
             return
         if len(msg.key) != suite.key_bytes:  # the server lost its key: nothing to decide here
-            client._emit(
-                client._rejected(
-                    sender,
-                    f"A stored message from {sender} came without its key; it "
-                    "stays on the server for the next login.",
-                )
+            client.reject(
+                sender,
+                f"A stored message from {sender} came without its key; it "
+                "stays on the server for the next login.",
             )
             self.defer(msg.queue_id)
             return
         ctx = K.StoredContext(
-            client.username,
-            client.identity,
+            self._username,
+            self._identity,
             sender,
             msg.sender_identity,
             msg.conversation_id,
@@ -398,9 +412,9 @@ class Mailbox:
                 self.store.mark_processed(digest)
         self.ack(msg.queue_id)
         if opened is None:
-            client._emit(client._rejected(sender, failure or "A stored message could not be opened."))
+            client.reject(sender, failure or "A stored message could not be opened.")
             return
-        client._opened(sender, opened, stored_at=msg.stored_at_ms / 1000.0, identity=msg.sender_identity)
+        client.on_opened(sender, opened, stored_at=msg.stored_at_ms / 1000.0, identity=msg.sender_identity)
 
     def release_held(self, peer: str) -> int:
         with self.lock:
@@ -412,7 +426,7 @@ class Mailbox:
     def defer(self, queue_id: int) -> None:
         """Keep queued row ``queue_id`` on the server, for the next login (a room's held messages too)."""
         try:
-            self.client._send(P.Defer(queue_id=queue_id))
+            self.client.send_frame(P.Defer(queue_id=queue_id))
         except ConnectionClosed:
             pass
 
@@ -421,7 +435,7 @@ class Mailbox:
         if not queue_id:
             return
         try:
-            self.client._send(P.Ack(queue_id=queue_id))
+            self.client.send_frame(P.Ack(queue_id=queue_id))
         except ConnectionClosed:
             pass  # not acknowledged: it comes again after the reconnect, and is recognised then
 
@@ -440,7 +454,7 @@ class Mailbox:
                     delivered.append(entry)
                     del self.outbox[msg_id]  # done: the outbox keeps what may still need us
         for entry in delivered:
-            self.client._delivered_event(entry)
+            self.client.delivered_event(entry)
 
     # -- receipts and retries, off the receiver thread -----------------------------------
     def receipt(self, peer: str, msg_id: bytes) -> None:
@@ -457,7 +471,7 @@ class Mailbox:
             log.warning("receipt queue full; a receipt was dropped")
 
     def _run(self) -> None:
-        while not self.client._stop.is_set():
+        while not self.client.stopping.is_set():
             try:
                 first = self._jobs.get(timeout=1.0)
             except queue.Empty:
@@ -483,13 +497,13 @@ class Mailbox:
         """Seal ``content`` in the offline session with ``peer`` and Store it (a receipt, a room's
         sender key): kept by the server until the peer's client acknowledges it.  Its reference.
         ``expect_identity``: only if the session is with that identity key (a room's roster)."""
-        out = self._outbound_for(peer)
+        out = self.outbound_for(peer)
         if expect_identity is not None and not cu.constant_time_equal(out.peer_identity, expect_identity):
             raise MessageRefused(f"{peer}'s identity key is not the one the room's admin vouched for")
         with self.lock:
             msg_id = e2e.new_msg_id()
             payload = out.seal(body_type, msg_id, content)
-        self.client._send(
+        self.client.send_frame(
             P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload)
         )
         return msg_id
@@ -497,12 +511,12 @@ class Mailbox:
     def _send_receipt(self, peer: str, ids: list[bytes]) -> None:
         content = e2e.receipt_content(ids[: e2e.MAX_RECEIPT_IDS])
         try:
-            if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):
+            if self.client.send_live_body(peer, e2e.BODY_RECEIPT, content):
                 return
             try:
                 self.send_body(peer, e2e.BODY_RECEIPT, content)
             except MessageRefused:
-                if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):  # it came up meanwhile
+                if self.client.send_live_body(peer, e2e.BODY_RECEIPT, content):  # it came up meanwhile
                     return
                 raise
         except (SecureIMError, ValueError) as exc:
@@ -510,7 +524,7 @@ class Mailbox:
 
     def _resend_live(self, entry: Outgoing) -> None:
         try:
-            self.client._send_sealed(entry.peer, entry.text, None, resend=entry)
+            self.client.send_sealed(entry.peer, entry.text, None, resend=entry)
         except SecureIMError as exc:  # lost again: the next reconnect marks it again
             log.info("a message was not resent: %s", exc)
 
@@ -522,6 +536,6 @@ class Mailbox:
             with self.lock:
                 entry.state, entry.reason = REFUSED, str(exc)
             entry.answered.set()
-            self.client._stored_event(entry)
+            self.client.stored_event(entry)
             return
         log.debug("stored message resealed (%s)", again.state)

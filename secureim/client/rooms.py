@@ -21,9 +21,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.client.display import sanitize
+from secureim.client.ports import RoomsHost
 from secureim.e2e import rooms as R
 from secureim.e2e import sessions as e2e
 from secureim.errors import (
@@ -87,7 +90,7 @@ class RoomSent:
 
 
 class RoomsClient:
-    def __init__(self, client) -> None:
+    def __init__(self, client: RoomsHost) -> None:
         self.client = client
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
@@ -99,13 +102,25 @@ class RoomsClient:
         self._held: list[tuple[str, P.RoomMessage, float]] = []  # (room, message, held since)
         self.left: dict[str, int] = {}  # b64(uid) -> the epoch at which this client's membership ended
 
+    @property
+    def _username(self) -> str:
+        name = self.client.username
+        assert name is not None  # only used once logged in
+        return name
+
+    @property
+    def _identity(self) -> Ed25519PrivateKey:
+        key = self.client.identity
+        assert key is not None  # only used once logged in
+        return key
+
     # -- state at rest ------------------------------------------------------------------
     def load(self) -> None:
         store = self.client.mailbox.store
         if store is None:
             return
         with self.lock:
-            self.rooms = R.load_rooms(self.client.username, store.rooms)
+            self.rooms = R.load_rooms(self._username, store.rooms)
             self.left = {k: int(v) for k, v in store.rooms_left.items()}
 
     def _save(self) -> None:
@@ -146,31 +161,30 @@ class RoomsClient:
 
     def create(self, name: str) -> None:
         name = R.normalize_room(name)
-        client = self.client
         with self.lock:
             if name in self.rooms:
                 raise RoomError(f"You are in {name} already.")
             if len(self.rooms) >= R.MAX_ROOMS:
                 raise RoomError(f"You are in {R.MAX_ROOMS} rooms; leave one first.")
         change = R.make_change(
-            client.identity,
+            self._identity,
             action=R.CREATE,
             uid=cu.random_bytes(R.UID_BYTES),
             room=name,
             epoch=1,
             at_ms=int(time.time() * 1000),
             prev_head=R.ZERO_HEAD,
-            actor=client.username,
+            actor=self._username,
             target="",
-            admin=client.username,
-            roster=[(client.username, cu.public_bytes(client.identity))],
+            admin=self._username,
+            roster=[(self._username, cu.public_bytes(self._identity))],
         )
         result = self._request(P.RoomCreate(change=change.blob), name)
         suite = self._suite(result.suite, result.key)
         with self.lock:
             if name not in self.rooms:  # (the queued copy of the creation may have come first)
                 room = R.RoomSession.first_contact(
-                    client.username, change, cu.public_bytes(client.identity), result.suite
+                    self._username, change, cu.public_bytes(self._identity), result.suite
                 )
                 self.rooms[name] = room
             room = self.rooms[name]
@@ -184,7 +198,7 @@ class RoomsClient:
         room = self._room(name)
         if user in room.members:
             raise RoomError(f"{user} is in {room.name} already.")
-        if room.admin != self.client.username:
+        if room.admin != self._username:
             raise RoomError(f"Only {room.name}'s admin ({room.admin}) can do that.")
         self._change(room, R.ADD, user, self._identity_for(user))
 
@@ -196,13 +210,13 @@ class RoomsClient:
         if pinned is None:
             try:
                 client.mailbox.forget_outbound(user)
-                client.mailbox._outbound_for(user)  # OfflineOpen: checked and pinned on its way in
+                client.mailbox.outbound_for(user)  # OfflineOpen: checked and pinned on its way in
             except MessageRefused as exc:
                 if client.presence(user) == "unknown":
                     raise RoomError(f"There is no user {user}.") from None
                 raise RoomError(f"{user} cannot be added: {_clean(str(exc))}") from None
             pinned = client.peer_trust.pinned(user)
-        if pinned is None or user in client._changed_identity:
+        if pinned is None or client.has_refused_key(user):
             raise RoomError(
                 f"{user}'s identity key changed; compare safety numbers (/verify {user}) and "
                 f"/accept {user} first."
@@ -214,17 +228,17 @@ class RoomsClient:
         room = self._room(name)
         if user not in room.members:
             raise RoomError(f"{user} is not a member of {room.name}.")
-        if user == self.client.username:
+        if user == self._username:
             raise RoomError(f"Use /leave {room.name} to leave it.")
         self._change(room, R.REMOVE, user)
 
     def leave(self, name: str) -> str:
         """Leave the room; its admin closes it (for everyone).  Returns what happened."""
         room = self._room(name)
-        if room.admin == self.client.username:
+        if room.admin == self._username:
             self._change(room, R.CLOSE, "")
             return f"You closed {room.name}: it is gone for every member."
-        self._change(room, R.LEAVE, self.client.username)
+        self._change(room, R.LEAVE, self._username)
         return f"You left {room.name}."
 
     def leave_all(self) -> list[str]:
@@ -240,14 +254,14 @@ class RoomsClient:
     def _change(
         self, room: R.RoomSession, action: int, target: str, target_identity: bytes | None = None
     ) -> None:
-        me = self.client.username
+        me = self._username
         if action in (R.ADD, R.REMOVE, R.CLOSE) and room.admin != me:
             raise RoomError(f"Only {room.name}'s admin ({room.admin}) can do that.")
         for _attempt in range(STALE_RETRIES):
             with self.lock:
                 try:
                     change = room.next_change(
-                        self.client.identity, action, target, int(time.time() * 1000), target_identity
+                        self._identity, action, target, int(time.time() * 1000), target_identity
                     )
                 except ChangeRefused as exc:
                     raise RoomError(str(exc)) from None
@@ -292,7 +306,7 @@ class RoomsClient:
         with self._op_lock:
             while not self._results.empty():
                 self._results.get_nowait()
-            self.client._send(msg)
+            self.client.send_frame(msg)
             deadline = time.monotonic() + REPLY_TIMEOUT_S
             while True:
                 try:
@@ -338,7 +352,7 @@ class RoomsClient:
                 waiter: queue.Queue = queue.Queue(maxsize=1)
                 self._sends[msg_id] = waiter
             try:
-                self.client._send(send)
+                self.client.send_frame(send)
                 try:
                     result = waiter.get(timeout=SEND_TIMEOUT_S)
                 except queue.Empty:
@@ -427,11 +441,11 @@ class RoomsClient:
         joins, from the add itself, whose admin key is then held to the key pinned for the admin);
         ``msg.actor_identity`` (the server's word) decides nothing."""
         client = self.client
-        me, my_key = client.username, cu.public_bytes(client.identity)
+        me, my_key = self._username, cu.public_bytes(self._identity)
         try:
             change = R.parse_change(msg.change)
         except ChangeRefused as exc:
-            client._emit(RoomWarning("", f"WARNING: {exc}"))
+            client.emit(RoomWarning("", f"WARNING: {exc}"))
             self.client.mailbox.ack(msg.queue_id)
             return
         kdc = msg.key if self._suite(msg.suite, msg.key) else None
@@ -453,7 +467,7 @@ class RoomsClient:
                 room = R.RoomSession.first_contact(me, change, my_key, msg.suite, left_at)
                 # Verified with the key the add gives the admin: it must be the one pinned for them (or
                 # is pinned now, on first contact), outside our lock (trust takes the mailbox's).
-                if change.admin != me and not client._trust_peer(change.admin, room.admin_identity):
+                if change.admin != me and not client.trust_peer(change.admin, room.admin_identity):
                     raise ChangeRefused(
                         f"The add to {change.room} is signed with a key for {change.admin} other "
                         f"than the one you know; it was refused (see /verify {change.admin})."
@@ -498,13 +512,13 @@ class RoomsClient:
                         self._left(room, change.epoch)
                     self.changed.notify_all()
         except ChangeRefused as exc:
-            client._emit(RoomWarning(change.room, f"WARNING: {exc}"))
+            client.emit(RoomWarning(change.room, f"WARNING: {exc}"))
             self.client.mailbox.ack(msg.queue_id)
             return
         self._save()
         self.client.mailbox.ack(msg.queue_id)
         if notice:
-            client._emit(RoomNotice(change.room, notice, gone=gone, joined=joined))
+            client.emit(RoomNotice(change.room, notice, gone=gone, joined=joined))
         with self.lock:
             early = room.take_pending() if room.name in self.rooms else []
         for sender, content, identity in early:
@@ -540,7 +554,7 @@ class RoomsClient:
                 retry = [m for r, m, _t in self._held if r == name and m.sender == sender]
                 self._held = [h for h in self._held if not (h[0] == name and h[1].sender == sender)]
         if warning:
-            self.client._emit(RoomWarning(name, warning))
+            self.client.emit(RoomWarning(name, warning))
             return
         self._save()
         for held in retry:
@@ -588,11 +602,11 @@ class RoomsClient:
                     return
         if opened is None:
             self.client.mailbox.ack(msg.queue_id)
-            client._emit(RoomWarning(room.name, failure))
+            client.emit(RoomWarning(room.name, failure))
             return
         self._save()
         self.client.mailbox.ack(msg.queue_id)
-        client._emit(RoomMessageReceived(room.name, sender, opened.text, opened.sent_at, stored_at))
+        client.emit(RoomMessageReceived(room.name, sender, opened.text, opened.sent_at, stored_at))
 
 
 class _Stale(Exception):

@@ -131,8 +131,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="receipt-before-store-answer-not-said",
         file="secureim/client/offline.py",
-        find="            if entry.state != REFUSED:\n                self.client._stored_event(entry)\n",
-        replace="            if False:\n                self.client._stored_event(entry)\n",
+        find="            if entry.state != REFUSED:\n                self.client.stored_event(entry)\n",
+        replace="            if False:\n                self.client.stored_event(entry)\n",
         tests=(OFF + "test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it",),
         why="the early receipt swallows the server's answer: no 'Stored for bob' line, though the server took it.",
     ),
