@@ -441,7 +441,7 @@ def test_A30_hostile_usernames_are_refused(tmp_path, username):
     with running_server(tmp_path / "srv") as server:
         c = make_client(server, tmp_path / "x")
         with pytest.raises((InvalidUsername, InvalidPassword)):
-            c._authenticate(
+            c.account.authenticate(
                 P.Register(username=username[:32], password=PASSWORD.encode(), identity_key=bytes(32))
                 if len(username.encode()) <= 32
                 else P.Register(username="a" * 32 + "b", password=b"", identity_key=bytes(32))

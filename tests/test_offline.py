@@ -262,12 +262,12 @@ class _OpeningClient:
     node_id = "test"
 
     def __init__(self, refusal: str | None = None):
-        self.opens: list[CC._Barrier] = []
+        self.opens: list[CC.Barrier] = []
         self.progress = threading.Event()
         self.refusal = refusal
 
     def barrier_after(self, msg):
-        barrier = CC._Barrier()
+        barrier = CC.Barrier()
         if self.refusal is not None:  # answered at once, with this refusal and no session
             barrier.refusals.append(self.refusal)
             barrier.done.set()

@@ -172,7 +172,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipts-never-sent",
-        file="secureim/client/chat.py",
+        file="secureim/client/incoming.py",
         find="        if self.receipts:\n            self.mailbox.receipt(sender, opened.msg_id)",
         replace="        if False:\n            self.mailbox.receipt(sender, opened.msg_id)",
         tests=(
@@ -207,7 +207,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="resent-message-shown-twice",
-        file="secureim/client/chat.py",
+        file="secureim/client/incoming.py",
         find="if self.mailbox.seen_before(sender, opened.msg_id):",
         replace="if False:",
         tests=(OFF + "test_a_message_whose_receipt_was_lost_is_resent_but_shown_once",),
@@ -277,8 +277,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipts-relayed-in-direct-mode",
-        file="secureim/client/chat.py",
-        find="        if self.is_direct(peer):  # over the direct link, as the messages it answers: the server sees none\n",
+        file="secureim/client/sending.py",
+        find="        # Over the direct link, as the messages it answers: the server sees none.\n        if self._direct.is_direct(peer):\n",
         replace="        if False:\n",
         tests=("tests/test_direct.py::test_direct_mode_keeps_message_data_off_the_server",),
         why="receipts of direct messages go through the server: it learns when and how much they talk.",

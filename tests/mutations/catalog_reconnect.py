@@ -56,8 +56,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-refused-ticket-ends-without-asking",
-        file="secureim/client/chat.py",
-        find='                self._ticket = None\n                return f"Reconnecting failed: {exc}"',
+        file="secureim/client/session.py",
+        find='                self._account.forget_ticket()\n                return f"Reconnecting failed: {exc}"',
         replace='                return f"Reconnecting failed: {exc}"',
         tests=(f"{_RC}::test_a_refused_ticket_asks_to_log_in_again_and_no_ends_it",),
         why="an expired or refused ticket ends the terminal with an error instead of offering a login.",
