@@ -85,6 +85,7 @@ from secureim.client.session import (
     Session,
 )
 from secureim.client.trust import PeerTrustKeeper
+from secureim.client.waiting import MAX_QUEUED_LINES, LineOutcome, Say, WaitingLines
 from secureim.e2e import sessions as e2e
 from secureim.errors import ConfigError, HistoryError
 
@@ -195,6 +196,7 @@ class ChatClient:
         self.rooms = room_client.RoomsClient(self)
         self.incoming = Incoming(self, self.mailbox, self.rooms, receipts=receipts)
         self.sender = Sender(self, self.connection, self.chats, self.direct, self.mailbox)
+        self.waiting = WaitingLines(self, limit=MAX_QUEUED_LINES)
         # Looked up when a frame comes (late binding: a test may replace a part's handler).
         self._handlers: dict[type, Callable[[Any], None]] = {
             P.PeerStatus: lambda m: self.chats.on_peer_status(m),
@@ -351,6 +353,10 @@ class ChatClient:
         self, peer: str, text: str, timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S
     ) -> offline.Outgoing:
         return self.sender.send_confirmed(peer, text, timeout_s)
+
+    def send_or_queue(self, peer: str, text: str, say: Say | None = None) -> LineOutcome:
+        """A line under the policy the terminal uses (waiting.py): it waits while it cannot go."""
+        return self.waiting.send_or_queue(P.normalize_username(peer), text, *([say] if say else []))
 
     def pending(self) -> list[offline.Outgoing]:
         """Messages sent this session with no delivery receipt yet, oldest first."""

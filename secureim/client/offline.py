@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import crypto_utils as cu
 from secureim import proto as P
+from secureim.client.courier import Courier
 from secureim.client.ports import MailboxHost
 from secureim.e2e import prekeys as K
 from secureim.e2e import sessions as e2e
@@ -101,8 +101,7 @@ class Mailbox:
         # _answered.  Another thread that wants the same peer waits for it and takes its session.
         self._opening: set[str] = set()
         self._open_done = threading.Condition(self.lock)
-        self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
-        self._thread: threading.Thread | None = None
+        self.courier = Courier(client, self, max_jobs=MAX_RECEIPT_JOBS)
         self.published: threading.Event = (
             threading.Event()
         )  # the server holds a current bundle of ours (tests wait on it)
@@ -280,9 +279,9 @@ class Mailbox:
                 entry.resend_due = False
         for entry in due:
             if live:
-                self._resend_live(entry)  # now, before anything typed after the reconnect
+                self.courier.resend_live(entry)  # now, before anything typed after the reconnect
             else:
-                self._job(("resend", entry))
+                self.courier.resend(entry)
 
     def pending(self) -> list[Outgoing]:
         with self.lock:
@@ -343,7 +342,7 @@ class Mailbox:
             else:
                 entry.state, entry.reason = REFUSED, msg.reason
         if retry:
-            self._job(("resend", entry))
+            self.courier.resend(entry)
             return
         if entry.receipt_early:  # both are said, in their order: stored (or handed over), delivered
             if entry.state != REFUSED:
@@ -456,40 +455,9 @@ class Mailbox:
         for entry in delivered:
             self.client.delivered_event(entry)
 
-    # -- receipts and retries, off the receiver thread -----------------------------------
+    # -- receipts and retries, off the receiver thread (courier.py) ------------------------
     def receipt(self, peer: str, msg_id: bytes) -> None:
-        self._job(("receipt", peer, msg_id))
-
-    def _job(self, job) -> None:
-        with self.lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="offline-mail", daemon=True)
-                self._thread.start()
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            log.warning("receipt queue full; a receipt was dropped")
-
-    def _run(self) -> None:
-        while not self.client.stopping.is_set():
-            try:
-                first = self._jobs.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            batch = [first]
-            while len(batch) < e2e.MAX_RECEIPT_IDS:
-                try:
-                    batch.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
-            receipts: dict[str, list[bytes]] = {}
-            for job in batch:
-                if job[0] == "receipt":
-                    receipts.setdefault(job[1], []).append(job[2])
-                else:
-                    self._resend(job[1])
-            for peer, ids in receipts.items():
-                self._send_receipt(peer, ids)
+        self.courier.receipt(peer, msg_id)
 
     def send_body(
         self, peer: str, body_type: int, content: bytes, *, expect_identity: bytes | None = None
@@ -508,34 +476,9 @@ class Mailbox:
         )
         return msg_id
 
-    def _send_receipt(self, peer: str, ids: list[bytes]) -> None:
-        content = e2e.receipt_content(ids[: e2e.MAX_RECEIPT_IDS])
-        try:
-            if self.client.send_live_body(peer, e2e.BODY_RECEIPT, content):
-                return
-            try:
-                self.send_body(peer, e2e.BODY_RECEIPT, content)
-            except MessageRefused:
-                if self.client.send_live_body(peer, e2e.BODY_RECEIPT, content):  # it came up meanwhile
-                    return
-                raise
-        except (SecureIMError, ValueError) as exc:
-            log.info("a receipt to a peer was not sent: %s", exc)
-
-    def _resend_live(self, entry: Outgoing) -> None:
-        try:
-            self.client.send_sealed(entry.peer, entry.text, None, resend=entry)
-        except SecureIMError as exc:  # lost again: the next reconnect marks it again
-            log.info("a message was not resent: %s", exc)
-
-    def _resend(self, entry: Outgoing) -> None:
-        """The offline key of that generation had expired: seal again under a new one, once."""
-        try:
-            again = self.send_text(entry.peer, entry.text, entry.msg_id, retried=entry.stored)
-        except (SecureIMError, ValueError) as exc:
-            with self.lock:
-                entry.state, entry.reason = REFUSED, str(exc)
-            entry.answered.set()
-            self.client.stored_event(entry)
-            return
-        log.debug("stored message resealed (%s)", again.state)
+    def refuse(self, entry: Outgoing, reason: str) -> None:
+        """A message that cannot be stored after all (its reseal failed): said, and answered."""
+        with self.lock:
+            entry.state, entry.reason = REFUSED, reason
+        entry.answered.set()
+        self.client.stored_event(entry)

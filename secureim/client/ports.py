@@ -19,8 +19,8 @@ from secureim.e2e import sessions as e2e
 if TYPE_CHECKING:
     from secureim.client import history as H
     from secureim.client.offline import Outgoing
-    from secureim.e2e import rooms as R
     from secureim.e2e import datagrams as direct
+    from secureim.e2e import rooms as R
 
 
 class Barrier(Protocol):

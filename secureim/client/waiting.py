@@ -71,7 +71,9 @@ class WaitingLines:
         """Reconnected was shown: the conversations are asked for again, each is keyed anew."""
         with self.lock:
             self.away = False
-            self.rekeying = {p for p in [destination, *(p for p, _t in self.lines)] if p and not p.startswith("#")}
+            self.rekeying = {
+                p for p in [destination, *(p for p, _t in self.lines)] if p and not p.startswith("#")
+            }
 
     def take_over(self, old: WaitingLines, destination: str | None) -> list[str]:
         """A new login after a refused ticket: the old client's waiting lines are this one's.

@@ -28,8 +28,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-queue-drops-lines-typed-while-disconnected",
-        file="secureim/tui/app.py",
-        find="                self.queued.append((dest, text))\n",
+        file="secureim/client/waiting.py",
+        find="                self.lines.append((peer, text))\n",
         replace="                pass\n",
         tests=(
             f"{_RC}::test_sigkill_mid_chat_both_terminals_stay_reconnect_and_deliver_the_queued_line_once",
@@ -38,8 +38,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-queue-not-flushed-when-rekeyed",
-        file="secureim/tui/app.py",
-        find="            self._flush(event.peer)\n",
+        file="secureim/client/waiting.py",
+        find="            self.flush(event.peer, say)\n",
         replace="            pass\n",
         tests=(
             f"{_RC}::test_sigkill_mid_chat_both_terminals_stay_reconnect_and_deliver_the_queued_line_once",
