@@ -21,7 +21,7 @@ from secureim.tui.commands import (
 from secureim.tui.terminal import LeaveChat, PromptInterrupted, Terminal, arrow_glyph, preview, shown_or
 
 
-class ChatUI(ChatCommands):
+class ChatUI:
     def __init__(
         self, client: C.ChatClient, term: Terminal, prefer_direct: bool = False, relogin=None
     ) -> None:
@@ -33,16 +33,17 @@ class ChatUI(ChatCommands):
         self.lost: str | None = None
         self.arrow = arrow_glyph()
         self.ellipsis = shown_or("…", "...")
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self.unread: dict[str, int] = {}
         self.online: set[str] = set()
         self.deleted = False
-        self._history_due: str | None = None  # the destination whose last lines follow its status
-        self._deletion_answered = threading.Event()
+        self.history_due: str | None = None  # the destination whose last lines follow its status
+        self.deletion_answered = threading.Event()
         # A lost connection: the client's waiting lines (C.ChatClient.waiting) know it is away until
         # Reconnected; then each conversation waits for its ConversationReady, lines typed meanwhile
         # wait there, in order.
         self.expired = False  # the ticket was refused: the main thread asks to log in again
+        self.commands = ChatCommands(self)
         self._printer = self._new_printer()
         term.completions = self._names
 
@@ -54,14 +55,14 @@ class ChatUI(ChatCommands):
         return threading.Thread(target=self._print_events, args=(self.client,), name="events", daemon=True)
 
     def _names(self) -> list[str]:
-        with self._lock:
+        with self.lock:
             names = self.online | set(self.unread)
         names |= set(self.client.open_conversations()) | set(self.client.rooms.my_rooms())
         names.discard(self.client.username or "")
         return sorted(names)
 
     def prompt(self) -> str:
-        with self._lock:
+        with self.lock:
             news = [f"{peer}:{n}" for peer, n in sorted(self.unread.items())]
         activity = f" (act: {', '.join(news)})" if news else ""
         state = " (reconnecting)" if self.offline else ""
@@ -77,13 +78,13 @@ class ChatUI(ChatCommands):
             if isinstance(event, C.AccountDeletion):
                 self.term.say(f"[CLIENT]: {event.reason}")
                 self.deleted = event.deleted
-                self._deletion_answered.set()
+                self.deletion_answered.set()
                 continue
             if isinstance(event, C.Disconnected) and self.deleted:
                 return  # the server closes after a deletion: a normal end
             if isinstance(event, C.Disconnected):
                 client.waiting.note_lost()
-                with self._lock:
+                with self.lock:
                     if event.ticket_refused:  # only the password goes on: the main thread asks
                         self.expired = True
                     else:
@@ -102,13 +103,13 @@ class ChatUI(ChatCommands):
     def _history_after_status(self, event) -> None:
         if not isinstance(event, (C.PeerOnline, C.PeerOffline, C.PeerUnknown)):
             return
-        with self._lock:
-            due = self._history_due
+        with self.lock:
+            due = self.history_due
             if due != event.peer:
                 return
-            self._history_due = None
+            self.history_due = None
         if not isinstance(event, C.PeerUnknown):
-            self._show_history(due, C.SHOWN_ON_OPEN, opening=True)
+            self.commands.show_history(due, C.SHOWN_ON_OPEN, opening=True)
 
     def _describe(self, event) -> str | None:
         peer = C.sanitize(getattr(event, "peer", "") or "", 64)
@@ -141,11 +142,11 @@ class ChatUI(ChatCommands):
         if isinstance(event, C.MessageUndelivered):
             return f"[CLIENT]: Not delivered to {peer} (no acknowledgement): {C.sanitize(event.text, 200)}"
         if isinstance(event, C.PeerOnline):
-            with self._lock:
+            with self.lock:
                 self.online.add(peer)
             return "[CLIENT]: Destination user is online." if is_dest else f"[CLIENT]: {peer} is online."
         if isinstance(event, C.PeerOffline):
-            with self._lock:
+            with self.lock:
                 self.online.discard(peer)
             return (
                 "[CLIENT]: Destination user is offline.\n"
@@ -160,7 +161,7 @@ class ChatUI(ChatCommands):
         if isinstance(event, C.ConversationReady):
             if self.prefer_direct:
                 self.client.open_direct(event.peer)
-            with self._lock:
+            with self.lock:
                 self.online.add(peer)
             trust = "verified" if event.verified else f"not verified yet: /verify {peer}"
             if event.opened_by_peer and not is_dest:
@@ -175,7 +176,7 @@ class ChatUI(ChatCommands):
         if isinstance(event, C.MessageRejected):
             return f"[CLIENT]: {C.sanitize(event.reason)}"
         if isinstance(event, C.WhoList):
-            with self._lock:
+            with self.lock:
                 self.online = set(event.users)
             more = f" (and {event.total - len(event.users)} more)" if event.total > len(event.users) else ""
             return f"[CLIENT]: Online now ({event.total}): {', '.join(event.users)}{more}"
@@ -200,7 +201,7 @@ class ChatUI(ChatCommands):
         the current destination."""
         if self.destination is None or where == self.destination:
             return ""
-        with self._lock:
+        with self.lock:
             self.unread[where] = self.unread.get(where, 0) + 1
         self.term.ring()
         return "* "
@@ -216,7 +217,7 @@ class ChatUI(ChatCommands):
             return f"[CLIENT]: @@@ {C.sanitize(event.text, 600)}"
         line = f"[CLIENT]: {C.sanitize(event.text, 600)}"
         if event.gone:
-            return line + self._room_gone(room)
+            return line + self.commands.room_gone(room)
         if event.joined:
             line += f" Type /to {room} to talk there."
         return line
@@ -243,20 +244,20 @@ class ChatUI(ChatCommands):
         while self.destination is None:
             name = self._read("[CLIENT]: Destination: ").strip()
             if name.startswith("/"):
-                if self._command(name) is not None:
+                if self.commands.command(name) is not None:
                     return EXIT_OK
             elif name:
-                self._switch_to(name)
+                self.commands.switch_to(name)
         while True:
             line = self._read(self.prompt, chat=True)
             try:
                 if line.startswith("//"):
                     self._send(line[1:])
                 elif line.startswith("/"):
-                    if self._command(line.strip()) is not None:
+                    if self.commands.command(line.strip()) is not None:
                         return EXIT_OK
                 elif line.strip() and self.destination is None:
-                    self._switch_to(line.strip())  # asked for a destination again (a room went)
+                    self.commands.switch_to(line.strip())  # asked for a destination again (a room went)
                 elif line.strip():
                     self._send(line)
             except ConnectionClosed as exc:  # a command while reconnecting: the session goes on
@@ -293,7 +294,7 @@ class ChatUI(ChatCommands):
         """A new login after a refused ticket: same destination, same queued lines, a new printer."""
         old, self.client = self.client, client
         peers = client.waiting.take_over(old.waiting, self.destination)
-        with self._lock:
+        with self.lock:
             self.expired = False
         self._printer = self._new_printer()
         self._printer.start()
