@@ -24,7 +24,7 @@ resumes on the next live node with the session ticket when the connection is los
   ``sending``, ``incoming``, ``direct``; each gets the narrow Protocol it needs (``ports``);
 - ``events``: the event records; ``display``: ``sanitize``;
 - ``pinning``: known servers, pending keys, the home folder;
-- ``offline``: store and forward (the mailbox; its worker: ``courier``); ``waiting``: lines that
+- ``offline``: store and forward (the mailbox; its worker: ``courier``; stored messages in: ``inbox``); ``waiting``: lines that
   cannot leave yet (``MAX_QUEUED_LINES``, the policy the terminal and scripts share);
   ``rooms`` (+ ``room_messaging``, ``room_events``): group rooms; ``history``: the encrypted local
   history; ``scripting``: ``send``/``receive`` and the JSON-lines interface.

@@ -10,7 +10,8 @@
 - ``trust.PeerTrustKeeper``: peers' identity keys (pinned; a changed key refused until accepted);
 - ``conversations.Conversations``: presence, KDC keys, key shares, sealing in a live session;
 - ``sending.Sender`` and ``offline.Mailbox``: every outgoing message (live, stored, confirmed)
-  in ONE outbox, and ``waiting.WaitingLines``: the lines typed while they cannot leave yet;
+  in ONE outbox (the mailbox's worker: ``courier.Courier``), and ``waiting.WaitingLines``: the
+  lines typed while they cannot leave yet; ``inbox.Inbox``: stored messages coming in;
 - ``direct.DirectMode``: the UDP links; ``rooms.RoomsClient``: group rooms;
 - ``history.History``: the optional encrypted local history; events go to one queue (``events``).
 

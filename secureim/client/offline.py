@@ -30,16 +30,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.client.courier import Courier
+from secureim.client.inbox import MAX_HELD as MAX_HELD
+from secureim.client.inbox import Inbox
 from secureim.client.ports import MailboxHost
 from secureim.e2e import prekeys as K
 from secureim.e2e import sessions as e2e
-from secureim.errors import ConnectionClosed, DecryptionFailed, MessageRefused, SecureIMError
+from secureim.errors import ConnectionClosed, MessageRefused, SecureIMError
 
 log = logging.getLogger("secureim.offline")
 
 OPEN_TIMEOUT_S = 15.0  # waiting for an offline key (a database write and a prekey take on the server)
 MAX_OUTBOX = 1000  # sent messages remembered until delivered (oldest delivered ones go first)
-MAX_HELD = 1000  # stored messages held while their sender's changed identity waits for /accept
 MAX_RECEIPT_JOBS = 10000
 MAX_EARLY_RECEIPTS = 256  # receipts that overtook the bookkeeping of the message they answer
 MAX_SEEN_IDS = K.MAX_SEEN_IDS  # ids of messages shown, so a resend after a reconnect is shown once
@@ -94,7 +95,6 @@ class Mailbox:
         self.inbound: K.InboundSessions | None = None
         self.outbound: dict[str, tuple[K.OutboundSession, float]] = {}  # peer -> (session, made at)
         self.outbox: collections.OrderedDict[bytes, Outgoing] = collections.OrderedDict()
-        self.held: dict[str, list[P.StoredMessage]] = {}
         self._open_failure: dict[str, str] = {}
         self._answered: dict[str, K.OutboundSession] = {}  # the answer to the OfflineOpen in flight
         # One OfflineOpen in flight per peer: a second one's answer would overwrite the first's in
@@ -102,6 +102,7 @@ class Mailbox:
         self._opening: set[str] = set()
         self._open_done = threading.Condition(self.lock)
         self.courier = Courier(client, self, max_jobs=MAX_RECEIPT_JOBS)
+        self.inbox = Inbox(client, self)
         self.published: threading.Event = (
             threading.Event()
         )  # the server holds a current bundle of ours (tests wait on it)
@@ -356,87 +357,18 @@ class Mailbox:
         entry.answered.set()
         self.client.stored_event(entry)
 
-    # -- receiving --------------------------------------------------------------------
+    # -- receiving (inbox.py) ---------------------------------------------------------
     def on_stored(self, msg: P.StoredMessage) -> None:
-        """A stored message (receiver thread, or the caller of /accept for held ones)."""
-        if msg.queue_id == 0:
-            return
-        client = self.client
-        try:
-            sender = P.normalize_username(msg.sender)
-            suite = cu.suite_by_id(msg.suite)
-        except SecureIMError:
-            client.reject(msg.sender, "A stored message with a malformed header was discarded.")
-            self.ack(msg.queue_id)
-            return
-        if self.store is None or self.inbound is None:
-            return  # no prekeys on this client (it cannot open anything stored): leave it on the server
-        digest = K.payload_digest(msg.payload)
-        with self.lock:
-            seen = self.store.already_processed(digest)
-        if seen:
-            self.ack(msg.queue_id)  # delivered again (a lost acknowledgement, or a replay): shown once only
-            return
-        if not client.trust_peer(sender, msg.sender_identity):
-            with self.lock:  # held, unacknowledged, until /accept (or the next login)
-                held = self.held.setdefault(sender, [])
-                if len(held) < MAX_HELD:
-                    held.append(msg)
-            self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on
-            return
-        if len(msg.key) != suite.key_bytes:  # the server lost its key: nothing to decide here
-            client.reject(
-                sender,
-                f"A stored message from {sender} came without its key; it "
-                "stays on the server for the next login.",
-            )
-            self.defer(msg.queue_id)
-            return
-        ctx = K.StoredContext(
-            self._username,
-            self._identity,
-            sender,
-            msg.sender_identity,
-            msg.conversation_id,
-            msg.generation,
-            msg.key,
-            suite,
-        )
-        with self.lock:
-            try:
-                opened = self.inbound.open(ctx, msg.payload, digest=digest)
-                failure = None
-            except DecryptionFailed as exc:  # it will never open: said, and not asked for again
-                opened, failure = None, str(exc)
-                self.store.mark_processed(digest)
-        self.ack(msg.queue_id)
-        if opened is None:
-            client.reject(sender, failure or "A stored message could not be opened.")
-            return
-        client.on_opened(sender, opened, stored_at=msg.stored_at_ms / 1000.0, identity=msg.sender_identity)
+        self.inbox.on_stored(msg)
 
     def release_held(self, peer: str) -> int:
-        with self.lock:
-            held = self.held.pop(peer, [])
-        for msg in held:
-            self.on_stored(msg)
-        return len(held)
+        return self.inbox.release_held(peer)
 
     def defer(self, queue_id: int) -> None:
-        """Keep queued row ``queue_id`` on the server, for the next login (a room's held messages too)."""
-        try:
-            self.client.send_frame(P.Defer(queue_id=queue_id))
-        except ConnectionClosed:
-            pass
+        self.inbox.defer(queue_id)
 
     def ack(self, queue_id: int) -> None:
-        """Queued row ``queue_id`` reached this client: the server deletes it (0: a live frame, nothing)."""
-        if not queue_id:
-            return
-        try:
-            self.client.send_frame(P.Ack(queue_id=queue_id))
-        except ConnectionClosed:
-            pass  # not acknowledged: it comes again after the reconnect, and is recognised then
+        self.inbox.ack(queue_id)
 
     def on_receipt(self, peer: str, ids: tuple[bytes, ...]) -> None:
         """An authenticated receipt from ``peer``: only their own messages are marked."""

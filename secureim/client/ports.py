@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from secureim.client import history as H
     from secureim.client.offline import Outgoing
     from secureim.e2e import datagrams as direct
+    from secureim.e2e import prekeys as K
     from secureim.e2e import rooms as R
 
 
@@ -366,3 +367,30 @@ class WaitingHost(Protocol):
     def wait_conversation(self, peer: str, timeout_s: float = ...) -> bool: ...
     def presence(self, peer: str) -> str | None: ...
     def why_not_ready(self, peer: str) -> str: ...
+
+
+class InboxHost(FrameSender, Me, Protocol):
+    """What inbox.Inbox (stored messages coming in) needs of the rest of the client."""
+
+    def trust_peer(self, peer: str, key: bytes) -> bool: ...
+    def reject(self, peer: str, reason: str) -> None: ...
+    def on_opened(
+        self,
+        sender: str,
+        opened: e2e.Opened,
+        *,
+        stored_at: float | None = None,
+        direct: bool = False,
+        identity: bytes | None = None,
+    ) -> None: ...
+
+
+class PrekeyHolder(Protocol):
+    """The mailbox's sealed prekey store and the sessions it opens stored messages with."""
+
+    @property
+    def lock(self) -> threading.RLock: ...
+    @property
+    def store(self) -> K.PrekeyStore | None: ...
+    @property
+    def inbound(self) -> K.InboundSessions | None: ...

@@ -89,7 +89,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-changed-identity-discards",
-        file="secureim/client/offline.py",
+        file="secureim/client/inbox.py",
         find="                if len(held) < MAX_HELD:\n                    held.append(msg)",
         replace="                if len(held) < MAX_HELD:\n                    self._ack(msg)",
         tests=(OFF + "test_a_changed_identity_holds_stored_messages_until_accept",),
@@ -97,7 +97,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-redelivery-shown-again",
-        file="secureim/client/offline.py",
+        file="secureim/client/inbox.py",
         find="        if seen:\n            self.ack(msg.queue_id)",
         replace="        if False:\n            self.ack(msg.queue_id)",
         tests=(OFF + "test_a_server_replaying_a_stored_message_gets_it_acknowledged_and_never_shown_twice",),
@@ -245,7 +245,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="held-messages-block-the-queue",
-        file="secureim/client/offline.py",
+        file="secureim/client/inbox.py",
         find="            self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on\n",
         replace="",
         tests=(OFF + "test_messages_held_for_an_identity_decision_do_not_hold_up_the_others",),
