@@ -1626,7 +1626,7 @@ def _room_worker(endpoints, w, workers, plan, sync, shared, results, timeout_s, 
                 payload = ROOM_HEADER.pack(s, k, time.time()) + pad
                 with c.answer_cond:
                     c.sent += 1
-                c._send(P.RoomSend(room_id=room_id, epoch=epoch, msg_ref=ref, payload=payload))
+                c.send_frame(P.RoomSend(room_id=room_id, epoch=epoch, msg_ref=ref, payload=payload))
                 sent_slots[s] = k + 1
         except Exception as exc:  # noqa: BLE001 - reported in the result, not fatal to the others
             failures.append(f"{senders[s]}: {exc!r}")

@@ -74,8 +74,8 @@ def main() -> int:
 
 
 def _all_acked(client: C.ChatClient, peer: str) -> bool:
-    with client._direct_lock:
-        link = client._links._links.get(peer) if client._links else None
+    with client.direct.lock:
+        link = client.direct.links._links.get(peer) if client.direct.links else None
         return link is not None and not link.channel._outgoing
 
 

@@ -441,7 +441,7 @@ def test_A30_hostile_usernames_are_refused(tmp_path, username):
     with running_server(tmp_path / "srv") as server:
         c = make_client(server, tmp_path / "x")
         with pytest.raises((InvalidUsername, InvalidPassword)):
-            c._authenticate(
+            c.account.authenticate(
                 P.Register(username=username[:32], password=PASSWORD.encode(), identity_key=bytes(32))
                 if len(username.encode()) <= 32
                 else P.Register(username="a" * 32 + "b", password=b"", identity_key=bytes(32))
@@ -479,7 +479,7 @@ def test_A32_relay_into_a_conversation_one_is_not_in(tmp_path):
         wait_for(bob, C.ConversationReady, peer="alice")
         cid = alice.conversations["bob"].id
         mallory = logged_in_client(server, tmp_path / "m", "mallory")
-        mallory._send(P.Relay(conversation_id=cid, payload=b"\x02forged"))
+        mallory.send_frame(P.Relay(conversation_id=cid, payload=b"\x02forged"))
         assert "No such conversation" in wait_for(mallory, C.ServerNotice).text
         assert bob.next_event(timeout=0.5) is None  # bob saw nothing
         for c in (alice, bob, mallory):
@@ -493,7 +493,7 @@ def test_A33_relay_to_oneself_and_to_nobody(tmp_path):
         assert "yourself" in wait_for(alice, C.ServerNotice).text
         alice.open_conversation("ghost")
         wait_for(alice, C.PeerUnknown, peer="ghost")
-        alice._send(P.Relay(conversation_id=999, payload=b"x"))
+        alice.send_frame(P.Relay(conversation_id=999, payload=b"x"))
         assert "No such conversation" in wait_for(alice, C.ServerNotice).text
         alice.close()
 

@@ -236,14 +236,14 @@ def _enable_direct(client):
 
 def _record_sent(client):
     sent = []
-    original = client._sendto
+    original = client.direct.sendto
 
     def record(datagrams):
         datagrams = list(datagrams)
         sent.extend(datagrams)
         original(datagrams)
 
-    client._sendto = record
+    client.direct.sendto = record
     return sent
 
 
@@ -285,19 +285,19 @@ def test_replayed_ticket_stranger_and_tampered_datagrams_are_refused(tmp_path):
         assert hello[1] == D.TYPE_HELLO
         mallory = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         mallory.bind(("127.0.0.1", 0))
-        refused = bob._links.refused
+        refused = bob.direct.links.refused
         mallory.sendto(hello, bob_addr)  # the ticket, replayed later
         mallory.sendto(os.urandom(80), bob_addr)  # a stranger
         alice.send_message("bob", "genuine")
         # bob's UDP socket is one FIFO queue: once "genuine" shows, both were handled before it.
         assert wait_for(bob, C.MessageReceived).text == "genuine"
-        assert bob._links.refused == refused + 2
+        assert bob.direct.links.refused == refused + 2
         data, _addr = sent[-1]
         tampered = bytearray(data)
         tampered[-1] ^= 1
-        channel = bob._links._links["alice"].channel
+        channel = bob.direct.links._links["alice"].channel
         dropped = channel.dropped
-        alice._udp.sendto(bytes(tampered), bob_addr)  # tampered, from alice's own address
+        alice.direct.udp.sendto(bytes(tampered), bob_addr)  # tampered, from alice's own address
         alice.send_message("bob", "second")
         assert wait_for(bob, C.MessageReceived).text == "second"
         assert channel.dropped == dropped + 1
@@ -311,8 +311,8 @@ def test_no_direct_path_falls_back_to_the_relay(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice, bob = chat_pair(server, tmp_path)
         _enable_direct(bob)
-        bob._udp.close()  # a firewall: nothing reaches bob over UDP
-        bob._udp = None
+        bob.direct.udp.close()  # a firewall: nothing reaches bob over UDP
+        bob.direct.udp = None
         alice.open_direct("bob")
         fallback = wait_for(alice, C.DirectFallback, peer="bob", timeout=15)
         assert "no direct path" in fallback.reason
@@ -374,7 +374,7 @@ def test_tickets_expire_and_only_the_peer_can_open_them():
 def test_bad_endpoint_ports_are_refused(tmp_path, port):
     with running_server(tmp_path / "srv") as server:
         alice = logged_in_client(server, tmp_path / "a", "alice")
-        alice._send(P.RegisterEndpoint(port=port))
+        alice.send_frame(P.RegisterEndpoint(port=port))
         assert "between 1 and 65535" in wait_for(alice, C.ServerNotice).text
         assert server.service.registry.session_of("alice").udp_port is None
         alice.close()

@@ -205,7 +205,7 @@ def test_resume_on_a_connection_that_is_still_open_is_safe(tmp_path):
     nor reports the old connection as lost."""
     with running_server(tmp_path / "srv") as server:
         alice, bob = chat_pair(server, tmp_path)
-        old_receiver = alice._receiver
+        old_receiver = alice.session.receiver
         assert alice.resume()
         old_receiver.join(timeout=5)
         assert not old_receiver.is_alive()

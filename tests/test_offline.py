@@ -139,7 +139,7 @@ def test_a_changed_identity_holds_stored_messages_until_accept(tmp_path):
 def test_the_server_refuses_malformed_prekeys(tmp_path):
     with running_server(tmp_path / "srv") as server:
         alice = _published(logged_in_client(server, tmp_path / "alice", "alice"))
-        alice._send(P.PublishPrekeys(signed_prekey=b"x" * 10, one_time=b""))
+        alice.send_frame(P.PublishPrekeys(signed_prekey=b"x" * 10, one_time=b""))
         assert "Malformed prekeys" in wait_for(alice, C.ServerNotice).text
         alice.close()
 
@@ -195,7 +195,7 @@ class _DeliveryClient:
     def __init__(self):
         self.events = []
 
-    def _delivered_event(self, entry):
+    def delivered_event(self, entry):
         self.events.append(entry.text)
 
 
@@ -234,10 +234,10 @@ def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
         def __init__(self):
             self.events = []
 
-        def _stored_event(self, entry):
+        def stored_event(self, entry):
             self.events.append(("stored", entry.state))
 
-        def _delivered_event(self, entry):
+        def delivered_event(self, entry):
             self.events.append(("delivered", entry.text))
 
     box = offline.Mailbox(Stub())
@@ -256,18 +256,18 @@ def test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it():
 
 
 class _OpeningClient:
-    """What Mailbox._outbound_for needs of its client: each OfflineOpen is recorded with its
+    """What Mailbox.outbound_for needs of its client: each OfflineOpen is recorded with its
     barrier (clientlib's own), answered by the test; ``progress`` is set at every open."""
 
     node_id = "test"
 
     def __init__(self, refusal: str | None = None):
-        self.opens: list[CC._Barrier] = []
+        self.opens: list[CC.Barrier] = []
         self.progress = threading.Event()
         self.refusal = refusal
 
-    def _barrier_after(self, msg):
-        barrier = CC._Barrier()
+    def barrier_after(self, msg):
+        barrier = CC.Barrier()
         if self.refusal is not None:  # answered at once, with this refusal and no session
             barrier.refusals.append(self.refusal)
             barrier.done.set()
@@ -296,12 +296,12 @@ def test_two_threads_opening_to_one_peer_share_one_open():
 
     box._open_done = SpyCondition(box._open_done)
     got = {}
-    first = threading.Thread(target=lambda: got.__setitem__("first", box._outbound_for("bob")), daemon=True)
+    first = threading.Thread(target=lambda: got.__setitem__("first", box.outbound_for("bob")), daemon=True)
     first.start()
     assert box.client.progress.wait(10)
     assert len(box.client.opens) == 1
     box.client.progress.clear()
-    second = threading.Thread(target=lambda: got.__setitem__("second", box._outbound_for("bob")), daemon=True)
+    second = threading.Thread(target=lambda: got.__setitem__("second", box.outbound_for("bob")), daemon=True)
     second.start()
     assert box.client.progress.wait(10)  # it waits for the first, or (wrongly) opens a second
     assert waiting.is_set() and len(box.client.opens) == 1  # no second OfflineOpen went
@@ -321,7 +321,7 @@ def test_a_late_answer_to_an_open_that_timed_out_is_not_taken_by_the_next():
     box = offline.Mailbox(_OpeningClient(refusal="refused for the test"))
     box._answered["bob"] = object()  # the late answer to an earlier open
     with pytest.raises(MessageRefused, match="refused for the test"):
-        box._outbound_for("bob")
+        box.outbound_for("bob")
 
 
 def test_offline_opens_are_rate_limited_per_session(tmp_path):
@@ -329,8 +329,8 @@ def test_offline_opens_are_rate_limited_per_session(tmp_path):
         _away(server, tmp_path / "bob", "bob")
         alice = logged_in_client(server, tmp_path / "alice", "alice")
         for _ in range(3):
-            alice._barrier_after(P.OfflineOpen(peer="bob")).done.wait(10)
-        barrier = alice._barrier_after(P.OfflineOpen(peer="bob"))
+            alice.barrier_after(P.OfflineOpen(peer="bob")).done.wait(10)
+        barrier = alice.barrier_after(P.OfflineOpen(peer="bob"))
         assert barrier.done.wait(10) and "Too many offline conversations" in barrier.refusals[0]
         assert server.storage.prekey_status("bob").one_time_left == 97  # the refused one took none
         alice.close()
@@ -360,7 +360,7 @@ def test_storing_into_someone_elses_conversation_is_refused(tmp_path):
         carol = logged_in_client(server, tmp_path / "carol", "carol")
         results = []
         carol.mailbox.on_store_result = results.append
-        carol._send(
+        carol.send_frame(
             P.Store(
                 conversation_id=row.conversation_id,
                 generation=row.generation,
@@ -556,11 +556,11 @@ def test_bad_store_and_forward_frames_get_clear_answers_and_disturb_nobody(tmp_p
             P.Defer(queue_id=0),
             P.Defer(queue_id=2**63),
         ):
-            alice._send(bad)
+            alice.send_frame(bad)
         results = []
         alice.mailbox.on_store_result = results.append
-        alice._send(P.Store(conversation_id=99, generation=1, msg_ref=b"\1" * 16, payload=b"junk"))
-        alice._send(P.Store(conversation_id=2**64 - 1, generation=1, msg_ref=b"\2" * 16, payload=b"junk"))
+        alice.send_frame(P.Store(conversation_id=99, generation=1, msg_ref=b"\1" * 16, payload=b"junk"))
+        alice.send_frame(P.Store(conversation_id=2**64 - 1, generation=1, msg_ref=b"\2" * 16, payload=b"junk"))
         alice.who()
         seen = []
         while not isinstance(e := wait_for(alice, object), C.WhoList):

@@ -211,8 +211,8 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
         wait_for(carol, RC.RoomNotice, timeout=15)
         after = server.storage.get_room("#team")
         waiter: Q.Queue = Q.Queue()
-        carol.rooms._sends[b"c" * 16] = waiter
-        carol._send(P.RoomSend(room_id=room.id, epoch=after.epoch, msg_ref=b"c" * 16, payload=b"x" * 100))
+        carol.rooms.messaging._sends[b"c" * 16] = waiter
+        carol.send_frame(P.RoomSend(room_id=room.id, epoch=after.epoch, msg_ref=b"c" * 16, payload=b"x" * 100))
         answer = waiter.get(timeout=15)
         assert answer.status == P.RoomStatus.REFUSED and "not a member" in answer.reason
         blob = (
@@ -254,7 +254,7 @@ def test_bad_room_frames_are_refused_without_harm(tmp_path):
             P.RoomSend(room_id=0, epoch=0, msg_ref=b"r" * 16, payload=b"x"),
             P.RoomSend(room_id=2**64 - 1, epoch=9, msg_ref=b"r" * 16, payload=b"x"),
         ):
-            alice._send(msg)
+            alice.send_frame(msg)
         alice.rooms.create("#ok")
         assert alice.rooms.my_rooms() == ["#ok"]
         alice.close()

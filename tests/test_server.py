@@ -99,7 +99,7 @@ def test_wrong_password_and_unknown_user_get_the_same_answer(tmp_path):
         c = make_client(server, tmp_path / "x")
         before = auth.bcrypt_runs()
         with pytest.raises(InvalidCredentials) as info:
-            c._authenticate(
+            c.account.authenticate(
                 P.Login(username="no such name!", password=b"wrong password", identity_key=bytes(32))
             )
         bcrypt_checks.append(auth.bcrypt_runs() - before)
@@ -333,7 +333,7 @@ def test_handshaken_but_never_logged_in_is_closed_at_the_deadline(tmp_path):
     with running_server(tmp_path / "srv", login_grace_s=1.0) as server:
         c = make_client(server, tmp_path / "x")
         with pytest.raises(ConnectionClosed):
-            c._recv_events()
+            c.connection.recv_events()
         c.close()
 
 
@@ -373,7 +373,7 @@ def test_client_that_stops_reading_is_dropped_not_waited_for(tmp_path):
         alice.open_conversation("bob")
         wait_for(alice, C.ConversationReady, peer="bob")
         wait_for(bob, C.ConversationReady, peer="alice")
-        bob._send_lock.acquire()  # bob's receiver stalls: from now on nobody reads his socket
+        bob.connection.send_lock.acquire()  # bob's receiver stalls: from now on nobody reads his socket
         big = "x" * 8000
         t0 = time.monotonic()
         dropped = None
@@ -485,7 +485,7 @@ def test_resume_with_a_bad_ticket_is_refused(tmp_path):
     with running_server(tmp_path / "srv") as server:
         c = make_client(server, tmp_path / "x")
         with pytest.raises(InvalidCredentials, match="ticket"):
-            c._authenticate(P.Resume(ticket=b"\0" * 60, identity_key=bytes(32)))
+            c.account.authenticate(P.Resume(ticket=b"\0" * 60, identity_key=bytes(32)))
         c.close()
 
 

@@ -19,10 +19,15 @@ failing over to another node is neither a new server nor a key change.  ``auto_r
 resumes on the next live node with the session ticket when the connection is lost
 (docs/CLIENT.md).
 
-- ``chat``: :class:`ChatClient`; ``events``: the event records; ``display``: ``sanitize``;
+- ``chat``: :class:`ChatClient`, a facade over its parts (its docstring: which thread runs what,
+  and the lock order): ``connection``, ``session``, ``account``, ``trust``, ``conversations``,
+  ``sending``, ``incoming``, ``direct``; each gets the narrow Protocol it needs (``ports``);
+- ``events``: the event records; ``display``: ``sanitize``;
 - ``pinning``: known servers, pending keys, the home folder;
-- ``offline``: store and forward (the mailbox); ``rooms``: group rooms; ``history``: the
-  encrypted local history; ``scripting``: ``send``/``receive`` and the JSON-lines interface.
+- ``offline``: store and forward (the mailbox; its worker: ``courier``; stored messages in: ``inbox``); ``waiting``: lines that
+  cannot leave yet (``MAX_QUEUED_LINES``, the policy the terminal and scripts share);
+  ``rooms`` (+ ``room_messaging``, ``room_events``): group rooms; ``history``: the encrypted local
+  history; ``scripting``: ``send``/``receive`` and the JSON-lines interface.
 """
 
 from __future__ import annotations
@@ -200,6 +205,12 @@ from secureim.client.rooms import (
 )
 from secureim.client.rooms import (
     RoomWarning as RoomWarning,
+)
+from secureim.client.waiting import (
+    MAX_QUEUED_LINES as MAX_QUEUED_LINES,
+)
+from secureim.client.waiting import (
+    LineOutcome as LineOutcome,
 )
 from secureim.e2e.rooms import ROOM_RE as ROOM_RE
 from secureim.e2e.rooms import normalize_room as normalize_room

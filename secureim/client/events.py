@@ -12,6 +12,7 @@ from secureim.errors import (
     InvalidCredentials,
     InvalidPassword,
     InvalidUsername,
+    SecureIMError,
     ServiceUnavailable,
     UsernameTaken,
 )
@@ -175,7 +176,7 @@ class AccountDeletion:
     reason: str
 
 
-AUTH_ERRORS = {
+AUTH_ERRORS: dict[int, type[SecureIMError]] = {
     P.AuthCode.INVALID_CREDENTIALS: InvalidCredentials,
     P.AuthCode.USERNAME_TAKEN: UsernameTaken,
     P.AuthCode.INVALID_USERNAME: InvalidUsername,

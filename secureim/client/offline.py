@@ -21,22 +21,26 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 import crypto_utils as cu
 from secureim import proto as P
+from secureim.client.courier import Courier
+from secureim.client.inbox import MAX_HELD as MAX_HELD
+from secureim.client.inbox import Inbox
+from secureim.client.ports import MailboxHost
 from secureim.e2e import prekeys as K
 from secureim.e2e import sessions as e2e
-from secureim.errors import ConnectionClosed, DecryptionFailed, MessageRefused, SecureIMError
+from secureim.errors import ConnectionClosed, MessageRefused, SecureIMError
 
 log = logging.getLogger("secureim.offline")
 
 OPEN_TIMEOUT_S = 15.0  # waiting for an offline key (a database write and a prekey take on the server)
 MAX_OUTBOX = 1000  # sent messages remembered until delivered (oldest delivered ones go first)
-MAX_HELD = 1000  # stored messages held while their sender's changed identity waits for /accept
 MAX_RECEIPT_JOBS = 10000
 MAX_EARLY_RECEIPTS = 256  # receipts that overtook the bookkeeping of the message they answer
 MAX_SEEN_IDS = K.MAX_SEEN_IDS  # ids of messages shown, so a resend after a reconnect is shown once
@@ -84,29 +88,43 @@ def _mark_delivered(entry: Outgoing) -> None:
 
 
 class Mailbox:
-    def __init__(self, client) -> None:
+    def __init__(self, client: MailboxHost) -> None:
         self.client = client
         self.lock = threading.RLock()
         self.store: K.PrekeyStore | None = None
         self.inbound: K.InboundSessions | None = None
         self.outbound: dict[str, tuple[K.OutboundSession, float]] = {}  # peer -> (session, made at)
         self.outbox: collections.OrderedDict[bytes, Outgoing] = collections.OrderedDict()
-        self.held: dict[str, list[P.StoredMessage]] = {}
         self._open_failure: dict[str, str] = {}
         self._answered: dict[str, K.OutboundSession] = {}  # the answer to the OfflineOpen in flight
         # One OfflineOpen in flight per peer: a second one's answer would overwrite the first's in
         # _answered.  Another thread that wants the same peer waits for it and takes its session.
         self._opening: set[str] = set()
         self._open_done = threading.Condition(self.lock)
-        self._jobs: queue.Queue = queue.Queue(maxsize=MAX_RECEIPT_JOBS)
-        self._thread: threading.Thread | None = None
-        self.published = threading.Event()  # the server holds a current bundle of ours (tests wait on it)
+        self.courier = Courier(client, self, max_jobs=MAX_RECEIPT_JOBS)
+        self.inbox = Inbox(client, self)
+        self.published: threading.Event = (
+            threading.Event()
+        )  # the server holds a current bundle of ours (tests wait on it)
         self._seen: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
         # A live message is written into the outbox once it has gone; over a fast link (direct UDP on
         # one machine) its receipt can come back first.  Such receipts wait here, bounded, for sent_live.
         self._early: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
 
     # -- setup ------------------------------------------------------------------------
+
+    @property
+    def _username(self) -> str:
+        name = self.client.username
+        assert name is not None  # only used once logged in
+        return name
+
+    @property
+    def _identity(self) -> Ed25519PrivateKey:
+        key = self.client.identity
+        assert key is not None  # only used once logged in
+        return key
+
     def open_store(self, home, username: str, server_id: str, password: str) -> None:
         self.store = K.PrekeyStore(home, username, server_id, password)
         self.inbound = K.InboundSessions(self.store)
@@ -140,15 +158,15 @@ class Mailbox:
         if self.store is None or self.client.identity is None:
             return
         with self.lock:
-            plan = self.store.plan_publish(self.client.identity, msg.one_time_left, msg.signed_prekey_id)
+            plan = self.store.plan_publish(self._identity, msg.one_time_left, msg.signed_prekey_id)
         if plan is None:
             self.published.set()
             return
         signed, one_time, replace = plan
-        self.client._send(P.PublishPrekeys(signed_prekey=signed, one_time=one_time, replace=replace))
+        self.client.send_frame(P.PublishPrekeys(signed_prekey=signed, one_time=one_time, replace=replace))
 
     # -- sending ----------------------------------------------------------------------
-    def _outbound_for(self, peer: str) -> K.OutboundSession:
+    def outbound_for(self, peer: str) -> K.OutboundSession:
         deadline = time.monotonic() + OPEN_TIMEOUT_S
         with self.lock:
             while True:
@@ -166,7 +184,7 @@ class Mailbox:
             self._open_failure.pop(peer, None)
             self._opening.add(peer)
         try:
-            barrier = self.client._barrier_after(P.OfflineOpen(peer=peer))
+            barrier = self.client.barrier_after(P.OfflineOpen(peer=peer))
             if not barrier.done.wait(OPEN_TIMEOUT_S):
                 raise ConnectionClosed(f"The server at {self.client.node_id} did not answer in time.")
             with self.lock:
@@ -194,7 +212,7 @@ class Mailbox:
         content = text.encode("utf-8")
         if len(content) > e2e.MAX_TEXT_BYTES:
             raise ValueError(f"Messages are limited to {e2e.MAX_TEXT_BYTES} bytes.")
-        out = self._outbound_for(peer)
+        out = self.outbound_for(peer)
         with self.lock:
             payload = out.seal(e2e.BODY_TEXT, msg_id, content)
             entry = Outgoing(msg_id, peer, text, time.time(), SENDING, stored=True, retried=retried)
@@ -202,7 +220,7 @@ class Mailbox:
                 conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload
             )
             self._remember(entry)
-        self.client._send(entry.store)
+        self.client.send_frame(entry.store)
         return entry
 
     def sent_live(self, peer: str, text: str, msg_id: bytes) -> Outgoing:
@@ -217,7 +235,7 @@ class Mailbox:
             else:
                 self._remember(entry)
         if early:
-            self.client._delivered_event(entry)
+            self.client.delivered_event(entry)
         return entry
 
     def _remember(self, entry: Outgoing) -> None:
@@ -228,7 +246,7 @@ class Mailbox:
         with self.lock:
             again = [e.store for e in self.outbox.values() if e.state == SENDING and e.store is not None]
         for store in again:
-            self.client._send(store)
+            self.client.send_frame(store)
         return len(again)
 
     def entry(self, msg_id: bytes) -> Outgoing | None:
@@ -262,9 +280,9 @@ class Mailbox:
                 entry.resend_due = False
         for entry in due:
             if live:
-                self._resend_live(entry)  # now, before anything typed after the reconnect
+                self.courier.resend_live(entry)  # now, before anything typed after the reconnect
             else:
-                self._job(("resend", entry))
+                self.courier.resend(entry)
 
     def pending(self) -> list[Outgoing]:
         with self.lock:
@@ -279,15 +297,15 @@ class Mailbox:
             suite = cu.suite_by_id(msg.suite)
         except SecureIMError:
             return
-        if not client._trust_peer(peer, msg.peer_identity):
+        if not client.trust_peer(peer, msg.peer_identity):
             with self.lock:
                 self._open_failure[peer] = client.why_not_ready(peer)
             return
         try:
             bundle = K.verify_bundle(peer, msg.peer_identity, msg.signed_prekey, msg.one_time_prekey)
             out = K.OutboundSession(
-                client.username,
-                client.identity,
+                self._username,
+                self._identity,
                 peer,
                 msg.peer_identity,
                 msg.conversation_id,
@@ -299,7 +317,7 @@ class Mailbox:
         except (K.BundleRejected, SecureIMError) as exc:
             with self.lock:
                 self._open_failure[peer] = str(exc)
-            client._emit(client._security_warning(peer, str(exc)))
+            client.warn(peer, str(exc))
             return
         with self.lock:
             self.outbound[peer] = (out, time.monotonic())
@@ -309,7 +327,7 @@ class Mailbox:
         with self.lock:
             entry = self.outbox.get(msg.msg_ref)
             if entry is None:
-                self.client.rooms.on_key_stored(msg)  # a room's sender key (or a receipt): not in the outbox
+                self.client.on_room_key_stored(msg)  # a room's sender key (or a receipt): not in the outbox
                 return
             if entry.state != SENDING:
                 return  # the answer to a resend that was answered already
@@ -325,105 +343,32 @@ class Mailbox:
             else:
                 entry.state, entry.reason = REFUSED, msg.reason
         if retry:
-            self._job(("resend", entry))
+            self.courier.resend(entry)
             return
         if entry.receipt_early:  # both are said, in their order: stored (or handed over), delivered
             if entry.state != REFUSED:
-                self.client._stored_event(entry)
+                self.client.stored_event(entry)
             with self.lock:
                 _mark_delivered(entry)
                 self.outbox.pop(entry.msg_id, None)
-            self.client._delivered_event(entry)
+            self.client.delivered_event(entry)
             entry.answered.set()
             return
         entry.answered.set()
-        self.client._stored_event(entry)
+        self.client.stored_event(entry)
 
-    # -- receiving --------------------------------------------------------------------
+    # -- receiving (inbox.py) ---------------------------------------------------------
     def on_stored(self, msg: P.StoredMessage) -> None:
-        """A stored message (receiver thread, or the caller of /accept for held ones)."""
-        if msg.queue_id == 0:
-            return
-        client = self.client
-        try:
-            sender = P.normalize_username(msg.sender)
-            suite = cu.suite_by_id(msg.suite)
-        except SecureIMError:
-            client._emit(
-                client._rejected(msg.sender, "A stored message with a malformed header was discarded.")
-            )
-            self.ack(msg.queue_id)
-            return
-        if self.store is None or self.inbound is None:
-            return  # no prekeys on this client (it cannot open anything stored): leave it on the server
-        digest = K.payload_digest(msg.payload)
-        with self.lock:
-            seen = self.store.already_processed(digest)
-        if seen:
-            self.ack(msg.queue_id)  # delivered again (a lost acknowledgement, or a replay): shown once only
-            return
-        if not client._trust_peer(sender, msg.sender_identity):
-            with self.lock:  # held, unacknowledged, until /accept (or the next login)
-                held = self.held.setdefault(sender, [])
-                if len(held) < MAX_HELD:
-                    held.append(msg)
-            self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on
-            return
-        if len(msg.key) != suite.key_bytes:  # the server lost its key: nothing to decide here
-            client._emit(
-                client._rejected(
-                    sender,
-                    f"A stored message from {sender} came without its key; it "
-                    "stays on the server for the next login.",
-                )
-            )
-            self.defer(msg.queue_id)
-            return
-        ctx = K.StoredContext(
-            client.username,
-            client.identity,
-            sender,
-            msg.sender_identity,
-            msg.conversation_id,
-            msg.generation,
-            msg.key,
-            suite,
-        )
-        with self.lock:
-            try:
-                opened = self.inbound.open(ctx, msg.payload, digest=digest)
-                failure = None
-            except DecryptionFailed as exc:  # it will never open: said, and not asked for again
-                opened, failure = None, str(exc)
-                self.store.mark_processed(digest)
-        self.ack(msg.queue_id)
-        if opened is None:
-            client._emit(client._rejected(sender, failure or "A stored message could not be opened."))
-            return
-        client._opened(sender, opened, stored_at=msg.stored_at_ms / 1000.0, identity=msg.sender_identity)
+        self.inbox.on_stored(msg)
 
     def release_held(self, peer: str) -> int:
-        with self.lock:
-            held = self.held.pop(peer, [])
-        for msg in held:
-            self.on_stored(msg)
-        return len(held)
+        return self.inbox.release_held(peer)
 
     def defer(self, queue_id: int) -> None:
-        """Keep queued row ``queue_id`` on the server, for the next login (a room's held messages too)."""
-        try:
-            self.client._send(P.Defer(queue_id=queue_id))
-        except ConnectionClosed:
-            pass
+        self.inbox.defer(queue_id)
 
     def ack(self, queue_id: int) -> None:
-        """Queued row ``queue_id`` reached this client: the server deletes it (0: a live frame, nothing)."""
-        if not queue_id:
-            return
-        try:
-            self.client._send(P.Ack(queue_id=queue_id))
-        except ConnectionClosed:
-            pass  # not acknowledged: it comes again after the reconnect, and is recognised then
+        self.inbox.ack(queue_id)
 
     def on_receipt(self, peer: str, ids: tuple[bytes, ...]) -> None:
         """An authenticated receipt from ``peer``: only their own messages are marked."""
@@ -440,42 +385,11 @@ class Mailbox:
                     delivered.append(entry)
                     del self.outbox[msg_id]  # done: the outbox keeps what may still need us
         for entry in delivered:
-            self.client._delivered_event(entry)
+            self.client.delivered_event(entry)
 
-    # -- receipts and retries, off the receiver thread -----------------------------------
+    # -- receipts and retries, off the receiver thread (courier.py) ------------------------
     def receipt(self, peer: str, msg_id: bytes) -> None:
-        self._job(("receipt", peer, msg_id))
-
-    def _job(self, job) -> None:
-        with self.lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="offline-mail", daemon=True)
-                self._thread.start()
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            log.warning("receipt queue full; a receipt was dropped")
-
-    def _run(self) -> None:
-        while not self.client._stop.is_set():
-            try:
-                first = self._jobs.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            batch = [first]
-            while len(batch) < e2e.MAX_RECEIPT_IDS:
-                try:
-                    batch.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
-            receipts: dict[str, list[bytes]] = {}
-            for job in batch:
-                if job[0] == "receipt":
-                    receipts.setdefault(job[1], []).append(job[2])
-                else:
-                    self._resend(job[1])
-            for peer, ids in receipts.items():
-                self._send_receipt(peer, ids)
+        self.courier.receipt(peer, msg_id)
 
     def send_body(
         self, peer: str, body_type: int, content: bytes, *, expect_identity: bytes | None = None
@@ -483,45 +397,20 @@ class Mailbox:
         """Seal ``content`` in the offline session with ``peer`` and Store it (a receipt, a room's
         sender key): kept by the server until the peer's client acknowledges it.  Its reference.
         ``expect_identity``: only if the session is with that identity key (a room's roster)."""
-        out = self._outbound_for(peer)
+        out = self.outbound_for(peer)
         if expect_identity is not None and not cu.constant_time_equal(out.peer_identity, expect_identity):
             raise MessageRefused(f"{peer}'s identity key is not the one the room's admin vouched for")
         with self.lock:
             msg_id = e2e.new_msg_id()
             payload = out.seal(body_type, msg_id, content)
-        self.client._send(
+        self.client.send_frame(
             P.Store(conversation_id=out.id, generation=out.generation, msg_ref=msg_id, payload=payload)
         )
         return msg_id
 
-    def _send_receipt(self, peer: str, ids: list[bytes]) -> None:
-        content = e2e.receipt_content(ids[: e2e.MAX_RECEIPT_IDS])
-        try:
-            if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):
-                return
-            try:
-                self.send_body(peer, e2e.BODY_RECEIPT, content)
-            except MessageRefused:
-                if self.client._send_live_body(peer, e2e.BODY_RECEIPT, content):  # it came up meanwhile
-                    return
-                raise
-        except (SecureIMError, ValueError) as exc:
-            log.info("a receipt to a peer was not sent: %s", exc)
-
-    def _resend_live(self, entry: Outgoing) -> None:
-        try:
-            self.client._send_sealed(entry.peer, entry.text, None, resend=entry)
-        except SecureIMError as exc:  # lost again: the next reconnect marks it again
-            log.info("a message was not resent: %s", exc)
-
-    def _resend(self, entry: Outgoing) -> None:
-        """The offline key of that generation had expired: seal again under a new one, once."""
-        try:
-            again = self.send_text(entry.peer, entry.text, entry.msg_id, retried=entry.stored)
-        except (SecureIMError, ValueError) as exc:
-            with self.lock:
-                entry.state, entry.reason = REFUSED, str(exc)
-            entry.answered.set()
-            self.client._stored_event(entry)
-            return
-        log.debug("stored message resealed (%s)", again.state)
+    def refuse(self, entry: Outgoing, reason: str) -> None:
+        """A message that cannot be stored after all (its reseal failed): said, and answered."""
+        with self.lock:
+            entry.state, entry.reason = REFUSED, reason
+        entry.answered.set()
+        self.client.stored_event(entry)

@@ -16,8 +16,9 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from secureim import client as C
 from secureim import proto as P

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from secureim.client import MAX_PASSWORD_BYTES, TICKET_LIFETIME_S
+from secureim.client import MAX_QUEUED_LINES as MAX_QUEUED_LINES
 from secureim.client import scripting as S
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_KEY_MISMATCH, EXIT_LOGIN_FAILED = (
@@ -24,7 +25,7 @@ PASSWORD_RULE = f"Passwords are {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} cha
 # ticket can still be valid: no ticket outlives TICKET_LIFETIME_S, and a refused one asks to log in again.
 TERMINAL_RECONNECT_WINDOW_S = float(TICKET_LIFETIME_S)
 TERMINAL_RECONNECT_ATTEMPTS = 20_000  # not the bound that ends it: at 4 s a try on average, the window is
-MAX_QUEUED_LINES = 100  # lines typed while disconnected, each at most MAX_TEXT_BYTES
+# MAX_QUEUED_LINES (lines typed while disconnected): the library's policy, secureim.client.waiting.
 LOGIN_WATCH_POLL_S = 0.25  # how soon the login watcher lets go of the socket for a login
 
 # name -> (usage, one-line summary, more help or "").  /help COMMAND shows one entry.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from secureim import client as C
 from secureim.client import DEFAULT_GROUP, DEFAULT_PORT, GROUPS
@@ -45,7 +46,7 @@ def _port(text: str) -> int:
 def _common_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     """The options every mode takes; a subcommand's copies default to 'not given' so that
     ``client.py --json send ...`` and ``client.py send --json ...`` mean the same."""
-    d = (lambda value: argparse.SUPPRESS) if sub else (lambda value: value)
+    d = (lambda _value: argparse.SUPPRESS) if sub else (lambda value: value)
     p.add_argument(
         "--host",
         default=d("127.0.0.1"),
@@ -175,7 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def client_factory(args, home: Path, *, stays: bool = False):
     """``stays``: the terminal's client, which resumes a lost connection for as long as its ticket
     can be valid (TERMINAL_RECONNECT_*); scripts end on a lost connection instead."""
-    reconnect = (
+    reconnect: dict[str, Any] = (
         dict(
             auto_reconnect=True,
             reconnect_attempts=TERMINAL_RECONNECT_ATTEMPTS,

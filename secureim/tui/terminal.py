@@ -6,6 +6,8 @@ import getpass
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from prompt_toolkit.completion import Completer, Completion
 
@@ -31,14 +33,16 @@ class Terminal:
     def __init__(self, *, timestamps: bool = True, bell: bool = True) -> None:
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
         self.timestamps, self.bell = timestamps, bell
-        self.completions = lambda: []  # (words) for Tab
-        self._session = None  # login and destination prompts: what was typed stays on screen
-        self._chat_session = None  # the chat line: erased when sent, shown again as an output line
+        self.completions: Callable[[], list[str]] = lambda: []  # (words) for Tab
+        self._session: Any = (
+            None  # login and destination prompts (a PromptSession): what was typed stays on screen
+        )
+        self._chat_session: Any = None  # the chat line: erased when sent, shown again as an output line
         self._kept: dict[int, str] = {}  # per prompt session: its text when interrupted, typed again for you
-        # Output while prompts come and go (see _emit): the prompt on screen, from its first draw
+        # Output while prompts come and go (see write_above): the prompt on screen, from its first draw
         # until prompt() returns, as (session, app, loop); the text not written yet, oldest first.
         self._out_lock = threading.RLock()
-        self._live = None
+        self._live: tuple[Any, Any, Any] | None = None
         self._pending: list[str] = []
         self._flush_due = False  # a flush is scheduled on the live prompt's loop
         self._stdout = sys.stdout  # the terminal itself, also while the chat replaces sys.stdout
@@ -74,7 +78,7 @@ class Terminal:
         if self._session is None:
             print(text, end="", flush=True)
         else:
-            self._emit(text)
+            self.write_above(text)
 
     def ring(self) -> None:
         if not self.bell:
@@ -83,7 +87,7 @@ class Terminal:
             sys.stdout.write("\a")
             sys.stdout.flush()
         else:
-            self._emit("\a")
+            self.write_above("\a")
 
     def ask(self, prompt, *, secret: bool = False, chat: bool = False, cancel_if=None) -> str:
         """The line typed.  ``cancel_if``: checked once the prompt is up; when true the prompt
@@ -119,7 +123,7 @@ class Terminal:
     # takes before its first draw (pre_run): with no prompt up the text is written at once by
     # the caller; with one up it goes above it (run_in_terminal on the prompt's loop); what a
     # closing prompt's loop did not write, ask() writes when prompt() returns.
-    def _emit(self, text: str) -> None:
+    def write_above(self, text: str) -> None:
         with self._out_lock:
             self._pending.append(text)
             if self._live is None:
@@ -169,8 +173,8 @@ class Terminal:
         app = session.app
         stale = getattr(app, "_running_in_terminal_f", None)
         if stale is not None and not stale.done():  # left by a run_in_terminal of an earlier run (its
-            app._running_in_terminal_f = None  # loop is closed): it would block every later one
-            app._running_in_terminal = False
+            app._running_in_terminal_f = None  # noqa: SLF001 - prompt_toolkit has no public reset; its loop is closed: it would block every later one
+            app._running_in_terminal = False  # noqa: SLF001 - the flag that goes with it (no public way)
         with self._out_lock:
             self._write_pending()
             self._live = (session, app, app.loop)
@@ -211,7 +215,7 @@ class Terminal:
 
 
 class _StdoutToTerminal:
-    """sys.stdout and sys.stderr while the chat runs: whole lines go to Terminal._emit."""
+    """sys.stdout and sys.stderr while the chat runs: whole lines go to Terminal.write_above."""
 
     def __init__(self, term: Terminal) -> None:
         self.term = term
@@ -237,14 +241,14 @@ class _StdoutToTerminal:
             before, after = data.rsplit("\n", 1)
             text = "".join(self._partial) + before + "\n"
             self._partial = [after] if after else []
-        self.term._emit(text)
+        self.term.write_above(text)
         return len(data)
 
     def flush(self) -> None:
         with self._lock:
             text, self._partial = "".join(self._partial), []
         if text:
-            self.term._emit(text)
+            self.term.write_above(text)
 
     def isatty(self) -> bool:
         return self._saved[0].isatty()

@@ -77,7 +77,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="passwd-identity-not-resealed",
-        file="secureim/client/chat.py",
+        file="secureim/client/account.py",
         find="            self.identities.save(self.username, new_password, self.identity)\n",
         replace="            pass\n",
         tests=(f"{_UX}::test_passwd_changes_the_password_and_keeps_the_identity",),

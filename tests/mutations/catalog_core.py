@@ -481,7 +481,7 @@ MUTATIONS: list[Mutation] = [
     # --- client (clientlib.py) ------------------------------------------------------------------
     Mutation(
         name="client-reply-deadline",
-        file="secureim/client/chat.py",
+        file="secureim/client/connection.py",
         find="self.sock.settimeout(self.reply_timeout_s)",
         replace="self.sock.settimeout(None)",
         tests=(f"{ATTACKS}::test_A09_client_gives_up_on_a_server_that_accepts_and_never_answers",),
@@ -489,7 +489,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-server-pin",
-        file="secureim/client/chat.py",
+        file="secureim/client/connection.py",
         find="elif not cu.constant_time_equal(known, key):",
         replace="elif False:",
         tests=(f"{ATTACKS}::test_A13_impostor_server_with_its_own_identity_is_refused_once_pinned",),

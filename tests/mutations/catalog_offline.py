@@ -89,7 +89,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-changed-identity-discards",
-        file="secureim/client/offline.py",
+        file="secureim/client/inbox.py",
         find="                if len(held) < MAX_HELD:\n                    held.append(msg)",
         replace="                if len(held) < MAX_HELD:\n                    self._ack(msg)",
         tests=(OFF + "test_a_changed_identity_holds_stored_messages_until_accept",),
@@ -97,7 +97,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="offline-redelivery-shown-again",
-        file="secureim/client/offline.py",
+        file="secureim/client/inbox.py",
         find="        if seen:\n            self.ack(msg.queue_id)",
         replace="        if False:\n            self.ack(msg.queue_id)",
         tests=(OFF + "test_a_server_replaying_a_stored_message_gets_it_acknowledged_and_never_shown_twice",),
@@ -131,8 +131,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="receipt-before-store-answer-not-said",
         file="secureim/client/offline.py",
-        find="            if entry.state != REFUSED:\n                self.client._stored_event(entry)\n",
-        replace="            if False:\n                self.client._stored_event(entry)\n",
+        find="            if entry.state != REFUSED:\n                self.client.stored_event(entry)\n",
+        replace="            if False:\n                self.client.stored_event(entry)\n",
         tests=(OFF + "test_a_receipt_that_overtakes_the_servers_store_answer_is_said_after_it",),
         why="the early receipt swallows the server's answer: no 'Stored for bob' line, though the server took it.",
     ),
@@ -172,7 +172,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipts-never-sent",
-        file="secureim/client/chat.py",
+        file="secureim/client/incoming.py",
         find="        if self.receipts:\n            self.mailbox.receipt(sender, opened.msg_id)",
         replace="        if False:\n            self.mailbox.receipt(sender, opened.msg_id)",
         tests=(
@@ -207,7 +207,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="resent-message-shown-twice",
-        file="secureim/client/chat.py",
+        file="secureim/client/incoming.py",
         find="if self.mailbox.seen_before(sender, opened.msg_id):",
         replace="if False:",
         tests=(OFF + "test_a_message_whose_receipt_was_lost_is_resent_but_shown_once",),
@@ -245,7 +245,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="held-messages-block-the-queue",
-        file="secureim/client/offline.py",
+        file="secureim/client/inbox.py",
         find="            self.defer(msg.queue_id)  # it stays on the server, and the messages behind it come on\n",
         replace="",
         tests=(OFF + "test_messages_held_for_an_identity_decision_do_not_hold_up_the_others",),
@@ -277,8 +277,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="receipts-relayed-in-direct-mode",
-        file="secureim/client/chat.py",
-        find="        if self.is_direct(peer):  # over the direct link, as the messages it answers: the server sees none\n",
+        file="secureim/client/sending.py",
+        find="        # Over the direct link, as the messages it answers: the server sees none.\n        if self._direct.is_direct(peer):\n",
         replace="        if False:\n",
         tests=("tests/test_direct.py::test_direct_mode_keeps_message_data_off_the_server",),
         why="receipts of direct messages go through the server: it learns when and how much they talk.",

@@ -22,14 +22,14 @@ MUTATIONS: list[Mutation] = [
         name="terminal-gives-up-at-the-library-bound",
         file="secureim/tui/commands.py",
         find="TERMINAL_RECONNECT_WINDOW_S = float(TICKET_LIFETIME_S)",
-        replace="TERMINAL_RECONNECT_WINDOW_S = C.RECONNECT_MAX_S",
+        replace="TERMINAL_RECONNECT_WINDOW_S = 60.0  # the library's RECONNECT_MAX_S",
         tests=(f"{_RC}::test_the_terminal_keeps_trying_as_long_as_a_ticket_lives",),
         why="the terminal gives up after a minute: a server down for longer ends every session.",
     ),
     Mutation(
         name="terminal-queue-drops-lines-typed-while-disconnected",
-        file="secureim/tui/app.py",
-        find="                self.queued.append((dest, text))\n",
+        file="secureim/client/waiting.py",
+        find="                self.lines.append((peer, text))\n",
         replace="                pass\n",
         tests=(
             f"{_RC}::test_sigkill_mid_chat_both_terminals_stay_reconnect_and_deliver_the_queued_line_once",
@@ -38,8 +38,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-queue-not-flushed-when-rekeyed",
-        file="secureim/tui/app.py",
-        find="            self._flush(event.peer)\n",
+        file="secureim/client/waiting.py",
+        find="            self.flush(event.peer, say)\n",
         replace="            pass\n",
         tests=(
             f"{_RC}::test_sigkill_mid_chat_both_terminals_stay_reconnect_and_deliver_the_queued_line_once",
@@ -56,8 +56,8 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="terminal-refused-ticket-ends-without-asking",
-        file="secureim/client/chat.py",
-        find='                self._ticket = None\n                return f"Reconnecting failed: {exc}"',
+        file="secureim/client/session.py",
+        find='                self._account.forget_ticket()\n                return f"Reconnecting failed: {exc}"',
         replace='                return f"Reconnecting failed: {exc}"',
         tests=(f"{_RC}::test_a_refused_ticket_asks_to_log_in_again_and_no_ends_it",),
         why="an expired or refused ticket ends the terminal with an error instead of offering a login.",

@@ -109,7 +109,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="client-send-ignores-refusal",
-        file="secureim/client/chat.py",
+        file="secureim/client/sending.py",
         find="        if barrier.refusals:\n            raise MessageRefused(",
         replace="        if False:\n            raise MessageRefused(",
         tests=(f"{_F}::test_send_confirmed_reports_the_servers_refusal",),
@@ -125,7 +125,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="failover-pin-per-node",
-        file="secureim/client/chat.py",
+        file="secureim/client/connection.py",
         find='        host, port = self.servers[0]\n        return f"{host}:{port}"',
         replace='        host, port = self.host, self.port\n        return f"{host}:{port}"',
         tests=(
@@ -138,25 +138,25 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="resume-old-receiver-not-silenced",
-        file="secureim/client/chat.py",
-        find="            if connection == self._connection:\n                self._connection_ended(",
-        replace="            if True:\n                self._connection_ended(",
+        file="secureim/client/session.py",
+        find="            if connection == self.generation:\n                self.connection_ended(",
+        replace="            if True:\n                self.connection_ended(",
         tests=(f"{_F}::test_resume_on_a_connection_that_is_still_open_is_safe",),
         why="resume() on an open connection: the old receiver reports the connection lost (and closes the "
         "new session's state) after the new one is up.",
     ),
     Mutation(
         name="reconnect-undoes-a-kick",
-        file="secureim/client/chat.py",
-        find="        if (\n            self.auto_reconnect\n            and not self._stop.is_set()\n            and self._ticket is not None\n            and (not goodbye or not self._node_reachable())\n        ):\n",
-        replace="        if self.auto_reconnect and not self._stop.is_set() and self._ticket is not None and True:\n",
+        file="secureim/client/session.py",
+        find="        if (\n            self.auto_reconnect\n            and not self.stopping.is_set()\n            and self._account.ticket is not None\n            and (not goodbye or not self.node_reachable())\n        ):\n",
+        replace="        if self.auto_reconnect and not self.stopping.is_set() and self._account.ticket is not None and True:\n",
         tests=(f"{_F}::test_a_kick_from_a_node_that_is_up_is_not_undone_by_reconnecting",),
         why="auto_reconnect resumes straight after a kick or a login from another place: an operator cannot "
         "remove a session, and two devices kick each other out forever.",
     ),
     Mutation(
         name="kick-after-an-answered-message-reconnects",
-        file="secureim/client/chat.py",
+        file="secureim/client/session.py",
         find="                if bye is not None:\n",
         replace="                if False:\n",
         tests=(f"{_F}::test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick",),
@@ -165,7 +165,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="kick-batch-answer-failure-ends-the-read",
-        file="secureim/client/chat.py",
+        file="secureim/client/session.py",
         find="                        if not goodbye:\n                            raise\n",
         replace="                        raise\n",
         tests=(f"{_F}::test_a_kick_that_follows_a_message_the_client_answers_is_still_a_kick",),
