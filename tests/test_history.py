@@ -23,7 +23,7 @@ def hist(tmp_path):
 
 
 def test_rows_come_back_in_order_with_direction_time_and_state(hist):
-    first = hist.record("bob", H.OUTGOING, "hello bob", state=H.STATE_SENT, at=1000.0 + time.time())
+    first = hist.record("bob", H.OUTGOING, "hello bob", state=H.STATE_SENT, at=time.time() - 1000.0)
     hist.record("bob", H.INCOMING, "hi alice", state=H.STATE_RECEIVED)
     hist.record("carol", H.OUTGOING, "not for bob", state=H.STATE_SENT)
     assert hist.set_state(first, H.STATE_ACCEPTED)
@@ -38,6 +38,16 @@ def test_rows_come_back_in_order_with_direction_time_and_state(hist):
     ]
     assert page.damaged == 0 and all(e.peer == "bob" for e in page.entries)
     assert [e.text for e in hist.last("bob", 1).entries] == ["hi alice"]
+
+
+def test_an_answer_written_before_its_question_is_still_shown_after_it(hist):
+    """The sender writes its row once the message has gone, the receiver thread writes the reply
+    as it comes: under load the reply's row can be first.  Rows are shown in the order said."""
+    sent_at = time.time()
+    hist.record("bob", H.INCOMING, "roger that, over", state=H.STATE_RECEIVED, at=sent_at + 0.05)
+    hist.record("bob", H.OUTGOING, "the eagle lands at noon", state=H.STATE_SENT, at=sent_at)
+    assert [e.text for e in hist.last("bob", 2).entries] == ["the eagle lands at noon", "roger that, over"]
+    assert [e.text for e in hist.last("bob", 1).entries] == ["roger that, over"]
 
 
 def test_the_file_holds_no_plaintext_and_is_private(tmp_path):

@@ -560,7 +560,9 @@ def test_bad_store_and_forward_frames_get_clear_answers_and_disturb_nobody(tmp_p
         results = []
         alice.mailbox.on_store_result = results.append
         alice.send_frame(P.Store(conversation_id=99, generation=1, msg_ref=b"\1" * 16, payload=b"junk"))
-        alice.send_frame(P.Store(conversation_id=2**64 - 1, generation=1, msg_ref=b"\2" * 16, payload=b"junk"))
+        alice.send_frame(
+            P.Store(conversation_id=2**64 - 1, generation=1, msg_ref=b"\2" * 16, payload=b"junk")
+        )
         alice.who()
         seen = []
         while not isinstance(e := wait_for(alice, object), C.WhoList):

@@ -212,7 +212,9 @@ def test_the_server_refuses_what_the_clients_would_refuse(tmp_path):
         after = server.storage.get_room("#team")
         waiter: Q.Queue = Q.Queue()
         carol.rooms.messaging._sends[b"c" * 16] = waiter
-        carol.send_frame(P.RoomSend(room_id=room.id, epoch=after.epoch, msg_ref=b"c" * 16, payload=b"x" * 100))
+        carol.send_frame(
+            P.RoomSend(room_id=room.id, epoch=after.epoch, msg_ref=b"c" * 16, payload=b"x" * 100)
+        )
         answer = waiter.get(timeout=15)
         assert answer.status == P.RoomStatus.REFUSED and "not a member" in answer.reason
         blob = (

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import queue
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.client.connection import REPLY_TIMEOUT_S
@@ -33,7 +31,7 @@ class Account:
         self._link = link
         self.identities = identities
         self.persist_identity = persist_identity
-        self.identity: Ed25519PrivateKey | None = None
+        self.identity: cu.IdentityKey | None = None
         self.username: str | None = None
         self.ticket: bytes | None = None  # resumption ticket: memory only, never on disk
         self.early: list = []  # frames that came in the same read as AuthOk
@@ -48,7 +46,7 @@ class Account:
         name = P.normalize_username(username)
         identity = self.identities.load(name, password) if self.persist_identity else None
         created = identity is None
-        identity = identity or Ed25519PrivateKey.generate()
+        identity = identity or cu.IdentityKey.generate()
         ok = self.authenticate(
             P.Login(username=name, password=password.encode("utf-8"), identity_key=cu.public_bytes(identity))
         )
@@ -58,7 +56,7 @@ class Account:
     def register(self, username: str, password: str) -> P.AuthOk:
         """Create the account with a new identity key made here; it never leaves this machine."""
         name = P.normalize_username(username)
-        identity = Ed25519PrivateKey.generate()
+        identity = cu.IdentityKey.generate()
         ok = self.authenticate(
             P.Register(
                 username=name, password=password.encode("utf-8"), identity_key=cu.public_bytes(identity)
@@ -67,7 +65,7 @@ class Account:
         self.logged_in(ok, password, identity, save=True)
         return ok
 
-    def logged_in(self, ok: P.AuthOk, password: str, identity: Ed25519PrivateKey, *, save: bool) -> None:
+    def logged_in(self, ok: P.AuthOk, password: str, identity: cu.IdentityKey, *, save: bool) -> None:
         if save and self.persist_identity:
             self.identities.save(ok.username, password, identity)
         self.identity = identity

@@ -42,8 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.client import history as H
@@ -248,7 +246,7 @@ class ChatClient:
         return self.account.username
 
     @property
-    def identity(self) -> Ed25519PrivateKey | None:
+    def identity(self) -> cu.IdentityKey | None:
         return self.account.identity
 
     @property

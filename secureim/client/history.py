@@ -261,12 +261,13 @@ class History:
         return True
 
     def last(self, peer: str, limit: int = 20) -> Page:
-        """The last ``limit`` messages with ``peer``, oldest first."""
+        """The last ``limit`` messages with ``peer``, oldest first, in the order they were said
+        (an answer can be written before the question it answers: the two are different threads)."""
         tag = self._tag(peer)
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, conversation, at_ms, nonce, sealed FROM messages "
-                "WHERE conversation = ? ORDER BY id DESC LIMIT ?",
+                "WHERE conversation = ? ORDER BY at_ms DESC, id DESC LIMIT ?",
                 (tag, max(0, limit)),
             ).fetchall()
         opened = [self._open_row(*row) for row in reversed(rows)]

@@ -4,8 +4,6 @@ acknowledged; one from a sender whose key changed is held, unacknowledged, until
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.client.ports import InboxHost, PrekeyHolder
@@ -37,7 +35,7 @@ class Inbox:
         return name
 
     @property
-    def _identity(self) -> Ed25519PrivateKey:
+    def _identity(self) -> cu.IdentityKey:
         key = self.client.identity
         assert key is not None  # only used once logged in
         return key

@@ -25,8 +25,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.client.courier import Courier
@@ -120,7 +118,7 @@ class Mailbox:
         return name
 
     @property
-    def _identity(self) -> Ed25519PrivateKey:
+    def _identity(self) -> cu.IdentityKey:
         key = self.client.identity
         assert key is not None  # only used once logged in
         return key

@@ -11,8 +11,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+import crypto_utils as cu
 from secureim import proto as P
 from secureim.e2e import sessions as e2e
 
@@ -49,7 +48,7 @@ class Me(Protocol):
     @property
     def username(self) -> str | None: ...
     @property
-    def identity(self) -> Ed25519PrivateKey | None: ...
+    def identity(self) -> cu.IdentityKey | None: ...
 
 
 class PeerTrustGate(Protocol):
@@ -284,7 +283,7 @@ class SessionLink(AccountLink, Protocol):
 
 class SessionAccount(Protocol):
     ticket: bytes | None
-    identity: Ed25519PrivateKey | None
+    identity: cu.IdentityKey | None
     username: str | None
 
     def authenticate(self, msg: P.Login | P.Register | P.Resume) -> P.AuthOk: ...

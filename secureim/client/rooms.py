@@ -20,8 +20,6 @@ import queue
 import threading
 import time
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.client.ports import RoomsHost
@@ -88,7 +86,7 @@ class RoomsClient:
         return name
 
     @property
-    def _identity(self) -> Ed25519PrivateKey:
+    def _identity(self) -> cu.IdentityKey:
         key = self.client.identity
         assert key is not None  # only used once logged in
         return key

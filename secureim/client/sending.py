@@ -81,13 +81,15 @@ class Sender:
         if self._conversations.presence(peer) in (PRESENCE_UNKNOWN, PRESENCE_REFUSED):
             raise MessageRefused(f"Not sent to {peer}: {self._conversations.why_not_ready(peer)}.")
         entry = self.last_sent = self._mailbox.send_text(peer, text, e2e.new_msg_id())
-        return self.record_sent(entry)
+        return self.record_sent(entry, at=entry.at)
 
-    def record_sent(self, entry: offline.Outgoing) -> int | None:
-        """Write a message that has gone into the history.  Its receipt may have come meanwhile
-        (on another thread): whichever of the two sees the other's write marks the row delivered."""
+    def record_sent(self, entry: offline.Outgoing, *, at: float) -> int | None:
+        """Write a message that has gone into the history, dated ``at`` (when it was sent: a reply
+        that arrives before this write is still shown after it).  Its receipt may have come
+        meanwhile (on another thread): whichever of the two sees the other's write marks the row
+        delivered."""
         entry.row = (
-            self._host.history.record(entry.peer, H.OUTGOING, entry.text, state=H.STATE_SENT)
+            self._host.history.record(entry.peer, H.OUTGOING, entry.text, state=H.STATE_SENT, at=at)
             if self._host.history
             else None
         )
@@ -102,6 +104,7 @@ class Sender:
         message has gone (a line that never left is queued by the terminal and written then).
         ``resend``: the same message again, under its own id (the peer shows it once)."""
         msg_id = resend.msg_id if resend is not None else e2e.new_msg_id()
+        sent_at = time.time()  # before it leaves: the peer's answer is later
         payload, cid = self._conversations.seal_live(peer, text, msg_id)
         if self._direct.is_direct(peer):
             self._direct.send(peer, payload, text)
@@ -115,7 +118,7 @@ class Sender:
         if resend is not None:
             return None
         entry = self.last_sent = self._mailbox.sent_live(peer, text, msg_id)
-        return self.record_sent(entry)
+        return self.record_sent(entry, at=sent_at)
 
     def send_confirmed(
         self, peer: str, text: str, timeout_s: float = KEY_EXCHANGE_WAIT_S + REPLY_TIMEOUT_S

@@ -19,6 +19,24 @@ MUTATIONS: list[Mutation] = [
         "says a message the peer has read was never confirmed.",
     ),
     Mutation(
+        name="history-shown-in-write-order",
+        file="secureim/client/history.py",
+        find='"WHERE conversation = ? ORDER BY at_ms DESC, id DESC LIMIT ?",',
+        replace='"WHERE conversation = ? ORDER BY id DESC LIMIT ?",',
+        tests=(f"{_H}::test_an_answer_written_before_its_question_is_still_shown_after_it",),
+        why="rows shown in the order they were written: a reply that came in before the sender's own row "
+        "was written is shown above the question it answers.",
+    ),
+    Mutation(
+        name="history-sent-row-dated-after-it-left",
+        file="secureim/client/sending.py",
+        find="        return self.record_sent(entry, at=sent_at)",
+        replace="        return self.record_sent(entry, at=time.time())",
+        tests=("tests/unit/client/test_sending.py",),
+        why="a live message dated when its row is written, not when it left: under load the peer's reply "
+        "is older and the history shows the answer before the question.",
+    ),
+    Mutation(
         name="history-rows-in-plaintext",
         file="secureim/client/history.py",
         find="sealed = self._content.seal(raw, self._aad(tag, at_ms))",
