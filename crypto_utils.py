@@ -38,6 +38,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from secureim.errors import ConfigError, CryptoError, DecryptionFailed, InvalidKemValue, InvalidKey
+from secureim.files import PRIVATE_FILE_MODE as PRIVATE_FILE_MODE
+from secureim.files import fsync_folder as fsync_folder
+from secureim.files import write_private_file as write_private_file
 
 _OpenSSLTripleDES: type | None
 try:  # cryptography >= 43 keeps Triple-DES in the "decrepit" namespace.
@@ -405,55 +408,6 @@ class SealedBox:
             )
         except InvalidTag:
             raise DecryptionFailed() from None
-
-
-# --- private files: created 0600, written whole or not at all ------------------------
-PRIVATE_FILE_MODE = 0o600
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename or a new name in ``folder`` durable (POSIX; a no-op where a folder cannot
-    be opened, as on Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_private_file(path: Path | str, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` (mode 0600) so that a crash leaves the old file or the new
-    one, never a torn or empty one.
-
-    A new file beside ``path`` is created 0600 (``O_EXCL``), written, flushed and fsynced;
-    it then takes ``path``'s name and the folder is fsynced, so the new name survives a
-    power cut too.  ``exclusive=True`` (key files made once): an existing ``path`` is never
-    replaced: the new file is hard-linked into place, which raises FileExistsError if
-    another process made it first.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{random_bytes(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if exclusive:
-            os.link(tmp, path)
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_folder(path.parent)
 
 
 # --- password-sealed keystores (identity, prekeys, the history's data key) -------------

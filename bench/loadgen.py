@@ -50,9 +50,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from secureim import client as C  # noqa: E402
-from secureim import proto as P  # noqa: E402
-from secureim.errors import RoomError  # noqa: E402
+from secureim import client as C
+from secureim import proto as P
+from secureim.errors import RoomError
 
 PASSWORD = "benchmark-password"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -232,7 +232,7 @@ class ServerUnderTest:
     def _start(self) -> None:
         import queue
 
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
@@ -971,7 +971,7 @@ def run_capacity(args) -> dict:
         home = Path(tempfile.mkdtemp(prefix="bench-probe-"))
         got = threading.Event()
         b = connect_client(*endpoints[-1], home, "probe_b")
-        b.on_message = lambda e: got.set()
+        b.on_message = lambda _event: got.set()
         p0 = time.monotonic()
         a = connect_client(*endpoints[0], home, "probe_a")
         login_s = time.monotonic() - p0
@@ -1454,7 +1454,7 @@ class _RoomTally:
         self.pad = room_padding(payload_bytes)
         self.recv_slots, self.member_index = recv_slots, member_index
 
-    def attach(self, c: "RoomBenchClient") -> None:
+    def attach(self, c: RoomBenchClient) -> None:
         c.copies = c.duplicates = c.disorder = c.corrupted = 0
         c.seen = [bytearray(self.messages) for _ in self.senders]
         c.expect_next = [0] * len(self.senders)
@@ -1467,7 +1467,7 @@ class _RoomTally:
         c.answer_cond = threading.Condition()
         c.bench = self
 
-    def copy(self, c: "RoomBenchClient", msg) -> None:
+    def copy(self, c: RoomBenchClient, msg) -> None:
         payload = msg.payload
         try:
             s, k, sent_at = ROOM_HEADER.unpack_from(payload)
@@ -1497,7 +1497,7 @@ class _RoomTally:
         c.copies += 1
         self.recv_slots[c.slot] = c.copies
 
-    def answer(self, c: "RoomBenchClient", msg) -> None:
+    def answer(self, c: RoomBenchClient, msg) -> None:
         with c.answer_cond:
             c.answers += 1
             if msg.status == P.RoomStatus.OK:

@@ -21,7 +21,7 @@ def unstamped(lines: list[str]) -> list[str]:
     return [SERVER_STAMP.sub("", line) for line in lines]
 
 
-LIVE_SERVERS: list["ServerProcess"] = []  # stopped after every test, whatever happened (conftest.py)
+LIVE_SERVERS: list[ServerProcess] = []  # stopped after every test, whatever happened (conftest.py)
 
 
 class ServerProcess:

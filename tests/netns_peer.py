@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from secureim import client as C  # noqa: E402
+from secureim import client as C
 
 TIMEOUT_S = 60
 

@@ -12,7 +12,7 @@ from secureim.e2e import sessions as e2e
 from secureim.errors import MessageRefused, SecureIMError
 
 if TYPE_CHECKING:
-    from secureim.client.offline import Outgoing
+    from secureim.client.outgoing import Outgoing
 
 log = logging.getLogger("secureim.offline")
 

@@ -23,13 +23,19 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 
 import crypto_utils as cu
 from secureim import proto as P
 from secureim.client.courier import Courier
 from secureim.client.inbox import MAX_HELD as MAX_HELD
 from secureim.client.inbox import Inbox
+from secureim.client.outgoing import DELIVERED as DELIVERED
+from secureim.client.outgoing import HANDED as HANDED
+from secureim.client.outgoing import REFUSED as REFUSED
+from secureim.client.outgoing import SENDING as SENDING
+from secureim.client.outgoing import SENT as SENT
+from secureim.client.outgoing import STORED as STORED
+from secureim.client.outgoing import Outgoing as Outgoing
 from secureim.client.ports import MailboxHost
 from secureim.e2e import prekeys as K
 from secureim.e2e import sessions as e2e
@@ -43,34 +49,6 @@ MAX_RECEIPT_JOBS = 10000
 MAX_EARLY_RECEIPTS = 256  # receipts that overtook the bookkeeping of the message they answer
 MAX_SEEN_IDS = K.MAX_SEEN_IDS  # ids of messages shown, so a resend after a reconnect is shown once
 OUTBOUND_MAX_AGE_S = 24 * 3600.0  # an offline session to a peer is used this long at most, then a new one
-
-# Outgoing states
-SENDING, SENT, STORED, HANDED, DELIVERED, REFUSED = (
-    "sending",
-    "sent",
-    "stored",
-    "handed over",
-    "delivered",
-    "refused",
-)
-
-
-@dataclass
-class Outgoing:
-    msg_id: bytes
-    peer: str
-    text: str
-    at: float
-    state: str
-    stored: bool = False  # went through the server's queue
-    reason: str = ""
-    retried: bool = False  # resealed once after its offline key expired
-    resend_due: bool = False  # live, no receipt when the connection dropped: send it again
-    row: int | None = None  # its row in the local history (marked delivered on the receipt)
-    receipt_early: bool = False  # the peer's receipt came before the server's StoreResult
-    answered: threading.Event = field(default_factory=threading.Event, repr=False)  # stored or refused
-    receipted: threading.Event = field(default_factory=threading.Event, repr=False)  # delivered
-    store: P.Store | None = None  # kept until the server answers: a resend repeats it exactly
 
 
 def _keep_bounded(kept: collections.OrderedDict, key, value, limit: int) -> None:

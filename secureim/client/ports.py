@@ -2,7 +2,7 @@
 
 Each part names what it needs of the rest here; :class:`secureim.client.chat.ChatClient` (the
 facade) is the one object that implements them all today.  A test drives a part with a stub that
-has exactly these members (tests/test_offline.py, tests/unit/client/).
+has exactly these members (tests/integration/test_offline.py, tests/unit/client/).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from secureim.e2e import sessions as e2e
 
 if TYPE_CHECKING:
     from secureim.client import history as H
-    from secureim.client.offline import Outgoing
+    from secureim.client.outgoing import Outgoing
     from secureim.e2e import datagrams as direct
     from secureim.e2e import prekeys as K
     from secureim.e2e import rooms as R

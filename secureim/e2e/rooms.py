@@ -687,56 +687,68 @@ class RoomSession:
         commit()
         return opened
 
-    # -- at rest ------------------------------------------------------------------------
+    # -- at rest (room_to_dict / room_from_dict, below the class) ---------------------------
     def to_dict(self) -> dict:
-        b = cu.b64encode
-        return {
-            "uid": b(self.uid),
-            "name": self.name,
-            "admin": self.admin,
-            "admin_identity": b(self.admin_identity),
-            "suite": self.suite_id,
-            "room_id": self.room_id,
-            "epoch": self.epoch,
-            "head": b(self.head),
-            "epochs": {
-                str(n): {
-                    "head": b(e.head),
-                    "roster": [[m, b(k)] for m, k in e.roster],
-                    "kdc": b(e.kdc_key) if e.kdc_key else "",
-                    "at": e.at_ms,
-                }
-                for n, e in self.epochs.items()
-            },
-            "received": [
-                [s, n, b(k), b(r.chain.key), r.chain.index, b(r.signing)]
-                for (s, n, k), r in self.received.items()
-            ],
-            "skipped": [[s, n, b(k), c, b(v)] for (s, n, k, c), v in self.skipped.items()],
-            "pending": [[s, b(c), b(i) if i else ""] for s, c, i in self.pending],
-        }
+        return room_to_dict(self)
 
     @classmethod
     def from_dict(cls, me: str, doc: dict) -> RoomSession:
-        d = cu.b64decode
-        room = cls(me, d(doc["uid"]), doc["name"], doc["admin"], d(doc["admin_identity"]), int(doc["suite"]))
-        room.room_id, room.epoch, room.head = int(doc["room_id"]), int(doc["epoch"]), d(doc["head"])
-        room.epochs = {
-            int(n): _Epoch(
-                d(e["head"]),
-                tuple((m, d(k)) for m, k in e["roster"]),
-                d(e["kdc"]) if e["kdc"] else None,
-                int(e.get("at", 0)),
-            )
-            for n, e in doc["epochs"].items()
-        }
-        for s, n, k, chain_key, index, signing in doc["received"]:
-            chain = e2e.Chain(d(chain_key))
-            chain.index = int(index)
-            room.received[(s, int(n), d(k))] = _Received(chain, d(signing))
-        room.skipped = {(s, int(n), d(k), int(c)): d(v) for s, n, k, c, v in doc["skipped"]}
-        room.pending = [(s, d(c), d(i) if i else None) for s, c, i in doc.get("pending", [])]
-        return room
+        return room_from_dict(me, doc)
+
+
+def room_to_dict(room: RoomSession) -> dict:
+    """A room at rest (the prekey store keeps it, sealed under the password)."""
+    b = cu.b64encode
+    return {
+        "uid": b(room.uid),
+        "name": room.name,
+        "admin": room.admin,
+        "admin_identity": b(room.admin_identity),
+        "suite": room.suite_id,
+        "room_id": room.room_id,
+        "epoch": room.epoch,
+        "head": b(room.head),
+        "epochs": {
+            str(n): {
+                "head": b(e.head),
+                "roster": [[m, b(k)] for m, k in e.roster],
+                "kdc": b(e.kdc_key) if e.kdc_key else "",
+                "at": e.at_ms,
+            }
+            for n, e in room.epochs.items()
+        },
+        "received": [
+            [s, n, b(k), b(r.chain.key), r.chain.index, b(r.signing)]
+            for (s, n, k), r in room.received.items()
+        ],
+        "skipped": [[s, n, b(k), c, b(v)] for (s, n, k, c), v in room.skipped.items()],
+        "pending": [[s, b(c), b(i) if i else ""] for s, c, i in room.pending],
+    }
+
+
+def room_from_dict(me: str, doc: dict) -> RoomSession:
+    """The room :func:`room_to_dict` kept."""
+    d = cu.b64decode
+    room = RoomSession(
+        me, d(doc["uid"]), doc["name"], doc["admin"], d(doc["admin_identity"]), int(doc["suite"])
+    )
+    room.room_id, room.epoch, room.head = int(doc["room_id"]), int(doc["epoch"]), d(doc["head"])
+    room.epochs = {
+        int(n): _Epoch(
+            d(e["head"]),
+            tuple((m, d(k)) for m, k in e["roster"]),
+            d(e["kdc"]) if e["kdc"] else None,
+            int(e.get("at", 0)),
+        )
+        for n, e in doc["epochs"].items()
+    }
+    for s, n, k, chain_key, index, signing in doc["received"]:
+        chain = e2e.Chain(d(chain_key))
+        chain.index = int(index)
+        room.received[(s, int(n), d(k))] = _Received(chain, d(signing))
+    room.skipped = {(s, int(n), d(k), int(c)): d(v) for s, n, k, c, v in doc["skipped"]}
+    room.pending = [(s, d(c), d(i) if i else None) for s, c, i in doc.get("pending", [])]
+    return room
 
 
 class SplitHistory(ChangeRefused):

@@ -75,8 +75,8 @@ Adding a migration
    is a migration too: drop and create it again there.
 2. Change the domain module(s) that use the new shape, both sides.
 3. Run ``python -m secureim.storage.migrations > schema.sql``.
-4. Test it: tests/test_migrations.py applies the migrations to a database of the version
-   before; tests/test_upgrade.py opens a database written by an older release
+4. Test it: tests/integration/storage/test_migrations.py applies the migrations to a database of the version
+   before; tests/integration/storage/test_upgrade.py opens a database written by an older release
    (tests/fixtures/upgrade_v1) and checks that nothing is lost.
 """
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from model import Mutation
 
-T = "tests/test_admin.py::"
-S = "tests/test_admin_storage.py::"
+T = "tests/integration/test_admin.py::"
+S = "tests/integration/storage/test_admin_storage.py::"
 
 MUTATIONS: list[Mutation] = [
     Mutation(

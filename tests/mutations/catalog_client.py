@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from model import Mutation
 
-_UX = "tests/test_cli_ux.py"
+_UX = "tests/cli/test_cli_ux.py"
 
 MUTATIONS: list[Mutation] = [
     Mutation(
@@ -63,7 +63,7 @@ MUTATIONS: list[Mutation] = [
         replace="if False:",
         tests=(
             f"{_UX}::test_passwd_ends_every_resumption_ticket",
-            "tests/test_admin.py::test_reset_password_ends_tickets_and_the_old_password",
+            "tests/integration/test_admin.py::test_reset_password_ends_tickets_and_the_old_password",
         ),
         why="a password change or an administrator's reset leaves earlier tickets valid: a stolen client keeps the account for 12 hours.",
     ),

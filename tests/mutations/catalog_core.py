@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from model import Mutation
 
-ATTACKS = "tests/test_attacks.py"
-E2E = "tests/test_e2e.py"
-SERVER = "tests/test_server.py"
-PROTO = "tests/test_protocol.py"
-CRYPTO = "tests/test_crypto_utils.py"
-DH = "tests/test_diffiehellman.py"
-VECTORS = "tests/test_vectors.py"
-DIRECT = "tests/test_direct.py"
+ATTACKS = "tests/integration/test_attacks.py"
+E2E = "tests/integration/test_e2e.py"
+SERVER = "tests/integration/test_server.py"
+PROTO = "tests/unit/proto/test_protocol.py"
+CRYPTO = "tests/unit/crypto/test_crypto_utils.py"
+DH = "tests/unit/crypto/test_diffiehellman.py"
+VECTORS = "tests/unit/crypto/test_vectors.py"
+DIRECT = "tests/integration/test_direct.py"
 
 
 def _handshake_case(name: str) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from model import Mutation
 
-PK = "tests/test_prekeys.py::"
-OFF = "tests/test_offline.py::"
-QS = "tests/test_queue_storage.py::"
+PK = "tests/unit/e2e/test_prekeys.py::"
+OFF = "tests/integration/test_offline.py::"
+QS = "tests/integration/storage/test_queue_storage.py::"
 
 MUTATIONS: list[Mutation] = [
     Mutation(
@@ -280,7 +280,7 @@ MUTATIONS: list[Mutation] = [
         file="secureim/client/sending.py",
         find="        # Over the direct link, as the messages it answers: the server sees none.\n        if self._direct.is_direct(peer):\n",
         replace="        if False:\n",
-        tests=("tests/test_direct.py::test_direct_mode_keeps_message_data_off_the_server",),
+        tests=("tests/integration/test_direct.py::test_direct_mode_keeps_message_data_off_the_server",),
         why="receipts of direct messages go through the server: it learns when and how much they talk.",
     ),
 ]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from model import Mutation
 
-P = "tests/test_plumbing.py"
-KS = "tests/test_keystore.py"
+P = "tests/unit/crypto/test_plumbing.py"
+KS = "tests/unit/test_keystore.py"
 
 MUTATIONS: list[Mutation] = [
     # --- SealedBox ----------------------------------------------------------------------------
@@ -42,7 +42,7 @@ MUTATIONS: list[Mutation] = [
     # --- write_private_file ---------------------------------------------------------------------
     Mutation(
         name="private-file-not-0600",
-        file="crypto_utils.py",
+        file="secureim/files.py",
         find="PRIVATE_FILE_MODE = 0o600",
         replace="PRIVATE_FILE_MODE = 0o644",
         tests=(f"{P}::test_a_private_file_is_0600_whatever_the_umask",),
@@ -51,7 +51,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="private-file-not-fsynced",
-        file="crypto_utils.py",
+        file="secureim/files.py",
         find="            os.fsync(fh.fileno())\n",
         replace="            pass\n",
         tests=(f"{P}::test_a_private_file_is_fsynced_before_the_rename",),
@@ -60,7 +60,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="private-file-folder-not-fsynced",
-        file="crypto_utils.py",
+        file="secureim/files.py",
         find="    fsync_folder(path.parent)\n",
         replace="",
         tests=(
@@ -72,7 +72,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         name="private-file-exclusive-replaces",
-        file="crypto_utils.py",
+        file="secureim/files.py",
         find="            os.link(tmp, path)\n            os.unlink(tmp)\n",
         replace="            os.replace(tmp, path)\n",
         tests=(f"{P}::test_an_exclusive_write_never_replaces_a_file",),

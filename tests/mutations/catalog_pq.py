@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from model import Mutation
 
-PQ = "tests/test_attacks_pq.py::"
-VEC = "tests/test_vectors_mlkem.py::"
+PQ = "tests/integration/test_attacks_pq.py::"
+VEC = "tests/unit/crypto/test_vectors_mlkem.py::"
 
 MUTATIONS: list[Mutation] = [
     Mutation(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from model import Mutation
 
-_RC = "tests/test_cli_reconnect.py"
+_RC = "tests/cli/test_cli_reconnect.py"
 
 MUTATIONS: list[Mutation] = [
     Mutation(

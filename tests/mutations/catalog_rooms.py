@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from model import Mutation
 
-RM = "tests/test_rooms.py::"
-FLOW = "tests/test_room_flow.py::"
-CLI = "tests/test_cli_rooms.py::"
+RM = "tests/unit/e2e/test_rooms.py::"
+FLOW = "tests/integration/test_room_flow.py::"
+CLI = "tests/cli/test_cli_rooms.py::"
 
 MUTATIONS: list[Mutation] = [
     Mutation(

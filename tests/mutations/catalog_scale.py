@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from model import Mutation
 
-BUS = "tests/test_cluster_bus.py::"
-CLUSTER = "tests/test_cluster.py::"
-PROTO = "tests/test_protocol.py::"
+BUS = "tests/unit/server/test_cluster_bus.py::"
+CLUSTER = "tests/integration/test_cluster.py::"
+PROTO = "tests/unit/proto/test_protocol.py::"
 
 MUTATIONS: list[Mutation] = [
     Mutation(
@@ -132,8 +132,8 @@ MUTATIONS: list[Mutation] = [
         find="return pkcs7_unpad(self._decryptor.update(iv_ct)[TDES_BLOCK_BYTES:])",
         replace="return pkcs7_unpad(self._decryptor.update(iv_ct))",
         tests=(
-            "tests/test_crypto_utils.py::test_record_cipher_records_open_with_a_fresh_context_and_back",
-            "tests/test_crypto_utils.py::test_record_cipher_opens_in_any_order_and_survives_a_forgery",
+            "tests/unit/crypto/test_crypto_utils.py::test_record_cipher_records_open_with_a_fresh_context_and_back",
+            "tests/unit/crypto/test_crypto_utils.py::test_record_cipher_opens_in_any_order_and_survives_a_forgery",
         ),
         why="The long-lived decryptor's first block (R xor an earlier record's block) is taken as plaintext.",
     ),
@@ -142,7 +142,9 @@ MUTATIONS: list[Mutation] = [
         file="secureim/server/net.py",
         find="        diffiehellman.offload_modexp(self.modexp)  # finite-field groups: pow() off the GIL",
         replace="        pass",
-        tests=("tests/test_server.py::test_finite_field_exponentiations_run_outside_the_server_process",),
+        tests=(
+            "tests/integration/test_server.py::test_finite_field_exponentiations_run_outside_the_server_process",
+        ),
         why="An FFDH login's pow() holds the GIL for ~30 ms on a worker thread: a burst stalls every relay.",
     ),
     Mutation(
@@ -151,7 +153,7 @@ MUTATIONS: list[Mutation] = [
         find="            session = self.online.get(target)\n            if session is None:",
         replace="            session = None\n            if session is None:",
         tests=(
-            "tests/test_server.py::test_a_peer_who_logs_in_while_the_server_looks_them_up_is_not_reported_offline",
+            "tests/integration/test_server.py::test_a_peer_who_logs_in_while_the_server_looks_them_up_is_not_reported_offline",
         ),
         why="A peer logging in during the open's database read is reported offline and never watched: no conversation.",
     ),
@@ -160,7 +162,7 @@ MUTATIONS: list[Mutation] = [
         file="secureim/server/net.py",
         find="            pool = self.password_pool if self.router.is_password_work(item) else self.pool",
         replace="            pool = self.pool",
-        tests=("tests/test_server.py::test_logins_waiting_for_bcrypt_do_not_hold_up_other_work",),
+        tests=("tests/integration/test_server.py::test_logins_waiting_for_bcrypt_do_not_hold_up_other_work",),
         why="Logins waiting for bcrypt take every worker: opens, resumes and rekeys (whose relays wait) stall.",
     ),
     Mutation(

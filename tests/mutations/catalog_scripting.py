@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from model import Mutation
 
-_H = "tests/test_history.py"
-_S = "tests/test_scripting.py"
-_F = "tests/test_failover.py"
+_H = "tests/unit/client/test_history.py"
+_S = "tests/integration/test_scripting.py"
+_F = "tests/integration/test_failover.py"
 
 MUTATIONS: list[Mutation] = [
     Mutation(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from model import Mutation
 
-U = "tests/test_upgrade.py::"
-M = "tests/test_migrations.py::"
+U = "tests/integration/storage/test_upgrade.py::"
+M = "tests/integration/storage/test_migrations.py::"
 
 _SQLITE_STAMP = (
     "                conn.execute(\n"
@@ -105,7 +105,7 @@ MUTATIONS: list[Mutation] = [
         replace="            if False and table in tables and column not in",
         tests=(
             M + "test_a_sqlite_file_from_before_versions_keeps_its_rows_and_is_stamped",
-            "tests/test_room_storage.py::test_a_sqlite_database_from_before_rooms_gets_the_queue_columns_on_open",
+            "tests/integration/storage/test_room_storage.py::test_a_sqlite_database_from_before_rooms_gets_the_queue_columns_on_open",
         ),
         why="a SQLite database from before password changes or rooms cannot be opened any more.",
     ),
@@ -116,7 +116,7 @@ MUTATIONS: list[Mutation] = [
         replace="DROP PROCEDURE IF EXISTS sp_get_password_hash //\nCREATE PROCEDURE sp_get_password_hash_old(",
         tests=(
             M + "test_a_mysql_database_from_before_versions_gets_its_procedures_again",
-            "tests/test_database.py::test_mysql_uses_stored_procedures_and_schema_is_rerunnable",
+            "tests/integration/storage/test_database.py::test_mysql_uses_stored_procedures_and_schema_is_rerunnable",
         ),
         why="a MariaDB database migrated lacks a procedure the server calls: logins fail.",
     ),

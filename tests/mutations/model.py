@@ -21,7 +21,7 @@ class Mutation:
     find:    text that must occur exactly once in that file (the runner refuses otherwise,
              so a refactor that moves the defence breaks the catalogue loudly, not silently).
     replace: what ``find`` becomes: the defence, switched off.
-    tests:   pytest node ids (``tests/test_e2e.py::test_x``) that must fail with the mutation.
+    tests:   pytest node ids (``tests/integration/test_e2e.py::test_x``) that must fail with the mutation.
     why:     one line: which defence this is and what an attacker gains without it.
     """
 

@@ -98,7 +98,7 @@ def test_sigkill_mid_chat_both_terminals_stay_reconnect_and_deliver_the_queued_l
 
 def test_two_servers_in_host_the_dead_first_one_is_skipped(tmp_path):
     """Two nodes of one service: two server.py processes on one data dir (one identity key, one
-    ticket key, one SQLite database), as tests/test_failover.py does in-process."""
+    ticket key, one SQLite database), as tests/integration/test_failover.py does in-process."""
     data = tmp_path / "srvdata"
     node1 = ServerProcess(data)
     node2 = ServerProcess(data)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 HOSTS = {"srv": "10.199.0.1", "alice": "10.199.0.2", "bob": "10.199.0.3"}
 
 

@@ -221,10 +221,10 @@ def test_over_real_udp_sockets_with_an_impairing_shim():
 
 
 # --- with the real server: peer discovery, tickets, fallback --------------------------------
-from server_fixtures import chat_pair, logged_in_client, running_server, wait_for  # noqa: E402
+from server_fixtures import chat_pair, logged_in_client, running_server, wait_for
 
-from secureim import client as C  # noqa: E402
-from secureim import proto as P  # noqa: E402
+from secureim import client as C
+from secureim import proto as P
 
 
 def _enable_direct(client):

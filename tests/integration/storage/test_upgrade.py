@@ -50,7 +50,9 @@ from secureim.e2e import sessions as e2e
 from secureim.storage import migrations
 
 FIXTURE = Path(
-    os.environ.get("SECUREIM_UPGRADE_FIXTURE", Path(__file__).resolve().parent / "fixtures" / "upgrade_v1")
+    os.environ.get(
+        "SECUREIM_UPGRADE_FIXTURE", Path(__file__).resolve().parents[2] / "fixtures" / "upgrade_v1"
+    )
 )
 MANIFEST = (
     json.loads((FIXTURE / "manifest.json").read_text()) if (FIXTURE / "manifest.json").exists() else None

@@ -1,6 +1,6 @@
 """Schema versions and numbered migrations (secureim/storage/migrations), on both backends.
 
-The upgrade of a real database written by the release before versions is tests/test_upgrade.py;
+The upgrade of a real database written by the release before versions is tests/integration/storage/test_upgrade.py;
 here: the numbering, the stamp, a later migration applied once and in order, a failing one
 rolled back (SQLite), a newer database refused, concurrent starts (MySQL) and the generated
 schema.sql."""

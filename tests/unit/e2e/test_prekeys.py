@@ -120,9 +120,10 @@ def test_stored_messages_may_be_old_but_not_from_the_future(tmp_path):
 def test_a_new_prekey_store_never_reuses_an_id(tmp_path):
     first = Bob(tmp_path / "a")
     again = Bob(tmp_path / "b", identity=first.identity)  # a lost store made again
-    ids = lambda b: (
-        {K.SIGNED.unpack(b.server_signed)[0]} | {K.ONE_TIME.unpack(e)[0] for e in b.server_one_time}
-    )
+
+    def ids(b):
+        return {K.SIGNED.unpack(b.server_signed)[0]} | {K.ONE_TIME.unpack(e)[0] for e in b.server_one_time}
+
     assert not ids(first) & ids(again)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import grimp
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 PACKAGE = "secureim"
 MAX_MODULE_LINES = 800
 MAX_CLASS_LINES = 400

@@ -90,7 +90,7 @@ def test_connect_skips_a_dead_server_and_pins_the_service(tmp_path):
         started = time.monotonic()
         client.connect()
         assert time.monotonic() - started < 10  # a loaded machine's handshake, not a dead node's timeout
-        assert client.node_id == "%s:%d" % server.server_address
+        assert client.node_id == "{}:{}".format(*server.server_address)
         lines = (tmp_path / "a" / "known_servers").read_text().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"{dead[0]}:{dead[1]} ")  # under the service id
         client.close()
@@ -118,7 +118,7 @@ def test_both_clients_fail_over_to_node_2_without_the_password(tmp_path):
         servers = [node1.server_address, node2.server_address]
         alice = _client(servers, tmp_path / "alice", "alice", auto_reconnect=True)
         bob = _client(servers, tmp_path / "bob", "bob", auto_reconnect=True)
-        assert alice.node_id == bob.node_id == "%s:%d" % node1.server_address
+        assert alice.node_id == bob.node_id == "{}:{}".format(*node1.server_address)
         alice.open_conversation("bob")
         wait_for(alice, C.ConversationReady, peer="bob")
         wait_for(bob, C.ConversationReady, peer="alice")
@@ -130,7 +130,7 @@ def test_both_clients_fail_over_to_node_2_without_the_password(tmp_path):
             seen = _events_until(client, C.Reconnected)
             assert isinstance(seen[0], C.Reconnecting) or any(isinstance(e, C.Reconnecting) for e in seen)
             assert not any(isinstance(e, C.Disconnected) for e in seen)
-            assert client.node_id == "%s:%d" % node2.server_address
+            assert client.node_id == "{}:{}".format(*node2.server_address)
         for client, peer in ((alice, "bob"), (bob, "alice")):
             seen = _events_until(client, C.ConversationReady, peer=peer)
             assert not any(isinstance(e, C.SecurityWarning) for e in seen)  # no key change for the peer

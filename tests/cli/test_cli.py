@@ -220,7 +220,7 @@ def test_escape_sequences_from_peers_are_neutralised(server, tmp_path):
 
 def test_server_gone_mid_chat_is_said_plainly_and_the_client_stays(tmp_path):
     """Issue 12: the terminal no longer exits to the shell; it says so and keeps trying (the
-    reconnect itself: tests/test_cli_reconnect.py).  /quit still leaves at once."""
+    reconnect itself: tests/cli/test_cli_reconnect.py).  /quit still leaves at once."""
     srv = ServerProcess(tmp_path / "srvdata")
     alice = spawn_client(srv, tmp_path / "alice")
     login_flow(alice, "alice", PW_A, new=True)

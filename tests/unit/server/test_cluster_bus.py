@@ -1,7 +1,7 @@
 """The cluster bus without NATS: sealed frames, replays, and what each node does with what it hears.
 
 The handlers run against a real ChatService (SQLite) whose online users are recording
-stand-ins; no network.  tests/test_cluster.py runs the same code on real NATS.
+stand-ins; no network.  tests/integration/test_cluster.py runs the same code on real NATS.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ from secureim.client import history as H
 from secureim.e2e import prekeys as K
 from secureim.e2e import sessions as e2e
 from secureim.errors import HistoryLocked
-from secureim.server.rooms import RoomService
-from secureim.server.service import ChatService
+from secureim.server.rooms import RoomKeyring
+from secureim.server.store_forward import Mailbox
 
-FIXTURE = Path(__file__).parent / "fixtures" / "upgrade_v1"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "upgrade_v1"
 MANIFEST = json.loads((FIXTURE / "manifest.json").read_text())
 SERVICE_ID = MANIFEST["service_id"]  # 127.0.0.1:47651; file names use _ for @ and :
 PASSWORDS: dict[str, str] = MANIFEST["passwords"]
@@ -198,10 +198,10 @@ def test_the_servers_stored_kdc_and_room_keys_open_with_the_sealed_box() -> None
         "offline kdc key",
     )
     for recipient, cid, generation, wrapped in offline:
-        aad = ChatService._wrap_aad(None, recipient, cid, generation)  # type: ignore[arg-type]
+        aad = Mailbox._wrap_aad(None, recipient, cid, generation)  # type: ignore[arg-type]
         assert len(box.open(wrapped, aad)) in (cu.Aes256Gcm.key_bytes, cu.TripleDesCbcHmac.key_bytes)
         with pytest.raises(cu.DecryptionFailed):
-            box.open(wrapped, ChatService._wrap_aad(None, recipient + "x", cid, generation))  # type: ignore[arg-type]
+            box.open(wrapped, Mailbox._wrap_aad(None, recipient + "x", cid, generation))  # type: ignore[arg-type]
     room_key = cu.hkdf(ticket_key, salt=None, info=cu.label("room kdc keys at rest"), length=32)
     room_box = cu.SealedBox(room_key, "room kdc key")
     opened = 0
@@ -213,11 +213,11 @@ def test_the_servers_stored_kdc_and_room_keys_open_with_the_sealed_box() -> None
         except InvalidTag:
             old = None
         try:
-            new = room_box.open(wrapped, RoomService._room_aad(room_id, epoch))
+            new = room_box.open(wrapped, RoomKeyring._room_aad(room_id, epoch))
         except cu.DecryptionFailed:
             new = None
         assert new == old
         opened += new is not None
         with pytest.raises(cu.DecryptionFailed):
-            room_box.open(wrapped, RoomService._room_aad(room_id, epoch + 1))
+            room_box.open(wrapped, RoomKeyring._room_aad(room_id, epoch + 1))
     assert opened >= 2  # the epochs the fixture's messages use (2 and 3)

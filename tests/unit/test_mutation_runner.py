@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 sys.path.insert(0, str(ROOT / "tests" / "mutations"))
 
-import run as runner  # noqa: E402
-from model import Mutation  # noqa: E402
+import run as runner
+from model import Mutation
 
 
 def test_every_catalogue_entry_applies_exactly_once():
