@@ -108,3 +108,15 @@ def test_every_size_exception_is_still_needed():
 def test_every_package_says_what_lives_there(package):
     doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
     assert doc and len(doc.split()) >= 8, f"{package}/__init__.py needs a docstring naming its job"
+
+
+def test_no_module_imports_another_modules_private_names():
+    """ruff's SLF001 catches ``module._name``; this catches ``from module import _name``."""
+    found = []
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    found.append(f"{path.relative_to(ROOT)}: from {node.module} import {', '.join(private)}")
+    assert found == []
