@@ -116,7 +116,9 @@ def test_no_module_imports_another_modules_private_names():
     for path in _python_files():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                private = [
+                    a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+                ]
                 if private:
                     found.append(f"{path.relative_to(ROOT)}: from {node.module} import {', '.join(private)}")
     assert found == []
