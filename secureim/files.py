@@ -35,19 +35,24 @@ def write_private_file(path: Path | str, data: bytes, *, exclusive: bool = False
     it then takes ``path``'s name and the folder is fsynced, so the new name survives a
     power cut too.  ``exclusive=True`` (key files made once): an existing ``path`` is never
     replaced: the new file is hard-linked into place, which raises FileExistsError if
-    another process made it first.
+    another process made it first.  Where the folder's file system has no hard links (vfat,
+    some network and container volumes) the file is created in place with ``O_EXCL`` instead,
+    as before this helper existed: still never replacing one, still 0600, still fsynced.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE_MODE)
+    _write_new(tmp, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         if exclusive:
-            os.link(tmp, path)
-            os.unlink(tmp)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (EPERM, ENOTSUP, EMLINK ...): create it in place
+                os.unlink(tmp)
+                _write_new(path, data)
+            else:
+                os.unlink(tmp)
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -57,3 +62,19 @@ def write_private_file(path: Path | str, data: bytes, *, exclusive: bool = False
             pass
         raise
     fsync_folder(path.parent)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist; links are not followed) 0600, write it whole, fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise

@@ -73,11 +73,24 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         name="private-file-exclusive-replaces",
         file="secureim/files.py",
-        find="            os.link(tmp, path)\n            os.unlink(tmp)\n",
-        replace="            os.replace(tmp, path)\n",
+        find="                os.link(tmp, path)\n",
+        replace="                os.replace(tmp, path)\n",
         tests=(f"{P}::test_an_exclusive_write_never_replaces_a_file",),
         why="A key file is created once: replaced by a second process starting at the same moment, the "
         "key one of them uses (and sealed data with) is lost.",
+    ),
+    Mutation(
+        name="private-file-exclusive-fallback-replaces",
+        file="secureim/files.py",
+        find="                _write_new(path, data)\n",
+        replace="                path.write_bytes(data)\n",
+        tests=(
+            f"{P}::test_without_hard_links_an_exclusive_write_still_never_replaces_a_file",
+            f"{P}::test_without_hard_links_an_exclusive_write_still_creates_a_private_file",
+        ),
+        why="Where the file system has no hard links, a key file is still created once and 0600: "
+        "written over, a second process's key replaces the first's; created with the default mode, "
+        "others read the key.",
     ),
     # --- PasswordSeal ---------------------------------------------------------------------------
     Mutation(

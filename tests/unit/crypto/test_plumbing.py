@@ -126,6 +126,38 @@ def test_an_exclusive_write_never_replaces_a_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["key"]
 
 
+def _no_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    def link(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")  # vfat, some SMB and FUSE volumes
+
+    monkeypatch.setattr(os, "link", link)
+
+
+def test_without_hard_links_an_exclusive_write_still_creates_a_private_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_hard_links(monkeypatch)
+    old = os.umask(0)
+    try:
+        cu.write_private_file(tmp_path / "key", b"first", exclusive=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "key").read_bytes() == b"first"
+    assert stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["key"]  # no temporary left behind
+
+
+def test_without_hard_links_an_exclusive_write_still_never_replaces_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_hard_links(monkeypatch)
+    cu.write_private_file(tmp_path / "key", b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        cu.write_private_file(tmp_path / "key", b"second", exclusive=True)
+    assert (tmp_path / "key").read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["key"]
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "f").write_bytes(b"old")
 
