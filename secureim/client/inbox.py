@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import crypto_utils as cu
 from secureim import proto as P
-from secureim.client.ports import InboxHost, PrekeyHolder
+from secureim.client.ports import InboxHost, PrekeyHolder, logged_in_identity, logged_in_name
 from secureim.e2e import prekeys as K
 from secureim.errors import ConnectionClosed, DecryptionFailed, SecureIMError
 
@@ -30,15 +30,11 @@ class Inbox:
 
     @property
     def _username(self) -> str:
-        name = self.client.username
-        assert name is not None  # only used once logged in
-        return name
+        return logged_in_name(self.client)
 
     @property
     def _identity(self) -> cu.IdentityKey:
-        key = self.client.identity
-        assert key is not None  # only used once logged in
-        return key
+        return logged_in_identity(self.client)
 
     def on_stored(self, msg: P.StoredMessage) -> None:
         """A stored message (receiver thread, or the caller of /accept for held ones)."""

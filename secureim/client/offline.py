@@ -36,7 +36,7 @@ from secureim.client.outgoing import SENDING as SENDING
 from secureim.client.outgoing import SENT as SENT
 from secureim.client.outgoing import STORED as STORED
 from secureim.client.outgoing import Outgoing as Outgoing
-from secureim.client.ports import MailboxHost
+from secureim.client.ports import MailboxHost, logged_in_identity, logged_in_name
 from secureim.e2e import prekeys as K
 from secureim.e2e import sessions as e2e
 from secureim.errors import ConnectionClosed, MessageRefused, SecureIMError
@@ -91,15 +91,11 @@ class Mailbox:
 
     @property
     def _username(self) -> str:
-        name = self.client.username
-        assert name is not None  # only used once logged in
-        return name
+        return logged_in_name(self.client)
 
     @property
     def _identity(self) -> cu.IdentityKey:
-        key = self.client.identity
-        assert key is not None  # only used once logged in
-        return key
+        return logged_in_identity(self.client)
 
     def open_store(self, home, username: str, server_id: str, password: str) -> None:
         self.store = K.PrekeyStore(home, username, server_id, password)

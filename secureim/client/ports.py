@@ -51,6 +51,20 @@ class Me(Protocol):
     def identity(self) -> cu.IdentityKey | None: ...
 
 
+def logged_in_name(me: Me) -> str:
+    """The user logged in on ``me``; for parts that only run once logged in."""
+    name = me.username
+    assert name is not None  # only used once logged in
+    return name
+
+
+def logged_in_identity(me: Me) -> cu.IdentityKey:
+    """The identity key of the user logged in on ``me``; for parts that only run once logged in."""
+    key = me.identity
+    assert key is not None  # only used once logged in
+    return key
+
+
 class PeerTrustGate(Protocol):
     """Pin on first use; a changed identity key is refused (and said) until accepted."""
 

@@ -22,7 +22,7 @@ import time
 
 import crypto_utils as cu
 from secureim import proto as P
-from secureim.client.ports import RoomsHost
+from secureim.client.ports import RoomsHost, logged_in_identity, logged_in_name
 from secureim.client.room_events import (
     HELD_FOR_S as HELD_FOR_S,
 )
@@ -81,15 +81,11 @@ class RoomsClient:
 
     @property
     def _username(self) -> str:
-        name = self.client.username
-        assert name is not None  # only used once logged in
-        return name
+        return logged_in_name(self.client)
 
     @property
     def _identity(self) -> cu.IdentityKey:
-        key = self.client.identity
-        assert key is not None  # only used once logged in
-        return key
+        return logged_in_identity(self.client)
 
     # -- state at rest ------------------------------------------------------------------
     def load(self) -> None:
