@@ -90,9 +90,6 @@ class SessionList(SessionLookup, Protocol):
     def all_sessions(self) -> list[Session]: ...
 
 
-class RoomTable(SessionLookup, OnlineTable, Protocol): ...
-
-
 # --- storage, per reader (secureim.storage.Storage satisfies all) ------------------------------
 class ModerationStore(Protocol):
     def audit(
@@ -231,13 +228,3 @@ class Nudger(Protocol):  # store_forward.Mailbox
 
 class RoomRows(Protocol):  # rooms.RoomKeyring
     def row_message(self, me: str, row: D.QueuedMessage) -> P.Message: ...
-
-
-# --- the cluster's view of the service (service.ChatService) ------------------------------------
-class PeerSession(Protocol):  # registry.Session (and the cluster tests' fakes)
-    username: str | None
-    login_at: float
-    identity_key: bytes | None
-
-    def send(self, msg: P.Message) -> bool: ...
-    def close(self, reason: str | None = None) -> None: ...
