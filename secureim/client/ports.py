@@ -65,6 +65,20 @@ def logged_in_identity(me: Me) -> cu.IdentityKey:
     return key
 
 
+class OpenedSink(Protocol):
+    """Where an opened end-to-end message goes (the facade: history, receipt, event)."""
+
+    def on_opened(
+        self,
+        sender: str,
+        opened: e2e.Opened,
+        *,
+        stored_at: float | None = None,
+        direct: bool = False,
+        identity: bytes | None = None,
+    ) -> None: ...
+
+
 class PeerTrustGate(Protocol):
     """Pin on first use; a changed identity key is refused (and said) until accepted."""
 
@@ -79,7 +93,7 @@ class Closed(Protocol):
     def closed(self) -> threading.Event: ...
 
 
-class MailboxHost(FrameSender, Me, PeerTrustGate, Protocol):
+class MailboxHost(FrameSender, Me, PeerTrustGate, OpenedSink, Protocol):
     """What the store-and-forward part (offline.Mailbox) needs of the rest of the client."""
 
     @property
@@ -92,15 +106,6 @@ class MailboxHost(FrameSender, Me, PeerTrustGate, Protocol):
     def reject(self, peer: str, reason: str) -> None: ...
     def stored_event(self, entry: Outgoing) -> None: ...
     def delivered_event(self, entry: Outgoing, *, emit: bool = True) -> None: ...
-    def on_opened(
-        self,
-        sender: str,
-        opened: e2e.Opened,
-        *,
-        stored_at: float | None = None,
-        direct: bool = False,
-        identity: bytes | None = None,
-    ) -> None: ...
     def on_room_key_stored(self, msg: P.StoreResult) -> None: ...
     def send_live_body(self, peer: str, body_type: int, content: bytes) -> bool: ...
     def send_sealed(
@@ -134,21 +139,12 @@ class RoomsHost(FrameSender, EventSink, Me, PeerTrustGate, Protocol):
 
 
 # -- the facade's parts ---------------------------------------------------------------------------
-class ConversationsHost(FrameSender, EventSink, Me, Closed, PeerTrustGate, Protocol):
+class ConversationsHost(FrameSender, EventSink, Me, Closed, PeerTrustGate, OpenedSink, Protocol):
     """What conversations.Conversations needs of the rest of the client."""
 
     @property
     def node_id(self) -> str: ...
     def is_verified(self, peer: str) -> bool: ...
-    def on_opened(
-        self,
-        sender: str,
-        opened: e2e.Opened,
-        *,
-        stored_at: float | None = None,
-        direct: bool = False,
-        identity: bytes | None = None,
-    ) -> None: ...
     def close_direct_link(self, peer: str) -> None: ...
     def forget_outbound(self, peer: str) -> None: ...
     def resend_due(self, peer: str, *, live: bool) -> None: ...
@@ -175,22 +171,13 @@ class DirectConnection(Protocol):
     proto: P.ClientProtocol
 
 
-class DirectHost(FrameSender, EventSink, Closed, Protocol):
+class DirectHost(FrameSender, EventSink, Closed, OpenedSink, Protocol):
     """What direct.DirectMode needs of the rest of the client."""
 
     @property
     def connection(self) -> DirectConnection: ...
     @property
     def username(self) -> str | None: ...
-    def on_opened(
-        self,
-        sender: str,
-        opened: e2e.Opened,
-        *,
-        stored_at: float | None = None,
-        direct: bool = False,
-        identity: bytes | None = None,
-    ) -> None: ...
 
 
 class DirectConversations(Protocol):
@@ -382,20 +369,11 @@ class WaitingHost(Protocol):
     def why_not_ready(self, peer: str) -> str: ...
 
 
-class InboxHost(FrameSender, Me, Protocol):
+class InboxHost(FrameSender, Me, OpenedSink, Protocol):
     """What inbox.Inbox (stored messages coming in) needs of the rest of the client."""
 
     def trust_peer(self, peer: str, key: bytes) -> bool: ...
     def reject(self, peer: str, reason: str) -> None: ...
-    def on_opened(
-        self,
-        sender: str,
-        opened: e2e.Opened,
-        *,
-        stored_at: float | None = None,
-        direct: bool = False,
-        identity: bytes | None = None,
-    ) -> None: ...
 
 
 class PrekeyHolder(Protocol):
